@@ -1,0 +1,50 @@
+"""``sdpa``: torch's own fused ``scaled_dot_product_attention``, for the plain calls it covers.
+
+Added so that ``auto`` never runs slower than torch on a call torch handles. It takes only calls
+whose meaning is the same in both libraries: no mask, bias, ALiBi, softcap, window, segments or
+dropout (our dropout mask is shared by every backend), no lse, and ``causal`` only when
+Nq == Nk (torch aligns causal masks top-left, we align bottom-right).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import AttentionSpec
+
+__all__ = ["SdpaBackend"]
+
+# enable_gqa arrived in torch 2.5; the builtin has no inspectable signature, its docstring says.
+_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class SdpaBackend:
+    """torch.nn.functional.scaled_dot_product_attention for plain calls."""
+
+    name = "sdpa"
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def check(self, spec: AttentionSpec) -> list[str]:
+        reasons = []
+        others = [r for r in spec.rule_names if r != "causal"]
+        if others:
+            reasons.append(f"takes plain calls only, this one uses {', '.join(others)}")
+        if spec.causal and spec.Nq != spec.Nk:
+            reasons.append(f"torch aligns causal top-left; Nq={spec.Nq} != Nk={spec.Nk}")
+        if spec.return_lse:
+            reasons.append("does not return the lse")
+        if spec.Hq != spec.Hkv and not _HAS_GQA:
+            reasons.append("this torch has no enable_gqa for GQA")
+        if min(spec.Nq, spec.Nk, spec.B, spec.Hq) == 0:
+            reasons.append("empty inputs")
+        return reasons
+
+    def run(self, spec, q, k, v, seed):
+        kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=spec.causal, scale=spec.scale, **kwargs
+        )
+        return out, None
