@@ -116,3 +116,100 @@ def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float32, seed=0, requir
         for t in (q, k, v):
             t.requires_grad_(True)
     return q, k, v
+
+
+# --- Running backends, and float64 oracles for gradients and weights ---------------------------
+
+# Every backend that runs on the CPU, plus the dispatcher. `reference` declines autograd and
+# `sdpa` declines every rule but causal; the others must accept every valid call.
+CPU_BACKENDS = ["reference", "math", "tiled", "sdpa", "auto"]
+MAY_DECLINE = {"reference", "sdpa"}
+
+
+def run_backend(backend: str, q, k, v, **kwargs):
+    """``selfattn.attention`` on one backend; skips with the backend's own reason if it declines.
+
+    Only ``reference`` and ``sdpa`` may decline: for any other backend a refusal fails the test.
+    """
+    import pytest
+
+    import selfattn
+
+    try:
+        return selfattn.attention(q, k, v, backend=backend, **kwargs)
+    except selfattn.UnsupportedInputs as exc:
+        if backend not in MAY_DECLINE:
+            raise
+        why = "; ".join(exc.reasons.get(backend, [])) or str(exc)
+        pytest.skip(f"{backend} declines: {why}")
+
+
+def plain_scores(q, k, **kwargs) -> torch.Tensor:
+    """Scores after steps 1-5 in q's dtype, invisible ones -inf, (B, Hq, Nq, Nk); differentiable.
+
+    The same textbook formula as :func:`plain_attention`, stopping before the softmax.
+    """
+    dt = q.dtype
+    hq, hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
+    scale = kwargs.get("scale")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if kwargs.get("softcap"):
+        c = kwargs["softcap"]
+        s = c * torch.tanh(s / c)
+    if kwargs.get("bias") is not None:
+        s = s + kwargs["bias"].to(dt)
+    if kwargs.get("alibi_slopes") is not None:
+        sl = kwargs["alibi_slopes"].to(dt)
+        i = torch.arange(nq)[:, None] + nk - nq
+        dist = (i - torch.arange(nk)[None]).abs().to(dt)
+        s = s - sl[..., None, None] * dist
+    vis = ref_visibility(nq, nk, **kwargs)
+    return s.masked_fill(~torch.from_numpy(np.ascontiguousarray(vis)), -math.inf)
+
+
+def ref_visibility(nq: int, nk: int, **kwargs) -> np.ndarray:
+    """The specification's visibility for torch-valued rule arguments, broadcastable to 4-D."""
+    seg = kwargs.get("segment_ids")
+    if isinstance(seg, torch.Tensor):
+        seg = (to_np(seg), to_np(seg))
+    elif seg is not None:
+        seg = tuple(to_np(x) for x in seg)
+    return reference.visibility(
+        nq, nk, causal=kwargs.get("causal", False), window=kwargs.get("window"),
+        mask=to_np(kwargs.get("mask")), segment_ids=seg, q_ndim=4,
+    )  # fmt: skip
+
+
+def plain_lse(q, k, **kwargs) -> torch.Tensor:
+    """Natural-log logsumexp of the visible scores, in q's dtype, (B, Hq, Nq); -inf when empty."""
+    return torch.logsumexp(plain_scores(q, k, **kwargs), dim=-1)
+
+
+def ref_weights(q, k, **kwargs) -> np.ndarray:
+    """The specification's probabilities, float64 (B, Hq, Nq, Nk); rows seeing nothing are 0."""
+    qn, kn = to_np(q), to_np(k)
+    kn = np.repeat(kn, qn.shape[1] // kn.shape[1], axis=1)
+    rk = reference_kwargs(kwargs)
+    s = reference.scores(
+        qn, kn, scale=rk.get("scale"), softcap=rk.get("softcap"), bias=rk.get("bias"),
+        alibi_slopes=rk.get("alibi_slopes"),
+    )  # fmt: skip
+    vis = np.broadcast_to(ref_visibility(qn.shape[2], kn.shape[2], **kwargs), s.shape)
+    p, _ = reference.softmax(s, vis)
+    return p
+
+
+def float64_leaves(*tensors):
+    """Detached float64 copies that require grad (None stays None): inputs for the oracle."""
+    return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
+
+
+def grads(out: torch.Tensor, inputs, dout: torch.Tensor) -> list[torch.Tensor | None]:
+    """d(sum(out * dout)) / d(inputs); None for inputs that are None or unused."""
+    live = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(out, live, dout.to(out.dtype), allow_unused=True)
+    it = iter(got)
+    return [None if t is None else next(it) for t in inputs]
