@@ -4,18 +4,28 @@ The public names of API.md: ``attention``, ``attention_weights``, ``explain``,
 ``available_backends``, ``UnsupportedInputs`` and the numpy specification ``selfattn.reference``.
 """
 
-from . import reference
+from . import models, reference
 from .api import attention, attention_weights, available_backends, explain
+from .kv_cache import KVCache
+from .layers import MultiHeadSelfAttention, TransformerBlock
+from .positional import RotaryEmbedding, alibi_slopes, sinusoidal_positions
 from .spec import UnsupportedInputs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
+    "MultiHeadSelfAttention",
+    "RotaryEmbedding",
+    "TransformerBlock",
     "UnsupportedInputs",
     "__version__",
+    "alibi_slopes",
     "attention",
     "attention_weights",
     "available_backends",
     "explain",
+    "models",
     "reference",
+    "sinusoidal_positions",
 ]

@@ -1,0 +1,190 @@
+"""The key/value cache for incremental decoding: preallocated buffers filled left to right.
+
+During generation each step adds one token; keeping every earlier key and value means a step
+costs O(N) instead of recomputing the whole prefix. Because :func:`selfattn.attention` aligns
+causal masks bottom-right, attending ``Nq`` new queries over the ``Nk`` cached keys is exact.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Preallocated keys (B, Hkv, max_len, D) and values (B, Hkv, max_len, Dv) of one layer.
+
+    ``append`` writes the new keys and values after what is filled and returns views over
+    everything filled so far; nothing is copied on read. One cache serves one attention layer.
+
+    Args:
+        batch_size: B.
+        max_len: the most tokens the cache can hold.
+        num_kv_heads: Hkv (key/value heads; fewer than query heads under GQA/MQA).
+        head_dim: D of the keys.
+        dtype: storage dtype (the dtype of the keys and values appended).
+        device: storage device.
+        value_dim: Dv of the values, ``head_dim`` by default.
+
+    Example::
+
+        cache = KVCache(2, 64, 4, 32, dtype=torch.float32, device="cpu")
+        k_all, v_all = cache.append(k, v)  # k, v: (2, 4, n, 32); k_all: (2, 4, len(cache), 32)
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        value_dim: int | None = None,
+    ) -> None:
+        dims = {
+            "batch_size": batch_size,
+            "max_len": max_len,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "value_dim": head_dim if value_dim is None else value_dim,
+        }
+        for name, x in dims.items():
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {x!r} ({type(x).__name__})")
+            if x < 1:
+                raise ValueError(f"{name} must be >= 1, got {x}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.batch_size = int(batch_size)
+        self.max_len = int(max_len)
+        self.num_kv_heads = int(num_kv_heads)
+        self.head_dim = int(head_dim)
+        self.value_dim = int(dims["value_dim"])
+        shape = (self.batch_size, self.num_kv_heads, self.max_len)
+        self.k = torch.zeros(*shape, self.head_dim, dtype=dtype, device=device)  # (B, Hkv, L, D)
+        self.v = torch.zeros(*shape, self.value_dim, dtype=dtype, device=device)  # (B, Hkv, L, Dv)
+        self._len = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def __len__(self) -> int:
+        """Number of tokens filled."""
+        return self._len
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCache(len={self._len}/{self.max_len}, B={self.batch_size}, "
+            f"Hkv={self.num_kv_heads}, D={self.head_dim}, Dv={self.value_dim}, "
+            f"{self.dtype}, {self.device})"
+        )
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The filled keys, a view (B, Hkv, len, D)."""
+        return self.k[:, :, : self._len]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The filled values, a view (B, Hkv, len, Dv)."""
+        return self.v[:, :, : self._len]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``n`` new tokens after the filled ones and return views over all of them.
+
+        Args:
+            k: (B, Hkv, n, D) new keys. v: (B, Hkv, n, Dv) new values. Same dtype and device as
+                the cache.
+
+        Returns:
+            ``(k_all, v_all)``: views (B, Hkv, len + n, D) and (B, Hkv, len + n, Dv). They alias
+            the cache: a later ``append`` or ``reorder`` changes what they show beyond ``len``.
+
+        Raises:
+            TypeError: non-tensor input or a dtype other than the cache's.
+            ValueError: shapes or device that do not fit, or an append past ``max_len`` (the
+                message names the current, new and maximum lengths). Nothing is written then.
+        """
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        b, h = self.batch_size, self.num_kv_heads
+        if (
+            k.dim() != 4
+            or v.dim() != 4
+            or tuple(k.shape[:2]) != (b, h)
+            or tuple(v.shape[:2]) != (b, h)
+            or k.shape[3] != self.head_dim
+            or v.shape[3] != self.value_dim
+            or k.shape[2] != v.shape[2]
+        ):
+            raise ValueError(
+                f"KVCache.append expects k (B, Hkv, n, D) = ({b}, {h}, n, {self.head_dim}) and "
+                f"v (B, Hkv, n, Dv) = ({b}, {h}, n, {self.value_dim}) with one n; "
+                f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        if k.dtype != self.dtype or v.dtype != self.dtype:
+            raise TypeError(f"KVCache holds {self.dtype}; got k {k.dtype}, v {v.dtype}")
+        if k.device != self.device or v.device != self.device:
+            raise ValueError(
+                f"KVCache lives on {self.device}; got k on {k.device}, v on {v.device}"
+            )
+        n = k.shape[2]
+        end = self._len + n
+        if end > self.max_len:
+            raise ValueError(
+                f"KVCache overflow: holds {self._len} tokens, appending {n} would make {end} "
+                f"> max_len={self.max_len}; nothing was written"
+            )
+        self.k[:, :, self._len : end] = k
+        self.v[:, :, self._len : end] = v
+        self._len = end
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        """Forget every token (the buffers are kept and overwritten by later appends)."""
+        self._len = 0
+
+    def crop(self, length: int) -> None:
+        """Keep only the first ``length`` tokens (e.g. to undo rejected speculative tokens)."""
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+            raise TypeError(f"length must be an int, got {length!r}")
+        if not 0 <= length <= self._len:
+            raise ValueError(f"crop length must be in [0, {self._len}], got {length}")
+        self._len = int(length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder (or repeat) the batch rows in place: row ``b`` becomes old row ``index[b]``.
+
+        Beam search uses this after each step to follow the surviving beams.
+
+        Args:
+            index: int (B,) tensor of old batch rows, each in ``[0, B)``; repeats are allowed.
+        """
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"index must be an int torch.Tensor, got {type(index).__name__}")
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"index must hold integers, got {index.dtype}")
+        if tuple(index.shape) != (self.batch_size,):
+            raise ValueError(
+                f"index must have shape (B,) = ({self.batch_size},), got {tuple(index.shape)}"
+            )
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.batch_size):
+            raise ValueError(
+                f"index values must be in [0, {self.batch_size}), got {index.tolist()}"
+            )
+        idx = index.to(device=self.device, dtype=torch.long)
+        n = self._len
+        # index_select makes a copy first, so overlapping moves (a permutation) are safe
+        self.k[:, :, :n] = self.k[:, :, :n].index_select(0, idx)
+        self.v[:, :, :n] = self.v[:, :, :n].index_select(0, idx)
