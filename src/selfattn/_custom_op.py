@@ -60,7 +60,8 @@ def _attention_fwd(
             causal, window_left, window_right, softcap, scale, dropout_p,
         )  # fmt: skip
         out, lse = select(spec, backend).run(spec, q, k, v, _seed(seed))
-    return out, lse.float()
+    # the fake implementation promises contiguous results; keep that promise whatever the backend
+    return out.contiguous(), lse.float().contiguous()
 
 
 @_attention_fwd.register_fake
@@ -102,15 +103,14 @@ def _attention_bwd(
             dq, dk, dv, dbias, dalibi = tiled_backward(
                 prob, q, k, v, out, lse, dout, dlse, need_dbias=need_dbias, need_dalibi=need_dalibi
             )
-    return (
-        dq.to(q.dtype),
-        dk.to(k.dtype),
-        dv.to(v.dtype),
-        q.new_empty(0) if dbias is None else dbias.reshape(bias.shape).to(bias.dtype),
-        q.new_empty(0)
-        if dalibi is None
-        else dalibi.reshape(alibi_slopes.shape).to(alibi_slopes.dtype),
-    )
+    # contiguous results, as the fake implementation promises
+    dbias = q.new_empty(0) if dbias is None else dbias.reshape(bias.shape).to(bias.dtype)
+    if dalibi is None:
+        dalibi = q.new_empty(0)
+    else:
+        dalibi = dalibi.reshape(alibi_slopes.shape).to(alibi_slopes.dtype)
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi)
+    return tuple(g.contiguous() for g in grads)
 
 
 def _backward_by_recompute(chosen, dout, dlse, args, rules, seed, need_dbias, need_dalibi):
@@ -140,9 +140,10 @@ def _(
     dout, dlse, q, k, v, out, lse, mask, bias, alibi_slopes, q_ids, kv_ids, seed,
     causal, window_left, window_right, softcap, scale, dropout_p, backend, need_dbias, need_dalibi,
 ):  # fmt: skip
-    dbias = torch.empty_like(bias) if need_dbias else q.new_empty(0)
-    dalibi = torch.empty_like(alibi_slopes) if need_dalibi else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dalibi
+    # contiguous, like the real results (empty_like would copy the strides of a transposed view)
+    dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty(0)
+    dalibi = alibi_slopes.new_empty(alibi_slopes.shape) if need_dalibi else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dalibi
 
 
 _N_INPUTS = 16  # arguments of selfattn::attention

@@ -42,7 +42,12 @@ def _check_tokens(idx: Any, vocab_size: int) -> tuple[int, int]:
         raise TypeError(f"idx must hold token ids (an integer dtype), got {idx.dtype}")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (B, N) with N >= 1, got {tuple(idx.shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+    # the value check reads the data, which torch.compile cannot trace (Embedding still checks)
+    if (
+        not torch.compiler.is_compiling()
+        and idx.numel()
+        and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size)
+    ):
         raise ValueError(
             f"token ids must be in [0, {vocab_size}), "
             f"got min {int(idx.min())}, max {int(idx.max())}"

@@ -1,0 +1,212 @@
+"""Hugging Face transformers drop-in: ``attn_implementation="selfattn"`` for any model that supports
+the attention interface (Llama, Mistral, Gemma, Qwen, BERT, GPT-OSS, ...).
+
+``register()`` adds one attention function to ``AttentionInterface`` and one mask builder to
+``AttentionMaskInterface``. Both are needed: a model whose implementation has no registered mask
+builder silently gets *no mask at all* (no padding, no causality), so the mask registration is
+what makes the outputs right, not an optimisation.
+
+Example::
+
+    import selfattn.integrations.transformers as sa_hf
+    sa_hf.register()
+    model = AutoModel.from_pretrained(path, attn_implementation="selfattn")
+    out = model(**batch, output_attentions=True)  # exact weights from selfattn.attention_weights
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import _custom_op
+from ..api import attention_weights
+
+__all__ = ["NAME", "attention_forward", "mask_builder", "register"]
+
+NAME = "selfattn"
+
+
+def _visibility(
+    attention_mask: Any, nq: int, nk: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """transformers' 4-D mask -> (bool ``mask`` True = visible, additive ``bias``).
+
+    transformers builds boolean masks (B|1, 1|H, Nq, Nk) for sdpa-style implementations and
+    additive float masks (0 = visible, dtype minimum = hidden) for eager ones; both are accepted.
+    Finite non-zero entries of a float mask (an additive bias) are kept as ``bias``.
+    """
+    if attention_mask is None:
+        return None, None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"selfattn takes boolean or additive float attention masks, got "
+            f"{type(attention_mask).__name__}; was the model loaded with another implementation?"
+        )
+    if attention_mask.dim() != 4:
+        raise ValueError(
+            f"expected a 4-D attention mask (B, H|1, Nq, Nk), got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.shape[-1] > nk:  # older models hand over a mask longer than the keys
+        attention_mask = attention_mask[..., :nk]
+    if attention_mask.shape[-2] > nq:
+        attention_mask = attention_mask[..., -nq:, :]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask, None
+    if not attention_mask.is_floating_point():
+        raise TypeError(f"attention mask must be bool or float, got {attention_mask.dtype}")
+    # entries at (or near) the dtype's minimum mean "hidden"; anything else is an additive bias
+    visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    bias = torch.where(visible, attention_mask, 0)
+    if not bool(torch.count_nonzero(bias)):
+        bias = None
+    return visible, bias
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention function transformers calls for ``attn_implementation="selfattn"``.
+
+    Args:
+        module: the calling attention module (read for ``is_causal`` when not passed).
+        query: (B, Hq, Nq, D); key: (B, Hkv, Nk, D); value: (B, Hkv, Nk, Dv). GQA is handled by
+            :func:`selfattn.attention` itself: keys and values are never repeated.
+        attention_mask: what the registered mask builder made: a bool (B, 1, Nq, Nk) mask
+            (True = visible), an additive float mask, or None when nothing beyond plain
+            causality (``is_causal``) restricts the call.
+        dropout: attention dropout probability (transformers passes 0 in eval mode).
+        scaling: score scale (``1 / sqrt(D)`` when None).
+        is_causal: causality when no mask is given (default ``module.is_causal``).
+        softcap: logit soft-capping (Gemma 2): ``s = softcap * tanh(s / softcap)``.
+        sliding_window: the model's window; already in the mask when there is one, applied as
+            ``window=(sliding_window - 1, 0)`` when there is none.
+        s_aux: (Hq,) learned attention-sink logits (GPT-OSS): an extra logit per head in every
+            softmax whose value is dropped, i.e. the output is scaled by
+            ``sigmoid(lse - s_aux[h])``; exact, through the lse.
+        backend: the :func:`selfattn.attention` backend.
+        kwargs: ``output_attentions`` (return the probabilities), ``position_bias`` (an additive
+            bias, T5-style); the rest is ignored.
+
+    Returns:
+        ``(out (B, Nq, Hq, Dv), weights)``; weights (B, Hq, Nq, Nk) in the query dtype when
+        ``output_attentions`` is set, else None. Rows that see no key give 0 (eager gives the
+        mean of the values there; such rows are padding).
+    """
+    nq, nk = query.shape[2], key.shape[2]
+    mask, bias = _visibility(attention_mask, nq, nk)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+    causal = False
+    window = None
+    if mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        if causal and 1 < nq < nk:
+            # transformers skips the mask for a prefill into an empty static cache and relies on
+            # sdpa's top-left causality, the first Nq keys being the only ones filled
+            key, value = key[:, :, :nq], value[:, :, :nq]
+            if bias is not None and bias.shape[-1] > 1:
+                bias = bias[..., :nq]
+            nk = nq
+        if causal and sliding_window is not None and nk > sliding_window:
+            window = (int(sliding_window) - 1, 0)
+    want_weights = bool(kwargs.get("output_attentions", False))
+    rules: dict[str, Any] = {
+        "causal": causal,
+        "window": window,
+        "mask": mask,
+        "bias": None if bias is None else bias.to(query.dtype),
+        "softcap": softcap,
+        "scale": scaling,
+    }
+    need_lse = want_weights or s_aux is not None
+    result = _custom_op.attention(
+        query, key, value, **rules, dropout_p=float(dropout), return_lse=need_lse, backend=backend
+    )
+    out, lse = result if need_lse else (result, None)
+    sink = None
+    if s_aux is not None:
+        # softmax over [scores, sink] = softmax(scores) * Z / (Z + e^sink) = p * sigmoid(lse - sink)
+        sink = torch.sigmoid(lse - s_aux.float().reshape(1, -1, 1))  # (B, Hq, Nq)
+        out = (out.float() * sink[..., None]).to(out.dtype)
+    weights = None
+    if want_weights:
+        weights = attention_weights(query.detach(), key.detach(), **rules, lse=lse.detach())
+        if sink is not None:
+            weights = weights * sink.detach()[..., None]
+        weights = weights.to(query.dtype)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def mask_builder(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask builder registered for ``"selfattn"``: transformers' own sdpa builder.
+
+    It returns a bool (B, 1, Nq, Nk) mask with True = visible (the convention of
+    :func:`selfattn.attention`) or None when ``is_causal`` alone says everything.
+    """
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return AttentionMaskInterface._global_mapping["sdpa"](*args, **kwargs)
+
+
+def register(name: str = NAME, *, backend: str = "auto") -> str:
+    """Register selfattn with transformers under ``name``.
+
+    After this, ``from_pretrained(..., attn_implementation=name)`` (or
+    ``model.set_attn_implementation(name)``) runs every attention layer through
+    :func:`selfattn.attention`. Calling it again is harmless.
+
+    Args:
+        name: the implementation name ("selfattn").
+        backend: the :func:`selfattn.attention` backend the layers use.
+
+    Returns:
+        ``name``.
+
+    Raises:
+        ImportError: transformers is missing or too old to have an attention interface.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    try:
+        from transformers import AttentionInterface
+    except ImportError as exc:  # pragma: no cover - depends on the installed transformers
+        raise ImportError(
+            "selfattn.integrations.transformers needs transformers with AttentionInterface "
+            "(>= 4.48); pip install 'selfattn[hf]'"
+        ) from exc
+
+    def selfattn_attention(module, query, key, value, attention_mask, **kwargs):
+        return attention_forward(
+            module, query, key, value, attention_mask, backend=backend, **kwargs
+        )
+
+    selfattn_attention.__doc__ = attention_forward.__doc__
+    AttentionInterface.register(name, selfattn_attention)
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:
+        try:
+            from transformers.masking_utils import AttentionMaskInterface
+        except ImportError:  # older versions build the (additive) mask inside each model
+            AttentionMaskInterface = None
+    if AttentionMaskInterface is not None:
+        AttentionMaskInterface.register(name, mask_builder)
+    return name
