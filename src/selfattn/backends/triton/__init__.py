@@ -1,0 +1,71 @@
+"""``triton``: fused Triton kernels for every rule of the contract (forward, backward, decode).
+
+This package imports neither triton nor CUDA at import time, so ``selfattn`` loads on any
+machine: :meth:`TritonBackend.unavailable` says why the backend cannot run here (triton
+missing, no CUDA GPU). With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through
+Triton's interpreter, for testing; the environment variable is read at call time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...spec import AttentionSpec
+
+__all__ = ["MAX_HEAD_DIM", "TritonBackend"]
+
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({exc}); pip install selfattn[triton]"
+    return None
+
+
+class TritonBackend:
+    """Fused FlashAttention-2 kernels in Triton; every rule; autograd; split-K decode."""
+
+    name = "triton"
+
+    def unavailable(self) -> str | None:
+        why = _triton_missing()
+        if why:
+            return why
+        if _interpreting():
+            return None
+        if not torch.cuda.is_available():
+            return "needs a CUDA GPU (none here); TRITON_INTERPRET=1 runs it on the CPU for testing"
+        return None
+
+    def check(self, spec: AttentionSpec) -> list[str]:
+        reasons = []
+        if spec.dtype == torch.float64:
+            reasons.append("float64 is for CPU backends (the kernels accumulate in float32)")
+        if spec.D > MAX_HEAD_DIM or spec.Dv > MAX_HEAD_DIM:
+            reasons.append(f"head dims up to {MAX_HEAD_DIM}, got D={spec.D}, Dv={spec.Dv}")
+        if spec.device.type != "cuda" and not _interpreting():
+            reasons.append(
+                f"runs on CUDA tensors, got {spec.device} (TRITON_INTERPRET=1 runs CPU tensors)"
+            )
+        return reasons
+
+    def run(
+        self,
+        spec: AttentionSpec,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seed: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import host
+
+        return host.attention(spec, q, k, v, seed)

@@ -1,0 +1,652 @@
+"""Host side of the ``triton`` backend: argument packing, autotuning, launches, autograd.
+
+The kernels live in ``kernels.py``. Here a validated :class:`AttentionSpec` becomes kernel
+arguments (strides with 0 on broadcast dimensions, segment-id ranges for block skipping,
+dropout seeds), each kernel gets an autotuner whose configurations are pruned per head dim,
+dtype and length, and :class:`TritonAttention` wires forward and backward into autograd.
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter
+with fixed small tiles (``INTERPRET_BLOCKS``) instead of autotuning; the kernel module is loaded
+once per mode because ``triton.jit`` decides at decoration time whether to interpret.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+import triton
+
+from ...spec import AttentionSpec
+
+__all__ = [
+    "INTERPRET_BLOCKS",
+    "TritonAttention",
+    "attention",
+    "backward",
+    "forward",
+    "interpreting",
+    "prune_configs",
+    "weights",
+]
+
+LOG2E = 1.4426950408889634
+
+# Tiles used under the interpreter (no autotuning there); tests change them to cover more paths.
+INTERPRET_BLOCKS: dict[str, Any] = {
+    "fwd": (16, 16),  # BLOCK_M, BLOCK_N
+    "dkdv": (16, 16),
+    "dq": (16, 16),
+    "decode_n": 16,  # BLOCK_N of the decode kernel
+    "decode_splits": None,  # None: the host's choice; an int forces that many splits
+    "probs": (16, 16),
+}
+# "auto" uses the split-K decode kernel for Nq <= DECODE_MAX_NQ over long caches; tests force it.
+DECODE_MODE = os.environ.get("SELFATTN_TRITON_DECODE", "auto")  # auto | always | never
+DECODE_MAX_NQ = 16
+SPLIT_ALIGN = 128  # split lengths are multiples of every decode BLOCK_N
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("SELFATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel module per mode, autotuned wrappers
+# --------------------------------------------------------------------------------------------
+
+_MODULES: dict[bool, ModuleType] = {}
+_TUNED: dict[str, Any] = {}
+
+
+def _kernels() -> ModuleType:
+    """``kernels.py`` loaded for the current mode (interpreted or compiled)."""
+    mode = interpreting()
+    mod = _MODULES.get(mode)
+    if mod is None:
+        path = os.path.join(os.path.dirname(__file__), "kernels.py")
+        name = f"{__package__}._kernels_{'interpret' if mode else 'jit'}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _MODULES[mode] = mod
+    return mod
+
+
+def _elt(t: torch.Tensor) -> int:
+    return t.element_size()
+
+
+def _cfg(bm: int, bn: int, w: int, s: int, **extra: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s)
+
+
+# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, best guesses first: the
+# first survivor of pruning is what runs when autotuning is off (SELFATTN_TRITON_AUTOTUNE=0).
+_FWD = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4),
+         (64, 32, 4, 4), (32, 64, 4, 3), (16, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+          (128, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2),
+          (32, 32, 4, 2), (16, 32, 4, 2)],
+}  # fmt: skip
+# backward: BLOCK_M = query rows per step, BLOCK_N = keys per program (dK/dV) or per step (dQ)
+_DKDV = {
+    64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
+    128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)],
+    256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
+}
+_DQ = {
+    64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
+}
+_DECODE = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]  # BLOCK_N, warps, stages
+
+SMEM_BUDGET = 200 * 1024  # bytes; Hopper offers 227 KB per block, Ampere 163 KB
+REG_BUDGET = 200  # fp32 registers per thread for the live tiles (acc, scores, q)
+
+
+def _dim_class(bd: int) -> int:
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+
+
+def prune_configs(
+    kind: str, configs: list[triton.Config], bd: int, bdv: int, elt: int, nq: int, nk: int
+) -> list[triton.Config]:
+    """Keep the tiles that fit this call: shared memory, registers and the lengths.
+
+    Args:
+        kind: "fwd", "dkdv", "dq" or "decode".
+        configs: candidates; bd, bdv: padded head dims; elt: bytes per element of q/k/v.
+        nq, nk: query and key lengths (tiles much longer than the sequence waste work).
+    """
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_N"]
+        s, w = c.num_stages, c.num_warps
+        threads = 32 * w
+        if kind in ("fwd", "decode"):
+            smem = elt * (bm * bd + s * bn * (bd + bdv))
+            regs = (bm * bdv + bm * bn + bm * bd * elt // 4) / threads
+            rows, keys = nq, nk
+        elif kind == "dkdv":  # keys stay, query tiles stream
+            smem = elt * (bn * (bd + bdv) + s * bm * (bd + bdv))
+            regs = (bn * (bd + bdv) + 2 * bm * bn + bn * (bd + bdv) * elt // 4) / threads
+            rows, keys = nk, nq
+            bm, bn = bn, bm  # "rows" of the program are keys here
+        else:  # dq
+            smem = elt * (bm * (bd + bdv) + s * bn * (bd + bdv))
+            regs = (bm * bd + 2 * bm * bn + bm * (bd + bdv) * elt // 4) / threads
+            rows, keys = nq, nk
+        if smem > SMEM_BUDGET or regs > REG_BUDGET:
+            continue
+        if kind != "decode" and bm > max(16, triton.next_power_of_2(rows)):
+            continue
+        if bn > max(16, triton.next_power_of_2(keys)):
+            continue
+        kept.append(c)
+    if not kept:  # always leave the smallest candidate
+        kept = [min(configs, key=lambda c: c.kwargs.get("BLOCK_M", 16) * c.kwargs["BLOCK_N"])]
+    # rows much longer than needed: keep the smaller tiles only
+    return kept
+
+
+def _make_prune(kind: str):
+    def prune(configs, nargs, **kwargs):
+        args = {**nargs, **kwargs}
+        elt = _elt(args["Q"])
+        return prune_configs(
+            kind, configs, args["BLOCK_D"], args["BLOCK_DV"], elt, args["TUNE_Q"], args["TUNE_K"]
+        )
+
+    return prune
+
+
+_FLAG_KEYS = [
+    "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
+    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D",
+]  # fmt: skip
+
+
+def _tuned(name: str) -> Any:
+    """The autotuned wrapper of kernel ``name`` (compiled mode only)."""
+    fn = _TUNED.get(name)
+    if fn is not None:
+        return fn
+    km = _kernels()
+    key = ["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS]
+    if name == "attn_fwd":
+        configs = [_cfg(*c) for table in _FWD.values() for c in table]
+        fn = triton.autotune(
+            configs, key=key, prune_configs_by={"early_config_prune": _make_prune("fwd")}
+        )(km.attn_fwd)
+    elif name == "bwd_dkdv":
+        configs = [_cfg(*c) for table in _DKDV.values() for c in table]
+        fn = triton.autotune(
+            configs, key=key, prune_configs_by={"early_config_prune": _make_prune("dkdv")}
+        )(km.bwd_dkdv)
+    elif name == "bwd_dq":
+        configs = [_cfg(*c) for table in _DQ.values() for c in table]
+        fn = triton.autotune(
+            configs, key=[*key, "NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"],
+            prune_configs_by={"early_config_prune": _make_prune("dq")}, reset_to_zero=["DB", "DA"],
+        )(km.bwd_dq)  # fmt: skip
+    elif name == "attn_decode":
+        configs = [
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _DECODE
+        ]
+        prune = {"early_config_prune": _make_prune("decode")}
+        fn = triton.autotune(configs, key=[*key, "BLOCK_M"], prune_configs_by=prune)(km.attn_decode)
+    else:
+        raise KeyError(name)
+    _TUNED[name] = fn
+    return fn
+
+
+def _table(tables: dict[int, list], bd: int) -> list[tuple]:
+    return tables[_dim_class(bd)]
+
+
+def _launch(name: str, grid, args: list, consts: dict[str, Any], kind: str, table) -> dict:
+    """Launch kernel ``name``; returns the tile sizes it ran with.
+
+    ``table`` is the candidate list for this head dim (autotuned when enabled; its first
+    survivor of pruning otherwise); under the interpreter ``INTERPRET_BLOCKS`` decides.
+    """
+    km = _kernels()
+    if interpreting():
+        meta = dict(table)
+        km_fn = getattr(km, name)
+        km_fn[grid(meta)](*args, **consts, **meta)
+        return meta
+    if _autotune_enabled():
+        fn = _tuned(name)
+        fn[grid](*args, **consts)
+        return dict(fn.best_config.kwargs)
+    q = args[0]
+    configs = [_cfg(*c) for c in table] if kind != "decode" else [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in table
+    ]  # fmt: skip
+    c = prune_configs(
+        kind,
+        configs,
+        consts["BLOCK_D"],
+        consts["BLOCK_DV"],
+        _elt(q),
+        consts["TUNE_Q"],
+        consts["TUNE_K"],
+    )[0]
+    meta = dict(c.kwargs)
+    getattr(km, name)[grid(meta)](
+        *args, **consts, **meta, num_warps=c.num_warps, num_stages=c.num_stages
+    )
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Turning a spec into kernel arguments
+# --------------------------------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor | None, n: int) -> list[int]:
+    """Strides of a broadcastable tensor, 0 along its size-1 dimensions (n entries)."""
+    if t is None:
+        return [0] * n
+    return [0 if size == 1 else st for size, st in zip(t.shape, t.stride())]
+
+
+def _match_ranges(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """For each id in ``a`` (B, Na): the span of positions of ``b`` (B, Nb) holding the same id.
+
+    Returns int32 (4, B, Na): ``lo, hi`` (the first and one past the last match; ``Nb, 0`` when
+    none or the id is negative) and ``full_lo, full_hi`` (the same span when every position in
+    it matches, i.e. the document is contiguous; ``Nb, 0`` otherwise). A stable sort keeps the
+    original order within equal ids, so the first and last match sit at the ends of their run.
+    """
+    nb = b.shape[1]
+    a = a.long()
+    sorted_b, order = torch.sort(b.long(), dim=1, stable=True)
+    left = torch.searchsorted(sorted_b, a, right=False)
+    right = torch.searchsorted(sorted_b, a, right=True)
+    count = right - left
+    found = (count > 0) & (a >= 0)
+    lo = order.gather(1, left.clamp(max=nb - 1))
+    hi = order.gather(1, (right - 1).clamp(min=0)) + 1
+    exact = found & (hi - lo == count)
+    none = torch.full_like(lo, nb)
+    zero = torch.zeros_like(lo)
+    out = torch.stack(
+        [
+            torch.where(found, lo, none),
+            torch.where(found, hi, zero),
+            torch.where(exact, lo, none),
+            torch.where(exact, hi, zero),
+        ]
+    )
+    return out.to(torch.int32).contiguous()
+
+
+def _may_hide(spec: AttentionSpec) -> bool:
+    """Whether some rule may hide some key from some row (then non-finite keys are cleaned)."""
+    if spec.mask is not None or spec.q_ids is not None:
+        return True
+    if spec.causal and spec.Nq > 1:
+        return True
+    if spec.window is not None:
+        left, right = spec.window
+        if left is not None and spec.Nk - 1 - left > 0:
+            return True
+        if right is not None and right < spec.Nq - 1:
+            return True
+    return False
+
+
+@dataclass
+class _Call:
+    """Everything but q/k/v that the kernels take, derived once per call."""
+
+    spec: AttentionSpec
+    args_rules: list  # BIAS, SLOPES, MASK, QIDS, KVIDS
+    strides_rules: list  # bias(4), mask(4), slopes(2), ids(4)
+    qrng: torch.Tensor
+    krng: torch.Tensor | None
+    scalars: list  # B, H, G, Nq, Nk, D, DV, OFF
+    scale_args: list  # qk_scale, cap2, win_left, win_right
+    drop_args: list  # seed0, seed1, thresh, drop_scale
+    consts: dict
+
+
+def _prepare(spec: AttentionSpec, q: torch.Tensor, seed, need_krng: bool = False) -> _Call:
+    dummy = q
+    bias = spec.bias
+    mask = spec.mask.view(torch.uint8) if spec.mask is not None else None
+    slopes = spec.alibi
+    q_ids, kv_ids = spec.q_ids, spec.kv_ids
+    strides_rules = (
+        _strides(bias, 4)
+        + _strides(mask, 4)
+        + _strides(slopes, 2)
+        + (list(q_ids.stride()) if q_ids is not None else [0, 0])
+        + (list(kv_ids.stride()) if kv_ids is not None else [0, 0])
+    )
+    qrng = krng = None
+    if q_ids is not None:
+        qrng = _match_ranges(q_ids, kv_ids)
+        if need_krng:
+            krng = _match_ranges(kv_ids, q_ids)
+    big = spec.Nq + spec.Nk + 1  # a window wider than this restricts nothing
+    left, right = spec.window if spec.window is not None else (None, None)
+    if spec.softcap is not None:
+        qk_scale, cap2 = spec.scale / spec.softcap, spec.softcap * LOG2E
+    else:
+        qk_scale, cap2 = spec.scale * LOG2E, 1.0
+    p = spec.dropout_p
+    if p > 0:
+        seed0, seed1 = int(seed[0]) & 0xFFFFFFFF, int(seed[1]) & 0xFFFFFFFF
+        thresh = min(int(p * 2.0**32), 2**32 - 1)
+        drop_args = [seed0, seed1, thresh, 1.0 / (1.0 - p)]
+    else:
+        drop_args = [0, 0, 0, 1.0]
+    bd = max(16, triton.next_power_of_2(spec.D))
+    bdv = max(16, triton.next_power_of_2(spec.Dv))
+    consts = {
+        "CAUSAL": spec.causal,
+        "HAS_LEFT": left is not None and left < big,
+        "HAS_RIGHT": right is not None and right < big,
+        "HAS_BIAS": bias is not None,
+        "HAS_ALIBI": slopes is not None,
+        "HAS_MASK": mask is not None,
+        "HAS_SEG": q_ids is not None,
+        "SOFTCAP": spec.softcap is not None,
+        "DROPOUT": p > 0,
+        "CLEAN": _may_hide(spec),
+        "PREC": "ieee" if spec.dtype == torch.float32 else "tf32",
+        "EVEN_D": bd == spec.D and bdv == spec.Dv,
+        "BLOCK_D": bd,
+        "BLOCK_DV": bdv,
+        "TUNE_Q": min(triton.next_power_of_2(spec.Nq), 1 << 16),
+        "TUNE_K": min(triton.next_power_of_2(spec.Nk), 1 << 20),
+    }
+    return _Call(
+        spec=spec,
+        args_rules=[
+            bias if bias is not None else dummy,
+            slopes if slopes is not None else dummy,
+            mask if mask is not None else dummy,
+            q_ids if q_ids is not None else dummy,
+            kv_ids if kv_ids is not None else dummy,
+        ],
+        strides_rules=strides_rules,
+        qrng=qrng if qrng is not None else dummy,
+        krng=krng if krng is not None else dummy,
+        scalars=[spec.B, spec.Hq, spec.group, spec.Nq, spec.Nk, spec.D, spec.Dv, spec.offset],
+        scale_args=[
+            qk_scale,
+            cap2,
+            min(left, big) if left is not None else 0,
+            min(right, big) if right is not None else 0,
+        ],
+        drop_args=drop_args,
+        consts=consts,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits exercise the combine
+
+
+def _use_decode(spec: AttentionSpec) -> bool:
+    if DECODE_MODE == "never" or spec.Nq > DECODE_MAX_NQ:
+        return False
+    if DECODE_MODE == "always":
+        return True
+    # worth it when the plain grid leaves the GPU mostly idle and the cache is long
+    return spec.Nk >= 4 * SPLIT_ALIGN and spec.B * spec.Hq < 2 * _num_sms(spec.device)
+
+
+def forward(
+    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernels. Returns ``out`` (B, Hq, Nq, Dv) in q's dtype and the natural-log
+    ``lse`` (B, Hq, Nq) float32 (-inf for rows that see nothing)."""
+    out = torch.empty(spec.B, spec.Hq, spec.Nq, spec.Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(spec.B, spec.Hq, spec.Nq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if spec.Nk == 0:
+        return out.zero_(), lse.fill_(-math.inf)
+    call = _prepare(spec, q, seed)
+    if _use_decode(spec):
+        _decode(call, q, k, v, out, lse)
+    else:
+        _forward(call, q, k, v, out, lse)
+    return out, lse
+
+
+def _forward(call: _Call, q, k, v, out, lse) -> None:
+    spec = call.spec
+    args = [
+        q, k, v, out, lse, *call.args_rules, call.qrng,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *call.strides_rules,
+        *call.scalars, *call.scale_args, *call.drop_args,
+    ]  # fmt: skip
+    consts = dict(call.consts, REVERSE=spec.causal)
+
+    def grid(meta):
+        return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
+
+    table = _interp("fwd") if interpreting() else _table(_FWD, consts["BLOCK_D"])
+    _launch("attn_fwd", grid, args, consts, "fwd", table)
+
+
+def _interp(kind: str) -> list[tuple[str, int]]:
+    bm, bn = INTERPRET_BLOCKS[kind]
+    return [("BLOCK_M", bm), ("BLOCK_N", bn)]
+
+
+def _decode(call: _Call, q, k, v, out, lse) -> None:
+    spec = call.spec
+    g, nq = spec.group, spec.Nq
+    block_m = max(16, triton.next_power_of_2(min(g * nq, 64)))
+    heads_per_prog = max(1, block_m // nq)
+    n_hchunks = triton.cdiv(g, heads_per_prog)
+    progs = spec.B * spec.Hkv * n_hchunks
+    forced = INTERPRET_BLOCKS["decode_splits"] if interpreting() else None
+    align = INTERPRET_BLOCKS["decode_n"] if interpreting() else SPLIT_ALIGN
+    # about three programs per SM hide the memory latency; more only add partial results
+    n_splits = forced if forced is not None else max(1, triton.cdiv(3 * _num_sms(q.device), progs))
+    n_splits = max(1, min(n_splits, triton.cdiv(spec.Nk, align)))
+    split_len = triton.cdiv(triton.cdiv(spec.Nk, n_splits), align) * align
+    n_splits = triton.cdiv(spec.Nk, split_len)
+    rows = spec.B * spec.Hq * nq
+    opart = torch.empty(rows, n_splits, spec.Dv, dtype=torch.float32, device=q.device)
+    lpart = torch.empty(rows, n_splits, dtype=torch.float32, device=q.device)
+    args = [
+        q, k, v, opart, lpart, *call.args_rules, call.qrng,
+        *q.stride(), *k.stride(), *v.stride(), *call.strides_rules,
+        *call.scalars, *call.scale_args, *call.drop_args,
+        split_len, n_splits, heads_per_prog, n_hchunks,
+    ]  # fmt: skip
+    consts = dict(call.consts, BLOCK_M=block_m)
+
+    def grid(meta):
+        return (n_splits, progs)
+
+    table = [("BLOCK_N", INTERPRET_BLOCKS["decode_n"])] if interpreting() else _DECODE
+    _launch("attn_decode", grid, args, consts, "decode", table)
+    km = _kernels()
+    km.decode_combine[(rows,)](
+        opart, lpart, out, lse, *out.stride(), spec.Hq, nq, spec.Dv, n_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=call.consts["BLOCK_DV"],
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+def backward(
+    spec: AttentionSpec,
+    seed,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor | None,
+    dlse: torch.Tensor | None,
+    need_dbias: bool,
+    need_dalibi: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(dq, dk, dv, dbias, dalibi)``; dq/dk/dv in the inputs' dtypes, dbias shaped
+    like ``spec.bias`` and dalibi like ``spec.alibi`` (float32; None when not asked for)."""
+    dev = q.device
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=dev)
+    dbias = dalibi = None
+    if need_dbias:
+        dbias = torch.zeros(spec.bias.shape, dtype=torch.float32, device=dev)
+    if need_dalibi:
+        dalibi = torch.zeros(spec.alibi.shape, dtype=torch.float32, device=dev)
+    if min(spec.B, spec.Hq, spec.Nq, spec.Nk) == 0:
+        return dq, dk, dv, dbias, dalibi
+    if dout is None:
+        dout = torch.zeros_like(out)
+    call = _prepare(spec, q, seed, need_krng=True)
+    km = _kernels()
+    rows = spec.B * spec.Hq * spec.Nq
+    delta = torch.empty(rows, dtype=torch.float32, device=dev)
+    lse2 = torch.empty(rows, dtype=torch.float32, device=dev)
+    dlse_c = dlse.float().contiguous() if dlse is not None else delta
+    pre_m = 64 if not interpreting() else 16
+    km.bwd_preprocess[(triton.cdiv(spec.Nq, pre_m), spec.B * spec.Hq)](
+        out, dout, lse.contiguous(), dlse_c, delta, lse2, *out.stride(), *dout.stride(),
+        spec.Hq, spec.Nq, spec.Dv,
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_DV=call.consts["BLOCK_DV"],
+    )  # fmt: skip
+
+    # dK, dV: one program per key tile of each key/value head
+    args = [
+        q, k, v, dout, dk, dv, lse2, delta, *call.args_rules, call.krng,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        *call.strides_rules, *call.scalars, spec.scale, *call.scale_args, *call.drop_args,
+    ]  # fmt: skip
+
+    def grid_kv(meta):
+        return (triton.cdiv(spec.Nk, meta["BLOCK_N"]), spec.B * spec.Hkv)
+
+    table = _interp("dkdv") if interpreting() else _table(_DKDV, call.consts["BLOCK_D"])
+    _launch("bwd_dkdv", grid_kv, args, call.consts, "dkdv", table)
+
+    # dQ (and dS for the bias and slope gradients): one program per query tile of each head
+    min_bm = 16
+    n_m_max = triton.cdiv(spec.Nq, min_bm)
+    db_rows = need_dbias and spec.bias.shape[2] > 1
+    db_cols = need_dbias and spec.bias.shape[3] > 1
+    if need_dbias:
+        db = torch.zeros(
+            spec.B, spec.Hq, spec.Nq if db_rows else n_m_max, spec.Nk if db_cols else 1,
+            dtype=torch.float32, device=dev,
+        )  # fmt: skip
+    else:
+        db = delta
+    da = (
+        torch.zeros(spec.B, spec.Hq, n_m_max, dtype=torch.float32, device=dev)
+        if need_dalibi
+        else delta
+    )
+    db_strides = list(db.stride()) if need_dbias else [0, 0, 0, 0]
+    args = [
+        q, k, v, dout, dq, lse2, delta, *call.args_rules, call.qrng, db, da,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        *call.strides_rules, *db_strides, n_m_max, *call.scalars, spec.scale, *call.scale_args,
+        *call.drop_args,
+    ]  # fmt: skip
+    consts = dict(
+        call.consts, NEED_DB=need_dbias, DB_ROWS=db_rows, DB_COLS=db_cols, NEED_DA=need_dalibi
+    )
+
+    def grid_q(meta):
+        return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
+
+    table = _interp("dq") if interpreting() else _table(_DQ, call.consts["BLOCK_D"])
+    _launch("bwd_dq", grid_q, args, consts, "dq", table)
+
+    if need_dbias:
+        part = db if db_rows else db.sum(2, keepdim=True)
+        dims = [d for d in (0, 1) if spec.bias.shape[d] == 1 and part.shape[d] != 1]
+        dbias = part.sum(dims, keepdim=True) if dims else part
+        dbias = dbias.reshape(spec.bias.shape)
+    if need_dalibi:
+        per_head = da.sum(2)  # (B, Hq)
+        dalibi = per_head.sum(0, keepdim=True) if spec.alibi.shape[0] == 1 else per_head
+    return dq, dk, dv, dbias, dalibi
+
+
+class TritonAttention(torch.autograd.Function):
+    """Autograd for the fused kernels: saves q, k, v, out and lse; the backward kernels
+    recompute the probabilities from the lse (FlashAttention-2)."""
+
+    @staticmethod
+    def forward(ctx, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
+        out, lse = forward(spec, q, k, v, seed)
+        ctx.spec, ctx.seed = spec, seed
+        ctx.need_bias = bias is not None and bias.requires_grad
+        ctx.need_alibi = alibi is not None and alibi.requires_grad
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        spec = ctx.spec
+        dq, dk, dv, dbias, dalibi = backward(
+            spec, ctx.seed, q, k, v, out, lse, dout, dlse, ctx.need_bias, ctx.need_alibi
+        )
+        if dbias is not None:
+            dbias = dbias.to(spec.bias.dtype)
+        if dalibi is not None:
+            dalibi = dalibi.to(spec.alibi.dtype)
+        return None, None, dq, dk, dv, dbias, dalibi
+
+
+def attention(
+    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend's entry: autograd when the spec needs it, plain kernels otherwise."""
+    if spec.requires_grad:
+        return TritonAttention.apply(spec, seed, q, k, v, spec.bias, spec.alibi)
+    return forward(spec, q, k, v, seed)
+
+
+def weights(*args, **kwargs):  # filled in below
+    raise NotImplementedError
+
+
+def _warn_once(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -1,0 +1,1283 @@
+"""The ``triton`` backend's GPU kernels (``@triton.jit`` only; launch code lives in ``host.py``).
+
+FlashAttention-2 (Dao, 2023) with every rule of API.md section 2, in the names of the paper and
+of ``backends/tiled.py``: ``m_i`` (running row maximum), ``l_i`` (running row sum), ``acc``
+(unnormalised output), ``BLOCK_M`` query rows, ``BLOCK_N`` keys. Scores are kept in base 2 with
+``log2(e)`` folded into the scale, so every exponential is an ``exp2``.
+
+Kernels, top to bottom:
+  ``attn_fwd``        online softmax over key tiles; writes ``out`` and the natural-log lse.
+  ``attn_decode``     the same over one split of the keys for few queries (flash-decoding): all
+                      query heads of a key/value head share one program; ``decode_combine``
+                      merges the splits by their lse.
+  ``bwd_preprocess``  ``delta_i = rowsum(dO_i * O_i) - dlse_i`` and the base-2 lse.
+  ``bwd_dkdv``        per key tile: dK, dV, summed over the query heads of its group (no atomics).
+  ``bwd_dq``          per query tile: dQ, and the gradients of ``bias`` and ALiBi slopes.
+
+Visibility. Query row ``i`` sits at position ``i' = i + OFF`` (``OFF = Nk - Nq``). For a tile of
+rows, ``_span`` turns causal/window bounds and the per-row segment ranges computed by the host
+into ``[lo, hi)`` (keys any row may see) and ``[full_lo, full_hi)`` (keys every row sees);
+``_phases`` cuts the loop into masked / unmasked / masked stretches of whole tiles, so tiles
+the rules leave empty are never visited and full ones run without mask arithmetic. The bool
+``mask`` tensor is applied in every tile (it has no summary).
+
+Non-finite keys. When some rule may hide keys, masked tiles zero non-finite entries of k and v
+and set their scores to NaN before masking (as ``tiled._bad_keys`` does), so padding garbage
+never reaches a row that cannot see it, while rows that see it still get NaN.
+
+Dropout uses the counter-based hash of ``selfattn._rng`` in uint32 arithmetic, so every backend
+draws the same mask for the same seed and backward regenerates it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# Stands in for -inf in m_i so that exp2(-inf - m_i) is 0 rather than NaN for rows that have
+# seen no key yet; any real score is far above it.
+M_FLOOR: tl.constexpr = tl.constexpr(-3.0e38)
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces shared by every kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mix32(x):
+    """The 32-bit finaliser of ``_rng._mix32_`` on uint32 (products wrap modulo 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _row_hash(rows, seed0):
+    """``mix32(row * 0x9E3779B9 + seed0)`` for global row ids ``(b * Hq + h) * Nq + i`` (int64)."""
+    x = rows.to(tl.uint32) * tl.full(rows.shape, 0x9E3779B9, tl.uint32)
+    return _mix32(x + seed0)
+
+
+@triton.jit
+def _col_hash(cols, seed1):
+    """``col * 0x85EBCA6B + seed1`` (uint32) for key indices."""
+    return cols.to(tl.uint32) * tl.full(cols.shape, 0x85EBCA6B, tl.uint32) + seed1
+
+
+@triton.jit
+def _keep(hr, hc, thresh):
+    """Dropout keep mask from broadcast-shaped row and column hashes."""
+    return _mix32(hr ^ hc) >= thresh
+
+
+@triton.jit
+def _tanh(x):
+    """tanh through exp2, stable for large |x|: sign(x) (1 - e) / (1 + e), e = exp(-2|x|)."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # -2 log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(
+    qk,
+    qk_scale,
+    cap2,
+    bias_ptrs,
+    ld_ok,
+    slope2,
+    dist,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
+    """Steps 1-4 of the contract in base 2: scale, softcap, bias, ALiBi.
+
+    ``qk`` is the raw ``q . k`` tile (float32). With a softcap, ``qk_scale = scale / softcap``
+    and ``cap2 = softcap * log2(e)``; otherwise ``qk_scale = scale * log2(e)``. Returns the
+    scores and the softcap's tanh (for its derivative; ``qk`` when there is no softcap).
+    """
+    if SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * cap2
+    else:
+        t = qk
+        s = qk * qk_scale
+    if HAS_BIAS:
+        s += tl.load(bias_ptrs, mask=ld_ok, other=0.0).to(tl.float32) * LOG2E
+    if HAS_ALIBI:
+        s -= slope2 * tl.abs(dist).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _visible(
+    pos,
+    jj,
+    Nk,
+    win_left,
+    win_right,
+    qid,
+    kvid,
+    mask_ptrs,
+    ld_ok,
+    row_ok,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """Visibility of a tile; ``pos``, ``jj``, ``row_ok`` etc. come pre-shaped.
+
+    ``MASKED`` tiles check causal, window and segments; key bounds, row bounds (so rows past
+    Nq never carry a NaN into a sum over rows) and the bool mask are checked in every tile.
+    The orientation (rows x keys or keys x rows) is the caller's.
+    """
+    vis = (jj < Nk) & row_ok
+    if MASKED:
+        if CAUSAL:
+            vis = vis & (jj <= pos)
+        if HAS_RIGHT:
+            vis = vis & (jj <= pos + win_right)
+        if HAS_LEFT:
+            vis = vis & (jj >= pos - win_left)
+        if HAS_SEG:
+            vis = vis & (qid == kvid) & (qid >= 0)
+    if HAS_MASK:
+        vis = vis & (tl.load(mask_ptrs, mask=ld_ok, other=0) != 0)
+    return vis
+
+
+@triton.jit
+def _finite(x):
+    return tl.abs(x.to(tl.float32)) < float("inf")
+
+
+@triton.jit
+def _span(
+    p_lo,
+    p_hi,
+    n_keys,
+    win_left,
+    win_right,
+    seg_lo,
+    seg_hi,
+    seg_flo,
+    seg_fhi,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` that rows at positions ``p_lo..p_hi`` may see, ``[flo, fhi)`` all see.
+
+    ``seg_*`` are the rows' segment ranges reduced over the tile (min of lo, max of hi, max of
+    full lo, min of full hi). An empty span comes back as ``lo = hi = 0``.
+    """
+    lo = p_lo * 0
+    hi = lo + n_keys
+    flo = lo
+    fhi = hi
+    if CAUSAL:
+        hi = tl.minimum(hi, p_hi + 1)
+        fhi = tl.minimum(fhi, p_lo + 1)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, p_hi + win_right + 1)
+        fhi = tl.minimum(fhi, p_lo + win_right + 1)
+    if HAS_LEFT:
+        lo = tl.maximum(lo, p_lo - win_left)
+        flo = tl.maximum(flo, p_hi - win_left)
+    if HAS_SEG:
+        lo = tl.maximum(lo, seg_lo)
+        hi = tl.minimum(hi, seg_hi)
+        flo = tl.maximum(flo, seg_flo)
+        fhi = tl.minimum(fhi, seg_fhi)
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum(hi, n_keys)
+    empty = hi <= lo
+    lo = tl.where(empty, 0, lo)
+    hi = tl.where(empty, 0, hi)
+    flo = tl.maximum(flo, lo)
+    fhi = tl.minimum(fhi, hi)
+    return lo, hi, flo, fhi
+
+
+@triton.jit
+def _phases(lo, hi, flo, fhi, n_keys, BLOCK: tl.constexpr):
+    """Tile starts: masked ``[a, f0)``, unmasked ``[f0, f1)``, masked ``[f1, hi)``.
+
+    Unmasked tiles lie wholly inside ``[flo, fhi)`` and inside the tensor (no bounds checks).
+    """
+    a = (lo // BLOCK) * BLOCK
+    hi_up = ((hi + BLOCK - 1) // BLOCK) * BLOCK
+    f0 = ((flo + BLOCK - 1) // BLOCK) * BLOCK
+    f0 = tl.minimum(tl.maximum(f0, a), hi_up)
+    f1 = (tl.minimum(fhi, n_keys) // BLOCK) * BLOCK
+    f1 = tl.minimum(tl.maximum(f1, f0), hi_up)
+    return a, f0, f1
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    start,
+    end,
+    Nk,
+    D,
+    DV,
+    pos,
+    row_ok,
+    bias_rows,
+    stride_bias_n,
+    slope2,
+    mask_rows,
+    stride_mask_n,
+    qid,
+    kvid_base,
+    stride_kvid_n,
+    hr,
+    seed1,
+    thresh,
+    drop_scale,
+    qk_scale,
+    cap2,
+    win_left,
+    win_right,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    CLEAN: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    APPLY: tl.constexpr = MASKED or HAS_MASK  # does this stretch mask anything?
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < Nk)[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=(offs_d < D)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
+        if CLEAN and APPLY:
+            k_fin = _finite(k)
+            v_fin = _finite(v)
+            bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
+            k = tl.where(k_fin, k, 0.0)
+            v = tl.where(v_fin, v, 0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
+        ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
+        s, _t = _scores(
+            qk, qk_scale, cap2,
+            bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
+            slope2[:, None], pos[:, None] - offs_n[None, :],
+            SOFTCAP, HAS_BIAS, HAS_ALIBI,
+        )  # fmt: skip
+        if APPLY:
+            if CLEAN:
+                s = tl.where(bad[None, :], float("nan"), s)
+            kvid = offs_n
+            if HAS_SEG and MASKED:
+                kvid = tl.load(kvid_base + offs_n * stride_kvid_n, mask=offs_n < Nk, other=-1)
+            vis = _visible(
+                pos[:, None], offs_n[None, :], Nk, win_left, win_right,
+                qid[:, None], kvid[None, :],
+                mask_rows[:, None] + offs_n[None, :] * stride_mask_n, ld_ok, row_ok[:, None],
+                MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
+            )  # fmt: skip
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep(hr[:, None], _col_hash(offs_n, seed1)[None, :], thresh)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
+def attn_fwd(
+    Q, K, V, O, LSE, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_sb, stride_sh,
+    stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    B, H, G, Nq, Nk, D, DV, OFF,
+    qk_scale, cap2, win_left, win_right,
+    seed0, seed1, thresh, drop_scale,
+    TUNE_Q, TUNE_K,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One program = ``BLOCK_M`` query rows of one (batch, query head); grid (M tiles, B * Hq).
+
+    Consecutive programs are tiles of the same head (its keys and values stay in L2). With
+    ``REVERSE`` the last (longest, under causal) row tiles start first.
+    """
+    pid_m = tl.program_id(0)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Nq
+    q = tl.load(
+        Q
+        + b * stride_qb
+        + h * stride_qh
+        + offs_m[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+    pos = offs_m + OFF
+
+    # the keys this tile of rows may see, and those every row sees
+    seg_lo = Nk
+    seg_hi = 0
+    seg_flo = 0
+    seg_fhi = Nk
+    qid = offs_m
+    if HAS_SEG:
+        rng = QRNG + b * Nq + offs_m
+        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
+        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
+        seg_flo = tl.max(tl.load(rng + 2 * B * Nq, mask=row_ok, other=0), 0)
+        seg_fhi = tl.min(tl.load(rng + 3 * B * Nq, mask=row_ok, other=Nk), 0)
+        qid = tl.load(QIDS + b * stride_qidb + offs_m * stride_qidm, mask=row_ok, other=-1)
+    p_hi = tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF
+    lo, hi, flo, fhi = _span(
+        m0 + OFF, p_hi, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
+        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
+    )  # fmt: skip
+    a, f0, f1 = _phases(lo, hi, flo, fhi, Nk, BLOCK_N)
+
+    bias_rows = offs_m
+    if HAS_BIAS:
+        bias_rows = BIAS + b * stride_biasb + h * stride_biash + offs_m * stride_biasm
+    mask_rows = offs_m
+    if HAS_MASK:
+        mask_rows = MASK + b * stride_maskb + h * stride_maskh + offs_m * stride_maskm
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
+    hr = offs_m.to(tl.uint32)
+    s1 = seed0
+    th = seed0
+    if DROPOUT:
+        hr = _row_hash((b * H + h) * Nq + offs_m, seed0.to(tl.uint32))
+        s1 = seed1.to(tl.uint32)
+        th = thresh.to(tl.uint32)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    kvid_base = KVIDS + b * stride_kvidb
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # masked tiles before the fully visible ones (window's left edge, segment starts)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
+        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    # fully visible tiles: no causal/window/segment arithmetic, no bounds checks on keys
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
+        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+        False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    # masked tiles after them (the causal diagonal, the window's right edge, the last tile)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
+        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+
+    # every visible row has l_i >= 1 (its maximum contributes exp2(0)); empty rows have 0
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        O
+        + b * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_dv[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_dv < DV)[None, :],
+    )
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # log2(0) = -inf for empty rows
+    tl.store(LSE + (b * H + h) * Nq + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode: few queries over a long cache, keys split across programs (flash-decoding)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
+def attn_decode(
+    Q, K, V, OPART, LPART, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_sb, stride_sh,
+    stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    B, H, G, Nq, Nk, D, DV, OFF,
+    qk_scale, cap2, win_left, win_right,
+    seed0, seed1, thresh, drop_scale,
+    split_len, n_splits, heads_per_prog, n_hchunks,
+    TUNE_Q, TUNE_K,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One program = one split of the keys x (several query heads x all Nq rows) of one key/value
+    head; grid (splits, B * Hkv * head chunks). Row ``r`` of the tile is query ``r % Nq`` of head
+    ``r // Nq`` of the chunk, so the key/value tile is read once for all of them. Writes the
+    split's normalised output and base-2 lse to ``OPART`` (R, S, Dv) and ``LPART`` (R, S).
+    """
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    hc = pid % n_hchunks
+    bhk = pid // n_hchunks
+    hkv = H // G
+    b = (bhk // hkv).to(tl.int64)
+    hk = (bhk % hkv).to(tl.int64)
+    r = tl.arange(0, BLOCK_M)
+    gi = r // Nq
+    i = r % Nq
+    gh = hc * heads_per_prog + gi
+    row_ok = (gi < heads_per_prog) & (gh < G)
+    h = hk * G + gh.to(tl.int64)  # (BLOCK_M,) query head of each row
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q
+        + b * stride_qb
+        + h[:, None] * stride_qh
+        + i[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+    pos = i + OFF
+
+    seg_lo = Nk
+    seg_hi = 0
+    seg_flo = 0
+    seg_fhi = Nk
+    qid = i
+    if HAS_SEG:
+        rng = QRNG + b * Nq + i
+        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
+        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
+        seg_flo = tl.max(tl.load(rng + 2 * B * Nq, mask=row_ok, other=0), 0)
+        seg_fhi = tl.min(tl.load(rng + 3 * B * Nq, mask=row_ok, other=Nk), 0)
+        qid = tl.load(QIDS + b * stride_qidb + i * stride_qidm, mask=row_ok, other=-1)
+    lo, hi, flo, fhi = _span(
+        OFF, Nq - 1 + OFF, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
+        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
+    )  # fmt: skip
+    # this program's share of the keys
+    k_start = split * split_len
+    lo = tl.maximum(lo, k_start)
+    hi = tl.minimum(hi, k_start + split_len)
+    empty = hi <= lo
+    lo = tl.where(empty, 0, lo)
+    hi = tl.where(empty, 0, hi)
+    flo = tl.maximum(flo, lo)
+    fhi = tl.minimum(fhi, hi)
+    a, f0, f1 = _phases(lo, hi, flo, fhi, Nk, BLOCK_N)
+
+    bias_rows = r
+    if HAS_BIAS:
+        bias_rows = BIAS + b * stride_biasb + h * stride_biash + i * stride_biasm
+    mask_rows = r
+    if HAS_MASK:
+        mask_rows = MASK + b * stride_maskb + h * stride_maskh + i * stride_maskm
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 += (
+            tl.load(SLOPES + b * stride_sb + h * stride_sh, mask=row_ok, other=0.0).to(tl.float32)
+            * LOG2E
+        )
+    hr = r.to(tl.uint32)
+    s1 = seed0
+    th = seed0
+    if DROPOUT:
+        hr = _row_hash((b * H + h) * Nq + i, seed0.to(tl.uint32))
+        s1 = seed1.to(tl.uint32)
+        th = thresh.to(tl.uint32)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    kvid_base = KVIDS + b * stride_kvidb
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
+        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
+        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+        False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
+        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+
+    row_g = (b * H + h) * Nq + i  # (BLOCK_M,) global row id
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        OPART + (row_g[:, None] * n_splits + split) * DV + offs_dv[None, :],
+        out,
+        mask=row_ok[:, None] & (offs_dv < DV)[None, :],
+    )
+    tl.store(LPART + row_g * n_splits + split, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def decode_combine(
+    OPART, LPART, O, LSE,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Nq, DV, n_splits,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """Merge the splits of one row by their lse; grid (B * Hq * Nq,). Empty rows give 0, -inf."""
+    row = tl.program_id(0).to(tl.int64)
+    i = row % Nq
+    bh = row // Nq
+    h = bh % H
+    b = bh // H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < n_splits
+    lse_s = tl.load(LPART + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m)  # 0 for splits that saw nothing
+    total = tl.sum(w, 0)
+    o = tl.load(
+        OPART + (row * n_splits + offs_s)[:, None] * DV + offs_dv[None, :],
+        mask=s_ok[:, None] & (offs_dv < DV)[None, :],
+        other=0.0,
+    )
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(
+        O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=offs_dv < DV,
+    )
+    tl.store(LSE + row, (m + tl.math.log2(total)) * LN2)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (FlashAttention-2, Algorithm 2): preprocess, dK/dV per key tile, dQ per query tile
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bwd_preprocess(
+    O, DO, LSE, DLSE, DELTA, LSE2,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Nq, DV,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``delta = rowsum(dO * O) - dlse`` and the lse in base 2 (+inf for rows that see nothing,
+    so that ``exp2(s - lse2)`` is 0 there); grid (M tiles, B * Hq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m < Nq)[:, None] & (offs_dv < DV)[None, :]
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+        + offs_dv[None, :] * stride_od,
+        mask=ok, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+        + offs_dv[None, :] * stride_dod,
+        mask=ok, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    delta = tl.sum(o * do, 1)
+    row_ok = offs_m < Nq
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    tl.store(DELTA + bh * Nq + offs_m, delta, mask=row_ok)
+    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=row_ok)
+
+
+@triton.jit
+def _row_span(
+    j_lo,
+    j_hi,
+    OFF,
+    n_rows,
+    win_left,
+    win_right,
+    seg_lo,
+    seg_hi,
+    seg_flo,
+    seg_fhi,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+):
+    """Query rows ``[lo, hi)`` that may see some key of ``j_lo..j_hi``, ``[flo, fhi)`` all of them.
+
+    The transpose of ``_span``: causal and the right window bound a row from below
+    (``i + OFF >= j - right``), the left window from above (``i + OFF - left <= j``).
+    """
+    lo = j_lo * 0
+    hi = lo + n_rows
+    flo = lo
+    fhi = hi
+    if CAUSAL:
+        lo = tl.maximum(lo, j_lo - OFF)
+        flo = tl.maximum(flo, j_hi - OFF)
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, j_lo - win_right - OFF)
+        flo = tl.maximum(flo, j_hi - win_right - OFF)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, j_hi + win_left - OFF + 1)
+        fhi = tl.minimum(fhi, j_lo + win_left - OFF + 1)
+    if HAS_SEG:
+        lo = tl.maximum(lo, seg_lo)
+        hi = tl.minimum(hi, seg_hi)
+        flo = tl.maximum(flo, seg_flo)
+        fhi = tl.minimum(fhi, seg_fhi)
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum(hi, n_rows)
+    empty = hi <= lo
+    lo = tl.where(empty, 0, lo)
+    hi = tl.where(empty, 0, hi)
+    flo = tl.maximum(flo, lo)
+    fhi = tl.minimum(fhi, hi)
+    return lo, hi, flo, fhi
+
+
+@triton.jit
+def _dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    bad,
+    hc,
+    offs_n,
+    q_base,
+    do_base,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    stats_base,
+    start,
+    end,
+    Nq,
+    Nk,
+    D,
+    DV,
+    OFF,
+    bias_base,
+    stride_bias_m,
+    stride_bias_n,
+    slope2,
+    mask_base,
+    stride_mask_m,
+    stride_mask_n,
+    qid_base,
+    stride_qid_m,
+    kvid,
+    row_base,
+    seed0,
+    thresh,
+    drop_scale,
+    qk_scale,
+    cap2,
+    win_left,
+    win_right,
+    LSE2,
+    DELTA,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    CLEAN: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Query tiles ``[start, end)`` of one head against this program's key tile (keys x rows)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Nk
+    APPLY: tl.constexpr = MASKED or HAS_MASK
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Nq
+        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        if MASKED:
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
+            lse2 = tl.load(LSE2 + stats_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + stats_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=(offs_d < D)[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
+            lse2 = tl.load(LSE2 + stats_base + offs_m)
+            delta = tl.load(DELTA + stats_base + offs_m)
+        pos = offs_m + OFF
+        ld_ok = col_ok[:, None] & row_ok[None, :]
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+        s_t, t_t = _scores(
+            s_t, qk_scale, cap2,
+            bias_base + offs_n[:, None] * stride_bias_n + offs_m[None, :] * stride_bias_m, ld_ok,
+            slope2, pos[None, :] - offs_n[:, None],
+            SOFTCAP, HAS_BIAS, HAS_ALIBI,
+        )  # fmt: skip
+        if CLEAN:
+            s_t = tl.where(bad[:, None], float("nan"), s_t)
+        if APPLY:
+            qid = offs_m
+            if HAS_SEG and MASKED:
+                qid = tl.load(qid_base + offs_m * stride_qid_m, mask=row_ok, other=-1)
+            vis = _visible(
+                pos[None, :], offs_n[:, None], Nk, win_left, win_right, qid[None, :], kvid[:, None],
+                mask_base + offs_n[:, None] * stride_mask_n + offs_m[None, :] * stride_mask_m,
+                ld_ok, row_ok[None, :],
+                MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
+            )  # fmt: skip
+            s_t = tl.where(vis, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])  # probabilities, keys x rows
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # dP^T = V dO^T
+        if DROPOUT:
+            keep = _keep(_row_hash(row_base + offs_m, seed0)[None, :], hc[:, None], thresh)
+            dv = tl.dot(
+                tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PREC
+            )
+            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)  # dV += P^T dO
+        ds_t = p_t * (dp_t - delta[None, :])  # dS = P (dP - delta)
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)  # dK += dS^T Q
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
+def bwd_dkdv(
+    Q, K, V, DO, DK, DVAL, LSE2, DELTA, BIAS, SLOPES, MASK, QIDS, KVIDS, KRNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_sb, stride_sh,
+    stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    B, H, G, Nq, Nk, D, DV, OFF,
+    scale, qk_scale, cap2, win_left, win_right,
+    seed0, seed1, thresh, drop_scale,
+    TUNE_Q, TUNE_K,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One program = ``BLOCK_N`` keys of one (batch, key/value head); grid (N tiles, B * Hkv).
+
+    Loops over the ``G`` query heads of the group and over the query tiles that may see these
+    keys, so dK and dV are complete in registers: no atomics, deterministic.
+    """
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    hkv = H // G
+    b = (bhk // hkv).to(tl.int64)
+    hk = (bhk % hkv).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Nk
+    k = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+        + offs_d[None, :] * stride_kd,
+        mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+        + offs_dv[None, :] * stride_vd,
+        mask=col_ok[:, None] & (offs_dv < DV)[None, :], other=0.0,
+    )  # fmt: skip
+    bad = col_ok
+    if CLEAN:  # non-finite keys: zero them, poison their visible scores (see module docstring)
+        k_fin = _finite(k)
+        v_fin = _finite(v)
+        bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
+        k = tl.where(k_fin, k, 0.0)
+        v = tl.where(v_fin, v, 0.0)
+
+    seg_lo = Nq
+    seg_hi = 0
+    seg_flo = 0
+    seg_fhi = Nq
+    kvid = offs_n
+    if HAS_SEG:
+        rng = KRNG + b * Nk + offs_n
+        seg_lo = tl.min(tl.load(rng, mask=col_ok, other=Nq), 0)
+        seg_hi = tl.max(tl.load(rng + B * Nk, mask=col_ok, other=0), 0)
+        seg_flo = tl.max(tl.load(rng + 2 * B * Nk, mask=col_ok, other=0), 0)
+        seg_fhi = tl.min(tl.load(rng + 3 * B * Nk, mask=col_ok, other=Nq), 0)
+        kvid = tl.load(KVIDS + b * stride_kvidb + offs_n * stride_kvidn, mask=col_ok, other=-1)
+    lo, hi, flo, fhi = _row_span(
+        n0, tl.minimum(n0 + BLOCK_N, Nk) - 1, OFF, Nq, win_left, win_right,
+        seg_lo, seg_hi, seg_flo, seg_fhi, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
+    )  # fmt: skip
+    a, f0, f1 = _phases(lo, hi, flo, fhi, Nq, BLOCK_M)
+
+    hc = offs_n.to(tl.uint32)
+    s0 = seed0
+    th = seed0
+    if DROPOUT:
+        hc = _col_hash(offs_n, seed1.to(tl.uint32))
+        s0 = seed0.to(tl.uint32)
+        th = thresh.to(tl.uint32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        stats_base = (b * H + h) * Nq
+        bias_base = BIAS + b * stride_biasb + h * stride_biash
+        mask_base = MASK + b * stride_maskb + h * stride_maskh
+        qid_base = QIDS + b * stride_qidb
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
+            stride_dod, stats_base, a, f0, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
+            stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
+            kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
+            True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+            DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
+            stride_dod, stats_base, f0, f1, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
+            stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
+            kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
+            False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+            DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
+            stride_dod, stats_base, f1, hi, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
+            stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
+            kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
+            True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+            DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+    dk = dk * scale
+    tl.store(
+        DK
+        + b * stride_dkb
+        + hk * stride_dkh
+        + offs_n[:, None] * stride_dkn
+        + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_d < D)[None, :],
+    )
+    tl.store(
+        DVAL
+        + b * stride_dvb
+        + hk * stride_dvh
+        + offs_n[:, None] * stride_dvn
+        + offs_dv[None, :] * stride_dvd,
+        dv.to(DVAL.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_dv < DV)[None, :],
+    )
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    db_acc,
+    da_acc,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    start,
+    end,
+    Nk,
+    D,
+    DV,
+    pos,
+    offs_m,
+    row_ok,
+    bias_rows,
+    stride_bias_n,
+    slope2,
+    mask_rows,
+    stride_mask_n,
+    qid,
+    kvid_base,
+    stride_kvid_n,
+    hr,
+    seed1,
+    thresh,
+    drop_scale,
+    qk_scale,
+    cap2,
+    win_left,
+    win_right,
+    db_base,
+    stride_db_m,
+    stride_db_n,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    CLEAN: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    DB_ROWS: tl.constexpr,
+    DB_COLS: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Key tiles ``[start, end)`` for one query tile: dQ, and dS into the bias/slope gradients."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    APPLY: tl.constexpr = MASKED or HAS_MASK
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < Nk)[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=(offs_d < D)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
+        if CLEAN and APPLY:
+            k_fin = _finite(k)
+            v_fin = _finite(v)
+            bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
+            k = tl.where(k_fin, k, 0.0)
+            v = tl.where(v_fin, v, 0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
+        dist = pos[:, None] - offs_n[None, :]
+        s, t = _scores(
+            qk, qk_scale, cap2, bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
+            slope2[:, None], dist, SOFTCAP, HAS_BIAS, HAS_ALIBI,
+        )  # fmt: skip
+        if APPLY:
+            if CLEAN:
+                s = tl.where(bad[None, :], float("nan"), s)
+            kvid = offs_n
+            if HAS_SEG and MASKED:
+                kvid = tl.load(kvid_base + offs_n * stride_kvid_n, mask=offs_n < Nk, other=-1)
+            vis = _visible(
+                pos[:, None], offs_n[None, :], Nk, win_left, win_right, qid[:, None], kvid[None, :],
+                mask_rows[:, None] + offs_n[None, :] * stride_mask_n, ld_ok, row_ok[:, None],
+                MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
+            )  # fmt: skip
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dP = dO V^T
+        if DROPOUT:
+            keep = _keep(hr[:, None], _col_hash(offs_n, seed1)[None, :], thresh)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])  # gradient of the score after steps 1-4 (natural log)
+        if NEED_DB:
+            if DB_COLS:
+                if DB_ROWS:
+                    tl.store(
+                        db_base + offs_m[:, None] * stride_db_m + offs_n[None, :] * stride_db_n,
+                        ds, mask=ld_ok,
+                    )  # fmt: skip
+                else:  # bias shared by all rows: this tile's column sums (one slot per row tile)
+                    tl.store(db_base + offs_n * stride_db_n, tl.sum(ds, 0), mask=offs_n < Nk)
+            else:
+                db_acc += tl.sum(ds, 1)
+        if NEED_DA:
+            da_acc += tl.sum(ds * tl.abs(dist).to(tl.float32), 1)
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)  # dQ += dS K
+    return dq, db_acc, da_acc
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
+def bwd_dq(
+    Q, K, V, DO, DQ, LSE2, DELTA, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DB, DA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_sb, stride_sh,
+    stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_da,
+    B, H, G, Nq, Nk, D, DV, OFF,
+    scale, qk_scale, cap2, win_left, win_right,
+    seed0, seed1, thresh, drop_scale,
+    TUNE_Q, TUNE_K,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    NEED_DB: tl.constexpr, DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, NEED_DA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One program = ``BLOCK_M`` query rows of one head; grid (M tiles, B * Hq).
+
+    Besides dQ it writes dS where the bias gradient needs it: the tile itself into ``DB``
+    (B, Hq, Nq, Nk) for a bias with both rows and keys, column sums into slot ``pid_m`` of
+    (B, Hq, M tiles, Nk) for one shared by all rows, row sums for one shared by all keys; and
+    ``-sum(dS * |i' - j|)`` into ``DA`` (B, Hq, >= M tiles) for the ALiBi slopes. The host sums
+    the rest of the broadcast dimensions, so nothing is accumulated atomically.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Nq
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+        + offs_dv[None, :] * stride_dod,
+        mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0.0,
+    )  # fmt: skip
+    stats = (b * H + h) * Nq + offs_m
+    lse2 = tl.load(LSE2 + stats, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+    pos = offs_m + OFF
+
+    seg_lo = Nk
+    seg_hi = 0
+    seg_flo = 0
+    seg_fhi = Nk
+    qid = offs_m
+    if HAS_SEG:
+        rng = QRNG + b * Nq + offs_m
+        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
+        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
+        seg_flo = tl.max(tl.load(rng + 2 * B * Nq, mask=row_ok, other=0), 0)
+        seg_fhi = tl.min(tl.load(rng + 3 * B * Nq, mask=row_ok, other=Nk), 0)
+        qid = tl.load(QIDS + b * stride_qidb + offs_m * stride_qidm, mask=row_ok, other=-1)
+    p_hi = tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF
+    lo, hi, flo, fhi = _span(
+        m0 + OFF, p_hi, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
+        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
+    )  # fmt: skip
+    a, f0, f1 = _phases(lo, hi, flo, fhi, Nk, BLOCK_N)
+
+    bias_rows = offs_m
+    if HAS_BIAS:
+        bias_rows = BIAS + b * stride_biasb + h * stride_biash + offs_m * stride_biasm
+    mask_rows = offs_m
+    if HAS_MASK:
+        mask_rows = MASK + b * stride_maskb + h * stride_maskh + offs_m * stride_maskm
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
+    hr = offs_m.to(tl.uint32)
+    s1 = seed0
+    th = seed0
+    if DROPOUT:
+        hr = _row_hash((b * H + h) * Nq + offs_m, seed0.to(tl.uint32))
+        s1 = seed1.to(tl.uint32)
+        th = thresh.to(tl.uint32)
+    db_base = DB + b * stride_dbb + h * stride_dbh
+    if not DB_ROWS:
+        db_base += pid_m * stride_dbm
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    kvid_base = KVIDS + b * stride_kvidb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    da_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, db_acc, da_acc = _dq_inner(
+        dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+        stride_vd, a, f0, Nk, D, DV, pos, offs_m, row_ok, bias_rows, stride_biasn, slope2,
+        mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
+        cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
+        BLOCK_DV,
+    )  # fmt: skip
+    dq, db_acc, da_acc = _dq_inner(
+        dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+        stride_vd, f0, f1, Nk, D, DV, pos, offs_m, row_ok, bias_rows, stride_biasn, slope2,
+        mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
+        cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
+        False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
+        BLOCK_DV,
+    )  # fmt: skip
+    dq, db_acc, da_acc = _dq_inner(
+        dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+        stride_vd, f1, hi, Nk, D, DV, pos, offs_m, row_ok, bias_rows, stride_biasn, slope2,
+        mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
+        cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        DROPOUT, CLEAN, PREC, EVEN_D, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
+        BLOCK_DV,
+    )  # fmt: skip
+    dq = dq * scale
+    tl.store(
+        DQ
+        + b * stride_dqb
+        + h * stride_dqh
+        + offs_m[:, None] * stride_dqm
+        + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d < D)[None, :],
+    )
+    if NEED_DB and not DB_COLS:
+        if DB_ROWS:
+            tl.store(db_base + offs_m * stride_dbm, db_acc, mask=row_ok)
+        else:
+            tl.store(db_base, tl.sum(db_acc, 0))
+    if NEED_DA:
+        tl.store(DA + (b * H + h) * stride_da + pid_m, -tl.sum(da_acc, 0))
