@@ -198,6 +198,10 @@ def attention_weights(
 
 
 def _weights(spec, q, k, lse, head_idx, row_idx) -> torch.Tensor:
+    if q.device.type == "cuda" and not refusals(spec, "triton"):  # the Triton probs kernel
+        from .backends.triton import weights
+
+        return weights(spec, q, k, lse, head_idx, row_idx)
     rules = Rules.from_spec(spec)
     if head_idx is not None:
         q = q.index_select(1, head_idx)
