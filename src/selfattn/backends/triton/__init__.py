@@ -14,7 +14,7 @@ import torch
 
 from ...spec import AttentionSpec
 
-__all__ = ["MAX_HEAD_DIM", "TritonBackend"]
+__all__ = ["MAX_HEAD_DIM", "TritonBackend", "weights"]
 
 MAX_HEAD_DIM = 256
 
@@ -69,3 +69,17 @@ class TritonBackend:
         from . import host
 
         return host.attention(spec, q, k, v, seed)
+
+
+def weights(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    head_idx: torch.Tensor | None,
+    row_idx: torch.Tensor | None,
+) -> torch.Tensor:
+    """``attention_weights`` by the Triton kernels (see :func:`host.weights`)."""
+    from . import host
+
+    return host.weights(spec, q, k, lse, head_idx, row_idx)

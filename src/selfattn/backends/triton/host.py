@@ -16,7 +16,6 @@ import importlib.util
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -644,9 +643,57 @@ def attention(
     return forward(spec, q, k, v, seed)
 
 
-def weights(*args, **kwargs):  # filled in below
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------------
+# attention_weights
+# --------------------------------------------------------------------------------------------
 
 
-def _warn_once(msg: str) -> None:
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+def weights(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    head_idx: torch.Tensor | None,
+    row_idx: torch.Tensor | None,
+) -> torch.Tensor:
+    """Probabilities of the selected heads and rows, (B, len(heads), len(rows), Nk) float32.
+
+    ``lse`` (B, Hq, Nq) natural log, e.g. from the forward kernel; when None the kernel computes
+    it for the selected rows only. Selection happens inside the kernel (row and head index
+    vectors), so q, k and the rule tensors are never gathered.
+    """
+    dev = q.device
+    heads = (torch.arange(spec.Hq, device=dev) if head_idx is None else head_idx.to(dev)).to(
+        torch.int32
+    )
+    rows = (torch.arange(spec.Nq, device=dev) if row_idx is None else row_idx.to(dev)).to(
+        torch.int32
+    )
+    hs, m = heads.numel(), rows.numel()
+    probs = torch.zeros(spec.B, hs, m, spec.Nk, dtype=torch.float32, device=dev)
+    if probs.numel() == 0:
+        return probs
+    call = _prepare(spec, q, None)
+    lse_t = lse if lse is not None else probs
+    lse_strides = list(lse.stride()) if lse is not None else [0, 0, 0]
+    consts = {
+        name: call.consts[name]
+        for name in (
+            "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
+            "SOFTCAP", "CLEAN", "PREC", "BLOCK_D",
+        )
+    }  # fmt: skip
+    if interpreting():
+        bm, bn = INTERPRET_BLOCKS["probs"]
+        launch = {}
+    else:
+        bm, bn = 64, 64
+        launch = {"num_warps": 4, "num_stages": 2}
+    b, hq, g, nq, nk, d, _, off = call.scalars
+    _kernels().attn_probs[(triton.cdiv(m, bm), spec.B * hs)](
+        q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng,
+        *q.stride(), *k.stride(), *probs.stride(), *lse_strides, *call.strides_rules,
+        b, hq, g, nq, nk, d, off, m, hs, *call.scale_args,
+        **consts, HAS_LSE=lse is not None, BLOCK_M=bm, BLOCK_N=bn, **launch,
+    )  # fmt: skip
+    return probs

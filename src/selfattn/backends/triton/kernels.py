@@ -1281,3 +1281,178 @@ def bwd_dq(
             tl.store(db_base, tl.sum(db_acc, 0))
     if NEED_DA:
         tl.store(DA + (b * H + h) * stride_da + pid_m, -tl.sum(da_acc, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Probabilities for attention_weights
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _probs_scores(
+    q,
+    k,
+    offs_n,
+    pos,
+    row_ok,
+    Nk,
+    bias_rows,
+    stride_bias_n,
+    slope2,
+    mask_rows,
+    stride_mask_n,
+    qid,
+    kvid_base,
+    stride_kvid_n,
+    qk_scale,
+    cap2,
+    win_left,
+    win_right,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    CLEAN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Base-2 scores of one tile with every rule applied (all tiles masked: not a hot path)."""
+    if CLEAN:
+        k_fin = _finite(k)
+        bad = tl.min(k_fin.to(tl.int32), 1) == 0
+        k = tl.where(k_fin, k, 0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
+    s, _t = _scores(
+        qk, qk_scale, cap2, bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
+        slope2[:, None], pos[:, None] - offs_n[None, :], SOFTCAP, HAS_BIAS, HAS_ALIBI,
+    )  # fmt: skip
+    if CLEAN:
+        s = tl.where(bad[None, :], float("nan"), s)
+    kvid = offs_n
+    if HAS_SEG:
+        kvid = tl.load(kvid_base + offs_n * stride_kvid_n, mask=offs_n < Nk, other=-1)
+    vis = _visible(
+        pos[:, None], offs_n[None, :], Nk, win_left, win_right, qid[:, None], kvid[None, :],
+        mask_rows[:, None] + offs_n[None, :] * stride_mask_n, ld_ok, row_ok[:, None],
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
+    )  # fmt: skip
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit(do_not_specialize=["OFF", "win_left", "win_right"])
+def attn_probs(
+    Q, K, P, LSE, ROWS, HEADS, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_pb, stride_ph, stride_pm, stride_pn,
+    stride_lb, stride_lh, stride_lm,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_sb, stride_sh,
+    stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    B, H, G, Nq, Nk, D, OFF, M, HS,
+    qk_scale, cap2, win_left, win_right,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Softmax probabilities ``exp(s - lse)`` of selected rows and heads, written tile by tile
+    into ``P`` (B, HS, M, Nk) float32 (zero-initialised by the host; tiles the rules leave
+    empty are not visited). ``ROWS`` (M,) and ``HEADS`` (HS,) map the selection to query rows
+    and heads. Without ``HAS_LSE`` a first pass over the keys computes the lse (base 2).
+    Grid (M tiles, B * HS).
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HS).to(tl.int64)
+    hs = (bh % HS).to(tl.int64)
+    h = tl.load(HEADS + hs).to(tl.int64)
+    hk = h // G
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < M
+    i = tl.load(ROWS + offs_r, mask=row_ok, other=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+    pos = i + OFF
+    seg_lo = Nk
+    seg_hi = 0
+    seg_flo = 0
+    seg_fhi = Nk
+    qid = i
+    if HAS_SEG:
+        rng = QRNG + b * Nq + i
+        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
+        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
+        qid = tl.load(QIDS + b * stride_qidb + i * stride_qidm, mask=row_ok, other=-1)
+    p_lo = tl.min(tl.where(row_ok, pos, 2147483647), 0)
+    p_hi = tl.max(tl.where(row_ok, pos, -2147483647), 0)
+    lo, hi, _flo, _fhi = _span(  # every tile is masked here: only [lo, hi) matters
+        p_lo, p_hi, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
+        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
+    )  # fmt: skip
+    a = (lo // BLOCK_N) * BLOCK_N
+    bias_rows = i
+    if HAS_BIAS:
+        bias_rows = BIAS + b * stride_biasb + h * stride_biash + i * stride_biasm
+    mask_rows = i
+    if HAS_MASK:
+        mask_rows = MASK + b * stride_maskb + h * stride_maskh + i * stride_maskm
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
+    k_base = K + b * stride_kb + hk * stride_kh
+    kvid_base = KVIDS + b * stride_kvidb
+    offs_n0 = tl.arange(0, BLOCK_N)
+
+    if HAS_LSE:
+        lse = tl.load(LSE + b * stride_lb + h * stride_lh + i * stride_lm, mask=row_ok, other=0.0)
+        lse2 = lse * LOG2E
+    else:  # the lse of the selected rows: max and sum over the visible keys
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(a, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k = tl.load(
+                k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :],
+                other=0.0,
+            )
+            s = _probs_scores(
+                q, k, offs_n, pos, row_ok, Nk, bias_rows, stride_biasn, slope2, mask_rows,
+                stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2, win_left, win_right,
+                CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+                CLEAN, PREC,
+            )  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            m_i = m_new
+        lse2 = m_i + tl.math.log2(l_i)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see nothing: p = 0
+    p_base = P + b * stride_pb + hs * stride_ph + offs_r[:, None] * stride_pm
+    for start_n in range(a, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
+        s = _probs_scores(
+            q, k, offs_n, pos, row_ok, Nk, bias_rows, stride_biasn, slope2, mask_rows,
+            stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2, win_left, win_right,
+            CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+            CLEAN, PREC,
+        )  # fmt: skip
+        p = tl.math.exp2(s - lse2[:, None])
+        tl.store(
+            p_base + offs_n[None, :] * stride_pn, p, mask=row_ok[:, None] & (offs_n < Nk)[None, :]
+        )
