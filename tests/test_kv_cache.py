@@ -150,7 +150,7 @@ def test_cached_decoding_with_padding_mask_and_weights():
 def test_cache_shape_mismatch_is_reported():
     layer = MultiHeadSelfAttention(16, 4, num_kv_heads=2, causal=True)
     wrong = KVCache(1, 8, 4, 4)  # 4 kv heads, the layer has 2
-    with pytest.raises(ValueError, match="KVCache.append"):
+    with pytest.raises(ValueError, match=r"KVCache\.append"):
         layer(torch.randn(1, 3, 16), cache=wrong)
     with pytest.raises(TypeError, match="KVCache"):
         layer(torch.randn(1, 3, 16), cache=(torch.zeros(1), torch.zeros(1)))

@@ -1,4 +1,4 @@
-"""Positional encodings: sinusoidal table, RoPE, ALiBi slopes, each against an independent formula."""
+"""Positional encodings: sinusoidal table, RoPE, ALiBi slopes, each against its own formula."""
 
 from __future__ import annotations
 
