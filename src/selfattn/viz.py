@@ -1020,24 +1020,35 @@ def plot_bench(results: Mapping[str, Any], path: str | Path | None = None, *, dp
         if mem:
             ax_m.loglog(*zip(*mem), "o-", color=colors[m], label=m)
     ns = sorted({r["n"] for r in rows})
-    times = [r["median_s"] for r in rows if r.get("median_s")]
-    if len(ns) > 1 and times:
-        n0, t0 = ns[0], min(times)
-        ax_t.loglog(ns, [t0 * (n / n0) ** 2 for n in ns], "k--", lw=1, label="∝ N² (compute)")
-    mems = [r["memory_bytes"] / 2**20 for r in rows if r.get("memory_bytes")]
-    if len(ns) > 1 and mems:
-        m0 = min(mems)
-        ax_m.loglog(ns, [m0 * (n / ns[0]) for n in ns], "k:", lw=1, label="∝ N")
-        ax_m.loglog(ns, [m0 * (n / ns[0]) ** 2 for n in ns], "k--", lw=1, label="∝ N²")
+    last = ns[-1]
+    # Guides drawn through the measurements at the longest N, where the asymptotics show.
+    t_last = [r["median_s"] for r in rows if r["n"] == last and r.get("median_s")]
+    if len(ns) > 1 and t_last:
+        t0 = min(t_last)
+        ax_t.loglog(ns, [t0 * (n / last) ** 2 for n in ns], "k--", lw=1, label="∝ N² (compute)")
+    m_last = [r["memory_bytes"] / 2**20 for r in rows if r["n"] == last and r.get("memory_bytes")]
+    mems = [r for r in rows if r.get("memory_bytes")]
+    if len(ns) > 1 and m_last:
+        lo, hi = min(m_last), max(m_last)
+        ax_m.loglog(ns, [lo * (n / last) for n in ns], "k:", lw=1, label="∝ N")
+        ax_m.loglog(ns, [hi * (n / last) ** 2 for n in ns], "k--", lw=1, label="∝ N²")
     cfg = results.get("config", {})
-    sub = ", ".join(
-        f"{k}={v}" for k, v in cfg.items() if k in ("device", "dtype", "B", "H", "D", "causal")
-    )
-    ax_t.set(xlabel="sequence length N", ylabel="seconds per call (median)", title=f"time ({sub})")
-    ax_m.set(xlabel="sequence length N", ylabel="peak memory growth (MiB)", title="memory")
+    names = {"device": "device", "dtype": "dtype", "batch": "B", "heads": "H", "head_dim": "D"}
+    sub = ", ".join(f"{short}={cfg[k]}" for k, short in names.items() if k in cfg)
+    if cfg.get("causal"):
+        sub += ", causal"
+    ax_t.set(xlabel="sequence length N", ylabel="seconds per call (median)")
+    ax_t.set_title(f"time ({sub})" if sub else "time", fontsize=10)
+    ax_m.set(xlabel="sequence length N", ylabel="peak memory growth of one call (MiB)")
+    ax_m.set_title("memory", fontsize=10)
+    from matplotlib.ticker import NullFormatter, NullLocator
+
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+        ax.set_xticks(ns, [str(n) for n in ns])  # the measured lengths, not powers of ten
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if not mems:
         ax_m.text(
             0.5, 0.5, "memory not measured", ha="center", va="center", transform=ax_m.transAxes

@@ -1,0 +1,7 @@
+"""``python -m selfattn``: the command line of :mod:`selfattn.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
