@@ -86,25 +86,26 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = float(base)
 
-    def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The pair frequencies ``base^(-2c / D)``, float32 (D/2,).
+    def inv_freq(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The pair frequencies ``base^(-2c / D)``, (D/2,) in ``dtype``.
 
         Computed on demand rather than stored, so casting the model to half precision never
         rounds them.
         """
-        exponent = (
-            torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        )
+        exponent = torch.arange(0, self.head_dim, 2, dtype=dtype, device=device) / self.head_dim
         return self.base**-exponent
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of the angles, float32, shape ``positions.shape + (D,)``."""
-        angle = positions.to(torch.float32)[..., None] * self.inv_freq(
-            positions.device
-        )  # (..., N, D/2)
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the angles in ``dtype``, shape ``positions.shape + (D,)``."""
+        freq = self.inv_freq(positions.device, dtype)
+        angle = positions.to(dtype)[..., None] * freq  # (..., N, D/2)
         angle = torch.cat((angle, angle), dim=-1)  # (..., N, D): both halves of a pair
         return angle.cos(), angle.sin()
 
@@ -118,7 +119,8 @@ class RotaryEmbedding(nn.Module):
                 ``start .. start + N - 1``; None means ``0 .. N - 1``.
 
         Returns:
-            Tensor like ``x`` (same dtype), rotated. The rotation is computed in float32.
+            Tensor like ``x`` (same dtype), rotated. The rotation is computed in float32
+            (float64 for float64 input).
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -130,10 +132,12 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"x must be a float tensor, got {x.dtype}")
         n = x.shape[-2]
         pos = self._positions(positions, n, x)
-        cos, sin = self.cos_sin(pos)  # (N, D) or (B, N, D)
+        # float32 maths for half-precision input (angles of large positions need it)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = self.cos_sin(pos, compute)  # (N, D) or (B, N, D)
         if pos.dim() == 2 and x.dim() == 4:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, N, D): shared by the heads
-        xf = x.float()
+        xf = x.to(compute)
         half = self.head_dim // 2
         rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)  # "rotate half"
         return (xf * cos + rotated * sin).to(x.dtype)
