@@ -379,14 +379,9 @@ def _model_pictures(con, model_path: str, text: str, out: Path, *, layers=None, 
     )
     con.print("tokens: " + " ".join(maps.tokens), markup=False)
     files = write_pictures(maps, out, title=title)
-    from rich.table import Table
-
-    t = Table(title=f"written to {out}", title_justify="left", show_edge=False)
-    t.add_column("picture")
-    t.add_column("file")
+    con.print(f"written to {out}:", markup=False)
     for k, p in files.items():
-        t.add_row(k, str(p))
-    con.print(t)
+        con.print(f"  {k:<10} {p}", markup=False, soft_wrap=True)  # whole paths, never cut
     return files
 
 

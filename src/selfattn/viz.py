@@ -366,8 +366,8 @@ def write_pictures(
 ) -> dict[str, Path]:
     """Write the standard set of pictures of ``maps`` into ``out_dir``.
 
-    ``attention_grid.png`` (layers x heads), ``head_L{l}_H{h}.png`` (the last layer's first
-    head), ``rollout.png`` (when every row of consecutive layers from 0 is present) and
+    ``attention_grid.png`` (layers x heads), ``head_L{l}_H{h}.png`` (the deepest layer's
+    first head), ``rollout.png`` (when every row of consecutive layers from 0 is present) and
     ``head_view.html``.
 
     Returns:
@@ -379,10 +379,11 @@ def write_pictures(
     heatmap_grid(maps, title=title, cell=1.3 if len(maps.heads) > 6 else 1.8,
                  path=out / "attention_grid.png")  # fmt: skip
     files["grid"] = out / "attention_grid.png"
-    layer, head = maps.layers[-1], maps.heads[0]
+    deepest = int(np.argmax(maps.layers))
+    layer, head = maps.layers[deepest], maps.heads[0]
     one = out / f"head_L{layer}_H{head}.png"
     qtok = [maps.query_tokens[r] for r in maps.rows]
-    heatmap(maps.weights[-1, 0], maps.tokens, query_tokens=qtok,
+    heatmap(maps.weights[deepest, 0], maps.tokens, query_tokens=qtok,
             title=f"{title}: layer {layer}, head {head}", path=one)  # fmt: skip
     files["head"] = one
     if maps.full_square() and maps.layers == list(range(len(maps.layers))):

