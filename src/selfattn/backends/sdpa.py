@@ -43,6 +43,13 @@ class SdpaBackend:
         return reasons
 
     def run(self, spec, q, k, v, seed):
+        if spec.causal and not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+            # torch multiplies a value row hidden by the causal mask with a zero probability,
+            # and 0 * NaN = NaN: padding garbage would reach rows that cannot see it. Our engine
+            # keeps such rows clean (API.md section 2), at the cost of one pass over k and v.
+            from .tiled import TiledBackend
+
+            return TiledBackend().run(spec, q, k, v, seed)
         kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=spec.causal, scale=spec.scale, **kwargs
