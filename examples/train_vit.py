@@ -67,6 +67,7 @@ def train(
     lr: float = 2e-3,
     seed: int = 0,
     device: str = "cpu",
+    threads: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train the ViT and return (and save, when ``out_dir`` is set) the results.
@@ -79,12 +80,47 @@ def train(
         lr: peak AdamW learning rate (linear warm-up, cosine decay).
         seed: seeds the split, the model and the batches.
         device: "cpu" or "cuda".
+        threads: torch CPU threads for the run (restored afterwards); torch's default when
+            None. On a busy machine 1 thread is often the fastest.
         log: called with one progress line per epoch (e.g. ``print``).
 
     Returns:
         dict with ``test_accuracy``, ``train_curve`` ([step, loss]), ``test_curve``
         ([epoch, accuracy, loss]), ``wall_time_s``, ``params``, ``config``.
     """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(
+            epochs,
+            out_dir,
+            batch_size=batch_size,
+            embed_dim=embed_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            lr=lr,
+            seed=seed,
+            device=device,
+            log=log,
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    epochs: int = 60,
+    out_dir: str | Path | None = "examples/results",
+    *,
+    batch_size: int = 64,
+    embed_dim: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits(seed)
@@ -188,8 +224,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default="examples/results")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    res = train(args.epochs, args.out_dir, device=args.device, seed=args.seed, log=print)
+    res = train(
+        args.epochs,
+        args.out_dir,
+        device=args.device,
+        seed=args.seed,
+        threads=args.threads,
+        log=print,
+    )
     print(f"test accuracy {res['test_accuracy']:.2%} on {res['test_images']} images")
 
 

@@ -13,6 +13,16 @@ from selfattn import MultiHeadSelfAttention, TransformerBlock, alibi_slopes
 D64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads
+    waiting for each other make every op many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """RoPE written out: pair (c, c + D/2) rotated by pos * 10000^(-2c/D)."""
     d = x.shape[-1]
