@@ -74,7 +74,10 @@ def _launch(target, world: int, args: tuple, deadline_s: float) -> tuple[str, li
     and wait for them; returns the output folder and the exit codes (None: killed at deadline)."""
     out_dir = tempfile.mkdtemp(prefix="selfattn-dist-")
     init_file = os.path.join(out_dir, "init")
-    ctx = mp.get_context("spawn")
+    # a fork server that has imported torch once (and run nothing) hands out fresh children
+    # quickly; it never used a thread pool, so forking it is safe
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "selfattn", __name__])
     procs = [
         ctx.Process(target=target, args=(r, world, init_file, out_dir, *args), daemon=True)
         for r in range(world)
@@ -262,6 +265,29 @@ def float32_contiguous_window_gqa(rank, world):
 @check()
 def float32_zigzag_full(rank, world):
     _float32_case(world, "zigzag", 2, 2, {}, False, seed=9)
+
+
+@check(2)
+def half_precision(rank, world):
+    """float16 and bfloat16 shards: float32 accumulation and merging, the FlashAttention rule."""
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = _qkv(world, 4, 2, dtype, seed=12, chunk=8, d=16)
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        for layout in sd.LAYOUTS:
+            parts = [sd.shard(t, layout=layout).requires_grad_() for t in (q, k, v)]
+            out = sd.ring_attention(*parts, layout=layout, causal=True)
+            out.backward(sd.shard(do, layout=layout))
+            got = [sd.unshard(t, layout=layout) for t in (out.detach(), *(p.grad for p in parts))]
+            ref_out, _ = ref_attention(q, k, v, causal=True)
+            assert_close(got[0], ref_out, plain_attention(q, k, v, causal=True), dtype, "out")
+            z = torch.zeros(q.shape[:3], dtype=torch.float64)
+            want = _single(q.double(), k.double(), v.double(), do.double(), z, causal=True)
+            pq, pk, pv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            (plain_attention(pq, pk, pv, causal=True) * do).sum().backward()
+            for name, a, ref, p in zip(
+                ("dq", "dk", "dv"), got[1:], want[2:], (pq.grad, pk.grad, pv.grad)
+            ):
+                assert_close(a, to_np(ref), p, dtype, f"{dtype} {layout} {name}")
 
 
 @check()

@@ -427,7 +427,8 @@ def _problem(
 
 
 def _merge_(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
-    """Fold a partial result ``(o, l)`` into the running ``(out, lse)`` of the same rows, in place.
+    """Fold a partial result ``(o, l)`` into the running ``(out, lse)`` of the same rows, in place
+    (``o`` is overwritten).
 
     Both weights are ``exp(lse - max)`` <= 1, so lse values hundreds apart never overflow; rows
     that have seen no key in either part (both lse ``-inf``) keep output 0 and lse ``-inf``.
@@ -437,7 +438,7 @@ def _merge_(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tens
     wa, wb = torch.exp(lse - m), torch.exp(l - m)  # (B, H, M)
     total = wa + wb
     inv = 1.0 / torch.where(total > 0, total, 1.0)
-    out.mul_((wa * inv)[..., None]).add_(o * (wb * inv)[..., None])
+    out.mul_((wa * inv)[..., None]).add_(o.mul_((wb * inv)[..., None]))  # o is ours to scale
     lse.copy_(m + torch.log(total))
 
 
@@ -614,11 +615,19 @@ def ring_attention(
     right alignment is moot: Nq == Nk), forward and backward, with float32 accumulation (float64
     for float64 input)::
 
-        layout="zigzag", W = 2, causal:      keys by rank  0 0 1 1 1 1 0 0
-            rank 0 rows (chunks 0 and 3)                   x . . . . . . .
-                                                           x x x x x x . .
-            rank 1 rows (chunks 1 and 2)                   x x x . . . . .
-                                                           x x x x x . . .
+        layout="zigzag", W = 2, N = 8, causal       key position  0 1 2 3 4 5 6 7
+                                                    held by rank  0 0 1 1 1 1 0 0
+            rank 0: rows at positions 0, 1 (chunk 0)            x . . . . . . .
+                                                                x x . . . . . .
+                    rows at positions 6, 7 (chunk 3)            x x x x x x x .
+                                                                x x x x x x x x
+            rank 1: rows at positions 2, 3 (chunk 1)            x x x . . . . .
+                                                                x x x x . . . .
+                    rows at positions 4, 5 (chunk 2)            x x x x x . . .
+                                                                x x x x x x . .
+
+    Both ranks compute 18 of the 36 visible scores; with ``contiguous`` rank 0 would have 10
+    and rank 1 26.
 
     Args:
         q: (B, Hq, n, D) this rank's queries; k: (B, Hkv, n, D); v: (B, Hkv, n, Dv), as
