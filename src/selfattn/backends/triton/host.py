@@ -12,10 +12,13 @@ once per mode because ``triton.jit`` decides at decoration time whether to inter
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -83,6 +86,56 @@ def _kernels() -> ModuleType:
         spec.loader.exec_module(mod)
         _MODULES[mode] = mod
     return mod
+
+
+_TWINS: dict[Any, Any] = {}
+
+
+@contextlib.contextmanager
+def _interpreter_ready() -> Iterator[None]:
+    """Make Triton's own ``@jit`` library (``tl.zeros``, ``tl.max``, ...) callable by the
+    interpreter for the duration of a launch.
+
+    Those functions are decorated when triton is imported: if that happened before
+    ``TRITON_INTERPRET=1`` was set they are compile-only and the interpreter refuses to call
+    them. Interpreted twins are swapped in and the originals restored afterwards, so the
+    variable can be set at any time (tests set it per test). Numpy's warnings about
+    ``log2(0)`` (rows that see nothing) are silenced: -inf is the intended result.
+    """
+    if not interpreting():
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    swaps = []
+    for mod in (tl, tl.core, tl.standard, tl.math, tl.random):
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, JITFunction):
+                twin = _TWINS.get(obj)
+                if twin is None:
+                    twin = _TWINS[obj] = InterpretedFunction(obj.fn)
+                swaps.append((mod, name, obj))
+                setattr(mod, name, twin)
+    try:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            yield
+    finally:
+        for mod, name, obj in swaps:
+            setattr(mod, name, obj)
+
+
+def _interpretable(fn):
+    """Run ``fn`` inside :func:`_interpreter_ready` (a no-op when compiling)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _interpreter_ready():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _elt(t: torch.Tensor) -> int:
@@ -178,7 +231,7 @@ def _make_prune(kind: str):
 
 _FLAG_KEYS = [
     "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
-    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D",
+    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D", "UPCAST",
 ]  # fmt: skip
 
 
@@ -361,6 +414,7 @@ def _prepare(spec: AttentionSpec, q: torch.Tensor, seed, need_krng: bool = False
         drop_args = [seed0, seed1, thresh, 1.0 / (1.0 - p)]
     else:
         drop_args = [0, 0, 0, 1.0]
+    upcast = interpreting() and spec.dtype == torch.bfloat16
     bd = max(16, triton.next_power_of_2(spec.D))
     bdv = max(16, triton.next_power_of_2(spec.Dv))
     consts = {
@@ -374,7 +428,9 @@ def _prepare(spec: AttentionSpec, q: torch.Tensor, seed, need_krng: bool = False
         "SOFTCAP": spec.softcap is not None,
         "DROPOUT": p > 0,
         "CLEAN": _may_hide(spec),
-        "PREC": "ieee" if spec.dtype == torch.float32 else "tf32",
+        # float32 inputs get exact float32 products (no TF32), as torch does by default
+        "PREC": "ieee" if spec.dtype == torch.float32 or upcast else "tf32",
+        "UPCAST": upcast,
         "EVEN_D": bd == spec.D and bdv == spec.Dv,
         "BLOCK_D": bd,
         "BLOCK_DV": bdv,
@@ -425,6 +481,7 @@ def _use_decode(spec: AttentionSpec) -> bool:
     return spec.Nk >= 4 * SPLIT_ALIGN and spec.B * spec.Hq < 2 * _num_sms(spec.device)
 
 
+@_interpretable
 def forward(
     spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,6 +564,7 @@ def _decode(call: _Call, q, k, v, out, lse) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@_interpretable
 def backward(
     spec: AttentionSpec,
     seed,
@@ -648,6 +706,7 @@ def attention(
 # --------------------------------------------------------------------------------------------
 
 
+@_interpretable
 def weights(
     spec: AttentionSpec,
     q: torch.Tensor,
@@ -680,7 +739,7 @@ def weights(
         name: call.consts[name]
         for name in (
             "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
-            "SOFTCAP", "CLEAN", "PREC", "BLOCK_D",
+            "SOFTCAP", "CLEAN", "PREC", "UPCAST", "BLOCK_D",
         )
     }  # fmt: skip
     if interpreting():

@@ -278,6 +278,7 @@ def _fwd_inner(
     CLEAN: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -306,6 +307,9 @@ def _fwd_inner(
             bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
             k = tl.where(k_fin, k, 0.0)
             v = tl.where(v_fin, v, 0.0)
+        if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
         ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
         s, _t = _scores(
@@ -335,7 +339,10 @@ def _fwd_inner(
             keep = _keep(hr[:, None], _col_hash(offs_n, seed1)[None, :], thresh)
             p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        p = p.to(v_base.dtype.element_ty)  # P in the dtype of V, as FlashAttention does
+        if UPCAST:
+            p = p.to(tl.float32)
+        acc = tl.dot(p, v, acc, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -358,7 +365,7 @@ def attn_fwd(
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
-    PREC: tl.constexpr, EVEN_D: tl.constexpr, REVERSE: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """One program = ``BLOCK_M`` query rows of one (batch, query head); grid (M tiles, B * Hq).
@@ -387,6 +394,8 @@ def attn_fwd(
         mask=row_ok[:, None] & (offs_d < D)[None, :],
         other=0.0,
     )
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        q = q.to(tl.float32)
     pos = offs_m + OFF
 
     # the keys this tile of rows may see, and those every row sees
@@ -438,7 +447,7 @@ def attn_fwd(
         a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     # fully visible tiles: no causal/window/segment arithmetic, no bounds checks on keys
     acc, l_i, m_i = _fwd_inner(
@@ -446,7 +455,7 @@ def attn_fwd(
         f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     # masked tiles after them (the causal diagonal, the window's right edge, the last tile)
     acc, l_i, m_i = _fwd_inner(
@@ -454,7 +463,7 @@ def attn_fwd(
         f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
 
     # every visible row has l_i >= 1 (its maximum contributes exp2(0)); empty rows have 0
@@ -495,7 +504,7 @@ def attn_decode(
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
-    PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """One program = one split of the keys x (several query heads x all Nq rows) of one key/value
@@ -527,6 +536,8 @@ def attn_decode(
         mask=row_ok[:, None] & (offs_d < D)[None, :],
         other=0.0,
     )
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        q = q.to(tl.float32)
     pos = i + OFF
 
     seg_lo = Nk
@@ -587,21 +598,21 @@ def attn_decode(
         a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
 
     row_g = (b * H + h) * Nq + i  # (BLOCK_M,) global row id
@@ -797,6 +808,7 @@ def _dkdv_inner(
     CLEAN: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -826,6 +838,9 @@ def _dkdv_inner(
                 do = tl.load(do_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
             lse2 = tl.load(LSE2 + stats_base + offs_m)
             delta = tl.load(DELTA + stats_base + offs_m)
+        if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
         pos = offs_m + OFF
         ld_ok = col_ok[:, None] & row_ok[None, :]
         s_t = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
@@ -852,16 +867,20 @@ def _dkdv_inner(
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # dP^T = V dO^T
         if DROPOUT:
             keep = _keep(_row_hash(row_base + offs_m, seed0)[None, :], hc[:, None], thresh)
-            dv = tl.dot(
-                tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PREC
-            )
+            p_op = tl.where(keep, p_t * drop_scale, 0.0).to(do_base.dtype.element_ty)
             dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)  # dV += P^T dO
+            p_op = p_t.to(do_base.dtype.element_ty)
+        if UPCAST:
+            p_op = p_op.to(tl.float32)
+        dv = tl.dot(p_op, do, dv, input_precision=PREC)  # dV += P^T dO
         ds_t = p_t * (dp_t - delta[None, :])  # dS = P (dP - delta)
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)  # dK += dS^T Q
+        ds_t = ds_t.to(q_base.dtype.element_ty)
+        if UPCAST:
+            ds_t = ds_t.to(tl.float32)
+        dk = tl.dot(ds_t, q, dk, input_precision=PREC)  # dK += dS^T Q
     return dk, dv
 
 
@@ -885,7 +904,7 @@ def bwd_dkdv(
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
-    PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """One program = ``BLOCK_N`` keys of one (batch, key/value head); grid (N tiles, B * Hkv).
@@ -920,6 +939,9 @@ def bwd_dkdv(
         bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
         k = tl.where(k_fin, k, 0.0)
         v = tl.where(v_fin, v, 0.0)
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
 
     seg_lo = Nq
     seg_hi = 0
@@ -965,7 +987,7 @@ def bwd_dkdv(
             stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
             kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
             True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV,
+            DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
@@ -973,7 +995,7 @@ def bwd_dkdv(
             stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
             kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
             False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV,
+            DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
@@ -981,7 +1003,7 @@ def bwd_dkdv(
             stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
             kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
             True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            DROPOUT, CLEAN, PREC, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV,
+            DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
     dk = dk * scale
     tl.store(
@@ -1059,6 +1081,7 @@ def _dq_inner(
     CLEAN: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
     NEED_DB: tl.constexpr,
     DB_ROWS: tl.constexpr,
     DB_COLS: tl.constexpr,
@@ -1091,6 +1114,9 @@ def _dq_inner(
             bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
             k = tl.where(k_fin, k, 0.0)
             v = tl.where(v_fin, v, 0.0)
+        if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
         dist = pos[:, None] - offs_n[None, :]
@@ -1131,7 +1157,10 @@ def _dq_inner(
             da_acc += tl.sum(ds * tl.abs(dist).to(tl.float32), 1)
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)  # dQ += dS K
+        ds = ds.to(k_base.dtype.element_ty)
+        if UPCAST:
+            ds = ds.to(tl.float32)
+        dq = tl.dot(ds, k, dq, input_precision=PREC)  # dQ += dS K
     return dq, db_acc, da_acc
 
 
@@ -1155,7 +1184,7 @@ def bwd_dq(
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
-    PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
     NEED_DB: tl.constexpr, DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, NEED_DA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
@@ -1190,6 +1219,9 @@ def bwd_dq(
     stats = (b * H + h) * Nq + offs_m
     lse2 = tl.load(LSE2 + stats, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
     pos = offs_m + OFF
 
     seg_lo = Nk
@@ -1243,7 +1275,7 @@ def bwd_dq(
         mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
         cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
         BLOCK_DV,
     )  # fmt: skip
     dq, db_acc, da_acc = _dq_inner(
@@ -1252,7 +1284,7 @@ def bwd_dq(
         mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
         cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
         False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
         BLOCK_DV,
     )  # fmt: skip
     dq, db_acc, da_acc = _dq_inner(
@@ -1261,7 +1293,7 @@ def bwd_dq(
         mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
         cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
         BLOCK_DV,
     )  # fmt: skip
     dq = dq * scale
@@ -1318,12 +1350,15 @@ def _probs_scores(
     SOFTCAP: tl.constexpr,
     CLEAN: tl.constexpr,
     PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Base-2 scores of one tile with every rule applied (all tiles masked: not a hot path)."""
     if CLEAN:
         k_fin = _finite(k)
         bad = tl.min(k_fin.to(tl.int32), 1) == 0
         k = tl.where(k_fin, k, 0.0)
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
     s, _t = _scores(
@@ -1359,7 +1394,7 @@ def attn_probs(
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
-    HAS_LSE: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Softmax probabilities ``exp(s - lse)`` of selected rows and heads, written tile by tile
@@ -1383,6 +1418,8 @@ def attn_probs(
         mask=row_ok[:, None] & (offs_d < D)[None, :],
         other=0.0,
     )
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        q = q.to(tl.float32)
     pos = i + OFF
     seg_lo = Nk
     seg_hi = 0
@@ -1431,7 +1468,7 @@ def attn_probs(
                 q, k, offs_n, pos, row_ok, Nk, bias_rows, stride_biasn, slope2, mask_rows,
                 stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2, win_left, win_right,
                 CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-                CLEAN, PREC,
+                CLEAN, PREC, UPCAST,
             )  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -1450,7 +1487,7 @@ def attn_probs(
             q, k, offs_n, pos, row_ok, Nk, bias_rows, stride_biasn, slope2, mask_rows,
             stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2, win_left, win_right,
             CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            CLEAN, PREC,
+            CLEAN, PREC, UPCAST,
         )  # fmt: skip
         p = tl.math.exp2(s - lse2[:, None])
         tl.store(
