@@ -146,7 +146,8 @@ def test_demo_with_minilm_writes_pictures(tmp_path, capsys):
     assert files == {"attention_grid.png", "head_L5_H0.png", "rollout.png", "head_view.html"}
     for name in files:
         assert name in out.replace("\n", "")  # every path is printed
-    assert _png_size(out_dir / "attention_grid.png") == (1848, 946)  # 12 heads x 6 layers
+    w, h = _png_size(out_dir / "attention_grid.png")  # 12 heads x 6 layers of 1.3-inch panels
+    assert 1.3 * 12 * 110 < w < 2.2 * 12 * 110 and 1.3 * 6 * 110 < h < 2.2 * 6 * 110
     w, h = _png_size(out_dir / "head_L5_H0.png")
     assert 500 < w < 1000 and 400 < h < 900
     html = (out_dir / "head_view.html").read_text()
@@ -243,3 +244,88 @@ def test_sweep_config_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             run_sweep(SweepConfig(device="cuda"))
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+
+def test_train_vit_checkpoint_curve_and_pictures(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_model
+
+    from selfattn.models import ViT
+    from selfattn.trainer import TrainConfig, _VitTask
+
+    out = tmp_path / "vit"
+    argv = ["train", "vit", "--steps", "4", "--batch-size", "16", "--eval-every", "2",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "tokens/s" in text and "step 2: test_accuracy" in text
+    names = {p.name for p in out.iterdir()}
+    assert names == {"model.safetensors", "optimizer.safetensors", "results.json", "loss.png",
+                     "attention_grid.png", "head_L3_H0.png", "rollout.png", "head_view.html"}  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert res["step"] == 4 and [s for s, _ in res["train_curve"]] == [1, 2, 3, 4]
+    assert [s for s, _ in res["eval_curve"]] == [2, 4]
+    assert _png_size(out / "loss.png") == (770, 440)
+    # The checkpoint is the trained model: same test accuracy, same attention as drawn.
+    model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, mlp="swiglu",
+                embed_dim=64, num_layers=4, num_heads=4)  # fmt: skip
+    load_model(model, str(out / "model.safetensors"))
+    model.eval()
+    task = _VitTask(TrainConfig(task="vit", batch_size=16).resolved())
+    assert task.evaluate(model)["test_accuracy"] == res["final"]["test_accuracy"]
+    inputs, tokens = task.picture_input()
+    with torch.no_grad():
+        _, att = model(inputs["images"], need_weights=True)
+    html = (out / "head_view.html").read_text()
+    data = json.loads(re.search(r'id="hv-data">(.*?)</script>', html, re.S).group(1))
+    assert data["tokens"] == tokens and len(tokens) == 17
+    expect = torch.stack([a[0] for a in att]).numpy()  # (L, H, N, N)
+    np.testing.assert_allclose(np.array(data["weights"]), expect, atol=1e-4)
+
+
+def test_train_gpt_resume_continues_exactly(tmp_path, capsys):
+    """Interrupted after the checkpoint of step 2, resumed to step 4: the same run as 0..4."""
+    from safetensors.torch import load_file
+
+    from selfattn.trainer import TrainConfig, train
+
+    common = ["--batch-size", "2", "--eval-every", "2", "--threads", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "gpt", "--steps", "4", "--out", str(straight), *common]) == 0
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(step, loss, tps):
+        if step == 3:
+            raise Stop
+
+    cfg = TrainConfig(task="gpt", steps=4, batch_size=2, eval_every=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as --threads 1 in the other two runs
+    try:
+        with pytest.raises(Stop):
+            train(cfg, resumed, on_step=stop_after_two)
+    finally:
+        torch.set_num_threads(threads)
+    assert main(["train", "gpt", "--steps", "4", "--out", str(resumed), "--resume", *common]) == 0
+    capsys.readouterr()
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((resumed / "results.json").read_text())
+    assert b["start_step"] == 2 and b["step"] == 4
+    np.testing.assert_allclose(np.array(b["train_curve"]), np.array(a["train_curve"]), rtol=1e-6)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    assert _png_size(resumed / "attention_grid.png")
+
+
+def test_train_resume_errors(tmp_path, capsys):
+    argv = ["train", "vit", "--steps", "2", "--resume", "--out", str(tmp_path / "empty")]
+    assert main(argv) == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -38,7 +38,8 @@ def _png(path) -> np.ndarray:
 def _assert_picture(path, size: tuple[int, int]) -> None:
     """A PNG of exactly ``size`` (width, height) pixels with something drawn on it."""
     img = _png(path)
-    assert (img.shape[1], img.shape[0]) == size
+    # within a pixel: the saved size is inches x dpi, truncated
+    assert abs(img.shape[1] - size[0]) <= 1 and abs(img.shape[0] - size[1]) <= 1, img.shape
     assert img.std() > 10, "picture is blank"
 
 
@@ -167,8 +168,7 @@ def test_heatmap_grid_layers_by_heads(tmp_path):
     # tokens on the outer axes only
     first_col = panels[3]
     assert [t.get_text() for t in first_col.get_yticklabels()] == TOKENS
-    assert first_col.yaxis.get_tick_params()["labelleft"] is True
-    assert panels[4].yaxis.get_tick_params()["labelleft"] is False
+    assert [t.get_text() for t in panels[4].get_yticklabels()] == []  # inner panel: bare
     np.testing.assert_allclose(panels[5].images[0].get_array(), maps.weights[1, 2])
 
 

@@ -587,21 +587,75 @@ def _add_train(sub) -> None:
     s = sub.add_parser(
         "train",
         help="train the small GPT or ViT, save a checkpoint, loss curve and attention pictures",
-        description="Train the small models of selfattn.models (examples/train_gpt.py, "
-        "examples/train_vit.py) with a progress bar (loss, tokens/s); save a safetensors "
-        "checkpoint, a loss-curve PNG and the trained model's attention pictures into --out.",
+        description="Train a small model of selfattn.models (the tasks of examples/train_gpt.py: "
+        "characters of Python's help texts, and examples/train_vit.py: 8x8 digits) with a "
+        "progress bar (loss, tokens/s); save a safetensors checkpoint, results.json, a loss "
+        "curve PNG and the trained model's attention pictures into --out.",
     )
     s.add_argument("model", choices=["gpt", "vit"])
-    s.add_argument("--steps", type=_positive, default=300, help="optimiser steps (default 300)")
+    s.add_argument("--steps", type=_positive, default=300,
+                   help="total optimiser steps (a resumed run continues up to it; default 300)")  # fmt: skip
     s.add_argument("--out", required=True, metavar="DIR", help="folder for everything written")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    s.add_argument("--batch-size", type=_positive, help="default: 32 (gpt), 64 (vit)")
+    s.add_argument("--eval-every", type=_positive, default=50, metavar="K")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("--threads", type=_positive, metavar="T",
+                   help="torch CPU threads (default: torch's; 1 is steadier if busy)")  # fmt: skip
     s.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace, con) -> int:
-    """Placeholder replaced below once the example trainers are wired in."""
-    raise UsageError("train is not wired yet")
+    """Train with a progress bar; checkpoint, loss curve and attention pictures into --out."""
+    from selfattn.trainer import TrainConfig
+
+    out = _out_dir(args.out)
+    cfg = TrainConfig(task=args.model, steps=args.steps, batch_size=args.batch_size or 0,
+                      eval_every=args.eval_every, seed=args.seed, device=args.device)  # fmt: skip
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device here")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _train_with_bar(args, cfg, out, con)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_with_bar(args: argparse.Namespace, cfg, out: Path, con) -> int:
+    from selfattn.trainer import train
+
+    with _progress(con) as bar:
+        task = bar.add_task(f"train {args.model}", total=args.steps, info="")
+
+        def on_step(step: int, loss: float, tps: float) -> None:
+            bar.update(task, completed=step, info=f"loss {loss:.3f}  {tps:,.0f} tokens/s")
+
+        def on_eval(step: int, metrics: dict[str, float]) -> None:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            bar.console.print(f"step {step}: {shown}", markup=False)
+
+        try:
+            res = train(cfg, out, resume=args.resume, on_step=on_step, on_eval=on_eval)
+        except KeyboardInterrupt:
+            bar.stop()
+            print(f"interrupted: continue from the last checkpoint with --resume --out {out}",
+                  file=sys.stderr)  # fmt: skip
+            return 130
+        bar.update(task, completed=args.steps)
+    if res["start_step"] >= args.steps:
+        con.print(f"the checkpoint is already at step {res['start_step']}: nothing to train")
+    final = "  ".join(f"{k} {v:.4f}" for k, v in res["final"].items())
+    con.print(f"{res['params']:,} parameters, steps {res['start_step']}..{res['step']} in "
+              f"{res['wall_time_s']:.1f} s; {final}", markup=False)  # fmt: skip
+    con.print(f"written to {out}:", markup=False)
+    for k, p in res["files"].items():
+        con.print(f"  {k:<10} {p}", markup=False, soft_wrap=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

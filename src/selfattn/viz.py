@@ -376,8 +376,9 @@ def write_pictures(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    heatmap_grid(maps, title=title, cell=1.3 if len(maps.heads) > 6 else 1.8,
-                 path=out / "attention_grid.png")  # fmt: skip
+    # panels grow with the tokens so that their labels stay readable
+    cell = min(max(1.3 if len(maps.heads) > 6 else 1.8, 0.06 * len(maps.tokens)), 4.0)
+    heatmap_grid(maps, title=title, cell=cell, path=out / "attention_grid.png")
     files["grid"] = out / "attention_grid.png"
     deepest = int(np.argmax(maps.layers))
     layer, head = maps.layers[deepest], maps.heads[0]
@@ -422,12 +423,16 @@ def _draw(ax, w: np.ndarray, qtok, ktok, title, cmap, labels: str = "both", vmax
     im = ax.imshow(w, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
     nq, nk = w.shape
     few = 48  # beyond this many tokens the labels would overlap: fall back to numbers
-    if ktok is not None and nk <= few:
+    # Inner panels of a grid get no ticks at all: the outer ones carry the tokens, and every
+    # tick label is a text object that the layout engine has to measure.
+    if labels not in ("both", "x"):
+        ax.set_xticks([])
+    elif ktok is not None and nk <= few:
         ax.set_xticks(range(nk), [_label(t) for t in ktok], rotation=90, fontsize=7)
-    if qtok is not None and nq <= few:
+    if labels not in ("both", "y"):
+        ax.set_yticks([])
+    elif qtok is not None and nq <= few:
         ax.set_yticks(range(nq), [_label(t) for t in qtok], fontsize=7)
-    # Inner panels of a grid keep their ticks but hide the labels (the outer ones carry them).
-    ax.tick_params(labelbottom=labels in ("both", "x"), labelleft=labels in ("both", "y"))
     if title:
         ax.set_title(title, fontsize=8)
     return im
@@ -519,10 +524,29 @@ def heatmap_grid(
             rows=list(range(nq)),
             query_tokens=_default_query_tokens(toks, nq, nk) or [str(i) for i in range(nq)],
         )
-    n_l, n_h, n_r, _ = maps.weights.shape
+    n_l, n_h, n_r, n_k = maps.weights.shape
     qtok = [maps.query_tokens[r] for r in maps.rows]
-    fig = _figure(cell * n_h + 1.2, cell * n_l + 0.8)
-    grid = fig.subplots(n_l, n_h, squeeze=False)
+    # Fixed margins (inches) sized from the longest labels: a layout engine measuring every
+    # panel of a 6 x 12 grid costs seconds.
+    size = 5 if n_r > 16 else 6
+
+    def label_room(toks, n):
+        longest = max((len(_label(t)) for t in toks), default=1) if n <= 48 else len(str(n))
+        return 0.075 * size / 6 * longest + 0.12
+
+    left = 0.3 + label_room(qtok, n_r)
+    bottom = 0.25 + label_room(maps.tokens, n_k)
+    top = 0.3 + (0.3 if title else 0.0)
+    right = 1.0  # the colorbar
+    width, height = cell * n_h + left + right, cell * n_l + bottom + top
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    grid = fig.subplots(
+        n_l, n_h, squeeze=False,
+        gridspec_kw={"left": left / width, "right": 1 - right / width, "bottom": bottom / height,
+                     "top": 1 - top / height, "wspace": 0.08, "hspace": 0.08},
+    )  # fmt: skip
     im = None
     for li in range(n_l):
         for hi in range(n_h):
@@ -535,10 +559,11 @@ def heatmap_grid(
                 ax.set_title(f"head {maps.heads[hi]}", fontsize=8)
             if hi == 0:
                 ax.set_ylabel(f"layer {maps.layers[li]}", fontsize=8)
-            ax.tick_params(labelsize=5 if n_r > 16 else 6)
+            ax.tick_params(labelsize=size)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.colorbar(im, ax=grid, shrink=0.6, label="probability")
+        fig.suptitle(title, fontsize=10, y=1 - 0.12 / height)
+    cax = fig.add_axes([1 - 0.75 / width, 0.25, 0.18 / width, 0.5])
+    fig.colorbar(im, cax=cax, label="probability")
     _save(fig, path, dpi)
     return fig
 
