@@ -11,7 +11,7 @@ import torch
 
 from . import _rng
 from .backends import BACKENDS, available, candidates, refusals, select
-from .backends.tiled import BLOCK_N, LOG2E, Problem, _bad_keys, _Scores, _with_bad, acc_dtype, forward
+from .backends.tiled import Problem, forward, probabilities
 from .masks import Rules
 from .spec import validate
 
@@ -215,26 +215,4 @@ def _weights(spec, q, k, lse, head_idx, row_idx) -> torch.Tensor:
     prob = Problem(rules, spec.scale, spec.softcap)
     if lse is None:
         _, lse = forward(prob, q, k, None)
-    bad = _bad_keys(k, None, rules)
-    if bad is not None:
-        rules = _with_bad(rules, bad)
-        k = torch.where(bad[..., None], 0, k)
-        prob = Problem(rules, spec.scale, spec.softcap)
-    acc_t = acc_dtype(q.dtype)
-    b, h, m_total, d = q.shape
-    kmat = k.to(acc_t).reshape(b * rules.Hkv, spec.Nk, d)
-    out = torch.zeros(b, h, m_total, spec.Nk, dtype=torch.float32, device=q.device)
-    lse2 = torch.where(torch.isneginf(lse), float("inf"), lse.to(acc_t) * LOG2E)
-    g = rules.group
-    bm = prob.block_m()
-    scores = _Scores(prob, rules, g * bm, kmat, buffers=1)
-    for i0 in range(0, m_total, bm):
-        i1 = min(i0 + bm, m_total)
-        m = i1 - i0
-        qb = (q[:, :, i0:i1].to(acc_t) * prob.qscale).reshape(b * rules.Hkv, g * m, d)
-        lse_b = lse2[:, :, i0:i1].reshape(b * rules.Hkv, g * m, 1)
-        for j0, j1, full in rules.key_spans(i0, i1, BLOCK_N):
-            s, _ = scores(qb, i0, i1, j0, j1, full)
-            p = torch.exp2(s.sub_(lse_b), out=s)
-            out[:, :, i0:i1, j0:j1] = p.view(b, h, m, j1 - j0)
-    return out
+    return probabilities(prob, q, k, lse)

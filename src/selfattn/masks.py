@@ -96,6 +96,34 @@ class Rules:
             q_ids=pick(self.q_ids), kv_ids=pick(self.kv_ids), bad_keys=pick(self.bad_keys),
         )  # fmt: skip
 
+    def part(self, b0: int, b1: int, kh0: int, kh1: int, r0: int, r1: int) -> Rules:
+        """The rules of batch elements [b0, b1), key/value heads [kh0, kh1) and rows [r0, r1).
+
+        Query heads follow their key/value heads: [kh0 * G, kh1 * G).
+        """
+        g = self.group
+        h0, h1 = kh0 * g, kh1 * g
+
+        def cut(t: torch.Tensor | None, *ranges: tuple[int, int] | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            index = tuple(
+                slice(None) if rng is None or t.shape[d] == 1 else slice(*rng)
+                for d, rng in enumerate(ranges)
+            )
+            return t[index]
+
+        return replace(
+            self, B=b1 - b0, H=h1 - h0, Hkv=kh1 - kh0, M=r1 - r0,
+            start=self.start + r0, qpos=None if self.qpos is None else self.qpos[r0:r1],
+            mask=cut(self.mask, (b0, b1), (h0, h1), (r0, r1)),
+            bias=cut(self.bias, (b0, b1), (h0, h1), (r0, r1)),
+            alibi=cut(self.alibi, (b0, b1), (h0, h1)),
+            q_ids=cut(self.q_ids, (b0, b1), (r0, r1)),
+            kv_ids=cut(self.kv_ids, (b0, b1)),
+            bad_keys=cut(self.bad_keys, (b0, b1), (kh0, kh1)),
+        )  # fmt: skip
+
     def select(self, heads: torch.Tensor | None, rows: torch.Tensor | None) -> Rules:
         """The rules for some query heads and rows (key/value heads become one per query head).
 
@@ -108,7 +136,9 @@ class Rules:
             kv_heads = heads // self.group
 
             def pick_h(t: torch.Tensor | None) -> torch.Tensor | None:
-                return t if t is None or t.shape[1] == 1 else t.index_select(1, heads.to(t.device))
+                return (
+                    t if t is None or t.shape[1] == 1 else t.index_select(1, heads.to(t.device))
+                )
 
             r = replace(
                 r, H=len(heads), Hkv=len(heads), mask=pick_h(r.mask), bias=pick_h(r.bias),
@@ -118,7 +148,11 @@ class Rules:
         if rows is not None:
 
             def pick_r(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
-                return t if t is None or t.shape[dim] == 1 else t.index_select(dim, rows.to(t.device))
+                return (
+                    t
+                    if t is None or t.shape[dim] == 1
+                    else t.index_select(dim, rows.to(t.device))
+                )
 
             r = replace(
                 r, M=len(rows), start=0, qpos=self.positions(0, self.M, rows.device)[rows],
@@ -222,12 +256,7 @@ class Rules:
         k_real = kv >= 0
         kmin = torch.where(k_real, kv, big).amin(2)  # (B, ng)
         kmax = torch.where(k_real, kv, -big).amax(2)
-        empty = (
-            ~q_any[:, None]
-            | ~k_real.any(2)
-            | (kmax < qmin[:, None])
-            | (kmin > qmax[:, None])
-        )
+        empty = ~q_any[:, None] | ~k_real.any(2) | (kmax < qmin[:, None]) | (kmin > qmax[:, None])
         full = (
             q_all[:, None]
             & k_real.all(2)

@@ -169,7 +169,7 @@ def softmax(s: np.ndarray, visible: np.ndarray | None = None) -> tuple[np.ndarra
     """
     if visible is not None:
         s = np.where(visible, s, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True) if s.shape[-1] else np.full(s.shape[:-1] + (1,), -np.inf)
+    m = np.max(s, axis=-1, keepdims=True) if s.shape[-1] else np.full((*s.shape[:-1], 1), -np.inf)
     empty = np.isneginf(m)  # rows that see no key at all
     m_safe = np.where(empty, 0.0, m)
     e = np.exp(s - m_safe)  # exp(-inf) = 0 for invisible keys

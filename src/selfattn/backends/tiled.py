@@ -15,7 +15,9 @@ so the exponential is ``exp2``, as in the kernels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,7 +25,16 @@ from .. import _rng
 from ..masks import Rules, heads5
 from ..spec import AttentionSpec
 
-__all__ = ["BLOCK_N", "ROWS_PER_TILE", "TiledBackend", "backward", "forward"]
+__all__ = [
+    "BLOCK_N",
+    "ROWS_PER_TILE",
+    "Dropout",
+    "Problem",
+    "TiledBackend",
+    "backward",
+    "forward",
+    "probabilities",
+]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -41,17 +52,41 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class Dropout:
+    """Dropout of a (sub-)problem: the seed, ``p``, and where the problem sits in the full call.
+
+    Rows are numbered ``((b0 + b) * hq_total + h0 + h) * nq_total + r0 + i`` as in the full call,
+    so every part of a split problem draws exactly the mask the whole would.
+    """
+
+    seed: tuple[int, int]
+    p: float
+    hq_total: int
+    nq_total: int
+    b0: int = 0
+    h0: int = 0
+    r0: int = 0
+
+
+@dataclass(frozen=True)
 class Problem:
     """One tiled problem: q (B, H, M, D) against k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
 
-    ``scale``, ``softcap`` as in API.md; ``dropout`` = (seed, p, Hq_total, Nq_total, b0, row0)
-    numbering rows as the full call does, so a sub-problem draws the same mask.
+    ``scale``, ``softcap`` as in API.md; ``dropout`` numbers rows as the full call does.
     """
 
     rules: Rules
     scale: float
     softcap: float | None = None
-    dropout: tuple[tuple[int, int], float, int, int, int] | None = None
+    dropout: Dropout | None = None
+
+    def part(self, b0: int, b1: int, kh0: int, kh1: int, r0: int, r1: int) -> Problem:
+        """The sub-problem of batch [b0, b1), key/value heads [kh0, kh1), rows [r0, r1)."""
+        drop = self.dropout
+        if drop is not None:
+            g = self.rules.group
+            drop = replace(drop, b0=drop.b0 + b0, h0=drop.h0 + kh0 * g, r0=drop.r0 + r0)
+        return Problem(self.rules.part(b0, b1, kh0, kh1, r0, r1), self.scale, self.softcap, drop)
 
     @property
     def qscale(self) -> float:
@@ -68,6 +103,31 @@ def _kv_matrix(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """(B, Hkv, Nk, X) -> (B*Hkv, Nk, X) in the accumulation dtype (a view when possible)."""
     b, h, n, x = t.shape
     return t.to(acc).reshape(b * h, n, x)
+
+
+def _key_matrix(k: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(B, Hkv, Nk, D) -> (B*Hkv, Nk, D + 1): the keys and a column of ones.
+
+    With the matching query column holding ``-shift`` (see :func:`_query_block`), one matrix
+    product gives ``q @ k^T - shift``: the running maximum (forward) or the lse (backward) is
+    subtracted inside the GEMM instead of in a separate pass over the scores.
+    """
+    b, h, n, d = k.shape
+    kmat = torch.empty(b * h, n, d + 1, dtype=acc, device=k.device)
+    kmat[..., :d] = k.reshape(b * h, n, d)
+    kmat[..., d] = 1.0
+    return kmat
+
+
+def _query_block(q: torch.Tensor, i0: int, i1: int, hkv: int, qscale: float) -> torch.Tensor:
+    """Rows [i0, i1) of q (B, H, M, D), scaled, as (B*Hkv, G*m, D + 1) with a zero shift column."""
+    b, h, _, d = q.shape
+    m = i1 - i0
+    qb = torch.empty(b * hkv, (h // hkv) * m, d + 1, dtype=acc_dtype(q.dtype), device=q.device)
+    qb[..., :d] = q[:, :, i0:i1].reshape(b * hkv, -1, d)  # cast first: scale in float32
+    qb[..., :d].mul_(qscale)
+    qb[..., d] = 0.0
+    return qb
 
 
 def _bad_keys(k: torch.Tensor, v: torch.Tensor | None, rules: Rules) -> torch.Tensor | None:
@@ -101,7 +161,9 @@ class _Scores:
     def __init__(self, prob: Problem, rules: Rules, qb_rows: int, kmat: torch.Tensor, buffers: int):
         self.prob, self.rules, self.kmat = prob, rules, kmat
         size = kmat.shape[0] * qb_rows * BLOCK_N
-        self.bufs = [torch.empty(size, dtype=kmat.dtype, device=kmat.device) for _ in range(buffers)]
+        self.bufs = [
+            torch.empty(size, dtype=kmat.dtype, device=kmat.device) for _ in range(buffers)
+        ]
         self.cache: dict[tuple[int, int, int], torch.Tensor] = {}
         # additive masks are exact unless a score can be NaN/inf before masking
         self.additive = rules.bias is None and rules.bad_keys is None
@@ -180,15 +242,274 @@ def _dropout_scale(
     prob: Problem, rules: Rules, i0: int, i1: int, j0: int, j1: int, like: torch.Tensor
 ) -> torch.Tensor:
     """keep / (1 - p) for the tile, (B*Hkv, G*m, n), from the counter-based hash."""
-    seed, p, hq_total, nq_total, b0 = prob.dropout
+    drop = prob.dropout
     b, hkv, g, m = rules.B, rules.Hkv, rules.group, i1 - i0
     device = like.device
-    heads = torch.arange(hkv * g, device=device).view(1, hkv, g, 1)
-    batch = torch.arange(b0, b0 + b, device=device).view(b, 1, 1, 1)
-    rows = torch.arange(i0, i1, device=device).view(1, 1, 1, m)
-    row_ids = ((batch * hq_total + heads) * nq_total + rows).reshape(b * hkv, g * m, 1)
-    keep = _rng.keep_mask(seed, row_ids, torch.arange(j0, j1, device=device), p)
-    return keep.to(like.dtype).mul_(1.0 / (1.0 - p))
+    heads = torch.arange(drop.h0, drop.h0 + hkv * g, device=device).view(1, hkv, g, 1)
+    batch = torch.arange(drop.b0, drop.b0 + b, device=device).view(b, 1, 1, 1)
+    rows = torch.arange(drop.r0 + i0, drop.r0 + i1, device=device).view(1, 1, 1, m)
+    row_ids = ((batch * drop.hq_total + heads) * drop.nq_total + rows).reshape(b * hkv, g * m, 1)
+    keep = _rng.keep_mask(drop.seed, row_ids, torch.arange(j0, j1, device=device), drop.p)
+    return keep.to(like.dtype).mul_(1.0 / (1.0 - drop.p))
+
+
+def _static_ok(prob: Problem, rules: Rules) -> bool:
+    """Whether a per-row upper bound on the scores is known (see ``_forward_part``)."""
+    if rules.bias is not None or rules.bad_keys is not None:
+        return False  # a bias is unbounded; NaN keys must reach the exact path
+    return rules.alibi is None or bool((rules.alibi >= 0).all())
+
+
+def _forward_part(
+    prob: Problem,
+    q: torch.Tensor,
+    kmat: torch.Tensor,
+    vmat: torch.Tensor | None,
+    out: torch.Tensor | None,
+    lse: torch.Tensor,
+) -> None:
+    """The online-softmax loop over one (sub-)problem, writing into ``out`` and ``lse``.
+
+    q (B, H, M, D); kmat (B*Hkv, Nk, D+1) from :func:`_key_matrix` and vmat (B*Hkv, Nk, Dv) in
+    the accumulation dtype; out (B, H, M, Dv) or None (lse only); lse (B, H, M).
+
+    After the first key chunk the running maximum ``m_i`` is frozen when no later score can
+    exceed it by more than ``STATIC_SLACK`` (base 2): by Cauchy-Schwarz a score is at most
+    ``|q_i| * max_j |k_j|`` (or ``softcap``), so ``exp2(s - m_i)`` cannot overflow, and since
+    ``m_i`` is an actual score no row underflows. The remaining chunks then skip the row maximum,
+    the rescaling of ``l_i`` and ``acc``, and (folded into the GEMM) the subtraction.
+    """
+    rules = prob.rules
+    acc_t = kmat.dtype
+    b, h, m_total, d = q.shape
+    hkv, g = rules.Hkv, rules.group
+    dv = vmat.shape[-1] if vmat is not None else 0
+    floor = torch.finfo(acc_t).min  # stands in for -inf in m_i so exp2(-inf - m_i) stays 0
+    bm = prob.block_m()
+    scores = _Scores(prob, rules, g * bm, kmat, buffers=1)
+    static_ok = _static_ok(prob, rules)
+    knorm = kmat[..., :d].norm(dim=-1) if static_ok and prob.softcap is None else None
+    for i0 in range(0, m_total, bm):
+        i1 = min(i0 + bm, m_total)
+        m = i1 - i0
+        qb = _query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
+        m_i = torch.full((b * hkv, g * m, 1), floor, dtype=acc_t, device=q.device)
+        l_i = torch.zeros((b * hkv, g * m, 1), dtype=acc_t, device=q.device)
+        acc = None
+        if out is not None:
+            acc = torch.zeros((b * hkv, g * m, dv), dtype=acc_t, device=q.device)
+        # full chunks first: after one of them every row has seen a key
+        spans = sorted(rules.key_spans(i0, i1, BLOCK_N), key=lambda span: not span[2])
+        frozen = False
+        for c, (j0, j1, full) in enumerate(spans):
+            s, _ = scores(qb, i0, i1, j0, j1, full)
+            if frozen:  # m_i fixed: s already holds s - m_i (softcap: subtract here)
+                if prob.softcap is not None:
+                    s.sub_(m_i)
+                p = torch.exp2(s, out=s)
+                l_i.add_(p.sum(-1, keepdim=True))
+            else:
+                m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
+                alpha = torch.exp2(m_i - m_new)
+                p = torch.exp2(s.sub_(m_new), out=s)  # (B*Hkv, G*m, n), reuses the score tile
+                l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
+                m_i = m_new
+                if acc is not None:
+                    acc.mul_(alpha)
+            if acc is not None:
+                if prob.dropout is not None:
+                    p.mul_(_dropout_scale(prob, rules, i0, i1, j0, j1, p))
+                acc.baddbmm_(p, vmat[:, j0:j1])
+            if c == 0 and static_ok and len(spans) > 1:
+                frozen = _freeze(prob, qb, knorm, m_i, spans, d)
+        # every visible row has l_i >= 1 (its maximum contributes exp2(0)), empty rows have 0
+        if acc is not None:
+            acc.div_(l_i.clamp(min=1.0))
+            out[:, :, i0:i1] = acc.view(b, h, m, dv)
+        lse[:, :, i0:i1] = ((m_i + torch.log2(l_i)) * LN2).view(b, h, m)
+
+
+STATIC_SLACK = 100.0  # base-2 headroom: exp2(100) and sums of it stay far from float32 overflow
+
+
+def _freeze(
+    prob: Problem,
+    qb: torch.Tensor,
+    knorm: torch.Tensor | None,
+    m_i: torch.Tensor,
+    spans: list[tuple[int, int, bool]],
+    d: int,
+) -> bool:
+    """Freeze ``m_i`` for the remaining chunks when the score bound allows (see above)."""
+    floor = torch.finfo(m_i.dtype).min
+    if bool((m_i <= floor).any()):
+        return False  # a row saw nothing yet: its maximum is still unknown
+    if prob.softcap is not None:
+        bound = prob.softcap * LOG2E  # tanh <= 1
+        return bool(bound - m_i.min() <= STATIC_SLACK)
+    lo, hi = min(j0 for j0, _, _ in spans), max(j1 for _, j1, _ in spans)
+    kmax = knorm[:, lo:hi].amax(-1).view(-1, 1, 1)  # (B*Hkv, 1, 1)
+    bound = qb[..., :d].norm(dim=-1, keepdim=True) * kmax  # (B*Hkv, G*m, 1), base 2
+    if not bool(((bound - m_i) <= STATIC_SLACK).all()):
+        return False
+    qb[..., d : d + 1] = -m_i  # the GEMM now yields s - m_i
+    return True
+
+
+def _backward_part(
+    prob: Problem,
+    q: torch.Tensor,
+    kmat: torch.Tensor,
+    vmat: torch.Tensor,
+    lse2: torch.Tensor,
+    dout: torch.Tensor,
+    delta: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dbias: torch.Tensor | None,
+    dalibi: torch.Tensor | None,
+) -> None:
+    """FlashAttention-2's backward loop over one (sub-)problem.
+
+    Writes dq (B, H, M, D) (unscaled: the caller multiplies by ``scale``) and accumulates into
+    dk (B*Hkv, Nk, D) (in ``qscale`` units), dv (B*Hkv, Nk, Dv), dbias and dalibi.
+    ``lse2`` is the base-2 lse with ``+inf`` for rows that see nothing; ``delta`` is
+    ``rowsum(dO * O) - dlse``.
+    """
+    rules = prob.rules
+    acc_t = kmat.dtype
+    b, h, m_total, d = q.shape
+    hkv, g = rules.Hkv, rules.group
+    dv_dim = vmat.shape[-1]
+    bm = prob.block_m()
+    scores = _Scores(prob, rules, g * bm, kmat, buffers=2)
+    for i0 in range(0, m_total, bm):
+        i1 = min(i0 + bm, m_total)
+        m = i1 - i0
+        qb = _query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
+        dob = dout[:, :, i0:i1].to(acc_t).reshape(b * hkv, g * m, dv_dim)
+        lse_b = lse2[:, :, i0:i1].reshape(b * hkv, g * m, 1)
+        if prob.softcap is None:
+            qb[..., d : d + 1] = -lse_b  # the GEMM yields s - lse (finite: empty rows have +inf)
+
+        delta_b = delta[:, :, i0:i1].reshape(b * hkv, g * m, 1)
+        dqb = torch.zeros(b * hkv, g * m, d, dtype=acc_t, device=q.device)
+        for j0, j1, full in rules.key_spans(i0, i1, BLOCK_N):
+            s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
+            if prob.softcap is not None:
+                s.sub_(lse_b)
+            p = torch.exp2(s, out=s)  # (B*Hkv, G*m, n) probabilities
+            dp = torch.bmm(  # dP = dO V^T
+                dob, vmat[:, j0:j1].transpose(1, 2), out=scores.buffer(1, g * m, j1 - j0)
+            )
+            if prob.dropout is not None:
+                drop = _dropout_scale(prob, rules, i0, i1, j0, j1, p)
+                dv[:, j0:j1].baddbmm_((p * drop).transpose(1, 2), dob)
+                dp.mul_(drop)
+            else:
+                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), dob)  # dV += P^T dO
+            ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D), natural-log units
+            if dbias is not None:
+                _accumulate_dbias(dbias, ds, rules, i0, i1, j0, j1)
+            if dalibi is not None:
+                dist = rules.alibi_distance(i0, i1, j0, j1, ds.device, ds.dtype)
+                per_head = (ds.view(b, hkv * g, m, j1 - j0) * dist).sum((2, 3))  # (B, Hq)
+                dalibi -= per_head.sum(0, keepdim=True) if dalibi.shape[0] == 1 else per_head
+            if t is not None:
+                ds.mul_(1.0 - t * t)  # through softcap: d tanh = 1 - tanh^2
+            dqb.baddbmm_(ds, kmat[:, j0:j1, :d])  # dQ += dS K
+            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), qb[..., :d])  # dK += dS^T Q
+        dq[:, :, i0:i1] = dqb.view(b, h, m, d)
+
+
+# -- splitting one call across CPU threads ------------------------------------------------------
+#
+# torch parallelises each op internally, with a fork/join per op; at these tile sizes that costs
+# much of the second core, and collapses when the machine is busy. Instead each worker thread
+# runs whole parts of the problem with single-threaded ops (torch releases the GIL inside ops),
+# the way fused CPU kernels split work: by (batch, key/value head) when there are enough of them,
+# else by bands of query rows balanced by their visible keys.
+
+MIN_PARALLEL_SCORES = 1 << 18  # below this many scores a call runs in the calling thread
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+_IN_WORKER = threading.local()
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(
+        1
+    )  # per-thread setting (OpenMP/MKL thread-local): other threads keep theirs
+    _IN_WORKER.active = True
+
+
+def _run_jobs(fn, jobs: list) -> list:
+    """Run ``fn(job)`` for every job on the worker pool and return the results in order."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or len(jobs) > _POOL_SIZE:
+            _POOL = ThreadPoolExecutor(
+                len(jobs), thread_name_prefix="selfattn", initializer=_init_worker
+            )
+            _POOL_SIZE = len(jobs)
+        pool = _POOL
+    futures = [pool.submit(fn, job) for job in jobs]
+    return [f.result() for f in futures]
+
+
+Rect = tuple[int, int, int, int, int, int]  # b0, b1, kh0, kh1, r0, r1
+
+
+def _split(prob: Problem, nk: int) -> tuple[list[list[Rect]], bool] | None:
+    """Per-thread lists of parts, and whether parts share key/value heads (a row split).
+
+    None when the call should run in the calling thread.
+    """
+    rules = prob.rules
+    threads = torch.get_num_threads()
+    b, hkv, m = rules.B, rules.Hkv, rules.M
+    if threads < 2 or getattr(_IN_WORKER, "active", False):
+        return None
+    if b * rules.H * m * nk < MIN_PARALLEL_SCORES:
+        return None
+    units = b * hkv
+    if units >= threads and (units % threads == 0 or units >= 4 * threads):
+        jobs: list[list[Rect]] = []
+        for t in range(threads):
+            lo, hi = t * units // threads, (t + 1) * units // threads
+            rects = []
+            u = lo
+            while u < hi:  # cut the run of units at batch boundaries
+                bi, kh = divmod(u, hkv)
+                end = min(hi, (bi + 1) * hkv)
+                rects.append((bi, bi + 1, kh, kh + end - u, 0, m))
+                u = end
+            jobs.append(rects)
+        return jobs, False
+    # bands of rows with equal numbers of visible keys (causal bands are not equal in height)
+    bm = prob.block_m()
+    starts = list(range(0, m, bm))
+    work = [sum(j1 - j0 for j0, j1, _ in rules.key_spans(i, min(i + bm, m), nk)) for i in starts]
+    total = sum(work)
+    if total == 0 or len(starts) < threads:
+        return None
+    jobs, acc, r0, t = [], 0, 0, 1
+    for i, w in zip(starts, work):
+        acc += w
+        if acc >= total * t / threads and t < threads:
+            end = min(i + bm, m)
+            jobs.append([(0, b, 0, hkv, r0, end)])
+            r0, t = end, t + 1
+    jobs.append([(0, b, 0, hkv, r0, m)])
+    jobs = [j for j in jobs if j[0][4] < j[0][5]]
+    return (jobs, True) if len(jobs) > 1 else None
+
+
+def _heads(rect: Rect, g: int) -> tuple[slice, slice, slice, slice]:
+    b0, b1, kh0, kh1, r0, r1 = rect
+    return slice(b0, b1), slice(kh0 * g, kh1 * g), slice(kh0, kh1), slice(r0, r1)
 
 
 def forward(
@@ -209,48 +530,35 @@ def forward(
         ``(out, lse)``: out (B, H, M, Dv) in q's dtype (None without v) and the natural-log lse
         (B, H, M) in the accumulation dtype; rows that see no key give 0 and ``-inf``.
     """
-    rules = prob.rules
     acc_t = acc_dtype(q.dtype)
-    b, h, m_total, d = q.shape
-    hkv, g = rules.Hkv, rules.group
-    bad = _bad_keys(k, v, rules)
-    if bad is not None:
-        rules = _with_bad(rules, bad)
-        k = torch.where(bad[..., None], 0, k)
-        v = torch.where(bad[..., None], 0, v) if v is not None else None
-    kmat = _kv_matrix(k, acc_t)
-    vmat = _kv_matrix(v, acc_t) if v is not None else None
-    dv = v.shape[-1] if v is not None else 0
+    b, h, m_total, _ = q.shape
+    prob, k, v = _sanitize(prob, k, v)
     if v is not None and out is None:
-        out = torch.empty(b, h, m_total, dv, dtype=q.dtype, device=q.device)
+        out = torch.empty(b, h, m_total, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, m_total, dtype=acc_t, device=q.device)
-    floor = torch.finfo(acc_t).min  # stands in for -inf in m_i so exp2(-inf - m_i) stays 0
-    bm = prob.block_m()
-    scores = _Scores(prob, rules, g * bm, kmat, buffers=1)
-    for i0 in range(0, m_total, bm):
-        i1 = min(i0 + bm, m_total)
-        m = i1 - i0
-        qb = (q[:, :, i0:i1].to(acc_t) * prob.qscale).reshape(b * hkv, g * m, d)
-        m_i = torch.full((b * hkv, g * m, 1), floor, dtype=acc_t, device=q.device)
-        l_i = torch.zeros((b * hkv, g * m, 1), dtype=acc_t, device=q.device)
-        acc = torch.zeros((b * hkv, g * m, dv), dtype=acc_t, device=q.device) if v is not None else None
-        for j0, j1, full in rules.key_spans(i0, i1, BLOCK_N):
-            s, _ = scores(qb, i0, i1, j0, j1, full)
-            m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
-            alpha = torch.exp2(m_i - m_new)
-            p = torch.exp2(s.sub_(m_new), out=s)  # (B*Hkv, G*m, n), reuses the score tile
-            l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
-            m_i = m_new
-            if acc is None:
-                continue
-            if prob.dropout is not None:
-                p.mul_(_dropout_scale(prob, rules, i0, i1, j0, j1, p))
-            acc.mul_(alpha).baddbmm_(p, vmat[:, j0:j1])
-        # every visible row has l_i >= 1 (its maximum contributes exp2(0)), empty rows have 0
-        if acc is not None:
-            acc.div_(l_i.clamp(min=1.0))
-            out[:, :, i0:i1] = acc.view(b, h, m, dv)
-        lse[:, :, i0:i1] = ((m_i + torch.log2(l_i)) * LN2).view(b, h, m)
+    plan = _split(prob, k.shape[2]) if q.device.type == "cpu" else None
+    if plan is None:
+        vmat = _kv_matrix(v, acc_t) if v is not None else None
+        _forward_part(prob, q, _key_matrix(k, acc_t), vmat, out, lse)
+        return out, lse
+    g = prob.rules.group
+
+    def job(rects: list[Rect]) -> None:
+        with torch.no_grad():
+            for rect in rects:
+                bs, hs, ks, rs = _heads(rect, g)
+                vmat = _kv_matrix(v[bs, ks], acc_t) if v is not None else None
+                o = out[bs, hs, rs] if out is not None else None
+                _forward_part(
+                    prob.part(*rect),
+                    q[bs, hs, rs],
+                    _key_matrix(k[bs, ks], acc_t),
+                    vmat,
+                    o,
+                    lse[bs, hs, rs],
+                )
+
+    _run_jobs(job, plan[0])
     return out, lse
 
 
@@ -273,25 +581,18 @@ def backward(
     A gradient ``dlse`` of the returned lse adds ``P * dlse_i`` to ``dS``.
 
     Returns:
-        ``(dq, dk, dv, dbias, dalibi)`` with dbias shaped like ``rules.bias`` (float32/64) and
-        dalibi like ``rules.alibi``; None where not asked for.
+        ``(dq, dk, dv, dbias, dalibi)`` in the accumulation dtype, dbias shaped like
+        ``rules.bias`` and dalibi like ``rules.alibi``; None where not asked for.
     """
     rules = prob.rules
     acc_t = acc_dtype(q.dtype)
     b, h, m_total, d = q.shape
     hkv, g = rules.Hkv, rules.group
-    dv_dim = v.shape[-1]
-    bad = _bad_keys(k, v, rules)
-    if bad is not None:
-        rules = _with_bad(rules, bad)
-        k = torch.where(bad[..., None], 0, k)
-        v = torch.where(bad[..., None], 0, v)
-    kmat = _kv_matrix(k, acc_t)
-    vmat = _kv_matrix(v, acc_t)
-    nk = kmat.shape[1]
+    prob, k, v = _sanitize(prob, k, v)
+    nk, dv_dim = k.shape[2], v.shape[-1]
     dq = torch.empty(b, h, m_total, d, dtype=acc_t, device=q.device)
-    dk = torch.zeros(b * hkv, nk, d, dtype=acc_t, device=q.device)
-    dvv = torch.zeros(b * hkv, nk, dv_dim, dtype=acc_t, device=q.device)
+    dk = torch.zeros(b, hkv, nk, d, dtype=acc_t, device=q.device)
+    dv = torch.zeros(b, hkv, nk, dv_dim, dtype=acc_t, device=q.device)
     dbias = torch.zeros(rules.bias.shape, dtype=acc_t, device=q.device) if need_dbias else None
     dalibi = torch.zeros(rules.alibi.shape, dtype=acc_t, device=q.device) if need_dalibi else None
     # D_i = rowsum(dO * O) (minus dlse): the softmax Jacobian's diagonal term
@@ -300,50 +601,111 @@ def backward(
         delta = delta - dlse.to(acc_t)
     # rows that see nothing have lse -inf: +inf makes exp2(s - lse) = 0 there
     lse2 = torch.where(torch.isneginf(lse), math.inf, lse.to(acc_t) * LOG2E)
-    grad_scale = prob.scale / prob.qscale  # dS/dq uses `scale`, qb holds `qscale`
+    plan = _split(prob, nk) if q.device.type == "cpu" else None
+    if plan is None:
+        _backward_part(
+            prob, q, _key_matrix(k, acc_t), _kv_matrix(v, acc_t), lse2, dout, delta, dq,
+            dk.view(b * hkv, nk, d), dv.view(b * hkv, nk, dv_dim), dbias, dalibi,
+        )  # fmt: skip
+    else:
+        jobs, shared = plan
+
+        def job(rects: list[Rect]):
+            with torch.no_grad():
+                # a row split shares key/value heads between threads: private dK/dV, summed below
+                dk_t = torch.zeros_like(dk) if shared else dk
+                dv_t = torch.zeros_like(dv) if shared else dv
+                grads = []
+                for rect in rects:
+                    bs, hs, ks, rs = _heads(rect, g)
+                    part = prob.part(*rect)
+                    db = (
+                        None
+                        if dbias is None
+                        else torch.zeros(part.rules.bias.shape, dtype=acc_t, device=q.device)
+                    )
+                    da = (
+                        None
+                        if dalibi is None
+                        else torch.zeros(part.rules.alibi.shape, dtype=acc_t, device=q.device)
+                    )
+                    kb, vb = dk_t[bs, ks], dv_t[bs, ks]
+                    _backward_part(
+                        part, q[bs, hs, rs], _key_matrix(k[bs, ks], acc_t), _kv_matrix(v[bs, ks], acc_t),
+                        lse2[bs, hs, rs], dout[bs, hs, rs], delta[bs, hs, rs], dq[bs, hs, rs],
+                        kb.view(-1, nk, d), vb.view(-1, nk, dv_dim), db, da,
+                    )  # fmt: skip
+                    grads.append((rect, db, da))
+                return (dk_t, dv_t) if shared else None, grads
+
+        for kv, grads in _run_jobs(job, jobs):
+            if kv is not None:
+                dk += kv[0]
+                dv += kv[1]
+            for rect, db, da in grads:
+                if db is not None:
+                    dbias[_bias_index(dbias, rect, g)] += db
+                if da is not None:
+                    bs, hs, _, _ = _heads(rect, g)
+                    dalibi[bs if dalibi.shape[0] > 1 else slice(None), hs] += da
+    dq.mul_(prob.scale)
+    dk.mul_(prob.scale / prob.qscale)  # dS/dk uses `scale`, qb held `qscale`
+    return dq, dk, dv, dbias, dalibi
+
+
+def probabilities(
+    prob: Problem, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor
+) -> torch.Tensor:
+    """Exact softmax probabilities ``exp(S - lse)``, tile by tile.
+
+    q (B, H, M, D), k (B, Hkv, Nk, D), lse (B, H, M) natural log. Returns float32
+    (B, H, M, Nk); keys outside every visible span stay 0, rows with lse ``-inf`` are 0.
+    """
+    prob, k, _ = _sanitize(prob, k, None)
+    rules = prob.rules
+    acc_t = acc_dtype(q.dtype)
+    b, h, m_total, d = q.shape
+    hkv, g, nk = rules.Hkv, rules.group, k.shape[2]
+    kmat = _key_matrix(k, acc_t)
+    out = torch.zeros(b, h, m_total, nk, dtype=torch.float32, device=q.device)
+    lse2 = torch.where(torch.isneginf(lse), math.inf, lse.to(acc_t) * LOG2E)
     bm = prob.block_m()
-    scores = _Scores(prob, rules, g * bm, kmat, buffers=2)
+    scores = _Scores(prob, rules, g * bm, kmat, buffers=1)
     for i0 in range(0, m_total, bm):
         i1 = min(i0 + bm, m_total)
         m = i1 - i0
-        qb = (q[:, :, i0:i1].to(acc_t) * prob.qscale).reshape(b * hkv, g * m, d)
-        dob = dout[:, :, i0:i1].to(acc_t).reshape(b * hkv, g * m, dv_dim)
+        qb = _query_block(q, i0, i1, hkv, prob.qscale)
         lse_b = lse2[:, :, i0:i1].reshape(b * hkv, g * m, 1)
-        delta_b = delta[:, :, i0:i1].reshape(b * hkv, g * m, 1)
-        dqb = torch.zeros(b * hkv, g * m, d, dtype=acc_t, device=q.device)
+        if prob.softcap is None:
+            qb[..., d : d + 1] = -lse_b  # the GEMM yields s - lse
         for j0, j1, full in rules.key_spans(i0, i1, BLOCK_N):
-            s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
-            p = torch.exp2(s.sub_(lse_b), out=s)  # (B*Hkv, G*m, n) probabilities
-            dp = torch.bmm(  # dP = dO V^T
-                dob, vmat[:, j0:j1].transpose(1, 2), out=scores.buffer(1, g * m, j1 - j0)
-            )
-            if prob.dropout is not None:
-                drop = _dropout_scale(prob, rules, i0, i1, j0, j1, p)
-                dvv[:, j0:j1].baddbmm_((p * drop).transpose(1, 2), dob)
-                dp.mul_(drop)
-            else:
-                dvv[:, j0:j1].baddbmm_(p.transpose(1, 2), dob)  # dV += P^T dO
-            ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D), natural-log units
-            if dbias is not None:
-                _accumulate_dbias(dbias, ds, rules, i0, i1, j0, j1)
-            if dalibi is not None:
-                dist = rules.alibi_distance(i0, i1, j0, j1, ds.device, ds.dtype)
-                per_head = (ds.view(b, hkv * g, m, j1 - j0) * dist).sum((2, 3))  # (B, Hq)
-                dalibi -= per_head.sum(0, keepdim=True) if dalibi.shape[0] == 1 else per_head
-            if t is not None:
-                ds.mul_(1.0 - t * t)  # through softcap: d tanh = 1 - tanh^2
-            dqb.baddbmm_(ds, kmat[:, j0:j1])  # dQ += dS K
-            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), qb)  # dK += dS^T Q
-        dq[:, :, i0:i1] = dqb.view(b, h, m, d)
-    dq.mul_(prob.scale)
-    dk.mul_(grad_scale)
-    return (
-        dq,
-        dk.view(b, hkv, nk, d),
-        dvv.view(b, hkv, nk, dv_dim),
-        dbias,
-        dalibi,
+            s, _ = scores(qb, i0, i1, j0, j1, full)
+            if prob.softcap is not None:
+                s.sub_(lse_b)
+            p = torch.exp2(s, out=s)
+            out[:, :, i0:i1, j0:j1] = p.view(b, h, m, j1 - j0)
+    return out
+
+
+def _bias_index(dbias: torch.Tensor, rect: Rect, g: int) -> tuple[slice, ...]:
+    """Where a part's bias slice sits in the full (broadcast) bias."""
+    b0, b1, kh0, kh1, r0, r1 = rect
+    ranges = ((b0, b1), (kh0 * g, kh1 * g), (r0, r1))
+    return tuple(
+        slice(None) if dbias.shape[d] == 1 else slice(*rng) for d, rng in enumerate(ranges)
     )
+
+
+def _sanitize(
+    prob: Problem, k: torch.Tensor, v: torch.Tensor | None
+) -> tuple[Problem, torch.Tensor, torch.Tensor | None]:
+    """Zero non-finite keys/values that a rule may hide, and mark them (see ``_bad_keys``)."""
+    bad = _bad_keys(k, v, prob.rules)
+    if bad is None:
+        return prob, k, v
+    k = torch.where(bad[..., None], 0, k)
+    v = torch.where(bad[..., None], 0, v) if v is not None else None
+    return replace(prob, rules=replace(prob.rules, bad_keys=bad)), k, v
 
 
 def _accumulate_dbias(
@@ -357,12 +719,6 @@ def _accumulate_dbias(
     rows = slice(None) if dbias.shape[2] == 1 else slice(i0, i1)
     cols = slice(None) if dbias.shape[3] == 1 else slice(j0, j1)
     dbias[:, :, rows, cols] += part
-
-
-def _with_bad(rules: Rules, bad: torch.Tensor) -> Rules:
-    from dataclasses import replace
-
-    return replace(rules, bad_keys=bad)
 
 
 class _TiledFunction(torch.autograd.Function):
@@ -401,7 +757,7 @@ class _TiledFunction(torch.autograd.Function):
 def problem_from_spec(spec: AttentionSpec, seed: tuple[int, int] | None) -> Problem:
     dropout = None
     if spec.dropout_p > 0:
-        dropout = (seed, spec.dropout_p, spec.Hq, spec.Nq, 0)
+        dropout = Dropout(seed, spec.dropout_p, spec.Hq, spec.Nq)
     return Problem(Rules.from_spec(spec), spec.scale, spec.softcap, dropout)
 
 
