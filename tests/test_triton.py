@@ -526,7 +526,7 @@ def test_weights_match_spec(dev, rule):
 
 @pytest.mark.gpu
 def test_attention_weights_on_cuda_uses_triton():
-    q, k, v = (t.cuda() for t in make_qkv(1, 2, 2, 67, 129, 64, seed=13))
+    q, k, _ = (t.cuda() for t in make_qkv(1, 2, 2, 67, 129, 64, seed=13))
     w = selfattn.attention_weights(q, k, causal=True, rows=slice(0, 10))
     ref = ref_weights(q.cpu(), k.cpu(), causal=True)[:, :, :10]
     assert max_err(w, ref) < 1e-6
@@ -577,3 +577,113 @@ def test_prune_keeps_tiles_that_fit():
     short = host.prune_configs("fwd", configs, 64, 64, 2, 16, 4096)
     assert short and all(c.kwargs["BLOCK_M"] <= 16 for c in short)
     assert isinstance(short[0], triton.Config)
+
+
+# -- TMA descriptors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["none", "causal", "combo"])
+def test_tma_path_matches_spec(dev, rule, monkeypatch):
+    """Keys and values through 4-D TMA descriptors (zero fill past Nk and D), forced on."""
+    if host.TensorDescriptor is None:
+        pytest.skip("this Triton has no host TensorDescriptor")
+    if dev.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    monkeypatch.setattr(host, "TMA_MODE", "1")
+    check_forward(dev, (2, 4, 2, 37, 67, 40, 24), rule)
+
+
+def test_tma_declines_layouts_it_cannot_describe():
+    k = torch.randn(2, 2, 67, 64)
+    assert host._tma_layout_ok(k)
+    assert host._tma_layout_ok(k[..., :40])  # a narrower view keeps aligned strides
+    assert not host._tma_layout_ok(k.transpose(-1, -2))
+    assert not host._tma_layout_ok(torch.randn(2, 1, 67, 64).expand(2, 2, 67, 64))  # stride 0
+    assert not host._tma_layout_ok(torch.randn(2, 2, 67, 33)[..., :32])  # 33 * 4 bytes
+
+
+# -- GPU only: sizes the interpreter cannot reach, autotuning, the decode regime ---------------------
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (the norm rule of METHOD.md)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def _gpu_pair(b, hq, hkv, nq, nk, d, dtype, seed, **kw):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = selfattn.attention(*leaves, backend="triton", **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ref = selfattn.attention(*ref_leaves, backend="math", **kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    return (out, *grads), (ref, *ref_grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "kw", [{}, {"causal": True}, {"window": (300, 0)}, {"causal": True, "softcap": 30.0}],
+    ids=["none", "causal", "window", "softcap"],
+)  # fmt: skip
+def test_gpu_large_against_float32_math(dtype, kw):
+    """B=2, GQA 8 -> 2, Nq=1000 < Nk=2048, D=128: every output within bf16/fp16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    got, want = _gpu_pair(2, 8, 2, 1000, 2048, 128, dtype, 0, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 1e-2, f"{name}: relative error {_rel(a, b):.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_float32_is_not_tf32():
+    """float32 inputs use exact float32 products: error far below TF32's ~3e-4."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    got, want = _gpu_pair(1, 4, 4, 512, 512, 64, torch.float32, 1, causal=True)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nk", [32768, 131072])
+def test_gpu_decode_long_cache_gqa(nk):
+    """Nq=1 over a long cache, GQA 32 -> 8: the split-K kernel against float32 math."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 8, nk, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 8, nk, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    assert host._use_decode(validate(q, k, v))
+    out, lse = selfattn.attention(q, k, v, backend="triton", return_lse=True)
+    ref, ref_lse = selfattn.attention(
+        q.float(), k.float(), v.float(), backend="math", return_lse=True
+    )
+    assert _rel(out, ref) < 1e-2 and (lse - ref_lse).abs().max() < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_output_fully_written_and_repeatable():
+    """A NaN-filled block freed just before the call is what the caching allocator hands the
+    output: any element the kernel skipped would stay NaN. Two runs agree bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (
+        torch.randn(3, 5, 777, 80, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(3)
+    )
+    junk = torch.full((3, 5, 777, 80), math.nan, device="cuda", dtype=torch.bfloat16)
+    del junk
+    a = selfattn.attention(q, k, v, backend="triton", causal=True)
+    b = selfattn.attention(q, k, v, backend="triton", causal=True)
+    ref = selfattn.attention(q.float(), k.float(), v.float(), backend="math", causal=True)
+    assert torch.isfinite(a).all() and torch.equal(a, b) and _rel(a, ref) < 1e-2

@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -26,7 +27,12 @@ from typing import Any
 import torch
 import triton
 
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, validate
+
+try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernels use pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 __all__ = [
     "INTERPRET_BLOCKS",
@@ -63,6 +69,11 @@ def interpreting() -> bool:
 
 def _autotune_enabled() -> bool:
     return os.environ.get("SELFATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _max_configs() -> int:
+    """At most this many candidate tiles are autotuned per call site (0: all survivors)."""
+    return int(os.environ.get("SELFATTN_TRITON_MAX_CONFIGS", "0"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,8 +153,10 @@ def _elt(t: torch.Tensor) -> int:
     return t.element_size()
 
 
-def _cfg(bm: int, bn: int, w: int, s: int, **extra: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s)
+def _cfg(bm: int, bn: int, w: int, s: int, pre_hook=None) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook
+    )
 
 
 # Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, best guesses first: the
@@ -214,8 +227,8 @@ def prune_configs(
         kept.append(c)
     if not kept:  # always leave the smallest candidate
         kept = [min(configs, key=lambda c: c.kwargs.get("BLOCK_M", 16) * c.kwargs["BLOCK_N"])]
-    # rows much longer than needed: keep the smaller tiles only
-    return kept
+    cap = _max_configs()
+    return kept[:cap] if cap > 0 else kept
 
 
 def _make_prune(kind: str):
@@ -231,19 +244,29 @@ def _make_prune(kind: str):
 
 _FLAG_KEYS = [
     "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
-    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D", "UPCAST",
+    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D", "UPCAST", "USE_TMA",
 ]  # fmt: skip
 
 
-def _tuned(name: str) -> Any:
+def _tma_blocks(nargs: dict) -> None:
+    """Autotune pre-hook: the TMA descriptors' tile shape follows the configuration's."""
+    if nargs.get("USE_TMA"):
+        nargs["DESC_K"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+        nargs["DESC_V"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
+
+
+def _tuned(name: str, tma: bool = False) -> Any:
     """The autotuned wrapper of kernel ``name`` (compiled mode only)."""
-    fn = _TUNED.get(name)
+    fn = _TUNED.get((name, tma))
     if fn is not None:
         return fn
     km = _kernels()
     key = ["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS]
+    hook = _tma_blocks if tma else None
     if name == "attn_fwd":
-        configs = [_cfg(*c) for table in _FWD.values() for c in table]
+        configs = [
+            _cfg(bm, bn, w, st, pre_hook=hook) for table in _FWD.values() for bm, bn, w, st in table
+        ]
         fn = triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": _make_prune("fwd")}
         )(km.attn_fwd)
@@ -260,13 +283,14 @@ def _tuned(name: str) -> Any:
         )(km.bwd_dq)  # fmt: skip
     elif name == "attn_decode":
         configs = [
-            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _DECODE
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
+            for bn, w, s in _DECODE
         ]
         prune = {"early_config_prune": _make_prune("decode")}
         fn = triton.autotune(configs, key=[*key, "BLOCK_M"], prune_configs_by=prune)(km.attn_decode)
     else:
         raise KeyError(name)
-    _TUNED[name] = fn
+    _TUNED[(name, tma)] = fn
     return fn
 
 
@@ -274,20 +298,25 @@ def _table(tables: dict[int, list], bd: int) -> list[tuple]:
     return tables[_dim_class(bd)]
 
 
-def _launch(name: str, grid, args: list, consts: dict[str, Any], kind: str, table) -> dict:
+def _launch(
+    name: str, grid, args: list, consts: dict[str, Any], kind: str, table, tune: bool = True
+) -> dict:
     """Launch kernel ``name``; returns the tile sizes it ran with.
 
     ``table`` is the candidate list for this head dim (autotuned when enabled; its first
     survivor of pruning otherwise); under the interpreter ``INTERPRET_BLOCKS`` decides.
+    Kernels taking TMA descriptors find them in ``consts`` as DESC_K / DESC_V.
     """
     km = _kernels()
+    tma = bool(consts.get("USE_TMA"))
     if interpreting():
         meta = dict(table)
+        _tma_blocks({**consts, **meta})
         km_fn = getattr(km, name)
         km_fn[grid(meta)](*args, **consts, **meta)
         return meta
-    if _autotune_enabled():
-        fn = _tuned(name)
+    if tune and _autotune_enabled():
+        fn = _tuned(name, tma)
         fn[grid](*args, **consts)
         return dict(fn.best_config.kwargs)
     q = args[0]
@@ -304,6 +333,7 @@ def _launch(name: str, grid, args: list, consts: dict[str, Any], kind: str, tabl
         consts["TUNE_K"],
     )[0]
     meta = dict(c.kwargs)
+    _tma_blocks({**consts, **meta})
     getattr(km, name)[grid(meta)](
         *args, **consts, **meta, num_warps=c.num_warps, num_stages=c.num_stages
     )
@@ -483,10 +513,20 @@ def _use_decode(spec: AttentionSpec) -> bool:
 
 @_interpretable
 def forward(
-    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seed,
+    tma: bool | None = None,
+    tune: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernels. Returns ``out`` (B, Hq, Nq, Dv) in q's dtype and the natural-log
-    ``lse`` (B, Hq, Nq) float32 (-inf for rows that see nothing)."""
+    ``lse`` (B, Hq, Nq) float32 (-inf for rows that see nothing).
+
+    ``tma`` forces the TMA path on or off (None: :func:`_use_tma` decides); ``tune=False``
+    skips autotuning (the first candidate tile that fits runs).
+    """
     out = torch.empty(spec.B, spec.Hq, spec.Nq, spec.Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(spec.B, spec.Hq, spec.Nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
@@ -494,27 +534,116 @@ def forward(
     if spec.Nk == 0:
         return out.zero_(), lse.fill_(-math.inf)
     call = _prepare(spec, q, seed)
+    use_tma = _use_tma(k, v) if tma is None else tma
     if _use_decode(spec):
-        _decode(call, q, k, v, out, lse)
+        _decode(call, q, k, v, out, lse, use_tma, tune)
     else:
-        _forward(call, q, k, v, out, lse)
+        _forward(call, q, k, v, out, lse, use_tma, tune)
     return out, lse
 
 
-def _forward(call: _Call, q, k, v, out, lse) -> None:
+def _forward(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     spec = call.spec
     args = [
         q, k, v, out, lse, *call.args_rules, call.qrng,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *call.strides_rules,
         *call.scalars, *call.scale_args, *call.drop_args,
     ]  # fmt: skip
-    consts = dict(call.consts, REVERSE=spec.causal)
+    consts = dict(call.consts, REVERSE=spec.causal, **_tma_args(k, v, tma))
 
     def grid(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
 
     table = _interp("fwd") if interpreting() else _table(_FWD, consts["BLOCK_D"])
-    _launch("attn_fwd", grid, args, consts, "fwd", table)
+    _launch("attn_fwd", grid, args, consts, "fwd", table, tune)
+
+
+# --------------------------------------------------------------------------------------------
+# TMA (Hopper's tensor-memory accelerator), verified once per device before use
+# --------------------------------------------------------------------------------------------
+
+TMA_MODE = os.environ.get("SELFATTN_TRITON_TMA", "auto")  # auto | 1 (force) | 0 (never)
+_TMA_VERIFIED: dict[Any, bool] = {}
+
+
+def _tma_args(k: torch.Tensor, v: torch.Tensor, tma: bool) -> dict[str, Any]:
+    """DESC_K / DESC_V / USE_TMA for the forward kernels (plain tensors when TMA is off)."""
+    if not tma:
+        return {"DESC_K": k, "DESC_V": v, "USE_TMA": False}
+    # 4-D descriptors over (B, Hkv, Nk, D): the block shape is set per configuration
+    return {
+        "DESC_K": TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, 16, 16]),
+        "DESC_V": TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, 16, 16]),
+        "USE_TMA": True,
+    }
+
+
+def _tma_layout_ok(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base, unit last stride and other strides 16-byte multiples."""
+    elt = t.element_size()
+    return (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(st > 0 and st * elt % 16 == 0 for st in t.stride()[:-1])
+    )
+
+
+def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward kernels read keys and values through TMA descriptors.
+
+    ``SELFATTN_TRITON_TMA``: ``0`` never, ``1`` whenever the layout allows (the interpreter
+    too, for tests), ``auto`` (default) on a GPU of compute capability >= 9 once a probe has
+    matched the pointer kernel on this device; any failure falls back to pointers.
+    """
+    if TensorDescriptor is None or TMA_MODE == "0":
+        return False
+    if not (_tma_layout_ok(k) and _tma_layout_ok(v)):
+        return False
+    if TMA_MODE == "1":
+        return True
+    if interpreting() or k.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    return _tma_probe(k.device)
+
+
+def _tma_probe(device: torch.device) -> bool:
+    """Run a small causal call with and without TMA; keep TMA only if they agree."""
+    key = torch.cuda.current_device() if device.index is None else device.index
+    if key in _TMA_VERIFIED:
+        return _TMA_VERIFIED[key]
+    _TMA_VERIFIED[key] = False  # also while probing: no recursion
+    ok = False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 2, 300, 64, generator=g, device=device, dtype=torch.bfloat16)
+            for _ in range(3)
+        )
+        spec = validate(q, k, v, causal=True, return_lse=True)
+        ref, ref_lse = forward(spec, q, k, v, None, tma=False, tune=False)
+        got, got_lse = forward(spec, q, k, v, None, tma=True, tune=False)
+        ok = bool(
+            torch.isfinite(got).all()
+            and (got.float() - ref.float()).abs().max() < 2e-2
+            and (got_lse - ref_lse).abs().max() < 1e-3
+        )
+        if not ok:
+            warnings.warn(
+                "selfattn: the TMA forward kernel disagreed with the pointer kernel on this "
+                "GPU; using pointers (set SELFATTN_TRITON_TMA=0 to skip this check)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    except Exception as exc:  # a Triton without working TMA for this kernel: fall back
+        warnings.warn(
+            f"selfattn: TMA kernels unavailable ({type(exc).__name__}: {exc}); using pointers",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _TMA_VERIFIED[key] = ok
+    return ok
 
 
 def _interp(kind: str) -> list[tuple[str, int]]:
@@ -522,7 +651,7 @@ def _interp(kind: str) -> list[tuple[str, int]]:
     return [("BLOCK_M", bm), ("BLOCK_N", bn)]
 
 
-def _decode(call: _Call, q, k, v, out, lse) -> None:
+def _decode(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     spec = call.spec
     g, nq = spec.group, spec.Nq
     block_m = max(16, triton.next_power_of_2(min(g * nq, 64)))
@@ -545,13 +674,13 @@ def _decode(call: _Call, q, k, v, out, lse) -> None:
         *call.scalars, *call.scale_args, *call.drop_args,
         split_len, n_splits, heads_per_prog, n_hchunks,
     ]  # fmt: skip
-    consts = dict(call.consts, BLOCK_M=block_m)
+    consts = dict(call.consts, BLOCK_M=block_m, **_tma_args(k, v, tma))
 
     def grid(meta):
         return (n_splits, progs)
 
     table = [("BLOCK_N", INTERPRET_BLOCKS["decode_n"])] if interpreting() else _DECODE
-    _launch("attn_decode", grid, args, consts, "decode", table)
+    _launch("attn_decode", grid, args, consts, "decode", table, tune)
     km = _kernels()
     km.decode_combine[(rows,)](
         opart, lpart, out, lse, *out.stride(), spec.Hq, nq, spec.Dv, n_splits,
@@ -629,13 +758,12 @@ def backward(
             spec.B, spec.Hq, spec.Nq if db_rows else n_m_max, spec.Nk if db_cols else 1,
             dtype=torch.float32, device=dev,
         )  # fmt: skip
+    else:  # a placeholder of its own: the autotuner zeroes DB and DA between trials
+        db = torch.zeros(1, dtype=torch.float32, device=dev)
+    if need_dalibi:
+        da = torch.zeros(spec.B, spec.Hq, n_m_max, dtype=torch.float32, device=dev)
     else:
-        db = delta
-    da = (
-        torch.zeros(spec.B, spec.Hq, n_m_max, dtype=torch.float32, device=dev)
-        if need_dalibi
-        else delta
-    )
+        da = torch.zeros(1, dtype=torch.float32, device=dev)
     db_strides = list(db.stride()) if need_dbias else [0, 0, 0, 0]
     args = [
         q, k, v, dout, dq, lse2, delta, *call.args_rules, call.qrng, db, da,

@@ -238,6 +238,10 @@ def _fwd_inner(
     q,
     k_base,
     v_base,
+    desc_k,
+    desc_v,
+    kv_b,
+    kv_h,
     stride_kn,
     stride_kd,
     stride_vn,
@@ -279,11 +283,16 @@ def _fwd_inner(
     PREC: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys)."""
+    """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys).
+
+    With ``USE_TMA`` the key and value tiles come through the tensor-memory accelerator
+    (4-D descriptors over (B, Hkv, Nk, D); rows past Nk and columns past D read as zero).
+    """
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     APPLY: tl.constexpr = MASKED or HAS_MASK  # does this stretch mask anything?
@@ -292,7 +301,10 @@ def _fwd_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        if MASKED:
+        if USE_TMA:
+            k = desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        elif MASKED:
             k = tl.load(k_ptrs, mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=(offs_n < Nk)[:, None] & (offs_dv < DV)[None, :], other=0.0)
         elif EVEN_D:
@@ -361,11 +373,13 @@ def attn_fwd(
     B, H, G, Nq, Nk, D, DV, OFF,
     qk_scale, cap2, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
+    DESC_K, DESC_V,
     TUNE_Q, TUNE_K,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
-    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, REVERSE: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    REVERSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """One program = ``BLOCK_M`` query rows of one (batch, query head); grid (M tiles, B * Hq).
@@ -437,33 +451,38 @@ def attn_fwd(
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    kv_b = b.to(tl.int32)
+    kv_h = hk.to(tl.int32)
     kvid_base = KVIDS + b * stride_kvidb
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # masked tiles before the fully visible ones (window's left edge, segment starts)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+        stride_kn, stride_kd, stride_vn, stride_vd,
         a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     # fully visible tiles: no causal/window/segment arithmetic, no bounds checks on keys
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+        stride_kn, stride_kd, stride_vn, stride_vd,
         f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     # masked tiles after them (the causal diagonal, the window's right edge, the last tile)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+        stride_kn, stride_kd, stride_vn, stride_vd,
         f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
 
     # every visible row has l_i >= 1 (its maximum contributes exp2(0)); empty rows have 0
@@ -500,11 +519,12 @@ def attn_decode(
     qk_scale, cap2, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
     split_len, n_splits, heads_per_prog, n_hchunks,
+    DESC_K, DESC_V,
     TUNE_Q, TUNE_K,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
-    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """One program = one split of the keys x (several query heads x all Nq rows) of one key/value
@@ -589,30 +609,35 @@ def attn_decode(
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    kv_b = b.to(tl.int32)
+    kv_h = hk.to(tl.int32)
     kvid_base = KVIDS + b * stride_kvidb
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+        stride_kn, stride_kd, stride_vn, stride_vd,
         a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+        stride_kn, stride_kd, stride_vn, stride_vd,
         f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+        stride_kn, stride_kd, stride_vn, stride_vd,
         f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
         qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
 
     row_g = (b * H + h) * Nq + i  # (BLOCK_M,) global row id
