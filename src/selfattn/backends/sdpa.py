@@ -8,10 +8,10 @@ Nq == Nk (torch aligns causal masks top-left, we align bottom-right).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..spec import AttentionSpec
+from .tiled import TiledBackend, all_finite
 
 __all__ = ["SdpaBackend"]
 
@@ -43,12 +43,10 @@ class SdpaBackend:
         return reasons
 
     def run(self, spec, q, k, v, seed):
-        if spec.causal and not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+        if spec.causal and not all_finite(k, v):
             # torch multiplies a value row hidden by the causal mask with a zero probability,
             # and 0 * NaN = NaN: padding garbage would reach rows that cannot see it. Our engine
             # keeps such rows clean (API.md section 2), at the cost of one pass over k and v.
-            from .tiled import TiledBackend
-
             return TiledBackend().run(spec, q, k, v, seed)
         kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
         out = F.scaled_dot_product_attention(

@@ -130,6 +130,16 @@ def _query_block(q: torch.Tensor, i0: int, i1: int, hkv: int, qscale: float) -> 
     return qb
 
 
+def all_finite(*tensors: torch.Tensor | None) -> bool:
+    """True when no tensor holds NaN/inf: one cheap sum each, the exact check only if it overflows."""
+    for t in tensors:
+        if t is None or bool(torch.isfinite(t.sum())):
+            continue  # a finite sum means every entry is finite
+        if not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
 def _bad_keys(k: torch.Tensor, v: torch.Tensor | None, rules: Rules) -> torch.Tensor | None:
     """(B, Hkv, Nk) True where k or v holds NaN/inf, when some key may be hidden from a row.
 
@@ -139,9 +149,7 @@ def _bad_keys(k: torch.Tensor, v: torch.Tensor | None, rules: Rules) -> torch.Te
     """
     if not rules.restricts:
         return None  # every row sees every key: non-finite values propagate as they should
-    # One cheap reduction first: a finite sum means every entry is finite (an overflowing sum
-    # of huge finite values only costs the exact check below).
-    if all(t is None or bool(torch.isfinite(t.sum())) for t in (k, v)):
+    if all_finite(k, v):
         return None
     bad = ~torch.isfinite(k).all(-1)
     if v is not None:
