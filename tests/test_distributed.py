@@ -378,6 +378,9 @@ def shard_unshard(rank, world):
         assert sd.unshard(mine, dim=2, layout=layout).equal(x)
         assert sd.unshard(sd.shard(x[0], dim=1, layout=layout), dim=1, layout=layout).equal(x[0])
         assert sd.unshard(sd.shard(x, dim=-1, layout=layout), dim=-1, layout=layout).equal(x)
+    ids = torch.arange(3 * n).reshape(3, n) // 5  # integer segment ids (B, N), sharded on dim 1
+    for layout in sd.LAYOUTS:
+        assert sd.unshard(sd.shard(ids, dim=1, layout=layout), dim=1, layout=layout).equal(ids)
     c = n // (2 * world)
     zig = sd.shard(x, dim=2, layout="zigzag")[0, 0]
     expect = [

@@ -43,7 +43,11 @@ EXCHANGES: Counter[str] = Counter()
 # Bytes of a rank's own error message carried by the metadata all-gather, so that every rank can
 # name what went wrong on another rank.
 _MSG_BYTES = 320
-_DTYPES = (*FLOAT_DTYPES,)
+# dtypes by a code that is the same in every process (a hash of the name would not be)
+_DTYPES = (
+    *FLOAT_DTYPES, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+    torch.complex64, torch.complex128,
+)  # fmt: skip
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 
 # -- process groups -----------------------------------------------------------------------------
@@ -226,7 +230,7 @@ def unshard(
 
 
 def _code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 100 + abs(hash(str(dtype))) % 1000
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 1000 + zlib.crc32(str(dtype).encode())
 
 
 def _shape_code(shape: torch.Size) -> int:
