@@ -746,8 +746,8 @@ def _ascii_cells(vis, seg, head, visible, hidden) -> str:
 # -- the HTML head view -------------------------------------------------------------------------
 
 _PALETTE = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#ad494a",
+    "#4363d8", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#9a6324",
+    "#f032e6", "#469990", "#808000", "#42d4f4", "#000075", "#800000",
 ]  # fmt: skip
 
 _CSS = """
@@ -765,8 +765,9 @@ svg .tok.inactive text { fill: #bbb; }
 svg .tok rect { fill: transparent; }
 svg .tok.focus rect { fill: #ffe58a; }
 svg .key rect { fill: #2b6cb0; }
+#main { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 #detail { white-space: pre; font: 12px ui-monospace, "DejaVu Sans Mono", monospace;
-          min-height: 3em; margin-top: 6px; }
+          min-height: 3em; margin-top: 40px; }
 """
 
 _JS = r"""
@@ -858,8 +859,10 @@ _JS = r"""
     const onlyKey = focus && focus.key !== undefined ? focus.key : null;
     const faint = !focus;  // every row at once: thinner lines so the picture stays readable
     const keyMass = new Float64Array(D.tokens.length);
-    for (const h of heads) {
+    heads.forEach((h, hi) => {
       const color = D.colors[h % D.colors.length];
+      // heads fan out by a pixel or two at each end, so lines to the same key stay visible
+      const dy = (hi - (heads.length - 1) / 2) * Math.min(2.5, 12 / heads.length);
       for (const r of rows) {
         const yq = TOP + D.rows[r] * LH - 4;
         for (let j = 0; j < D.tokens.length; j++) {
@@ -867,7 +870,8 @@ _JS = r"""
           const p = W[h][r][j];
           if (focus && focus.row !== undefined) keyMass[j] += p / heads.length;
           if (p < (faint ? 0.02 : 0.005)) continue;
-          el("line", { x1: xL + 6, y1: yq, x2: xR - 2, y2: TOP + j * LH - 4, stroke: color,
+          el("line", { x1: xL + 6, y1: yq + dy, x2: xR - 2, y2: TOP + j * LH - 4 + dy,
+                       stroke: color,
                        "stroke-width": faint ? 1 : 1 + 3 * p,
                        "stroke-opacity": (faint ? 0.5 : 1) * p,
                        "data-head": D.heads[h], "data-row": D.rows[r], "data-key": j,
@@ -875,7 +879,7 @@ _JS = r"""
           drawn++;
         }
       }
-    }
+    });
     svg.dataset.lines = drawn;
     qNodes.forEach((g, i) => g.classList.toggle("focus",
       !!focus && focus.row !== undefined && D.rows[focus.row] === i));
@@ -993,8 +997,10 @@ def head_view(
   <span>Heads <span id="heads"></span></span>
   <span id="hint">hover a token; click a query to pin it</span>
 </div>
+<div id="main">
 <svg id="hv-svg" role="img" aria-label="attention lines between tokens"></svg>
 <div id="detail"></div>
+</div>
 <script type="application/json" id="hv-data">{payload}</script>
 <script>{_JS}</script>
 </body>
