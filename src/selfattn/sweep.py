@@ -156,10 +156,16 @@ def _worker(cfg: SweepConfig, methods: list[str], timed: bool) -> None:
             q, k, v = _inputs(cfg, n)
             fn = _method(cfg, m, q, k, v)
             t0 = time.perf_counter()
-            fn()  # warm-up (and compilation for flex) is not counted
+            out = fn()  # warm-up (and compilation for flex) is not counted
             row: dict[str, Any] = {"method": m, "n": n, "warmup_s": time.perf_counter() - t0}
             if timed:
+                import torch.nn.functional as F
+
+                ref = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)
+                row["max_abs_diff"] = float((out.float() - ref.float()).abs().max())
+                del ref
                 row["samples"] = time_fn(fn, repeats=cfg.repeats, warmup=0, device=q.device).samples
+            del out
             gc.collect()
             if cuda:
                 torch.cuda.synchronize()
@@ -289,7 +295,7 @@ def _sweep(cfg: SweepConfig, tell: Callable[[str, int], None]) -> dict[str, Any]
     if "flex" in cfg.methods:
 
         def got_flex(r: dict) -> None:
-            rows[("flex", r["n"])] = _row(cfg, "flex", r["n"], r["samples"], None)
+            rows[("flex", r["n"])] = _row(cfg, "flex", r["n"], r["samples"], r["max_abs_diff"])
             rows[("flex", r["n"])]["memory_bytes"] = r.get("memory_bytes")
             rows[("flex", r["n"])]["compile_s"] = r["warmup_s"]
             tell(f"flex N={r['n']}", cfg.repeats + 1)

@@ -1069,6 +1069,8 @@ def plot_bench(results: Mapping[str, Any], path: str | Path | None = None, *, dp
     sub = ", ".join(f"{short}={cfg[k]}" for k, short in names.items() if k in cfg)
     if cfg.get("causal"):
         sub += ", causal"
+    if cfg.get("device") == "cpu" and cfg.get("threads"):
+        sub += f", {cfg['threads']} thread" + ("s" if cfg["threads"] > 1 else "")
     ax_t.set(xlabel="sequence length N", ylabel="seconds per call (median)")
     ax_t.set_title(f"time ({sub})" if sub else "time", fontsize=10)
     ax_m.set(xlabel="sequence length N", ylabel="peak memory growth of one call (MiB)")
