@@ -213,3 +213,17 @@ def grads(out: torch.Tensor, inputs, dout: torch.Tensor) -> list[torch.Tensor | 
     got = torch.autograd.grad(out, live, dout.to(out.dtype), allow_unused=True)
     it = iter(got)
     return [None if t is None else next(it) for t in inputs]
+
+
+class torch_threads:
+    """Context manager: run the body with ``n`` torch intra-op threads, then restore."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.saved)

@@ -29,8 +29,18 @@ from helpers import (
     ref_attention,
     run_backend,
     to_np,
+    torch_threads,
 )
 from selfattn.backends.tiled import BLOCK_N
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
+    threads make every op slower. The tiled engine's own thread split is tested on purpose
+    (``*_threaded_*`` tests, with 2 threads)."""
+    with torch_threads(1):
+        yield
 
 
 @dataclass(frozen=True)
@@ -540,3 +550,28 @@ def test_auto_never_declines_on_cpu():
     q.requires_grad_(True)
     out, lse = selfattn.attention(q, k, v, return_lse=True, **kw)
     assert out.requires_grad and lse.requires_grad
+
+
+# -- the tiled engine's split across threads ----------------------------------------------------
+
+# Big enough (>= 2**18 scores) for tiled to split a call across threads: by (batch, key/value
+# head) when there are enough units, else by bands of query rows.
+THREAD_CASES = {
+    "heads_split": (Shape("h", 2, 4, 2, 300, 500, 32), "causal"),
+    "rows_split_causal": (Shape("r", 1, 2, 1, 1025, 1025, 32), "causal"),
+    "rows_split_combo": (Shape("rc", 1, 4, 1, 700, 800, 32), "combo"),
+    "rows_split_odd_units": (Shape("o", 3, 2, 1, 400, 400, 32, 24), "combo2"),
+}
+
+
+@pytest.mark.parametrize("case", list(THREAD_CASES))
+def test_tiled_threaded_split_matches_one_thread(case):
+    s, rule = THREAD_CASES[case]
+    q, k, v, kw, ref, ref_lse, plain = case_data(s, rule, FP32)
+    with torch_threads(2):
+        out2, lse2 = selfattn.attention(q, k, v, return_lse=True, backend="tiled", **kw)
+    out1, lse1 = selfattn.attention(q, k, v, return_lse=True, backend="tiled", **kw)
+    assert_close(out2, ref, plain, FP32, f"2 threads {case}")
+    assert_lse_close(lse2, ref_lse, f"2 threads {case}")
+    assert max_err(out2, to_np(out1)) < 1e-6
+    assert torch.equal(torch.isneginf(lse1), torch.isneginf(lse2))

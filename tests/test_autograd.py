@@ -29,10 +29,20 @@ from helpers import (
     plain_lse,
     run_backend,
     to_np,
+    torch_threads,
 )
 from selfattn.backends.tiled import BLOCK_N
 
 GRAD_BACKENDS = ["math", "tiled", "sdpa", "auto"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
+    threads make every op slower. The tiled engine's own thread split is tested on purpose
+    (``*_threaded_*`` tests, with 2 threads)."""
+    with torch_threads(1):
+        yield
 
 
 def _gen(seed):
@@ -390,3 +400,34 @@ def test_no_grad_forward_tracks_nothing():
     with torch.no_grad():
         out = selfattn.attention(q, k, v, backend="tiled")
     assert not out.requires_grad
+
+
+# -- the tiled engine's split across threads ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "b, hq, hkv, nq, nk",
+    [(2, 4, 2, 300, 500), (1, 4, 1, 700, 800), (3, 2, 1, 400, 400)],
+    ids=["heads_split", "rows_split", "rows_split_odd_units"],
+)
+def test_tiled_threaded_gradients_match_one_thread(b, hq, hkv, nq, nk):
+    """Row bands share key/value heads, so dK, dV, dbias and dalibi are summed across threads."""
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, 16, seed=93)
+    kw = {
+        "causal": True,
+        "segment_ids": (seg_ids(b, nk, pad=30)[:, nk - nq :], seg_ids(b, nk, pad=30)),
+    }
+    bias = torch.randn(b, 1, nq, nk, generator=_gen(94))
+    slopes = torch.rand(hq, generator=_gen(95)) * 0.05
+    dout = torch.randn(b, hq, nq, 16, generator=_gen(96))
+    res = []
+    for threads in (1, 2):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias, slopes)]
+        with torch_threads(threads):
+            out = selfattn.attention(
+                *leaves[:3], bias=leaves[3], alibi_slopes=leaves[4], backend="tiled", **kw
+            )
+            res.append(grads(out, leaves, dout))
+    for name, a, b2 in zip(["q", "k", "v", "bias", "alibi"], *res):
+        scale = b2.abs().max().item() + 1.0
+        assert (a - b2).abs().max().item() <= 2e-6 * scale, f"d{name}"

@@ -14,11 +14,20 @@ import pytest
 import torch
 
 import selfattn
-from helpers import make_qkv, ref_attention, run_backend, to_np
+from helpers import make_qkv, ref_attention, run_backend, to_np, torch_threads
 from selfattn import _rng
 from selfattn.backends.tiled import BLOCK_N
 
 ENGINES = ["reference", "math", "tiled", "auto"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
+    threads make every op slower. The tiled engine's own thread split is tested on purpose
+    (``*_threaded_*`` tests, with 2 threads)."""
+    with torch_threads(1):
+        yield
 
 
 def _gen(seed):
@@ -195,3 +204,31 @@ def test_tiled_and_math_gradients_agree_with_the_same_seed(rule):
     out = selfattn.attention(*leaves, dropout_p=0.3, backend="tiled", **kw)
     other = torch.autograd.grad(out, leaves, dout)
     assert not torch.allclose(other[2], res["tiled"][1][2], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "b, hq, hkv, nq", [(2, 4, 2, 300), (1, 2, 1, 700)], ids=["heads_split", "rows_split"]
+)
+def test_tiled_threaded_split_draws_the_same_mask(b, hq, hkv, nq):
+    nk = BLOCK_N + 88
+    q, k, _ = make_qkv(b, hq, hkv, nq, nk, 16, seed=23)
+    v = identity_values(b, hkv, nk)
+    torch.manual_seed(24)
+    one = selfattn.attention(q, k, v, dropout_p=0.3, causal=True, backend="tiled")
+    with torch_threads(2):
+        torch.manual_seed(24)
+        two = selfattn.attention(q, k, v, dropout_p=0.3, causal=True, backend="tiled")
+    assert torch.equal(one != 0, two != 0)
+    spec, _ = ref_attention(q, k, v, causal=True, dropout_p=0.3, dropout_seed=seed_of_call(24))
+    assert np.array_equal(to_np(two) != 0, spec != 0)
+    # backward with the same seed on 2 threads gives the 1-thread gradients
+    dout = torch.randn(b, hq, nq, nk, generator=_gen(25))
+    res = []
+    for threads in (1, 2):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k)]
+        with torch_threads(threads):
+            torch.manual_seed(24)
+            out = selfattn.attention(*leaves, v, dropout_p=0.3, causal=True, backend="tiled")
+            res.append(torch.autograd.grad(out, leaves, dout))
+    for a, b2 in zip(*res):
+        torch.testing.assert_close(a, b2, atol=1e-5, rtol=1e-5)

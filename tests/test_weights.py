@@ -20,11 +20,21 @@ from helpers import (
     ref_attention,
     ref_weights,
     to_np,
+    torch_threads,
 )
 from selfattn.backends.tiled import BLOCK_N
 
 B, HQ, HKV, NQ, NK, D = 2, 4, 2, 200, 600, 16
 assert NK > BLOCK_N
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
+    threads make every op slower. The tiled engine's own thread split is tested on purpose
+    (``*_threaded_*`` tests, with 2 threads)."""
+    with torch_threads(1):
+        yield
 
 
 def _gen(seed):
