@@ -185,6 +185,36 @@ def test_explain_chosen_layers_heads_rows_match_the_models_own_weights(tmp_path,
     assert _png_size(tmp_path / "head_L5_H2.png")
 
 
+def test_explain_causal_gqa_decoder_matches_eager(tmp_path, capsys):
+    """A tiny random Llama (causal, RoPE, 4 query heads over 2 key/value heads), saved locally."""
+    src = _minilm()
+    from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import AttentionInterface
+
+    folder = tmp_path / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(src)  # any tokenizer will do; MiniLM's is at hand
+    tok.save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    text = "the cat sat on the mat"
+    argv = ["explain", text, "--model", str(folder), "--heads", "3", "0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    html = (tmp_path / "head_view.html").read_text()
+    data = json.loads(re.search(r'id="hv-data">(.*?)</script>', html, re.S).group(1))
+    eager = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = eager(**tok(text, return_tensors="pt"), output_attentions=True).attentions
+    expect = np.stack([a[0, [3, 0]].numpy() for a in att])  # (L, H, N, N)
+    got = np.array(data["weights"])
+    np.testing.assert_allclose(got, expect, atol=2e-4)
+    assert np.all(np.triu(got, 1) == 0)  # causal
+    # the capture is undone: "selfattn" is the integration's own function again
+    assert AttentionInterface._global_mapping["selfattn"].__name__ == "selfattn_attention"
+
+
 def test_explain_layer_out_of_range(tmp_path, capsys):
     model_path = _minilm()
     argv = ["explain", "hi", "--model", model_path, "--layers", "6", "--out", str(tmp_path)]
