@@ -1,7 +1,7 @@
 """The command line: ``selfattn info | demo | explain | bench | train``, or ``python -m selfattn``.
 
 Thin: it parses arguments, calls the library (``selfattn.reference``, ``selfattn.viz``,
-``selfattn.sweep``, the example trainers) and prints with rich. Bad arguments end with a one-line
+``selfattn.sweep``, ``selfattn.trainer``) and prints with rich. Bad arguments end with a one-line
 message and exit status 2.
 """
 
