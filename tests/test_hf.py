@@ -236,6 +236,26 @@ def test_gpt_oss_attention_sinks_equal_eager():
     assert diff < TOL and wdiff < TOL and same, (diff, wdiff)
 
 
+def test_llama_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break: the attention call is the custom op there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_llama_config(num_hidden_layers=1))).eval()
+    model.set_attn_implementation("selfattn")
+    ids, mask = _left_padded(101)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad():
+            got = compiled(input_ids=ids, attention_mask=mask).logits
+            want = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        torch._dynamo.reset()
+    real = mask.bool()
+    assert (got - want)[real].abs().max().item() < TOL
+
+
 # -- the attention function itself -----------------------------------------------------------------
 
 
