@@ -125,7 +125,8 @@ def _query_block(q: torch.Tensor, i0: int, i1: int, hkv: int, qscale: float) -> 
     m = i1 - i0
     qb = torch.empty(b * hkv, (h // hkv) * m, d + 1, dtype=acc_dtype(q.dtype), device=q.device)
     qb[..., :d] = q[:, :, i0:i1].reshape(b * hkv, -1, d)  # cast first: scale in float32
-    qb[..., :d].mul_(qscale)
+    if qscale != 1.0:
+        qb[..., :d].mul_(qscale)
     qb[..., d] = 0.0
     return qb
 
@@ -389,35 +390,39 @@ def _backward_part(
     acc_t = kmat.dtype
     b, h, m_total, d = q.shape
     hkv, g = rules.Hkv, rules.group
-    dv_dim = vmat.shape[-1]
+    dv_dim = vmat.shape[-1] - 1  # vmat carries a column of ones (see below)
     bm = prob.block_m()
     scores = _Scores(prob, rules, g * bm, kmat, buffers=2)
     for i0 in range(0, m_total, bm):
         i1 = min(i0 + bm, m_total)
         m = i1 - i0
         qb = _query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
-        dob = dout[:, :, i0:i1].to(acc_t).reshape(b * hkv, g * m, dv_dim)
+        dob = _query_block(dout, i0, i1, hkv, 1.0)  # (B*Hkv, G*m, Dv+1)
         lse_b = lse2[:, :, i0:i1].reshape(b * hkv, g * m, 1)
-        if prob.softcap is None:
-            qb[..., d : d + 1] = -lse_b  # the GEMM yields s - lse (finite: empty rows have +inf)
-
         delta_b = delta[:, :, i0:i1].reshape(b * hkv, g * m, 1)
+        # Fold the subtractions into the GEMMs: [q, -lse] @ [k, 1]^T = s - lse and
+        # [dO, -D] @ [v, 1]^T = dP - D (with dropout, D comes after the mask instead).
+        if prob.softcap is None:
+            qb[..., d : d + 1] = -lse_b  # finite: rows that see nothing have lse +inf here
+        if prob.dropout is None:
+            dob[..., dv_dim : dv_dim + 1] = -delta_b
+        do_v = dob[..., :dv_dim]
         dqb = torch.zeros(b * hkv, g * m, d, dtype=acc_t, device=q.device)
         for j0, j1, full in rules.key_spans(i0, i1, BLOCK_N):
             s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
             if prob.softcap is not None:
                 s.sub_(lse_b)
             p = torch.exp2(s, out=s)  # (B*Hkv, G*m, n) probabilities
-            dp = torch.bmm(  # dP = dO V^T
+            dp = torch.bmm(  # dP - D = [dO, -D] [V, 1]^T
                 dob, vmat[:, j0:j1].transpose(1, 2), out=scores.buffer(1, g * m, j1 - j0)
             )
             if prob.dropout is not None:
                 drop = _dropout_scale(prob, rules, i0, i1, j0, j1, p)
-                dv[:, j0:j1].baddbmm_((p * drop).transpose(1, 2), dob)
-                dp.mul_(drop)
+                dv[:, j0:j1].baddbmm_((p * drop).transpose(1, 2), do_v)
+                dp.mul_(drop).sub_(delta_b)
             else:
-                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), dob)  # dV += P^T dO
-            ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D), natural-log units
+                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_v)  # dV += P^T dO
+            ds = dp.mul_(p)  # dS = P * (dP - D), natural-log units
             if dbias is not None:
                 _accumulate_dbias(dbias, ds, rules, i0, i1, j0, j1)
             if dalibi is not None:
@@ -612,7 +617,7 @@ def backward(
     plan = _split(prob, nk) if q.device.type == "cpu" else None
     if plan is None:
         _backward_part(
-            prob, q, _key_matrix(k, acc_t), _kv_matrix(v, acc_t), lse2, dout, delta, dq,
+            prob, q, _key_matrix(k, acc_t), _key_matrix(v, acc_t), lse2, dout, delta, dq,
             dk.view(b * hkv, nk, d), dv.view(b * hkv, nk, dv_dim), dbias, dalibi,
         )  # fmt: skip
     else:
@@ -639,7 +644,7 @@ def backward(
                     )
                     kb, vb = dk_t[bs, ks], dv_t[bs, ks]
                     _backward_part(
-                        part, q[bs, hs, rs], _key_matrix(k[bs, ks], acc_t), _kv_matrix(v[bs, ks], acc_t),
+                        part, q[bs, hs, rs], _key_matrix(k[bs, ks], acc_t), _key_matrix(v[bs, ks], acc_t),
                         lse2[bs, hs, rs], dout[bs, hs, rs], delta[bs, hs, rs], dq[bs, hs, rs],
                         kb.view(-1, nk, d), vb.view(-1, nk, dv_dim), db, da,
                     )  # fmt: skip
