@@ -48,7 +48,9 @@ def reference_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def ref_attention(q, k, v, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """(out, lse) of the float64 specification for torch inputs."""
-    return reference.attention(to_np(q), to_np(k), to_np(v), return_lse=True, **reference_kwargs(kwargs))
+    return reference.attention(
+        to_np(q), to_np(k), to_np(v), return_lse=True, **reference_kwargs(kwargs)
+    )
 
 
 def plain_attention(q, k, v, **kwargs) -> torch.Tensor:
@@ -93,7 +95,9 @@ def max_err(a: torch.Tensor | np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(diff)) if diff.size else 0.0
 
 
-def assert_close(out: torch.Tensor, ref: np.ndarray, plain: torch.Tensor | None, dtype, what="") -> None:
+def assert_close(
+    out: torch.Tensor, ref: np.ndarray, plain: torch.Tensor | None, dtype, what=""
+) -> None:
     """The FlashAttention rule: err(out) <= ERR_MULTIPLE * err(plain) + floor(dtype)."""
     assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
     o = to_np(out)

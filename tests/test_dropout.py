@@ -44,8 +44,8 @@ def seed_of_call(s: int) -> tuple[int, int]:
     return _rng.draw_seed()
 
 
-# Several row tiles (Nq=300 with 2 query heads per key head) and key blocks (Nk > BLOCK_N).
-B, HQ, HKV, NQ, NK = 2, 4, 2, 300, BLOCK_N + 88
+# Several row tiles (Nq=200 with 2 query heads per key head) and key blocks (Nk > BLOCK_N).
+B, HQ, HKV, NQ, NK = 2, 4, 2, 200, BLOCK_N + 88
 RULES = {
     "none": {},
     "causal_window": {"causal": True, "window": (200, None)},
