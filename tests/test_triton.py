@@ -687,3 +687,27 @@ def test_gpu_output_fully_written_and_repeatable():
     b = selfattn.attention(q, k, v, backend="triton", causal=True)
     ref = selfattn.attention(q.float(), k.float(), v.float(), backend="math", causal=True)
     assert torch.isfinite(a).all() and torch.equal(a, b) and _rel(a, ref) < 1e-2
+
+
+def test_autotuners_build_and_prune(monkeypatch):
+    """The compiled-mode autotuners accept their keys and prune to this head dim's tiles, in
+    the table's order (no GPU needed to build them)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for name, kind in (("attn_fwd", "fwd"), ("bwd_dkdv", "dkdv"), ("bwd_dq", "dq")):
+        tuner = host._tuned(name)
+        assert set(tuner.keys) <= set(tuner.arg_names)
+        tuner.nargs = {"Q": q}
+        kept = tuner.prune_configs(
+            {"BLOCK_D": 128, "BLOCK_DV": 128, "TUNE_Q": 8192, "TUNE_K": 8192}
+        )
+        want = [c for c in host._table(host._TABLES[kind], 128)]
+        got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+        assert got and got == [c for c in want if c in got]
+    tma = host._tuned("attn_fwd", tma=True)
+    assert all(c.pre_hook is host._tma_blocks for c in tma.configs)
+    decode = host._tuned("attn_decode")
+    decode.nargs = {"Q": q}
+    assert decode.prune_configs(
+        {"BLOCK_D": 128, "BLOCK_DV": 128, "TUNE_Q": 1, "TUNE_K": 131072, "BLOCK_M": 16}
+    )

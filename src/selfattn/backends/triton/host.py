@@ -164,26 +164,30 @@ def _cfg(bm: int, bn: int, w: int, s: int, pre_hook=None) -> triton.Config:
 _FWD = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4),
          (64, 32, 4, 4), (32, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-          (128, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)],
+    128: [(128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+          (32, 64, 4, 3), (16, 64, 4, 3)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2),
           (32, 32, 4, 2), (16, 32, 4, 2)],
 }  # fmt: skip
-# backward: BLOCK_M = query rows per step, BLOCK_N = keys per program (dK/dV) or per step (dQ)
+# backward: BLOCK_M = query rows per step, BLOCK_N = keys per program (dK/dV) or per step (dQ);
+# the FlashAttention-2 shape: few query rows against many keys for dK/dV, the reverse for dQ
 _DKDV = {
-    64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)],
-    256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
+    64: [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)],
+    128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)],
+    256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
 }
 _DQ = {
-    64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 3)],
-    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 2)],
+    64: [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 3)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 2)],
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
 }
 _DECODE = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]  # BLOCK_N, warps, stages
+_TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
 
 SMEM_BUDGET = 200 * 1024  # bytes; Hopper offers 227 KB per block, Ampere 163 KB
-REG_BUDGET = 200  # fp32 registers per thread for the live tiles (acc, scores, q)
+# fp32 accumulator and score elements per thread (operand tiles live in shared memory on
+# Hopper): about 192 leaves registers for addresses and the rest of the 255 per thread
+REG_BUDGET = 192
 
 
 def _dim_class(bd: int) -> int:
@@ -207,16 +211,16 @@ def prune_configs(
         threads = 32 * w
         if kind in ("fwd", "decode"):
             smem = elt * (bm * bd + s * bn * (bd + bdv))
-            regs = (bm * bdv + bm * bn + bm * bd * elt // 4) / threads
+            regs = (bm * bdv + bm * bn) / threads
             rows, keys = nq, nk
         elif kind == "dkdv":  # keys stay, query tiles stream
             smem = elt * (bn * (bd + bdv) + s * bm * (bd + bdv))
-            regs = (bn * (bd + bdv) + 2 * bm * bn + bn * (bd + bdv) * elt // 4) / threads
+            regs = (bn * (bd + bdv) + 2 * bm * bn) / threads
             rows, keys = nk, nq
             bm, bn = bn, bm  # "rows" of the program are keys here
         else:  # dq
             smem = elt * (bm * (bd + bdv) + s * bn * (bd + bdv))
-            regs = (bm * bd + 2 * bm * bn + bm * (bd + bdv) * elt // 4) / threads
+            regs = (bm * bd + 2 * bm * bn) / threads
             rows, keys = nq, nk
         if smem > SMEM_BUDGET or regs > REG_BUDGET:
             continue
@@ -234,6 +238,13 @@ def prune_configs(
 def _make_prune(kind: str):
     def prune(configs, nargs, **kwargs):
         args = {**nargs, **kwargs}
+        if kind in _TABLES:  # this head dim's candidates, in their order of preference
+            order = {c: i for i, c in enumerate(_table(_TABLES[kind], args["BLOCK_D"]))}
+            key = {id(c): (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                   for c in configs}  # fmt: skip
+            configs = sorted(
+                (c for c in configs if key[id(c)] in order), key=lambda c: order[key[id(c)]]
+            )
         elt = _elt(args["Q"])
         return prune_configs(
             kind, configs, args["BLOCK_D"], args["BLOCK_DV"], elt, args["TUNE_Q"], args["TUNE_K"]
@@ -244,7 +255,7 @@ def _make_prune(kind: str):
 
 _FLAG_KEYS = [
     "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
-    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D", "UPCAST", "USE_TMA",
+    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D", "UPCAST",
 ]  # fmt: skip
 
 
@@ -253,6 +264,12 @@ def _tma_blocks(nargs: dict) -> None:
     if nargs.get("USE_TMA"):
         nargs["DESC_K"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
         nargs["DESC_V"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
+
+
+def _unique_configs(tables: dict[int, list], hook=None) -> list[triton.Config]:
+    """One config per distinct (BLOCK_M, BLOCK_N, warps, stages) over every head-dim table."""
+    seen = dict.fromkeys(c for table in tables.values() for c in table)
+    return [_cfg(*c, pre_hook=hook) for c in seen]
 
 
 def _tuned(name: str, tma: bool = False) -> Any:
@@ -264,19 +281,19 @@ def _tuned(name: str, tma: bool = False) -> Any:
     key = ["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS]
     hook = _tma_blocks if tma else None
     if name == "attn_fwd":
-        configs = [
-            _cfg(bm, bn, w, st, pre_hook=hook) for table in _FWD.values() for bm, bn, w, st in table
-        ]
+        configs = _unique_configs(_FWD, hook)
         fn = triton.autotune(
-            configs, key=key, prune_configs_by={"early_config_prune": _make_prune("fwd")}
+            configs,
+            key=[*key, "USE_TMA"],
+            prune_configs_by={"early_config_prune": _make_prune("fwd")},
         )(km.attn_fwd)
     elif name == "bwd_dkdv":
-        configs = [_cfg(*c) for table in _DKDV.values() for c in table]
+        configs = _unique_configs(_DKDV)
         fn = triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": _make_prune("dkdv")}
         )(km.bwd_dkdv)
     elif name == "bwd_dq":
-        configs = [_cfg(*c) for table in _DQ.values() for c in table]
+        configs = _unique_configs(_DQ)
         fn = triton.autotune(
             configs, key=[*key, "NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"],
             prune_configs_by={"early_config_prune": _make_prune("dq")}, reset_to_zero=["DB", "DA"],
@@ -287,7 +304,9 @@ def _tuned(name: str, tma: bool = False) -> Any:
             for bn, w, s in _DECODE
         ]
         prune = {"early_config_prune": _make_prune("decode")}
-        fn = triton.autotune(configs, key=[*key, "BLOCK_M"], prune_configs_by=prune)(km.attn_decode)
+        fn = triton.autotune(configs, key=[*key, "USE_TMA", "BLOCK_M"], prune_configs_by=prune)(
+            km.attn_decode
+        )
     else:
         raise KeyError(name)
     _TUNED[(name, tma)] = fn
