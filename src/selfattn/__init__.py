@@ -1,10 +1,11 @@
 """selfattn: exact, fast and memory-lean self-attention.
 
 The public names of API.md: ``attention``, ``attention_weights``, ``explain``,
-``available_backends``, ``UnsupportedInputs`` and the numpy specification ``selfattn.reference``.
+``available_backends``, ``UnsupportedInputs``, the numpy specification ``selfattn.reference``,
+the layers and positional encodings, ``selfattn.models`` and ``selfattn.distributed``.
 """
 
-from . import models, reference
+from . import distributed, models, reference
 from .api import attention, attention_weights, available_backends, explain
 from .kv_cache import KVCache
 from .layers import MultiHeadSelfAttention, TransformerBlock
@@ -24,6 +25,7 @@ __all__ = [
     "attention",
     "attention_weights",
     "available_backends",
+    "distributed",
     "explain",
     "models",
     "reference",
