@@ -117,6 +117,20 @@ def test_generate_sampling_is_seeded_and_restores_mode():
     assert torch.equal(m.generate(prompt, 0), prompt)
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_generate_runs_past_max_len(positions):
+    """Past max_len the context restarts from the last half; the model never sees more."""
+    m = _gpt(positions=positions, max_len=8)
+    prompt = torch.randint(0, 37, (2, 11))  # longer than max_len already
+    out = m.generate(prompt, 20, temperature=0)
+    assert out.shape == (2, 31) and torch.equal(out[:, :11], prompt)
+    # the first new token reads the last 8 prompt tokens only
+    assert torch.equal(out[:, 11], m(prompt[:, -8:])[:, -1].argmax(-1))
+    # after the restart (cache full at 8 tokens), the next token reads the last 4
+    seq = m.generate(prompt[:, -8:], 2, temperature=0)
+    assert torch.equal(seq[:, 9], m(seq[:, 5:9])[:, -1].argmax(-1))
+
+
 def test_gpt_state_dict_round_trip():
     a = _gpt(num_kv_heads=2, qk_norm=True)
     torch.manual_seed(123)
@@ -135,8 +149,6 @@ def test_gpt_errors():
         m(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="max_len=32"):
         m(torch.zeros(1, 33, dtype=torch.long))
-    with pytest.raises(ValueError, match="max_len=32"):
-        m.generate(torch.zeros(1, 30, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="temperature"):
         m.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=-1)
     with pytest.raises(ValueError, match="targets"):

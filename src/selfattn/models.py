@@ -204,16 +204,21 @@ class GPT(nn.Module):
         """Continue the prompts ``idx`` by ``max_new_tokens`` tokens.
 
         The prompt is run once (prefill) into a KV cache per layer; each new token then costs
-        one single-token forward pass over the cache.
+        one single-token forward pass over the cache. The model never sees more than
+        ``max_len`` tokens (the length it was built, and presumably trained, for): when the
+        cache is full, it restarts from the last ``max_len // 2`` tokens (positions counted
+        afresh, as in training), so generation can run past ``max_len``.
 
         Args:
-            idx: (B, T) prompt token ids (all prompts of one length).
+            idx: (B, T) prompt token ids (all prompts of one length); only the last
+                ``max_len`` are read.
             max_new_tokens: tokens to add.
             temperature: ``0`` picks the most likely token (greedy); otherwise the logits are
                 divided by it and a token is sampled.
             top_k: sample only among the ``top_k`` most likely tokens.
             generator: a ``torch.Generator`` for reproducible sampling.
-            use_cache: False recomputes the whole sequence at every step (slow; for checking).
+            use_cache: False recomputes the (last ``max_len`` tokens of the) sequence at every
+                step (slow; for checking). Within ``max_len`` both give the same tokens.
 
         Returns:
             (B, T + max_new_tokens) token ids.
@@ -228,25 +233,27 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None:
             top_k = _int_arg("top_k", top_k)
-        total = t + max_new_tokens
-        if self.pos is not None and total > self.max_len:
-            raise ValueError(
-                f"prompt {t} + max_new_tokens {max_new_tokens} = {total} "
-                f"exceeds max_len={self.max_len}"
-            )
+        limit = self.max_len
         was_training = self.training
         self.eval()
         try:
-            caches = self.make_caches(b, total) if use_cache else None
+            caches = self.make_caches(b, min(limit, t + max_new_tokens)) if use_cache else None
             out = idx
             if max_new_tokens:
-                logits = self(idx, caches=caches)[:, -1]  # (B, V), prefill
+                logits = self(idx[:, -limit:], caches=caches)[:, -1]  # (B, V), prefill
             for step in range(max_new_tokens):
                 nxt = self._pick(logits, float(temperature), top_k, generator)  # (B, 1)
                 out = torch.cat([out, nxt], dim=1)
                 if step + 1 == max_new_tokens:
                     break
-                logits = self(nxt, caches=caches)[:, -1] if use_cache else self(out)[:, -1]
+                if not use_cache:
+                    logits = self(out[:, -limit:])[:, -1]
+                elif len(caches[0]) < limit:
+                    logits = self(nxt, caches=caches)[:, -1]
+                else:  # context full: restart from the most recent half
+                    for cache in caches:
+                        cache.reset()
+                    logits = self(out[:, -(limit // 2 or 1) :], caches=caches)[:, -1]
         finally:
             self.train(was_training)
         return out
