@@ -217,25 +217,42 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90 or cuda:80")
     ap.add_argument("--quick", action="store_true", help="three kernels only")
+    ap.add_argument(
+        "--configs", action="store_true",
+        help="every candidate tile of the D=64/128 tables for the forward, dK/dV and dQ kernels",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     backend, arch = args.target.split(":")
     target = GPUTarget(backend, int(arch), 32)
     sm = f"sm_{arch}a" if arch == "90" else f"sm_{arch}"
     kernels = host._kernels()  # the real (compiled-mode) kernel module
     rows, failures = [], 0
-    for label, run in scenarios(args.quick):
+    todo = []
+    for label, run in scenarios(args.quick or args.configs):
         for name, kargs, kkw in capture(run):
-            t0 = time.perf_counter()
-            try:
-                ck, w, s = compile_call(kernels, name, kargs, kkw, target)
-                rep = ptxas_report(ck, sm)
-                meta = {k: kkw[k] for k in ("BLOCK_M", "BLOCK_N") if k in kkw}
-                rows.append((label, name, meta, w, s, rep, time.perf_counter() - t0, None))
-            except Exception as exc:  # report every failure, keep going
-                failures += 1
-                msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
-                rows.append((label, name, {}, None, None, {}, time.perf_counter() - t0, msg))
-            print(_fmt(rows[-1]), flush=True)
+            if not args.configs:
+                todo.append((label, name, kargs, kkw))
+                continue
+            kind = {"attn_fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}.get(name)
+            if kind is None or "TMA" in label:
+                continue
+            for dim in (64, 128):
+                for bm, bn, w, st in host._TABLES[kind][dim]:
+                    kw = dict(kkw, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                    kw["BLOCK_D"] = kw["BLOCK_DV"] = dim
+                    todo.append((f"{label} -> D{dim}", name, kargs, kw))
+    for label, name, kargs, kkw in todo:
+        t0 = time.perf_counter()
+        try:
+            ck, w, s = compile_call(kernels, name, kargs, kkw, target)
+            rep = ptxas_report(ck, sm)
+            meta = {k: kkw[k] for k in ("BLOCK_M", "BLOCK_N") if k in kkw}
+            rows.append((label, name, meta, w, s, rep, time.perf_counter() - t0, None))
+        except Exception as exc:  # report every failure, keep going
+            failures += 1
+            msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
+            rows.append((label, name, {}, None, None, {}, time.perf_counter() - t0, msg))
+        print(_fmt(rows[-1]), flush=True)
     print(f"\n{len(rows)} kernels compiled for {args.target}, {failures} failed")
     return 1 if failures else 0
 

@@ -161,10 +161,12 @@ def _cfg(bm: int, bn: int, w: int, s: int, pre_hook=None) -> triton.Config:
 
 # Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, best guesses first: the
 # first survivor of pruning is what runs when autotuning is off (SELFATTN_TRITON_AUTOTUNE=0).
+# Ordered by what the sm_90 compile reports (benchmarks/triton_aot_check.py --configs): tiles
+# that fit in registers without spilling first.
 _FWD = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4),
          (64, 32, 4, 4), (32, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3),
           (32, 64, 4, 3), (16, 64, 4, 3)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2),
           (32, 32, 4, 2), (16, 32, 4, 2)],
@@ -172,8 +174,8 @@ _FWD = {
 # backward: BLOCK_M = query rows per step, BLOCK_N = keys per program (dK/dV) or per step (dQ);
 # the FlashAttention-2 shape: few query rows against many keys for dK/dV, the reverse for dQ
 _DKDV = {
-    64: [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)],
+    64: [(64, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)],
+    128: [(32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
     256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
 }
 _DQ = {
@@ -183,6 +185,13 @@ _DQ = {
 }
 _DECODE = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]  # BLOCK_N, warps, stages
 _TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
+# float32 inputs take exact float32 products ("ieee": FMA, no tensor cores), which need far
+# more registers per tile: small tiles only (any head dim)
+_F32 = {
+    "fwd": [(64, 32, 8, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
+    "dkdv": [(16, 64, 8, 2), (16, 32, 4, 2)],
+    "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+}
 
 SMEM_BUDGET = 200 * 1024  # bytes; Hopper offers 227 KB per block, Ampere 163 KB
 # fp32 accumulator and score elements per thread (operand tiles live in shared memory on
@@ -239,7 +248,8 @@ def _make_prune(kind: str):
     def prune(configs, nargs, **kwargs):
         args = {**nargs, **kwargs}
         if kind in _TABLES:  # this head dim's candidates, in their order of preference
-            order = {c: i for i, c in enumerate(_table(_TABLES[kind], args["BLOCK_D"]))}
+            cands = _candidates(kind, args["BLOCK_D"], _elt(args["Q"]))
+            order = {c: i for i, c in enumerate(cands)}
             key = {id(c): (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                    for c in configs}  # fmt: skip
             configs = sorted(
@@ -266,9 +276,10 @@ def _tma_blocks(nargs: dict) -> None:
         nargs["DESC_V"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
 
 
-def _unique_configs(tables: dict[int, list], hook=None) -> list[triton.Config]:
-    """One config per distinct (BLOCK_M, BLOCK_N, warps, stages) over every head-dim table."""
-    seen = dict.fromkeys(c for table in tables.values() for c in table)
+def _unique_configs(kind: str, hook=None) -> list[triton.Config]:
+    """One config per distinct (BLOCK_M, BLOCK_N, warps, stages) over every table of a kind."""
+    tables = [*_TABLES[kind].values(), _F32[kind]]
+    seen = dict.fromkeys(c for table in tables for c in table)
     return [_cfg(*c, pre_hook=hook) for c in seen]
 
 
@@ -281,19 +292,19 @@ def _tuned(name: str, tma: bool = False) -> Any:
     key = ["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS]
     hook = _tma_blocks if tma else None
     if name == "attn_fwd":
-        configs = _unique_configs(_FWD, hook)
+        configs = _unique_configs("fwd", hook)
         fn = triton.autotune(
             configs,
             key=[*key, "USE_TMA"],
             prune_configs_by={"early_config_prune": _make_prune("fwd")},
         )(km.attn_fwd)
     elif name == "bwd_dkdv":
-        configs = _unique_configs(_DKDV)
+        configs = _unique_configs("dkdv")
         fn = triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": _make_prune("dkdv")}
         )(km.bwd_dkdv)
     elif name == "bwd_dq":
-        configs = _unique_configs(_DQ)
+        configs = _unique_configs("dq")
         fn = triton.autotune(
             configs, key=[*key, "NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"],
             prune_configs_by={"early_config_prune": _make_prune("dq")}, reset_to_zero=["DB", "DA"],
@@ -313,8 +324,9 @@ def _tuned(name: str, tma: bool = False) -> Any:
     return fn
 
 
-def _table(tables: dict[int, list], bd: int) -> list[tuple]:
-    return tables[_dim_class(bd)]
+def _candidates(kind: str, bd: int, elt: int) -> list[tuple]:
+    """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) for a kernel kind, head dim, dtype."""
+    return _F32[kind] if elt == 4 else _TABLES[kind][_dim_class(bd)]
 
 
 def _launch(
@@ -526,8 +538,10 @@ def _use_decode(spec: AttentionSpec) -> bool:
         return False
     if DECODE_MODE == "always":
         return True
-    # worth it when the plain grid leaves the GPU mostly idle and the cache is long
-    return spec.Nk >= 4 * SPLIT_ALIGN and spec.B * spec.Hq < 2 * _num_sms(spec.device)
+    # Few queries over a long cache: one program reads each key/value tile once for all the
+    # query heads of its group, and the keys are split so that the GPU fills up even for a
+    # single sequence (with many sequences the split count falls to 1).
+    return spec.Nk >= 4 * SPLIT_ALIGN
 
 
 @_interpretable
@@ -573,7 +587,7 @@ def _forward(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     def grid(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
 
-    table = _interp("fwd") if interpreting() else _table(_FWD, consts["BLOCK_D"])
+    table = _interp("fwd") if interpreting() else _candidates("fwd", consts["BLOCK_D"], _elt(q))
     _launch("attn_fwd", grid, args, consts, "fwd", table, tune)
 
 
@@ -764,7 +778,9 @@ def backward(
     def grid_kv(meta):
         return (triton.cdiv(spec.Nk, meta["BLOCK_N"]), spec.B * spec.Hkv)
 
-    table = _interp("dkdv") if interpreting() else _table(_DKDV, call.consts["BLOCK_D"])
+    table = (
+        _interp("dkdv") if interpreting() else _candidates("dkdv", call.consts["BLOCK_D"], _elt(q))
+    )
     _launch("bwd_dkdv", grid_kv, args, call.consts, "dkdv", table)
 
     # dQ (and dS for the bias and slope gradients): one program per query tile of each head
@@ -797,7 +813,7 @@ def backward(
     def grid_q(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
 
-    table = _interp("dq") if interpreting() else _table(_DQ, call.consts["BLOCK_D"])
+    table = _interp("dq") if interpreting() else _candidates("dq", call.consts["BLOCK_D"], _elt(q))
     _launch("bwd_dq", grid_q, args, consts, "dq", table)
 
     if need_dbias:
