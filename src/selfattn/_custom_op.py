@@ -221,11 +221,6 @@ def attention(
     v: torch.Tensor,
     **kwargs,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`selfattn.attention` in eager mode, the custom op while ``torch.compile`` traces.
-
-    The layers call this, so ``torch.compile(model, fullgraph=True)`` sees no graph break while
-    eager code keeps every backend (``sdpa`` included) and the exact error messages.
-    """
-    if torch.compiler.is_compiling():
-        return attention_op(q, k, v, **kwargs)
+    """:func:`selfattn.attention`, which itself becomes the custom op while ``torch.compile``
+    traces: eager code keeps every backend (``sdpa`` included) and the exact error messages."""
     return api.attention(q, k, v, **kwargs)

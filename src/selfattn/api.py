@@ -89,6 +89,14 @@ def attention(
             backend considered and why it declined).
     """
     backend = _check_backend(backend)
+    if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
+        from ._custom_op import attention_op
+
+        return attention_op(
+            q, k, v, causal=causal, window=window, mask=mask, bias=bias,
+            alibi_slopes=alibi_slopes, softcap=softcap, segment_ids=segment_ids, scale=scale,
+            dropout_p=dropout_p, return_lse=return_lse, backend=backend,
+        )  # fmt: skip
     spec = validate(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
         softcap=softcap, segment_ids=segment_ids, scale=scale, dropout_p=dropout_p,
