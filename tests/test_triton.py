@@ -644,7 +644,8 @@ def test_gpu_large_against_float32_math(dtype, kw):
     got, want = _gpu_pair(2, 8, 2, 1000, 2048, 128, dtype, 0, **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), name
-        assert _rel(a, b) < 1e-2, f"{name}: relative error {_rel(a, b):.3g}"
+        # bf16/fp16 rounding of P and dS gives ~0.3-1%; a wrong tile or mask gives O(1)
+        assert _rel(a, b) < (1e-2 if name == "out" else 2e-2), f"{name}: {_rel(a, b):.3g}"
 
 
 @pytest.mark.gpu
@@ -716,3 +717,23 @@ def test_autotuners_build_and_prune(monkeypatch):
     assert decode.prune_configs(
         {"BLOCK_D": 128, "BLOCK_DV": 128, "TUNE_Q": 1, "TUNE_K": 131072, "BLOCK_M": 16}
     )
+
+
+def test_tma_failure_falls_back_to_pointers(dev, monkeypatch):
+    """A TMA kernel that cannot be built is reported once and the pointer kernel runs."""
+    real = host._tma_args
+
+    def broken(k, v, tma):
+        if tma:
+            raise RuntimeError("no TMA here")
+        return real(k, v, tma)
+
+    monkeypatch.setattr(host, "_use_tma", lambda k, v: True)
+    monkeypatch.setattr(host, "_tma_args", broken)
+    monkeypatch.setattr(host, "_TMA_VERIFIED", {})
+    q, k, v = make_qkv(1, 2, 2, 37, 67, 32, seed=14)
+    with pytest.warns(RuntimeWarning, match="TMA kernel failed"):
+        out = run(q, k, v, dev, causal=True)
+    ref, _ = ref_attention(q, k, v, causal=True)
+    assert max_err(out, ref) < 1e-5
+    assert host._TMA_VERIFIED[host._device_key(dev)] is False

@@ -568,10 +568,22 @@ def forward(
         return out.zero_(), lse.fill_(-math.inf)
     call = _prepare(spec, q, seed)
     use_tma = _use_tma(k, v) if tma is None else tma
-    if _use_decode(spec):
-        _decode(call, q, k, v, out, lse, use_tma, tune)
-    else:
-        _forward(call, q, k, v, out, lse, use_tma, tune)
+    run = _decode if _use_decode(spec) else _forward
+    try:
+        run(call, q, k, v, out, lse, use_tma, tune)
+    except Exception as exc:
+        if not use_tma or tma is not None:
+            raise
+        # a TMA variant this Triton cannot build (the probe covers one dtype and head dim):
+        # remember, warn once, and run the pointer kernel
+        _TMA_VERIFIED[_device_key(q.device)] = False
+        warnings.warn(
+            f"selfattn: TMA kernel failed ({type(exc).__name__}: {str(exc)[:200]}); "
+            "using pointers from now on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        run(call, q, k, v, out, lse, False, tune)
     return out, lse
 
 
@@ -641,9 +653,15 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     return _tma_probe(k.device)
 
 
+def _device_key(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def _tma_probe(device: torch.device) -> bool:
     """Run a small causal call with and without TMA; keep TMA only if they agree."""
-    key = torch.cuda.current_device() if device.index is None else device.index
+    key = _device_key(device)
     if key in _TMA_VERIFIED:
         return _TMA_VERIFIED[key]
     _TMA_VERIFIED[key] = False  # also while probing: no recursion
