@@ -275,12 +275,17 @@ def cases(smoke: bool, device: torch.device) -> list[tuple[str, list[dict], list
     head = [plain("bfloat16", 128 if not smoke else 32, n, c, m)
             for m in ("fwd", "fwd_bwd") for c in (False, True) for n in ns]  # fmt: skip
     sections.append(("bf16 D128 sweep", head, ["triton", *SDPA]))
-    rest = [plain(dt, d, n, c, m)
-            for dt, d in (("float16", 128), ("bfloat16", 64), ("float16", 64))
-            for m in ("fwd", "fwd_bwd") for c in (False, True) for n in ns_short]  # fmt: skip
-    if smoke:
-        rest = rest[:2]
-    sections.append(("fp16 and D64 sweep", rest, ["triton", *SDPA]))
+    # decode: Nq = 1 over a long cache, GQA 32 -> 8
+    dec = []
+    for nk in [512] if smoke else [32768, 131072]:
+        hq, hkv, d = (4, 2, 32) if smoke else (32, 8, 128)
+        kv_bytes = 2 * hkv * nk * d * 2
+        dec.append({
+            "case": f"decode Nq1 Nk{nk} GQA {hq}->{hkv}", "dtype": "bfloat16", "mode": "fwd",
+            "shape": (1, hq, hkv, 1, nk, d), "kw": {},
+            "flops": attn_flops(1, hq, 1, nk, d, False, "fwd"), "bytes": kv_bytes,
+        })  # fmt: skip
+    sections.append(("decode", dec, ["triton", *SDPA, "flex"]))
 
     # causal sliding window (4096, 0) at 32k, and packed documents at 16k: against Flex
     n, w = (256, 32) if smoke else (32768, 4096)
@@ -317,17 +322,12 @@ def cases(smoke: bool, device: torch.device) -> list[tuple[str, list[dict], list
     ]
     sections.append(("window and packed documents", win + docs, ["triton", "flex"]))
 
-    # decode: Nq = 1 over a long cache, GQA 32 -> 8
-    dec = []
-    for nk in [512] if smoke else [32768, 131072]:
-        hq, hkv, d = (4, 2, 32) if smoke else (32, 8, 128)
-        kv_bytes = 2 * hkv * nk * d * 2
-        dec.append({
-            "case": f"decode Nq1 Nk{nk} GQA {hq}->{hkv}", "dtype": "bfloat16", "mode": "fwd",
-            "shape": (1, hq, hkv, 1, nk, d), "kw": {},
-            "flops": attn_flops(1, hq, 1, nk, d, False, "fwd"), "bytes": kv_bytes,
-        })  # fmt: skip
-    sections.append(("decode", dec, ["triton", *SDPA, "flex"]))
+    rest = [plain(dt, d, n, c, m)
+            for dt, d in (("float16", 128), ("bfloat16", 64), ("float16", 64))
+            for m in ("fwd", "fwd_bwd") for c in (False, True) for n in ns_short]  # fmt: skip
+    if smoke:
+        rest = rest[:2]
+    sections.append(("fp16 and D64 sweep", rest, ["triton", *SDPA]))
 
     # compiled FlexAttention on the plain sweep too, at the longest length (compiles are slow)
     n = 128 if smoke else 16384

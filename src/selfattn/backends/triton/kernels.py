@@ -13,6 +13,7 @@ Kernels, top to bottom:
   ``bwd_preprocess``  ``delta_i = rowsum(dO_i * O_i) - dlse_i`` and the base-2 lse.
   ``bwd_dkdv``        per key tile: dK, dV, summed over the query heads of its group (no atomics).
   ``bwd_dq``          per query tile: dQ, and the gradients of ``bias`` and ALiBi slopes.
+  ``attn_probs``      the softmax probabilities of chosen rows and heads (``attention_weights``).
 
 Visibility. Query row ``i`` sits at position ``i' = i + OFF`` (``OFF = Nk - Nq``). For a tile of
 rows, ``_span`` turns causal/window bounds and the per-row segment ranges computed by the host
@@ -27,6 +28,11 @@ never reaches a row that cannot see it, while rows that see it still get NaN.
 
 Dropout uses the counter-based hash of ``selfattn._rng`` in uint32 arithmetic, so every backend
 draws the same mask for the same seed and backward regenerates it.
+
+Hopper: the forward and decode kernels can read K/V through TMA descriptors (``USE_TMA``); the
+matrix products compile to ``wgmma`` on sm_90 (see ``benchmarks/triton_aot_check.py``). Under
+Triton's interpreter, bfloat16 operands are widened to float32 before ``tl.dot`` (``UPCAST``),
+which the interpreter cannot multiply (triton-lang/triton#11584).
 """
 
 from __future__ import annotations
