@@ -8,6 +8,12 @@ dtype and length, and :class:`TritonAttention` wires forward and backward into a
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter
 with fixed small tiles (``INTERPRET_BLOCKS``) instead of autotuning; the kernel module is loaded
 once per mode because ``triton.jit`` decides at decoration time whether to interpret.
+
+Environment knobs (read at import, or per call where noted):
+  ``SELFATTN_TRITON_AUTOTUNE=0``       no autotuning: the first candidate tile that fits runs.
+  ``SELFATTN_TRITON_MAX_CONFIGS=n``    autotune at most n candidates per kernel (per call).
+  ``SELFATTN_TRITON_TMA=auto|1|0``     TMA descriptors for K/V in the forward kernels.
+  ``SELFATTN_TRITON_DECODE=auto|always|never``  the split-K kernel for Nq <= 16.
 """
 
 from __future__ import annotations
@@ -49,12 +55,12 @@ LOG2E = 1.4426950408889634
 
 # Tiles used under the interpreter (no autotuning there); tests change them to cover more paths.
 INTERPRET_BLOCKS: dict[str, Any] = {
-    "fwd": (16, 16),  # BLOCK_M, BLOCK_N
-    "dkdv": (16, 16),
-    "dq": (16, 16),
-    "decode_n": 16,  # BLOCK_N of the decode kernel
+    "fwd": (32, 32),  # BLOCK_M, BLOCK_N
+    "dkdv": (32, 32),
+    "dq": (32, 32),
+    "decode_n": 32,  # BLOCK_N of the decode kernel
     "decode_splits": None,  # None: the host's choice; an int forces that many splits
-    "probs": (16, 16),
+    "probs": (32, 32),
 }
 # "auto" uses the split-K decode kernel for Nq <= DECODE_MAX_NQ over long caches; tests force it.
 DECODE_MODE = os.environ.get("SELFATTN_TRITON_DECODE", "auto")  # auto | always | never
