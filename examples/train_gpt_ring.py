@@ -11,7 +11,8 @@ trains the same model on the whole sequences in one process and compares the los
     torchrun --nproc-per-node 2 examples/train_gpt_ring.py --dtype float64
 
 On GPUs (one per rank) the same script runs with ``--backend nccl``. The data are Python's own
-help texts (``pydoc_data.topics``, character level), as in ``examples/train_gpt.py``.
+help texts (``pydoc_data.topics``, character level), read and batched by
+``selfattn.trainer`` as in ``examples/train_gpt.py``.
 """
 
 from __future__ import annotations
@@ -31,25 +32,13 @@ import torch.nn.functional as F
 from selfattn.distributed import ring_attention, shard
 from selfattn.layers import MultiHeadSelfAttention
 from selfattn.models import GPT
-
-
-def load_text() -> torch.Tensor:
-    """The characters of ``pydoc_data.topics`` as ids (B, N) source, and the vocabulary size."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[name] for name in sorted(topics))
-    chars = sorted(set(text))
-    lookup = {c: i for i, c in enumerate(chars)}
-    return torch.tensor([lookup[c] for c in text], dtype=torch.long)
+from selfattn.trainer import char_ids, load_corpus, random_windows
 
 
 def batch(data: torch.Tensor, step: int, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """The same (B, N) inputs and next-character targets on every rank (seeded by the step)."""
     gen = torch.Generator().manual_seed(1000 + step)
-    starts = torch.randint(0, len(data) - args.seq_len - 1, (args.batch_size,), generator=gen)
-    x = torch.stack([data[s : s + args.seq_len] for s in starts.tolist()])  # (B, N)
-    y = torch.stack([data[s + 1 : s + args.seq_len + 1] for s in starts.tolist()])
-    return x, y
+    return random_windows(data, args.batch_size, args.seq_len, gen)
 
 
 def ring_self_attention(
@@ -190,8 +179,8 @@ def main() -> None:
     if args.backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    data = load_text()
-    vocab = int(data.max()) + 1
+    data, chars = char_ids(load_corpus())
+    vocab = len(chars)
     ring, ring_s = train_sharded(data, vocab, args, device)
     dist.destroy_process_group()
     if rank != 0:

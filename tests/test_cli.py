@@ -285,7 +285,7 @@ def test_train_vit_checkpoint_curve_and_pictures(tmp_path, capsys):
     from safetensors.torch import load_model
 
     from selfattn.models import ViT
-    from selfattn.trainer import TrainConfig, _VitTask
+    from selfattn.trainer import TrainConfig, VitTask
 
     out = tmp_path / "vit"
     argv = ["train", "vit", "--steps", "4", "--batch-size", "16", "--eval-every", "2",
@@ -305,7 +305,7 @@ def test_train_vit_checkpoint_curve_and_pictures(tmp_path, capsys):
                 embed_dim=64, num_layers=4, num_heads=4)  # fmt: skip
     load_model(model, str(out / "model.safetensors"))
     model.eval()
-    task = _VitTask(TrainConfig(task="vit", batch_size=16).resolved())
+    task = VitTask(TrainConfig(task="vit", batch_size=16).resolved())
     assert task.evaluate(model)["test_accuracy"] == res["final"]["test_accuracy"]
     inputs, tokens = task.picture_input()
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -275,3 +276,35 @@ def test_committed_training_results_meet_the_targets():
     vit = json.loads((results / "vit_results.json").read_text())
     assert gpt["val_loss"] < 0.7 * gpt["unigram_loss"]
     assert vit["test_accuracy"] >= 0.95
+
+
+def test_trainer_data_helpers():
+    """The corpus/batching helpers the examples, the ring example and the command share."""
+    from selfattn.trainer import char_ids, random_windows, shift_images, unigram_loss
+
+    x, y = random_windows(torch.arange(50), 3, 7, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (3, 7) and torch.equal(y, x + 1)  # targets: one place later
+    ids, chars = char_ids("abca")
+    assert chars == ["a", "b", "c"] and ids.tolist() == [0, 1, 2, 0]
+    # add-one smoothing over {a, b}: p(a) = 3/5, p(b) = 2/5
+    assert unigram_loss("aab", "ab") == pytest.approx(-(math.log(0.6) + math.log(0.4)) / 2)
+    img = torch.zeros(64, 1, 8, 8)
+    img[:, 0, 4, 3] = 1.0
+    moved = shift_images(img, torch.Generator().manual_seed(0))
+    where = moved[:, 0].nonzero()[:, 1:]  # (64, 2) the pixel's new place
+    assert moved.shape == img.shape and len(where) == 64
+    assert set(map(tuple, (where - torch.tensor([4, 3])).tolist())) == {
+        (a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)
+    }
+
+
+def test_trainer_fit_errors_and_threads():
+    from selfattn.trainer import TrainConfig, fit, torch_threads
+
+    with pytest.raises(ValueError, match="resume needs the out_dir"):
+        fit(TrainConfig(task="gpt", steps=1), resume=True)
+    with pytest.raises(ValueError, match="eval_batches must be a positive int"):
+        fit(TrainConfig(task="gpt", eval_batches=0))
+    with torch_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 1  # the module's fixture value, restored

@@ -608,7 +608,7 @@ def _add_train(sub) -> None:
 
 def cmd_train(args: argparse.Namespace, con) -> int:
     """Train with a progress bar; checkpoint, loss curve and attention pictures into --out."""
-    from selfattn.trainer import TrainConfig
+    from selfattn.trainer import TrainConfig, torch_threads
 
     out = _out_dir(args.out)
     cfg = TrainConfig(task=args.model, steps=args.steps, batch_size=args.batch_size or 0,
@@ -617,13 +617,8 @@ def cmd_train(args: argparse.Namespace, con) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA device here")
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _train_with_bar(args, cfg, out, con)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_with_bar(args: argparse.Namespace, cfg, out: Path, con) -> int:

@@ -1,18 +1,21 @@
-"""The loop behind ``selfattn train``: the small GPT (Python's help texts) and ViT (8x8 digits) of
-``examples/train_gpt.py`` and ``examples/train_vit.py``, with safetensors checkpoints, exact resume,
-a per-step callback for progress bars, a loss curve and the trained model's attention pictures.
+"""The training loop of selfattn's small models, behind ``selfattn train`` and the examples
+(``examples/train_gpt.py``, ``examples/train_vit.py``): the two tasks' data, one loop with
+safetensors checkpoints and exact resume, a loss curve and the trained model's attention pictures.
 
-The data and settings follow the examples (which stay the short scripts a user copies); this
-module adds what a command needs: the optimiser state and the batch generator are saved with the
-weights, so ``--resume`` continues exactly where the run stopped.
+:func:`fit` is the loop (it returns the trained model); :func:`train` is what the command runs:
+:func:`fit` with a checkpoint at every evaluation, then ``results.json``, ``loss.png`` and the
+pictures. The optimiser state and the batch generator are saved with the weights, so ``resume``
+continues exactly where the run stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TASKS", "TrainConfig", "attention_maps", "train"]
+__all__ = [
+    "TASKS",
+    "GptTask",
+    "Run",
+    "TrainConfig",
+    "VitTask",
+    "attention_maps",
+    "char_ids",
+    "fit",
+    "load_corpus",
+    "load_digits",
+    "plot_loss",
+    "random_windows",
+    "shift_images",
+    "torch_threads",
+    "train",
+    "unigram_loss",
+]
 
 TASKS = ("gpt", "vit")
 
@@ -36,9 +56,11 @@ class TrainConfig:
         batch_size: sequences (gpt) or images (vit) per step.
         lr: peak AdamW learning rate: linear warm-up over 5% of ``steps``, cosine decay to 10%.
         eval_every: steps between evaluations (and the last step).
+        eval_batches: held-out batches of ``batch_size`` windows per evaluation (gpt; the vit
+            task evaluates on the whole test split).
         seed: seeds the model, the batches and the split.
         device: "cpu" or "cuda".
-        model: model sizes (defaults per task, as in the examples).
+        model: model sizes (defaults per task; the examples' models).
     """
 
     task: str = "gpt"
@@ -46,6 +68,7 @@ class TrainConfig:
     batch_size: int = 0  # 0: the task's default
     lr: float = 0.0  # 0: the task's default
     eval_every: int = 50
+    eval_batches: int = 8
     seed: int = 0
     device: str = "cpu"
     model: dict[str, Any] = field(default_factory=dict)
@@ -54,7 +77,7 @@ class TrainConfig:
         """A copy with the task's defaults filled in; raises ValueError on a bad setting."""
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("steps", "eval_every"):
+        for name in ("steps", "eval_every", "eval_batches"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.batch_size < 0 or self.lr < 0:
@@ -71,31 +94,125 @@ class TrainConfig:
             raise ValueError(f"unknown model settings {sorted(unknown)} for {self.task}")
         return TrainConfig(
             task=self.task, steps=self.steps, batch_size=self.batch_size or batch,
-            lr=self.lr or lr, eval_every=self.eval_every, seed=self.seed, device=self.device,
-            model={**sizes, **self.model},
+            lr=self.lr or lr, eval_every=self.eval_every, eval_batches=self.eval_batches,
+            seed=self.seed, device=self.device, model={**sizes, **self.model},
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``threads`` inside the block (left alone when None), and
+    restored after it. On a busy machine 1 thread is often the fastest."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# -- the data -----------------------------------------------------------------------------------
+
+
+def load_corpus() -> str:
+    """Every ``pydoc_data.topics`` help text (about 465k characters that ship with Python, so
+    nothing is downloaded), in sorted topic order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def unigram_loss(train_text: str, val_text: str) -> float:
+    """Cross-entropy (nats/char) of ``val_text`` under the character frequencies of
+    ``train_text`` (add-one smoothed over the characters of both): the baseline a character
+    model has to beat."""
+    counts = Counter(train_text)
+    alphabet = set(train_text) | set(val_text)
+    total = len(train_text) + len(alphabet)
+    nll = -sum(c * math.log((counts[ch] + 1) / total) for ch, c in Counter(val_text).items())
+    return nll / len(val_text)
+
+
+def char_ids(text: str) -> tuple[torch.Tensor, list[str]]:
+    """A character-level vocabulary: ``text`` as ids (T,) int64, and the sorted characters
+    (id i stands for ``chars[i]``)."""
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    return torch.tensor([lookup[c] for c in text], dtype=torch.long), chars
+
+
+def random_windows(
+    data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` windows of ``seq_len`` ids at random places of ``data`` (T,), and the ids
+    one place later (the next-token targets): two (B, N) tensors."""
+    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s : s + seq_len] for s in starts.tolist()])  # (B, N)
+    y = torch.stack([data[s + 1 : s + seq_len + 1] for s in starts.tolist()])  # (B, N)
+    return x, y
+
+
+def load_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 bundled 8x8 digits, split 80/20 (stratified, ``random_state=seed``).
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``: float images (N, 1, 8, 8) in [0, 1] and int64
+        labels (N,).
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    tr, te = train_test_split(list(range(len(y))), test_size=0.2, random_state=seed,
+                              stratify=digits.target)  # fmt: skip
+    return x[tr], y[tr], x[te], y[te]
+
+
+def shift_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Augmentation: each image (B, C, H, W) moved by up to one pixel each way (zero fill)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))  # (B, C, H + 2, W + 2)
+    dy, dx = torch.randint(0, 3, (2, x.shape[0]), generator=generator).tolist()
+    return torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(zip(dy, dx))])
 
 
 # -- the two tasks ------------------------------------------------------------------------------
 
 
-class _GptTask:
-    """Next-character prediction on every ``pydoc_data.topics`` text; the last 10% held out."""
+class GptTask:
+    """Next-character prediction on :func:`load_corpus`; the last 10% held out.
+
+    Attributes:
+        chars: the vocabulary (sorted characters); ``encode``/``decode`` map to and from ids.
+        train_data, val_data: the two parts of the text as ids (T,).
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[name] for name in sorted(topics))
-        self.chars = sorted(set(text))
-        stoi = {c: i for i, c in enumerate(self.chars)}
-        data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
-        split = int(0.9 * len(data))
-        self.train_data, self.val_data = data[:split], data[split:]
+        self.text = load_corpus()
+        data, self.chars = char_ids(self.text)
+        self._ids = {c: i for i, c in enumerate(self.chars)}
+        self.split = int(0.9 * len(data))
+        self.train_data, self.val_data = data[: self.split], data[self.split :]
         self.cfg = cfg
         self.seq_len = cfg.model["seq_len"]
         self.tokens_per_step = cfg.batch_size * self.seq_len
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.val_batches = [self._windows(self.val_data, gen) for _ in range(8)]
+        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same held-out batches every time
+        self.val_batches = [self._windows(self.val_data, gen) for _ in range(cfg.eval_batches)]
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Characters -> ids (T,) int64 on the CPU."""
+        return torch.tensor([self._ids[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        """Ids (T,) -> characters."""
+        return "".join(self.chars[i] for i in torch.as_tensor(ids).tolist())
+
+    def unigram_loss(self) -> float:
+        """The held-out text's loss under the training text's character frequencies."""
+        return unigram_loss(self.text[: self.split], self.text[self.split :])
 
     def build(self) -> nn.Module:
         from .models import GPT
@@ -105,11 +222,7 @@ class _GptTask:
         return GPT(len(self.chars), max_len=seq_len, positions="rope", device=self.cfg.device, **m)
 
     def _windows(self, data: torch.Tensor, gen: torch.Generator):
-        starts = torch.randint(
-            0, len(data) - self.seq_len - 1, (self.cfg.batch_size,), generator=gen
-        )
-        x = torch.stack([data[s : s + self.seq_len] for s in starts.tolist()])  # (B, N)
-        y = torch.stack([data[s + 1 : s + self.seq_len + 1] for s in starts.tolist()])
+        x, y = random_windows(data, self.cfg.batch_size, self.seq_len, gen)
         return x.to(self.cfg.device), y.to(self.cfg.device)
 
     def loss(self, model: nn.Module, gen: torch.Generator) -> torch.Tensor:
@@ -128,20 +241,13 @@ class _GptTask:
         return {"idx": ids[None].to(self.cfg.device)}, labels
 
 
-class _VitTask:
-    """Classify sklearn's 8x8 handwritten digits (stratified 80/20 split), 2x2 patches."""
+class VitTask:
+    """Classify :func:`load_digits` (stratified 80/20 split) in 2x2 patches, with
+    :func:`shift_images` augmentation and label smoothing."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-        y = torch.tensor(digits.target, dtype=torch.long)
-        tr, te = train_test_split(list(range(len(y))), test_size=0.2, random_state=cfg.seed,
-                                  stratify=digits.target)  # fmt: skip
-        self.x_train, self.y_train = x[tr], y[tr]
-        self.x_test, self.y_test = x[te].to(cfg.device), y[te].to(cfg.device)
+        self.x_train, self.y_train, x_test, y_test = load_digits(cfg.seed)
+        self.x_test, self.y_test = x_test.to(cfg.device), y_test.to(cfg.device)
         self.cfg = cfg
         self.tokens_per_step = cfg.batch_size * (1 + 16)  # class token + 16 patches per image
 
@@ -153,10 +259,7 @@ class _VitTask:
 
     def loss(self, model: nn.Module, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(self.y_train), (self.cfg.batch_size,), generator=gen)
-        x = F.pad(self.x_train[idx], (1, 1, 1, 1))  # shift each image by up to one pixel
-        dy, dx = torch.randint(0, 3, (2, len(idx)), generator=gen).tolist()
-        x = torch.stack([x[i, :, a : a + 8, b : b + 8] for i, (a, b) in enumerate(zip(dy, dx))])
-        logits = model(x.to(self.cfg.device))
+        logits = model(shift_images(self.x_train[idx], gen).to(self.cfg.device))
         return F.cross_entropy(logits, self.y_train[idx].to(self.cfg.device), label_smoothing=0.1)
 
     @torch.no_grad()
@@ -171,8 +274,8 @@ class _VitTask:
         return {"images": self.x_test[:1]}, labels
 
 
-def _task(cfg: TrainConfig):
-    return _GptTask(cfg) if cfg.task == "gpt" else _VitTask(cfg)
+def _task(cfg: TrainConfig) -> GptTask | VitTask:
+    return GptTask(cfg) if cfg.task == "gpt" else VitTask(cfg)
 
 
 # -- attention pictures of our own models -------------------------------------------------------
@@ -262,25 +365,63 @@ def _load(out: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def train(
+@dataclass
+class Run:
+    """What :func:`fit` leaves behind.
+
+    Attributes:
+        config: the resolved :class:`TrainConfig`.
+        task: the task's data (a :class:`GptTask` has the vocabulary: ``encode``/``decode``).
+        model: the trained model (in eval mode).
+        start_step: the step the run started from (0, or the checkpoint's with ``resume``).
+        train_curve: ``[step, loss]`` for every step since 0 (a resumed run's included).
+        eval_curve: ``[step, metrics]`` for every evaluation.
+        wall_time_s: seconds the steps of this call took.
+        threads: torch's CPU threads during the steps.
+    """
+
+    config: TrainConfig
+    task: GptTask | VitTask
+    model: nn.Module
+    start_step: int
+    train_curve: list[list[float]]
+    eval_curve: list[list[Any]]
+    wall_time_s: float
+    threads: int
+
+    @property
+    def step(self) -> int:
+        """The last step trained (``config.steps``, or ``start_step`` if that was beyond it)."""
+        return max(self.start_step, self.config.steps)
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last evaluation's metrics ({} when no step ran)."""
+        return self.eval_curve[-1][1] if self.eval_curve else {}
+
+    def state(self) -> dict[str, Any]:
+        """The JSON-able state the checkpoints carry: config, step and the curves."""
+        return {"config": asdict(self.config), "step": self.step,
+                "train_curve": self.train_curve, "eval_curve": self.eval_curve}  # fmt: skip
+
+
+def fit(
     cfg: TrainConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     resume: bool = False,
     on_step: Callable[[int, float, float], None] | None = None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
-    """Train, checkpoint and draw.
-
-    Writes into ``out_dir``: ``model.safetensors`` (weights; config and curves in its metadata),
-    ``optimizer.safetensors`` (AdamW moments and the batch generator, for ``resume``), both
-    rewritten at every evaluation so that an interrupted run can resume from the last one,
-    ``results.json``, ``loss.png`` and the attention pictures of the trained model
-    (``attention_grid.png``, ``head_L*_H*.png``, ``rollout.png``, ``head_view.html``).
+) -> Run:
+    """The training loop: AdamW (weight decay 0.1 on matrices only, betas 0.9/0.95), linear
+    warm-up over 5% of the steps then cosine decay to 10% of ``cfg.lr``, gradients clipped to
+    norm 1, an evaluation every ``cfg.eval_every`` steps and at the last.
 
     Args:
         cfg: the run (see :class:`TrainConfig`).
-        out_dir: the folder.
+        out_dir: when given, ``model.safetensors`` (weights; config and curves in its metadata)
+            and ``optimizer.safetensors`` (AdamW moments and the batch generator) are rewritten
+            there at every evaluation, so that an interrupted run can resume from the last one.
         resume: continue from the checkpoint in ``out_dir`` up to ``cfg.steps`` (the checkpoint's
             task and model must match ``cfg``). The learning-rate schedule spans ``cfg.steps``,
             so resuming with the same ``steps`` reproduces the uninterrupted run exactly.
@@ -288,25 +429,28 @@ def train(
         on_eval: called as ``on_eval(step, metrics)`` after each evaluation.
 
     Returns:
-        The results (also in ``results.json``): ``config``, ``start_step``, ``train_curve``,
-        ``eval_curve``, the final metrics, ``params``, ``wall_time_s`` and the files written.
+        :class:`Run`: the trained model, its task and the curves.
 
     Raises:
         ValueError: bad settings, or ``resume`` with no or a mismatching checkpoint.
     """
     cfg = cfg.resolved()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = None if out_dir is None else Path(out_dir)
+    if resume and out is None:
+        raise ValueError("resume needs the out_dir that holds the checkpoint")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     task = _task(cfg)
     model = task.build()
+    # weight decay on matrices only (not on norms, biases)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, train_curve, eval_curve = 0, [], []
+    run = Run(cfg, task, model, 0, [], [], 0.0, torch.get_num_threads())
     if resume:
         if (
             not (out / "model.safetensors").is_file()
@@ -320,7 +464,9 @@ def train(
                 f"--resume: the checkpoint in {out} is {saved['task']} {saved['model']}, "
                 f"not {cfg.task} {cfg.model}"
             )
-        start, train_curve, eval_curve = state["step"], state["train_curve"], state["eval_curve"]
+        run.start_step, run.train_curve, run.eval_curve = (
+            state["step"], state["train_curve"], state["eval_curve"]
+        )  # fmt: skip
     warmup = max(1, cfg.steps // 20)
 
     def lr_at(step: int) -> float:
@@ -331,7 +477,7 @@ def train(
 
     t0 = time.perf_counter()
     model.train()
-    for step in range(start, cfg.steps):
+    for step in range(run.start_step, cfg.steps):
         t_step = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -341,51 +487,102 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         value = loss.item()
-        train_curve.append([step + 1, value])
+        run.train_curve.append([step + 1, value])
         if on_step is not None:
             on_step(step + 1, value, task.tokens_per_step / (time.perf_counter() - t_step))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
             metrics = task.evaluate(model)
             model.train()
-            eval_curve.append([step + 1, metrics])
-            # a checkpoint at every evaluation: an interrupted run resumes from the last one
-            state = {"config": asdict(cfg), "step": step + 1, "train_curve": train_curve,
-                     "eval_curve": eval_curve}  # fmt: skip
-            _save(out, model, opt, gen, state)
+            run.eval_curve.append([step + 1, metrics])
+            if out is not None:  # a checkpoint at every evaluation: resume from the last one
+                _save(out, model, opt, gen, {**run.state(), "step": step + 1})
             if on_eval is not None:
                 on_eval(step + 1, metrics)
-    wall = time.perf_counter() - t0
-    state = {"config": asdict(cfg), "step": max(start, cfg.steps), "train_curve": train_curve,
-             "eval_curve": eval_curve}  # fmt: skip
-    files = {"model": out / "model.safetensors", "optimizer": out / "optimizer.safetensors"}
-    files["loss"] = _plot_loss(state, out / "loss.png")
+    model.eval()
+    run.wall_time_s = time.perf_counter() - t0
+    return run
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, float, float], None] | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train with checkpoints (:func:`fit`), then write the results, the loss curve and the
+    trained model's attention pictures.
+
+    Writes into ``out_dir``: ``model.safetensors`` and ``optimizer.safetensors`` (the checkpoint
+    of the last evaluation, see :func:`fit`), ``results.json``, ``loss.png`` and the attention
+    pictures (``attention_grid.png``, ``head_L*_H*.png``, ``rollout.png``, ``head_view.html``).
+
+    Args:
+        cfg: the run (see :class:`TrainConfig`).
+        out_dir: the folder.
+        resume, on_step, on_eval: as for :func:`fit`.
+
+    Returns:
+        The results (also in ``results.json``): ``config``, ``start_step``, ``train_curve``,
+        ``eval_curve``, the final metrics, ``params``, ``wall_time_s`` and the files written.
+
+    Raises:
+        ValueError: bad settings, or ``resume`` with no or a mismatching checkpoint.
+    """
     from .viz import write_pictures
 
-    inputs, tokens = task.picture_input()
-    maps = attention_maps(model, inputs, tokens)
-    title = f"{cfg.task} after {state['step']} steps"
+    out = Path(out_dir)
+    run = fit(cfg, out, resume=resume, on_step=on_step, on_eval=on_eval)
+    state = run.state()
+    files = {"model": out / "model.safetensors", "optimizer": out / "optimizer.safetensors"}
+    title = f"{run.config.task}: {run.step} steps"
+    files["loss"] = plot_loss(out / "loss.png", run.train_curve, run.eval_curve, title=title)
+    inputs, tokens = run.task.picture_input()
+    maps = attention_maps(run.model, inputs, tokens)
+    title = f"{run.config.task} after {run.step} steps"
     files.update(write_pictures(maps, out, title=title))
     results = {
         **state,
-        "start_step": start,
-        "final": eval_curve[-1][1] if eval_curve else {},
-        "params": sum(p.numel() for p in model.parameters()),
-        "wall_time_s": round(wall, 2),
+        "start_step": run.start_step,
+        "final": run.final,
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "wall_time_s": round(run.wall_time_s, 2),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": run.threads,
         "files": {k: str(v) for k, v in files.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
-def _plot_loss(state: dict[str, Any], path: Path) -> Path:
+def plot_loss(
+    path: str | Path,
+    train_curve: list[list[float]],
+    eval_curve: list[list[Any]],
+    *,
+    title: str,
+    baseline: tuple[str, float] | None = None,
+) -> Path:
+    """Draw a run's curves into a 770 x 440 PNG (needs matplotlib).
+
+    Args:
+        path: the PNG.
+        train_curve: ``[step, loss]`` pairs (drawn with a running mean when there are many).
+        eval_curve: ``[step, metrics]`` pairs; ``val_loss``/``test_loss`` are drawn with the
+            training loss, ``test_accuracy`` on a second axis at the right.
+        title: the plot's title.
+        baseline: ``(label, loss)`` drawn as a dashed line (e.g. the unigram baseline).
+
+    Returns:
+        ``path``.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
-    steps, losses = zip(*state["train_curve"]) if state["train_curve"] else ((), ())
+    steps, losses = zip(*train_curve) if train_curve else ((), ())
     ax.plot(steps, losses, lw=0.7, alpha=0.6, label="train loss (per step)")
     if len(losses) >= 20:  # a running mean reads better than the noisy per-step loss
         k = max(5, len(losses) // 30)
@@ -393,13 +590,23 @@ def _plot_loss(state: dict[str, Any], path: Path) -> Path:
                   for i in range(len(losses))]  # fmt: skip
         ax.plot(steps, smooth, lw=1.5, label=f"train loss (mean of {k})")
     for key in ("val_loss", "test_loss"):
-        pts = [(s, m[key]) for s, m in state["eval_curve"] if key in m]
+        pts = [(s, m[key]) for s, m in eval_curve if key in m]
         if pts:
             ax.plot(*zip(*pts), "o-", ms=3, label=key.replace("_", " "))
+    if baseline is not None:
+        ax.axhline(baseline[1], color="gray", ls="--", label=baseline[0])
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
-    ax.set_title(f"{state['config']['task']}: {state['step']} steps")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend = ax
+    acc = [(s, m["test_accuracy"]) for s, m in eval_curve if "test_accuracy" in m]
+    if acc:
+        legend = ax.twinx()  # one legend, drawn above both axes' lines
+        legend.plot(*zip(*acc), "s-", ms=2, color="tab:olive", label="test accuracy")
+        legend.set_ylabel("test accuracy")
+        legend.set_ylim(0.0, 1.0)
+    handles = [h for a in dict.fromkeys([ax, legend]) for h in a.get_legend_handles_labels()[0]]
+    legend.legend(handles=handles, loc="center right" if acc else "best")
     fig.savefig(path, dpi=110)
-    return path
+    return Path(path)
