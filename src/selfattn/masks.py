@@ -205,8 +205,14 @@ class Rules:
             parts = self._data_parts(i0, i1, lo, hi, full_lo, full_hi)
         spans = []
         for a, b, full in parts:
-            for j0 in range(a, b, chunk):
-                spans.append((j0, min(j0 + chunk, b), full))
+            if b <= a:
+                continue
+            # equal chunks of at most `chunk` keys: no tiny remainder tile (e.g. the one key
+            # j = i0 that a causal row block sees in full past a multiple of `chunk`)
+            n = -(-(b - a) // chunk)
+            size = -(-(b - a) // n)
+            for j0 in range(a, b, size):
+                spans.append((j0, min(j0 + size, b), full))
         return spans
 
     def _data_parts(

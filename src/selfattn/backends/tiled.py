@@ -445,6 +445,9 @@ def _backward_part(
 # else by bands of query rows balanced by their visible keys.
 
 MIN_PARALLEL_SCORES = 1 << 18  # below this many scores a call runs in the calling thread
+# Key/value heads a worker computes together (one batched GEMM): fewer keep a tile of scores in
+# the core's own cache, more amortise the per-op Python cost.
+KV_HEADS_PER_PART = 8
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
@@ -496,7 +499,7 @@ def _split(prob: Problem, nk: int) -> tuple[list[list[Rect]], bool] | None:
             u = lo
             while u < hi:  # cut the run of units at batch boundaries
                 bi, kh = divmod(u, hkv)
-                end = min(hi, (bi + 1) * hkv)
+                end = min(hi, (bi + 1) * hkv, u + KV_HEADS_PER_PART)
                 rects.append((bi, bi + 1, kh, kh + end - u, 0, m))
                 u = end
             jobs.append(rects)
