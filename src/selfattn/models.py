@@ -35,6 +35,36 @@ def _init_weights(model: nn.Module, num_layers: int) -> None:
         nn.init.normal_(p, mean=0.0, std=std)
 
 
+def _stack(
+    num_layers: int,
+    embed_dim: int,
+    num_heads: int,
+    norm: str,
+    bias: bool,
+    factory: dict,
+    **block: Any,
+) -> tuple[nn.ModuleList, nn.Module]:
+    """``num_layers`` pre-norm :class:`TransformerBlock` s and the norm after the last one."""
+    blocks = nn.ModuleList(
+        TransformerBlock(embed_dim, num_heads, norm=norm, bias=bias, **block, **factory)
+        for _ in range(num_layers)
+    )
+    return blocks, TransformerBlock._norm(norm, embed_dim, 1e-5, bias, factory)
+
+
+def _run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, need_weights: bool, **kwargs: Any
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """(B, N, E) through every block; each block's attention probabilities when asked for."""
+    attentions = [] if need_weights else None
+    for blk in blocks:
+        x = blk(x, need_weights=need_weights, **kwargs)
+        if need_weights:
+            x, w = x
+            attentions.append(w)
+    return x, attentions
+
+
 def _check_tokens(idx: Any, vocab_size: int) -> tuple[int, int]:
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be an int torch.Tensor (B, N), got {type(idx).__name__}")
@@ -107,27 +137,12 @@ class GPT(nn.Module):
             nn.Embedding(self.max_len, embed_dim, **factory) if positions == "learned" else None
         )
         self.drop = nn.Dropout(_prob_arg("dropout", dropout))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                embed_dim,
-                num_heads,
-                num_kv_heads=num_kv_heads,
-                mlp_hidden=mlp_hidden,
-                norm=norm,
-                mlp=mlp,
-                bias=bias,
-                dropout=dropout,
-                causal=True,
-                window=window,
-                rope=positions == "rope",
-                alibi=positions == "alibi",
-                qk_norm=qk_norm,
-                backend=backend,
-                **factory,
-            )
-            for _ in range(self.num_layers)
-        )
-        self.norm = TransformerBlock._norm(norm, embed_dim, 1e-5, bias, factory)
+        self.blocks, self.norm = _stack(
+            self.num_layers, embed_dim, num_heads, norm, bias, factory,
+            num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
+            causal=True, window=window, rope=positions == "rope", alibi=positions == "alibi",
+            qk_norm=qk_norm, backend=backend,
+        )  # fmt: skip
         self.head = nn.Linear(embed_dim, self.vocab_size, bias=False, **factory)
         _init_weights(self, self.num_layers)
         self.head.weight = self.tok.weight  # tied after init: one matrix, N(0, 0.02)
@@ -333,23 +348,11 @@ class Encoder(nn.Module):
         self.tok = nn.Embedding(self.vocab_size, embed_dim, **factory)
         self.pos = nn.Embedding(self.max_len, embed_dim, **factory)
         self.drop = nn.Dropout(_prob_arg("dropout", dropout))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                embed_dim,
-                num_heads,
-                num_kv_heads=num_kv_heads,
-                mlp_hidden=mlp_hidden,
-                norm=norm,
-                mlp=mlp,
-                bias=bias,
-                dropout=dropout,
-                qk_norm=qk_norm,
-                backend=backend,
-                **factory,
-            )
-            for _ in range(self.num_layers)
-        )
-        self.norm = TransformerBlock._norm(norm, embed_dim, 1e-5, bias, factory)
+        self.blocks, self.norm = _stack(
+            self.num_layers, embed_dim, num_heads, norm, bias, factory,
+            num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
+            qk_norm=qk_norm, backend=backend,
+        )  # fmt: skip
         self.pooler = nn.Linear(embed_dim, embed_dim, **factory) if pooling == "cls" else None
         self.classifier = None
         if num_classes is not None:
@@ -380,12 +383,9 @@ class Encoder(nn.Module):
         if n > self.max_len:
             raise ValueError(f"sequence of {n} tokens exceeds max_len={self.max_len}")
         x = self.drop(self.tok(idx) + self.pos(torch.arange(n, device=idx.device)))  # (B, N, E)
-        attentions = [] if need_weights else None
-        for blk in self.blocks:
-            x = blk(x, mask=mask, segment_ids=segment_ids, need_weights=need_weights)
-            if need_weights:
-                x, w = x
-                attentions.append(w)
+        x, attentions = _run_blocks(
+            self.blocks, x, need_weights, mask=mask, segment_ids=segment_ids
+        )
         hidden = self.norm(x)
         if self.pooler is not None:
             pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (B, E)
@@ -459,23 +459,11 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory))
         self.pos = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim, **factory))
         self.drop = nn.Dropout(_prob_arg("dropout", dropout))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                embed_dim,
-                num_heads,
-                num_kv_heads=num_kv_heads,
-                mlp_hidden=mlp_hidden,
-                norm=norm,
-                mlp=mlp,
-                bias=bias,
-                dropout=dropout,
-                qk_norm=qk_norm,
-                backend=backend,
-                **factory,
-            )
-            for _ in range(self.num_layers)
-        )
-        self.norm = TransformerBlock._norm(norm, embed_dim, 1e-5, bias, factory)
+        self.blocks, self.norm = _stack(
+            self.num_layers, embed_dim, num_heads, norm, bias, factory,
+            num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
+            qk_norm=qk_norm, backend=backend,
+        )  # fmt: skip
         self.head = nn.Linear(embed_dim, _int_arg("num_classes", num_classes), **factory)
         _init_weights(self, self.num_layers)
         nn.init.normal_(self.cls, std=0.02)
@@ -509,11 +497,6 @@ class ViT(nn.Module):
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, P, E)
         cls = self.cls.expand(x.shape[0], -1, -1)  # (B, 1, E)
         x = self.drop(torch.cat([cls, x], dim=1) + self.pos)  # (B, 1 + P, E)
-        attentions = []
-        for blk in self.blocks:
-            x = blk(x, need_weights=need_weights)
-            if need_weights:
-                x, w = x
-                attentions.append(w)
+        x, attentions = _run_blocks(self.blocks, x, need_weights)
         logits = self.head(self.norm(x[:, 0]))  # the class token reads out the image
         return (logits, attentions) if need_weights else logits
