@@ -8,12 +8,14 @@ small floor for the dtype. "Plain" means the textbook formula computed in the in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from selfattn import reference
+from selfattn.trainer import torch_threads  # noqa: F401  (the tests' thread switch)
 
 # Curated odd shapes: (Nq, Nk). Lengths 1, 97, 113, 255, 257, 1023, 1025; Nq != Nk both ways.
 LENGTHS = [1, 97, 113, 255, 257, 1023, 1025]
@@ -55,37 +57,9 @@ def ref_attention(q, k, v, **kwargs) -> tuple[np.ndarray, np.ndarray]:
 
 def plain_attention(q, k, v, **kwargs) -> torch.Tensor:
     """The textbook formula in the inputs' own dtype (the yardstick of the tolerance rule)."""
-    dt = q.dtype
-    hq, hkv = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(hq // hkv, dim=1)
-    v = v.repeat_interleave(hq // hkv, dim=1)
-    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
-    scale = kwargs.get("scale") or 1.0 / math.sqrt(d)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if kwargs.get("softcap"):
-        c = kwargs["softcap"]
-        s = c * torch.tanh(s / c)
-    if kwargs.get("bias") is not None:
-        s = s + kwargs["bias"].to(dt)
-    if kwargs.get("alibi_slopes") is not None:
-        sl = kwargs["alibi_slopes"].to(dt)
-        i = torch.arange(nq)[:, None] + nk - nq
-        dist = (i - torch.arange(nk)[None]).abs().to(dt)
-        s = s - sl[..., None, None] * dist
-    seg = kwargs.get("segment_ids")
-    if isinstance(seg, torch.Tensor):
-        seg = (seg.numpy(), seg.numpy())
-    elif seg is not None:
-        seg = tuple(x.numpy() for x in seg)
-    vis = reference.visibility(
-        nq, nk, causal=kwargs.get("causal", False), window=kwargs.get("window"),
-        mask=to_np(kwargs.get("mask")), segment_ids=seg, q_ndim=4,
-    )  # fmt: skip
-    vis_t = torch.from_numpy(np.ascontiguousarray(vis))
-    s = s.masked_fill(~vis_t, -math.inf)
-    p = torch.softmax(s, dim=-1)
+    p = torch.softmax(plain_scores(q, k, **kwargs), dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
-    return p @ v
+    return p @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
 
 
 def max_err(a: torch.Tensor | np.ndarray, ref: np.ndarray) -> float:
@@ -110,6 +84,24 @@ def assert_close(
     assert err <= tol, f"{what}: error {err:.3g} > {tol:.3g} (plain {dtype} error {base:.3g})"
 
 
+def gen(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def packed_ids(b: int, n: int, seed: int, *, pad: int = 5, shortest: int = 1) -> torch.Tensor:
+    """(B, N) ids of packed documents of random lengths (at least ``shortest``); odd batch
+    elements end in ``pad`` padding positions (-1)."""
+    g = gen(seed)
+    ids = torch.empty(b, n, dtype=torch.int64)
+    for i in range(b):
+        cuts = torch.randint(shortest, max(shortest + 1, n // 3), (n,), generator=g).cumsum(0)
+        ids[i] = torch.bucketize(torch.arange(n), cuts, right=True)
+        if i % 2 == 1 and n > pad:
+            ids[i, n - pad :] = -1
+    return ids
+
+
 def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float32, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     dv = d if dv is None else dv
@@ -120,6 +112,23 @@ def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float32, seed=0, requir
         for t in (q, k, v):
             t.requires_grad_(True)
     return q, k, v
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A named attention problem: batch, query and key/value heads, lengths, head dims."""
+
+    name: str
+    b: int
+    hq: int
+    hkv: int
+    nq: int
+    nk: int
+    d: int
+    dv: int | None = None
+
+    def qkv(self, dtype, seed=0):
+        return make_qkv(self.b, self.hq, self.hkv, self.nq, self.nk, self.d, self.dv, dtype, seed)
 
 
 # --- Running backends, and float64 oracles for gradients and weights ---------------------------
@@ -151,7 +160,7 @@ def run_backend(backend: str, q, k, v, **kwargs):
 def plain_scores(q, k, **kwargs) -> torch.Tensor:
     """Scores after steps 1-5 in q's dtype, invisible ones -inf, (B, Hq, Nq, Nk); differentiable.
 
-    The same textbook formula as :func:`plain_attention`, stopping before the softmax.
+    Steps 1-5 of the textbook formula that :func:`plain_attention` completes.
     """
     dt = q.dtype
     hq, hkv = q.shape[1], k.shape[1]
@@ -217,17 +226,3 @@ def grads(out: torch.Tensor, inputs, dout: torch.Tensor) -> list[torch.Tensor | 
     got = torch.autograd.grad(out, live, dout.to(out.dtype), allow_unused=True)
     it = iter(got)
     return [None if t is None else next(it) for t in inputs]
-
-
-class torch_threads:
-    """Context manager: run the body with ``n`` torch intra-op threads, then restore."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.saved)

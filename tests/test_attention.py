@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -22,9 +21,12 @@ import selfattn
 from helpers import (
     CPU_BACKENDS,
     ERR_FLOOR,
+    Shape,
     assert_close,
+    gen,
     make_qkv,
     max_err,
+    packed_ids,
     plain_attention,
     ref_attention,
     run_backend,
@@ -33,60 +35,24 @@ from helpers import (
 )
 from selfattn.backends.tiled import BLOCK_N
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
-    threads make every op slower. The tiled engine's own thread split is tested on purpose
-    (``*_threaded_*`` tests, with 2 threads)."""
-    with torch_threads(1):
-        yield
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    b: int
-    hq: int
-    hkv: int
-    nq: int
-    nk: int
-    d: int
-    dv: int | None = None
-
-    def qkv(self, dtype, seed=0):
-        return make_qkv(self.b, self.hq, self.hkv, self.nq, self.nk, self.d, self.dv, dtype, seed)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def segment_ids(b: int, n: int, seed: int, pad: int = 5) -> torch.Tensor:
-    """(B, N) ids of packed documents of random lengths; batch element 1 ends in padding (-1)."""
-    g = _gen(seed)
-    ids = torch.empty(b, n, dtype=torch.int64)
-    for i in range(b):
-        cuts = torch.randint(1, max(2, n // 3), (n,), generator=g).cumsum(0)
-        ids[i] = torch.bucketize(torch.arange(n), cuts, right=True)
-        if i % 2 == 1 and n > pad:
-            ids[i, n - pad :] = -1
-    return ids
+# One torch thread throughout; the tiled engine's own thread split is tested on purpose
+# (the ``*_threaded_*`` tests, with 2 threads).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seg_arg(s: Shape, seed: int):
     """A single tensor when Nq == Nk, else a (q_ids, kv_ids) pair with the queries at the end."""
-    kv = segment_ids(s.b, s.nk, seed)
+    kv = packed_ids(s.b, s.nk, seed)
     if s.nq == s.nk:
         return kv
     if s.nq < s.nk:
         return (kv[:, s.nk - s.nq :].to(torch.int32), kv.to(torch.int32))
-    q_ids = torch.randint(-1, int(kv.max()) + 1, (s.b, s.nq), generator=_gen(seed + 1))
+    q_ids = torch.randint(-1, int(kv.max()) + 1, (s.b, s.nq), generator=gen(seed + 1))
     return (q_ids, kv)
 
 
 def rand_mask(shape, seed: int, p_true: float = 0.7) -> torch.Tensor:
-    m = torch.rand(shape, generator=_gen(seed)) < p_true
+    m = torch.rand(shape, generator=gen(seed)) < p_true
     if len(shape) >= 2 and shape[-2] > 2:
         m[..., 1, :] = False  # one row that sees nothing
     return m
@@ -94,7 +60,7 @@ def rand_mask(shape, seed: int, p_true: float = 0.7) -> torch.Tensor:
 
 def make_rules(rule: str, s: Shape, dtype: torch.dtype, seed: int = 100) -> dict:
     """Keyword arguments for one named rule (or combination) on shape ``s``."""
-    g = _gen(seed)
+    g = gen(seed)
     nq, nk = s.nq, s.nk
     if rule == "none":
         return {}
@@ -300,7 +266,7 @@ EMPTY_ROW_CASES = {
 
 
 def _mask_rows_off(b, nq, nk, rows):
-    m = torch.rand(b, 1, nq, nk, generator=_gen(5)) < 0.6
+    m = torch.rand(b, 1, nq, nk, generator=gen(5)) < 0.6
     m[:, :, rows] = False
     return m
 
@@ -430,7 +396,7 @@ def test_nan_without_rules_propagates_everywhere(backend):
 
 def strided_inputs(dtype=torch.float32):
     """q transposed from (B, N, H, D), k a strided slice, v expanded over heads."""
-    g = _gen(9)
+    g = gen(9)
     q = torch.randn(2, 97, 4, 48, generator=g).to(dtype).transpose(1, 2)  # (2, 4, 97, 48)
     k = torch.randn(2, 2, 226, 64, generator=g).to(dtype)[:, :, ::2, 8:56]  # (2, 2, 113, 48)
     v = torch.randn(2, 1, 113, 40, generator=g).to(dtype).expand(2, 2, 113, 40)
@@ -510,7 +476,7 @@ def test_one_hot_with_huge_scores_across_blocks(backend):
 @pytest.mark.parametrize("rule", ["none", "causal", "bias"])
 def test_fp16_raw_scores_beyond_65504(backend, rule):
     """q.k in fp16 would overflow (|q.k| > 65504): the backends must accumulate in float32."""
-    g = _gen(12)
+    g = gen(12)
     c = 60.0
     q = (torch.randn(1, 2, 97, 64, generator=g) * c).half()
     k = (torch.randn(1, 2, 97, 64, generator=g) * c).half()

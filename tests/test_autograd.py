@@ -20,8 +20,10 @@ import selfattn
 from helpers import (
     ERR_FLOOR,
     ERR_MULTIPLE,
+    Shape,
     assert_close,
     float64_leaves,
+    gen,
     grads,
     make_qkv,
     max_err,
@@ -36,17 +38,9 @@ from selfattn.backends.tiled import BLOCK_N
 GRAD_BACKENDS = ["math", "tiled", "sdpa", "auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
-    threads make every op slower. The tiled engine's own thread split is tested on purpose
-    (``*_threaded_*`` tests, with 2 threads)."""
-    with torch_threads(1):
-        yield
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+# One torch thread throughout; the tiled engine's own thread split is tested on purpose
+# (the ``*_threaded_*`` tests, with 2 threads).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seg_ids(b, n, pad=0, doc=37):
@@ -57,22 +51,14 @@ def seg_ids(b, n, pad=0, doc=37):
 
 
 @dataclass(frozen=True)
-class GradCase:
-    name: str
-    b: int
-    hq: int
-    hkv: int
-    nq: int
-    nk: int
-    d: int
-    dv: int | None = None
+class GradCase(Shape):
     rules: tuple = field(default=())  # names of rule builders below
     dtype: torch.dtype = torch.float32
 
 
 def build_rules(c: GradCase) -> tuple[dict, list[str]]:
     """Rule kwargs for a case, and the names of the rule tensors that require grad."""
-    g = _gen(70)
+    g = gen(70)
     kw: dict = {}
     train: list[str] = []
     for r in c.rules:
@@ -148,9 +134,9 @@ GRAD_CASES = [
 @functools.cache
 def grad_case(c: GradCase):
     """Inputs, dout, the float64 oracle's gradients and the same-dtype plain gradients."""
-    q, k, v = make_qkv(c.b, c.hq, c.hkv, c.nq, c.nk, c.d, c.dv, c.dtype, seed=71)
+    q, k, v = c.qkv(c.dtype, seed=71)
     kw, train = build_rules(c)
-    dout = torch.randn(c.b, c.hq, c.nq, c.dv or c.d, generator=_gen(72)).to(c.dtype)
+    dout = torch.randn(c.b, c.hq, c.nq, c.dv or c.d, generator=gen(72)).to(c.dtype)
     names = ["q", "k", "v", *train]
 
     def oracle(dtype):
@@ -212,10 +198,10 @@ def test_math_and_tiled_gradients_agree_closely():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_rows_have_zero_finite_gradients(backend, dtype):
     q, k, v = make_qkv(2, 2, 2, 60, 700, 16, dtype=dtype, seed=73, requires_grad=True)
-    mask = torch.rand(2, 1, 60, 700, generator=_gen(74)) < 0.5
+    mask = torch.rand(2, 1, 60, 700, generator=gen(74)) < 0.5
     mask[:, :, [0, 31, 59]] = False  # rows with no visible key
     mask[:, :, :, 600:] = False  # keys nobody sees
-    bias = torch.randn(2, 2, 60, 700, generator=_gen(75)).to(dtype).requires_grad_(True)
+    bias = torch.randn(2, 2, 60, 700, generator=gen(75)).to(dtype).requires_grad_(True)
     alibi = torch.full((2,), 0.01, dtype=dtype).requires_grad_(True)
     out, lse = run_backend(
         backend, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi, return_lse=True
@@ -254,7 +240,7 @@ def test_nan_padding_never_reaches_gradients(backend, how):
     dirty[1][hidden[0], :, hidden[1]] = math.nan
     dirty[2][hidden[0], :, hidden[1]] = math.inf
     dirty = [t.requires_grad_(True) for t in dirty]
-    dout = torch.randn(2, 2, q.shape[2], 16, generator=_gen(77))
+    dout = torch.randn(2, 2, q.shape[2], 16, generator=gen(77))
     g_clean = grads(run_backend(backend, *clean, **kw), clean, dout)
     out = run_backend(backend, *dirty, **kw)
     assert torch.isfinite(out).all()
@@ -283,8 +269,8 @@ def _small(b=1, hq=2, hkv=2, nq=5, nk=7, d=4, dv=None, seed=80):
 def test_gradcheck_tiled_bias_and_alibi(bias_shape, alibi_shape):
     q, k, v = _small()
     full = bias_shape == (1, 2, 5, 7)  # one full Jacobian check; the rest in fast mode
-    bias = torch.randn(bias_shape, dtype=torch.float64, generator=_gen(81)).requires_grad_(True)
-    slopes = (torch.rand(alibi_shape, generator=_gen(82)).double() * 0.5).requires_grad_(True)
+    bias = torch.randn(bias_shape, dtype=torch.float64, generator=gen(81)).requires_grad_(True)
+    slopes = (torch.rand(alibi_shape, generator=gen(82)).double() * 0.5).requires_grad_(True)
 
     def fn(q, k, v, bias, slopes):
         return selfattn.attention(q, k, v, bias=bias, alibi_slopes=slopes, backend="tiled")
@@ -294,7 +280,7 @@ def test_gradcheck_tiled_bias_and_alibi(bias_shape, alibi_shape):
 
 def test_gradcheck_tiled_causal_window_segments_bias():
     q, k, v = _small(b=2, hq=4, hkv=2, nq=6, nk=9, d=3, dv=5)
-    bias = torch.randn(2, 1, 6, 9, dtype=torch.float64, generator=_gen(83)).requires_grad_(True)
+    bias = torch.randn(2, 1, 6, 9, dtype=torch.float64, generator=gen(83)).requires_grad_(True)
     slopes = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 0, 1, 1, 1, 1, 1, -1, -1]])
     seg = (ids[:, 3:], ids)
@@ -330,7 +316,7 @@ def test_gradcheck_tiled_gqa_with_empty_rows():
 def test_gradcheck_tiled_across_key_blocks():
     """A key length beyond one block; only a few queries and a tiny head dim keep it cheap."""
     q, k, v = _small(hq=1, hkv=1, nq=2, nk=BLOCK_N + 3, d=2, dv=1)
-    bias = torch.randn(1, 1, 1, BLOCK_N + 3, dtype=torch.float64, generator=_gen(84))
+    bias = torch.randn(1, 1, 1, BLOCK_N + 3, dtype=torch.float64, generator=gen(84))
 
     def fn(q, v):
         return selfattn.attention(q, k.detach(), v, bias=bias, backend="tiled")
@@ -354,12 +340,12 @@ def test_gradient_through_lse(backend, rules):
     elif rules != "none":
         kw = {
             "causal": True,
-            "bias": torch.randn(2, 1, 97, 600, generator=_gen(86)),
-            "alibi_slopes": torch.rand(4, generator=_gen(87)) * 0.05,
+            "bias": torch.randn(2, 1, 97, 600, generator=gen(86)),
+            "alibi_slopes": torch.rand(4, generator=gen(87)) * 0.05,
         }
         train = ["bias", "alibi_slopes"]
-    dout = torch.randn(2, 4, 97, 32, generator=_gen(88))
-    dlse = torch.randn(2, 4, 97, generator=_gen(89))
+    dout = torch.randn(2, 4, 97, 32, generator=gen(88))
+    dlse = torch.randn(2, 4, 97, generator=gen(89))
 
     def loss_grads(fn, dtype):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
@@ -385,7 +371,7 @@ def test_gradient_through_lse(backend, rules):
 
 def test_only_some_inputs_require_grad():
     q, k, v = make_qkv(1, 2, 2, 33, 41, 8, seed=90)
-    bias = torch.randn(33, 41, generator=_gen(91)).requires_grad_(True)
+    bias = torch.randn(33, 41, generator=gen(91)).requires_grad_(True)
     v.requires_grad_(True)
     out = selfattn.attention(q, k, v, bias=bias, causal=True, backend="tiled")
     dv, dbias = torch.autograd.grad(out.sum(), (v, bias))
@@ -417,9 +403,9 @@ def test_tiled_threaded_gradients_match_one_thread(b, hq, hkv, nq, nk):
         "causal": True,
         "segment_ids": (seg_ids(b, nk, pad=30)[:, nk - nq :], seg_ids(b, nk, pad=30)),
     }
-    bias = torch.randn(b, 1, nq, nk, generator=_gen(94))
-    slopes = torch.rand(hq, generator=_gen(95)) * 0.05
-    dout = torch.randn(b, hq, nq, 16, generator=_gen(96))
+    bias = torch.randn(b, 1, nq, nk, generator=gen(94))
+    slopes = torch.rand(hq, generator=gen(95)) * 0.05
+    dout = torch.randn(b, hq, nq, 16, generator=gen(96))
     res = []
     for threads in (1, 2):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias, slopes)]

@@ -14,13 +14,7 @@ from selfattn import MultiHeadSelfAttention
 from selfattn._custom_op import attention_op
 from selfattn.models import GPT, Encoder, ViT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny graphs; threads would only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

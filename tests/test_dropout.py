@@ -14,24 +14,16 @@ import pytest
 import torch
 
 import selfattn
-from helpers import make_qkv, ref_attention, run_backend, to_np, torch_threads
+from helpers import gen, make_qkv, ref_attention, run_backend, to_np, torch_threads
 from selfattn import _rng
 from selfattn.backends.tiled import BLOCK_N
 
 ENGINES = ["reference", "math", "tiled", "auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
-    threads make every op slower. The tiled engine's own thread split is tested on purpose
-    (``*_threaded_*`` tests, with 2 threads)."""
-    with torch_threads(1):
-        yield
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+# One torch thread throughout; the tiled engine's own thread split is tested on purpose
+# (the ``*_threaded_*`` tests, with 2 threads).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def identity_values(b, hkv, nk, dtype=torch.float32):
@@ -54,7 +46,7 @@ RULES = {
             torch.arange(NQ).div(90, rounding_mode="floor").expand(B, NQ),
             torch.arange(NK).sub(NK - NQ).div(90, rounding_mode="floor").expand(B, NK),
         ),
-        "bias": torch.randn(B, 1, NQ, NK, generator=_gen(3)),
+        "bias": torch.randn(B, 1, NQ, NK, generator=gen(3)),
     },
 }
 
@@ -171,7 +163,7 @@ def test_gradcheck_tiled_with_a_fixed_seed():
     """Re-seeding before every evaluation fixes the mask: finite differences then see the
     function whose gradient backward must compute, which needs the forward's mask."""
     q, k, v = make_qkv(1, 2, 1, 5, 7, 3, dv=4, dtype=torch.float64, seed=16, requires_grad=True)
-    bias = torch.randn(5, 7, dtype=torch.float64, generator=_gen(17)).requires_grad_(True)
+    bias = torch.randn(5, 7, dtype=torch.float64, generator=gen(17)).requires_grad_(True)
 
     def fn(q, k, v, bias):
         torch.manual_seed(18)
@@ -184,7 +176,7 @@ def test_gradcheck_tiled_with_a_fixed_seed():
 def test_tiled_and_math_gradients_agree_with_the_same_seed(rule):
     q, k, v = make_qkv(B, HQ, HKV, NQ, NK, 16, seed=19)
     kw = dict(RULES[rule])
-    dout = torch.randn(B, HQ, NQ, 16, generator=_gen(20))
+    dout = torch.randn(B, HQ, NQ, 16, generator=gen(20))
     res = {}
     for backend in ("math", "tiled"):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -222,7 +214,7 @@ def test_tiled_threaded_split_draws_the_same_mask(b, hq, hkv, nq):
     spec, _ = ref_attention(q, k, v, causal=True, dropout_p=0.3, dropout_seed=seed_of_call(24))
     assert np.array_equal(to_np(two) != 0, spec != 0)
     # backward with the same seed on 2 threads gives the 1-thread gradients
-    dout = torch.randn(b, hq, nq, nk, generator=_gen(25))
+    dout = torch.randn(b, hq, nq, nk, generator=gen(25))
     res = []
     for threads in (1, 2):
         leaves = [t.clone().requires_grad_(True) for t in (q, k)]

@@ -22,13 +22,12 @@ import selfattn.integrations.transformers as sa_hf  # noqa: E402
 TOL = 1e-4
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _registered_one_thread():
+def _registered():
     sa_hf.register()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models on a shared machine: threads only contend
-    yield
-    torch.set_num_threads(n)
 
 
 def test_register_adds_attention_and_mask_functions():

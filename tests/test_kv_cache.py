@@ -7,15 +7,7 @@ import torch
 
 from selfattn import KVCache, MultiHeadSelfAttention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads
-    waiting for each other make every op many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kv(b=2, h=3, n=4, d=5, dv=None, dtype=torch.float32):

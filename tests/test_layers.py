@@ -13,14 +13,7 @@ from selfattn import MultiHeadSelfAttention, TransformerBlock, alibi_slopes
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads
-    waiting for each other make every op many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,12 @@ import torch
 import selfattn
 from helpers import (
     assert_close,
+    gen,
     make_qkv,
     plain_scores,
     ref_attention,
     ref_weights,
     to_np,
-    torch_threads,
 )
 from selfattn.backends.tiled import BLOCK_N
 
@@ -28,21 +28,11 @@ B, HQ, HKV, NQ, NK, D = 2, 4, 2, 200, 600, 16
 assert NK > BLOCK_N
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tensors are small, and on a shared 2-core machine waiting OpenMP
-    threads make every op slower. The tiled engine's own thread split is tested on purpose
-    (``*_threaded_*`` tests, with 2 threads)."""
-    with torch_threads(1):
-        yield
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rules(name: str, nq: int = NQ, nk: int = NK, b: int = B, hq: int = HQ) -> dict:
-    g = _gen(50)
+    g = gen(50)
     if name == "none":
         return {}
     if name == "causal":
@@ -192,7 +182,7 @@ def test_selection_keeps_broadcast_bias_and_mask(name, shape, pick):
     ``rows=...`` with a (1, 1, 1, Nk) bias or key-padding mask, silently ignored that rule.
     """
     q, k, _ = make_qkv(2, 4, 2, 40, 90, 16, seed=56)
-    g = _gen(57)
+    g = gen(57)
     if name.startswith("bias"):
         kw = {"bias": torch.randn(shape, generator=g) * 3}
     else:
