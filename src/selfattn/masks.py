@@ -15,10 +15,12 @@ import torch
 
 from .spec import AttentionSpec
 
-__all__ = ["GRANULE", "Rules", "heads5"]
+__all__ = ["GRANULE", "Rules", "heads5", "max_span"]
 
 # Masks and segment ids are summarised per granule of this many keys when planning spans.
 GRANULE = 64
+# Spans may grow to this many times the chunk when a small masked edge joins its neighbour.
+MERGE = 1.25
 
 
 def heads5(t: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
@@ -179,6 +181,7 @@ class Rules:
     def key_spans(self, i0: int, i1: int, chunk: int) -> list[tuple[int, int, bool]]:
         """Key ranges that rows ``[i0, i1)`` may see, as ``(j0, j1, full)`` chunks of <= ``chunk``.
 
+        Chunks hold at most ``max_span(chunk)`` keys.
         ``full`` means every row of the block sees every key of the chunk (for every batch and
         head), so it needs no mask. Keys outside the returned chunks are invisible to all rows.
         Causal and window bounds come from the row positions; masks and segment ids are read per
@@ -203,7 +206,7 @@ class Rules:
                 parts = [(lo, hi, False)]
         else:
             parts = self._data_parts(i0, i1, lo, hi, full_lo, full_hi)
-        spans = []
+        spans: list[tuple[int, int, bool]] = []
         for a, b, full in parts:
             if b <= a:
                 continue
@@ -212,7 +215,18 @@ class Rules:
             n = -(-(b - a) // chunk)
             size = -(-(b - a) // n)
             for j0 in range(a, b, size):
-                spans.append((j0, min(j0 + size, b), full))
+                j1 = min(j0 + size, b)
+                # A small masked edge next to its neighbour is cheaper inside one larger masked
+                # tile than as a GEMM of its own (the cached additive mask costs one pass).
+                if (
+                    spans
+                    and spans[-1][1] == j0
+                    and j1 - spans[-1][0] <= max_span(chunk)
+                    and not (full and spans[-1][2])
+                ):
+                    spans[-1] = (spans[-1][0], j1, False)
+                    continue
+                spans.append((j0, j1, full))
         return spans
 
     def _data_parts(
@@ -318,6 +332,11 @@ class Rules:
         i_abs = self.positions(i0, i1, device)[:, None]
         j = torch.arange(j0, j1, device=device)[None, :]
         return (i_abs - j).abs_().to(dtype)
+
+
+def max_span(chunk: int) -> int:
+    """The longest span ``key_spans(..., chunk)`` returns (small edges merge into neighbours)."""
+    return int(chunk * MERGE)
 
 
 def _rows(t: torch.Tensor, i0: int, i1: int) -> slice:

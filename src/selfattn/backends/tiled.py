@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import _rng
-from ..masks import Rules, heads5
+from ..masks import Rules, heads5, max_span
 from ..spec import AttentionSpec
 
 __all__ = [
@@ -96,7 +96,14 @@ class Problem:
         return self.scale * LOG2E
 
     def block_m(self) -> int:
-        return max(1, ROWS_PER_TILE // self.rules.group)
+        """Query rows per block: ``ROWS_PER_TILE`` rows of scores across the query heads of a
+        key/value head; under a narrow window, fewer, since a block of ``m`` rows reads
+        ``window + m`` keys for ``window`` useful ones."""
+        rows = ROWS_PER_TILE
+        widths = [w for w in (self.rules.left, self.rules.right) if w is not None]
+        if len(widths) == 2 or (widths and self.rules.causal):
+            rows = min(rows, max(64, sum(widths) // 4))
+        return max(1, rows // self.rules.group)
 
 
 def _kv_matrix(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -169,7 +176,7 @@ class _Scores:
 
     def __init__(self, prob: Problem, rules: Rules, qb_rows: int, kmat: torch.Tensor, buffers: int):
         self.prob, self.rules, self.kmat = prob, rules, kmat
-        size = kmat.shape[0] * qb_rows * BLOCK_N
+        size = kmat.shape[0] * qb_rows * max_span(BLOCK_N)
         self.bufs = [
             torch.empty(size, dtype=kmat.dtype, device=kmat.device) for _ in range(buffers)
         ]
