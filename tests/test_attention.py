@@ -541,3 +541,24 @@ def test_tiled_threaded_split_matches_one_thread(case):
     assert_lse_close(lse2, ref_lse, f"2 threads {case}")
     assert max_err(out2, to_np(out1)) < 1e-6
     assert torch.equal(torch.isneginf(lse1), torch.isneginf(lse2))
+
+
+# -- empty dimensions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["math", "tiled", "auto"])
+@pytest.mark.parametrize(("b", "nq", "nk"), [(1, 3, 0), (1, 0, 5), (0, 3, 5)])
+def test_empty_dimensions(backend, b, nq, nk):
+    """Bug: math raised IndexError for Nk = 0 and math/tiled failed to reshape B = 0 or Nq = 0.
+    No keys means every row is empty (0, lse -inf, zero gradients); no rows, an empty result."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, 4, nq, 8, generator=g).requires_grad_(True)
+    k = torch.randn(b, 2, nk, 8, generator=g).requires_grad_(True)
+    v = torch.randn(b, 2, nk, 6, generator=g).requires_grad_(True)
+    out, lse = selfattn.attention(q, k, v, causal=True, backend=backend, return_lse=True)
+    assert out.shape == (b, 4, nq, 6) and lse.shape == (b, 4, nq)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert bool(torch.isneginf(lse).all())
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()

@@ -54,8 +54,11 @@ def math_attention(
         s = s.masked_fill(~_heads5(vis, hkv, g), -math.inf)
 
     # 6. softmax; the max is a constant for the gradient, rows with no visible key give p = 0
-    m = s.detach().amax(-1, keepdim=True)
-    m = torch.where(torch.isneginf(m), 0.0, m)
+    if nk == 0:  # no keys at all: every row is empty
+        m = s.new_zeros((*s.shape[:-1], 1))
+    else:
+        m = s.detach().amax(-1, keepdim=True)
+        m = torch.where(torch.isneginf(m), 0.0, m)
     e = torch.exp(s - m)
     total = e.sum(-1, keepdim=True)
     empty = total == 0
@@ -64,7 +67,7 @@ def math_attention(
     if spec.dropout_p > 0:  # 7. dropout, the same counter-based mask as every backend
         p = p * _keep(seed, spec, q.device).to(acc) / (1.0 - spec.dropout_p)
     out = p @ v5  # 8. weighted sum (B, Hkv, G, Nq, Dv)
-    return out.reshape(b, hq, nq, -1).to(q.dtype), lse.reshape(b, hq, nq).float()
+    return out.reshape(b, hq, nq, v.shape[-1]).to(q.dtype), lse.reshape(b, hq, nq).float()
 
 
 def _heads5(t: torch.Tensor, hkv: int, g: int) -> torch.Tensor:

@@ -130,8 +130,9 @@ def _query_block(q: torch.Tensor, i0: int, i1: int, hkv: int, qscale: float) -> 
     """Rows [i0, i1) of q (B, H, M, D), scaled, as (B*Hkv, G*m, D + 1) with a zero shift column."""
     b, h, _, d = q.shape
     m = i1 - i0
-    qb = torch.empty(b * hkv, (h // hkv) * m, d + 1, dtype=acc_dtype(q.dtype), device=q.device)
-    qb[..., :d] = q[:, :, i0:i1].reshape(b * hkv, -1, d)  # cast first: scale in float32
+    g = h // hkv
+    qb = torch.empty(b * hkv, g * m, d + 1, dtype=acc_dtype(q.dtype), device=q.device)
+    qb[..., :d] = q[:, :, i0:i1].reshape(b * hkv, g * m, d)  # cast first: scale in float32
     if qscale != 1.0:
         qb[..., :d].mul_(qscale)
     qb[..., d] = 0.0
