@@ -722,28 +722,19 @@ def _device_code(device: torch.device) -> int:
 # -- Ulysses attention ---------------------------------------------------------------------------
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """(B, H, n, X) sequence shard -> (B, H/W, W*n, X) head shard in rank order; and back."""
+class _AllToAll(torch.autograd.Function):
+    """``to_heads``: a (B, H, n, X) sequence shard -> a (B, H/W, W*n, X) head shard in rank
+    order; otherwise back. The gradient takes the other way."""
 
     @staticmethod
-    def forward(ctx, x, group, world):  # type: ignore[override]
-        ctx.group, ctx.world = group, world
-        return _seq_to_heads(x, group, world)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return _heads_to_seq(grad, ctx.group, ctx.world), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world):  # type: ignore[override]
-        ctx.group, ctx.world = group, world
-        return _heads_to_seq(x, group, world)
+    def forward(ctx, x, group, world, to_heads):  # type: ignore[override]
+        ctx.group, ctx.world, ctx.to_heads = group, world, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, world)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return _seq_to_heads(grad, ctx.group, ctx.world), None, None
+        back = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return back(grad, ctx.group, ctx.world), None, None, None
 
 
 def _seq_to_heads(x: torch.Tensor, group: Any, world: int) -> torch.Tensor:
@@ -871,15 +862,15 @@ def ulysses_attention(
         kw["alibi_slopes"] = _heads(slopes, slopes.dim() - 1, spec.Hq, rank, world)
     return_lse = kw.pop("return_lse", False)
 
-    qh = _SeqToHeads.apply(q, group, world).index_select(2, order)  # (B, Hq/W, N, D)
-    kh = _SeqToHeads.apply(k, group, world).index_select(2, order)  # (B, Hkv/W, N, D)
-    vh = _SeqToHeads.apply(v, group, world).index_select(2, order)  # (B, Hkv/W, N, Dv)
+    qh = _AllToAll.apply(q, group, world, True).index_select(2, order)  # (B, Hq/W, N, D)
+    kh = _AllToAll.apply(k, group, world, True).index_select(2, order)  # (B, Hkv/W, N, D)
+    vh = _AllToAll.apply(v, group, world, True).index_select(2, order)  # (B, Hkv/W, N, Dv)
     res = attention(qh, kh, vh, segment_ids=seg, return_lse=True, **kw)
     out_h, lse_h = res
-    out = _HeadsToSeq.apply(out_h.index_select(2, back), group, world)  # (B, Hq, n, Dv)
+    out = _AllToAll.apply(out_h.index_select(2, back), group, world, False)  # (B, Hq, n, Dv)
     if not return_lse:
         return out
-    lse = _HeadsToSeq.apply(lse_h.index_select(2, back)[..., None], group, world)[..., 0]
+    lse = _AllToAll.apply(lse_h.index_select(2, back)[..., None], group, world, False)[..., 0]
     return out, lse
 
 
