@@ -321,7 +321,7 @@ def test_train_gpt_resume_continues_exactly(tmp_path, capsys):
     """Interrupted after the checkpoint of step 2, resumed to step 4: the same run as 0..4."""
     from safetensors.torch import load_file
 
-    from selfattn.trainer import TrainConfig, train
+    from selfattn.trainer import TrainConfig, torch_threads, train
 
     common = ["--batch-size", "2", "--eval-every", "2", "--threads", "1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -335,13 +335,8 @@ def test_train_gpt_resume_continues_exactly(tmp_path, capsys):
             raise Stop
 
     cfg = TrainConfig(task="gpt", steps=4, batch_size=2, eval_every=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as --threads 1 in the other two runs
-    try:
-        with pytest.raises(Stop):
-            train(cfg, resumed, on_step=stop_after_two)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), pytest.raises(Stop):  # as --threads 1 in the other two runs
+        train(cfg, resumed, on_step=stop_after_two)
     assert main(["train", "gpt", "--steps", "4", "--out", str(resumed), "--resume", *common]) == 0
     capsys.readouterr()
     a = json.loads((straight / "results.json").read_text())
