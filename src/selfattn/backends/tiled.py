@@ -177,7 +177,9 @@ class _Scores:
 
     def __init__(self, prob: Problem, rules: Rules, qb_rows: int, kmat: torch.Tensor, buffers: int):
         self.prob, self.rules, self.kmat = prob, rules, kmat
-        size = kmat.shape[0] * qb_rows * max_span(BLOCK_N)
+        # one tile at most: rows of a block (fewer when the problem is short) x the widest span
+        rows = min(qb_rows, rules.group * rules.M)
+        size = kmat.shape[0] * rows * min(max_span(BLOCK_N), kmat.shape[1])
         self.bufs = [
             torch.empty(size, dtype=kmat.dtype, device=kmat.device) for _ in range(buffers)
         ]
