@@ -132,9 +132,13 @@ def _query_block(q: torch.Tensor, i0: int, i1: int, hkv: int, qscale: float) -> 
     m = i1 - i0
     g = h // hkv
     qb = torch.empty(b * hkv, g * m, d + 1, dtype=acc_dtype(q.dtype), device=q.device)
-    qb[..., :d] = q[:, :, i0:i1].reshape(b * hkv, g * m, d)  # cast first: scale in float32
-    if qscale != 1.0:
-        qb[..., :d].mul_(qscale)
+    rows = q[:, :, i0:i1].reshape(b * hkv, g * m, d)
+    if rows.dtype == qb.dtype:
+        torch.mul(rows, qscale, out=qb[..., :d])
+    else:
+        qb[..., :d] = rows  # cast first: scale in the accumulation dtype
+        if qscale != 1.0:
+            qb[..., :d].mul_(qscale)
     qb[..., d] = 0.0
     return qb
 
@@ -312,17 +316,22 @@ def _forward_part(
         i1 = min(i0 + bm, m_total)
         m = i1 - i0
         qb = _query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
-        m_i = torch.full((b * hkv, g * m, 1), floor, dtype=acc_t, device=q.device)
-        l_i = torch.zeros((b * hkv, g * m, 1), dtype=acc_t, device=q.device)
-        acc = None
-        if out is not None:
-            acc = torch.zeros((b * hkv, g * m, dv), dtype=acc_t, device=q.device)
         # full chunks first: after one of them every row has seen a key
         spans = sorted(rules.key_spans(i0, i1, BLOCK_N), key=lambda span: not span[2])
+        if not spans:  # no row of the block sees any key
+            if out is not None:
+                out[:, :, i0:i1] = 0
+            lse[:, :, i0:i1] = -math.inf
+            continue
         frozen = False
+        m_i = l_i = acc = None
         for c, (j0, j1, full) in enumerate(spans):
             s, _ = scores(qb, i0, i1, j0, j1, full)
-            if frozen:  # m_i fixed: s already holds s - m_i (softcap: subtract here)
+            if c == 0:  # the chunk's own row maximum; nothing to rescale yet
+                m_i = s.amax(-1, keepdim=True).clamp_(min=floor)  # (B*Hkv, G*m, 1)
+                p = torch.exp2(s.sub_(m_i), out=s)  # (B*Hkv, G*m, n), reuses the score tile
+                l_i = p.sum(-1, keepdim=True)
+            elif frozen:  # m_i fixed: s already holds s - m_i (softcap: subtract here)
                 if prob.softcap is not None:
                     s.sub_(m_i)
                 p = torch.exp2(s, out=s)
@@ -330,15 +339,18 @@ def _forward_part(
             else:
                 m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
                 alpha = torch.exp2(m_i - m_new)
-                p = torch.exp2(s.sub_(m_new), out=s)  # (B*Hkv, G*m, n), reuses the score tile
+                p = torch.exp2(s.sub_(m_new), out=s)
                 l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
                 m_i = m_new
                 if acc is not None:
                     acc.mul_(alpha)
-            if acc is not None:
+            if out is not None:
                 if prob.dropout is not None:
                     p.mul_(_dropout_scale(prob, rules, i0, i1, j0, j1, p))
-                acc.baddbmm_(p, vmat[:, j0:j1])
+                if acc is None:
+                    acc = torch.bmm(p, vmat[:, j0:j1])  # (B*Hkv, G*m, Dv)
+                else:
+                    acc.baddbmm_(p, vmat[:, j0:j1])
             if c == 0 and static_ok and len(spans) > 1:
                 frozen = _freeze(prob, qb, knorm, m_i, spans, d)
         # every visible row has l_i >= 1 (its maximum contributes exp2(0)), empty rows have 0
