@@ -1079,7 +1079,8 @@ def plot_bench(results: Mapping[str, Any], path: str | Path | None = None, *, dp
 
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel may hold no labelled line (no memory)
+            ax.legend(fontsize=8)
         ax.set_xticks(ns, [str(n) for n in ns])  # the measured lengths, not powers of ten
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
