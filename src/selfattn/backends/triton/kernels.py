@@ -14,13 +14,19 @@ Kernels, top to bottom:
   ``bwd_dkdv``        per key tile: dK, dV, summed over the query heads of its group (no atomics).
   ``bwd_dq``          per query tile: dQ, and the gradients of ``bias`` and ALiBi slopes.
   ``attn_probs``      the softmax probabilities of chosen rows and heads (``attention_weights``).
+Each stands after the pieces only it uses. The pieces several kernels share come first: tile
+loads and stores, the scores of one tile (``_row_scores``), the span of keys a tile of rows
+visits (``_span``, ``_phases``) and ``_row_tile``, everything a tile of query rows sets up
+before its loop over keys (forward, decode, dQ and probabilities start the same way).
 
 Visibility. Query row ``i`` sits at position ``i' = i + OFF`` (``OFF = Nk - Nq``). For a tile of
 rows, ``_span`` turns causal/window bounds and the per-row segment ranges computed by the host
 into ``[lo, hi)`` (keys any row may see) and ``[full_lo, full_hi)`` (keys every row sees);
 ``_phases`` cuts the loop into masked / unmasked / masked stretches of whole tiles, so tiles
 the rules leave empty are never visited and full ones run without mask arithmetic. The bool
-``mask`` tensor is applied in every tile (it has no summary).
+``mask`` tensor is applied in every tile (it has no summary). The three stretches are one
+``tl.static_range(3)`` loop: unrolled at compile time, so each stretch is its own
+specialisation of the inner loop (``MASKED`` is a compile-time constant).
 
 Non-finite keys. When some rule may hide keys, masked tiles zero non-finite entries of k and v
 and set their scores to NaN before masking (as ``tiled._bad_keys`` does), so padding garbage
@@ -88,6 +94,73 @@ def _tanh(x):
     e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # -2 log2(e)
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _load_tile(rows, ok, stride_d, D, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):  # fmt: skip
+    """A (R, BLOCK_D) tile of q, k, v, dO or O; ``rows`` (R,) points at each row's first entry.
+
+    ``MASKED`` tiles read only the rows marked ``ok`` and the columns below ``D`` (zeros
+    elsewhere); others lie inside the tensor and check the columns only, unless ``EVEN_D``.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = rows[:, None] + offs_d[None, :] * stride_d
+    if MASKED:
+        x = tl.load(ptrs, mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(rows, x, ok, stride_d, D, BLOCK_D: tl.constexpr):
+    """Store the (R, BLOCK_D) tile ``x`` in the dtype of its destination: rows ``ok``, columns < D."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(
+        rows[:, None] + offs_d[None, :] * stride_d,
+        x.to(rows.dtype.element_ty),
+        mask=ok[:, None] & (offs_d < D)[None, :],
+    )
+
+
+@triton.jit
+def _zero_bad(x):
+    """``x`` with its non-finite entries set to 0, and which of its rows held one."""
+    fin = tl.abs(x.to(tl.float32)) < float("inf")
+    return tl.where(fin, x, 0.0), tl.min(fin.to(tl.int32), 1) == 0
+
+
+@triton.jit
+def _load_kv(
+    k_base, v_base, desc_k, desc_v, kv_b, kv_h, start_n, offs_n,
+    stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, CLEAN: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """The key and value tiles of keys ``offs_n`` (from ``start_n``), and which keys are bad.
+
+    With ``USE_TMA`` they come through the tensor-memory accelerator (4-D descriptors over
+    (B, Hkv, Nk, D); rows past Nk and columns past D read as zero). With ``CLEAN``, non-finite
+    entries are zeroed and ``bad`` marks the keys that held one (see the module docstring).
+    """
+    if USE_TMA:
+        k = desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        col_ok = offs_n < Nk
+        k = _load_tile(k_base + offs_n * stride_kn, col_ok, stride_kd, D, BLOCK_D, MASKED, EVEN_D)
+        v = _load_tile(v_base + offs_n * stride_vn, col_ok, stride_vd, DV, BLOCK_DV, MASKED, EVEN_D)
+    bad = offs_n  # unused without CLEAN
+    if CLEAN:
+        k, bad_k = _zero_bad(k)
+        v, bad_v = _zero_bad(v)
+        bad = bad_k | bad_v
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v, bad
 
 
 @triton.jit
@@ -163,15 +236,96 @@ def _visible(
 
 
 @triton.jit
-def _finite(x):
-    return tl.abs(x.to(tl.float32)) < float("inf")
+def _row_scores(
+    q, k, bad, offs_n, pos, row_ok, Nk,
+    bias_rows, stride_bias_n, slope2, mask_rows, stride_mask_n, qid, kvid_base, stride_kvid_n,
+    qk_scale, cap2, win_left, win_right,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Base-2 scores of a (rows x keys) tile after steps 1-4, hidden entries -inf; and the
+    softcap's tanh (see ``_scores``). The forward, dQ and probability kernels share it.
+
+    ``pos``, ``bias_rows``, ``mask_rows``, ``slope2`` and ``qid`` are per row, ``offs_n`` and
+    ``bad`` per key. Only tiles that mask something (``MASKED`` or a bool mask) check
+    visibility; there, with ``CLEAN``, scores of bad keys become NaN before masking.
+    """
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
+    ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
+    s, t = _scores(
+        qk, qk_scale, cap2,
+        bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
+        slope2[:, None], pos[:, None] - offs_n[None, :],
+        SOFTCAP, HAS_BIAS, HAS_ALIBI,
+    )  # fmt: skip
+    if MASKED or HAS_MASK:
+        if CLEAN:
+            s = tl.where(bad[None, :], float("nan"), s)
+        kvid = offs_n
+        if HAS_SEG and MASKED:
+            kvid = tl.load(kvid_base + offs_n * stride_kvid_n, mask=offs_n < Nk, other=-1)
+        vis = _visible(
+            pos[:, None], offs_n[None, :], Nk, win_left, win_right, qid[:, None], kvid[None, :],
+            mask_rows[:, None] + offs_n[None, :] * stride_mask_n, ld_ok, row_ok[:, None],
+            MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
+        )  # fmt: skip
+        s = tl.where(vis, s, float("-inf"))
+    return s, t
+
+
+# --------------------------------------------------------------------------------------------
+# Which tiles a program visits
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _segments(RNG, IDS, stride_idb, stride_idn, b, B, N, idx, ok, n_other, HAS_SEG: tl.constexpr):  # fmt: skip
+    """Segment bounds of a tile of positions ``idx`` of batch ``b`` and their segment ids.
+
+    ``RNG`` (4, B, N) holds, per position, the first and one past the last position of the
+    other side with the same id, and the same span where all of it matches (computed by the
+    host). The tile's bounds reduce them over its positions ``ok``: min of lo, max of hi, max of
+    full lo, min of full hi. Without segments: ``n_other, 0, 0, n_other`` and ids ``idx``.
+    """
+    lo = n_other
+    hi = 0
+    flo = 0
+    fhi = n_other
+    ids = idx
+    if HAS_SEG:
+        rng = RNG + b * N + idx
+        lo = tl.min(tl.load(rng, mask=ok, other=n_other), 0)
+        hi = tl.max(tl.load(rng + B * N, mask=ok, other=0), 0)
+        flo = tl.max(tl.load(rng + 2 * B * N, mask=ok, other=0), 0)
+        fhi = tl.min(tl.load(rng + 3 * B * N, mask=ok, other=n_other), 0)
+        ids = tl.load(IDS + b * stride_idb + idx * stride_idn, mask=ok, other=-1)
+    return lo, hi, flo, fhi, ids
+
+
+@triton.jit
+def _close_span(lo, hi, flo, fhi, seg_lo, seg_hi, seg_flo, seg_fhi, HAS_SEG: tl.constexpr):
+    """The last steps of ``_span`` and ``_row_span``: segment bounds, an empty span becomes
+    ``lo = hi = 0``, and the fully visible part is kept inside the span."""
+    if HAS_SEG:
+        lo = tl.maximum(lo, seg_lo)
+        hi = tl.minimum(hi, seg_hi)
+        flo = tl.maximum(flo, seg_flo)
+        fhi = tl.minimum(fhi, seg_fhi)
+    empty = hi <= lo
+    lo = tl.where(empty, 0, lo)
+    hi = tl.where(empty, 0, hi)
+    flo = tl.maximum(flo, lo)
+    fhi = tl.minimum(fhi, hi)
+    return lo, hi, flo, fhi
 
 
 @triton.jit
 def _span(
     p_lo,
     p_hi,
-    n_keys,
+    k_lo,
+    k_hi,
     win_left,
     win_right,
     seg_lo,
@@ -183,13 +337,15 @@ def _span(
     HAS_RIGHT: tl.constexpr,
     HAS_SEG: tl.constexpr,
 ):
-    """Keys ``[lo, hi)`` that rows at positions ``p_lo..p_hi`` may see, ``[flo, fhi)`` all see.
+    """Keys ``[lo, hi)`` of ``[k_lo, k_hi)`` that rows at positions ``p_lo..p_hi`` may see,
+    ``[flo, fhi)`` those all of them see.
 
-    ``seg_*`` are the rows' segment ranges reduced over the tile (min of lo, max of hi, max of
-    full lo, min of full hi). An empty span comes back as ``lo = hi = 0``.
+    ``seg_*`` are the rows' segment bounds (``_segments``). ``[k_lo, k_hi)`` is the program's
+    share of the keys (all of them but in the decode kernel). An empty span comes back as
+    ``lo = hi = 0``.
     """
-    lo = p_lo * 0
-    hi = lo + n_keys
+    lo = p_lo * 0 + k_lo
+    hi = p_lo * 0 + k_hi
     flo = lo
     fhi = hi
     if CAUSAL:
@@ -201,19 +357,45 @@ def _span(
     if HAS_LEFT:
         lo = tl.maximum(lo, p_lo - win_left)
         flo = tl.maximum(flo, p_hi - win_left)
-    if HAS_SEG:
-        lo = tl.maximum(lo, seg_lo)
-        hi = tl.minimum(hi, seg_hi)
-        flo = tl.maximum(flo, seg_flo)
-        fhi = tl.minimum(fhi, seg_fhi)
-    lo = tl.maximum(lo, 0)
-    hi = tl.minimum(hi, n_keys)
-    empty = hi <= lo
-    lo = tl.where(empty, 0, lo)
-    hi = tl.where(empty, 0, hi)
-    flo = tl.maximum(flo, lo)
-    fhi = tl.minimum(fhi, hi)
-    return lo, hi, flo, fhi
+    return _close_span(lo, hi, flo, fhi, seg_lo, seg_hi, seg_flo, seg_fhi, HAS_SEG)
+
+
+@triton.jit
+def _row_span(
+    j_lo,
+    j_hi,
+    OFF,
+    n_rows,
+    win_left,
+    win_right,
+    seg_lo,
+    seg_hi,
+    seg_flo,
+    seg_fhi,
+    CAUSAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+):
+    """Query rows ``[lo, hi)`` that may see some key of ``j_lo..j_hi``, ``[flo, fhi)`` all of them.
+
+    The transpose of ``_span``: causal and the right window bound a row from below
+    (``i + OFF >= j - right``), the left window from above (``i + OFF - left <= j``).
+    """
+    lo = j_lo * 0
+    hi = lo + n_rows
+    flo = lo
+    fhi = hi
+    if CAUSAL:
+        lo = tl.maximum(lo, j_lo - OFF)
+        flo = tl.maximum(flo, j_hi - OFF)
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, j_lo - win_right - OFF)
+        flo = tl.maximum(flo, j_hi - win_right - OFF)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, j_hi + win_left - OFF + 1)
+        fhi = tl.minimum(fhi, j_lo + win_left - OFF + 1)
+    return _close_span(lo, hi, flo, fhi, seg_lo, seg_hi, seg_flo, seg_fhi, HAS_SEG)
 
 
 @triton.jit
@@ -229,6 +411,85 @@ def _phases(lo, hi, flo, fhi, n_keys, BLOCK: tl.constexpr):
     f1 = (tl.minimum(fhi, n_keys) // BLOCK) * BLOCK
     f1 = tl.minimum(tl.maximum(f1, f0), hi_up)
     return a, f0, f1
+
+
+@triton.jit
+def _stretch(phase: tl.constexpr, a, f0, f1, hi):
+    """``[start, end)`` of stretch ``phase`` of ``_phases``: 0 and 2 masked, 1 unmasked.
+
+    Kernels loop ``for phase in tl.static_range(3)`` and pass ``phase != 1`` as ``MASKED``:
+    masked tiles before the fully visible ones (the window's left edge, segment starts), the
+    fully visible tiles (no causal/window/segment arithmetic, no bounds checks), masked tiles
+    after them (the causal diagonal, the window's right edge, the last tile).
+    """
+    if phase == 0:
+        start = a
+        end = f0
+    elif phase == 1:
+        start = f0
+        end = f1
+    else:
+        start = f1
+        end = hi
+    return start, end
+
+
+@triton.jit
+def _row_tile(
+    Q, BIAS, SLOPES, MASK, QIDS, QRNG,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_biasb, stride_biash, stride_biasm,
+    stride_maskb, stride_maskh, stride_maskm,
+    stride_sb, stride_sh, stride_qidb, stride_qidm,
+    b, h, i, row_ok, p_lo, p_hi, k_lo, k_hi,
+    B, H, Nq, Nk, D, win_left, win_right, seed0, seed1, thresh,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """What a tile of query rows needs before its loop over keys.
+
+    The rows are queries ``i`` (BLOCK_M,) of batch ``b`` and head ``h`` (one for the tile, or
+    one per row), ``row_ok`` those that exist, at positions ``p_lo..p_hi``; the program covers
+    keys ``[k_lo, k_hi)``. Returns ``q`` (BLOCK_M, BLOCK_D); the rows' segment ids ``qid``;
+    the stretches ``a, f0, f1, hi`` of ``_phases``; per row the bias and mask row pointers and
+    the ALiBi slope in base 2; and the dropout row hash, column seed and threshold (uint32).
+    """
+    q = _load_tile(
+        Q + b * stride_qb + h * stride_qh + i * stride_qm, row_ok, stride_qd, D, BLOCK_D, True,
+        False,
+    )  # fmt: skip
+    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
+        q = q.to(tl.float32)
+
+    # the keys this tile of rows may see, and those every row sees
+    seg_lo, seg_hi, seg_flo, seg_fhi, qid = _segments(
+        QRNG, QIDS, stride_qidb, stride_qidm, b, B, Nq, i, row_ok, Nk, HAS_SEG
+    )
+    lo, hi, flo, fhi = _span(
+        p_lo, p_hi, k_lo, k_hi, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
+        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
+    )  # fmt: skip
+    a, f0, f1 = _phases(lo, hi, flo, fhi, Nk, BLOCK_N)
+
+    bias_rows = i
+    if HAS_BIAS:
+        bias_rows = BIAS + b * stride_biasb + h * stride_biash + i * stride_biasm
+    mask_rows = i
+    if HAS_MASK:
+        mask_rows = MASK + b * stride_maskb + h * stride_maskh + i * stride_maskm
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
+    hr = i.to(tl.uint32)
+    s1 = seed0
+    th = seed0
+    if DROPOUT:
+        hr = _row_hash((b * H + h) * Nq + i, seed0.to(tl.uint32))
+        s1 = seed1.to(tl.uint32)
+        th = thresh.to(tl.uint32)
+    return q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope2, hr, s1, th
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,61 +555,22 @@ def _fwd_inner(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys).
-
-    With ``USE_TMA`` the key and value tiles come through the tensor-memory accelerator
-    (4-D descriptors over (B, Hkv, Nk, D); rows past Nk and columns past D read as zero).
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys)."""
     APPLY: tl.constexpr = MASKED or HAS_MASK  # does this stretch mask anything?
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        if USE_TMA:
-            k = desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        elif MASKED:
-            k = tl.load(k_ptrs, mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n < Nk)[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=(offs_d < D)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
-        if CLEAN and APPLY:
-            k_fin = _finite(k)
-            v_fin = _finite(v)
-            bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
-            k = tl.where(k_fin, k, 0.0)
-            v = tl.where(v_fin, v, 0.0)
-        if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
-        ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
-        s, _t = _scores(
-            qk, qk_scale, cap2,
-            bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
-            slope2[:, None], pos[:, None] - offs_n[None, :],
-            SOFTCAP, HAS_BIAS, HAS_ALIBI,
+        k, v, bad = _load_kv(
+            k_base, v_base, desc_k, desc_v, kv_b, kv_h, start_n, offs_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
+            MASKED, EVEN_D, CLEAN and APPLY, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
-        if APPLY:
-            if CLEAN:
-                s = tl.where(bad[None, :], float("nan"), s)
-            kvid = offs_n
-            if HAS_SEG and MASKED:
-                kvid = tl.load(kvid_base + offs_n * stride_kvid_n, mask=offs_n < Nk, other=-1)
-            vis = _visible(
-                pos[:, None], offs_n[None, :], Nk, win_left, win_right,
-                qid[:, None], kvid[None, :],
-                mask_rows[:, None] + offs_n[None, :] * stride_mask_n, ld_ok, row_ok[:, None],
-                MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
-            )  # fmt: skip
-            s = tl.where(vis, s, float("-inf"))
+        s, _t = _row_scores(
+            q, k, bad, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope2, mask_rows,
+            stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap2, win_left, win_right,
+            MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+            CLEAN, PREC,
+        )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -362,6 +584,59 @@ def _fwd_inner(
             p = p.to(tl.float32)
         acc = tl.dot(p, v, acc, input_precision=PREC)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend(
+    Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_sb, stride_sh,
+    stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    b, h, hk, i, row_ok, p_lo, p_hi, k_lo, k_hi,
+    B, H, Nq, Nk, D, DV, OFF,
+    qk_scale, cap2, win_left, win_right,
+    seed0, seed1, thresh, drop_scale,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
+    PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """The online softmax of a tile of query rows (see ``_row_tile``) over the keys of key/value
+    head ``hk`` in ``[k_lo, k_hi)``: ``acc`` (BLOCK_M, BLOCK_DV) unnormalised, the row sums
+    ``l_i`` and maxima ``m_i`` (base 2). The body of ``attn_fwd`` and ``attn_decode``."""
+    q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope2, hr, s1, th = _row_tile(
+        Q, BIAS, SLOPES, MASK, QIDS, QRNG, stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_biasb, stride_biash, stride_biasm, stride_maskb, stride_maskh, stride_maskm,
+        stride_sb, stride_sh, stride_qidb, stride_qidm, b, h, i, row_ok, p_lo, p_hi, k_lo, k_hi,
+        B, H, Nq, Nk, D, win_left, win_right, seed0, seed1, thresh,
+        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, DROPOUT, UPCAST,
+        BLOCK_M, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    pos = i + OFF
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    kv_b = b.to(tl.int32)  # TMA coordinates
+    kv_h = hk.to(tl.int32)
+    kvid_base = KVIDS + b * stride_kvidb
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for phase in tl.static_range(3):  # masked, unmasked, masked stretches (see _stretch)
+        start, end = _stretch(phase, a, f0, f1, hi)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+            stride_kn, stride_kd, stride_vn, stride_vd, start, end, Nk, D, DV, pos, row_ok,
+            bias_rows, stride_biasn, slope2, mask_rows, stride_maskn, qid, kvid_base,
+            stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+            phase != 1, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
+            SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -399,109 +674,28 @@ def attn_fwd(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    hk = h // G
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Nq
-    q = tl.load(
-        Q
-        + b * stride_qb
-        + h * stride_qh
-        + offs_m[:, None] * stride_qm
-        + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
-        q = q.to(tl.float32)
-    pos = offs_m + OFF
-
-    # the keys this tile of rows may see, and those every row sees
-    seg_lo = Nk
-    seg_hi = 0
-    seg_flo = 0
-    seg_fhi = Nk
-    qid = offs_m
-    if HAS_SEG:
-        rng = QRNG + b * Nq + offs_m
-        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
-        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
-        seg_flo = tl.max(tl.load(rng + 2 * B * Nq, mask=row_ok, other=0), 0)
-        seg_fhi = tl.min(tl.load(rng + 3 * B * Nq, mask=row_ok, other=Nk), 0)
-        qid = tl.load(QIDS + b * stride_qidb + offs_m * stride_qidm, mask=row_ok, other=-1)
-    p_hi = tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF
-    lo, hi, flo, fhi = _span(
-        m0 + OFF, p_hi, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
-        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
-    )  # fmt: skip
-    a, f0, f1 = _phases(lo, hi, flo, fhi, Nk, BLOCK_N)
-
-    bias_rows = offs_m
-    if HAS_BIAS:
-        bias_rows = BIAS + b * stride_biasb + h * stride_biash + offs_m * stride_biasm
-    mask_rows = offs_m
-    if HAS_MASK:
-        mask_rows = MASK + b * stride_maskb + h * stride_maskh + offs_m * stride_maskm
-    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_ALIBI:
-        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
-    hr = offs_m.to(tl.uint32)
-    s1 = seed0
-    th = seed0
-    if DROPOUT:
-        hr = _row_hash((b * H + h) * Nq + offs_m, seed0.to(tl.uint32))
-        s1 = seed1.to(tl.uint32)
-        th = thresh.to(tl.uint32)
-
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    kv_b = b.to(tl.int32)
-    kv_h = hk.to(tl.int32)
-    kvid_base = KVIDS + b * stride_kvidb
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # masked tiles before the fully visible ones (window's left edge, segment starts)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
-        stride_kn, stride_kd, stride_vn, stride_vd,
-        a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
-        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
-        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )  # fmt: skip
-    # fully visible tiles: no causal/window/segment arithmetic, no bounds checks on keys
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
-        stride_kn, stride_kd, stride_vn, stride_vd,
-        f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
-        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
-        False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )  # fmt: skip
-    # masked tiles after them (the causal diagonal, the window's right edge, the last tile)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
-        stride_kn, stride_kd, stride_vn, stride_vd,
-        f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
-        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
-        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
+    acc, l_i, m_i = _attend(
+        Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_biasb, stride_biash, stride_biasm,
+        stride_biasn, stride_maskb, stride_maskh, stride_maskm, stride_maskn, stride_sb,
+        stride_sh, stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+        b, h, h // G, offs_m, row_ok, m0 + OFF, tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF, 0, Nk,
+        B, H, Nq, Nk, D, DV, OFF, qk_scale, cap2, win_left, win_right,
+        seed0, seed1, thresh, drop_scale, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI,
+        HAS_MASK, HAS_SEG, SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
 
     # every visible row has l_i >= 1 (its maximum contributes exp2(0)); empty rows have 0
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(
-        O
-        + b * stride_ob
-        + h * stride_oh
-        + offs_m[:, None] * stride_om
-        + offs_dv[None, :] * stride_od,
-        out.to(O.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_dv < DV)[None, :],
-    )
+    _store_tile(
+        O + b * stride_ob + h * stride_oh + offs_m * stride_om, out, row_ok, stride_od, DV,
+        BLOCK_DV,
+    )  # fmt: skip
     lse = (m_i + tl.math.log2(l_i)) * LN2  # log2(0) = -inf for empty rows
     tl.store(LSE + (b * H + h) * Nq + offs_m, lse, mask=row_ok)
 
@@ -550,109 +744,25 @@ def attn_decode(
     i = r % Nq
     gh = hc * heads_per_prog + gi
     row_ok = (gi < heads_per_prog) & (gh < G)
-    h = hk * G + gh.to(tl.int64)  # (BLOCK_M,) query head of each row
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q
-        + b * stride_qb
-        + h[:, None] * stride_qh
-        + i[:, None] * stride_qm
-        + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
-        q = q.to(tl.float32)
-    pos = i + OFF
-
-    seg_lo = Nk
-    seg_hi = 0
-    seg_flo = 0
-    seg_fhi = Nk
-    qid = i
-    if HAS_SEG:
-        rng = QRNG + b * Nq + i
-        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
-        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
-        seg_flo = tl.max(tl.load(rng + 2 * B * Nq, mask=row_ok, other=0), 0)
-        seg_fhi = tl.min(tl.load(rng + 3 * B * Nq, mask=row_ok, other=Nk), 0)
-        qid = tl.load(QIDS + b * stride_qidb + i * stride_qidm, mask=row_ok, other=-1)
-    lo, hi, flo, fhi = _span(
-        OFF, Nq - 1 + OFF, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
-        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
-    )  # fmt: skip
-    # this program's share of the keys
-    k_start = split * split_len
-    lo = tl.maximum(lo, k_start)
-    hi = tl.minimum(hi, k_start + split_len)
-    empty = hi <= lo
-    lo = tl.where(empty, 0, lo)
-    hi = tl.where(empty, 0, hi)
-    flo = tl.maximum(flo, lo)
-    fhi = tl.minimum(fhi, hi)
-    a, f0, f1 = _phases(lo, hi, flo, fhi, Nk, BLOCK_N)
-
-    bias_rows = r
-    if HAS_BIAS:
-        bias_rows = BIAS + b * stride_biasb + h * stride_biash + i * stride_biasm
-    mask_rows = r
-    if HAS_MASK:
-        mask_rows = MASK + b * stride_maskb + h * stride_maskh + i * stride_maskm
-    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_ALIBI:
-        slope2 += (
-            tl.load(SLOPES + b * stride_sb + h * stride_sh, mask=row_ok, other=0.0).to(tl.float32)
-            * LOG2E
-        )
-    hr = r.to(tl.uint32)
-    s1 = seed0
-    th = seed0
-    if DROPOUT:
-        hr = _row_hash((b * H + h) * Nq + i, seed0.to(tl.uint32))
-        s1 = seed1.to(tl.uint32)
-        th = thresh.to(tl.uint32)
-
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    kv_b = b.to(tl.int32)
-    kv_h = hk.to(tl.int32)
-    kvid_base = KVIDS + b * stride_kvidb
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
-        stride_kn, stride_kd, stride_vn, stride_vd,
-        a, f0, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
-        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
-        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
-        stride_kn, stride_kd, stride_vn, stride_vd,
-        f0, f1, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
-        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
-        False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
-        stride_kn, stride_kd, stride_vn, stride_vd,
-        f1, hi, Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope2, mask_rows, stride_maskn,
-        qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
-        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
+    # the query head of each row, kept inside the group for the rows past it (never stored)
+    h = hk * G + tl.minimum(gh, G - 1).to(tl.int64)  # (BLOCK_M,)
+    k_start = split * split_len  # this program's share of the keys
+    acc, l_i, m_i = _attend(
+        Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_biasb, stride_biash, stride_biasm,
+        stride_biasn, stride_maskb, stride_maskh, stride_maskm, stride_maskn, stride_sb,
+        stride_sh, stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+        b, h, hk, i, row_ok, OFF, Nq - 1 + OFF, k_start, tl.minimum(k_start + split_len, Nk),
+        B, H, Nq, Nk, D, DV, OFF, qk_scale, cap2, win_left, win_right,
+        seed0, seed1, thresh, drop_scale, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI,
+        HAS_MASK, HAS_SEG, SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
 
     row_g = (b * H + h) * Nq + i  # (BLOCK_M,) global row id
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(
-        OPART + (row_g[:, None] * n_splits + split) * DV + offs_dv[None, :],
-        out,
-        mask=row_ok[:, None] & (offs_dv < DV)[None, :],
-    )
+    _store_tile(OPART + (row_g * n_splits + split) * DV, out, row_ok, 1, DV, BLOCK_DV)
     tl.store(LPART + row_g * n_splits + split, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -677,11 +787,7 @@ def decode_combine(
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse_s - m)  # 0 for splits that saw nothing
     total = tl.sum(w, 0)
-    o = tl.load(
-        OPART + (row * n_splits + offs_s)[:, None] * DV + offs_dv[None, :],
-        mask=s_ok[:, None] & (offs_dv < DV)[None, :],
-        other=0.0,
-    )
+    o = _load_tile(OPART + (row * n_splits + offs_s) * DV, s_ok, 1, DV, BLOCK_DV, True, False)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(
         O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
@@ -711,76 +817,22 @@ def bwd_preprocess(
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (offs_m < Nq)[:, None] & (offs_dv < DV)[None, :]
-    o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-        + offs_dv[None, :] * stride_od,
-        mask=ok, other=0.0,
+    row_ok = offs_m < Nq
+    o = _load_tile(
+        O + b * stride_ob + h * stride_oh + offs_m * stride_om, row_ok, stride_od, DV, BLOCK_DV,
+        True, False,
     ).to(tl.float32)  # fmt: skip
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-        + offs_dv[None, :] * stride_dod,
-        mask=ok, other=0.0,
+    do = _load_tile(
+        DO + b * stride_dob + h * stride_doh + offs_m * stride_dom, row_ok, stride_dod, DV,
+        BLOCK_DV, True, False,
     ).to(tl.float32)  # fmt: skip
     delta = tl.sum(o * do, 1)
-    row_ok = offs_m < Nq
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
     lse = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     tl.store(DELTA + bh * Nq + offs_m, delta, mask=row_ok)
     tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=row_ok)
-
-
-@triton.jit
-def _row_span(
-    j_lo,
-    j_hi,
-    OFF,
-    n_rows,
-    win_left,
-    win_right,
-    seg_lo,
-    seg_hi,
-    seg_flo,
-    seg_fhi,
-    CAUSAL: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    HAS_SEG: tl.constexpr,
-):
-    """Query rows ``[lo, hi)`` that may see some key of ``j_lo..j_hi``, ``[flo, fhi)`` all of them.
-
-    The transpose of ``_span``: causal and the right window bound a row from below
-    (``i + OFF >= j - right``), the left window from above (``i + OFF - left <= j``).
-    """
-    lo = j_lo * 0
-    hi = lo + n_rows
-    flo = lo
-    fhi = hi
-    if CAUSAL:
-        lo = tl.maximum(lo, j_lo - OFF)
-        flo = tl.maximum(flo, j_hi - OFF)
-    if HAS_RIGHT:
-        lo = tl.maximum(lo, j_lo - win_right - OFF)
-        flo = tl.maximum(flo, j_hi - win_right - OFF)
-    if HAS_LEFT:
-        hi = tl.minimum(hi, j_hi + win_left - OFF + 1)
-        fhi = tl.minimum(fhi, j_lo + win_left - OFF + 1)
-    if HAS_SEG:
-        lo = tl.maximum(lo, seg_lo)
-        hi = tl.minimum(hi, seg_hi)
-        flo = tl.maximum(flo, seg_flo)
-        fhi = tl.minimum(fhi, seg_fhi)
-    lo = tl.maximum(lo, 0)
-    hi = tl.minimum(hi, n_rows)
-    empty = hi <= lo
-    lo = tl.where(empty, 0, lo)
-    hi = tl.where(empty, 0, hi)
-    flo = tl.maximum(flo, lo)
-    fhi = tl.minimum(fhi, hi)
-    return lo, hi, flo, fhi
 
 
 @triton.jit
@@ -845,28 +897,20 @@ def _dkdv_inner(
     BLOCK_DV: tl.constexpr,
 ):
     """Query tiles ``[start, end)`` of one head against this program's key tile (keys x rows)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Nk
     APPLY: tl.constexpr = MASKED or HAS_MASK
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Nq
-        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        q = _load_tile(q_base + offs_m * stride_qm, row_ok, stride_qd, D, BLOCK_D, MASKED, EVEN_D)
+        do = _load_tile(
+            do_base + offs_m * stride_dom, row_ok, stride_dod, DV, BLOCK_DV, MASKED, EVEN_D
+        )
         if MASKED:
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
             lse2 = tl.load(LSE2 + stats_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats_base + offs_m, mask=row_ok, other=0.0)
         else:
-            if EVEN_D:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=(offs_d < D)[None, :], other=0.0)
-                do = tl.load(do_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
             lse2 = tl.load(LSE2 + stats_base + offs_m)
             delta = tl.load(DELTA + stats_base + offs_m)
         if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
@@ -950,42 +994,20 @@ def bwd_dkdv(
     hk = (bhk % hkv).to(tl.int64)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Nk
-    k = tl.load(
-        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
-        + offs_d[None, :] * stride_kd,
-        mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0,
+    # non-finite keys are zeroed here and their visible scores poisoned (see module docstring)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    k, v, bad = _load_kv(
+        k_base, v_base, k_base, v_base, 0, 0, n0, offs_n,  # no TMA here
+        stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
+        True, EVEN_D, CLEAN, UPCAST, False, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
-    v = tl.load(
-        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
-        + offs_dv[None, :] * stride_vd,
-        mask=col_ok[:, None] & (offs_dv < DV)[None, :], other=0.0,
-    )  # fmt: skip
-    bad = col_ok
-    if CLEAN:  # non-finite keys: zero them, poison their visible scores (see module docstring)
-        k_fin = _finite(k)
-        v_fin = _finite(v)
-        bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
-        k = tl.where(k_fin, k, 0.0)
-        v = tl.where(v_fin, v, 0.0)
-    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
 
-    seg_lo = Nq
-    seg_hi = 0
-    seg_flo = 0
-    seg_fhi = Nq
-    kvid = offs_n
-    if HAS_SEG:
-        rng = KRNG + b * Nk + offs_n
-        seg_lo = tl.min(tl.load(rng, mask=col_ok, other=Nq), 0)
-        seg_hi = tl.max(tl.load(rng + B * Nk, mask=col_ok, other=0), 0)
-        seg_flo = tl.max(tl.load(rng + 2 * B * Nk, mask=col_ok, other=0), 0)
-        seg_fhi = tl.min(tl.load(rng + 3 * B * Nk, mask=col_ok, other=Nq), 0)
-        kvid = tl.load(KVIDS + b * stride_kvidb + offs_n * stride_kvidn, mask=col_ok, other=-1)
+    # the query rows that may see these keys, and those that see all of them
+    seg_lo, seg_hi, seg_flo, seg_fhi, kvid = _segments(
+        KRNG, KVIDS, stride_kvidb, stride_kvidn, b, B, Nk, offs_n, col_ok, Nq, HAS_SEG
+    )
     lo, hi, flo, fhi = _row_span(
         n0, tl.minimum(n0 + BLOCK_N, Nk) - 1, OFF, Nq, win_left, win_right,
         seg_lo, seg_hi, seg_flo, seg_fhi, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
@@ -1012,49 +1034,26 @@ def bwd_dkdv(
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
-            stride_dod, stats_base, a, f0, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
-            stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
-            kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
-            True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
-        )  # fmt: skip
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
-            stride_dod, stats_base, f0, f1, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
-            stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
-            kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
-            False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
-        )  # fmt: skip
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
-            stride_dod, stats_base, f1, hi, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
-            stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base, stride_qidm,
-            kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left, win_right, LSE2, DELTA,
-            True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
-        )  # fmt: skip
+        for phase in tl.static_range(3):  # masked, unmasked, masked stretches (see _stretch)
+            start, end = _stretch(phase, a, f0, f1, hi)
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
+                stride_dod, stats_base, start, end, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
+                stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base,
+                stride_qidm, kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left,
+                win_right, LSE2, DELTA,
+                phase != 1, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
+                SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
+            )  # fmt: skip
     dk = dk * scale
-    tl.store(
-        DK
-        + b * stride_dkb
-        + hk * stride_dkh
-        + offs_n[:, None] * stride_dkn
-        + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty),
-        mask=col_ok[:, None] & (offs_d < D)[None, :],
-    )
-    tl.store(
-        DVAL
-        + b * stride_dvb
-        + hk * stride_dvh
-        + offs_n[:, None] * stride_dvn
-        + offs_dv[None, :] * stride_dvd,
-        dv.to(DVAL.dtype.element_ty),
-        mask=col_ok[:, None] & (offs_dv < DV)[None, :],
-    )
+    _store_tile(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n * stride_dkn, dk, col_ok, stride_dkd, D,
+        BLOCK_D,
+    )  # fmt: skip
+    _store_tile(
+        DVAL + b * stride_dvb + hk * stride_dvh + offs_n * stride_dvn, dv, col_ok, stride_dvd,
+        DV, BLOCK_DV,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -1122,51 +1121,21 @@ def _dq_inner(
     BLOCK_DV: tl.constexpr,
 ):
     """Key tiles ``[start, end)`` for one query tile: dQ, and dS into the bias/slope gradients."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     APPLY: tl.constexpr = MASKED or HAS_MASK
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n < Nk)[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=(offs_d < D)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
-        if CLEAN and APPLY:
-            k_fin = _finite(k)
-            v_fin = _finite(v)
-            bad = (tl.min(k_fin.to(tl.int32), 1) == 0) | (tl.min(v_fin.to(tl.int32), 1) == 0)
-            k = tl.where(k_fin, k, 0.0)
-            v = tl.where(v_fin, v, 0.0)
-        if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
-        dist = pos[:, None] - offs_n[None, :]
-        s, t = _scores(
-            qk, qk_scale, cap2, bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
-            slope2[:, None], dist, SOFTCAP, HAS_BIAS, HAS_ALIBI,
+        k, v, bad = _load_kv(
+            k_base, v_base, k_base, v_base, 0, 0, start_n, offs_n,  # no TMA here
+            stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
+            MASKED, EVEN_D, CLEAN and APPLY, UPCAST, False, BLOCK_N, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
-        if APPLY:
-            if CLEAN:
-                s = tl.where(bad[None, :], float("nan"), s)
-            kvid = offs_n
-            if HAS_SEG and MASKED:
-                kvid = tl.load(kvid_base + offs_n * stride_kvid_n, mask=offs_n < Nk, other=-1)
-            vis = _visible(
-                pos[:, None], offs_n[None, :], Nk, win_left, win_right, qid[:, None], kvid[None, :],
-                mask_rows[:, None] + offs_n[None, :] * stride_mask_n, ld_ok, row_ok[:, None],
-                MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
-            )  # fmt: skip
-            s = tl.where(vis, s, float("-inf"))
+        s, t = _row_scores(
+            q, k, bad, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope2, mask_rows,
+            stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap2, win_left, win_right,
+            MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+            CLEAN, PREC,
+        )  # fmt: skip
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dP = dO V^T
         if DROPOUT:
@@ -1178,13 +1147,14 @@ def _dq_inner(
                 if DB_ROWS:
                     tl.store(
                         db_base + offs_m[:, None] * stride_db_m + offs_n[None, :] * stride_db_n,
-                        ds, mask=ld_ok,
+                        ds, mask=row_ok[:, None] & (offs_n < Nk)[None, :],
                     )  # fmt: skip
                 else:  # bias shared by all rows: this tile's column sums (one slot per row tile)
                     tl.store(db_base + offs_n * stride_db_n, tl.sum(ds, 0), mask=offs_n < Nk)
             else:
                 db_acc += tl.sum(ds, 1)
         if NEED_DA:
+            dist = pos[:, None] - offs_n[None, :]
             da_acc += tl.sum(ds * tl.abs(dist).to(tl.float32), 1)
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -1234,62 +1204,25 @@ def bwd_dq(
     hk = h // G
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Nq
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-        + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0,
+    q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope2, hr, s1, th = _row_tile(
+        Q, BIAS, SLOPES, MASK, QIDS, QRNG, stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_biasb, stride_biash, stride_biasm, stride_maskb, stride_maskh, stride_maskm,
+        stride_sb, stride_sh, stride_qidb, stride_qidm, b, h, offs_m, row_ok, m0 + OFF,
+        tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF, 0, Nk, B, H, Nq, Nk, D, win_left, win_right,
+        seed0, seed1, thresh, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK,
+        HAS_SEG, DROPOUT, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
     )  # fmt: skip
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-        + offs_dv[None, :] * stride_dod,
-        mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0.0,
+    do = _load_tile(
+        DO + b * stride_dob + h * stride_doh + offs_m * stride_dom, row_ok, stride_dod, DV,
+        BLOCK_DV, True, False,
     )  # fmt: skip
+    if UPCAST:
+        do = do.to(tl.float32)
     stats = (b * H + h) * Nq + offs_m
     lse2 = tl.load(LSE2 + stats, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     pos = offs_m + OFF
-
-    seg_lo = Nk
-    seg_hi = 0
-    seg_flo = 0
-    seg_fhi = Nk
-    qid = offs_m
-    if HAS_SEG:
-        rng = QRNG + b * Nq + offs_m
-        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
-        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
-        seg_flo = tl.max(tl.load(rng + 2 * B * Nq, mask=row_ok, other=0), 0)
-        seg_fhi = tl.min(tl.load(rng + 3 * B * Nq, mask=row_ok, other=Nk), 0)
-        qid = tl.load(QIDS + b * stride_qidb + offs_m * stride_qidm, mask=row_ok, other=-1)
-    p_hi = tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF
-    lo, hi, flo, fhi = _span(
-        m0 + OFF, p_hi, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
-        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
-    )  # fmt: skip
-    a, f0, f1 = _phases(lo, hi, flo, fhi, Nk, BLOCK_N)
-
-    bias_rows = offs_m
-    if HAS_BIAS:
-        bias_rows = BIAS + b * stride_biasb + h * stride_biash + offs_m * stride_biasm
-    mask_rows = offs_m
-    if HAS_MASK:
-        mask_rows = MASK + b * stride_maskb + h * stride_maskh + offs_m * stride_maskm
-    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_ALIBI:
-        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
-    hr = offs_m.to(tl.uint32)
-    s1 = seed0
-    th = seed0
-    if DROPOUT:
-        hr = _row_hash((b * H + h) * Nq + offs_m, seed0.to(tl.uint32))
-        s1 = seed1.to(tl.uint32)
-        th = thresh.to(tl.uint32)
     db_base = DB + b * stride_dbb + h * stride_dbh
     if not DB_ROWS:
         db_base += pid_m * stride_dbm
@@ -1300,43 +1233,22 @@ def bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     da_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, db_acc, da_acc = _dq_inner(
-        dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-        stride_vd, a, f0, Nk, D, DV, pos, offs_m, row_ok, bias_rows, stride_biasn, slope2,
-        mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
-        cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
-        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
-        BLOCK_DV,
-    )  # fmt: skip
-    dq, db_acc, da_acc = _dq_inner(
-        dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-        stride_vd, f0, f1, Nk, D, DV, pos, offs_m, row_ok, bias_rows, stride_biasn, slope2,
-        mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
-        cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
-        False, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
-        BLOCK_DV,
-    )  # fmt: skip
-    dq, db_acc, da_acc = _dq_inner(
-        dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-        stride_vd, f1, hi, Nk, D, DV, pos, offs_m, row_ok, bias_rows, stride_biasn, slope2,
-        mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale,
-        cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
-        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-        DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA, BLOCK_N, BLOCK_D,
-        BLOCK_DV,
-    )  # fmt: skip
+    for phase in tl.static_range(3):  # masked, unmasked, masked stretches (see _stretch)
+        start, end = _stretch(phase, a, f0, f1, hi)
+        dq, db_acc, da_acc = _dq_inner(
+            dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
+            stride_vn, stride_vd, start, end, Nk, D, DV, pos, offs_m, row_ok, bias_rows,
+            stride_biasn, slope2, mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1,
+            th, drop_scale, qk_scale, cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
+            phase != 1, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
+            SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA,
+            BLOCK_N, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
     dq = dq * scale
-    tl.store(
-        DQ
-        + b * stride_dqb
-        + h * stride_dqh
-        + offs_m[:, None] * stride_dqm
-        + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_d < D)[None, :],
-    )
+    _store_tile(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m * stride_dqm, dq, row_ok, stride_dqd, D,
+        BLOCK_D,
+    )  # fmt: skip
     if NEED_DB and not DB_COLS:
         if DB_ROWS:
             tl.store(db_base + offs_m * stride_dbm, db_acc, mask=row_ok)
@@ -1352,61 +1264,30 @@ def bwd_dq(
 
 
 @triton.jit
-def _probs_scores(
-    q,
-    k,
-    offs_n,
-    pos,
-    row_ok,
-    Nk,
-    bias_rows,
-    stride_bias_n,
-    slope2,
-    mask_rows,
-    stride_mask_n,
-    qid,
-    kvid_base,
-    stride_kvid_n,
-    qk_scale,
-    cap2,
-    win_left,
-    win_right,
-    CAUSAL: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_SEG: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    CLEAN: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """Base-2 scores of one tile with every rule applied (all tiles masked: not a hot path)."""
+def _probs_tile(
+    q, k_base, stride_kn, stride_kd, offs_n, pos, row_ok, Nk, D,
+    bias_rows, stride_bias_n, slope2, mask_rows, stride_mask_n, qid, kvid_base, stride_kvid_n,
+    qk_scale, cap2, win_left, win_right,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Base-2 scores of the keys ``offs_n`` with every rule applied (every tile is masked here:
+    not a hot path)."""
+    k = _load_tile(k_base + offs_n * stride_kn, offs_n < Nk, stride_kd, D, BLOCK_D, True, False)
+    bad = offs_n  # unused without CLEAN
     if CLEAN:
-        k_fin = _finite(k)
-        bad = tl.min(k_fin.to(tl.int32), 1) == 0
-        k = tl.where(k_fin, k, 0.0)
+        k, bad = _zero_bad(k)
     if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
         k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
-    s, _t = _scores(
-        qk, qk_scale, cap2, bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
-        slope2[:, None], pos[:, None] - offs_n[None, :], SOFTCAP, HAS_BIAS, HAS_ALIBI,
+    s, _t = _row_scores(
+        q, k, bad, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope2, mask_rows,
+        stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap2, win_left, win_right,
+        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
+        CLEAN, PREC,
     )  # fmt: skip
-    if CLEAN:
-        s = tl.where(bad[None, :], float("nan"), s)
-    kvid = offs_n
-    if HAS_SEG:
-        kvid = tl.load(kvid_base + offs_n * stride_kvid_n, mask=offs_n < Nk, other=-1)
-    vis = _visible(
-        pos[:, None], offs_n[None, :], Nk, win_left, win_right, qid[:, None], kvid[None, :],
-        mask_rows[:, None] + offs_n[None, :] * stride_mask_n, ld_ok, row_ok[:, None],
-        True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
-    )  # fmt: skip
-    return tl.where(vis, s, float("-inf"))
+    return s
 
 
 @triton.jit(do_not_specialize=["OFF", "win_left", "win_right"])
@@ -1443,41 +1324,18 @@ def attn_probs(
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_r < M
     i = tl.load(ROWS + offs_r, mask=row_ok, other=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
-        q = q.to(tl.float32)
     pos = i + OFF
-    seg_lo = Nk
-    seg_hi = 0
-    seg_flo = 0
-    seg_fhi = Nk
-    qid = i
-    if HAS_SEG:
-        rng = QRNG + b * Nq + i
-        seg_lo = tl.min(tl.load(rng, mask=row_ok, other=Nk), 0)
-        seg_hi = tl.max(tl.load(rng + B * Nq, mask=row_ok, other=0), 0)
-        qid = tl.load(QIDS + b * stride_qidb + i * stride_qidm, mask=row_ok, other=-1)
     p_lo = tl.min(tl.where(row_ok, pos, 2147483647), 0)
     p_hi = tl.max(tl.where(row_ok, pos, -2147483647), 0)
-    lo, hi, _flo, _fhi = _span(  # every tile is masked here: only [lo, hi) matters
-        p_lo, p_hi, Nk, win_left, win_right, seg_lo, seg_hi, seg_flo, seg_fhi,
-        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG,
+    # every tile is masked here: only the keys [a, hi) matter, not the stretches
+    q, qid, a, _f0, _f1, hi, bias_rows, mask_rows, slope2, _hr, _s1, _th = _row_tile(
+        Q, BIAS, SLOPES, MASK, QIDS, QRNG, stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_biasb, stride_biash, stride_biasm, stride_maskb, stride_maskh, stride_maskm,
+        stride_sb, stride_sh, stride_qidb, stride_qidm, b, h, i, row_ok, p_lo, p_hi, 0, Nk,
+        B, H, Nq, Nk, D, win_left, win_right, 0, 0, 0,  # no dropout seeds
+        CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, False, UPCAST,
+        BLOCK_M, BLOCK_N, BLOCK_D,
     )  # fmt: skip
-    a = (lo // BLOCK_N) * BLOCK_N
-    bias_rows = i
-    if HAS_BIAS:
-        bias_rows = BIAS + b * stride_biasb + h * stride_biash + i * stride_biasm
-    mask_rows = i
-    if HAS_MASK:
-        mask_rows = MASK + b * stride_maskb + h * stride_maskh + i * stride_maskm
-    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_ALIBI:
-        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
     k_base = K + b * stride_kb + hk * stride_kh
     kvid_base = KVIDS + b * stride_kvidb
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -1489,17 +1347,11 @@ def attn_probs(
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range(a, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            k = tl.load(
-                k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :],
-                other=0.0,
-            )
-            s = _probs_scores(
-                q, k, offs_n, pos, row_ok, Nk, bias_rows, stride_biasn, slope2, mask_rows,
-                stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2, win_left, win_right,
-                CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-                CLEAN, PREC, UPCAST,
+            s = _probs_tile(
+                q, k_base, stride_kn, stride_kd, start_n + offs_n0, pos, row_ok, Nk, D,
+                bias_rows, stride_biasn, slope2, mask_rows, stride_maskn, qid, kvid_base,
+                stride_kvidn, qk_scale, cap2, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
+                HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP, CLEAN, PREC, UPCAST, BLOCK_D,
             )  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -1509,16 +1361,11 @@ def attn_probs(
     p_base = P + b * stride_pb + hs * stride_ph + offs_r[:, None] * stride_pm
     for start_n in range(a, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=(offs_n < Nk)[:, None] & (offs_d < D)[None, :],
-            other=0.0,
-        )
-        s = _probs_scores(
-            q, k, offs_n, pos, row_ok, Nk, bias_rows, stride_biasn, slope2, mask_rows,
-            stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2, win_left, win_right,
-            CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
-            CLEAN, PREC, UPCAST,
+        s = _probs_tile(
+            q, k_base, stride_kn, stride_kd, offs_n, pos, row_ok, Nk, D, bias_rows, stride_biasn,
+            slope2, mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2,
+            win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK,
+            HAS_SEG, SOFTCAP, CLEAN, PREC, UPCAST, BLOCK_D,
         )  # fmt: skip
         p = tl.math.exp2(s - lse2[:, None])
         tl.store(
