@@ -9,17 +9,22 @@ Triton's interpreter, for testing; the environment variable is read at call time
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...spec import AttentionSpec
 
-__all__ = ["MAX_HEAD_DIM", "TritonBackend", "weights"]
+if TYPE_CHECKING:  # at run time ``weights`` comes through __getattr__ below
+    from .host import weights
+
+__all__ = ["MAX_HEAD_DIM", "TritonBackend", "interpreting", "weights"]
 
 MAX_HEAD_DIM = 256
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
@@ -40,7 +45,7 @@ class TritonBackend:
         why = _triton_missing()
         if why:
             return why
-        if _interpreting():
+        if interpreting():
             return None
         if not torch.cuda.is_available():
             return "needs a CUDA GPU (none here); TRITON_INTERPRET=1 runs it on the CPU for testing"
@@ -52,7 +57,7 @@ class TritonBackend:
             reasons.append("float64 is for CPU backends (the kernels accumulate in float32)")
         if spec.D > MAX_HEAD_DIM or spec.Dv > MAX_HEAD_DIM:
             reasons.append(f"head dims up to {MAX_HEAD_DIM}, got D={spec.D}, Dv={spec.Dv}")
-        if spec.device.type != "cuda" and not _interpreting():
+        if spec.device.type != "cuda" and not interpreting():
             reasons.append(
                 f"runs on CUDA tensors, got {spec.device} (TRITON_INTERPRET=1 runs CPU tensors)"
             )
@@ -71,15 +76,11 @@ class TritonBackend:
         return host.attention(spec, q, k, v, seed)
 
 
-def weights(
-    spec: AttentionSpec,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    lse: torch.Tensor | None,
-    head_idx: torch.Tensor | None,
-    row_idx: torch.Tensor | None,
-) -> torch.Tensor:
-    """``attention_weights`` by the Triton kernels (see :func:`host.weights`)."""
-    from . import host
+def __getattr__(name: str):
+    """``weights`` (``attention_weights`` by the kernels) is :func:`host.weights`, imported on
+    first use: ``host`` imports triton, which this package must not do at import."""
+    if name == "weights":
+        from .host import weights
 
-    return host.weights(spec, q, k, lse, head_idx, row_idx)
+        return weights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,6 +34,7 @@ import torch
 import triton
 
 from ...spec import AttentionSpec, validate
+from . import interpreting
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernels use pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -66,11 +67,6 @@ INTERPRET_BLOCKS: dict[str, Any] = {
 DECODE_MODE = os.environ.get("SELFATTN_TRITON_DECODE", "auto")  # auto | always | never
 DECODE_MAX_NQ = 16
 SPLIT_ALIGN = 128  # split lengths are multiples of every decode BLOCK_N
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 def _autotune_enabled() -> bool:
@@ -159,10 +155,12 @@ def _elt(t: torch.Tensor) -> int:
     return t.element_size()
 
 
-def _cfg(bm: int, bn: int, w: int, s: int, pre_hook=None) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook
-    )
+def _cfg(tile: tuple, pre_hook=None) -> triton.Config:
+    """The config of a table row: (BLOCK_M, BLOCK_N, warps, stages), or for the decode kernel
+    (whose BLOCK_M follows the group size) (BLOCK_N, warps, stages)."""
+    *blocks, w, s = tile
+    names = ("BLOCK_M", "BLOCK_N")[-len(blocks) :]
+    return triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s, pre_hook=pre_hook)
 
 
 # Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, best guesses first: the
@@ -283,50 +281,34 @@ def _tma_blocks(nargs: dict) -> None:
 
 
 def _unique_configs(kind: str, hook=None) -> list[triton.Config]:
-    """One config per distinct (BLOCK_M, BLOCK_N, warps, stages) over every table of a kind."""
-    tables = [*_TABLES[kind].values(), _F32[kind]]
+    """One config per distinct tile (and warps, stages) over every table of a kind."""
+    tables = [_DECODE] if kind == "decode" else [*_TABLES[kind].values(), _F32[kind]]
     seen = dict.fromkeys(c for table in tables for c in table)
-    return [_cfg(*c, pre_hook=hook) for c in seen]
+    return [_cfg(c, pre_hook=hook) for c in seen]
+
+
+# kernel -> (kind of its tables, autotune keys besides the common ones, outputs the autotuner
+# zeroes between trials because the kernel accumulates into them)
+_AUTOTUNED = {
+    "attn_fwd": ("fwd", ["USE_TMA"], None),
+    "attn_decode": ("decode", ["USE_TMA", "BLOCK_M"], None),
+    "bwd_dkdv": ("dkdv", [], None),
+    "bwd_dq": ("dq", ["NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"], ["DB", "DA"]),
+}
 
 
 def _tuned(name: str, tma: bool = False) -> Any:
     """The autotuned wrapper of kernel ``name`` (compiled mode only)."""
     fn = _TUNED.get((name, tma))
-    if fn is not None:
-        return fn
-    km = _kernels()
-    key = ["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS]
-    hook = _tma_blocks if tma else None
-    if name == "attn_fwd":
-        configs = _unique_configs("fwd", hook)
+    if fn is None:
+        kind, extra_keys, reset = _AUTOTUNED[name]
         fn = triton.autotune(
-            configs,
-            key=[*key, "USE_TMA"],
-            prune_configs_by={"early_config_prune": _make_prune("fwd")},
-        )(km.attn_fwd)
-    elif name == "bwd_dkdv":
-        configs = _unique_configs("dkdv")
-        fn = triton.autotune(
-            configs, key=key, prune_configs_by={"early_config_prune": _make_prune("dkdv")}
-        )(km.bwd_dkdv)
-    elif name == "bwd_dq":
-        configs = _unique_configs("dq")
-        fn = triton.autotune(
-            configs, key=[*key, "NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"],
-            prune_configs_by={"early_config_prune": _make_prune("dq")}, reset_to_zero=["DB", "DA"],
-        )(km.bwd_dq)  # fmt: skip
-    elif name == "attn_decode":
-        configs = [
-            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bn, w, s in _DECODE
-        ]
-        prune = {"early_config_prune": _make_prune("decode")}
-        fn = triton.autotune(configs, key=[*key, "USE_TMA", "BLOCK_M"], prune_configs_by=prune)(
-            km.attn_decode
-        )
-    else:
-        raise KeyError(name)
-    _TUNED[(name, tma)] = fn
+            _unique_configs(kind, _tma_blocks if tma else None),
+            key=["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS, *extra_keys],
+            prune_configs_by={"early_config_prune": _make_prune(kind)},
+            reset_to_zero=reset,
+        )(getattr(_kernels(), name))
+        _TUNED[(name, tma)] = fn
     return fn
 
 
@@ -335,45 +317,40 @@ def _candidates(kind: str, bd: int, elt: int) -> list[tuple]:
     return _F32[kind] if elt == 4 else _TABLES[kind][_dim_class(bd)]
 
 
-def _launch(
-    name: str, grid, args: list, consts: dict[str, Any], kind: str, table, tune: bool = True
-) -> dict:
+def _interp(kind: str) -> dict[str, int]:
+    """The interpreter's tiles for a kind of kernel (``INTERPRET_BLOCKS``)."""
+    if kind == "decode":
+        return {"BLOCK_N": INTERPRET_BLOCKS["decode_n"]}
+    bm, bn = INTERPRET_BLOCKS[kind]
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
+
+
+def _launch(name: str, grid, args: list, consts: dict[str, Any], tune: bool = True) -> dict:
     """Launch kernel ``name``; returns the tile sizes it ran with.
 
-    ``table`` is the candidate list for this head dim (autotuned when enabled; its first
-    survivor of pruning otherwise); under the interpreter ``INTERPRET_BLOCKS`` decides.
+    The candidate tiles for this head dim and dtype are autotuned when enabled; otherwise the
+    first that survives pruning runs; under the interpreter ``INTERPRET_BLOCKS`` decides.
     Kernels taking TMA descriptors find them in ``consts`` as DESC_K / DESC_V.
     """
-    km = _kernels()
-    tma = bool(consts.get("USE_TMA"))
+    kind = _AUTOTUNED[name][0]
+    launch: dict[str, Any] = {}
     if interpreting():
-        meta = dict(table)
-        _tma_blocks({**consts, **meta})
-        km_fn = getattr(km, name)
-        km_fn[grid(meta)](*args, **consts, **meta)
-        return meta
-    if tune and _autotune_enabled():
-        fn = _tuned(name, tma)
+        meta = _interp(kind)
+    elif tune and _autotune_enabled():
+        fn = _tuned(name, bool(consts.get("USE_TMA")))
         fn[grid](*args, **consts)
         return dict(fn.best_config.kwargs)
-    q = args[0]
-    configs = [_cfg(*c) for c in table] if kind != "decode" else [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in table
-    ]  # fmt: skip
-    c = prune_configs(
-        kind,
-        configs,
-        consts["BLOCK_D"],
-        consts["BLOCK_DV"],
-        _elt(q),
-        consts["TUNE_Q"],
-        consts["TUNE_K"],
-    )[0]
-    meta = dict(c.kwargs)
+    else:
+        elt = _elt(args[0])
+        table = _DECODE if kind == "decode" else _candidates(kind, consts["BLOCK_D"], elt)
+        c = prune_configs(
+            kind, [_cfg(t) for t in table], consts["BLOCK_D"], consts["BLOCK_DV"], elt,
+            consts["TUNE_Q"], consts["TUNE_K"],
+        )[0]  # fmt: skip
+        meta = dict(c.kwargs)
+        launch = {"num_warps": c.num_warps, "num_stages": c.num_stages}
     _tma_blocks({**consts, **meta})
-    getattr(km, name)[grid(meta)](
-        *args, **consts, **meta, num_warps=c.num_warps, num_stages=c.num_stages
-    )
+    getattr(_kernels(), name)[grid(meta)](*args, **consts, **meta, **launch)
     return meta
 
 
@@ -605,8 +582,7 @@ def _forward(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     def grid(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
 
-    table = _interp("fwd") if interpreting() else _candidates("fwd", consts["BLOCK_D"], _elt(q))
-    _launch("attn_fwd", grid, args, consts, "fwd", table, tune)
+    _launch("attn_fwd", grid, args, consts, tune)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,11 +679,6 @@ def _tma_probe(device: torch.device) -> bool:
     return ok
 
 
-def _interp(kind: str) -> list[tuple[str, int]]:
-    bm, bn = INTERPRET_BLOCKS[kind]
-    return [("BLOCK_M", bm), ("BLOCK_N", bn)]
-
-
 def _decode(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     spec = call.spec
     g, nq = spec.group, spec.Nq
@@ -736,8 +707,7 @@ def _decode(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     def grid(meta):
         return (n_splits, progs)
 
-    table = [("BLOCK_N", INTERPRET_BLOCKS["decode_n"])] if interpreting() else _DECODE
-    _launch("attn_decode", grid, args, consts, "decode", table, tune)
+    _launch("attn_decode", grid, args, consts, tune)
     km = _kernels()
     km.decode_combine[(rows,)](
         opart, lpart, out, lse, *out.stride(), spec.Hq, nq, spec.Dv, n_splits,
@@ -802,10 +772,7 @@ def backward(
     def grid_kv(meta):
         return (triton.cdiv(spec.Nk, meta["BLOCK_N"]), spec.B * spec.Hkv)
 
-    table = (
-        _interp("dkdv") if interpreting() else _candidates("dkdv", call.consts["BLOCK_D"], _elt(q))
-    )
-    _launch("bwd_dkdv", grid_kv, args, call.consts, "dkdv", table)
+    _launch("bwd_dkdv", grid_kv, args, call.consts)
 
     # dQ (and dS for the bias and slope gradients): one program per query tile of each head
     min_bm = 16
@@ -837,8 +804,7 @@ def backward(
     def grid_q(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
 
-    table = _interp("dq") if interpreting() else _candidates("dq", call.consts["BLOCK_D"], _elt(q))
-    _launch("bwd_dq", grid_q, args, consts, "dq", table)
+    _launch("bwd_dq", grid_q, args, consts)
 
     if need_dbias:
         part = db if db_rows else db.sum(2, keepdim=True)
