@@ -24,8 +24,10 @@ from helpers import (
     ERR_FLOOR,
     assert_close,
     float64_leaves,
+    gen,
     make_qkv,
     max_err,
+    packed_ids,
     plain_attention,
     plain_lse,
     ref_attention,
@@ -68,33 +70,17 @@ INTERPRET_BLOCKS = {
 }
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def packed_ids(b: int, n: int, seed: int, pad: int = 4) -> torch.Tensor:
-    """(B, N) packed documents of random lengths; odd batch elements end in padding (-1)."""
-    g = _gen(seed)
-    ids = torch.empty(b, n, dtype=torch.int64)
-    for i in range(b):
-        cuts = torch.randint(3, max(4, n // 3), (n,), generator=g).cumsum(0)
-        ids[i] = torch.bucketize(torch.arange(n), cuts, right=True)
-        if i % 2 == 1 and n > pad:
-            ids[i, n - pad :] = -1
-    return ids
-
-
 def seg_arg(b: int, nq: int, nk: int, seed: int):
-    kv = packed_ids(b, nk, seed)
+    kv = packed_ids(b, nk, seed, pad=4, shortest=3)
     if nq == nk:
         return kv
     if nq < nk:  # the queries are the last Nq positions (a cache)
         return (kv[:, nk - nq :].to(torch.int32), kv.to(torch.int32))
-    return (torch.randint(-1, int(kv.max()) + 1, (b, nq), generator=_gen(seed + 1)), kv)
+    return (torch.randint(-1, int(kv.max()) + 1, (b, nq), generator=gen(seed + 1)), kv)
 
 
 def rand_mask(shape, seed: int, p_true: float = 0.7) -> torch.Tensor:
-    m = torch.rand(shape, generator=_gen(seed)) < p_true
+    m = torch.rand(shape, generator=gen(seed)) < p_true
     if len(shape) >= 2 and shape[-2] > 2:
         m[..., 1, :] = False  # a row that sees nothing
     return m
@@ -102,7 +88,7 @@ def rand_mask(shape, seed: int, p_true: float = 0.7) -> torch.Tensor:
 
 def rules(name: str, b: int, hq: int, nq: int, nk: int, dtype, seed: int = 7) -> dict:
     """Keyword arguments of one named rule (or combination) for shape (b, hq, nq, nk)."""
-    g = _gen(seed)
+    g = gen(seed)
     table = {
         "none": lambda: {},
         "causal": lambda: {"causal": True},
@@ -272,7 +258,7 @@ def grad_errors(dev, shape, rule, dtype=torch.float32, seed=1, **extra):
     q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dv, dtype=dtype, seed=seed)
     kw = {**rules(rule, b, hq, nq, nk, dtype), **extra}
     learn = [n for n in ("bias", "alibi_slopes") if n in kw]
-    g = _gen(seed + 5)
+    g = gen(seed + 5)
     dout = torch.randn(b, hq, nq, dv, generator=g)
     dlse = torch.randn(b, hq, nq, generator=g)
 
@@ -370,7 +356,7 @@ def test_dropout_mask_is_the_shared_counter_hash(dev):
     keep[i, :] / ((1 - p) Nk): the kernel's mask must equal ``_rng.keep_mask`` bit for bit."""
     b, hq, nq, nk, p = 2, 2, 37, 67, 0.3
     q = torch.zeros(b, hq, nq, 16)
-    k = torch.randn(b, hq, nk, 16, generator=_gen(0))
+    k = torch.randn(b, hq, nk, 16, generator=gen(0))
     v = torch.eye(nk).expand(b, hq, nk, nk)
     torch.manual_seed(1234)
     out = run(q, k, v, dev, dropout_p=p).cpu()
@@ -390,7 +376,7 @@ def test_dropout_matches_tiled_and_math(dev, decode, monkeypatch):
         monkeypatch.setattr(host, "DECODE_MODE", "always")
     nq = 3 if decode else 37
     q, k, v = make_qkv(1, 2, 1, nq, 67, 32, seed=4)
-    kw = {"causal": True, "bias": torch.randn(1, 2, nq, 67, generator=_gen(5))}
+    kw = {"causal": True, "bias": torch.randn(1, 2, nq, 67, generator=gen(5))}
     outs, grads = {}, {}
     for backend, device in (("triton", dev), ("tiled", "cpu"), ("math", "cpu")):
         leaves = [t.to(device).requires_grad_(True) for t in (q, k, v)]
@@ -411,7 +397,7 @@ def test_dropout_matches_tiled_and_math(dev, decode, monkeypatch):
 def test_fully_masked_rows_are_zero_with_zero_gradients(dev):
     b, hq, nq, nk = 2, 2, 37, 67
     q, k, v = make_qkv(b, hq, hq, nq, nk, 32, seed=6)
-    mask = torch.rand(b, hq, nq, nk, generator=_gen(6)) < 0.5
+    mask = torch.rand(b, hq, nq, nk, generator=gen(6)) < 0.5
     mask[:, :, 3] = False
     mask[1, :, 20:] = False
     ids = (torch.zeros(b, nq, dtype=torch.long), torch.zeros(b, nk, dtype=torch.long))
@@ -483,7 +469,7 @@ def test_nan_without_rules_propagates_everywhere(dev):
 
 @pytest.mark.parametrize("rule", ["none", "combo"])
 def test_non_contiguous_and_expanded_inputs(dev, rule):
-    g = _gen(11)
+    g = gen(11)
     q = torch.randn(2, 37, 4, 48, generator=g).transpose(1, 2)  # (2, 4, 37, 48)
     k = torch.randn(2, 2, 134, 64, generator=g)[:, :, ::2, 8:56]  # (2, 2, 67, 48)
     v = torch.randn(2, 1, 67, 40, generator=g).expand(2, 2, 67, 40)
