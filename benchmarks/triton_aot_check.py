@@ -9,6 +9,8 @@ launches intercepted), so this also checks that host and kernel signatures agree
 show speed or catch a wrong answer that only the hardware produces: the GPU tests do that.
 
 Usage: ``python benchmarks/triton_aot_check.py [--target cuda:90] [--quick]``; prints a table.
+Another Triton (e.g. the GPU machine's 3.6: ``pip install --target DIR --no-deps triton==3.6.0``)
+is checked by putting it first on the path: ``PYTHONPATH=DIR python benchmarks/...``.
 """
 
 from __future__ import annotations
@@ -185,6 +187,16 @@ def scenarios(quick: bool):
 
         return run
 
+    def probs(kw, shape=(2, 16, 16, n, n, 128), dtype=bf16, lse=False):
+        q, k, _ = qkv(*shape, dtype=dtype)
+        spec = validate(q, k, None, need_v=False, **kw)
+        given = torch.zeros(q.shape[:3]) if lse else None
+
+        def run():
+            host.weights(spec, q, k, given, None, None)
+
+        return run
+
     yield "fwd bf16 D128 causal", fwd({"causal": True})
     yield "fwd bf16 D128 causal TMA", fwd({"causal": True}, tma=True)
     yield "bwd bf16 D128 causal", bwd({"causal": True})
@@ -211,6 +223,9 @@ def scenarios(quick: bool):
     yield "bwd bf16 D128 bias grad", bwd({"bias": bias}, need_bias=True)
     yield "bwd bf16 D128 every rule", bwd(everything, seed=(1, 2))
     yield "bwd bf16 D256", bwd({}, shape=(1, 8, 8, n, n, 256))
+    yield "weights bf16 D128 causal lse", probs({"causal": True}, lse=True)
+    no_dropout = {name: val for name, val in everything.items() if name != "dropout_p"}
+    yield "weights bf16 D128 every rule", probs(no_dropout)
 
 
 def main(argv=None) -> int:
