@@ -14,10 +14,12 @@ Kernels, top to bottom:
   ``bwd_dkdv``        per key tile: dK, dV, summed over the query heads of its group (no atomics).
   ``bwd_dq``          per query tile: dQ, and the gradients of ``bias`` and ALiBi slopes.
   ``attn_probs``      the softmax probabilities of chosen rows and heads (``attention_weights``).
-Each stands after the pieces only it uses. The pieces several kernels share come first: tile
-loads and stores, the scores of one tile (``_row_scores``), the span of keys a tile of rows
-visits (``_span``, ``_phases``) and ``_row_tile``, everything a tile of query rows sets up
-before its loop over keys (forward, decode, dQ and probabilities start the same way).
+Each kernel stands after its inner loop (``_fwd_inner``, ``_dkdv_inner``, ``_dq_inner``,
+``_probs_tile``); ``_attend``, the body of both forward kernels, comes before ``attn_fwd``. What
+several kernels share comes first: tile loads and stores, the K/V tile of a loop step
+(``_load_kv``), the scores of a tile of rows (``_row_scores``), the stretches of keys a tile
+visits (``_span``, ``_phases``, ``_stretch``) and ``_row_tile``, everything a tile of query
+rows sets up before its loop over keys (forward, decode, dQ and probabilities start alike).
 
 Visibility. Query row ``i`` sits at position ``i' = i + OFF`` (``OFF = Nk - Nq``). For a tile of
 rows, ``_span`` turns causal/window bounds and the per-row segment ranges computed by the host
@@ -97,7 +99,9 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_tile(rows, ok, stride_d, D, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):  # fmt: skip
+def _load_tile(
+    rows, ok, stride_d, D, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr
+):
     """A (R, BLOCK_D) tile of q, k, v, dO or O; ``rows`` (R,) points at each row's first entry.
 
     ``MASKED`` tiles read only the rows marked ``ok`` and the columns below ``D`` (zeros
@@ -116,7 +120,7 @@ def _load_tile(rows, ok, stride_d, D, BLOCK_D: tl.constexpr, MASKED: tl.constexp
 
 @triton.jit
 def _store_tile(rows, x, ok, stride_d, D, BLOCK_D: tl.constexpr):
-    """Store the (R, BLOCK_D) tile ``x`` in the dtype of its destination: rows ``ok``, columns < D."""
+    """Store the (R, BLOCK_D) tile ``x`` in its destination's dtype: rows ``ok``, columns < D."""
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(
         rows[:, None] + offs_d[None, :] * stride_d,
@@ -259,7 +263,7 @@ def _row_scores(
 
 
 @triton.jit
-def _segments(RNG, IDS, stride_idb, stride_idn, b, B, N, idx, ok, n_other, HAS_SEG: tl.constexpr):  # fmt: skip
+def _segments(RNG, IDS, stride_idb, stride_idn, b, B, N, idx, ok, n_other, HAS_SEG: tl.constexpr):
     """Segment bounds of a tile of positions ``idx`` of batch ``b`` and their segment ids.
 
     ``RNG`` (4, B, N) holds, per position, the first and one past the last position of the
