@@ -410,7 +410,8 @@ def _row_tile(
     """What a tile of query rows needs before its loop over keys.
 
     The rows are queries ``i`` (BLOCK_M,) of batch ``b`` and head ``h`` (one for the tile, or
-    one per row), ``row_ok`` those that exist, at positions ``p_lo..p_hi``; the program covers
+    one per row: each a real head, rows that do not exist included, since the ALiBi slope is
+    read unmasked), ``row_ok`` those that exist, at positions ``p_lo..p_hi``; the program covers
     keys ``[k_lo, k_hi)``. Returns ``q`` (BLOCK_M, BLOCK_D); the rows' segment ids ``qid``;
     the stretches ``a, f0, f1, hi`` of ``_phases``; per row the bias and mask row pointers and
     the ALiBi slope in base 2; and the dropout row hash, column seed and threshold (uint32).
