@@ -16,6 +16,7 @@ from .math import MathBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend
+from .triton import TritonBackend  # imports no triton itself: unavailable() says what is missing
 
 __all__ = ["BACKENDS", "Backend", "available", "candidates", "refusals", "select"]
 
@@ -49,26 +50,6 @@ def register(backend: Backend) -> None:
 
 for _b in (ReferenceBackend(), MathBackend(), TiledBackend(), SdpaBackend()):
     register(_b)
-
-try:  # the GPU kernels need triton; without it the backend reports why it is missing
-    from .triton import TritonBackend
-except ImportError as _exc:  # pragma: no cover - triton is an optional extra
-    _TRITON_IMPORT_ERROR = str(_exc)
-
-    class TritonBackend:  # type: ignore[no-redef]
-        """Placeholder that explains why the triton backend cannot load."""
-
-        name = "triton"
-
-        def unavailable(self) -> str | None:
-            return f"triton is not importable ({_TRITON_IMPORT_ERROR}); pip install selfattn[triton]"
-
-        def check(self, spec: AttentionSpec) -> list[str]:
-            return []
-
-        def run(self, spec, q, k, v, seed):
-            raise UnsupportedInputs(self.unavailable() or "")
-
 
 register(TritonBackend())
 
