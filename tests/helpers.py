@@ -7,6 +7,7 @@ small floor for the dtype. "Plain" means the textbook formula computed in the in
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -227,3 +228,17 @@ def grads(out: torch.Tensor, inputs, dout: torch.Tensor) -> list[torch.Tensor | 
     got = torch.autograd.grad(out, live, dout.to(out.dtype), allow_unused=True)
     it = iter(got)
     return [None if t is None else next(it) for t in inputs]
+
+
+@contextlib.contextmanager
+def tiled_split(min_scores: int = 1 << 10):
+    """Let the tiled engine split even small calls across threads (its threshold is tuned for
+    speed, so test-sized calls would otherwise run in one thread)."""
+    from selfattn.backends import tiled
+
+    old = tiled.MIN_PARALLEL_SCORES
+    tiled.MIN_PARALLEL_SCORES = min_scores
+    try:
+        yield
+    finally:
+        tiled.MIN_PARALLEL_SCORES = old

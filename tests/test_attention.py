@@ -30,6 +30,7 @@ from helpers import (
     plain_attention,
     ref_attention,
     run_backend,
+    tiled_split,
     to_np,
     torch_threads,
 )
@@ -520,7 +521,7 @@ def test_auto_never_declines_on_cpu():
 
 # -- the tiled engine's split across threads ----------------------------------------------------
 
-# Big enough (>= 2**18 scores) for tiled to split a call across threads: by (batch, key/value
+# With tiled_split() the tiled engine splits these calls across threads: by (batch, key/value
 # head) when there are enough units, else by bands of query rows.
 THREAD_CASES = {
     "heads_split": (Shape("h", 2, 4, 2, 300, 500, 32), "causal"),
@@ -534,7 +535,7 @@ THREAD_CASES = {
 def test_tiled_threaded_split_matches_one_thread(case):
     s, rule = THREAD_CASES[case]
     q, k, v, kw, ref, ref_lse, plain = case_data(s, rule, FP32)
-    with torch_threads(2):
+    with torch_threads(2), tiled_split():
         out2, lse2 = selfattn.attention(q, k, v, return_lse=True, backend="tiled", **kw)
     out1, lse1 = selfattn.attention(q, k, v, return_lse=True, backend="tiled", **kw)
     assert_close(out2, ref, plain, FP32, f"2 threads {case}")

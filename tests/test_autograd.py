@@ -30,6 +30,7 @@ from helpers import (
     plain_attention,
     plain_lse,
     run_backend,
+    tiled_split,
     to_np,
     torch_threads,
 )
@@ -409,7 +410,7 @@ def test_tiled_threaded_gradients_match_one_thread(b, hq, hkv, nq, nk):
     res = []
     for threads in (1, 2):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias, slopes)]
-        with torch_threads(threads):
+        with torch_threads(threads), tiled_split():
             out = selfattn.attention(
                 *leaves[:3], bias=leaves[3], alibi_slopes=leaves[4], backend="tiled", **kw
             )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import selfattn
-from helpers import gen, make_qkv, ref_attention, run_backend, to_np, torch_threads
+from helpers import gen, make_qkv, ref_attention, run_backend, tiled_split, to_np, torch_threads
 from selfattn import _rng
 from selfattn.backends.tiled import BLOCK_N
 
@@ -207,7 +207,7 @@ def test_tiled_threaded_split_draws_the_same_mask(b, hq, hkv, nq):
     v = identity_values(b, hkv, nk)
     torch.manual_seed(24)
     one = selfattn.attention(q, k, v, dropout_p=0.3, causal=True, backend="tiled")
-    with torch_threads(2):
+    with torch_threads(2), tiled_split():
         torch.manual_seed(24)
         two = selfattn.attention(q, k, v, dropout_p=0.3, causal=True, backend="tiled")
     assert torch.equal(one != 0, two != 0)
@@ -218,7 +218,7 @@ def test_tiled_threaded_split_draws_the_same_mask(b, hq, hkv, nq):
     res = []
     for threads in (1, 2):
         leaves = [t.clone().requires_grad_(True) for t in (q, k)]
-        with torch_threads(threads):
+        with torch_threads(threads), tiled_split():
             torch.manual_seed(24)
             out = selfattn.attention(*leaves, v, dropout_p=0.3, causal=True, backend="tiled")
             res.append(torch.autograd.grad(out, leaves, dout))

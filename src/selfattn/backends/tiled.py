@@ -466,7 +466,7 @@ def _backward_part(
 # the way fused CPU kernels split work: by (batch, key/value head) when there are enough of them,
 # else by bands of query rows balanced by their visible keys.
 
-MIN_PARALLEL_SCORES = 1 << 18  # below this many scores a call runs in the calling thread
+MIN_PARALLEL_SCORES = 1 << 24  # below this many scores a call runs in the calling thread
 # Key/value heads a worker computes together (one batched GEMM): fewer keep a tile of scores in
 # the core's own cache, more amortise the per-op Python cost.
 KV_HEADS_PER_PART = 8
