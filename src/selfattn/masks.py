@@ -138,9 +138,7 @@ class Rules:
             kv_heads = heads // self.group
 
             def pick_h(t: torch.Tensor | None) -> torch.Tensor | None:
-                return (
-                    t if t is None or t.shape[1] == 1 else t.index_select(1, heads.to(t.device))
-                )
+                return t if t is None or t.shape[1] == 1 else t.index_select(1, heads.to(t.device))
 
             r = replace(
                 r, H=len(heads), Hkv=len(heads), mask=pick_h(r.mask), bias=pick_h(r.bias),
@@ -151,9 +149,7 @@ class Rules:
 
             def pick_r(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
                 return (
-                    t
-                    if t is None or t.shape[dim] == 1
-                    else t.index_select(dim, rows.to(t.device))
+                    t if t is None or t.shape[dim] == 1 else t.index_select(dim, rows.to(t.device))
                 )
 
             r = replace(

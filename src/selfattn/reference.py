@@ -208,7 +208,9 @@ def _group_heads(q: np.ndarray, kv: np.ndarray) -> np.ndarray:
         return kv
     hq, hkv = q.shape[-3], kv.shape[-3]
     if hq % hkv:
-        raise ValueError(f"query heads must be a multiple of key/value heads, got Hq={hq}, Hkv={hkv}")
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads, got Hq={hq}, Hkv={hkv}"
+        )
     return np.repeat(kv, hq // hkv, axis=-3)
 
 
@@ -347,7 +349,9 @@ def self_attention(
     return Steps(x=x, q=q, k=k, v=v, scores=np.where(vis, s, -np.inf), weights=p, output=out)
 
 
-def lesson_self_attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray) -> np.ndarray:
+def lesson_self_attention(
+    x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray
+) -> np.ndarray:
     """The lesson's code, kept verbatim in spirit: unscaled scores and an unguarded ``exp``.
 
     It is here to be compared against: once a score passes ~709, ``np.exp`` overflows to inf and

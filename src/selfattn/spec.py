@@ -114,7 +114,9 @@ def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 def _check_tensor_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q, k, v are on {device}; move it to {device}")
+        raise ValueError(
+            f"{name} is on {t.device} but q, k, v are on {device}; move it to {device}"
+        )
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -140,7 +142,9 @@ def _check_window(window: Any) -> tuple[int | None, int | None] | None:
             sides.append(None)
             continue
         if isinstance(w, bool) or not isinstance(w, numbers.Integral):
-            raise ValueError(f"window {side} must be an int >= 0 or None, got {w!r} in window={window!r}")
+            raise ValueError(
+                f"window {side} must be an int >= 0 or None, got {w!r} in window={window!r}"
+            )
         if w < 0:
             raise ValueError(
                 f"window {side} must be >= 0 (use None for unbounded), got {w} in window={window!r}"
@@ -153,7 +157,9 @@ def _check_window(window: Any) -> tuple[int | None, int | None] | None:
 
 def _check_ids(name: str, t: Any, b: int, n: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor of shape ({b}, {n}), got {type(t).__name__}")
+        raise TypeError(
+            f"{name} must be an integer torch.Tensor of shape ({b}, {n}), got {type(t).__name__}"
+        )
     if t.dtype not in _INT_DTYPES:
         raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
     if tuple(t.shape) != (b, n):
@@ -268,7 +274,9 @@ def validate(
     alibi = None
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
-            raise TypeError(f"alibi_slopes must be a float torch.Tensor, got {type(alibi_slopes).__name__}")
+            raise TypeError(
+                f"alibi_slopes must be a float torch.Tensor, got {type(alibi_slopes).__name__}"
+            )
         if alibi_slopes.dtype not in FLOAT_DTYPES:
             raise TypeError(f"alibi_slopes must have a float dtype, got {alibi_slopes.dtype}")
         if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
