@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -563,3 +565,31 @@ def test_empty_dimensions(backend, b, nq, nk):
     out.sum().backward()
     for t in (q, k, v):
         assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_tiled_threads_work_in_a_forked_child():
+    """Bug: a child forked after the tiled engine had used its worker pool inherited the pool
+    object without its threads, so its first threaded call waited forever."""
+    q, k, v = make_qkv(1, 4, 2, 300, 300, 16)
+    with torch_threads(2), tiled_split():
+        ref = selfattn.attention(q, k, v, causal=True, backend="tiled")  # starts the pool
+        pid = os.fork()
+        if pid == 0:  # child: must finish (and match) rather than hang
+            code = 1
+            try:
+                out = selfattn.attention(q, k, v, causal=True, backend="tiled")
+                code = 0 if torch.equal(out, ref) else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in a threaded tiled call")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -15,6 +15,7 @@ so the exponential is ``exp2``, as in the kernels.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -472,6 +473,7 @@ MIN_PARALLEL_SCORES = 1 << 24  # below this many scores a call runs in the calli
 KV_HEADS_PER_PART = 8
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
+_POOL_PID = 0  # a forked child inherits the pool object but none of its threads
 _POOL_LOCK = threading.Lock()
 _IN_WORKER = threading.local()
 
@@ -485,13 +487,13 @@ def _init_worker() -> None:
 
 def _run_jobs(fn, jobs: list) -> list:
     """Run ``fn(job)`` for every job on the worker pool and return the results in order."""
-    global _POOL, _POOL_SIZE
+    global _POOL, _POOL_SIZE, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or len(jobs) > _POOL_SIZE:
+        if _POOL is None or len(jobs) > _POOL_SIZE or os.getpid() != _POOL_PID:
             _POOL = ThreadPoolExecutor(
                 len(jobs), thread_name_prefix="selfattn", initializer=_init_worker
             )
-            _POOL_SIZE = len(jobs)
+            _POOL_SIZE, _POOL_PID = len(jobs), os.getpid()
         pool = _POOL
     futures = [pool.submit(fn, job) for job in jobs]
     return [f.result() for f in futures]
