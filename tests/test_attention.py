@@ -593,3 +593,24 @@ def test_tiled_threads_work_in_a_forked_child():
             os.waitpid(pid, 0)
             pytest.fail("the forked child hung in a threaded tiled call")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_frozen_maximum_near_its_bound_stays_exact():
+    """The forward freezes the running maximum after the first key chunk when Cauchy-Schwarz
+    bounds every later score within 2**64 of it. Here a later key reaches that bound (its score
+    is 60 base-2 units above every score of the first chunk) and the values are large: the
+    result must still match the specification, with nothing overflowing."""
+    nk, d = 3 * BLOCK_N, 16
+    q = torch.zeros(1, 1, 4, d)
+    q[..., 0] = 10.0
+    k = torch.zeros(1, 1, nk, d)
+    k[..., : BLOCK_N, 0] = 0.84 + 0.01 * torch.rand(BLOCK_N, generator=gen(7))  # first chunk
+    k[..., -1, 0] = 5.0  # the largest key: its score 50 is the bound itself
+    k[..., BLOCK_N:-1, 0] = torch.rand(nk - BLOCK_N - 1, generator=gen(8))
+    v = torch.randn(1, 1, nk, d, generator=gen(9))
+    out = selfattn.attention(q, k, v, scale=1.0, backend="tiled")
+    ref, _ = ref_attention(q, k, v, scale=1.0)
+    assert_close(out, ref, plain_attention(q, k, v, scale=1.0), FP32, "frozen maximum")
+    big = selfattn.attention(q, k, v * 1e6, scale=1.0, backend="tiled")  # sum p*v near 2**80
+    assert torch.isfinite(big).all()
+    assert max_err(big / 1e6, ref) < 1e-6

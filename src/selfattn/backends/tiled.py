@@ -361,7 +361,7 @@ def _forward_part(
         lse[:, :, i0:i1] = ((m_i + torch.log2(l_i)) * LN2).view(b, h, m)
 
 
-STATIC_SLACK = 100.0  # base-2 headroom: exp2(100) and sums of it stay far from float32 overflow
+STATIC_SLACK = 64.0  # base 2: p <= 2**64, so even acc = sum p * v (|v| * Nk < 2**60) stays finite
 
 
 def _freeze(
