@@ -10,6 +10,13 @@ they leave full are computed without a mask (``masks.Rules.key_spans``).
 The names follow the paper and the Triton kernels of this package: ``m_i``, ``l_i``, ``acc``,
 ``BLOCK_M`` rows, ``BLOCK_N`` keys. Scores are kept in base 2 (``log2(e)`` folded into the scale)
 so the exponential is ``exp2``, as in the kernels.
+
+Written in torch operations, the engine's cost beyond its two GEMMs per tile is the passes over
+each tile of scores, so it keeps them few: subtractions ride inside the GEMMs (a column of ones
+on K or V against ``-m_i``, ``-lse`` or ``-D`` on the other side), the running maximum is frozen
+after the first chunk when a Cauchy-Schwarz bound allows (``_forward_part``), masks are cached
+additive tiles, and tiles live in one reusable workspace. A large call is split across CPU
+threads by heads or by bands of rows (``_split``).
 """
 
 from __future__ import annotations
