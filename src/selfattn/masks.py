@@ -87,17 +87,6 @@ class Rules:
             or self.q_ids is not None
         )
 
-    def batch(self, b: int) -> Rules:
-        """The rules of batch element ``b`` alone (B = 1)."""
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else (t[b : b + 1] if t.shape[0] > 1 else t)
-
-        return replace(
-            self, B=1, mask=pick(self.mask), bias=pick(self.bias), alibi=pick(self.alibi),
-            q_ids=pick(self.q_ids), kv_ids=pick(self.kv_ids), bad_keys=pick(self.bad_keys),
-        )  # fmt: skip
-
     def part(self, b0: int, b1: int, kh0: int, kh1: int, r0: int, r1: int) -> Rules:
         """The rules of batch elements [b0, b1), key/value heads [kh0, kh1) and rows [r0, r1).
 

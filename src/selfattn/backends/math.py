@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import _rng
-from ..masks import Rules
+from ..masks import Rules, heads5
 from ..spec import AttentionSpec
 from .tiled import _bad_keys, acc_dtype
 
@@ -43,7 +43,7 @@ def math_attention(
     if spec.softcap is not None:  # 2. softcap
         s = spec.softcap * torch.tanh(s / spec.softcap)
     if spec.bias is not None:  # 3. bias
-        s = s + _heads5(spec.bias.to(acc), hkv, g)
+        s = s + heads5(spec.bias.to(acc), hkv, g)
     if spec.alibi is not None:  # 4. ALiBi: - slope[h] * |i' - j|
         dist = rules.alibi_distance(0, nq, 0, nk, q.device, acc)  # (Nq, Nk)
         s = s - spec.alibi.to(acc).reshape(-1, hkv, g, 1, 1) * dist
@@ -51,7 +51,7 @@ def math_attention(
         s = s.masked_fill(bad[:, :, None, None, :], math.nan)
     vis = rules.dense_visible(q.device)  # 5. visibility, (B|1, Hq|1, Nq, Nk) or None
     if vis is not None:
-        s = s.masked_fill(~_heads5(vis, hkv, g), -math.inf)
+        s = s.masked_fill(~heads5(vis, hkv, g), -math.inf)
 
     # 6. softmax; the max is a constant for the gradient, rows with no visible key give p = 0
     if nk == 0:  # no keys at all: every row is empty
@@ -68,11 +68,6 @@ def math_attention(
         p = p * _keep(seed, spec, q.device).to(acc) / (1.0 - spec.dropout_p)
     out = p @ v5  # 8. weighted sum (B, Hkv, G, Nq, Dv)
     return out.reshape(b, hq, nq, v.shape[-1]).to(q.dtype), lse.reshape(b, hq, nq).float()
-
-
-def _heads5(t: torch.Tensor, hkv: int, g: int) -> torch.Tensor:
-    b, h, m, n = t.shape
-    return t.reshape(b, 1, 1, m, n) if h == 1 else t.reshape(b, hkv, g, m, n)
 
 
 def _keep(seed: tuple[int, int], spec: AttentionSpec, device: torch.device) -> torch.Tensor:
