@@ -21,7 +21,7 @@ def one_thread():
     """One torch thread for a whole test file (``pytestmark = pytest.mark.usefixtures(
     "one_thread")``): small tensors gain nothing from threads, and on a shared 2-core machine
     OpenMP threads waiting for each other make every op many times slower."""
-    from selfattn.trainer import torch_threads
+    from selfattn.testing import torch_threads
 
     with torch_threads(1):
         yield
