@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 import selfattn
 from selfattn import distributed as sd
-from selfattn.bench import _peak_rss_bytes, _reset_peak, _rss_bytes, attention_flops
+from selfattn.bench import attention_flops, peak_rss_bytes, reset_peak, rss_bytes
 
 MB = 2**20
 
@@ -70,8 +70,8 @@ class _Probe:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.base = _rss_bytes()
-            if not _reset_peak():
+            self.base = rss_bytes()
+            if not reset_peak():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs) here")
         return self
 
@@ -80,7 +80,7 @@ class _Probe:
             torch.cuda.synchronize(self.device)
             self.growth = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            self.growth = _peak_rss_bytes() - self.base
+            self.growth = peak_rss_bytes() - self.base
 
 
 def _sync(device: torch.device) -> None:

@@ -18,8 +18,8 @@ from PIL import Image
 
 from selfattn.backends import BACKENDS
 from selfattn.bench import attention_flops
+from selfattn.bench.sweep import SweepConfig, run_sweep
 from selfattn.cli import main
-from selfattn.sweep import SweepConfig, run_sweep
 
 COMMANDS = ["info", "demo", "explain", "bench", "train"]
 

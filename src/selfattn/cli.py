@@ -1,7 +1,7 @@
 """The command line: ``selfattn info | demo | explain | bench | train``, or ``python -m selfattn``.
 
 Thin: it parses arguments, calls the library (``selfattn.reference``, ``selfattn.viz``,
-``selfattn.sweep``, ``selfattn.trainer``) and prints with rich. Bad arguments end with a one-line
+``selfattn.bench.sweep``, ``selfattn.trainer``) and prints with rich. Bad arguments end with a one-line
 message and exit status 2.
 """
 
@@ -425,7 +425,7 @@ def cmd_bench(args: argparse.Namespace, con) -> int:
     import torch
     from rich.table import Table
 
-    from selfattn.sweep import SweepConfig, count_steps, run_sweep
+    from selfattn.bench.sweep import SweepConfig, count_steps, run_sweep
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:

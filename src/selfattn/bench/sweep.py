@@ -1,8 +1,9 @@
-"""The sweep behind ``selfattn bench``: selfattn against torch SDPA and FlexAttention over N.
+"""The sweep room: ``selfattn bench``'s measurement of selfattn against torch SDPA, the textbook
+formula and FlexAttention over sequence lengths, and the worker process it measures memory in.
 
 Times are interleaved between methods (one call of each per round), so machine noise hits every
-method alike; FLOPs use the FlashAttention convention (``selfattn.bench.attention_flops``); memory
-is the peak growth of a fresh worker process while one call runs (host RSS on CPU, the CUDA
+method alike; FLOPs use the FlashAttention convention (:func:`selfattn.bench.attention_flops`);
+memory is the peak growth of a fresh worker process while one call runs (host RSS on CPU, the CUDA
 allocator's peak on GPU). FlexAttention compiles first (tens of seconds on CPU), so it runs in its
 own worker with a time limit and is left out, with the reason, when it does not finish.
 """
@@ -24,9 +25,11 @@ from typing import Any
 
 import torch
 
-from .bench import Timing, attention_flops, time_fn
+from ..checks import integer, real
+from .memory import peak_rss_bytes, reset_peak, rss_bytes
+from .timing import Timing, attention_flops, time_fn
 
-__all__ = ["METHODS", "SweepConfig", "run_sweep"]
+__all__ = ["METHODS", "SweepConfig", "count_steps", "run_sweep"]
 
 # name -> what it runs (written into the results, so a reader knows what was compared)
 METHODS = {
@@ -75,8 +78,16 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
-        if not self.lengths or any(not isinstance(n, int) or n < 1 for n in self.lengths):
+        try:
+            self._validate()
+        except TypeError as exc:  # one kind of error for every bad setting, as the command expects
+            raise ValueError(str(exc)) from None
+
+    def _validate(self) -> None:
+        if not self.lengths:
             raise ValueError(f"lengths must be positive ints, got {self.lengths}")
+        for n in self.lengths:
+            integer("lengths", n)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -86,17 +97,16 @@ class SweepConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None:
+            integer("threads", self.threads)
         for name in ("batch", "heads", "head_dim", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.flex_timeout <= 0:
+            integer(name, getattr(self, name))
+        if real("flex_timeout", self.flex_timeout) <= 0:
             raise ValueError(f"flex_timeout must be > 0 seconds, got {self.flex_timeout}")
 
 
 def _engine(device: str) -> str:
-    from .backends import BACKENDS
+    from ..backends import BACKENDS
 
     if device == "cuda" and BACKENDS["triton"].unavailable() is None:
         return "triton"
@@ -143,8 +153,6 @@ def _method(cfg: SweepConfig, name: str, q, k, v) -> Callable[[], torch.Tensor]:
 
 def _worker(cfg: SweepConfig, methods: list[str], timed: bool) -> None:
     """Print one JSON line per (method, length): peak memory growth and optionally times."""
-    from .bench import _peak_rss_bytes, _reset_peak, _rss_bytes
-
     cuda = cfg.device == "cuda"
     torch.set_grad_enabled(False)
     if cfg.threads:
@@ -174,11 +182,11 @@ def _worker(cfg: SweepConfig, methods: list[str], timed: bool) -> None:
                 fn()
                 torch.cuda.synchronize()
                 row["memory_bytes"] = torch.cuda.max_memory_allocated() - base
-            elif _reset_peak():
-                base = _rss_bytes()
-                _reset_peak()
+            elif reset_peak():
+                base = rss_bytes()
+                reset_peak()
                 fn()
-                row["memory_bytes"] = max(_peak_rss_bytes() - base, 0)
+                row["memory_bytes"] = max(peak_rss_bytes() - base, 0)
             print(json.dumps(row), flush=True)
             del fn, q, k, v
 
@@ -197,10 +205,8 @@ def _run_worker(
     # starts from a clean heap even though one process measures every length in turn.
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     payload = json.dumps({"cfg": asdict(cfg), "methods": methods, "timed": timed})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfattn.sweep", payload],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "selfattn.bench.sweep", payload]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
