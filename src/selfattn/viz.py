@@ -200,10 +200,10 @@ def _hf_rules(module, query, key, attention_mask, kwargs) -> tuple[Any, dict[str
     Mirrors ``integrations.transformers.attention_forward`` (the tests compare the result with
     that function's own ``output_attentions`` weights, so a drift would be caught).
     """
-    from .integrations.transformers import _visibility
+    from .integrations.transformers import visibility
 
     nq, nk = query.shape[2], key.shape[2]
-    mask, bias = _visibility(attention_mask, nq, nk)
+    mask, bias = visibility(attention_mask, nq, nk)
     if kwargs.get("position_bias") is not None:
         bias = kwargs["position_bias"] if bias is None else bias + kwargs["position_bias"]
     causal, window = False, None

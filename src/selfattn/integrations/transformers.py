@@ -23,19 +23,33 @@ import torch
 from .. import _custom_op
 from ..api import attention_weights
 
-__all__ = ["NAME", "attention_forward", "mask_builder", "register"]
+__all__ = ["NAME", "attention_forward", "mask_builder", "register", "visibility"]
 
 NAME = "selfattn"
 
 
-def _visibility(
+def visibility(
     attention_mask: Any, nq: int, nk: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """transformers' 4-D mask -> (bool ``mask`` True = visible, additive ``bias``).
+    """The ``mask`` and ``bias`` of :func:`selfattn.attention` for one transformers attention mask.
 
     transformers builds boolean masks (B|1, 1|H, Nq, Nk) for sdpa-style implementations and
     additive float masks (0 = visible, dtype minimum = hidden) for eager ones; both are accepted.
-    Finite non-zero entries of a float mask (an additive bias) are kept as ``bias``.
+    A mask longer than the call (older models) is cut to its last Nq rows and first Nk keys.
+    :func:`attention_forward` uses it, and so does ``selfattn.viz`` to draw the same weights.
+
+    Args:
+        attention_mask: the 4-D mask transformers passes to the attention function, or None.
+        nq: query rows of the call; nk: keys of the call.
+
+    Returns:
+        ``(mask, bias)``: ``mask`` bool (B|1, 1|H, Nq, Nk), True = visible, or None when
+        ``attention_mask`` is None; ``bias`` the finite non-zero entries of a float mask as an
+        additive float (B|1, 1|H, Nq, Nk) bias, or None when there are none.
+
+    Raises:
+        TypeError: a mask that is not a tensor, or neither bool nor floating point.
+        ValueError: a mask that is not 4-D.
     """
     if attention_mask is None:
         return None, None
@@ -108,7 +122,7 @@ def attention_forward(
         mean of the values there; such rows are padding).
     """
     nq, nk = query.shape[2], key.shape[2]
-    mask, bias = _visibility(attention_mask, nq, nk)
+    mask, bias = visibility(attention_mask, nq, nk)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
