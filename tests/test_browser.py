@@ -56,10 +56,8 @@ def chromium() -> str:
         return path
     why = "no chromium on PATH"
     if shutil.which("apt-get") and os.geteuid() == 0:
-        res = subprocess.run(
-            ["bash", "-c", "apt-get update -qq && apt-get install -y -qq chromium"],
-            capture_output=True, text=True, timeout=900, check=False,
-        )  # fmt: skip
+        install = ["bash", "-c", "apt-get update -qq && apt-get install -y -qq chromium"]
+        res = subprocess.run(install, capture_output=True, text=True, timeout=900, check=False)
         path = _find_chromium()
         if path:
             return path
@@ -132,10 +130,8 @@ class DevTools:
 @pytest.fixture
 def browser(chromium, tmp_path):
     """A fresh headless Chromium (own profile) and a DevTools client on its first page."""
-    proc = subprocess.Popen(
-        [chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    argv = [chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "about:blank"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         port = None
         deadline = time.monotonic() + 60
@@ -171,11 +167,11 @@ def page_maps(tmp_path):
     """A head view of 3 layers x 4 heads, drawn for layers (0, 2), heads (1, 3), rows 2..6."""
     g = torch.Generator().manual_seed(3)
     n = len(TOKENS)
-    qk = {
-        layer: (torch.randn(1, 4, n, 8, generator=g) * 2, torch.randn(1, 4, n, 8, generator=g) * 2,
-                {"causal": layer == 2})
-        for layer in range(3)
-    }  # fmt: skip
+    qk = {}
+    for layer in range(3):
+        q = torch.randn(1, 4, n, 8, generator=g) * 2
+        k = torch.randn(1, 4, n, 8, generator=g) * 2
+        qk[layer] = (q, k, {"causal": layer == 2})
     maps = maps_from_qk(qk, TOKENS, layers=[0, 2], heads=[1, 3], rows=range(2, 7))
     path = head_view(maps, tmp_path / "view.html", title="browser test")
     return maps, path
@@ -263,8 +259,8 @@ def test_head_view_renders_offline_and_answers_hover_and_click(browser, page_map
     assert {ln["head"] for ln in _lines(dt)} == {1}
 
     # Pick layer 2 (causal): row 4 reads no key after position 4.
-    dt.js("(() => { const s = document.getElementById('layer'); s.value = '1';"
-          " s.dispatchEvent(new Event('change')); })()")  # fmt: skip
+    pick = "const s = document.getElementById('layer'); s.value = '1';"
+    dt.js(f"(() => {{ {pick} s.dispatchEvent(new Event('change')); }})()")
     dt.mouse("mouseMoved", x, y)
     causal_lines = _lines(dt)
     assert causal_lines and max(ln["key"] for ln in causal_lines) <= 4

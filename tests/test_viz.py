@@ -51,11 +51,12 @@ def _size(fig, dpi: int) -> tuple[int, int]:
 
 def _qk(n=7, hq=4, hkv=2, d=8, layers=3, seed=0, **rules):
     g = torch.Generator().manual_seed(seed)
-    return {
-        layer: (torch.randn(1, hq, n, d, generator=g) * 1.5,
-                torch.randn(1, hkv, n, d, generator=g) * 1.5, dict(rules))
-        for layer in range(layers)
-    }  # fmt: skip
+    qk = {}
+    for layer in range(layers):
+        q = torch.randn(1, hq, n, d, generator=g) * 1.5
+        k = torch.randn(1, hkv, n, d, generator=g) * 1.5
+        qk[layer] = (q, k, dict(rules))
+    return qk
 
 
 def _spec_probs(q, k, **rules) -> np.ndarray:
@@ -63,10 +64,8 @@ def _spec_probs(q, k, **rules) -> np.ndarray:
     qn = q.double().numpy()
     kn = np.repeat(k.double().numpy(), q.shape[1] // k.shape[1], axis=1)
     s = reference.scores(qn, kn, scale=rules.get("scale"))
-    vis = reference.visibility(
-        q.shape[2], k.shape[2], causal=rules.get("causal", False), window=rules.get("window"),
-        q_ndim=4,
-    )  # fmt: skip
+    causal, window = rules.get("causal", False), rules.get("window")
+    vis = reference.visibility(q.shape[2], k.shape[2], causal=causal, window=window, q_ndim=4)
     p, _ = reference.softmax(s, np.broadcast_to(vis, s.shape))
     return p
 
@@ -220,8 +219,11 @@ def test_rollout_rejects_bad_input():
 
 
 def _cells(picture: str) -> list[str]:
-    return [re.sub(r"^.*\)\s+(?:seg\s+-?\d+\s+)?", "", ln).replace(" ", "")
-            for ln in picture.splitlines() if ln.startswith("query")]  # fmt: skip
+    return [
+        re.sub(r"^.*\)\s+(?:seg\s+-?\d+\s+)?", "", ln).replace(" ", "")
+        for ln in picture.splitlines()
+        if ln.startswith("query")
+    ]
 
 
 def test_mask_ascii_causal_square_and_bottom_right():
@@ -295,6 +297,17 @@ def test_head_view_from_array_and_errors(tmp_path):
         head_view(w, tmp_path / "v.html")
     with pytest.raises(ValueError, match="digits"):
         head_view(w, tmp_path / "v.html", tokens=["a", "b", "c"], digits=0)
+
+
+def test_head_view_inlines_its_package_data_files(tmp_path):
+    """The page's style and script are the package's head_view.css and head_view.js, inline."""
+    from importlib import resources
+
+    text = head_view(np.full((1, 1, 2, 2), 0.5), tmp_path / "v.html", tokens=["a", "b"]).read_text()
+    for name in ("head_view.css", "head_view.js"):
+        asset = resources.files("selfattn.viz").joinpath(name).read_text(encoding="utf-8")
+        assert len(asset) > 500 and asset in text, name
+    assert "<link" not in text and "src=" not in text  # nothing is loaded from elsewhere
 
 
 # -- the benchmark plot ---------------------------------------------------------------------------
