@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 
@@ -87,8 +88,10 @@ def test_bad_values_found_after_parsing_give_one_line(tmp_path, capsys):
 def test_python_dash_m():
     res = subprocess.run(
         [sys.executable, "-m", "selfattn", "bench", "--repeats", "0"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("selfattn bench: error:") and res.stderr.count("\n") == 1
 
@@ -165,8 +168,8 @@ def test_demo_with_minilm_writes_pictures(tmp_path, capsys):
 def test_explain_chosen_layers_heads_rows_match_the_models_own_weights(tmp_path, capsys):
     model_path = _minilm()
     text = "Attention is all you need."
-    argv = ["explain", text, "--model", model_path, "--layers", "-1", "1", "--heads", "2", "7",
-            "--rows", "0", "3", "--out", str(tmp_path)]  # fmt: skip
+    chosen = shlex.split("--layers -1 1 --heads 2 7 --rows 0 3")
+    argv = ["explain", text, "--model", model_path, *chosen, "--out", str(tmp_path)]
     assert main(argv) == 0
     assert "layers [5, 1], 2 heads, 2 rows" in capsys.readouterr().out
     assert not (tmp_path / "rollout.png").exists()  # rollout needs every row of every layer
@@ -194,8 +197,10 @@ def test_explain_causal_gqa_decoder_matches_eager(tmp_path, capsys):
     folder = tmp_path / "tiny-llama"
     tok = AutoTokenizer.from_pretrained(src)  # any tokenizer will do; MiniLM's is at hand
     tok.save_pretrained(folder)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size, **sizes, num_attention_heads=4, num_key_value_heads=2
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     text = "the cat sat on the mat"
@@ -228,8 +233,10 @@ def test_explain_layer_out_of_range(tmp_path, capsys):
 
 def test_bench_small_run_json_table_plot(tmp_path, capsys):
     js, png = tmp_path / "r" / "bench.json", tmp_path / "bench.png"
-    argv = ["bench", "--lengths", "64", "128", "--heads", "2", "--head-dim", "16", "--repeats",
-            "1", "--no-flex", "--threads", "1", "--json", str(js), "--plot", str(png)]  # fmt: skip
+    small = shlex.split(
+        "--lengths 64 128 --heads 2 --head-dim 16 --repeats 1 --no-flex --threads 1"
+    )
+    argv = ["bench", *small, "--json", str(js), "--plot", str(png)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "vs sdpa" in out and "GFLOP/s" in out and str(js) in out
@@ -261,8 +268,8 @@ def test_sweep_memory_is_quadratic_for_scores_and_linear_for_the_engine():
 
 
 def test_sweep_flex_is_time_boxed():
-    cfg = SweepConfig(lengths=[64], methods=["sdpa", "flex"], heads=1, repeats=1,
-                      memory=False, flex_timeout=0.5)  # fmt: skip
+    small = dict(lengths=[64], heads=1, repeats=1, memory=False)
+    cfg = SweepConfig(methods=["sdpa", "flex"], flex_timeout=0.5, **small)
     res = run_sweep(cfg)
     assert "limit" in res["skipped"]["flex"]
     assert [r["method"] for r in res["rows"]] == ["sdpa"]
@@ -290,21 +297,22 @@ def test_train_vit_checkpoint_curve_and_pictures(tmp_path, capsys):
     from selfattn.trainer import TrainConfig, VitTask
 
     out = tmp_path / "vit"
-    argv = ["train", "vit", "--steps", "4", "--batch-size", "16", "--eval-every", "2",
-            "--threads", "1", "--out", str(out)]  # fmt: skip
+    small = shlex.split("--steps 4 --batch-size 16 --eval-every 2 --threads 1")
+    argv = ["train", "vit", *small, "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "tokens/s" in text and "step 2: test_accuracy" in text
     names = {p.name for p in out.iterdir()}
-    assert names == {"model.safetensors", "optimizer.safetensors", "results.json", "loss.png",
-                     "attention_grid.png", "head_L3_H0.png", "rollout.png", "head_view.html"}  # fmt: skip
+    checkpoint = {"model.safetensors", "optimizer.safetensors", "results.json", "loss.png"}
+    pictures = {"attention_grid.png", "head_L3_H0.png", "rollout.png", "head_view.html"}
+    assert names == checkpoint | pictures
     res = json.loads((out / "results.json").read_text())
     assert res["step"] == 4 and [s for s, _ in res["train_curve"]] == [1, 2, 3, 4]
     assert [s for s, _ in res["eval_curve"]] == [2, 4]
     assert _png_size(out / "loss.png") == (770, 440)
     # The checkpoint is the trained model: same test accuracy, same attention as drawn.
-    model = ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, mlp="swiglu",
-                embed_dim=64, num_layers=4, num_heads=4)  # fmt: skip
+    sizes = dict(image_size=8, patch_size=2, in_channels=1, num_classes=10, mlp="swiglu")
+    model = ViT(**sizes, embed_dim=64, num_layers=4, num_heads=4)
     load_model(model, str(out / "model.safetensors"))
     model.eval()
     task = VitTask(TrainConfig(task="vit", batch_size=16).resolved())
