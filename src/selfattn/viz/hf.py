@@ -5,7 +5,7 @@ keys and rules of its attention calls (:func:`capture_transformers`, :func:`tran
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,9 @@ def _call_rules(module, query, key, attention_mask, kwargs) -> tuple[Any, dict[s
 
 
 @contextmanager
-def capture_transformers(layers: Sequence[int] | None = None, *, name: str = "selfattn"):
+def capture_transformers(
+    layers: Sequence[int] | None = None, *, name: str = "selfattn"
+) -> Iterator[dict[int, tuple[Any, Any, dict[str, Any]]]]:
     """Record the queries, keys and rules of a transformers model running on selfattn.
 
     While the context is open, every call of the ``name`` attention function still runs
@@ -111,7 +113,7 @@ def capture_transformers(layers: Sequence[int] | None = None, *, name: str = "se
         AttentionInterface.register(name, previous)
 
 
-def load_transformers(path: str | Path, *, name: str = "selfattn"):
+def load_transformers(path: str | Path, *, name: str = "selfattn") -> tuple[Any, Any]:
     """Load a local transformers model folder with ``attn_implementation="selfattn"``.
 
     Args:
@@ -137,7 +139,7 @@ def load_transformers(path: str | Path, *, name: str = "selfattn"):
     return model.eval(), tokenizer
 
 
-def _num_layers(model) -> int | None:
+def _num_layers(model: Any) -> int | None:
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -147,8 +149,8 @@ def _num_layers(model) -> int | None:
 
 
 def transformers_maps(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     text: str,
     *,
     layers: Sequence[int] | None = None,

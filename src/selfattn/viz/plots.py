@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .head_view import PALETTE, head_view
 from .maps import AttentionMaps, attention_rollout, to_numpy
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["heatmap", "heatmap_grid", "plot_bench", "write_pictures"]
 
@@ -19,7 +22,7 @@ __all__ = ["heatmap", "heatmap_grid", "plot_bench", "write_pictures"]
 # -- heatmaps --------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     # The object-oriented API: no pyplot, so no global state and no GUI backend is touched.
     from matplotlib.figure import Figure
 
@@ -68,7 +71,7 @@ def heatmap(
     cmap: str = "viridis",
     path: str | Path | None = None,
     dpi: int = 120,
-):
+) -> Figure:
     """One head's attention as a heatmap: query tokens down, key tokens across.
 
     Args:
@@ -115,7 +118,7 @@ def heatmap_grid(
     cell: float = 1.6,
     path: str | Path | None = None,
     dpi: int = 110,
-):
+) -> Figure:
     """A grid of heatmaps: one row per layer, one column per head, tokens on the outer axes.
 
     Args:
@@ -193,7 +196,7 @@ def heatmap_grid(
     return fig
 
 
-def _save(fig, path, dpi) -> None:
+def _save(fig: Figure, path: str | Path | None, dpi: int) -> None:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +206,9 @@ def _save(fig, path, dpi) -> None:
 # -- the benchmark plot ----------------------------------------------------------------------------
 
 
-def plot_bench(results: Mapping[str, Any], path: str | Path | None = None, *, dpi: int = 120):
+def plot_bench(
+    results: Mapping[str, Any], path: str | Path | None = None, *, dpi: int = 120
+) -> Figure:
     """Log-log plot of a ``selfattn bench`` result: time and memory against sequence length.
 
     The left panel shows each method's median time with an ``N^2`` guide (the compute every exact
