@@ -123,11 +123,11 @@ def grads(out: torch.Tensor, inputs, dout: torch.Tensor) -> list[torch.Tensor | 
 def tiled_split(min_scores: int = 1 << 10):
     """Let the tiled engine split even small calls across threads (its threshold is tuned for
     speed, so test-sized calls would otherwise run in one thread)."""
-    from selfattn.backends import tiled
+    from selfattn.engine import threads
 
-    old = tiled.MIN_PARALLEL_SCORES
-    tiled.MIN_PARALLEL_SCORES = min_scores
+    old = threads.MIN_PARALLEL_SCORES
+    threads.MIN_PARALLEL_SCORES = min_scores
     try:
         yield
     finally:
-        tiled.MIN_PARALLEL_SCORES = old
+        threads.MIN_PARALLEL_SCORES = old

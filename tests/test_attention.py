@@ -36,7 +36,7 @@ from helpers import (
     to_np,
     torch_threads,
 )
-from selfattn.backends.tiled import BLOCK_N
+from selfattn.engine import BLOCK_N
 
 # One torch thread throughout; the tiled engine's own thread split is tested on purpose
 # (the ``*_threaded_*`` tests, with 2 threads).

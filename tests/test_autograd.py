@@ -34,7 +34,7 @@ from helpers import (
     to_np,
     torch_threads,
 )
-from selfattn.backends.tiled import BLOCK_N
+from selfattn.engine import BLOCK_N
 
 GRAD_BACKENDS = ["math", "tiled", "sdpa", "auto"]
 

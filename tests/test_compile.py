@@ -11,7 +11,7 @@ import torch
 import selfattn
 from helpers import make_qkv
 from selfattn import MultiHeadSelfAttention
-from selfattn._custom_op import attention_op
+from selfattn._compile import attention_op, op_arguments
 from selfattn.models import GPT, Encoder, ViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,15 +53,8 @@ def test_opcheck(name):
     """torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch."""
     q, k, v = make_qkv(2, 4, 2, 5, 5, 8, requires_grad=True)
     kw = _materialise(OP_CASES[name], grad=True)
-    window = kw.pop("window", None)
-    seg = kw.pop("segment_ids", None)
     seed = torch.tensor([7, 9]) if kw.get("dropout_p", 0) > 0 else None
-    args = (
-        q, k, v, kw.get("mask"), kw.get("bias"), kw.get("alibi_slopes"), seg, seg, seed,
-        kw.get("causal", False), None if window is None else window[0],
-        None if window is None else window[1], kw.get("softcap"), kw.get("scale"),
-        kw.get("dropout_p", 0.0), "auto",
-    )  # fmt: skip
+    args = (q, k, v, *op_arguments(**kw), seed, "auto")
     torch.library.opcheck(torch.ops.selfattn.attention.default, args)
 
 
@@ -109,43 +102,26 @@ def test_op_lse_gradient_equals_attention():
 
 
 def test_backward_by_recompute_path():
-    """The GPU path of the backward op (recompute through a backend's own autograd), checked
-    here with the math backend against the tiled engine's backward; dropout mask included."""
-    from selfattn._custom_op import _backward_by_recompute
+    """The backward hook of the math backend (recompute through torch's autograd), checked
+    against the tiled engine's backward through the custom op; dropout mask included."""
     from selfattn.backends import BACKENDS
+    from selfattn.spec import validate
 
     q, k, v = make_qkv(2, 4, 2, 5, 6, 8)
     bias = torch.randn(2, 4, 5, 6)
     alibi = torch.rand(4)
     dout, dlse = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5)
+    rules = dict(causal=True, softcap=3.0, dropout_p=0.25, bias=bias, alibi_slopes=alibi)
+    spec = validate(q, k, v, return_lse=True, **rules)
+    got = BACKENDS["math"].backward(spec, q, k, v, None, None, dout, dlse, (5, 6), True, True)
     seed = torch.tensor([5, 6])
-    args = (q, k, v, None, bias, alibi, None, None)
-    rules = (True, None, None, 3.0, None, 0.25)
-    got = _backward_by_recompute(BACKENDS["math"], dout, dlse, args, rules, seed, True, True)
-    out, lse = torch.ops.selfattn.attention(
-        q, k, v, None, bias, alibi, None, None, seed, *rules, "tiled"
-    )
+    op_rules = op_arguments(**rules)
+    out, lse = torch.ops.selfattn.attention(q, k, v, *op_rules, seed, "tiled")
     want = torch.ops.selfattn.attention_backward(
-        dout,
-        dlse,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        None,
-        bias,
-        alibi,
-        None,
-        None,
-        seed,
-        *rules,
-        "tiled",
-        True,
-        True,
+        dout, dlse, q, k, v, out, lse, *op_rules, seed, "tiled", True, True
     )
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.reshape(b.shape), b, atol=1e-5, rtol=1e-4)
 
 
 def _tiny_gpt():
@@ -197,7 +173,7 @@ def test_compiled_layer_with_dropout_trains():
 
 def test_bad_input_fails_while_tracing():
     def f(q, k, v):
-        return selfattn._custom_op.attention(q, k, v, causal=True)
+        return selfattn.attention(q, k, v, causal=True)
 
     q, k, v = make_qkv(1, 6, 4, 3, 3, 8)
     with pytest.raises(Exception, match="Hq=6, Hkv=4"):

@@ -16,7 +16,7 @@ import torch
 import selfattn
 from helpers import gen, make_qkv, ref_attention, run_backend, tiled_split, to_np, torch_threads
 from selfattn import _rng
-from selfattn.backends.tiled import BLOCK_N
+from selfattn.engine import BLOCK_N
 
 ENGINES = ["reference", "math", "tiled", "auto"]
 

@@ -499,7 +499,7 @@ def test_empty_inputs(dev):
 @pytest.mark.parametrize("rule", ["none", "causal", "combo", "combo2", "alibi"])
 def test_weights_match_spec(dev, rule):
     """Probabilities from the kernel-computed lse, and from a given lse for chosen heads/rows."""
-    from selfattn.backends.triton import weights
+    weights = BACKENDS["triton"].weights
 
     b, hq, nq, nk = 2, 2, 37, 67
     q, k, v = (t.to(dev) for t in make_qkv(b, hq, 1, nq, nk, 32, seed=12))

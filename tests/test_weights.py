@@ -22,7 +22,7 @@ from helpers import (
     ref_weights,
     to_np,
 )
-from selfattn.backends.tiled import BLOCK_N
+from selfattn.engine import BLOCK_N
 
 B, HQ, HKV, NQ, NK, D = 2, 4, 2, 200, 600, 16
 assert NK > BLOCK_N

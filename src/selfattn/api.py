@@ -1,6 +1,8 @@
 """The front door: ``attention``, ``attention_weights``, ``explain``, ``available_backends``.
 
-Each call is validated in full (``spec.validate``) before any work, then handed to one backend.
+Dispatch only: each call is validated in full (``spec.validate``) before any work, then handed
+to the backend that ``backends.select`` picks. While ``torch.compile`` traces, ``attention``
+becomes the ``selfattn::attention`` custom op (``_compile``), one opaque node.
 """
 
 from __future__ import annotations
@@ -9,16 +11,15 @@ from typing import Any
 
 import torch
 
-from . import _rng
+from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, refusals, select
-from .backends.tiled import Problem, forward, probabilities
-from .masks import Rules
 from .spec import validate
 
 __all__ = ["attention", "attention_weights", "available_backends", "explain"]
 
 
-def _check_backend(backend: Any) -> str:
+def check_backend(backend: Any) -> str:
+    """A backend name (or "auto"), checked."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
@@ -88,20 +89,21 @@ def attention(
         UnsupportedInputs: the requested backend cannot run this valid call (message lists every
             backend considered and why it declined).
     """
-    backend = _check_backend(backend)
+    rules = {
+        "causal": causal,
+        "window": window,
+        "mask": mask,
+        "bias": bias,
+        "alibi_slopes": alibi_slopes,
+        "softcap": softcap,
+        "segment_ids": segment_ids,
+        "scale": scale,
+        "dropout_p": dropout_p,
+    }
+    backend = check_backend(backend)
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
-        from ._custom_op import attention_op
-
-        return attention_op(
-            q, k, v, causal=causal, window=window, mask=mask, bias=bias,
-            alibi_slopes=alibi_slopes, softcap=softcap, segment_ids=segment_ids, scale=scale,
-            dropout_p=dropout_p, return_lse=return_lse, backend=backend,
-        )  # fmt: skip
-    spec = validate(
-        q, k, v, causal=causal, window=window, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-        softcap=softcap, segment_ids=segment_ids, scale=scale, dropout_p=dropout_p,
-        return_lse=return_lse,
-    )  # fmt: skip
+        return _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
+    spec = validate(q, k, v, return_lse=return_lse, **rules)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     out, lse = chosen.run(spec, q, k, v, seed)
@@ -115,7 +117,7 @@ def available_backends() -> list[str]:
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> str:
     """Which backend ``auto`` would pick for this call, and why each other one declined."""
-    backend = _check_backend(kwargs.pop("backend", "auto"))
+    backend = check_backend(kwargs.pop("backend", "auto"))
     spec = validate(q, k, v, **kwargs)
     names = candidates(spec.device) if backend == "auto" else [backend]
     lines = [f"call: {spec.describe()}"]
@@ -133,25 +135,19 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) ->
     return "\n".join(lines)
 
 
-def _index(sel: Any, n: int, what: str, device: torch.device) -> torch.Tensor | None:
-    """Normalise ``heads``/``rows`` (None, int, slice, sequence, tensor) to int64 indices."""
+def _indices(sel: Any, n: int, what: str, device: torch.device) -> torch.Tensor | None:
+    """``heads``/``rows`` (None, int, slice, sequence, tensor) as int64 indices, or None (all)."""
     if sel is None:
         return None
-    if isinstance(sel, slice):
-        idx = torch.arange(n)[sel]
-    elif isinstance(sel, int) and not isinstance(sel, bool):
-        idx = torch.tensor([sel])
-    else:
+    if not isinstance(sel, (slice, int)):
         try:
-            idx = torch.as_tensor(sel).reshape(-1).cpu()
+            t = torch.as_tensor(sel)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{what} must be an index sequence or a slice, got {sel!r}") from exc
-        if idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool):
-            raise TypeError(f"{what} must hold integer indices, got {idx.dtype}")
-        idx = idx.long()
-    if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-        raise ValueError(f"{what} index out of range for size {n}: {sel!r}")
-    return (idx % n if n else idx).to(device)
+        if t.numel() and (t.is_floating_point() or t.dtype == torch.bool):
+            raise TypeError(f"{what} must hold integer indices, got {t.dtype}")
+        sel = t.reshape(-1).tolist()
+    return torch.tensor(checks.index_list(sel, n, what), dtype=torch.long, device=device)
 
 
 def attention_weights(
@@ -186,12 +182,11 @@ def attention_weights(
         float32 (B, len(heads), len(rows), Nk); rows with no visible key are 0.
     """
     spec = validate(
-        q, k, None, causal=causal, window=window, mask=mask, bias=bias,
+        q, k, None, need_v=False, causal=causal, window=window, mask=mask, bias=bias,
         alibi_slopes=alibi_slopes, softcap=softcap, segment_ids=segment_ids, scale=scale,
-        need_v=False,
     )  # fmt: skip
-    head_idx = _index(heads, spec.Hq, "heads", q.device)
-    row_idx = _index(rows, spec.Nq, "rows", q.device)
+    head_idx = _indices(heads, spec.Hq, "heads", q.device)
+    row_idx = _indices(rows, spec.Nq, "rows", q.device)
     if lse is not None:
         if not isinstance(lse, torch.Tensor):
             raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
@@ -201,26 +196,6 @@ def attention_weights(
             )
         if lse.device != q.device:
             raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    chosen = select(spec, "auto", need=("weights",))
     with torch.no_grad():
-        return _weights(spec, q, k, lse, head_idx, row_idx)
-
-
-def _weights(spec, q, k, lse, head_idx, row_idx) -> torch.Tensor:
-    if q.device.type == "cuda" and not refusals(spec, "triton"):  # the Triton probs kernel
-        from .backends.triton import weights
-
-        return weights(spec, q, k, lse, head_idx, row_idx)
-    rules = Rules.from_spec(spec)
-    if head_idx is not None:
-        q = q.index_select(1, head_idx)
-        k = k.index_select(1, head_idx // spec.group)  # one key head per selected query head
-        lse = None if lse is None else lse.index_select(1, head_idx)
-    if row_idx is not None:
-        q = q.index_select(2, row_idx)
-        lse = None if lse is None else lse.index_select(2, row_idx)
-    if head_idx is not None or row_idx is not None:
-        rules = rules.select(head_idx, row_idx)
-    prob = Problem(rules, spec.scale, spec.softcap)
-    if lse is None:
-        _, lse = forward(prob, q, k, None)
-    return probabilities(prob, q, k, lse)
+        return chosen.weights(spec, q, k, lse, head_idx, row_idx)

@@ -84,10 +84,10 @@ def index_list(sel: Any, n: int, what: str) -> list[int]:
         items = list(_flat(sel))
     except TypeError as exc:
         raise TypeError(
-            f"{what} must be an int, a slice or a sequence of ints, got {sel!r}"
+            f"{what} must be an int, a slice or a sequence of integers, got {sel!r}"
         ) from exc
     if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in items):
-        raise TypeError(f"{what} must be an int, a slice or a sequence of ints, got {sel!r}")
+        raise TypeError(f"{what} must be an int, a slice or a sequence of integers, got {sel!r}")
     bad = [int(i) for i in items if not -n <= i < n]
     if bad:
         raise ValueError(f"{what} {bad} out of range for {n} {what}")

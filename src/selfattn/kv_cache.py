@@ -7,9 +7,9 @@ causal masks bottom-right, attending ``Nq`` new queries over the ``Nk`` cached k
 
 from __future__ import annotations
 
-import numbers
-
 import torch
+
+from . import checks
 
 __all__ = ["KVCache"]
 
@@ -54,10 +54,7 @@ class KVCache:
             "value_dim": head_dim if value_dim is None else value_dim,
         }
         for name, x in dims.items():
-            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {x!r} ({type(x).__name__})")
-            if x < 1:
-                raise ValueError(f"{name} must be >= 1, got {x}")
+            checks.integer(name, x)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch_size = int(batch_size)
@@ -157,8 +154,7 @@ class KVCache:
 
     def crop(self, length: int) -> None:
         """Keep only the first ``length`` tokens (e.g. to undo rejected speculative tokens)."""
-        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
-            raise TypeError(f"length must be an int, got {length!r}")
+        checks.integer("length", length, minimum=None)
         if not 0 <= length <= self._len:
             raise ValueError(f"crop length must be in [0, {self._len}], got {length}")
         self._len = int(length)

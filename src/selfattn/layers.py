@@ -1,40 +1,24 @@
 """Layers: multi-head self-attention (Vaswani et al., 2017, with GQA, RoPE, ALiBi, QK-norm and a
 KV cache) and the pre-norm Transformer block (LayerNorm/RMSNorm, GELU/SwiGLU MLP).
 
-The layers call ``selfattn._custom_op.attention``: :func:`selfattn.attention` in eager mode, a
-``torch.library`` custom op while ``torch.compile`` traces, so compiled models have no graph break.
+The layers call :func:`selfattn.attention`, which becomes a ``torch.library`` custom op while
+``torch.compile`` traces, so compiled models have no graph break.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _custom_op
-from .api import attention_weights
+from . import checks
+from .api import attention, attention_weights
 from .kv_cache import KVCache
 from .positional import RotaryEmbedding, alibi_slopes
-from .spec import _check_window
 
 __all__ = ["MultiHeadSelfAttention", "TransformerBlock"]
-
-
-def _int_arg(name: str, x: Any, minimum: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {x!r} ({type(x).__name__})")
-    if x < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {x}")
-    return int(x)
-
-
-def _prob_arg(name: str, p: Any) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
-    return float(p)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -82,10 +66,10 @@ class MultiHeadSelfAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.embed_dim = _int_arg("embed_dim", embed_dim)
-        self.num_heads = _int_arg("num_heads", num_heads)
+        self.embed_dim = checks.integer("embed_dim", embed_dim)
+        self.num_heads = checks.integer("num_heads", num_heads)
         self.num_kv_heads = (
-            self.num_heads if num_kv_heads is None else _int_arg("num_kv_heads", num_kv_heads)
+            self.num_heads if num_kv_heads is None else checks.integer("num_kv_heads", num_kv_heads)
         )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -99,12 +83,12 @@ class MultiHeadSelfAttention(nn.Module):
                     "pass head_dim="
                 )
             head_dim = self.embed_dim // self.num_heads
-        self.head_dim = _int_arg("head_dim", head_dim)
-        self.dropout = _prob_arg("dropout", dropout)
+        self.head_dim = checks.integer("head_dim", head_dim)
+        self.dropout = checks.probability("dropout", dropout)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         self.causal = causal
-        self.window = _check_window(window)
+        self.window = checks.window(window)
         if rope and alibi:
             raise ValueError("choose one of rope=True and alibi=True, not both")
         if not isinstance(backend, str):
@@ -205,12 +189,12 @@ class MultiHeadSelfAttention(nn.Module):
         }
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
-            out, lse = _custom_op.attention(
+            out, lse = attention(
                 q, k, v, **rules, dropout_p=dropout_p, return_lse=True, backend=self.backend
             )
             weights = attention_weights(q.detach(), k.detach(), **rules, lse=lse.detach())
         else:
-            out = _custom_op.attention(q, k, v, **rules, dropout_p=dropout_p, backend=self.backend)
+            out = attention(q, k, v, **rules, dropout_p=dropout_p, backend=self.backend)
         y = self.out(out.transpose(1, 2).reshape(b, n, hq * d))  # (B, N, E)
         return (y, weights) if need_weights else y
 
@@ -309,14 +293,14 @@ class TransformerBlock(nn.Module):
         if mlp_hidden is None:
             third = -(-8 * e // 3)  # ceil(8 E / 3)
             mlp_hidden = 4 * e if mlp == "gelu" else -(-third // 8) * 8
-        hidden = _int_arg("mlp_hidden", mlp_hidden)
+        hidden = checks.integer("mlp_hidden", mlp_hidden)
         self.norm1 = self._norm(norm, e, norm_eps, bias, factory)
         self.norm2 = self._norm(norm, e, norm_eps, bias, factory)
         self.mlp_kind = mlp
         # SwiGLU: one projection makes both the gate and the value, (E -> 2H)
         self.fc1 = nn.Linear(e, hidden * (2 if mlp == "swiglu" else 1), bias=bias, **factory)
         self.fc2 = nn.Linear(hidden, e, bias=bias, **factory)
-        self.drop = nn.Dropout(_prob_arg("dropout", dropout))
+        self.drop = nn.Dropout(checks.probability("dropout", dropout))
 
     @staticmethod
     def _norm(kind: str, e: int, eps: float, bias: bool, factory: dict) -> nn.Module:

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks
 from .kv_cache import KVCache
-from .layers import TransformerBlock, _int_arg, _prob_arg
+from .layers import TransformerBlock
 
 __all__ = ["GPT", "Encoder", "EncoderOutput", "ViT"]
 
@@ -125,9 +126,9 @@ class GPT(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.vocab_size = _int_arg("vocab_size", vocab_size)
-        self.max_len = _int_arg("max_len", max_len)
-        self.num_layers = _int_arg("num_layers", num_layers)
+        self.vocab_size = checks.integer("vocab_size", vocab_size)
+        self.max_len = checks.integer("max_len", max_len)
+        self.num_layers = checks.integer("num_layers", num_layers)
         if positions not in ("rope", "learned", "alibi"):
             raise ValueError(f"positions must be 'rope', 'learned' or 'alibi', got {positions!r}")
         self.positions = positions
@@ -136,7 +137,7 @@ class GPT(nn.Module):
         self.pos = (
             nn.Embedding(self.max_len, embed_dim, **factory) if positions == "learned" else None
         )
-        self.drop = nn.Dropout(_prob_arg("dropout", dropout))
+        self.drop = nn.Dropout(checks.probability("dropout", dropout))
         self.blocks, self.norm = _stack(
             self.num_layers, embed_dim, num_heads, norm, bias, factory,
             num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
@@ -239,7 +240,7 @@ class GPT(nn.Module):
             (B, T + max_new_tokens) token ids.
         """
         b, t = _check_tokens(idx, self.vocab_size)
-        max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, minimum=0)
+        max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, minimum=0)
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, numbers.Real)
@@ -247,7 +248,7 @@ class GPT(nn.Module):
         ):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None:
-            top_k = _int_arg("top_k", top_k)
+            top_k = checks.integer("top_k", top_k)
         limit = self.max_len
         was_training = self.training
         self.eval()
@@ -338,16 +339,16 @@ class Encoder(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.vocab_size = _int_arg("vocab_size", vocab_size)
-        self.max_len = _int_arg("max_len", max_len)
-        self.num_layers = _int_arg("num_layers", num_layers)
+        self.vocab_size = checks.integer("vocab_size", vocab_size)
+        self.max_len = checks.integer("max_len", max_len)
+        self.num_layers = checks.integer("num_layers", num_layers)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         self.pooling = pooling
         factory = {"device": device, "dtype": dtype}
         self.tok = nn.Embedding(self.vocab_size, embed_dim, **factory)
         self.pos = nn.Embedding(self.max_len, embed_dim, **factory)
-        self.drop = nn.Dropout(_prob_arg("dropout", dropout))
+        self.drop = nn.Dropout(checks.probability("dropout", dropout))
         self.blocks, self.norm = _stack(
             self.num_layers, embed_dim, num_heads, norm, bias, factory,
             num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
@@ -356,7 +357,9 @@ class Encoder(nn.Module):
         self.pooler = nn.Linear(embed_dim, embed_dim, **factory) if pooling == "cls" else None
         self.classifier = None
         if num_classes is not None:
-            self.classifier = nn.Linear(embed_dim, _int_arg("num_classes", num_classes), **factory)
+            self.classifier = nn.Linear(
+                embed_dim, checks.integer("num_classes", num_classes), **factory
+            )
         _init_weights(self, self.num_layers)
 
     def forward(
@@ -441,14 +444,17 @@ class ViT(nn.Module):
         )
         if len(hw) != 2:
             raise ValueError(f"image_size must be an int or a pair (H, W), got {image_size!r}")
-        self.image_size = (_int_arg("image height", hw[0]), _int_arg("image width", hw[1]))
-        self.patch_size = _int_arg("patch_size", patch_size)
+        self.image_size = (
+            checks.integer("image height", hw[0]),
+            checks.integer("image width", hw[1]),
+        )
+        self.patch_size = checks.integer("patch_size", patch_size)
         if self.image_size[0] % self.patch_size or self.image_size[1] % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {patch_size}"
             )
-        self.in_channels = _int_arg("in_channels", in_channels)
-        self.num_layers = _int_arg("num_layers", num_layers)
+        self.in_channels = checks.integer("in_channels", in_channels)
+        self.num_layers = checks.integer("num_layers", num_layers)
         factory = {"device": device, "dtype": dtype}
         num_patches = (self.image_size[0] // self.patch_size) * (
             self.image_size[1] // self.patch_size
@@ -458,13 +464,13 @@ class ViT(nn.Module):
         )
         self.cls = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory))
         self.pos = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim, **factory))
-        self.drop = nn.Dropout(_prob_arg("dropout", dropout))
+        self.drop = nn.Dropout(checks.probability("dropout", dropout))
         self.blocks, self.norm = _stack(
             self.num_layers, embed_dim, num_heads, norm, bias, factory,
             num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
             qk_norm=qk_norm, backend=backend,
         )  # fmt: skip
-        self.head = nn.Linear(embed_dim, _int_arg("num_classes", num_classes), **factory)
+        self.head = nn.Linear(embed_dim, checks.integer("num_classes", num_classes), **factory)
         _init_weights(self, self.num_layers)
         nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.pos, std=0.02)

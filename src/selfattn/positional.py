@@ -12,15 +12,9 @@ import numbers
 import torch
 from torch import nn
 
+from . import checks
+
 __all__ = ["RotaryEmbedding", "alibi_slopes", "sinusoidal_positions"]
-
-
-def _positive_int(name: str, x: object, minimum: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {x!r} ({type(x).__name__})")
-    if x < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {x}")
-    return int(x)
 
 
 def sinusoidal_positions(
@@ -49,8 +43,8 @@ def sinusoidal_positions(
     Raises:
         TypeError / ValueError: ``n`` or ``dim`` not a non-negative / positive int, bad ``base``.
     """
-    n = _positive_int("n", n, minimum=0)
-    dim = _positive_int("dim", dim)
+    n = checks.integer("n", n, minimum=0)
+    dim = checks.integer("dim", dim)
     if not (isinstance(base, numbers.Real) and base > 1):
         raise ValueError(f"base must be a number > 1, got {base!r}")
     pos = torch.arange(n, dtype=torch.float64)[:, None]  # (n, 1)
@@ -78,7 +72,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        head_dim = _positive_int("head_dim", head_dim)
+        head_dim = checks.integer("head_dim", head_dim)
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding needs an even head_dim, got {head_dim}")
         if not (isinstance(base, numbers.Real) and base > 1):
@@ -183,7 +177,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     Returns:
         float32 (num_heads,), for ``attention(..., alibi_slopes=...)``.
     """
-    num_heads = _positive_int("num_heads", num_heads)
+    num_heads = checks.integer("num_heads", num_heads)
 
     def geometric(n: int) -> list[float]:
         start = 2.0 ** (-8.0 / n)

@@ -1,23 +1,31 @@
-"""One validated attention call: every input checked before any work, then frozen.
+"""One attention call, checked once: the table of rules, ``validate()`` and :class:`AttentionSpec`.
 
-``validate()`` is the only place that looks at user input. It raises ``TypeError`` for a wrong
-type or dtype and ``ValueError`` for a wrong value, naming what arrived and what was expected;
-backends receive a :class:`AttentionSpec` and may trust it.
+``RULES`` is the one description of the keywords of :func:`selfattn.attention`: for each, the
+fields of the spec it fills, its arguments in the ``selfattn::attention`` custom op's schema,
+and whether it gets a gradient. Validation, the custom op's schema and the packing of a call
+into the op's arguments are all derived from it, so a new rule is one new row (and its meaning
+in ``rules.py`` and the engines).
+
+``validate()`` is the only place that looks at user input: ``TypeError`` for a wrong type or
+dtype, ``ValueError`` for a wrong value, each naming what arrived and what was expected, before
+any work. Backends receive an :class:`AttentionSpec` and may trust it.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "AttentionSpec", "UnsupportedInputs", "validate"]
+from . import checks
+
+__all__ = ["FLOAT_DTYPES", "RULES", "AttentionSpec", "Rule", "UnsupportedInputs", "validate"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class UnsupportedInputs(NotImplementedError):
@@ -31,13 +39,18 @@ class UnsupportedInputs(NotImplementedError):
         self.reasons = reasons or {}
 
 
-@dataclass(frozen=True, eq=False)
-class AttentionSpec:
-    """A validated call of :func:`selfattn.attention` (API.md section 2).
+# -- the spec ------------------------------------------------------------------------------------
 
-    Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv). Optional tensors are stored
-    as 4-D views broadcastable to (B, Hq, Nq, Nk) (``mask``, ``bias``), (B, Hq) (``alibi``) and
-    (B, Nq) / (B, Nk) (``q_ids``, ``kv_ids``).
+
+@dataclass(slots=True, eq=False)
+class AttentionSpec:
+    """A validated call of :func:`selfattn.attention` (docs/api.md), or a part of one.
+
+    Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv). ``mask`` and ``bias`` are
+    4-D views broadcastable to (B, Hq, Nq, Nk); ``alibi_slopes`` is (B|1, Hq); ``q_ids`` (B, Nq)
+    and ``kv_ids`` (B, Nk). Query row ``i`` sits at absolute position ``start + i`` (``validate``
+    sets ``start = Nk - Nq``, the bottom-right alignment), or at ``qpos[i]`` when the rows are a
+    selection (``select``). Treat a spec as immutable: ``part`` and ``select`` return new ones.
     """
 
     B: int
@@ -53,7 +66,7 @@ class AttentionSpec:
     window: tuple[int | None, int | None] | None = None
     mask: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-    alibi: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
     softcap: float | None = None
     q_ids: torch.Tensor | None = None
     kv_ids: torch.Tensor | None = None
@@ -61,38 +74,36 @@ class AttentionSpec:
     dropout_p: float = 0.0
     return_lse: bool = False
     requires_grad: bool = False
+    start: int = 0
+    qpos: torch.Tensor | None = field(default=None)
 
     @property
     def group(self) -> int:
-        """Query heads per key/value head."""
+        """Query heads per key/value head (query head ``h`` reads key/value head ``h // group``)."""
         return self.Hq // self.Hkv
 
     @property
-    def offset(self) -> int:
-        """Absolute position of query row 0: ``i' = i + Nk - Nq`` (bottom-right alignment)."""
-        return self.Nk - self.Nq
+    def left(self) -> int | None:
+        return None if self.window is None else self.window[0]
 
     @property
-    def has_segments(self) -> bool:
-        return self.q_ids is not None
+    def right(self) -> int | None:
+        return None if self.window is None else self.window[1]
+
+    @property
+    def restricts(self) -> bool:
+        """Whether some rule can hide a key from a query."""
+        return (
+            self.causal
+            or self.window is not None
+            or self.mask is not None
+            or self.q_ids is not None
+        )
 
     @property
     def rule_names(self) -> list[str]:
-        """The rules of section 2 this call uses, for messages."""
-        names = []
-        for name, on in (
-            ("causal", self.causal),
-            ("window", self.window is not None),
-            ("mask", self.mask is not None),
-            ("bias", self.bias is not None),
-            ("alibi_slopes", self.alibi is not None),
-            ("softcap", self.softcap is not None),
-            ("segment_ids", self.q_ids is not None),
-            ("dropout", self.dropout_p > 0),
-        ):
-            if on:
-                names.append(name)
-        return names
+        """The keywords of the rules this call uses, for messages."""
+        return [r.label or r.keyword for r in RULES if r.label != "-" and r.used(self)]
 
     def describe(self) -> str:
         rules = ", ".join(self.rule_names) or "no rules"
@@ -101,9 +112,150 @@ class AttentionSpec:
             f"k/v (Hkv={self.Hkv}, Nk={self.Nk}, Dv={self.Dv}), {self.dtype}, {self.device}; {rules}"
         )
 
+    def keywords(self) -> dict[str, Any]:
+        """The call as keyword arguments of :func:`selfattn.attention` (its rules only)."""
+        return {
+            r.keyword: getattr(self, r.fields[0])
+            if len(r.fields) == 1
+            else r.unpack(*(getattr(self, f) for f in r.fields))
+            for r in RULES
+        }
 
-def _shape(t: Any) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+    # -- positions and parts ---------------------------------------------------------------------
+
+    def positions(self, i0: int, i1: int, device: torch.device | str) -> torch.Tensor:
+        """Absolute positions of rows ``[i0, i1)``, int64 (i1 - i0,)."""
+        if self.qpos is None:
+            return torch.arange(self.start + i0, self.start + i1, device=device)
+        return self.qpos[i0:i1].to(device)
+
+    def position_bounds(self, i0: int, i1: int) -> tuple[int, int]:
+        """The first and last absolute position of rows ``[i0, i1)`` (not empty)."""
+        if self.qpos is None:
+            return self.start + i0, self.start + i1 - 1
+        block = self.qpos[i0:i1]
+        return int(block.min()), int(block.max())
+
+    def part(self, b0: int, b1: int, kh0: int, kh1: int, r0: int, r1: int) -> AttentionSpec:
+        """The call restricted to batch [b0, b1), key/value heads [kh0, kh1) and rows [r0, r1).
+
+        Query heads follow their key/value heads: [kh0 * G, kh1 * G).
+        """
+        g = self.group
+        h0, h1 = kh0 * g, kh1 * g
+        return replace(
+            self,
+            B=b1 - b0,
+            Hq=h1 - h0,
+            Hkv=kh1 - kh0,
+            Nq=r1 - r0,
+            start=self.start + r0,
+            qpos=None if self.qpos is None else self.qpos[r0:r1],
+            mask=cut(self.mask, (b0, b1), (h0, h1), (r0, r1)),
+            bias=cut(self.bias, (b0, b1), (h0, h1), (r0, r1)),
+            alibi_slopes=cut(self.alibi_slopes, (b0, b1), (h0, h1)),
+            q_ids=cut(self.q_ids, (b0, b1), (r0, r1)),
+            kv_ids=cut(self.kv_ids, (b0, b1)),
+        )
+
+    def select(self, heads: torch.Tensor | None, rows: torch.Tensor | None) -> AttentionSpec:
+        """The call for some query heads and rows; key/value heads become one per query head.
+
+        Args:
+            heads: int64 indices into the Hq query heads, or None for all.
+            rows: int64 indices into the Nq rows, or None for all.
+        """
+        s = self
+        if heads is not None:
+            s = replace(
+                s,
+                Hq=len(heads),
+                Hkv=len(heads),
+                mask=pick(s.mask, 1, heads),
+                bias=pick(s.bias, 1, heads),
+                alibi_slopes=pick(s.alibi_slopes, 1, heads, broadcast=False),
+            )
+        if rows is not None:
+            s = replace(
+                s,
+                Nq=len(rows),
+                start=0,
+                qpos=self.positions(0, self.Nq, rows.device)[rows],
+                mask=pick(s.mask, 2, rows),
+                bias=pick(s.bias, 2, rows),
+                q_ids=pick(s.q_ids, 1, rows),
+            )
+        return s
+
+
+def cut(t: torch.Tensor | None, *ranges: tuple[int, int] | None) -> torch.Tensor | None:
+    """``t[r0:r1, ...]`` per leading dim, leaving broadcast (size-1) dims whole."""
+    if t is None:
+        return None
+    index = tuple(
+        slice(None) if rng is None or t.shape[d] == 1 else slice(*rng)
+        for d, rng in enumerate(ranges)
+    )
+    return t[index]
+
+
+def pick(
+    t: torch.Tensor | None, dim: int, idx: torch.Tensor, broadcast: bool = True
+) -> torch.Tensor | None:
+    """``t.index_select(dim, idx)``, leaving a broadcast (size-1) dim whole."""
+    if t is None or (broadcast and t.shape[dim] == 1):
+        return t
+    return t.index_select(dim, idx.to(t.device))
+
+
+# -- the table of rules --------------------------------------------------------------------------
+
+
+class _Call(NamedTuple):
+    """What a rule's check may need to know about the call."""
+
+    B: int
+    Hq: int
+    Nq: int
+    Nk: int
+    device: torch.device
+
+    @property
+    def target(self) -> tuple[int, int, int, int]:
+        return (self.B, self.Hq, self.Nq, self.Nk)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One keyword of :func:`selfattn.attention`.
+
+    ``check(value, call)`` validates a value that is not None/False and returns the values of
+    ``fields``; ``schema`` is the rule's part of the custom op's argument list; ``pack`` turns a
+    keyword value into those op arguments and ``unpack`` turns them back into the keyword
+    value. ``grad`` marks a tensor that gets a gradient.
+    """
+
+    keyword: str
+    fields: tuple[str, ...]
+    schema: tuple[str, ...]
+    check: Callable[[Any, _Call], tuple]
+    empty: tuple
+    pack: Callable[[Any], tuple] = lambda value: (value,)
+    unpack: Callable[..., Any] = lambda *fields: fields[0]
+    grad: bool = False
+    label: str = ""  # its name in messages: "" = the keyword, "-" = never listed (scale)
+    on: Callable[[Any], bool] = lambda first: first is not None and first is not False
+
+    def used(self, spec: AttentionSpec) -> bool:
+        """Whether ``spec`` uses this rule (for messages and backends' refusals)."""
+        return self.on(getattr(spec, self.fields[0]))
+
+
+def _check_device(name: str, t: torch.Tensor, call: _Call) -> None:
+    if t.device != call.device:
+        raise ValueError(
+            f"{name} is on {t.device} but q, k, v are on {call.device}; move it to {call.device}"
+        )
 
 
 def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -112,87 +264,215 @@ def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(a in (1, b) for a, b in zip(shape[::-1], target[::-1]))
 
 
-def _check_tensor_device(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(
-            f"{name} is on {t.device} but q, k, v are on {device}; move it to {device}"
-        )
-
-
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
 
-def _real(name: str, x: Any) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {x!r} ({type(x).__name__})")
-    return float(x)
+def _causal(value: Any, call: _Call) -> tuple:
+    if not isinstance(value, bool):
+        raise TypeError(f"causal must be a bool, got {value!r}")
+    return (value,)
 
 
-def _check_window(window: Any) -> tuple[int | None, int | None] | None:
-    if window is None:
-        return None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
+def _window(value: Any, call: _Call) -> tuple:
+    return (checks.window(value),)
+
+
+def _mask(mask: Any, call: _Call) -> tuple:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
         raise ValueError(
-            f"window must be a pair (left, right) of non-negative ints or None, got {window!r}"
+            f"mask must be bool (True = visible), got {mask.dtype}; pass an additive mask as bias="
         )
-    sides = []
-    for side, w in zip(("left", "right"), window):
-        if w is None:
-            sides.append(None)
-            continue
-        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
-            raise ValueError(
-                f"window {side} must be an int >= 0 or None, got {w!r} in window={window!r}"
-            )
-        if w < 0:
-            raise ValueError(
-                f"window {side} must be >= 0 (use None for unbounded), got {w} in window={window!r}"
-            )
-        sides.append(int(w))
-    if sides[0] is None and sides[1] is None:
-        return None  # (None, None) restricts nothing
-    return (sides[0], sides[1])
+    if not _broadcastable(tuple(mask.shape), call.target):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Nq, Nk) = "
+            f"{call.target}"
+        )
+    _check_device("mask", mask, call)
+    return (_as_4d(mask),)
 
 
-def _check_ids(name: str, t: Any, b: int, n: int, device: torch.device) -> torch.Tensor:
+def _bias(bias: Any, call: _Call) -> tuple:
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a float torch.Tensor, got {type(bias).__name__}")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bias must have a float dtype, got {bias.dtype}")
+    if not _broadcastable(tuple(bias.shape), call.target):
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} is not broadcastable to (B, Hq, Nq, Nk) = "
+            f"{call.target}"
+        )
+    _check_device("bias", bias, call)
+    return (_as_4d(bias),)
+
+
+def _alibi(slopes: Any, call: _Call) -> tuple:
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a float torch.Tensor, got {type(slopes).__name__}")
+    if slopes.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"alibi_slopes must have a float dtype, got {slopes.dtype}")
+    b, hq = call.B, call.Hq
+    if tuple(slopes.shape) not in ((hq,), (b, hq)):
+        raise ValueError(
+            f"alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({b}, {hq}), "
+            f"got {tuple(slopes.shape)}"
+        )
+    _check_device("alibi_slopes", slopes, call)
+    return (slopes if slopes.dim() == 2 else slopes.reshape(1, hq),)
+
+
+def _softcap(value: Any, call: _Call) -> tuple:
+    cap = checks.real("softcap", value)
+    if not (cap > 0 and math.isfinite(cap)):
+        raise ValueError(f"softcap must be a finite float > 0, got {value!r}")
+    return (cap,)
+
+
+def _ids(name: str, t: Any, b: int, n: int, call: _Call) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(
             f"{name} must be an integer torch.Tensor of shape ({b}, {n}), got {type(t).__name__}"
         )
-    if t.dtype not in _INT_DTYPES:
+    if t.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
     if tuple(t.shape) != (b, n):
         raise ValueError(f"{name} must have shape (B, N) = ({b}, {n}), got {tuple(t.shape)}")
-    _check_tensor_device(name, t, device)
+    _check_device(name, t, call)
     return t
 
 
-def validate(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    causal: Any = False,
-    window: Any = None,
-    mask: Any = None,
-    bias: Any = None,
-    alibi_slopes: Any = None,
-    softcap: Any = None,
-    segment_ids: Any = None,
-    scale: Any = None,
-    dropout_p: Any = 0.0,
-    return_lse: Any = False,
-    need_v: bool = True,
-) -> AttentionSpec:
-    """Check every argument of :func:`selfattn.attention` and freeze them into a spec.
+def _pair(value: tuple | list) -> tuple:
+    if len(value) != 2:
+        raise ValueError(
+            f"segment_ids must be a tensor (B, N) or a pair (q_ids, kv_ids), got {len(value)} items"
+        )
+    return tuple(value)
 
-    With ``need_v=False`` (for :func:`selfattn.attention_weights`), ``v`` may be None.
+
+def _segments(value: Any, call: _Call) -> tuple:
+    b, nq, nk = call.B, call.Nq, call.Nk
+    if isinstance(value, (tuple, list)):
+        value = _pair(value)
+        return (
+            _ids("segment_ids[0] (q_ids)", value[0], b, nq, call),
+            _ids("segment_ids[1] (kv_ids)", value[1], b, nk, call),
+        )
+    if nq != nk:
+        raise ValueError(
+            f"a single segment_ids tensor needs Nq == Nk, got Nq={nq}, Nk={nk}; "
+            "pass a pair (q_ids (B, Nq), kv_ids (B, Nk))"
+        )
+    ids = _ids("segment_ids", value, b, nq, call)
+    return (ids, ids)
+
+
+def _scale(value: Any, call: _Call) -> tuple:
+    scale = checks.real("scale", value)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {value!r}")
+    return (scale,)
+
+
+def _dropout(value: Any, call: _Call) -> tuple:
+    p = checks.real("dropout_p", value)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got dropout_p={value!r}")
+    return (p,)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("causal", ("causal",), ("bool causal",), _causal, (False,)),
+    Rule(
+        "window",
+        ("window",),
+        ("int? window_left", "int? window_right"),
+        _window,
+        (None,),
+        pack=lambda w: checks.window(w) or (None, None),
+        unpack=lambda left, right: None if left is None and right is None else (left, right),
+    ),
+    Rule("mask", ("mask",), ("Tensor? mask",), _mask, (None,)),
+    Rule("bias", ("bias",), ("Tensor? bias",), _bias, (None,), grad=True),
+    Rule("alibi_slopes", ("alibi_slopes",), ("Tensor? alibi_slopes",), _alibi, (None,), grad=True),
+    Rule("softcap", ("softcap",), ("float? softcap",), _softcap, (None,)),
+    Rule(
+        "segment_ids",
+        ("q_ids", "kv_ids"),
+        ("Tensor? q_ids", "Tensor? kv_ids"),
+        _segments,
+        (None, None),
+        pack=lambda s: (s, s) if not isinstance(s, (tuple, list)) else _pair(s),
+        unpack=lambda q_ids, kv_ids: None if q_ids is None else (q_ids, kv_ids),
+    ),
+    Rule("scale", ("scale",), ("float? scale",), _scale, (None,), label="-"),
+    Rule(
+        "dropout_p",
+        ("dropout_p",),
+        ("float dropout_p",),
+        _dropout,
+        (0.0,),
+        label="dropout",
+        on=lambda p: p > 0,
+    ),
+)
+KEYWORDS = frozenset(r.keyword for r in RULES)
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _shape(t: Any) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def validate(
+    q: Any, k: Any, v: Any, *, return_lse: Any = False, need_v: bool = True, **rules: Any
+) -> AttentionSpec:
+    """Check a call of :func:`selfattn.attention` and freeze it into a spec.
+
+    ``rules`` are the keywords of ``RULES`` (``causal``, ``window``, ``mask``, ``bias``,
+    ``alibi_slopes``, ``softcap``, ``segment_ids``, ``scale``, ``dropout_p``). With
+    ``need_v=False`` (for :func:`selfattn.attention_weights`), ``v`` may be None.
 
     Raises:
-        TypeError: a non-tensor, or a dtype outside float16/bfloat16/float32/float64.
+        TypeError: a non-tensor, a dtype outside float16/bfloat16/float32/float64, an unknown
+            keyword.
         ValueError: shapes, devices or argument values that do not fit together.
     """
+    if not KEYWORDS.issuperset(rules):
+        unknown = ", ".join(sorted(set(rules) - KEYWORDS))
+        raise TypeError(f"unexpected keyword argument(s): {unknown}")
+    b, hq, nq, hkv, nk, d, dv = _check_qkv(q, k, v, need_v)
+    call = _Call(b, hq, nq, nk, q.device)
+    values: dict[str, Any] = {}
+    for rule in RULES:
+        value = rules.get(rule.keyword)
+        got = rule.empty if value is None or value is False else rule.check(value, call)
+        for name, x in zip(rule.fields, got):
+            values[name] = x
+    if values["scale"] is None:
+        values["scale"] = 1.0 / math.sqrt(d)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    grad = torch.is_grad_enabled() and (
+        q.requires_grad
+        or k.requires_grad
+        or (need_v and v.requires_grad)
+        or any(rules.get(r.keyword) is not None and rules[r.keyword].requires_grad for r in GRAD)
+    )
+    return AttentionSpec(
+        b, hq, hkv, nq, nk, d, dv, q.dtype, q.device, **values,
+        return_lse=return_lse, requires_grad=grad, start=nk - nq,
+    )  # fmt: skip
+
+
+GRAD = tuple(r for r in RULES if r.grad)
+
+
+def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
+    """Types, dtypes, devices and shapes of q, k, v; returns (B, Hq, Nq, Hkv, Nk, D, Dv)."""
     named = {"q": q, "k": k, "v": v} if need_v else {"q": q, "k": k}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -201,30 +481,24 @@ def validate(
     shapes = ", ".join(f"{n}={_shape(t)}" for n, t in named.items())
     if any(t.dim() != 4 for t in tensors):
         raise ValueError(
-            f"q, k, v must be 4-D: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); got {shapes}"
+            "q, k, v must be 4-D: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); "
+            f"got {shapes}"
         )
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) != 1:
+    if any(t.dtype != q.dtype for t in tensors):
         raise TypeError(
             "q, k, v must share one dtype, got "
             + ", ".join(f"{n}={t.dtype}" for n, t in named.items())
         )
-    dtype = q.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q, k, v must be float16, bfloat16, float32 or float64, got {dtype}")
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q, k, v must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if any(t.device != q.device for t in tensors):
         raise ValueError(
             "q, k, v must be on one device, got "
             + ", ".join(f"{n}={t.device}" for n, t in named.items())
         )
-    device = q.device
     b, hq, nq, d = q.shape
     bk, hkv, nk, dk = k.shape
-    if need_v:
-        bv, hv, nv, dv = v.shape
-    else:
-        bv, hv, nv, dv = bk, hkv, nk, dk
+    bv, hv, nv, dv = v.shape if need_v else k.shape
     if not (b == bk == bv):
         raise ValueError(f"batch sizes differ: {shapes}")
     if d != dk:
@@ -237,98 +511,4 @@ def validate(
         )
     if d == 0:
         raise ValueError(f"head dim D must be >= 1: {shapes}")
-    target = (b, hq, nq, nk)
-
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    win = _check_window(window)
-
-    mask4 = None
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise ValueError(
-                f"mask must be bool (True = visible), got {mask.dtype}; pass an additive mask as bias="
-            )
-        if not _broadcastable(tuple(mask.shape), target):
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Nq, Nk) = {target}"
-            )
-        _check_tensor_device("mask", mask, device)
-        mask4 = _as_4d(mask)
-
-    bias4 = None
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a float torch.Tensor, got {type(bias).__name__}")
-        if bias.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"bias must have a float dtype, got {bias.dtype}")
-        if not _broadcastable(tuple(bias.shape), target):
-            raise ValueError(
-                f"bias of shape {tuple(bias.shape)} is not broadcastable to (B, Hq, Nq, Nk) = {target}"
-            )
-        _check_tensor_device("bias", bias, device)
-        bias4 = _as_4d(bias)
-
-    alibi = None
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor):
-            raise TypeError(
-                f"alibi_slopes must be a float torch.Tensor, got {type(alibi_slopes).__name__}"
-            )
-        if alibi_slopes.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"alibi_slopes must have a float dtype, got {alibi_slopes.dtype}")
-        if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
-            raise ValueError(
-                f"alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({b}, {hq}), "
-                f"got {tuple(alibi_slopes.shape)}"
-            )
-        _check_tensor_device("alibi_slopes", alibi_slopes, device)
-        alibi = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.reshape(1, hq)
-
-    cap = None
-    if softcap is not None:
-        cap = _real("softcap", softcap)
-        if not (cap > 0 and math.isfinite(cap)):
-            raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
-
-    q_ids = kv_ids = None
-    if segment_ids is not None:
-        if isinstance(segment_ids, (tuple, list)):
-            if len(segment_ids) != 2:
-                raise ValueError(
-                    f"segment_ids must be a tensor (B, N) or a pair (q_ids, kv_ids), got {len(segment_ids)} items"
-                )
-            q_ids = _check_ids("segment_ids[0] (q_ids)", segment_ids[0], b, nq, device)
-            kv_ids = _check_ids("segment_ids[1] (kv_ids)", segment_ids[1], b, nk, device)
-        else:
-            if nq != nk:
-                raise ValueError(
-                    f"a single segment_ids tensor needs Nq == Nk, got Nq={nq}, Nk={nk}; "
-                    "pass a pair (q_ids (B, Nq), kv_ids (B, Nk))"
-                )
-            q_ids = kv_ids = _check_ids("segment_ids", segment_ids, b, nq, device)
-
-    if scale is None:
-        scale_f = 1.0 / math.sqrt(d)
-    else:
-        scale_f = _real("scale", scale)
-        if not math.isfinite(scale_f):
-            raise ValueError(f"scale must be finite, got {scale!r}")
-
-    p = _real("dropout_p", dropout_p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got dropout_p={dropout_p!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-
-    requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v if need_v else None, bias, alibi_slopes)
-    )
-    return AttentionSpec(
-        B=b, Hq=hq, Hkv=hkv, Nq=nq, Nk=nk, D=d, Dv=dv, dtype=dtype, device=device,
-        causal=causal, window=win, mask=mask4, bias=bias4, alibi=alibi, softcap=cap,
-        q_ids=q_ids, kv_ids=kv_ids, scale=scale_f, dropout_p=p, return_lse=return_lse,
-        requires_grad=requires_grad,
-    )  # fmt: skip
+    return b, hq, nq, hkv, nk, d, dv

@@ -1,8 +1,21 @@
 """The backend registry: one object per backend, a priority list per device, and ``select()``.
 
-Each backend says why it cannot run a call (``check`` returns reasons, empty = can run) or
-why it cannot run on this machine at all (``unavailable``). ``select`` walks the candidates and
-either returns the first that accepts or raises :class:`UnsupportedInputs` listing every refusal.
+Every path that runs attention goes through ``select()``: ``selfattn.attention``, the custom
+op's forward and backward under ``torch.compile``, ``attention_weights`` and the blocks of ring
+attention. A backend says why it cannot run a call (``check`` returns reasons, empty = can
+run) or why it cannot run on this machine at all (``unavailable``), and may offer optional
+hooks beyond ``run``; ``select(spec, name, need=(...))`` only picks backends that offer the
+hooks a path needs:
+
+- ``forward(spec, q, k, v, seed) -> (out, lse)`` without autograd, for any ``spec.start``
+  (ring attention's blocks); out (B, Hq, Nq, Dv), lse (B, Hq, Nq) natural log, float32 or the
+  accumulation dtype.
+- ``backward(spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi)`` ->
+  ``(dq, dk, dv, dbias, dalibi)`` (the custom op's backward, ring blocks).
+- ``weights(spec, q, k, lse, heads, rows)`` -> exact probabilities (``attention_weights``).
+
+A new backend is one module with a class like those below, registered here with its place in
+``PRIORITY``.
 """
 
 from __future__ import annotations
@@ -18,7 +31,19 @@ from .sdpa import SdpaBackend
 from .tiled import TiledBackend
 from .triton import TritonBackend  # imports no triton itself: unavailable() says what is missing
 
-__all__ = ["BACKENDS", "Backend", "available", "candidates", "refusals", "select"]
+__all__ = [
+    "BACKENDS",
+    "HOOKS",
+    "PRIORITY",
+    "Backend",
+    "available",
+    "candidates",
+    "refusals",
+    "register",
+    "select",
+]
+
+HOOKS = ("forward", "backward", "weights")
 
 
 class Backend(Protocol):
@@ -38,39 +63,48 @@ class Backend(Protocol):
         v: torch.Tensor,
         seed: tuple[int, int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(out, lse)``; lse may be None when ``spec.return_lse`` is False."""
+        """``(out, lse)`` with autograd when ``spec.requires_grad``; lse may be None when
+        ``spec.return_lse`` is False."""
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
 def register(backend: Backend) -> None:
+    """Add a backend (or replace the one of the same name)."""
     BACKENDS[backend.name] = backend
 
 
-for _b in (ReferenceBackend(), MathBackend(), TiledBackend(), SdpaBackend()):
+for _b in (ReferenceBackend(), MathBackend(), TiledBackend(), SdpaBackend(), TritonBackend()):
     register(_b)
-
-register(TritonBackend())
 
 # Order in which `auto` tries backends: fused kernels first, torch's own fused op for the plain
 # calls it covers, then our O(N)-memory engine. `math` and `reference` always accept but are
 # slower than `tiled`, so `auto` reaches them only if an earlier one is missing.
-_PRIORITY = {
+PRIORITY = {
     "cuda": ["triton", "sdpa", "tiled", "math", "reference"],
     "cpu": ["sdpa", "tiled", "math", "reference", "triton"],
 }
 
 
 def candidates(device: torch.device) -> list[str]:
-    return _PRIORITY.get(device.type, ["tiled", "math", "sdpa", "reference", "triton"])
+    """The backends ``auto`` tries for a device, in order."""
+    return PRIORITY.get(device.type, ["tiled", "math", "sdpa", "reference", "triton"])
 
 
-def refusals(spec: AttentionSpec, name: str) -> list[str]:
-    """Every reason backend ``name`` declines ``spec`` (empty: it can run it)."""
+def refusals(spec: AttentionSpec, name: str, need: tuple[str, ...] = ()) -> list[str]:
+    """Every reason backend ``name`` declines ``spec`` (empty: it can run it).
+
+    ``need`` names the hooks (``HOOKS``) the caller will use.
+    """
     backend = BACKENDS[name]
     why = backend.unavailable()
-    return [why] if why else backend.check(spec)
+    if why:
+        return [why]
+    missing = [h for h in need if getattr(backend, h, None) is None]
+    if missing:
+        return [f"offers no {' or '.join(missing)} hook"]
+    return backend.check(spec)
 
 
 def available() -> list[str]:
@@ -78,8 +112,13 @@ def available() -> list[str]:
     return [name for name, b in BACKENDS.items() if b.unavailable() is None]
 
 
-def select(spec: AttentionSpec, name: str) -> Backend:
+def select(spec: AttentionSpec, name: str, need: tuple[str, ...] = ()) -> Backend:
     """The backend to run ``spec``: ``name`` itself, or the first in priority order for "auto".
+
+    Args:
+        spec: the validated call.
+        name: a backend name or "auto".
+        need: hooks the caller will use (``HOOKS``); backends without them decline.
 
     Raises:
         UnsupportedInputs: no candidate accepts; the message lists every backend and reason.
@@ -87,11 +126,13 @@ def select(spec: AttentionSpec, name: str) -> Backend:
     names = candidates(spec.device) if name == "auto" else [name]
     reasons: dict[str, list[str]] = {}
     for n in names:
-        why = refusals(spec, n)
+        why = refusals(spec, n, need)
         if not why:
             return BACKENDS[n]
         reasons[n] = why
     lines = [f"no backend can run this call (backend={name!r}): {spec.describe()}"]
+    if need:
+        lines[0] += f" [needs the {', '.join(need)} hook]"
     for n, why in reasons.items():
         lines.append(f"  - {n}: " + "; ".join(why))
     raise UnsupportedInputs("\n".join(lines), reasons)

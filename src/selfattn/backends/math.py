@@ -11,9 +11,10 @@ import math
 import torch
 
 from .. import _rng
-from ..masks import Rules, heads5
+from ..engine import acc_dtype, bad_keys
+from ..rules import alibi_distance, dense_visible, heads5
 from ..spec import AttentionSpec
-from .tiled import _bad_keys, acc_dtype
+from .recompute import backward_by_recompute
 
 __all__ = ["MathBackend", "math_attention"]
 
@@ -29,8 +30,7 @@ def math_attention(
     acc = acc_dtype(q.dtype)
     b, hq, nq, _ = q.shape
     hkv, g, nk = spec.Hkv, spec.group, spec.Nk
-    rules = Rules.from_spec(spec)
-    bad = _bad_keys(k, v, rules)  # (B, Hkv, Nk) keys holding NaN/inf, if some key can be hidden
+    bad = bad_keys(k, v, spec)  # (B, Hkv, Nk) keys holding NaN/inf, if some key can be hidden
     if bad is not None:
         k = torch.where(bad[..., None], 0, k)
         v = torch.where(bad[..., None], 0, v)
@@ -44,12 +44,12 @@ def math_attention(
         s = spec.softcap * torch.tanh(s / spec.softcap)
     if spec.bias is not None:  # 3. bias
         s = s + heads5(spec.bias.to(acc), hkv, g)
-    if spec.alibi is not None:  # 4. ALiBi: - slope[h] * |i' - j|
-        dist = rules.alibi_distance(0, nq, 0, nk, q.device, acc)  # (Nq, Nk)
-        s = s - spec.alibi.to(acc).reshape(-1, hkv, g, 1, 1) * dist
+    if spec.alibi_slopes is not None:  # 4. ALiBi: - slope[h] * |i' - j|
+        dist = alibi_distance(spec, 0, nq, 0, nk, q.device, acc)  # (Nq, Nk)
+        s = s - spec.alibi_slopes.to(acc).reshape(-1, hkv, g, 1, 1) * dist
     if bad is not None:  # non-finite keys poison only the rows that see them
         s = s.masked_fill(bad[:, :, None, None, :], math.nan)
-    vis = rules.dense_visible(q.device)  # 5. visibility, (B|1, Hq|1, Nq, Nk) or None
+    vis = dense_visible(spec, q.device)  # 5. visibility, (B|1, Hq|1, Nq, Nk) or None
     if vis is not None:
         s = s.masked_fill(~heads5(vis, hkv, g), -math.inf)
 
@@ -72,7 +72,7 @@ def math_attention(
 
 def _keep(seed: tuple[int, int], spec: AttentionSpec, device: torch.device) -> torch.Tensor:
     """Keep mask (B, Hkv, G, Nq, Nk) from the shared hash."""
-    rows = torch.arange(spec.B * spec.Hq * spec.Nq, device=device)
+    rows = torch.arange(spec.B * spec.Hq * spec.Nq, device=device)  # the global row ids
     rows = rows.view(spec.B, spec.Hkv, spec.group, spec.Nq, 1)
     return _rng.keep_mask(seed, rows, torch.arange(spec.Nk, device=device), spec.dropout_p)
 
@@ -90,3 +90,9 @@ class MathBackend:
 
     def run(self, spec, q, k, v, seed):
         return math_attention(spec, q, k, v, seed)
+
+    def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
+        """Through torch's autograd of the plain formula (the forward runs again)."""
+        return backward_by_recompute(
+            self.run, spec, q, k, v, dout, dlse, seed, need_dbias, need_dalibi
+        )

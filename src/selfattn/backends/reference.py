@@ -14,9 +14,10 @@ from ..spec import AttentionSpec
 __all__ = ["ReferenceBackend"]
 
 
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    if t is None:
-        return None
+def _np(t):
+    """A tensor as a numpy array (floats in float64); anything else unchanged."""
+    if not isinstance(t, torch.Tensor):
+        return t
     t = t.detach().cpu()
     return (t.double() if t.is_floating_point() else t).numpy()
 
@@ -33,23 +34,20 @@ class ReferenceBackend:
         reasons = []
         if spec.device.type != "cpu":
             reasons.append(f"numpy runs on the CPU, inputs are on {spec.device}")
+        if spec.qpos is not None or spec.start != spec.Nk - spec.Nq:
+            reasons.append("aligns query rows bottom-right only (this part starts elsewhere)")
         if spec.requires_grad:
             reasons.append("has no autograd (inputs require grad)")
         return reasons
 
     def run(self, spec, q, k, v, seed):
-        seg = None
-        if spec.q_ids is not None:
-            seg = (_np(spec.q_ids), _np(spec.kv_ids))
+        rules = {
+            name: tuple(map(_np, x)) if isinstance(x, tuple) else _np(x)
+            for name, x in spec.keywords().items()
+        }
         out, lse = spec_np.attention(
-            _np(q), _np(k), _np(v),
-            causal=spec.causal, window=spec.window,
-            mask=_np(spec.mask),
-            bias=_np(spec.bias),
-            alibi_slopes=_np(spec.alibi),  # (B|1, Hq)
-            softcap=spec.softcap, segment_ids=seg, scale=spec.scale,
-            dropout_p=spec.dropout_p, dropout_seed=seed, return_lse=True,
-        )  # fmt: skip
+            _np(q), _np(k), _np(v), **rules, dropout_seed=seed, return_lse=True
+        )
         out_t = torch.from_numpy(np.ascontiguousarray(out)).to(q.dtype)
         lse_t = torch.from_numpy(np.ascontiguousarray(lse)).float()
         return out_t, lse_t

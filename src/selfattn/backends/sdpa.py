@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .. import engine
 from ..spec import AttentionSpec
-from .tiled import TiledBackend, all_finite
+from .recompute import backward_by_recompute
 
 __all__ = ["SdpaBackend"]
 
@@ -43,13 +44,19 @@ class SdpaBackend:
         return reasons
 
     def run(self, spec, q, k, v, seed):
-        if spec.causal and not all_finite(k, v):
+        if spec.causal and not engine.all_finite(k, v):
             # torch multiplies a value row hidden by the causal mask with a zero probability,
             # and 0 * NaN = NaN: padding garbage would reach rows that cannot see it. Our engine
-            # keeps such rows clean (API.md section 2), at the cost of one pass over k and v.
-            return TiledBackend().run(spec, q, k, v, seed)
+            # keeps such rows clean (docs/api.md), at the cost of one pass over k and v.
+            return engine.attention(engine.Problem.of(spec, seed), q, k, v, spec.requires_grad)
         kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=spec.causal, scale=spec.scale, **kwargs
         )
         return out, None
+
+    def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
+        """Through torch's own SDPA backward (the forward runs again)."""
+        return backward_by_recompute(
+            self.run, spec, q, k, v, dout, dlse, seed, need_dbias, need_dalibi
+        )

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from .. import _custom_op
-from ..api import attention_weights
+from ..api import attention, attention_weights
 
 __all__ = ["NAME", "attention_forward", "mask_builder", "register", "visibility"]
 
@@ -149,7 +148,7 @@ def attention_forward(
         "scale": scaling,
     }
     need_lse = want_weights or s_aux is not None
-    result = _custom_op.attention(
+    result = attention(
         query, key, value, **rules, dropout_p=float(dropout), return_lse=need_lse, backend=backend
     )
     out, lse = result if need_lse else (result, None)

@@ -9,16 +9,12 @@ Triton's interpreter, for testing; the environment variable is read at call time
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...spec import AttentionSpec
 
-if TYPE_CHECKING:  # at run time ``weights`` comes through __getattr__ below
-    from .host import weights
-
-__all__ = ["MAX_HEAD_DIM", "TritonBackend", "interpreting", "weights"]
+__all__ = ["MAX_HEAD_DIM", "TritonBackend", "interpreting"]
 
 MAX_HEAD_DIM = 256
 
@@ -57,6 +53,8 @@ class TritonBackend:
             reasons.append("float64 is for CPU backends (the kernels accumulate in float32)")
         if spec.D > MAX_HEAD_DIM or spec.Dv > MAX_HEAD_DIM:
             reasons.append(f"head dims up to {MAX_HEAD_DIM}, got D={spec.D}, Dv={spec.Dv}")
+        if spec.qpos is not None:
+            reasons.append("selects rows inside the probabilities kernel, not as a part")
         if spec.device.type != "cuda" and not interpreting():
             reasons.append(
                 f"runs on CUDA tensors, got {spec.device} (TRITON_INTERPRET=1 runs CPU tensors)"
@@ -75,12 +73,20 @@ class TritonBackend:
 
         return host.attention(spec, q, k, v, seed)
 
+    def forward(self, spec, q, k, v, seed):
+        """The forward kernels (decode or row tiles), no autograd; out in q's dtype."""
+        from . import host
 
-def __getattr__(name: str):
-    """``weights`` (``attention_weights`` by the kernels) is :func:`host.weights`, imported on
-    first use: ``host`` imports triton, which this package must not do at import."""
-    if name == "weights":
-        from .host import weights
+        return host.forward(spec, q, k, v, seed)
 
-        return weights
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
+        """The backward kernels (dK/dV, then dQ with the bias and slope gradients)."""
+        from . import host
+
+        return host.backward(spec, seed, q, k, v, out, lse, dout, dlse, need_dbias, need_dalibi)
+
+    def weights(self, spec, q, k, lse, heads, rows):
+        """The probabilities kernel; heads and rows are selected inside it."""
+        from . import host
+
+        return host.weights(spec, q, k, lse, heads, rows)

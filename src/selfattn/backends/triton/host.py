@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import triton
 
+from ...rules import bounds
 from ...spec import AttentionSpec, validate
 from . import interpreting
 
@@ -401,15 +402,10 @@ def _may_hide(spec: AttentionSpec) -> bool:
     """Whether some rule may hide some key from some row (then non-finite keys are cleaned)."""
     if spec.mask is not None or spec.q_ids is not None:
         return True
-    if spec.causal and spec.Nq > 1:
-        return True
-    if spec.window is not None:
-        left, right = spec.window
-        if left is not None and spec.Nk - 1 - left > 0:
-            return True
-        if right is not None and right < spec.Nq - 1:
-            return True
-    return False
+    if not (spec.causal or spec.window is not None) or spec.Nq == 0:
+        return False
+    _, _, full_lo, full_hi = bounds(spec, 0, spec.Nq)
+    return full_lo > 0 or full_hi < spec.Nk
 
 
 @dataclass
@@ -431,7 +427,7 @@ def _prepare(spec: AttentionSpec, q: torch.Tensor, seed, need_krng: bool = False
     dummy = q
     bias = spec.bias
     mask = spec.mask.view(torch.uint8) if spec.mask is not None else None
-    slopes = spec.alibi
+    slopes = spec.alibi_slopes
     q_ids, kv_ids = spec.q_ids, spec.kv_ids
     strides_rules = (
         _strides(bias, 4)
@@ -493,7 +489,7 @@ def _prepare(spec: AttentionSpec, q: torch.Tensor, seed, need_krng: bool = False
         strides_rules=strides_rules,
         qrng=qrng if qrng is not None else dummy,
         krng=krng if krng is not None else dummy,
-        scalars=[spec.B, spec.Hq, spec.group, spec.Nq, spec.Nk, spec.D, spec.Dv, spec.offset],
+        scalars=[spec.B, spec.Hq, spec.group, spec.Nq, spec.Nk, spec.D, spec.Dv, spec.start],
         scale_args=[
             qk_scale,
             cap2,
@@ -735,7 +731,7 @@ def backward(
     need_dalibi: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, dbias, dalibi)``; dq/dk/dv in the inputs' dtypes, dbias shaped
-    like ``spec.bias`` and dalibi like ``spec.alibi`` (float32; None when not asked for)."""
+    like ``spec.bias`` and dalibi like ``spec.alibi_slopes`` (float32; None when not asked for)."""
     dev = q.device
     dq = torch.zeros(q.shape, dtype=q.dtype, device=dev)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=dev)
@@ -744,7 +740,7 @@ def backward(
     if need_dbias:
         dbias = torch.zeros(spec.bias.shape, dtype=torch.float32, device=dev)
     if need_dalibi:
-        dalibi = torch.zeros(spec.alibi.shape, dtype=torch.float32, device=dev)
+        dalibi = torch.zeros(spec.alibi_slopes.shape, dtype=torch.float32, device=dev)
     if min(spec.B, spec.Hq, spec.Nq, spec.Nk) == 0:
         return dq, dk, dv, dbias, dalibi
     if dout is None:
@@ -813,7 +809,7 @@ def backward(
         dbias = dbias.reshape(spec.bias.shape)
     if need_dalibi:
         per_head = da.sum(2)  # (B, Hq)
-        dalibi = per_head.sum(0, keepdim=True) if spec.alibi.shape[0] == 1 else per_head
+        dalibi = per_head.sum(0, keepdim=True) if spec.alibi_slopes.shape[0] == 1 else per_head
     return dq, dk, dv, dbias, dalibi
 
 
@@ -841,7 +837,7 @@ class TritonAttention(torch.autograd.Function):
         if dbias is not None:
             dbias = dbias.to(spec.bias.dtype)
         if dalibi is not None:
-            dalibi = dalibi.to(spec.alibi.dtype)
+            dalibi = dalibi.to(spec.alibi_slopes.dtype)
         return None, None, dq, dk, dv, dbias, dalibi
 
 
@@ -850,7 +846,7 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backend's entry: autograd when the spec needs it, plain kernels otherwise."""
     if spec.requires_grad:
-        return TritonAttention.apply(spec, seed, q, k, v, spec.bias, spec.alibi)
+        return TritonAttention.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
     return forward(spec, q, k, v, seed)
 
 

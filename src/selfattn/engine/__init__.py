@@ -1,0 +1,39 @@
+"""The torch-op engine: FlashAttention-2 (Dao, 2023) written in torch operations, O(N) memory.
+
+Its internal API, used by the ``tiled`` backend, ring attention and the custom op's backward:
+
+- :class:`Problem` (``problem.py``): a validated call or part of one (``Problem.of(spec, seed)``,
+  ``.part(...)``), its dropout numbering and its non-finite keys.
+- :func:`forward` / :func:`probabilities` (``forward.py``): online softmax over the key chunks
+  that ``rules.key_spans`` plans; exact probabilities from the lse.
+- :func:`backward` (``backward.py``): gradients by recomputation from the lse.
+- :func:`attention` (``autograd.py``): forward with autograd when the inputs need it.
+- ``tiles.py``: operand matrices, the reusable score workspace, dropout tiles.
+- ``threads.py``: splitting one call across CPU threads by heads or by row bands.
+
+Names follow the paper and the Triton kernels (``m_i``, ``l_i``, ``acc``, ``BLOCK_N``); scores
+are in base 2 so the exponential is ``exp2``. Written in torch ops, the engine's cost beyond its
+two GEMMs per tile is the passes over each tile, so it keeps them few: subtractions ride inside
+the GEMMs, the running maximum is frozen after the first chunk when a Cauchy-Schwarz bound
+allows, masks are cached additive tiles, and tiles live in one reusable workspace.
+"""
+
+from .autograd import attention
+from .backward import Grads, backward
+from .forward import forward, probabilities
+from .problem import BLOCK_N, ROWS_PER_TILE, Dropout, Problem, acc_dtype, all_finite, bad_keys
+
+__all__ = [
+    "BLOCK_N",
+    "ROWS_PER_TILE",
+    "Dropout",
+    "Grads",
+    "Problem",
+    "acc_dtype",
+    "all_finite",
+    "attention",
+    "backward",
+    "bad_keys",
+    "forward",
+    "probabilities",
+]
