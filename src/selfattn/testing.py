@@ -1,11 +1,6 @@
-"""The yardsticks the tests, the demo and the benchmarks share: the thread switch, the float64
-reference for torch inputs, the plain same-dtype formula and the FlashAttention tolerance rule.
-
-The rule (from flash-attention's tests): a result's error against the float64 specification must
-be at most ``ERR_MULTIPLE`` times the error of the plain formula computed in the inputs' own dtype,
-plus a small floor for the dtype (``ERR_FLOOR``). :func:`agreement` measures a result against it;
-:func:`assert_close` raises when it fails.
-"""
+"""The yardsticks room: what the tests, the demo and the benchmarks share to judge a result: the
+thread switch, the float64 reference for torch inputs, the plain same-dtype formula and the
+FlashAttention tolerance rule (:func:`agreement`, :func:`assert_close`)."""
 
 from __future__ import annotations
 
@@ -39,7 +34,9 @@ __all__ = [
     "torch_threads",
 ]
 
-# How many times the plain formula's error a result may have, and the floor per dtype.
+# The tolerance rule (from flash-attention's tests): a result's error against the float64
+# specification may be at most ERR_MULTIPLE times the error of the plain formula computed in the
+# inputs' own dtype, plus a small floor for the dtype.
 ERR_MULTIPLE = 3.0
 ERR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 

@@ -1,10 +1,5 @@
-"""Benchmark primitives: FLOP counts and a timer (:mod:`.timing`), peak-memory measurement
-(:mod:`.memory`); the sweep behind ``selfattn bench`` is :mod:`selfattn.bench.sweep`.
-
-Used by ``benchmarks/*.py`` and ``selfattn bench``. Times are medians over repeats (interleaved
-between methods by the callers, so machine noise hits every method alike); memory is the peak
-growth of the process while one call runs.
-"""
+"""The benchmark room: FLOP counts and a timer (:mod:`.timing`), peak-memory measurement
+(:mod:`.memory`); the sweep behind ``selfattn bench`` is :mod:`selfattn.bench.sweep`."""
 
 from .memory import peak_memory_growth, peak_rss_bytes, reset_peak, rss_bytes
 from .timing import Timing, attention_flops, time_fn

@@ -1,12 +1,5 @@
 """The sweep room: ``selfattn bench``'s measurement of selfattn against torch SDPA, the textbook
-formula and FlexAttention over sequence lengths, and the worker process it measures memory in.
-
-Times are interleaved between methods (one call of each per round), so machine noise hits every
-method alike; FLOPs use the FlashAttention convention (:func:`selfattn.bench.attention_flops`);
-memory is the peak growth of a fresh worker process while one call runs (host RSS on CPU, the CUDA
-allocator's peak on GPU). FlexAttention compiles first (tens of seconds on CPU), so it runs in its
-own worker with a time limit and is left out, with the reason, when it does not finish.
-"""
+formula and FlexAttention over sequence lengths, and the worker process it measures memory in."""
 
 from __future__ import annotations
 
@@ -242,6 +235,13 @@ def run_sweep(
     cfg: SweepConfig, progress: Callable[[str, int], None] | None = None
 ) -> dict[str, Any]:
     """Measure every method at every length.
+
+    Times are interleaved between methods (one call of each per round), so machine noise hits
+    every method alike; FLOPs use the FlashAttention convention (:func:`.attention_flops`);
+    memory is the peak growth of a fresh worker process while one call runs (host RSS on CPU,
+    the CUDA allocator's peak on GPU). FlexAttention compiles first (tens of seconds on CPU), so
+    it runs in its own worker with a time limit and is left out, with the reason, when it does
+    not finish.
 
     Args:
         cfg: what to measure (validated first).

@@ -1,10 +1,6 @@
-"""The command line: ``selfattn info | demo | explain | bench | train``, or ``python -m selfattn``.
-
-Thin: it parses arguments (:mod:`.parser`), calls the library (``selfattn.reference``,
-``selfattn.testing``, ``selfattn.viz``, ``selfattn.bench.sweep``, ``selfattn.trainer``) from one
-module per command and prints with rich (:mod:`.console`). Bad arguments end with a one-line
-message and exit status 2.
-"""
+"""The command line: ``selfattn info | demo | explain | bench | train``, or ``python -m selfattn``;
+the parser (:mod:`.parser`), one module per command, shared console helpers (:mod:`.console`).
+Thin: bad arguments end with a one-line message and exit status 2."""
 
 from .bench import cmd_bench
 from .console import UsageError

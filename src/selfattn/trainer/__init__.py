@@ -1,14 +1,6 @@
-"""The training of selfattn's small models, behind ``selfattn train`` and the examples
-(``examples/train_gpt.py``, ``examples/train_vit.py``).
-
-The rooms: :mod:`.config` (:class:`TrainConfig`), :mod:`.data` (the corpora, ids, windows, image
-shifts), :mod:`.tasks` (:class:`GptTask`, :class:`VitTask`), :mod:`.checkpoint` (safetensors
-checkpoints), :mod:`.loop` (:func:`fit`, :func:`train`, :class:`Run`) and :mod:`.plots` (the loss
-curve, the trained model's attention maps). :func:`fit` is the loop (it returns the trained
-model); :func:`train` is what the command runs: :func:`fit` with a checkpoint at every evaluation,
-then ``results.json``, ``loss.png`` and the pictures. The optimiser state and the batch generator
-are saved with the weights, so ``resume`` continues exactly where the run stopped.
-"""
+"""The training room of selfattn's small models, behind ``selfattn train`` and the examples: one
+file each for the config, the data, the two tasks, checkpoints, the loop (:func:`fit`,
+:func:`train`) and the plots."""
 
 from ..testing import torch_threads
 from .config import TASKS, TrainConfig
