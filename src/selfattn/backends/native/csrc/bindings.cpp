@@ -1,0 +1,224 @@
+// Python bindings of the native engine: argument checks, torch tensors -> Params, the choice of
+// the compiled ISA variant, torch's intra-op pool for the engines' parallel loops.
+//
+// This is the only TU that sees torch; it is compiled with the default flags (plus -fopenmp, as
+// at::parallel_for's OpenMP body lives in torch's headers). The engines are plain C++.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include "common.h"
+
+namespace selfattn {
+extern const Engine engine_generic_f32;
+extern const Engine engine_generic_f64;
+extern const Engine engine_avx2;
+extern const Engine engine_avx512;
+}  // namespace selfattn
+
+using namespace selfattn;
+using OptT = std::optional<at::Tensor>;
+
+namespace {
+
+DT dt_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DT::F32;
+    case at::kDouble: return DT::F64;
+    case at::kHalf: return DT::F16;
+    case at::kBFloat16: return DT::BF16;
+    case at::kBool: return DT::U8;
+    case at::kByte: return DT::U8;
+    case at::kLong: return DT::I64;
+    default: TORCH_CHECK(false, "selfattn native: unsupported dtype ", s);
+  }
+  return DT::F32;
+}
+
+View view_of(const at::Tensor& t) {
+  View v;
+  v.p = t.data_ptr();
+  v.dt = dt_of(t.scalar_type());
+  for (int64_t d = 0; d < t.dim() && d < 4; d++) v.s[d] = t.size(d) == 1 ? 0 : t.stride(d);
+  return v;
+}
+
+void pool_run(int64_t n, void* ctx, TaskFn fn) {
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+}
+int pool_threads() { return at::get_num_threads(); }
+const Pool kPool{&pool_run, &pool_threads};
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+// The engine for float32/16 compute: SELFATTN_NATIVE_ISA=avx512|avx2|generic overrides the CPU's
+// best (read on every call, so tests can switch).
+const Engine& float_engine() {
+  const char* want = std::getenv("SELFATTN_NATIVE_ISA");
+  if (want && *want) {
+    std::string w(want);
+    if (w == "avx512") {
+      TORCH_CHECK(cpu_has_avx512(), "SELFATTN_NATIVE_ISA=avx512 but this CPU lacks AVX-512");
+      return engine_avx512;
+    }
+    if (w == "avx2") {
+      TORCH_CHECK(cpu_has_avx2(), "SELFATTN_NATIVE_ISA=avx2 but this CPU lacks AVX2/FMA");
+      return engine_avx2;
+    }
+    if (w == "generic") return engine_generic_f32;
+    TORCH_CHECK(false, "SELFATTN_NATIVE_ISA must be avx512, avx2 or generic, not '", w, "'");
+  }
+  static const bool a512 = cpu_has_avx512(), a2 = cpu_has_avx2();
+  return a512 ? engine_avx512 : a2 ? engine_avx2 : engine_generic_f32;
+}
+
+const Engine& engine_for(DT dt) { return dt == DT::F64 ? engine_generic_f64 : float_engine(); }
+
+at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Fill the shape, the inputs and the rules of Params; `keep` holds the expanded views alive.
+void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const at::Tensor& k,
+          const at::Tensor& v, double scale, double softcap, bool causal, int64_t start,
+          int64_t left, int64_t right, const OptT& mask, const OptT& bias, const OptT& alibi,
+          const OptT& q_ids, const OptT& kv_ids, double dropout_p, int64_t seed0, int64_t seed1,
+          int64_t drop_hq, int64_t drop_nq, int64_t drop_b0, int64_t drop_h0, int64_t drop_r0) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "selfattn native: q, k, v must be 4-D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "selfattn native: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "selfattn native: q, k, v dtypes differ");
+  auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "selfattn native: dtype must be float32, float64, float16 or bfloat16");
+  P.B = q.size(0);
+  P.Hq = q.size(1);
+  P.Nq = q.size(2);
+  P.D = q.size(3);
+  P.Hkv = k.size(1);
+  P.Nk = k.size(2);
+  P.Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == P.B && v.size(0) == P.B && v.size(1) == P.Hkv && v.size(2) == P.Nk &&
+                  k.size(3) == P.D,
+              "selfattn native: shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes(),
+              " do not match");
+  TORCH_CHECK(P.Hkv > 0 && P.Hq % P.Hkv == 0, "selfattn native: Hq=", P.Hq, ", Hkv=", P.Hkv);
+  P.G = P.Hq / P.Hkv;
+  P.dt = dt_of(st);
+  P.q = view_of(q);
+  P.k = view_of(k);
+  P.v = view_of(v);
+  P.scale = scale;
+  P.softcap = softcap;
+  P.causal = causal;
+  P.start = start;
+  P.left = left;
+  P.right = right;
+  const std::vector<int64_t> full{P.B, P.Hq, P.Nq, P.Nk};
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "selfattn native: mask must be bool");
+    keep.push_back(mask->expand(full));
+    P.mask = view_of(keep.back());
+  }
+  if (bias) {
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "selfattn native: bias must be float");
+    keep.push_back(bias->expand(full));
+    P.bias = view_of(keep.back());
+  }
+  if (alibi) {
+    TORCH_CHECK(at::isFloatingType(alibi->scalar_type()), "selfattn native: alibi must be float");
+    keep.push_back(alibi->expand({P.B, P.Hq}));
+    P.alibi = view_of(keep.back());
+  }
+  TORCH_CHECK(q_ids.has_value() == kv_ids.has_value(), "selfattn native: q_ids and kv_ids go together");
+  if (q_ids) {
+    keep.push_back(q_ids->to(at::kLong).expand({P.B, P.Nq}));
+    P.q_ids = view_of(keep.back());
+    keep.push_back(kv_ids->to(at::kLong).expand({P.B, P.Nk}));
+    P.kv_ids = view_of(keep.back());
+  }
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "selfattn native: dropout_p=", dropout_p);
+  P.dropout_p = dropout_p;
+  P.seed0 = uint32_t(uint64_t(seed0));
+  P.seed1 = uint32_t(uint64_t(seed1));
+  P.drop_hq = drop_hq > 0 ? drop_hq : P.Hq;
+  P.drop_nq = drop_nq > 0 ? drop_nq : P.Nq;
+  P.drop_b0 = drop_b0;
+  P.drop_h0 = drop_h0;
+  P.drop_r0 = drop_r0;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double softcap,
+    bool causal, int64_t start, int64_t left, int64_t right, const OptT& mask, const OptT& bias,
+    const OptT& alibi, const OptT& q_ids, const OptT& kv_ids, double dropout_p, int64_t seed0,
+    int64_t seed1, int64_t drop_hq, int64_t drop_nq, int64_t drop_b0, int64_t drop_h0,
+    int64_t drop_r0, bool need_out) {
+  Params P;
+  std::vector<at::Tensor> keep;
+  fill(P, keep, q, k, v, scale, softcap, causal, start, left, right, mask, bias, alibi, q_ids,
+       kv_ids, dropout_p, seed0, seed1, drop_hq, drop_nq, drop_b0, drop_h0, drop_r0);
+  at::Tensor out = need_out ? at::empty({P.B, P.Hq, P.Nq, P.Dv}, q.options())
+                            : at::empty({0}, q.options());
+  at::Tensor lse = at::empty({P.B, P.Hq, P.Nq}, q.options().dtype(acc_type(q.scalar_type())));
+  P.need_out = need_out;
+  P.out = need_out ? out.data_ptr() : nullptr;
+  P.lse = lse.data_ptr();
+  if (P.B * P.Hq * P.Nq > 0) {
+    if (P.Nk == 0) {
+      if (need_out) out.zero_();
+      lse.fill_(-INFINITY);
+    } else {
+      engine_for(P.dt).forward(P, kPool);
+    }
+  }
+  return {out, lse};
+}
+
+at::Tensor bounds(int64_t nq, int64_t nk, int64_t start, bool causal, int64_t left, int64_t right,
+                  int64_t block) {
+  TORCH_CHECK(block > 0, "block must be positive");
+  int64_t nb = cdiv(nq, block);
+  at::Tensor out = at::empty({nb, 4}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < nb; i++) {
+    int64_t i0 = i * block, i1 = imin(nq, i0 + block);
+    Bounds b = key_bounds(start + i0, start + i1 - 1, nk, causal, left, right);
+    o[4 * i] = b.lo;
+    o[4 * i + 1] = b.hi;
+    o[4 * i + 2] = b.full_lo;
+    o[4 * i + 3] = b.full_hi;
+  }
+  return out;
+}
+
+std::string isa(const std::string& dtype) {
+  return engine_for(dtype == "float64" ? DT::F64 : DT::F32).name;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "selfattn native CPU attention engine";
+  namespace py = pybind11;
+  m.def("forward", &forward, py::call_guard<py::gil_scoped_release>(), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("scale"), py::arg("softcap"), py::arg("causal"), py::arg("start"),
+        py::arg("left"), py::arg("right"), py::arg("mask"), py::arg("bias"), py::arg("alibi"),
+        py::arg("q_ids"), py::arg("kv_ids"), py::arg("dropout_p"), py::arg("seed0"),
+        py::arg("seed1"), py::arg("drop_hq"), py::arg("drop_nq"), py::arg("drop_b0"),
+        py::arg("drop_h0"), py::arg("drop_r0"), py::arg("need_out"));
+  m.def("bounds", &bounds, py::arg("nq"), py::arg("nk"), py::arg("start"), py::arg("causal"),
+        py::arg("left"), py::arg("right"), py::arg("block"));
+  m.def("isa", &isa, py::arg("dtype") = "float32");
+}

@@ -1,0 +1,21 @@
+// The engine entry points, generic over the vector type V; each kernels_<isa>.cpp instantiates
+// them inside its own namespace (SA_NS).
+#pragma once
+#include "forward.h"
+
+namespace selfattn {
+namespace SA_NS {
+
+template <class V>
+static void forward(const Params& P, const Pool& pool) {
+  forward_prefill<V>(P, pool);
+}
+
+template <class V>
+static void backward(const Params& P, const Pool& pool) {
+  (void)P;
+  (void)pool;
+}
+
+}  // namespace SA_NS
+}  // namespace selfattn

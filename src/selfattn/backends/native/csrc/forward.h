@@ -1,0 +1,239 @@
+// The fused forward pass (FlashAttention-2 online softmax) for prefill-sized problems.
+//
+// Work item: one block of BM = NP * MR query rows of one query head. K and V of its (batch, kv
+// head) are packed once (pack.h) and shared by every block and every head of the GQA group. The
+// item walks the visible keys in chunks of KC = CT * PW; for each panel of MR rows it computes
+// the MR x KC score panel into a buffer that stays in L1 (QK^T micro-kernel, epilogue, row max,
+// exp2, row sum, all on that buffer), then O += P V with O's rescaling folded into the PV
+// micro-kernel's load of O. Tiles the rules leave empty are never touched.
+#pragma once
+#include <cmath>
+
+#include "microkernel.h"
+#include "pack.h"
+#include "plan.h"
+
+namespace selfattn {
+namespace SA_NS {
+
+template <class T>
+static inline void store_out(void* out, DT dt, int64_t off, const T* src, int64_t n, T scale) {
+  switch (dt) {
+    case DT::F32: {
+      float* o = static_cast<float*>(out) + off;
+      for (int64_t c = 0; c < n; c++) o[c] = float(src[c] * scale);
+      break;
+    }
+    case DT::F64: {
+      double* o = static_cast<double*>(out) + off;
+      for (int64_t c = 0; c < n; c++) o[c] = double(src[c] * scale);
+      break;
+    }
+    case DT::BF16: {
+      uint16_t* o = static_cast<uint16_t*>(out) + off;
+      for (int64_t c = 0; c < n; c++) o[c] = float_to_bf16(float(src[c] * scale));
+      break;
+    }
+    case DT::F16: {
+      uint16_t* o = static_cast<uint16_t*>(out) + off;
+      for (int64_t c = 0; c < n; c++) o[c] = float_to_f16(float(src[c] * scale));
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Online-softmax state update of one row of a score panel: scores s[0:n] (n a multiple of W)
+// become probabilities exp2(s - m_new); returns alpha = exp2(m_old - m_new) for rescaling.
+// NaN scores are skipped by the maximum and reach l and O through exp2.
+template <class V>
+static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V::T& m,
+                                        typename V::T& l) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  V mx = V::set1(T(-INFINITY));
+  for (int64_t c = 0; c < n; c += W) mx = max_nan_b(V::load(s + c), mx);
+  T cm = mx.hmax();
+  T mo = m, mn = cm > mo ? cm : mo;
+  T base = mn == T(-INFINITY) ? T(0) : mn;
+  T alpha = mo == T(-INFINITY) ? T(0) : T(std::exp2(mo - base));
+  V vb = V::set1(base), sum = V::zero();
+  for (int64_t c = 0; c < n; c += W) {
+    V p = V::exp2(V::load(s + c) - vb);
+    p.store(s + c);
+    sum = sum + p;
+  }
+  l = l * alpha + sum.hsum();
+  m = mn;
+  return alpha;
+}
+
+template <class V>
+struct Forward {
+  using T = typename V::T;
+  static constexpr int W = V::W, MR = V::MR, PW = 2 * W, NP = 8, BM = NP * MR;
+  static constexpr int CT = 256 / PW, KC = CT * PW, LDS = KC + W;
+
+  const Plan<V>& pl;
+  const Params& P;
+  const Packed<V>& pk;
+
+  struct Scratch {
+    Buf<T> q, o, m, l, al, s;
+    Buf<uint8_t> cls;
+    explicit Scratch(const Plan<V>& pl)
+        : q(BM * pl.Dp), o(BM * pl.Dvp), m(BM), l(BM), al(MR), s(MR * LDS), cls(CT) {}
+  };
+
+  int64_t blocks() const { return cdiv(P.Nq, BM); }
+
+  double cost(int64_t qb) const {
+    double c = 64.0 * BM;
+    for (int64_t r0 = qb * BM; r0 < imin(P.Nq, qb * BM + BM); r0 += MR) {
+      int64_t nr = imin(MR, P.Nq - r0);
+      Bounds kb = key_bounds(P.start + r0, P.start + r0 + nr - 1, P.Nk, P.causal, P.left, P.right);
+      c += double(kb.hi - kb.lo) * MR;
+    }
+    return c;
+  }
+
+  void item(int64_t slot, int64_t u, int64_t g, int64_t qb, Scratch& sc) const {
+    const int64_t b = u / P.Hkv, kvh = u % P.Hkv, h = kvh * P.G + g;
+    const int64_t i0 = qb * BM, i1 = imin(P.Nq, i0 + BM), rows = i1 - i0;
+    const int64_t npan = cdiv(rows, MR), Dp = pl.Dp, Dvp = pl.Dvp, D = P.D;
+    const bool need_out = P.need_out;
+    const T* kt = pk.kt + slot * pk.kt_n;
+    const T* vr = pk.vr ? pk.vr + slot * pk.vr_n : nullptr;
+    const uint8_t* bad = pk.bad_of(slot);
+
+    for (int64_t r = 0; r < npan * MR; r++) {
+      T* dst = sc.q.p + r * Dp;
+      if (i0 + r < P.Nq) {
+        load_row<T>(P.q, b, h, i0 + r, D, Dp, dst);
+        for (int64_t d = 0; d < D; d++) dst[d] *= pl.qscale;
+      } else {
+        for (int64_t d = 0; d < Dp; d++) dst[d] = T(0);
+      }
+      sc.m[r] = T(-INFINITY);
+      sc.l[r] = T(0);
+    }
+    if (need_out) sc.o.zero(npan * MR * Dvp);
+
+    Bounds bb = key_bounds(P.start + i0, P.start + i1 - 1, P.Nk, P.causal, P.left, P.right);
+    if (bb.hi > bb.lo) {
+      typename Plan<V>::Panel pans[NP];
+      for (int64_t p = 0; p < npan; p++) pans[p] = pl.panel(b, h, i0 + p * MR);
+      const int64_t tb0 = bb.lo / PW, tb1 = cdiv(bb.hi, PW);
+      for (int64_t c0 = tb0; c0 < tb1; c0 += CT) {
+        const int64_t c1 = imin(c0 + CT, tb1);
+        for (int64_t p = 0; p < npan; p++) {
+          const auto& pn = pans[p];
+          int64_t t_lo, t_hi;
+          pl.tile_range(pn, t_lo, t_hi);
+          t_lo = imax(t_lo, c0);
+          t_hi = imin(t_hi, c1);
+          for (int64_t t = t_lo; t < t_hi; t++) sc.cls[t - c0] = pl.tile_class(pn, t);
+          while (t_lo < t_hi && sc.cls[t_lo - c0] == EMPTY) t_lo++;
+          while (t_hi > t_lo && sc.cls[t_hi - 1 - c0] == EMPTY) t_hi--;
+          if (t_lo >= t_hi) continue;
+          panel_chunk(pn, p, t_lo, t_hi, c0, kt, vr, bad, sc);
+        }
+      }
+    }
+    finish(b, h, i0, rows, sc);
+  }
+
+  void panel_chunk(const typename Plan<V>::Panel& pn, int64_t p, int64_t t_lo, int64_t t_hi,
+                   int64_t c0, const T* kt, const T* vr, const uint8_t* bad, Scratch& sc) const {
+    const int64_t D = P.D, Dp = pl.Dp, Dvp = pl.Dvp;
+    const T* qp = sc.q.p + p * MR * Dp;
+    T* S = sc.s.p;
+    for (int64_t t = t_lo; t < t_hi; t++) {
+      T* st = S + (t - t_lo) * PW;
+      uint8_t cls = sc.cls[t - c0];
+      if (cls == EMPTY) {
+        for (int r = 0; r < MR; r++)
+          for (int c = 0; c < PW; c++) st[r * LDS + c] = T(-INFINITY);
+        continue;
+      }
+      mk<V, MR, 2, STORE>(D, qp, Dp, 1, kt + t * D * PW, PW, st, LDS, nullptr);
+      if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || (bad && has_bad(bad, t)))
+        pl.epilogue(st, LDS, pn, t, cls, bad && has_bad(bad, t) ? bad : nullptr, nullptr);
+    }
+    const int64_t n = (t_hi - t_lo) * PW;
+    T* m = sc.m.p + p * MR;
+    T* l = sc.l.p + p * MR;
+    for (int r = 0; r < MR; r++) sc.al[r] = softmax_row<V>(S + r * LDS, n, m[r], l[r]);
+    if (!P.need_out) return;
+    if (pl.dropout) {
+      const T inv = pl.keep_scale;
+      for (int r = 0; r < int(pn.nreal); r++) {
+        uint32_t hr = pl.drop_row(pn.b, pn.h, pn.row0 + r);
+        T* s = S + r * LDS;
+        for (int64_t c = 0; c < n; c += W)
+          V::dropout(V::load(s + c), hr, t_lo * PW + c, P.seed1, pl.thr, inv).store(s + c);
+      }
+    }
+    gemm<V, SCALE>(MR, Dvp / W, n, S, LDS, 1, vr + t_lo * PW * Dvp, Dvp, sc.o.p + p * MR * Dvp,
+                   Dvp, sc.al.p);
+  }
+
+  static bool has_bad(const uint8_t* bad, int64_t t) {
+    for (int c = 0; c < PW; c++)
+      if (bad[t * PW + c]) return true;
+    return false;
+  }
+
+  // Normalise and write out / lse for the block's rows.
+  void finish(int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& sc) const {
+    T* lse = static_cast<T*>(P.lse);
+    for (int64_t r = 0; r < rows; r++) {
+      int64_t row = i0 + r, bh = b * P.Hq + h;
+      T l = sc.l[r];
+      bool empty = l == T(0);
+      lse[bh * P.Nq + row] = empty ? T(-INFINITY) : T((sc.m[r] + std::log2(l)) * T(LN2));
+      if (P.need_out)
+        store_out<T>(P.out, P.dt, (bh * P.Nq + row) * P.Dv, sc.o.p + r * pl.Dvp, P.Dv,
+                     empty ? T(0) : T(1) / l);
+    }
+  }
+};
+
+// The whole prefill forward: waves of (batch, kv head) units, each packed then computed.
+template <class V>
+static void forward_prefill(const Params& P, const Pool& pool) {
+  using T = typename V::T;
+  using F = Forward<V>;
+  Plan<V> pl(P, pool);
+  const int64_t units = P.B * P.Hkv;
+  const int64_t unit_bytes =
+      pl.ntiles * F::PW * (P.D + (P.need_out ? pl.Dvp : 0)) * int64_t(sizeof(T)) + 1;
+  const int64_t budget = int64_t(256) << 20;
+  const int64_t wave = imax(1, imin(units, budget / unit_bytes));
+  Packed<V> pk;
+  pk.alloc(pl, wave, true, false, false, P.need_out);
+  F fw{pl, P, pk};
+  const int64_t nb = fw.blocks();
+  Buf<double> qcost(nb);
+  for (int64_t qb = 0; qb < nb; qb++) qcost[qb] = fw.cost(qb);
+  for (int64_t u0 = 0; u0 < units; u0 += wave) {
+    const int64_t u1 = imin(units, u0 + wave);
+    pk.pack_units(pl, pool, u0, u1);
+    // items in (unit, block, head-of-group) order: neighbours share K/V in cache
+    const int64_t n = (u1 - u0) * nb * P.G;
+    Buf<double> cost(n);
+    for (int64_t x = 0; x < n; x++) cost[x] = qcost[(x / P.G) % nb];
+    auto run = [&](int64_t x0, int64_t x1) {
+      typename F::Scratch sc(pl);
+      for (int64_t x = x0; x < x1; x++) {
+        int64_t g = x % P.G, qb = (x / P.G) % nb, slot = x / (P.G * nb);
+        fw.item(slot, u0 + slot, g, qb, sc);
+      }
+    };
+    run_balanced(pool, cost.p, n, run);
+  }
+}
+
+}  // namespace SA_NS
+}  // namespace selfattn

@@ -1,0 +1,91 @@
+// Register-blocked GEMM micro-kernels, generic over the vector type V.
+//
+// One kernel shape serves every product of the engine: a tile of R rows x NV vectors of C is
+// kept in registers while the reduction index k runs, each step loading NV vectors of a row of B
+// and broadcasting one element of A per row:
+//
+//     C[i][c] (=, +=, alpha_i * C +) sum_k A[i * sa + k * sk] * B[k * ldb + c]
+//
+// With sa = lda, sk = 1 this is A B (S = Q K^T against K packed as [d][PW] panels; O += P V);
+// with sa = 1, sk = lda it is A^T B (backward: dV += P^T dO, dK += dS^T Q). 12 x 32 (AVX-512,
+// 24 accumulators) and 6 x 16 (AVX2, 12 accumulators) leave registers for B and a broadcast.
+#pragma once
+
+#include "common.h"
+
+namespace selfattn {
+namespace SA_NS {
+
+enum Mode { STORE = 0, ADD = 1, SCALE = 2 };
+
+template <class V, int R, int NV, int MODE>
+static inline __attribute__((always_inline)) void mk(int64_t K, const typename V::T* A, int64_t sa,
+                                                     int64_t sk, const typename V::T* B,
+                                                     int64_t ldb, typename V::T* C, int64_t ldc,
+                                                     const typename V::T* alpha) {
+  using T = typename V::T;
+  V acc[R][NV];
+  for (int i = 0; i < R; i++)
+    for (int c = 0; c < NV; c++) acc[i][c] = V::zero();
+  for (int64_t k = 0; k < K; k++) {
+    V b[NV];
+    for (int c = 0; c < NV; c++) b[c] = V::load(B + k * ldb + c * V::W);
+    const T* a = A + k * sk;
+    for (int i = 0; i < R; i++) {
+      V ai = V::set1(a[i * sa]);
+      for (int c = 0; c < NV; c++) acc[i][c] = fmadd(ai, b[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    T* ci = C + i * ldc;
+    if (MODE == SCALE) {
+      V al = V::set1(alpha[i]);
+      for (int c = 0; c < NV; c++) acc[i][c] = fmadd(V::load(ci + c * V::W), al, acc[i][c]);
+    } else if (MODE == ADD) {
+      for (int c = 0; c < NV; c++) acc[i][c] = acc[i][c] + V::load(ci + c * V::W);
+    }
+    for (int c = 0; c < NV; c++) acc[i][c].store(ci + c * V::W);
+  }
+}
+
+// Rows of one register tile for NV vectors of columns: 2 * MR accumulators at most.
+template <class V, int NV>
+struct RowBlock {
+  static constexpr int value = NV >= 3 ? V::MR / 2 : V::MR;
+};
+
+// C (M x nvec*W) for M a multiple of MR: column blocks of up to 4 vectors, rows in blocks of
+// RowBlock. ldb / ldc / the columns of B and C are padded to whole vectors by the caller.
+template <class V, int MODE>
+static inline void gemm(int64_t M, int64_t nvec, int64_t K, const typename V::T* A, int64_t sa,
+                        int64_t sk, const typename V::T* B, int64_t ldb, typename V::T* C,
+                        int64_t ldc, const typename V::T* alpha) {
+  constexpr int W = V::W;
+  int64_t c = 0;
+  for (; c + 4 <= nvec; c += 4) {
+    constexpr int R = RowBlock<V, 4>::value;
+    for (int64_t i = 0; i < M; i += R)
+      mk<V, R, 4, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
+                        alpha ? alpha + i : nullptr);
+  }
+  int64_t rest = nvec - c;
+  if (rest == 3) {
+    constexpr int R = RowBlock<V, 3>::value;
+    for (int64_t i = 0; i < M; i += R)
+      mk<V, R, 3, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
+                        alpha ? alpha + i : nullptr);
+  } else if (rest == 2) {
+    constexpr int R = RowBlock<V, 2>::value;
+    for (int64_t i = 0; i < M; i += R)
+      mk<V, R, 2, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
+                        alpha ? alpha + i : nullptr);
+  } else if (rest == 1) {
+    constexpr int R = RowBlock<V, 1>::value;
+    for (int64_t i = 0; i < M; i += R)
+      mk<V, R, 1, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
+                        alpha ? alpha + i : nullptr);
+  }
+}
+
+}  // namespace SA_NS
+}  // namespace selfattn

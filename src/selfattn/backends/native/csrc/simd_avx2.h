@@ -1,0 +1,121 @@
+// AVX2 + FMA float vector (8 lanes). Included only by kernels_avx2.cpp (-mavx2 -mfma -mf16c).
+#pragma once
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace selfattn {
+namespace SA_NS {
+
+struct V {
+  using T = float;
+  static constexpr int W = 8;
+  static constexpr int MR = 6;  // rows of the QK^T register tile (6 x 16 = 12 accumulators)
+  static constexpr const char* name = "avx2";
+  __m256 v;
+
+  static __m256i tail_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static V load_n(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store_n(float* p, int n) const { _mm256_maskstore_ps(p, tail_mask(n), v); }
+  static V set1(float x) { return {_mm256_set1_ps(x)}; }
+  static V zero() { return {_mm256_setzero_ps()}; }
+  friend V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend V operator+(V a, V b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend V operator-(V a, V b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend V operator*(V a, V b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend V operator/(V a, V b) { return {_mm256_div_ps(a.v, b.v)}; }
+  friend V max_nan_b(V a, V b) { return {_mm256_max_ps(a.v, b.v)}; }
+  float hmax() const {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  float hsum() const {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  V abs() const { return {_mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)))}; }
+
+  // 2^x for x <= 0 (and NaN): -inf -> 0, x < -126 -> 0, NaN -> NaN. 2^n is built in the
+  // exponent field, so x is clamped to [-126, 127] and results below 2^-126 are flushed to 0.
+  static V exp2(V x) {
+    __m256 xc = _mm256_max_ps(_mm256_set1_ps(-126.0f), x.v);  // NaN stays NaN (2nd operand)
+    xc = _mm256_min_ps(_mm256_set1_ps(127.0f), xc);
+    __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_sub_ps(xc, n);
+    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    __m256 tiny = _mm256_cmp_ps(x.v, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);  // false for NaN
+    return {_mm256_andnot_ps(tiny, r)};
+  }
+  static V tanh(V x) {
+    __m256 ax = V{x.v}.abs().v;
+    __m256 z = _mm256_mul_ps(x.v, x.v);
+    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+    __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x.v, x.v);
+    __m256 a = _mm256_min_ps(_mm256_set1_ps(9.0f), ax);
+    __m256 e = exp2(V{_mm256_mul_ps(a, _mm256_set1_ps(2.8853900817779268f))}).v;
+    __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                               _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+    big = _mm256_or_ps(big, _mm256_and_ps(x.v, _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)))));
+    __m256 is_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+    return {_mm256_blendv_ps(big, small, is_small)};
+  }
+  static V keep_range(V s, int c0, int a, int b) {
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(c0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(a), idx),
+                                     _mm256_cmpgt_epi32(_mm256_set1_epi32(b), idx));
+    return {_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), s.v, _mm256_castsi256_ps(in))};
+  }
+  static V keep_bytes(V s, const uint8_t* m) {
+    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m));
+    __m256i w = _mm256_cvtepu8_epi32(bytes);
+    __m256i zero = _mm256_cmpeq_epi32(w, _mm256_setzero_si256());
+    return {_mm256_blendv_ps(s.v, _mm256_set1_ps(-__builtin_inff()), _mm256_castsi256_ps(zero))};
+  }
+  static V distance(int64_t pos, int64_t j0) {
+    __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    return V{_mm256_sub_ps(_mm256_set1_ps(float(pos - j0)), lane)}.abs();
+  }
+  static V dropout(V p, uint32_t hr, int64_t j0, uint32_t seed1, uint32_t thr, float inv) {
+    __m256i j = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(j0))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(j, _mm256_set1_epi32(int(0x85EBCA6Bu))),
+                                 _mm256_set1_epi32(int(seed1)));
+    x = _mm256_xor_si256(x, _mm256_set1_epi32(int(hr)));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x7FEB352Du)));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x846CA68Bu)));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    // unsigned x >= thr  <=>  max_epu32(x, thr) == x
+    __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(x, _mm256_set1_epi32(int(thr))), x);
+    return {_mm256_and_ps(_mm256_mul_ps(p.v, _mm256_set1_ps(inv)), _mm256_castsi256_ps(keep))};
+  }
+  static V select_gt(V a, V b, V x, V y) {
+    return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ))};
+  }
+  static V is_neginf_select(V a, V x, V y) {
+    return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ))};
+  }
+};
+
+}  // namespace SA_NS
+}  // namespace selfattn

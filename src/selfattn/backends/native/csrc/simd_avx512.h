@@ -1,0 +1,120 @@
+// AVX-512 float vector (16 lanes). Included only by kernels_avx512.cpp (compiled with -mavx512f
+// -mavx512bw -mavx512dq -mavx512vl -mfma), inside that TU's namespace.
+#pragma once
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace selfattn {
+namespace SA_NS {
+
+struct V {
+  using T = float;
+  static constexpr int W = 16;
+  static constexpr int MR = 12;  // rows of the QK^T register tile (12 x 32 = 24 accumulators)
+  static constexpr const char* name = "avx512";
+  __m512 v;
+
+  static V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static V load_n(const float* p, int n) {
+    return {_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p)};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store_n(float* p, int n) const { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v); }
+  static V set1(float x) { return {_mm512_set1_ps(x)}; }
+  static V zero() { return {_mm512_setzero_ps()}; }
+  friend V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend V operator+(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend V operator-(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend V operator*(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend V operator/(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
+  // max that ignores a NaN in `a` (returns b there): the running row maximum skips NaN scores,
+  // which reach the output through exp2 instead.
+  friend V max_nan_b(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
+  float hmax() const { return _mm512_reduce_max_ps(v); }
+  float hsum() const { return _mm512_reduce_add_ps(v); }
+  V abs() const { return {_mm512_abs_ps(v)}; }
+
+  // 2^x for x <= 0 (and NaN): -inf -> 0, x < -200 -> 0, NaN -> NaN. Range reduction to
+  // f in [-0.5, 0.5] and Cephes' degree-6 polynomial (rel. error ~2e-7); vscalefps applies 2^n
+  // and flushes tiny results to 0 without integer tricks.
+  static V exp2(V x) {
+    __m512 xc = _mm512_max_ps(_mm512_set1_ps(-200.0f), x.v);  // NaN stays NaN (2nd operand)
+    __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(xc, n);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return {_mm512_scalef_ps(p, n)};
+  }
+  // tanh: odd polynomial near 0 (Cephes), 1 - 2 / (e^{2|x|} + 1) elsewhere; NaN -> NaN.
+  static V tanh(V x) {
+    __m512 ax = _mm512_abs_ps(x.v);
+    __m512 z = _mm512_mul_ps(x.v, x.v);
+    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422e-1f));
+    __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x.v, x.v);
+    __m512 a = _mm512_min_ps(_mm512_set1_ps(9.0f), ax);  // NaN stays NaN
+    __m512 e = exp2(V{_mm512_mul_ps(a, _mm512_set1_ps(2.8853900817779268f))}).v;  // e^{2a}
+    __m512 big = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                               _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+    // copy the sign of x onto big
+    big = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(big),
+        _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(int(0x80000000u)))));
+    __mmask16 is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+    return {_mm512_mask_mov_ps(big, is_small, small)};
+  }
+
+  // lanes c0 + lane (tile-local key index) outside [a, b) become -inf
+  static V keep_range(V s, int c0, int a, int b) {
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(c0),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __mmask16 in = _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(a)) &
+                   _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(b));
+    return {_mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), in, s.v)};
+  }
+  // lanes whose byte is 0 become -inf (16 contiguous bytes)
+  static V keep_bytes(V s, const uint8_t* m) {
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+    __mmask16 in = _mm_test_epi8_mask(bytes, bytes);
+    return {_mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), in, s.v)};
+  }
+  // |pos - (j0 + lane)| as float (alibi distance)
+  static V distance(int64_t pos, int64_t j0) {
+    __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return {_mm512_abs_ps(_mm512_sub_ps(_mm512_set1_ps(float(pos - j0)), lane))};
+  }
+  // dropout: keep lane j0 + lane when mix32(hr ^ (j * C + seed1)) >= thr; kept lanes scaled
+  static V dropout(V p, uint32_t hr, int64_t j0, uint32_t seed1, uint32_t thr, float inv) {
+    __m512i j = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(j0))),
+                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(j, _mm512_set1_epi32(int(0x85EBCA6Bu))),
+                                 _mm512_set1_epi32(int(seed1)));
+    x = _mm512_xor_si512(x, _mm512_set1_epi32(int(hr)));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x7FEB352Du)));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x846CA68Bu)));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    __mmask16 keep = _mm512_cmpge_epu32_mask(x, _mm512_set1_epi32(int(thr)));
+    return {_mm512_maskz_mul_ps(keep, p.v, _mm512_set1_ps(inv))};
+  }
+  // zero where the byte is 0 (kept-lane mask), scaled elsewhere: used by backward's dropout
+  static V select_gt(V a, V b, V x, V y) {  // a > b ? x : y
+    return {_mm512_mask_mov_ps(y.v, _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ), x.v)};
+  }
+  static V is_neginf_select(V a, V x, V y) {  // a == -inf ? x : y
+    return {_mm512_mask_mov_ps(y.v, _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ), x.v)};
+  }
+};
+
+}  // namespace SA_NS
+}  // namespace selfattn
