@@ -418,6 +418,8 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 KEYWORDS = frozenset(r.keyword for r in RULES)
+_BY_KEYWORD = {r.keyword: r for r in RULES}
+_DEFAULTS = {f: x for r in RULES for f, x in zip(r.fields, r.empty)}
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -436,6 +438,9 @@ def validate(
     ``alibi_slopes``, ``softcap``, ``segment_ids``, ``scale``, ``dropout_p``). With
     ``need_v=False`` (for :func:`selfattn.attention_weights`), ``v`` may be None.
 
+    A decode step is microseconds of work, so this is written for speed: a rule left at its
+    default costs two comparisons, and messages are only formatted when something is wrong.
+
     Raises:
         TypeError: a non-tensor, a dtype outside float16/bfloat16/float32/float64, an unknown
             keyword.
@@ -445,30 +450,34 @@ def validate(
         unknown = ", ".join(sorted(set(rules) - KEYWORDS))
         raise TypeError(f"unexpected keyword argument(s): {unknown}")
     b, hq, nq, hkv, nk, d, dv = _check_qkv(q, k, v, need_v)
-    call = _Call(b, hq, nq, nk, q.device)
-    values: dict[str, Any] = {}
-    for rule in RULES:
-        value = rules.get(rule.keyword)
-        got = rule.empty if value is None or value is False else rule.check(value, call)
-        for name, x in zip(rule.fields, got):
-            values[name] = x
+    call = None
+    values = dict(_DEFAULTS)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if grad is False and need_v and torch.is_grad_enabled():
+        grad = v.requires_grad
+    for keyword, value in rules.items():
+        if value is None or value is False:
+            continue
+        rule = _BY_KEYWORD[keyword]
+        if type(value) is float and value == rule.empty[0]:
+            continue
+        if call is None:
+            call = _Call(b, hq, nq, nk, q.device)
+        got = rule.check(value, call)
+        if rule.grad and not grad and got[0].requires_grad:
+            grad = torch.is_grad_enabled()
+        if len(got) == 1:
+            values[rule.fields[0]] = got[0]
+        else:
+            values.update(zip(rule.fields, got))
     if values["scale"] is None:
         values["scale"] = 1.0 / math.sqrt(d)
-    if not isinstance(return_lse, bool):
+    if return_lse is not False and return_lse is not True:
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    grad = torch.is_grad_enabled() and (
-        q.requires_grad
-        or k.requires_grad
-        or (need_v and v.requires_grad)
-        or any(rules.get(r.keyword) is not None and rules[r.keyword].requires_grad for r in GRAD)
-    )
     return AttentionSpec(
         b, hq, hkv, nq, nk, d, dv, q.dtype, q.device, **values,
         return_lse=return_lse, requires_grad=grad, start=nk - nq,
     )  # fmt: skip
-
-
-GRAD = tuple(r for r in RULES if r.grad)
 
 
 def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
@@ -477,38 +486,44 @@ def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    tensors = list(named.values())
-    shapes = ", ".join(f"{n}={_shape(t)}" for n, t in named.items())
-    if any(t.dim() != 4 for t in tensors):
+    qs, ks = q.shape, k.shape
+    vs = v.shape if need_v else ks
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise ValueError(
             "q, k, v must be 4-D: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); "
-            f"got {shapes}"
+            f"got {_shapes(named)}"
         )
-    if any(t.dtype != q.dtype for t in tensors):
+    dtype, device = q.dtype, q.device
+    if k.dtype != dtype or (need_v and v.dtype != dtype):
         raise TypeError(
             "q, k, v must share one dtype, got "
             + ", ".join(f"{n}={t.dtype}" for n, t in named.items())
         )
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q, k, v must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    if any(t.device != q.device for t in tensors):
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q, k, v must be float16, bfloat16, float32 or float64, got {dtype}")
+    if k.device != device or (need_v and v.device != device):
         raise ValueError(
             "q, k, v must be on one device, got "
             + ", ".join(f"{n}={t.device}" for n, t in named.items())
         )
-    b, hq, nq, d = q.shape
-    bk, hkv, nk, dk = k.shape
-    bv, hv, nv, dv = v.shape if need_v else k.shape
+    b, hq, nq, d = qs
+    bk, hkv, nk, dk = ks
+    bv, hv, nv, dv = vs
     if not (b == bk == bv):
-        raise ValueError(f"batch sizes differ: {shapes}")
+        raise ValueError(f"batch sizes differ: {_shapes(named)}")
     if d != dk:
-        raise ValueError(f"q and k head dims differ (D={d} vs {dk}): {shapes}")
+        raise ValueError(f"q and k head dims differ (D={d} vs {dk}): {_shapes(named)}")
     if not (hkv == hv and nk == nv):
-        raise ValueError(f"k and v must agree on heads and length (Hkv, Nk): {shapes}")
+        raise ValueError(f"k and v must agree on heads and length (Hkv, Nk): {_shapes(named)}")
     if hkv == 0 or hq % hkv:
         raise ValueError(
-            f"query heads must be a multiple of key/value heads, got Hq={hq}, Hkv={hkv} ({shapes})"
+            f"query heads must be a multiple of key/value heads, got Hq={hq}, Hkv={hkv} "
+            f"({_shapes(named)})"
         )
     if d == 0:
-        raise ValueError(f"head dim D must be >= 1: {shapes}")
+        raise ValueError(f"head dim D must be >= 1: {_shapes(named)}")
     return b, hq, nq, hkv, nk, d, dv
+
+
+def _shapes(named: dict[str, Any]) -> str:
+    return ", ".join(f"{n}={_shape(t)}" for n, t in named.items())
