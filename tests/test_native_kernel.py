@@ -1,0 +1,412 @@
+"""The native C++ engine called directly (selfattn.backends.native), against the float64 spec.
+
+Forward and backward over odd shapes, every rule alone and combined, GQA, the four dtypes,
+strides, empty rows, NaN padding, dropout (bit-for-bit the spec's mask), the key-bound plan
+against ``masks.Rules.key_spans``, bitwise determinism across thread counts and concurrent
+callers, both compiled ISAs, and the broken-compiler fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    ERR_FLOOR,
+    assert_close,
+    float64_leaves,
+    grads,
+    make_qkv,
+    max_err,
+    packed_ids,
+    plain_attention,
+    plain_lse,
+    plain_scores,
+    ref_attention,
+    torch_threads,
+)
+
+from selfattn.backends import native
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WHY = native.unavailable()
+if WHY is not None:
+    pytest.skip(f"native extension unavailable: {WHY}", allow_module_level=True)
+EXT = native.load()
+
+
+def _isa_supported(isa: str) -> bool:
+    old = os.environ.get("SELFATTN_NATIVE_ISA")
+    os.environ["SELFATTN_NATIVE_ISA"] = isa
+    try:
+        EXT.isa()
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        if old is None:
+            os.environ.pop("SELFATTN_NATIVE_ISA", None)
+        else:
+            os.environ["SELFATTN_NATIVE_ISA"] = old
+
+
+ISAS = [isa for isa in ("avx512", "avx2", "generic") if _isa_supported(isa)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Run under each compiled instruction set this CPU supports."""
+    monkeypatch.setenv("SELFATTN_NATIVE_ISA", request.param)
+    return request.param
+
+
+# -- calling the op ------------------------------------------------------------------------------
+
+
+def _rule_args(q, k, *, causal=False, window=None, mask=None, bias=None, alibi_slopes=None,
+               softcap=None, segment_ids=None, scale=None, dropout_p=0.0, dropout_seed=None,
+               start=None):  # fmt: skip
+    nq, nk = q.shape[2], k.shape[2]
+    left, right = window if window is not None else (None, None)
+    q_ids = kv_ids = None
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+    alibi = alibi_slopes
+    if alibi is not None and alibi.dim() == 1:
+        alibi = alibi[None]
+    seed = dropout_seed or (0, 0)
+    return [
+        1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+        0.0 if softcap is None else softcap,
+        causal,
+        nk - nq if start is None else start,
+        -1 if left is None else left,
+        -1 if right is None else right,
+        mask, bias, alibi, q_ids, kv_ids,
+        dropout_p, seed[0], seed[1], 0, 0, 0, 0, 0,
+    ]  # fmt: skip
+
+
+def nat(q, k, v, need_out=True, **kw):
+    """(out, lse) of the native forward for selfattn.attention-style keyword arguments."""
+    return EXT.forward(q, k, v, *_rule_args(q, k, **kw), need_out)
+
+
+def nat_backward(dout, q, k, v, out, lse, dlse=None, need_dbias=False, need_dalibi=False, **kw):
+    empty = torch.empty(0)
+    return EXT.backward(
+        dout, q, k, v, out, lse, empty if dlse is None else dlse, *_rule_args(q, k, **kw),
+        need_dbias, need_dalibi,
+    )  # fmt: skip
+
+
+def check_forward(q, k, v, what="", **kw):
+    out, lse = nat(q, k, v, **kw)
+    ref_out, ref_lse = ref_attention(q, k, v, **kw)
+    dt = q.dtype
+    assert_close(out, ref_out, plain_attention(q, k, v, **kw), dt, f"{what} out")
+    assert lse.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
+    assert_close(lse.to(dt), ref_lse, plain_lse(q, k, **kw), dt, f"{what} lse")
+    return out, lse
+
+
+# -- forward: shapes, rules, dtypes --------------------------------------------------------------
+
+SHAPES = [  # (B, Hq, Hkv, Nq, Nk, D, Dv)
+    (1, 1, 1, 1, 1, 64, 64),
+    (2, 6, 2, 97, 113, 64, 64),
+    (1, 6, 1, 113, 97, 40, 80),
+    (1, 2, 2, 255, 257, 80, 40),
+    (1, 2, 1, 257, 255, 128, 128),
+    (1, 2, 2, 1023, 1025, 64, 64),
+    (1, 3, 1, 1025, 1023, 40, 40),
+    (1, 6, 2, 1, 1025, 128, 64),
+    (2, 6, 3, 7, 1023, 64, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_shapes(shape, causal):
+    b, hq, hkv, nq, nk, d, dv = shape
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dv, seed=nq + nk)
+    check_forward(q, k, v, causal=causal, what=str(shape))
+
+
+def _rules(b, hq, nq, nk, seed=0):
+    """One example of every rule for (b, hq, nq, nk)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = packed_ids(b, max(nq, nk), seed)
+    return {
+        "causal": {"causal": True},
+        "window": {"window": (17, 5)},
+        "window_left": {"window": (40, None)},
+        "window_right": {"window": (None, 3)},
+        "mask": {"mask": torch.rand(b, 1, nq, nk, generator=g) > 0.3},
+        "mask_rows": {"mask": torch.rand(1, hq, nq, 1, generator=g) > 0.2},
+        "bias": {"bias": torch.randn(b, hq, nq, nk, generator=g)},
+        "bias_bcast": {"bias": torch.randn(1, hq, 1, nk, generator=g).double()},
+        "alibi": {"alibi_slopes": torch.rand(hq, generator=g)},
+        "alibi_b": {"alibi_slopes": torch.rand(b, hq, generator=g)},
+        "softcap": {"softcap": 2.0},
+        "segments": {"segment_ids": (ids[:, -nq:], ids[:, -nk:])},
+        "scale": {"scale": 0.3},
+    }
+
+
+RULE_NAMES = list(_rules(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+@pytest.mark.parametrize("lens", [(113, 257), (257, 113), (97, 97)])
+def test_forward_rule(rule, lens, isa):
+    nq, nk = lens
+    q, k, v = make_qkv(2, 6, 2, nq, nk, 64, 48, seed=3)
+    check_forward(q, k, v, what=rule, **_rules(2, 6, nq, nk)[rule])
+
+
+COMBOS = [
+    ("causal", "bias", "alibi"),
+    ("window", "mask", "softcap"),
+    ("causal", "segments", "bias_bcast"),
+    ("mask_rows", "alibi_b", "window_left"),
+    ("causal", "window", "mask", "bias", "alibi", "softcap", "segments"),
+]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids="+".join)
+def test_forward_combined(combo, isa):
+    q, k, v = make_qkv(2, 6, 3, 200, 300, 80, 64, seed=5)
+    rules = _rules(2, 6, 200, 300, seed=1)
+    kw = {}
+    for name in combo:
+        kw.update(rules[name])
+    check_forward(q, k, v, what="+".join(combo), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rules", [(), ("causal",), ("window", "bias", "alibi", "softcap")])
+def test_forward_dtypes(dtype, rules):
+    q, k, v = make_qkv(2, 4, 2, 130, 257, 64, 64, dtype=dtype, seed=7)
+    kw = {}
+    for name in rules:
+        kw.update(_rules(2, 4, 130, 257)[name])
+    out, _ = check_forward(q, k, v, what=str(dtype), **kw)
+    assert out.dtype == dtype
+
+
+def test_forward_gqa_no_copies():
+    """GQA 6 -> 2 and 6 -> 1 equal MHA on repeated heads."""
+    for hkv in (2, 1):
+        q, k, v = make_qkv(1, 6, hkv, 150, 150, 64, seed=hkv)
+        out, lse = nat(q, k, v, causal=True)
+        rk, rv = (t.repeat_interleave(6 // hkv, 1) for t in (k, v))
+        out2, lse2 = nat(q, rk, rv, causal=True)
+        assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+def test_forward_strides_and_expand():
+    g = torch.Generator().manual_seed(0)
+    # q as a transposed (B, N, H, D) tensor, k expanded over heads and batch, v sliced
+    q = torch.randn(2, 100, 4, 64, generator=g).transpose(1, 2)
+    k = torch.randn(1, 1, 120, 64, generator=g).expand(2, 2, 120, 64)
+    v = torch.randn(2, 2, 120, 128, generator=g)[..., ::2]
+    bias = torch.randn(100, 120, generator=g).t().contiguous().t()  # column-major 2-D
+    mask = (torch.rand(1, 1, 1, 120, generator=g) > 0.5).expand(2, 4, 100, 120)
+    for kw in ({}, {"causal": True}, {"bias": bias[None, None], "mask": mask}):
+        check_forward(q, k, v, what=str(list(kw)), **kw)
+        out, lse = nat(q, k, v, **kw)
+        out2, lse2 = nat(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+        assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+def test_forward_empty_rows():
+    q, k, v = make_qkv(2, 2, 1, 64, 64, 64, seed=2)
+    # rows before the cache start see nothing under causal with a negative start
+    out, lse = nat(q, k, v, causal=True, start=-10)
+    assert torch.all(out[:, :, :10] == 0) and torch.all(torch.isneginf(lse[:, :, :10]))
+    assert torch.isfinite(lse[:, :, 10:]).all()
+    # padding ids (-1) and a mask that hides everything for some rows
+    ids = packed_ids(2, 64, 1, pad=7)
+    mask = torch.ones(2, 2, 64, 64, dtype=torch.bool)
+    mask[:, :, 5:9] = False
+    for kw in ({"segment_ids": ids}, {"mask": mask}, {"window": (3, 0), "start": 200}):
+        out, lse = nat(q, k, v, **kw)
+        assert not torch.isnan(out).any()
+        if "window" not in kw:
+            check_forward(q, k, v, what=str(list(kw)), **kw)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    # Nk == 0
+    out, lse = nat(q, k[:, :, :0], v[:, :, :0])
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_forward_nan_padding(where, isa):
+    """NaN/inf at keys a rule hides never reach the rows that cannot see them."""
+    q, k, v = make_qkv(2, 4, 2, 100, 100, 64, seed=4)
+    bad = k if where == "k" else v
+    bad[:, :, 90:, 3] = float("nan")
+    bad[:, :, 80, :] = float("inf")
+    out, lse = nat(q, k, v, causal=True)
+    assert torch.isfinite(out[:, :, :80]).all() and torch.isfinite(lse[:, :, :80]).all()
+    assert torch.isnan(out[:, :, 80:]).all()  # rows that see a non-finite key
+    ids = torch.zeros(2, 100, dtype=torch.long)
+    ids[:, 80:] = -1  # padding
+    out, _ = nat(q, k, v, segment_ids=ids, bias=torch.randn(100, 100)[None, None])
+    assert torch.isfinite(out[:, :, :80]).all() and torch.all(out[:, :, 80:] == 0)
+    # no rule hides anything: NaN propagates to every row, as in the specification
+    out, _ = nat(q, k, v)
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("rules", [(), ("causal", "bias")])
+def test_forward_dropout_matches_spec(p, rules, isa):
+    q, k, v = make_qkv(2, 4, 2, 97, 130, 64, 32, seed=8)
+    kw = {}
+    for name in rules:
+        kw.update(_rules(2, 4, 97, 130)[name])
+    seed = (0x12345678, 0x9ABCDEF0)
+    out, lse = nat(q, k, v, dropout_p=p, dropout_seed=seed, **kw)
+    ref_out, ref_lse = ref_attention(q, k, v, dropout_p=p, dropout_seed=seed, **kw)
+    assert max_err(out, ref_out) < 1e-5
+    assert max_err(lse, ref_lse) < 1e-5  # lse is of the scores before dropout
+
+
+def test_forward_dropout_rows_offset():
+    """drop_* place a part in the numbering of the whole call (ring attention, row splits)."""
+    q, k, v = make_qkv(2, 4, 2, 64, 80, 64, seed=9)
+    seed = (11, 22)
+    full, _ = nat(q, k, v, dropout_p=0.3, dropout_seed=seed)
+    args = _rule_args(q, k, dropout_p=0.3, dropout_seed=seed)
+    part_args = _rule_args(q[1:, 2:, 16:], k[1:, 1:], dropout_p=0.3, dropout_seed=seed)
+    part_args[3] = args[3] + 16  # start: the rows' positions in the whole call
+    part_args[-5:] = [4, 64, 1, 2, 16]  # drop_hq, drop_nq, drop_b0, drop_h0, drop_r0
+    part, _ = EXT.forward(q[1:, 2:, 16:], k[1:, 1:], v[1:, 1:], *part_args, True)
+    torch.testing.assert_close(part, full[1:, 2:, 16:], rtol=0, atol=0)
+
+
+def test_forward_lse_only():
+    q, k, v = make_qkv(1, 4, 2, 100, 200, 64, seed=1)
+    out, lse = nat(q, k, v, causal=True, need_out=False)
+    _, lse2 = nat(q, k, v, causal=True)
+    assert out.numel() == 0 and torch.equal(lse, lse2)
+
+
+# -- the key-bound plan ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "causal,left,right,start",
+    [(True, None, None, 0), (False, 100, 20, 0), (True, 300, None, 50), (False, None, 7, -30),
+     (True, 64, 0, 1000), (False, None, None, 0)],
+)  # fmt: skip
+def test_bounds_match_key_spans(causal, left, right, start):
+    from selfattn import rules
+    from selfattn.spec import AttentionSpec
+
+    nq, nk, block = 700, 900, 96
+    window = None if left is None and right is None else (left, right)
+    spec = AttentionSpec(B=1, Hq=1, Hkv=1, Nq=nq, Nk=nk, D=8, Dv=8, dtype=torch.float32,
+                         device=torch.device("cpu"), causal=causal, window=window, start=start)
+    got = EXT.bounds(nq, nk, start, causal, -1 if left is None else left,
+                     -1 if right is None else right, block).tolist()  # fmt: skip
+    for i, (lo, hi, flo, fhi) in enumerate(got):
+        i0, i1 = i * block, min(nq, i * block + block)
+        r_lo, r_hi, r_flo, r_fhi = rules.bounds(spec, i0, i1)
+        spans = rules.key_spans(spec, i0, i1, 128)
+        if r_lo >= r_hi:
+            assert lo == hi and not spans
+            continue
+        assert (lo, hi) == (r_lo, r_hi) == (spans[0][0], spans[-1][1])
+        assert (flo, fhi) == ((r_flo, r_fhi) if r_flo < r_fhi else (lo, lo))
+        # every key of [flo, fhi) is seen by every row of the block
+        vis = rules.visible(spec, i0, i1, flo, fhi, "cpu")
+        assert vis is None or bool(vis.all())
+
+
+# -- determinism and thread safety ---------------------------------------------------------------
+
+
+def _det_case():
+    q, k, v = make_qkv(2, 6, 2, 300, 700, 64, seed=12)
+    return (q, k, v), {"causal": True, "bias": torch.randn(1, 6, 300, 700), "alibi_slopes":
+                       torch.rand(6), "dropout_p": 0.2, "dropout_seed": (5, 6)}  # fmt: skip
+
+
+def test_deterministic_across_threads():
+    (q, k, v), kw = _det_case()
+    with torch_threads(1):
+        a = nat(q, k, v, **kw)
+    with torch_threads(2):
+        b = nat(q, k, v, **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_deterministic_concurrent_callers():
+    (q, k, v), kw = _det_case()
+    want = nat(q, k, v, **kw)
+    results = [None] * 8
+
+    def work(i):
+        with torch_threads(1 + i % 2):
+            results[i] = nat(q, k, v, **kw)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads[:4]:
+        t.start()
+    for t in threads[:4]:
+        t.join()
+    for t in threads[4:]:
+        t.start()
+    for t in threads[4:]:
+        t.join()
+    for r in results[:8]:
+        assert torch.equal(r[0], want[0]) and torch.equal(r[1], want[1])
+
+
+# -- the build -----------------------------------------------------------------------------------
+
+
+def test_cached_load_is_fast(tmp_path):
+    code = (
+        "import time; t=time.perf_counter();"
+        "from selfattn.backends import native; native.load();"
+        "print(time.perf_counter()-t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 1.0
+
+
+def test_broken_compiler_gives_reason(tmp_path):
+    code = (
+        "from selfattn.backends import native; import torch;"
+        "print(repr(native.unavailable()))"
+    )
+    env = dict(os.environ, CXX="/nonexistent/g++", SELFATTN_CACHE=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    line = out.stdout.strip().splitlines()[-1]
+    assert "no C++ compiler found" in line and "/nonexistent/g++" in line
+
+
+def test_isa_override(monkeypatch):
+    monkeypatch.setenv("SELFATTN_NATIVE_ISA", "bogus")
+    with pytest.raises(RuntimeError, match="SELFATTN_NATIVE_ISA"):
+        nat(*make_qkv(1, 1, 1, 4, 4, 16))
+    monkeypatch.delenv("SELFATTN_NATIVE_ISA")
+    assert EXT.isa() in ("avx512", "avx2", "generic")
+    assert EXT.isa("float64") == "generic"
+
+
+# keep imported helpers referenced (some are used by the backward tests below)
+_ = (ERR_FLOOR, float64_leaves, grads, plain_scores, np)
