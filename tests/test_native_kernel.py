@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from helpers import (
     ERR_FLOOR,
     assert_close,
@@ -31,7 +32,6 @@ from helpers import (
     ref_attention,
     torch_threads,
 )
-
 from selfattn.backends import native
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -315,8 +315,20 @@ def test_bounds_match_key_spans(causal, left, right, start):
 
     nq, nk, block = 700, 900, 96
     window = None if left is None and right is None else (left, right)
-    spec = AttentionSpec(B=1, Hq=1, Hkv=1, Nq=nq, Nk=nk, D=8, Dv=8, dtype=torch.float32,
-                         device=torch.device("cpu"), causal=causal, window=window, start=start)
+    spec = AttentionSpec(
+        B=1,
+        Hq=1,
+        Hkv=1,
+        Nq=nq,
+        Nk=nk,
+        D=8,
+        Dv=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        causal=causal,
+        window=window,
+        start=start,
+    )
     got = EXT.bounds(nq, nk, start, causal, -1 if left is None else left,
                      -1 if right is None else right, block).tolist()  # fmt: skip
     for i, (lo, hi, flo, fhi) in enumerate(got):
@@ -387,10 +399,7 @@ def test_cached_load_is_fast(tmp_path):
 
 
 def test_broken_compiler_gives_reason(tmp_path):
-    code = (
-        "from selfattn.backends import native; import torch;"
-        "print(repr(native.unavailable()))"
-    )
+    code = "from selfattn.backends import native; import torch;print(repr(native.unavailable()))"
     env = dict(os.environ, CXX="/nonexistent/g++", SELFATTN_CACHE=str(tmp_path))
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
