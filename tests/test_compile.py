@@ -102,7 +102,7 @@ def test_op_lse_gradient_equals_attention():
 
 
 def test_backward_by_recompute_path():
-    """The backward hook of the math backend (recompute through torch's autograd), checked
+    """The backward hook of the math backend (the formula's derivative written out), checked
     against the tiled engine's backward through the custom op; dropout mask included."""
     from selfattn.backends import BACKENDS
     from selfattn.spec import validate

@@ -7,7 +7,8 @@ second custom op. Both schemas, the packing of a call into the op's arguments an
 which inputs get gradients are derived from the table of rules (``spec.RULES``). Both ops pick
 their backend through the registry: the forward runs the backend's ``run``, the backward its
 ``backward`` hook (a backend without one, e.g. ``reference``, gets its gradients from the first
-``auto`` candidate that has one).
+``auto`` candidate that has one). The op always returns the lse (its backward needs it), so
+``sdpa``, which computes none, never runs under ``torch.compile``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, refusals, select
 from .spec import validate
 
-__all__ = ["attention", "attention_weights", "available_backends", "explain"]
+__all__ = ["WEIGHTS_HOOKS", "attention", "attention_weights", "available_backends", "explain"]
+
+WEIGHTS_HOOKS = ("weights",)  # the registry hook attention_weights uses
 
 
 def check_backend(backend: Any) -> str:
@@ -196,6 +198,6 @@ def attention_weights(
             )
         if lse.device != q.device:
             raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
-    chosen = select(spec, "auto", need=("weights",))
+    chosen = select(spec, "auto", need=WEIGHTS_HOOKS)
     with torch.no_grad():
         return chosen.weights(spec, q, k, lse, head_idx, row_idx)

@@ -1,7 +1,9 @@
 """``math``: attention in plain torch, the whole (Nq, Nk) score matrix at once.
 
-The readable version of API.md section 2, one line per step; torch's autograd differentiates it.
-Memory is O(Nq * Nk) per head, so it suits short sequences and checking the other backends.
+The readable version of docs/api.md, one line per step; torch's autograd differentiates it. Its
+backward hook (the custom op's backward under ``torch.compile``) is the same formula's
+derivative written out. Memory is O(Nq * Nk) per head, so it suits short sequences and checking
+the other backends.
 """
 
 from __future__ import annotations
@@ -14,9 +16,59 @@ from .. import _rng
 from ..engine import acc_dtype, bad_keys
 from ..rules import alibi_distance, dense_visible, heads5
 from ..spec import AttentionSpec
-from .recompute import backward_by_recompute
 
-__all__ = ["MathBackend", "math_attention"]
+__all__ = ["MathBackend", "math_attention", "math_backward"]
+
+
+def _scores(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Steps 1-5: the scores (B, Hkv, G, Nq, Nk), the softcap's tanh, and the operands.
+
+    Query head h reads key/value head h // G: the query heads are viewed as (Hkv, G), no copies.
+    Returns ``(s, tanh, q5, k5, v5, dist)``.
+    """
+    acc = acc_dtype(q.dtype)
+    b, _, nq, _ = q.shape
+    hkv, g, nk = spec.Hkv, spec.group, spec.Nk
+    bad = bad_keys(k, v, spec)  # (B, Hkv, Nk) keys holding NaN/inf, if some key can be hidden
+    if bad is not None:
+        k = torch.where(bad[..., None], 0, k)
+        v = torch.where(bad[..., None], 0, v)
+    q5 = q.to(acc).reshape(b, hkv, g, nq, spec.D)  # (B, Hkv, G, Nq, D)
+    k5 = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    v5 = v.to(acc).unsqueeze(2)  # (B, Hkv, 1, Nk, Dv)
+
+    s = spec.scale * (q5 @ k5.transpose(-1, -2))  # 1. scaled scores (B, Hkv, G, Nq, Nk)
+    t = None
+    if spec.softcap is not None:  # 2. softcap
+        t = torch.tanh(s / spec.softcap)
+        s = spec.softcap * t
+    if spec.bias is not None:  # 3. bias
+        s = s + heads5(spec.bias.to(acc), hkv, g)
+    dist = None
+    if spec.alibi_slopes is not None:  # 4. ALiBi: - slope[h] * |i' - j|
+        dist = alibi_distance(spec, 0, nq, 0, nk, q.device, acc)  # (Nq, Nk)
+        s = s - spec.alibi_slopes.to(acc).reshape(-1, hkv, g, 1, 1) * dist
+    if bad is not None:  # non-finite keys poison only the rows that see them
+        s = s.masked_fill(bad[:, :, None, None, :], math.nan)
+    vis = dense_visible(spec, q.device)  # 5. visibility, (B|1, Hq|1, Nq, Nk) or None
+    if vis is not None:
+        s = s.masked_fill(~heads5(vis, hkv, g), -math.inf)
+    return s, t, q5, k5, v5, dist
+
+
+def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """6. softmax over keys and the lse; rows with no visible key give p = 0 and lse -inf."""
+    if s.shape[-1] == 0:  # no keys at all: every row is empty
+        m = s.new_zeros((*s.shape[:-1], 1))
+    else:  # the max is a constant for the gradient
+        m = s.detach().amax(-1, keepdim=True)
+        m = torch.where(torch.isneginf(m), 0.0, m)
+    e = torch.exp(s - m)
+    total = e.sum(-1, keepdim=True)
+    empty = total == 0
+    p = e / torch.where(empty, 1.0, total)
+    lse = torch.where(empty, -math.inf, m + torch.log(torch.where(empty, 1.0, total)))
+    return p, lse
 
 
 def math_attention(
@@ -27,54 +79,69 @@ def math_attention(
     seed: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention by materialising the scores; returns ``(out, lse)`` (lse float32)."""
-    acc = acc_dtype(q.dtype)
     b, hq, nq, _ = q.shape
-    hkv, g, nk = spec.Hkv, spec.group, spec.Nk
-    bad = bad_keys(k, v, spec)  # (B, Hkv, Nk) keys holding NaN/inf, if some key can be hidden
-    if bad is not None:
-        k = torch.where(bad[..., None], 0, k)
-        v = torch.where(bad[..., None], 0, v)
-    # Query head h reads key/value head h // G: view the query heads as (Hkv, G), no copies.
-    q5 = q.to(acc).reshape(b, hkv, g, nq, spec.D)  # (B, Hkv, G, Nq, D)
-    k5 = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
-    v5 = v.to(acc).unsqueeze(2)  # (B, Hkv, 1, Nk, Dv)
-
-    s = spec.scale * (q5 @ k5.transpose(-1, -2))  # 1. scaled scores (B, Hkv, G, Nq, Nk)
-    if spec.softcap is not None:  # 2. softcap
-        s = spec.softcap * torch.tanh(s / spec.softcap)
-    if spec.bias is not None:  # 3. bias
-        s = s + heads5(spec.bias.to(acc), hkv, g)
-    if spec.alibi_slopes is not None:  # 4. ALiBi: - slope[h] * |i' - j|
-        dist = alibi_distance(spec, 0, nq, 0, nk, q.device, acc)  # (Nq, Nk)
-        s = s - spec.alibi_slopes.to(acc).reshape(-1, hkv, g, 1, 1) * dist
-    if bad is not None:  # non-finite keys poison only the rows that see them
-        s = s.masked_fill(bad[:, :, None, None, :], math.nan)
-    vis = dense_visible(spec, q.device)  # 5. visibility, (B|1, Hq|1, Nq, Nk) or None
-    if vis is not None:
-        s = s.masked_fill(~heads5(vis, hkv, g), -math.inf)
-
-    # 6. softmax; the max is a constant for the gradient, rows with no visible key give p = 0
-    if nk == 0:  # no keys at all: every row is empty
-        m = s.new_zeros((*s.shape[:-1], 1))
-    else:
-        m = s.detach().amax(-1, keepdim=True)
-        m = torch.where(torch.isneginf(m), 0.0, m)
-    e = torch.exp(s - m)
-    total = e.sum(-1, keepdim=True)
-    empty = total == 0
-    p = e / torch.where(empty, 1.0, total)
-    lse = torch.where(empty, -math.inf, m + torch.log(torch.where(empty, 1.0, total)))
+    s, _, _, _, v5, _ = _scores(spec, q, k, v)
+    p, lse = _softmax(s)
     if spec.dropout_p > 0:  # 7. dropout, the same counter-based mask as every backend
-        p = p * _keep(seed, spec, q.device).to(acc) / (1.0 - spec.dropout_p)
+        p = p * _keep_scale(seed, spec, q.device, p.dtype)
     out = p @ v5  # 8. weighted sum (B, Hkv, G, Nq, Dv)
     return out.reshape(b, hq, nq, v.shape[-1]).to(q.dtype), lse.reshape(b, hq, nq).float()
 
 
-def _keep(seed: tuple[int, int], spec: AttentionSpec, device: torch.device) -> torch.Tensor:
-    """Keep mask (B, Hkv, G, Nq, Nk) from the shared hash."""
-    rows = torch.arange(spec.B * spec.Hq * spec.Nq, device=device)  # the global row ids
+def math_backward(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    seed: tuple[int, int] | None,
+    need_dbias: bool,
+    need_dalibi: bool,
+) -> tuple:
+    """The gradients of :func:`math_attention`, written out (no autograd).
+
+    ``dP = dO V^T`` (times the dropout mask), ``dS = P * (dP - rowsum(P * dP) + dlse)``,
+    ``dV = P'^T dO`` (P' after dropout), ``dQ = scale dS K``, ``dK = scale dS^T Q`` (through the
+    softcap's ``1 - tanh^2``). Returns ``(dq, dk, dv, dbias, dalibi)`` in the accumulation
+    dtype, dbias shaped like ``spec.bias`` and dalibi like ``spec.alibi_slopes`` (None when not
+    asked for).
+    """
+    b, hq, nq, d = q.shape
+    hkv, g = spec.Hkv, spec.group
+    s, t, q5, k5, v5, dist = _scores(spec, q, k, v)
+    p, _ = _softmax(s)
+    do5 = dout.to(p.dtype).reshape(b, hkv, g, nq, -1)  # (B, Hkv, G, Nq, Dv)
+    dp = do5 @ v5.transpose(-1, -2)  # (B, Hkv, G, Nq, Nk)
+    pd = p
+    if spec.dropout_p > 0:
+        keep = _keep_scale(seed, spec, q.device, p.dtype)
+        pd, dp = p * keep, dp * keep
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    if dlse is not None:
+        ds = ds + p * dlse.to(p.dtype).reshape(b, hkv, g, nq, 1)
+    dv = (pd.transpose(-1, -2) @ do5).sum(2)  # (B, Hkv, Nk, Dv)
+    dbias = dalibi = None
+    ds4 = ds.reshape(b, hq, nq, -1)
+    if need_dbias:
+        dims = [i for i in range(4) if spec.bias.shape[i] == 1 and ds4.shape[i] != 1]
+        dbias = (ds4.sum(dims, keepdim=True) if dims else ds4).reshape(spec.bias.shape)
+    if need_dalibi:
+        per_head = -(ds4 * dist).sum((2, 3))  # (B, Hq)
+        dalibi = per_head.sum(0, keepdim=True) if spec.alibi_slopes.shape[0] == 1 else per_head
+    if t is not None:
+        ds = ds * (1.0 - t * t)  # through softcap: d tanh = 1 - tanh^2
+    dq = spec.scale * (ds @ k5)  # (B, Hkv, G, Nq, D)
+    dk = spec.scale * (ds.transpose(-1, -2) @ q5).sum(2)  # (B, Hkv, Nk, D)
+    return dq.reshape(b, hq, nq, d), dk, dv, dbias, dalibi
+
+
+def _keep_scale(seed, spec: AttentionSpec, device: torch.device, dtype) -> torch.Tensor:
+    """keep / (1 - p), (B, Hkv, G, Nq, Nk), from the shared hash of global row ids."""
+    rows = torch.arange(spec.B * spec.Hq * spec.Nq, device=device)
     rows = rows.view(spec.B, spec.Hkv, spec.group, spec.Nq, 1)
-    return _rng.keep_mask(seed, rows, torch.arange(spec.Nk, device=device), spec.dropout_p)
+    keep = _rng.keep_mask(seed, rows, torch.arange(spec.Nk, device=device), spec.dropout_p)
+    return keep.to(dtype) / (1.0 - spec.dropout_p)
 
 
 class MathBackend:
@@ -92,7 +159,5 @@ class MathBackend:
         return math_attention(spec, q, k, v, seed)
 
     def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
-        """Through torch's autograd of the plain formula (the forward runs again)."""
-        return backward_by_recompute(
-            self.run, spec, q, k, v, dout, dlse, seed, need_dbias, need_dalibi
-        )
+        """The formula's derivative in plain torch (the scores are recomputed)."""
+        return math_backward(spec, q, k, v, dout, dlse, seed, need_dbias, need_dalibi)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from .. import engine
 from ..spec import AttentionSpec
-from .recompute import backward_by_recompute
 
 __all__ = ["SdpaBackend"]
 
@@ -55,8 +54,3 @@ class SdpaBackend:
         )
         return out, None
 
-    def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
-        """Through torch's own SDPA backward (the forward runs again)."""
-        return backward_by_recompute(
-            self.run, spec, q, k, v, dout, dlse, seed, need_dbias, need_dalibi
-        )

@@ -20,7 +20,10 @@ from .group import EXCHANGES, global_rank, group_info, meta_device, start, wait
 from .layout import check_layout, runs
 from .meta import LAYOUTS, agree, bits, code, device_code, even, local_spec, same, segment_kind
 
-__all__ = ["ring_attention"]
+__all__ = ["BLOCK_HOOKS", "ring_attention"]
+
+# The registry hooks a ring block uses: forward (and backward when gradients are needed).
+BLOCK_HOOKS = ("forward", "backward")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def _block(
 
 def _backend(ring: _Ring, spec: AttentionSpec, backward: bool):
     """The backend for a block, through the registry (its forward, and backward, hooks)."""
-    return select(spec, ring.backend, need=("forward", "backward") if backward else ("forward",))
+    return select(spec, ring.backend, need=BLOCK_HOOKS if backward else BLOCK_HOOKS[:1])
 
 
 def _merge_(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:

@@ -1,0 +1,141 @@
+"""The backend registry: every path (attention, attention_weights, the custom op's backward,
+ring blocks) picks its backend through ``select``, by the hooks it needs."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+
+import pytest
+import torch
+
+import selfattn
+from helpers import make_qkv
+from selfattn._compile import attention_op
+from selfattn.api import WEIGHTS_HOOKS
+from selfattn.backends import BACKENDS, HOOKS, refusals, select
+from selfattn.distributed.ring import BLOCK_HOOKS
+from selfattn.spec import UnsupportedInputs, validate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def test_hooks_each_backend_offers():
+    """Which optional hooks each backend offers (a missing one is a refusal, not an error)."""
+    offered = {
+        name: {h for h in HOOKS if getattr(b, h, None) is not None} for name, b in BACKENDS.items()
+    }
+    assert offered["tiled"] == {"forward", "backward", "weights"}
+    assert offered["triton"] == {"forward", "backward", "weights"}
+    assert offered["math"] == {"backward"}
+    assert offered["sdpa"] == set()
+    assert offered["reference"] == set()
+
+
+def test_a_missing_hook_is_a_named_refusal():
+    spec = validate(*make_qkv(1, 2, 2, 5, 5, 8))
+    assert refusals(spec, "sdpa", need=("weights",)) == ["offers no weights hook"]
+    assert refusals(spec, "reference", need=BLOCK_HOOKS) == ["offers no forward or backward hook"]
+    assert select(spec, "auto", need=WEIGHTS_HOOKS).name == "tiled"
+    with pytest.raises(UnsupportedInputs, match="needs the weights hook") as info:
+        select(spec, "math", need=WEIGHTS_HOOKS)
+    assert info.value.reasons == {"math": ["offers no weights hook"]}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_cuda_paths_select_triton(monkeypatch):
+    """On a CUDA device every path picks the Triton kernels (the selection logic, run on a CPU
+    by declaring a CUDA device: nothing is launched)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = replace(validate(*make_qkv(1, 4, 2, 9, 9, 64), causal=True), device=torch.device("cuda"))
+    assert select(spec, "auto").name == "triton"  # attention
+    assert select(spec, "auto", need=WEIGHTS_HOOKS).name == "triton"  # attention_weights
+    assert select(spec, "auto", need=("backward",)).name == "triton"  # the custom op's backward
+    block = replace(spec, Nq=4, Nk=9, start=2)  # a ring block: rows at positions 2..5
+    assert select(block, "auto", need=BLOCK_HOOKS).name == "triton"
+    # float64 is for the CPU backends: the next backend that offers the hook takes it
+    spec64 = replace(spec, dtype=torch.float64)
+    assert select(spec64, "auto", need=WEIGHTS_HOOKS).name == "tiled"
+    assert select(spec64, "auto", need=BLOCK_HOOKS).name == "tiled"
+
+
+def _spy(monkeypatch, name: str, hook: str) -> list:
+    backend = BACKENDS[name]
+    real, calls = getattr(backend, hook), []
+
+    def spy(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(backend, hook, spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["math", "tiled"])
+def test_custom_op_backward_runs_the_forward_backends_own_hook(monkeypatch, name):
+    """Under the custom op (torch.compile's path) the backward of backend ``name`` is its own
+    hook, not always the tiled engine's, and gives the gradients of eager autograd."""
+    q, k, v = make_qkv(1, 4, 2, 6, 6, 8, requires_grad=True)
+    calls = _spy(monkeypatch, name, "backward")
+    out = attention_op(q, k, v, causal=True, backend=name)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert len(calls) == 1
+    want = torch.autograd.grad(selfattn.attention(q, k, v, causal=True).square().sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_backward_without_a_hook_falls_back_to_auto(monkeypatch):
+    """``reference`` has no autograd: under the custom op its gradients come from the first
+    ``auto`` backend that offers a backward (tiled on the CPU)."""
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 8, requires_grad=True)
+    calls = _spy(monkeypatch, "tiled", "backward")
+    out = attention_op(q, k, v, window=(2, 1), backend="reference")
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    assert len(calls) == 1
+    want = torch.autograd.grad(
+        selfattn.attention(q, k, v, window=(2, 1), backend="math").sum(), (q, k, v)
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_weights_goes_through_the_weights_hook(monkeypatch):
+    q, k, _ = make_qkv(1, 4, 2, 6, 9, 8)
+    calls = _spy(monkeypatch, "tiled", "weights")
+    p = selfattn.attention_weights(q, k, causal=True, heads=[1, 3], rows=slice(0, 4))
+    assert len(calls) == 1 and p.shape == (1, 2, 4, 9)
+
+
+def test_math_backward_hook_equals_autograd_of_the_formula():
+    """The written-out derivative of ``math`` equals torch's autograd of its forward (float64,
+    every rule at once, padding rows that see nothing, dropout, a gradient through the lse)."""
+    from selfattn.backends.math import math_attention, math_backward
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(2, 4, 2, 7, 9, 8, dtype=torch.float64)
+    bias = torch.randn(2, 1, 7, 9, generator=g, dtype=torch.float64)
+    slopes = torch.rand(2, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(7, 9, generator=g) > 0.2
+    ids = (torch.tensor([[0] * 4 + [1] * 3, [0] * 6 + [-1]]), torch.tensor([[0] * 5 + [1] * 4] * 2))
+    rules = dict(causal=True, window=(6, 1), mask=mask, softcap=2.5, segment_ids=ids, dropout_p=0.3)
+    # math returns a float32 lse (the contract), so its autograd through the lse is float32-exact
+    for with_dlse, tol in ((False, 1e-12), (True, 1e-6)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias, slopes)]
+        spec = validate(
+            *leaves[:3], bias=leaves[3], alibi_slopes=leaves[4], return_lse=True, **rules
+        )
+        out, lse = math_attention(spec, *leaves[:3], seed=(11, 12))
+        dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64) if with_dlse else None
+        loss = (out * dout).sum()
+        if with_dlse:
+            loss = loss + (torch.where(torch.isinf(lse), 0, lse) * dlse).sum()
+        want = torch.autograd.grad(loss, leaves)
+        with torch.no_grad():
+            got = math_backward(spec, q, k, v, dout, dlse, (11, 12), True, True)
+        for name, a, b in zip(("dq", "dk", "dv", "dbias", "dalibi"), got, want):
+            torch.testing.assert_close(a.reshape(b.shape), b, atol=tol, rtol=tol, msg=name)
