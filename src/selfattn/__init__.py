@@ -1,6 +1,6 @@
 """selfattn: exact, fast and memory-lean self-attention.
 
-The public names of API.md: ``attention``, ``attention_weights``, ``explain``,
+The public names of docs/api.md: ``attention``, ``attention_weights``, ``explain``,
 ``available_backends``, ``UnsupportedInputs``, the numpy specification ``selfattn.reference``,
 the layers and positional encodings, ``selfattn.models`` and ``selfattn.distributed``.
 """

@@ -47,7 +47,7 @@ def attention(
     return_lse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention with every rule of API.md section 2.
+    """Scaled dot-product attention with every rule of docs/api.md.
 
     Query row ``i`` sits at absolute position ``i' = i + Nk - Nq`` (aligned bottom-right, so
     ``Nq`` new tokens after a cache of ``Nk - Nq`` are exactly right)::

@@ -1,7 +1,7 @@
 """The executable specification: self-attention in numpy float64, written as the lesson's steps.
 
 embeddings -> Q, K, V -> scores -> softmax -> weighted sum (Vaswani et al., 2017, eq. 1), with
-every rule of ``API.md`` section 2. Every fast backend is tested against this file. It imports no
+every rule of ``docs/api.md``. Every fast backend is tested against this file. It imports no
 torch, on purpose: the specification must not share a bug with the code it checks.
 """
 
@@ -83,7 +83,7 @@ def visibility(
     segment_ids: Any = None,
     q_ndim: int = 2,
 ) -> np.ndarray:
-    """Which keys each query may see (API.md section 2, step 5), as a boolean array.
+    """Which keys each query may see (docs/api.md, step 5), as a boolean array.
 
     Query row ``i`` sits at absolute position ``i' = i + nk - nq`` (bottom-right alignment).
 
@@ -125,7 +125,7 @@ def scores(
     bias: np.ndarray | None = None,
     alibi_slopes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Step 3: the score of every query against every key, steps 1-4 of API.md section 2.
+    """Step 3: the score of every query against every key, steps 1-4 of docs/api.md.
 
     Args:
         q: (..., Nq, D) queries.
@@ -237,7 +237,7 @@ def attention(
     dropout_seed: tuple[int, int] | None = None,
     return_lse: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Attention as specified in API.md section 2, in float64, over any leading batch shape.
+    """Attention as specified in docs/api.md, in float64, over any leading batch shape.
 
     ``q`` is (..., Nq, D), ``k`` (..., Nk, D), ``v`` (..., Nk, Dv); with four dimensions they are
     (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv) and query head ``h`` reads key/value head

@@ -31,7 +31,7 @@ def mask_ascii(
     """Draw which keys each query may see, for the terminal.
 
     Uses the visibility rule of the specification (:func:`selfattn.reference.visibility`), so
-    the bottom-right alignment of API.md shows: query row ``i`` sits at position
+    the bottom-right alignment of docs/api.md shows: query row ``i`` sits at position
     ``i' = i + Nk - Nq``. Beyond ``max_cells`` rows or keys, each character stands for a block
     of positions (``visible`` all seen, ``partial`` some, ``hidden`` none), like a block mask.
 

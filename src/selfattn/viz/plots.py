@@ -78,7 +78,7 @@ def heatmap(
         weights: (Nq, Nk) probabilities (numpy or torch).
         tokens: the Nk key tokens (axis labels); numbers when None.
         query_tokens: the Nq query tokens; by default ``tokens`` (or its last Nq entries, the
-            bottom-right alignment of API.md, when Nq < Nk).
+            bottom-right alignment of docs/api.md, when Nq < Nk).
         title: figure title.
         cmap: a matplotlib colormap name.
         path: where to save a PNG (parent folders are created).

@@ -1,6 +1,6 @@
 """The ``triton`` backend's GPU kernels (``@triton.jit`` only; launch code lives in ``host.py``).
 
-FlashAttention-2 (Dao, 2023) with every rule of API.md section 2, in the names of the paper and
+FlashAttention-2 (Dao, 2023) with every rule of docs/api.md, in the names of the paper and
 of ``backends/tiled.py``: ``m_i`` (running row maximum), ``l_i`` (running row sum), ``acc``
 (unnormalised output), ``BLOCK_M`` query rows, ``BLOCK_N`` keys. Scores are kept in base 2 with
 ``log2(e)`` folded into the scale, so every exponential is an ``exp2``.
