@@ -186,6 +186,67 @@ std::tuple<at::Tensor, at::Tensor> forward(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT> backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse, double scale,
+    double softcap, bool causal, int64_t start, int64_t left, int64_t right, const OptT& mask,
+    const OptT& bias, const OptT& alibi, const OptT& q_ids, const OptT& kv_ids, double dropout_p,
+    int64_t seed0, int64_t seed1, int64_t drop_hq, int64_t drop_nq, int64_t drop_b0,
+    int64_t drop_h0, int64_t drop_r0, bool need_dbias, bool need_dalibi) {
+  Params P;
+  std::vector<at::Tensor> keep;
+  fill(P, keep, q, k, v, scale, softcap, causal, start, left, right, mask, bias, alibi, q_ids,
+       kv_ids, dropout_p, seed0, seed1, drop_hq, drop_nq, drop_b0, drop_h0, drop_r0);
+  const std::vector<int64_t> qshape{P.B, P.Hq, P.Nq, P.Dv}, rows{P.B, P.Hq, P.Nq};
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef(qshape) && out.sizes() == at::IntArrayRef(qshape),
+              "selfattn native: dout / out must be (B, Hq, Nq, Dv)");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows), "selfattn native: lse must be (B, Hq, Nq)");
+  TORCH_CHECK(at::isFloatingType(dout.scalar_type()) && at::isFloatingType(out.scalar_type()) &&
+                  at::isFloatingType(lse.scalar_type()),
+              "selfattn native: dout, out and lse must be float");
+  auto acc = q.options().dtype(acc_type(q.scalar_type()));
+  P.dout = view_of(dout);
+  P.o = view_of(out);
+  P.lse_in = view_of(lse);
+  if (dlse.numel() > 0) {
+    TORCH_CHECK(dlse.sizes() == at::IntArrayRef(rows), "selfattn native: dlse must be (B, Hq, Nq)");
+    P.dlse = view_of(dlse);
+  }
+  at::Tensor dq = at::empty({P.B, P.Hq, P.Nq, P.D}, acc);
+  at::Tensor dk = at::empty({P.B, P.Hkv, P.Nk, P.D}, acc);
+  at::Tensor dv = at::empty({P.B, P.Hkv, P.Nk, P.Dv}, acc);
+  OptT dbias, dalibi;
+  if (need_dbias) {
+    TORCH_CHECK(bias.has_value(), "selfattn native: need_dbias without a bias");
+    TORCH_CHECK(bias->dim() <= 4, "selfattn native: bias must have at most 4 dims");
+    dbias = at::empty(bias->sizes(), acc);
+    for (int d = 0; d < 4; d++) {
+      int64_t off = 4 - bias->dim();
+      P.bias_shape[d] = d < off ? 1 : bias->size(d - off);
+    }
+    P.dbias = dbias->data_ptr();
+  }
+  if (need_dalibi) {
+    TORCH_CHECK(alibi.has_value(), "selfattn native: need_dalibi without alibi slopes");
+    dalibi = at::empty(alibi->sizes(), acc);
+    P.alibi_b = alibi->dim() == 2 ? alibi->size(0) : 1;
+    P.dalibi = dalibi->data_ptr();
+  }
+  P.dq = dq.data_ptr();
+  P.dk = dk.data_ptr();
+  P.dv = dv.data_ptr();
+  if (P.B * P.Hq * P.Nq == 0 || P.Nk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    if (dbias) dbias->zero_();
+    if (dalibi) dalibi->zero_();
+  } else {
+    engine_for(P.dt).backward(P, kPool);
+  }
+  return {dq, dk, dv, dbias, dalibi};
+}
+
 at::Tensor bounds(int64_t nq, int64_t nk, int64_t start, bool causal, int64_t left, int64_t right,
                   int64_t block) {
   TORCH_CHECK(block > 0, "block must be positive");
@@ -218,6 +279,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_ids"), py::arg("kv_ids"), py::arg("dropout_p"), py::arg("seed0"),
         py::arg("seed1"), py::arg("drop_hq"), py::arg("drop_nq"), py::arg("drop_b0"),
         py::arg("drop_h0"), py::arg("drop_r0"), py::arg("need_out"));
+  m.def("backward", &backward, py::call_guard<py::gil_scoped_release>(), py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dlse"),
+        py::arg("scale"), py::arg("softcap"), py::arg("causal"), py::arg("start"), py::arg("left"),
+        py::arg("right"), py::arg("mask"), py::arg("bias"), py::arg("alibi"), py::arg("q_ids"),
+        py::arg("kv_ids"), py::arg("dropout_p"), py::arg("seed0"), py::arg("seed1"),
+        py::arg("drop_hq"), py::arg("drop_nq"), py::arg("drop_b0"), py::arg("drop_h0"),
+        py::arg("drop_r0"), py::arg("need_dbias"), py::arg("need_dalibi"));
   m.def("bounds", &bounds, py::arg("nq"), py::arg("nk"), py::arg("start"), py::arg("causal"),
         py::arg("left"), py::arg("right"), py::arg("block"));
   m.def("isa", &isa, py::arg("dtype") = "float32");

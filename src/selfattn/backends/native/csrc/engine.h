@@ -1,6 +1,7 @@
 // The engine entry points, generic over the vector type V; each kernels_<isa>.cpp instantiates
 // them inside its own namespace (SA_NS).
 #pragma once
+#include "backward.h"
 #include "forward.h"
 
 namespace selfattn {
@@ -13,8 +14,7 @@ static void forward(const Params& P, const Pool& pool) {
 
 template <class V>
 static void backward(const Params& P, const Pool& pool) {
-  (void)P;
-  (void)pool;
+  backward_all<V>(P, pool);
 }
 
 }  // namespace SA_NS

@@ -65,14 +65,16 @@ struct Packed {
   uint8_t* bad = nullptr; // ntiles * PW
   uint8_t* any_bad = nullptr;  // per unit
   int64_t kt_n = 0, kr_n = 0, vt_n = 0, vr_n = 0, bad_n = 0;
+  int64_t ntp = 0;  // tiles packed per unit (>= ntiles: whole key blocks, zero keys past Nk)
   Buf<T> kt_buf, kr_buf, vt_buf, vr_buf;
   Buf<uint8_t> bad_buf, any_buf;
 
-  // Allocate for `units` units with the chosen layouts.
+  // Allocate for `units` units with the chosen layouts, `tiles` tiles each (default ntiles).
   void alloc(const Plan<V>& pl, int64_t units, bool k_panels, bool k_rows, bool v_panels,
-             bool v_rows) {
+             bool v_rows, int64_t tiles = 0) {
     const Params& p = pl.P;
-    int64_t nkp = pl.ntiles * PW;
+    ntp = tiles > 0 ? tiles : pl.ntiles;
+    int64_t nkp = ntp * PW;
     kt_n = k_panels ? nkp * p.D : 0;
     kr_n = k_rows ? nkp * pl.Dp : 0;
     vt_n = v_panels ? nkp * p.Dv : 0;
@@ -132,13 +134,13 @@ struct Packed {
 
   // Pack units [u0, u1) into slots 0.. in parallel (items of 16 tiles).
   void pack_units(const Plan<V>& pl, const Pool& pool, int64_t u0, int64_t u1) {
-    const int64_t TG = 16, groups = cdiv(pl.ntiles, TG), n = (u1 - u0) * groups;
+    const int64_t TG = 16, groups = cdiv(ntp, TG), n = (u1 - u0) * groups;
     Buf<uint8_t> flags(n);
     auto body = [&](int64_t x0, int64_t x1) {
       Buf<T> krow(pl.Dp), vrow(pl.Dvp);
       for (int64_t x = x0; x < x1; x++) {
         int64_t slot = x / groups, g = x % groups;
-        flags[x] = pack(pl, u0 + slot, slot, g * TG, imin(pl.ntiles, g * TG + TG), krow.p, vrow.p);
+        flags[x] = pack(pl, u0 + slot, slot, g * TG, imin(ntp, g * TG + TG), krow.p, vrow.p);
       }
     };
     parallel(pool, n, body);
