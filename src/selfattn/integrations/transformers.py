@@ -22,7 +22,7 @@ import torch
 
 from ..api import attention, attention_weights
 
-__all__ = ["NAME", "attention_forward", "mask_builder", "register", "visibility"]
+__all__ = ["NAME", "attention_forward", "call_rules", "mask_builder", "register", "visibility"]
 
 NAME = "selfattn"
 
@@ -77,6 +77,66 @@ def visibility(
     return visible, bias
 
 
+def call_rules(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    attention_mask: Any,
+    *,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    scaling: float | None = None,
+    position_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """The keys, values and score rules of :func:`selfattn.attention` for one transformers call.
+
+    :func:`attention_forward` runs them, and ``selfattn.viz`` draws the same weights from them.
+    A mask (bool or additive) decides visibility when there is one; otherwise ``is_causal``
+    (default ``module.is_causal``) and the sliding window do. For a prefill into an empty static
+    cache (causal, no mask, 1 < Nq < Nk) transformers relies on sdpa's top-left causality, the
+    first Nq keys being the only ones filled: those are the keys returned.
+
+    Args:
+        module: the calling attention module.
+        query: (B, Hq, Nq, D); key: (B, Hkv, Nk, D); value: (B, Hkv, Nk, Dv) or None.
+        attention_mask: what transformers passed (4-D bool or additive float, or None).
+        is_causal, softcap, sliding_window, scaling: the call's keywords.
+        position_bias: an additive (T5-style) bias, added to the mask's own.
+
+    Returns:
+        ``(key, value, rules)``: the keys (and values) the call reads, (B, Hkv, Nk', D) with
+        Nk' <= Nk, and the keyword arguments of :func:`selfattn.attention` that shape the
+        scores (causal, window, mask, bias, softcap, scale).
+    """
+    nq, nk = query.shape[2], key.shape[2]
+    mask, bias = visibility(attention_mask, nq, nk)
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+    causal = False
+    window = None
+    if mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        if causal and 1 < nq < nk:
+            key = key[:, :, :nq]
+            value = None if value is None else value[:, :, :nq]
+            if bias is not None and bias.shape[-1] > 1:
+                bias = bias[..., :nq]
+            nk = nq
+        if causal and sliding_window is not None and nk > sliding_window:
+            window = (int(sliding_window) - 1, 0)
+    rules = {
+        "causal": causal,
+        "window": window,
+        "mask": mask,
+        "bias": None if bias is None else bias.to(query.dtype),
+        "softcap": softcap,
+        "scale": scaling,
+    }
+    return key, value, rules
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -120,33 +180,11 @@ def attention_forward(
         ``output_attentions`` is set, else None. Rows that see no key give 0 (eager gives the
         mean of the values there; such rows are padding).
     """
-    nq, nk = query.shape[2], key.shape[2]
-    mask, bias = visibility(attention_mask, nq, nk)
-    position_bias = kwargs.get("position_bias")
-    if position_bias is not None:
-        bias = position_bias if bias is None else bias + position_bias
-    causal = False
-    window = None
-    if mask is None:
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        if causal and 1 < nq < nk:
-            # transformers skips the mask for a prefill into an empty static cache and relies on
-            # sdpa's top-left causality, the first Nq keys being the only ones filled
-            key, value = key[:, :, :nq], value[:, :, :nq]
-            if bias is not None and bias.shape[-1] > 1:
-                bias = bias[..., :nq]
-            nk = nq
-        if causal and sliding_window is not None and nk > sliding_window:
-            window = (int(sliding_window) - 1, 0)
+    key, value, rules = call_rules(
+        module, query, key, value, attention_mask, is_causal=is_causal, softcap=softcap,
+        sliding_window=sliding_window, scaling=scaling, position_bias=kwargs.get("position_bias"),
+    )  # fmt: skip
     want_weights = bool(kwargs.get("output_attentions", False))
-    rules: dict[str, Any] = {
-        "causal": causal,
-        "window": window,
-        "mask": mask,
-        "bias": None if bias is None else bias.to(query.dtype),
-        "softcap": softcap,
-        "scale": scaling,
-    }
     need_lse = want_weights or s_aux is not None
     result = attention(
         query, key, value, **rules, dropout_p=float(dropout), return_lse=need_lse, backend=backend

@@ -16,49 +16,14 @@ __all__ = ["capture_transformers", "load_transformers", "transformers_maps"]
 
 
 def _call_rules(module, query, key, attention_mask, kwargs) -> tuple[Any, dict[str, Any]]:
-    """The key tensor and score rules that the adapter's attention function uses for this call.
-
-    The mask and its additive bias come from the adapter itself
-    (:func:`selfattn.integrations.transformers.visibility`); what is left is the adapter's choice
-    between causality and a mask, mirrored from ``attention_forward`` (the CLI tests compare the
-    weights drawn with the model's own ``output_attentions``, so a drift would be caught).
-
-    Args:
-        module: the calling attention module (read for ``is_causal``).
-        query: (B, Hq, Nq, D); key: (B, Hkv, Nk, D).
-        attention_mask: what transformers passed (a 4-D bool or additive float mask, or None).
-        kwargs: the call's other keywords (``is_causal``, ``sliding_window``, ``scaling``, ...).
-
-    Returns:
-        ``(key, rules)``: the keys the call reads, (B, Hkv, Nk', D) with Nk' <= Nk, and the
-        keyword arguments of :func:`selfattn.attention_weights` that shape the scores.
-    """
+    """The keys and score rules the adapter's attention function uses for this call (the
+    adapter's own :func:`~selfattn.integrations.transformers.call_rules`)."""
     from ..integrations import transformers as sa_hf
 
-    nq, nk = query.shape[2], key.shape[2]
-    mask, bias = sa_hf.visibility(attention_mask, nq, nk)
-    if kwargs.get("position_bias") is not None:
-        bias = kwargs["position_bias"] if bias is None else bias + kwargs["position_bias"]
-    causal, window = False, None
-    if mask is None:
-        is_causal = kwargs.get("is_causal")
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        if causal and 1 < nq < nk:  # prefill into an empty static cache: the first Nq keys
-            key = key[:, :, :nq]
-            if bias is not None and bias.shape[-1] > 1:
-                bias = bias[..., :nq]
-            nk = nq
-        sw = kwargs.get("sliding_window")
-        if causal and sw is not None and nk > sw:
-            window = (int(sw) - 1, 0)
-    rules = {
-        "causal": causal,
-        "window": window,
-        "mask": mask,
-        "bias": None if bias is None else bias.to(query.dtype),
-        "softcap": kwargs.get("softcap"),
-        "scale": kwargs.get("scaling"),
-    }
+    names = ("is_causal", "softcap", "sliding_window", "scaling", "position_bias")
+    key, _, rules = sa_hf.call_rules(
+        module, query, key, None, attention_mask, **{n: kwargs.get(n) for n in names}
+    )
     return key, rules
 
 
