@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import _rng
 from .backends import select
 from .spec import RULES, UnsupportedInputs, validate
 
@@ -180,6 +181,6 @@ def attention_op(
     seed = None
     dropout_p = rules.get("dropout_p")
     if isinstance(dropout_p, (int, float)) and dropout_p > 0:
-        seed = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+        seed = _rng.seed_tensor()
     out, lse = torch.ops.selfattn.attention(q, k, v, *op_arguments(**rules), seed, backend)
     return (out, lse) if return_lse else out

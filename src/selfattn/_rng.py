@@ -13,9 +13,14 @@ import torch
 _M32 = 0xFFFFFFFF
 
 
+def seed_tensor() -> torch.Tensor:
+    """Two 32-bit words from torch's default (CPU) generator, as an int64 tensor (2,)."""
+    return torch.randint(0, 2**32, (2,), dtype=torch.int64)
+
+
 def draw_seed() -> tuple[int, int]:
     """Two 32-bit words from torch's default (CPU) generator."""
-    words = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    words = seed_tensor().tolist()
     return int(words[0]), int(words[1])
 
 
