@@ -139,3 +139,24 @@ def test_math_backward_hook_equals_autograd_of_the_formula():
             got = math_backward(spec, q, k, v, dout, dlse, (11, 12), True, True)
         for name, a, b in zip(("dq", "dk", "dv", "dbias", "dalibi"), got, want):
             torch.testing.assert_close(a.reshape(b.shape), b, atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("nq", "nk", "rules", "picks_sdpa"),
+    [
+        (1, 300, {"causal": True}, True),  # a decode step sees every key: a plain call for torch
+        (1, 300, {"window": (400, 0)}, True),  # a window wider than the cache hides nothing
+        (1, 300, {"causal": True, "window": (20, 0)}, False),  # this one hides keys
+        (64, 64, {"causal": True}, True),  # square: top-left and bottom-right agree
+        (4, 300, {"causal": True}, False),  # torch would align these rows top-left
+    ],
+)
+def test_auto_sends_causal_calls_torch_means_the_same_to_sdpa(nq, nk, rules, picks_sdpa):
+    """``auto`` never sends a decode step to a slower engine because of a causal flag that hides
+    nothing, and never gives torch a causal call that it would align differently."""
+    q, k, v = make_qkv(1, 9, 3, nq, nk, 16)
+    spec = validate(q, k, v, **rules)
+    assert (select(spec, "auto").name == "sdpa") == picks_sdpa
+    got = selfattn.attention(q, k, v, **rules)
+    want = selfattn.attention(q, k, v, **rules, backend="math")
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)

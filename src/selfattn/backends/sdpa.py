@@ -1,9 +1,11 @@
 """``sdpa``: torch's own fused ``scaled_dot_product_attention``, for the plain calls it covers.
 
 Added so that ``auto`` never runs slower than torch on a call torch handles. It takes only calls
-whose meaning is the same in both libraries: no mask, bias, ALiBi, softcap, window, segments or
-dropout (our dropout mask is shared by every backend), no lse, and ``causal`` only when
-Nq == Nk (torch aligns causal masks top-left, we align bottom-right).
+whose meaning is the same in both libraries: no mask, bias, ALiBi, softcap, segments or dropout
+(our dropout mask is shared by every backend), no lse, and causal/window rules only where torch
+means the same: a square causal call (torch aligns causal masks top-left, we align them
+bottom-right; they agree when Nq == Nk), or rules that hide nothing from these rows (a decode
+step, Nq = 1 at the end of the cache, sees every key under ``causal``), run as plain calls.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .. import engine
+from ..rules import bounds
 from ..spec import AttentionSpec
 
 __all__ = ["SdpaBackend"]
@@ -29,11 +32,17 @@ class SdpaBackend:
 
     def check(self, spec: AttentionSpec) -> list[str]:
         reasons = []
-        others = [r for r in spec.rule_names if r != "causal"]
+        others = [r for r in spec.rule_names if r not in ("causal", "window")]
         if others:
             reasons.append(f"takes plain calls only, this one uses {', '.join(others)}")
-        if spec.causal and spec.Nq != spec.Nk:
-            reasons.append(f"torch aligns causal top-left; Nq={spec.Nq} != Nk={spec.Nk}")
+        if _is_causal(spec) is None:
+            if spec.window is not None:
+                reasons.append(f"has no window (this one hides keys: window={spec.window})")
+            else:
+                reasons.append(
+                    f"torch aligns causal top-left; Nq={spec.Nq} != Nk={spec.Nk} "
+                    "(or the rows start elsewhere)"
+                )
         if spec.return_lse:
             reasons.append("does not return the lse")
         if spec.Hq != spec.Hkv and not _HAS_GQA:
@@ -43,14 +52,30 @@ class SdpaBackend:
         return reasons
 
     def run(self, spec, q, k, v, seed):
-        if spec.causal and not engine.all_finite(k, v):
+        causal = _is_causal(spec)
+        if causal and not engine.all_finite(k, v):
             # torch multiplies a value row hidden by the causal mask with a zero probability,
             # and 0 * NaN = NaN: padding garbage would reach rows that cannot see it. Our engine
             # keeps such rows clean (docs/api.md), at the cost of one pass over k and v.
             return engine.attention(engine.Problem.of(spec, seed), q, k, v, spec.requires_grad)
         kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=spec.causal, scale=spec.scale, **kwargs
+            q, k, v, is_causal=causal, scale=spec.scale, **kwargs
         )
         return out, None
+
+
+def _is_causal(spec: AttentionSpec) -> bool | None:
+    """torch's ``is_causal`` that means what the causal/window rules mean here, or None."""
+    if not spec.causal and spec.window is None:
+        return False
+    if spec.Nq == 0 or spec.Nk == 0:
+        return False
+    _, _, full_lo, full_hi = bounds(spec, 0, spec.Nq)
+    if full_lo == 0 and full_hi == spec.Nk:
+        return False  # nothing hidden from these rows (e.g. one query at the end of the cache)
+    square = spec.Nq == spec.Nk and spec.start == 0 and spec.qpos is None
+    if spec.causal and spec.window is None and square:
+        return True
+    return None
 
