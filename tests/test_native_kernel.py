@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,7 +21,6 @@ from helpers import (
     ERR_FLOOR,
     assert_close,
     float64_leaves,
-    grads,
     make_qkv,
     max_err,
     packed_ids,
@@ -301,6 +299,238 @@ def test_forward_lse_only():
     assert out.numel() == 0 and torch.equal(lse, lse2)
 
 
+# -- backward -------------------------------------------------------------------------------------
+
+
+def math_grads(q, k, v, dout, dlse, need=("q", "k", "v"), **kw):
+    """Gradients of sum(out * dout) + sum(lse * dlse) by autograd through the math backend, in
+    float64 (bias and alibi slopes get gradients when in ``need``)."""
+    import selfattn
+
+    q6, k6, v6 = float64_leaves(q, k, v)
+    kw6 = dict(kw)
+    leaves = [q6, k6, v6]
+    for name in ("bias", "alibi_slopes"):
+        if name in need:
+            kw6[name] = kw[name].detach().double().requires_grad_(True)
+            leaves.append(kw6[name])
+        elif kw.get(name) is not None:
+            kw6[name] = kw[name].double()
+    out, lse = selfattn.attention(q6, k6, v6, backend="math", return_lse=True, **kw6)
+    loss = (out * dout.double()).sum() + (lse.double() * dlse.double()).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def native_grads(q, k, v, dout, dlse, need=(), out_dtype=None, **kw):
+    out, lse = nat(q, k, v, **kw)
+    if out_dtype is not None:  # the engine passes its float32 output for 16-bit inputs
+        out = nat(q.to(out_dtype), k.to(out_dtype), v.to(out_dtype), **kw)[0]
+    got = nat_backward(dout, q, k, v, out, lse, dlse, "bias" in need, "alibi_slopes" in need,
+                       **kw)  # fmt: skip
+    dq, dk, dv, db, da = got
+    return (
+        [dq, dk, dv] + ([db] if "bias" in need else []) + ([da] if "alibi_slopes" in need else [])
+    )
+
+
+def _grad_rules(b, hq, nq, nk):
+    r = _rules(b, hq, nq, nk, seed=2)
+    return {
+        "none": ({}, ()),
+        "causal": (r["causal"], ()),
+        "window": (r["window"], ()),
+        "mask": (r["mask"], ()),
+        "segments": (r["segments"], ()),
+        "softcap": (r["softcap"], ()),
+        "bias": (r["bias"], ("bias",)),
+        "bias_bcast": ({"bias": r["bias_bcast"]["bias"].float()}, ("bias",)),
+        "alibi": (r["alibi"], ("alibi_slopes",)),
+        "alibi_b": ({**r["alibi_b"], "causal": True}, ("alibi_slopes",)),
+        "all": ({**r["window"], **r["mask"], **r["bias"], **r["alibi"], **r["softcap"],
+                 **r["segments"], "causal": True}, ("bias", "alibi_slopes")),
+    }  # fmt: skip
+
+
+GRAD_RULES = list(_grad_rules(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("rule", GRAD_RULES)
+@pytest.mark.parametrize("lens", [(97, 130), (130, 97)])
+def test_backward_float64_vs_math(rule, lens, isa):
+    nq, nk = lens
+    q, k, v = make_qkv(2, 6, 2, nq, nk, 40, 48, dtype=torch.float64, seed=13)
+    kw, need = _grad_rules(2, 6, nq, nk)[rule]
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(2, 6, nq, 48, generator=g, dtype=torch.float64)
+    # float32 values: the math backend returns lse (and takes its gradient) in float32
+    dlse = torch.randn(2, 6, nq, generator=g).double()
+    want = math_grads(q, k, v, dout, dlse, need, **kw)
+    got = native_grads(q, k, v, dout, dlse, need, **kw)
+    for name, a, w in zip(["dq", "dk", "dv", *need], got, want):
+        assert a.dtype == torch.float64
+        scale = float(w.abs().max()) + 1e-30
+        assert max_err(a, w.numpy()) <= 1e-10 * scale, f"{rule} {name}"
+
+
+@pytest.mark.parametrize("rule", ["none", "causal", "bias", "alibi", "all"])
+def test_backward_float32_tolerance(rule, isa):
+    """float32 gradients within the tolerance rule against the float64 oracle."""
+    q, k, v = make_qkv(1, 6, 3, 200, 257, 64, 64, seed=14)
+    kw, need = _grad_rules(1, 6, 200, 257)[rule]
+    g = torch.Generator().manual_seed(2)
+    dout, dlse = torch.randn(1, 6, 200, 64, generator=g), torch.randn(1, 6, 200, generator=g)
+    want = math_grads(q, k, v, dout, dlse, need, **kw)
+    got = native_grads(q, k, v, dout, dlse, need, **kw)
+    # the yardstick: autograd of the plain float32 formula
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    kw32 = dict(kw)
+    for name in need:
+        kw32[name] = kw[name].detach().float().requires_grad_(True)
+        leaves.append(kw32[name])
+    s = plain_scores(*leaves[:2], **kw32)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    out = p @ leaves[2].repeat_interleave(2, 1)
+    loss = (out * dout).sum() + (torch.logsumexp(s, -1).nan_to_num(0.0) * dlse).sum()
+    plain = torch.autograd.grad(loss, leaves, allow_unused=True)
+    for name, a, w, pl in zip(["dq", "dk", "dv", *need], got, want, plain):
+        base = max_err(pl, w.numpy())
+        err = max_err(a, w.numpy())
+        scale = max(1.0, float(w.abs().max()))
+        assert err <= 3 * base + ERR_FLOOR[torch.float32] * scale, f"{rule} {name}: {err} vs {base}"
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 97, 130), (2, 1, 97, 130), (1, 6, 1, 130), (2, 6, 97, 1), (97, 130), (1,)]
+)
+def test_backward_dbias_broadcast(shape):
+    q, k, v = make_qkv(2, 6, 2, 97, 130, 32, dtype=torch.float64, seed=15)
+    bias = torch.randn(*shape, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(2, 6, 97, 32, generator=g, dtype=torch.float64)
+    dlse = torch.zeros(2, 6, 97, dtype=torch.float64)
+    for kw in ({"bias": bias}, {"bias": bias, "causal": True, "alibi_slopes": torch.rand(2, 6)}):
+        need = ("bias",)
+        want = math_grads(q, k, v, dout, dlse, need, **kw)
+        got = native_grads(q, k, v, dout, dlse, need, **kw)
+        assert got[3].shape == bias.shape
+        for a, w in zip(got, want):
+            assert max_err(a, w.numpy()) <= 1e-10 * (float(w.abs().max()) + 1)
+
+
+def test_backward_dropout_matches_math():
+    import selfattn
+    from selfattn import _rng
+
+    q, k, v = make_qkv(2, 4, 2, 97, 120, 32, dtype=torch.float64, seed=16)
+    torch.manual_seed(123)
+    seed = _rng.draw_seed()
+    kw = {"causal": True, "dropout_p": 0.3}
+    g = torch.Generator().manual_seed(4)
+    dout = torch.randn(2, 4, 97, 32, generator=g, dtype=torch.float64)
+    q6, k6, v6 = float64_leaves(q, k, v)
+    torch.manual_seed(123)
+    out_m = selfattn.attention(q6, k6, v6, backend="math", **kw)
+    want = torch.autograd.grad((out_m * dout).sum(), [q6, k6, v6])
+    out, lse = nat(q, k, v, dropout_seed=seed, **kw)
+    assert max_err(out, out_m.detach().numpy()) < 1e-12  # the same mask
+    got = nat_backward(dout, q, k, v, out, lse, dropout_seed=seed, **kw)[:3]
+    for a, w in zip(got, want):
+        assert max_err(a, w.numpy()) <= 1e-10 * float(w.abs().max())
+
+
+class _NativeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, alibi, kw):
+        out, lse = nat(q, k, v, bias=bias, alibi_slopes=alibi, **kw)
+        ctx.save_for_backward(q, k, v, bias, alibi, out, lse)
+        ctx.kw = kw
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, bias, alibi, out, lse = ctx.saved_tensors
+        dq, dk, dv, db, da = nat_backward(
+            dout.contiguous(), q, k, v, out, lse, dlse.contiguous(), True, True, bias=bias,
+            alibi_slopes=alibi, **ctx.kw,
+        )  # fmt: skip
+        return dq, dk, dv, db, da, None
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "softcap": 1.5}, {"window": (2, 1)}])
+def test_backward_gradcheck(kw):
+    """Finite differences on tiny float64 problems with bias and ALiBi."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    bias = torch.randn(1, 2, 5, 7, generator=g, dtype=torch.float64)
+    alibi = torch.rand(1, 2, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_(True) for t in (q, k, v, bias, alibi)]
+
+    def fn(*xs):
+        return _NativeFn.apply(*xs, kw)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_backward_16bit_bias_grad_accuracy():
+    """bf16/fp16 inputs with the float32 output passed: dbias as accurate as math's."""
+    for dt in (torch.bfloat16, torch.float16):
+        q, k, v = make_qkv(2, 4, 4, 256, 256, 64, dtype=dt, seed=17)
+        bias = torch.randn(1, 1, 256, 256) * 0.5
+        g = torch.Generator().manual_seed(6)
+        dout = torch.randn(2, 4, 256, 64, generator=g).to(dt)
+        dlse = torch.zeros(2, 4, 256)
+        want = math_grads(q, k, v, dout, dlse, ("bias",), bias=bias)[3]
+        got = native_grads(q, k, v, dout, dlse, ("bias",), out_dtype=torch.float32, bias=bias)[3]
+        assert got.dtype == torch.float32
+        assert max_err(got, want.numpy()) < 1e-5, dt
+
+
+def test_backward_empty_rows_and_nan_padding():
+    q, k, v = make_qkv(2, 4, 2, 100, 100, 32, seed=18)
+    k[:, :, 90:] = float("nan")
+    v[:, :, 85:] = float("inf")
+    ids = torch.zeros(2, 100, dtype=torch.long)
+    ids[:, 80:] = -1
+    # rows at positions < 0 see nothing; no row sees the keys >= 80
+    for kw in ({"segment_ids": ids}, {"causal": True, "start": -20, "window": (70, 0)}):
+        out, lse = nat(q, k, v, **kw)
+        dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+        dq, dk, dv, _, _ = nat_backward(dout, q, k, v, out, lse, dlse, **kw)
+        seen = slice(0, 80) if "segment_ids" in kw else slice(20, 100)
+        assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+        empty = torch.isneginf(lse)
+        assert empty.any() and torch.all(dq[empty] == 0)
+        assert torch.isfinite(out[:, :, seen]).all()
+
+
+def test_backward_deterministic():
+    (q, k, v), kw = _det_case()
+    kw = {**kw, "bias": kw["bias"][:, :1]}  # (1, 1, Nq, Nk): dbias gathers heads
+    out, lse = nat(q, k, v, **kw)
+    g = torch.Generator().manual_seed(7)
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+
+    def run(threads):
+        with torch_threads(threads):
+            return nat_backward(dout, q, k, v, out, lse, dlse, True, True, **kw)
+
+    want = run(1)
+    results = [run(2)]
+    lock_results = [None] * 4
+
+    def work(i):
+        lock_results[i] = run(1 + i % 2)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for r in results + lock_results:
+        for a, w in zip(r, want):
+            assert torch.equal(a, w)
+
+
 # -- the key-bound plan ---------------------------------------------------------------------------
 
 
@@ -415,7 +645,3 @@ def test_isa_override(monkeypatch):
     monkeypatch.delenv("SELFATTN_NATIVE_ISA")
     assert EXT.isa() in ("avx512", "avx2", "generic")
     assert EXT.isa("float64") == "generic"
-
-
-# keep imported helpers referenced (some are used by the backward tests below)
-_ = (ERR_FLOOR, float64_leaves, grads, plain_scores, np)
