@@ -46,6 +46,9 @@ HEADERS = [
 ]
 BINDINGS = "bindings.cpp"
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-fno-plt"]
+# extra flags for every compile, e.g. "-DSELFATTN_POISON" (scratch starts as NaN) or sanitizers;
+# they are part of the build's hash
+EXTRA_ENV = "SELFATTN_NATIVE_CXXFLAGS"
 # the ISA objects: (source, flags); the bindings link them in this order (see common.h)
 OBJECTS = [
     ("kernels_generic.cpp", []),
@@ -94,6 +97,10 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else "(no output)"
 
 
+def _extra_flags() -> list[str]:
+    return os.environ.get(EXTRA_ENV, "").split()
+
+
 def _key(compiler_id: str) -> str:
     import torch
 
@@ -101,7 +108,7 @@ def _key(compiler_id: str) -> str:
     for name in [*HEADERS, BINDINGS, *(src for src, _ in OBJECTS)]:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    flags = [CXXFLAGS, BINDINGS_FLAGS, OBJECTS]
+    flags = [CXXFLAGS, BINDINGS_FLAGS, OBJECTS, _extra_flags()]
     for part in (repr(flags), torch.__version__, compiler_id, sys.version, platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -134,7 +141,8 @@ def _compile_objects(cxx: str, out: Path) -> list[Path]:
         if obj.exists():
             continue
         tmp = out / f"{obj.name}.{os.getpid()}.tmp"
-        cmd = [cxx, *CXXFLAGS, *flags, "-I", str(CSRC), "-c", str(CSRC / src), "-o", str(tmp)]
+        cmd = [cxx, *CXXFLAGS, *flags, *_extra_flags(), "-I", str(CSRC), "-c", str(CSRC / src)]
+        cmd += ["-o", str(tmp)]
         procs.append((obj, tmp, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
     failure = None
     for obj, tmp, proc in procs:
@@ -160,9 +168,9 @@ def _build(cxx: str, out: Path) -> ModuleType:
         return cpp_extension.load(
             name=NAME,
             sources=[str(CSRC / BINDINGS)],
-            extra_cflags=BINDINGS_FLAGS,
+            extra_cflags=[*BINDINGS_FLAGS, *_extra_flags()],
             extra_include_paths=[str(CSRC)],
-            extra_ldflags=[*map(str, objs), "-fopenmp"],
+            extra_ldflags=[*map(str, objs), "-fopenmp", *_extra_flags()],
             build_directory=str(out),
             verbose=False,
         )

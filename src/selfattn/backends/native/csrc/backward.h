@@ -194,7 +194,7 @@ struct Backward {
       for (int p = 0; p < npan; p++)
         for (int t = 0; t < KT; t++) {
           if (sc.cls[p * KT + t] == EMPTY) continue;
-          for (int r = 0; r < MR; r++) {
+          for (int r = 0; r < int(pans[p].nreal); r++) {  // th holds real rows only
             T* ds = dP + (p * MR + r) * LDB + t * PW;
             const T* tr = th + (p * MR + r) * LDB + t * PW;
             for (int c = 0; c < PW; c += W) {

@@ -25,6 +25,9 @@ struct Buf {
     if (n > 0) {
       size_t bytes = (size_t(n) * sizeof(T) + 63) / 64 * 64;
       p = static_cast<T*>(std::aligned_alloc(64, bytes));
+#ifdef SELFATTN_POISON  // debug builds: scratch starts as NaN, so reading it unwritten shows
+      std::memset(static_cast<void*>(p), 0xFF, bytes);
+#endif
     }
   }
   void zero(int64_t n) { std::memset(p, 0, size_t(n) * sizeof(T)); }
