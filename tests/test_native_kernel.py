@@ -292,6 +292,38 @@ def test_forward_dropout_rows_offset():
     torch.testing.assert_close(part, full[1:, 2:, 16:], rtol=0, atol=0)
 
 
+DECODE_SHAPES = [(1, 9, 3, 1, 1025), (2, 6, 2, 3, 700), (1, 4, 1, 4, 97), (1, 2, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_decode_rules(shape, rule, isa):
+    """Few query rows over a long cache (the split-K path): every rule."""
+    b, hq, hkv, nq, nk = shape
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, 64, 64, seed=nk)
+    check_forward(q, k, v, what=f"decode {rule}", **_rules(b, hq, nq, nk)[rule])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_decode_dtypes_and_strides(dtype):
+    q, k, v = make_qkv(1, 9, 3, 1, 1500, 80, 40, dtype=dtype, seed=21)
+    check_forward(q, k, v, causal=True, what=str(dtype))
+    kt = k.transpose(2, 3).contiguous().transpose(2, 3)  # key rows not contiguous
+    check_forward(q, kt, v, causal=True, what="strided k")
+
+
+def test_decode_nan_padding(isa):
+    q, k, v = make_qkv(1, 6, 2, 2, 1000, 64, seed=22)
+    k[:, :, 900:, 0] = float("nan")
+    v[:, :, 950:] = float("inf")
+    out, _ = nat(q, k, v, window=(None, 0), start=800)  # rows at 800, 801 see keys <= 801
+    assert torch.isfinite(out).all()
+    out2, _ = nat(q, k[:, :, :850], v[:, :, :850], window=(None, 0), start=800)
+    torch.testing.assert_close(out, out2)
+    out, _ = nat(q, k, v)  # every key visible: NaN
+    assert torch.isnan(out).all()
+
+
 def test_forward_lse_only():
     q, k, v = make_qkv(1, 4, 2, 100, 200, 64, seed=1)
     out, lse = nat(q, k, v, causal=True, need_out=False)

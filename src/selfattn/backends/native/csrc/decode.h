@@ -1,0 +1,277 @@
+// Split-K decode: few query rows (G heads x Nq rows <= 16) over a long key/value cache.
+//
+// The G query heads of a kv head and their Nq rows are folded into the R = G * Nq rows of one
+// tile, so each key and value row is read once per kv head. The keys are cut into fixed-size
+// chunks (the size depends on the shape only) processed in parallel; each chunk leaves a partial
+// (row maximum, row sum, unnormalised output) and the partials of a kv head are combined in
+// chunk order. K and V are read in place when they are float32 with unit inner stride (no
+// packing pass: decode is bound by memory bandwidth), else a chunk is converted into a scratch
+// buffer. Scores are row-major dot products: per row, W keys' partial-sum vectors are reduced
+// by one transpose-and-add tree into a vector of W scores.
+//
+// Non-finite keys: when every row sees every key of a chunk, NaN/inf propagate by themselves.
+// A hidden one could leak (0 * inf): a chunk whose result is not finite is therefore recomputed
+// with the chunk's keys copied, bad ones zeroed and their visible scores set to NaN, exactly as
+// the packed path does.
+#pragma once
+#include <cmath>
+
+#include "forward.h"
+#include "microkernel.h"
+#include "pack.h"
+#include "plan.h"
+
+namespace selfattn {
+namespace SA_NS {
+
+template <class V>
+struct Decode {
+  using T = typename V::T;
+  static constexpr int W = V::W, MR = V::MR, PW = 2 * W;
+
+  const Plan<V>& pl;
+  const Params& P;
+  int64_t R, CK, LDD, nc;
+  bool direct_k, direct_v;
+  // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
+  T *pm, *plsum, *pacc;
+
+  static bool applies(const Params& p) { return p.G * p.Nq <= 16 && p.Nq <= MR; }
+
+  Decode(const Plan<V>& plan, const Params& p) : pl(plan), P(p) {
+    R = p.G * p.Nq;
+    const int64_t units = p.B * p.Hkv;
+    // chunk size from the shape only: about 32 items per call, 256..1024 keys each
+    CK = cdiv(cdiv(p.Nk * units, 32), PW) * PW;
+    CK = imax(256, imin(1024, CK));
+    LDD = CK + W;
+    nc = cdiv(p.Nk, CK);
+    direct_k = sizeof(T) == 4 && p.k.dt == DT::F32 && p.k.s[3] == 1 && p.D % W == 0;
+    direct_v = sizeof(T) == 4 && p.v.dt == DT::F32 && p.v.s[3] == 1 && p.Dv % W == 0;
+  }
+
+  struct Scratch {
+    Buf<T> q, s, kc, vc;
+    Buf<uint8_t> bad, cls;
+    Scratch(const Decode& d)
+        : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.CK * d.pl.Dp), vc(d.CK * d.pl.Dvp),
+          bad(d.CK), cls(d.P.G * (d.CK / PW)) {}
+  };
+
+  // S[r][0:PW] = q_r . k_j for r < nr, keys j < nvalid of the tile (0 past them).
+  static void dots(const T* q, int64_t nr, int64_t ldq, int64_t nd, const T* k, int64_t ldk,
+                   int nvalid, T* S, int64_t lds) {
+    for (int64_t r = 0; r < nr; r++) {
+      const T* qr = q + r * ldq;
+      for (int half = 0; half < 2; half++) {
+        V p[W];
+        for (int jj = 0; jj < W; jj++) {
+          const int key = half * W + jj;
+          if (key >= nvalid) {
+            p[jj] = V::zero();
+            continue;
+          }
+          const T* kr = k + key * ldk;
+          V acc = V::load(qr) * V::load(kr);
+          for (int64_t v = 1; v < nd; v++) acc = fmadd(V::load(qr + v * W), V::load(kr + v * W), acc);
+          p[jj] = acc;
+        }
+        V::reduce_lanes(p).store(S + r * lds + half * W);
+      }
+    }
+  }
+
+  void item(int64_t u, int64_t c, Scratch& sc) const {
+    const int64_t b = u / P.Hkv, kvh = u % P.Hkv, Nq = P.Nq, Dp = pl.Dp, Dvp = pl.Dvp;
+    const int64_t j0 = c * CK, j1 = imin(P.Nk, j0 + CK), t0 = j0 / PW, t1 = cdiv(j1, PW);
+    T* m = pm + (u * nc + c) * R;
+    T* l = plsum + (u * nc + c) * R;
+    T* acc = pacc + (u * nc + c) * R * Dvp;
+    for (int64_t g = 0; g < P.G; g++)
+      for (int64_t i = 0; i < Nq; i++) {
+        T* dst = sc.q.p + (g * Nq + i) * Dp;
+        load_row<T>(P.q, b, kvh * P.G + g, i, P.D, Dp, dst);
+        for (int64_t d = 0; d < P.D; d++) dst[d] *= pl.qscale;
+      }
+    typename Plan<V>::Panel pans[16];
+    int64_t tmin = t1, tmax = t0;
+    for (int64_t g = 0; g < P.G; g++) {
+      pans[g] = pl.panel(b, kvh * P.G + g, 0);
+      int64_t lo, hi;
+      pl.tile_range(pans[g], lo, hi);
+      lo = imax(lo, t0);
+      hi = imin(hi, t1);
+      for (int64_t t = t0; t < t1; t++)
+        sc.cls[g * (CK / PW) + t - t0] = (t >= lo && t < hi) ? pl.tile_class(pans[g], t) : EMPTY;
+      for (int64_t t = lo; t < hi; t++)
+        if (sc.cls[g * (CK / PW) + t - t0] != EMPTY) {
+          tmin = imin(tmin, t);
+          tmax = imax(tmax, t + 1);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+      m[r] = T(-INFINITY);
+      l[r] = T(0);
+    }
+    if (P.need_out) std::memset(acc, 0, sizeof(T) * R * Dvp);
+    if (tmin >= tmax) return;
+    if (!attempt(pans, b, kvh, tmin, tmax, t0, false, m, l, acc, sc))
+      attempt(pans, b, kvh, tmin, tmax, t0, true, m, l, acc, sc);
+  }
+
+  // One pass over tiles [tmin, tmax); returns false if the result is not finite (retry careful).
+  bool attempt(const typename Plan<V>::Panel* pans, int64_t b, int64_t kvh, int64_t tmin,
+               int64_t tmax, int64_t t0, bool careful, T* m, T* l, T* acc, Scratch& sc) const {
+    const int64_t Nq = P.Nq, Dp = pl.Dp, Dvp = pl.Dvp;
+    const int64_t jb = tmin * PW, je = imin(P.Nk, tmax * PW), nkeys = je - jb;
+    const T* kbase;
+    int64_t ldk, nd;
+    const uint8_t* bad = nullptr;
+    bool any_bad = false;
+    if (direct_k && !careful) {
+      kbase = static_cast<const T*>(P.k.p) + b * P.k.s[0] + kvh * P.k.s[1] + jb * P.k.s[2];
+      ldk = P.k.s[2];
+      nd = P.D / W;
+    } else {  // convert the chunk's keys (and, careful, check them with their values)
+      for (int64_t j = jb; j < je; j++) {
+        bool ok = load_row<T>(P.k, b, kvh, j, P.D, Dp, sc.kc.p + (j - jb) * Dp);
+        if (careful) {
+          ok &= load_row<T>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
+          if (!ok) {
+            std::memset(sc.kc.p + (j - jb) * Dp, 0, sizeof(T) * Dp);
+            std::memset(sc.vc.p + (j - jb) * Dvp, 0, sizeof(T) * Dvp);
+          }
+          sc.bad[j - jb] = ok ? 0 : 1;
+          any_bad |= !ok;
+        }
+      }
+      if (careful)
+        for (int64_t j = je; j < tmax * PW; j++) sc.bad[j - jb] = 0;
+      kbase = sc.kc.p;
+      ldk = Dp;
+      nd = Dp / W;
+      if (careful) bad = sc.bad.p - jb;  // indexed by absolute key
+    }
+    const T* vbase = nullptr;
+    int64_t ldv = Dvp;
+    if (P.need_out) {
+      if (careful) {
+        vbase = sc.vc.p;
+      } else if (direct_v) {
+        vbase = static_cast<const T*>(P.v.p) + b * P.v.s[0] + kvh * P.v.s[1] + jb * P.v.s[2];
+        ldv = P.v.s[2];
+      } else {
+        for (int64_t j = jb; j < je; j++)
+          load_row<T>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
+        vbase = sc.vc.p;
+      }
+    }
+    T* S = sc.s.p;
+    for (int64_t t = tmin; t < tmax; t++) {
+      const int nvalid = int(imin(PW, P.Nk - t * PW));
+      const int64_t col = (t - tmin) * PW;
+      const bool tb = any_bad && tile_bad(bad, t);
+      for (int64_t g = 0; g < P.G; g++) {
+        const uint8_t cls = sc.cls[g * (CK / PW) + t - t0];
+        T* st = S + g * Nq * LDD + col;
+        if (cls == EMPTY) {
+          for (int64_t i = 0; i < Nq; i++)
+            for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
+          continue;
+        }
+        dots(sc.q.p + g * Nq * Dp, Nq, Dp, nd, kbase + (t * PW - jb) * ldk, ldk, nvalid, st, LDD);
+        if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tb)
+          pl.epilogue(st, LDD, pans[g], t, cls, tb ? bad : nullptr, nullptr);
+      }
+    }
+    const int64_t n = (tmax - tmin) * PW;
+    for (int64_t r = 0; r < R; r++) softmax_row<V>(S + r * LDD, n, m[r], l[r]);
+    if (P.need_out) {
+      if (pl.dropout)
+        for (int64_t g = 0; g < P.G; g++)
+          for (int64_t i = 0; i < Nq; i++) {
+            uint32_t hr = pl.drop_row(b, kvh * P.G + g, i);
+            T* s = S + (g * Nq + i) * LDD;
+            for (int64_t c = 0; c < n; c += W)
+              V::dropout(V::load(s + c), hr, jb + c, P.seed1, pl.thr, pl.keep_scale).store(s + c);
+          }
+      gemm<V, STORE>(R, Dvp / W, nkeys, S, LDD, 1, vbase, ldv, acc, Dvp, nullptr);
+    }
+    if (careful) return true;
+    T chk = 0;
+    for (int64_t r = 0; r < R; r++) chk += l[r] * T(0);
+    if (P.need_out)
+      for (int64_t x = 0; x < R * Dvp; x++) chk += acc[x] * T(0);
+    if (chk == T(0)) return true;
+    for (int64_t r = 0; r < R; r++) {
+      m[r] = T(-INFINITY);
+      l[r] = T(0);
+    }
+    return false;
+  }
+
+  static bool tile_bad(const uint8_t* bad, int64_t t) {
+    for (int c = 0; c < PW; c++)
+      if (bad[t * PW + c]) return true;
+    return false;
+  }
+
+  // Combine the chunks of unit u in order and write out / lse.
+  void combine(int64_t u) const {
+    const int64_t b = u / P.Hkv, kvh = u % P.Hkv, Dvp = pl.Dvp;
+    T* lse = static_cast<T*>(P.lse);
+    Buf<T> o(Dvp);
+    for (int64_t r = 0; r < R; r++) {
+      const int64_t g = r / P.Nq, i = r % P.Nq, h = kvh * P.G + g;
+      T M = T(-INFINITY);
+      for (int64_t c = 0; c < nc; c++) {
+        T mc = pm[(u * nc + c) * R + r];
+        M = mc > M ? mc : M;
+      }
+      const T base = M == T(-INFINITY) ? T(0) : M;
+      T lsum = 0;
+      for (int64_t d = 0; d < Dvp; d++) o[d] = T(0);
+      for (int64_t c = 0; c < nc; c++) {
+        const T mc = pm[(u * nc + c) * R + r];
+        const T w = mc == T(-INFINITY) ? T(0) : T(std::exp2(mc - base));
+        lsum += plsum[(u * nc + c) * R + r] * w;
+        if (P.need_out) {
+          const T* a = pacc + ((u * nc + c) * R + r) * Dvp;
+          for (int64_t d = 0; d < Dvp; d++) o[d] += a[d] * w;
+        }
+      }
+      const int64_t bh = b * P.Hq + h;
+      const bool empty = lsum == T(0);
+      lse[bh * P.Nq + i] = empty ? T(-INFINITY) : T((M + std::log2(lsum)) * T(LN2));
+      if (P.need_out)
+        store_out<T>(P.out, P.dt, (bh * P.Nq + i) * P.Dv, o.p, P.Dv, empty ? T(0) : T(1) / lsum);
+    }
+  }
+};
+
+template <class V>
+static void forward_decode(const Params& P, const Pool& pool) {
+  using T = typename V::T;
+  using DC = Decode<V>;
+  Plan<V> pl(P, pool);
+  DC dc(pl, P);
+  const int64_t units = P.B * P.Hkv, n = units * dc.nc;
+  Buf<T> pm(n * dc.R), pls(n * dc.R), pacc(P.need_out ? n * dc.R * pl.Dvp : 0);
+  dc.pm = pm.p;
+  dc.plsum = pls.p;
+  dc.pacc = pacc.p;
+  Buf<double> cost(n);
+  for (int64_t x = 0; x < n; x++) cost[x] = 1.0;
+  auto run = [&](int64_t x0, int64_t x1) {
+    typename DC::Scratch sc(dc);
+    for (int64_t x = x0; x < x1; x++) dc.item(x / dc.nc, x % dc.nc, sc);
+  };
+  run_balanced(pool, cost.p, n, run);
+  auto comb = [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; u++) dc.combine(u);
+  };
+  parallel(pool, units, comb);
+}
+
+}  // namespace SA_NS
+}  // namespace selfattn

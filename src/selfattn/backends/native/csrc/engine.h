@@ -2,6 +2,7 @@
 // them inside its own namespace (SA_NS).
 #pragma once
 #include "backward.h"
+#include "decode.h"
 #include "forward.h"
 
 namespace selfattn {
@@ -9,7 +10,10 @@ namespace SA_NS {
 
 template <class V>
 static void forward(const Params& P, const Pool& pool) {
-  forward_prefill<V>(P, pool);
+  if (Decode<V>::applies(P))
+    forward_decode<V>(P, pool);
+  else
+    forward_prefill<V>(P, pool);
 }
 
 template <class V>

@@ -54,36 +54,47 @@ struct RowBlock {
   static constexpr int value = NV >= 3 ? V::MR / 2 : V::MR;
 };
 
-// C (M x nvec*W) for M a multiple of MR: column blocks of up to 4 vectors, rows in blocks of
-// RowBlock. ldb / ldc / the columns of B and C are padded to whole vectors by the caller.
+// A tile of `rows` (1..R) rows: the register tile for that exact count.
+template <class V, int NV, int MODE, int R>
+static inline void mk_rows(int rows, int64_t K, const typename V::T* A, int64_t sa, int64_t sk,
+                           const typename V::T* B, int64_t ldb, typename V::T* C, int64_t ldc,
+                           const typename V::T* alpha) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      mk<V, R, NV, MODE>(K, A, sa, sk, B, ldb, C, ldc, alpha);
+    else
+      mk_rows<V, NV, MODE, R - 1>(rows, K, A, sa, sk, B, ldb, C, ldc, alpha);
+  }
+}
+
+template <class V, int NV, int MODE>
+static inline void gemm_cols(int64_t M, int64_t K, const typename V::T* A, int64_t sa, int64_t sk,
+                             const typename V::T* B, int64_t ldb, typename V::T* C, int64_t ldc,
+                             const typename V::T* alpha) {
+  constexpr int R = RowBlock<V, NV>::value;
+  int64_t i = 0;
+  for (; i + R <= M; i += R)
+    mk<V, R, NV, MODE>(K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc, alpha ? alpha + i : nullptr);
+  if (i < M)
+    mk_rows<V, NV, MODE, R - 1>(int(M - i), K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc,
+                                alpha ? alpha + i : nullptr);
+}
+
+// C (M x nvec*W): column blocks of up to 4 vectors, rows in blocks of RowBlock (any M).
+// ldb / ldc / the columns of B and C are padded to whole vectors by the caller.
 template <class V, int MODE>
 static inline void gemm(int64_t M, int64_t nvec, int64_t K, const typename V::T* A, int64_t sa,
                         int64_t sk, const typename V::T* B, int64_t ldb, typename V::T* C,
                         int64_t ldc, const typename V::T* alpha) {
   constexpr int W = V::W;
   int64_t c = 0;
-  for (; c + 4 <= nvec; c += 4) {
-    constexpr int R = RowBlock<V, 4>::value;
-    for (int64_t i = 0; i < M; i += R)
-      mk<V, R, 4, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
-                        alpha ? alpha + i : nullptr);
-  }
-  int64_t rest = nvec - c;
-  if (rest == 3) {
-    constexpr int R = RowBlock<V, 3>::value;
-    for (int64_t i = 0; i < M; i += R)
-      mk<V, R, 3, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
-                        alpha ? alpha + i : nullptr);
-  } else if (rest == 2) {
-    constexpr int R = RowBlock<V, 2>::value;
-    for (int64_t i = 0; i < M; i += R)
-      mk<V, R, 2, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
-                        alpha ? alpha + i : nullptr);
-  } else if (rest == 1) {
-    constexpr int R = RowBlock<V, 1>::value;
-    for (int64_t i = 0; i < M; i += R)
-      mk<V, R, 1, MODE>(K, A + i * sa, sa, sk, B + c * W, ldb, C + i * ldc + c * W, ldc,
-                        alpha ? alpha + i : nullptr);
+  for (; c + 4 <= nvec; c += 4)
+    gemm_cols<V, 4, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha);
+  switch (nvec - c) {
+    case 3: gemm_cols<V, 3, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha); break;
+    case 2: gemm_cols<V, 2, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha); break;
+    case 1: gemm_cols<V, 1, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha); break;
+    default: break;
   }
 }
 

@@ -129,8 +129,9 @@ struct Plan {
     auto body = [&](int64_t x0, int64_t x1) {
       for (int64_t x = x0; x < x1; x++) {
         int64_t t = x % mT, pm = (x / mT) % mP, hm = (x / (mT * mP)) % mH, bm = x / (mT * mP * mH);
-        int64_t r0 = pm * MR, r1 = mP == 1 ? 1 : imin(P.Nq, r0 + MR);
-        int64_t j0 = t * PW, j1 = mT == 1 ? 1 : imin(P.Nk, j0 + PW);
+        // a broadcast dim (stride 0) is summarised from its one row / key
+        int64_t r0 = pm * MR, r1 = m.s[2] == 0 ? 1 : imin(P.Nq, r0 + MR);
+        int64_t j0 = t * PW, j1 = m.s[3] == 0 ? 1 : imin(P.Nk, j0 + PW);
         bool any = false, all = true;
         for (int64_t i = r0; i < r1; i++) {
           const uint8_t* row = mask_row(bm, hm, i);

@@ -43,6 +43,21 @@ struct V {
   }
   V abs() const { return {_mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)))}; }
 
+  // lane i of the result = sum of the lanes of p[i], i < 8
+  static V reduce_lanes(const V* p) {
+    __m256 t[4], u[2];
+    for (int i = 0; i < 4; i++)
+      t[i] = _mm256_add_ps(_mm256_unpacklo_ps(p[2 * i].v, p[2 * i + 1].v),
+                           _mm256_unpackhi_ps(p[2 * i].v, p[2 * i + 1].v));
+    for (int i = 0; i < 2; i++) {
+      __m256d a = _mm256_castps_pd(t[2 * i]), b = _mm256_castps_pd(t[2 * i + 1]);
+      u[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                           _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return {_mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                          _mm256_permute2f128_ps(u[0], u[1], 0x31))};
+  }
+
   // 2^x for x <= 0 (and NaN): -inf -> 0, x < -126 -> 0, NaN -> NaN. 2^n is built in the
   // exponent field, so x is clamped to [-126, 127] and results below 2^-126 are flushed to 0.
   static V exp2(V x) {

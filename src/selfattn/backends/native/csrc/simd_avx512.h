@@ -35,6 +35,25 @@ struct V {
   float hsum() const { return _mm512_reduce_add_ps(v); }
   V abs() const { return {_mm512_abs_ps(v)}; }
 
+  // lane i of the result = sum of the lanes of p[i], i < 16 (a transpose and add tree)
+  static V reduce16(const V* p) {
+    __m512 t[8], u[4], w[2];
+    for (int i = 0; i < 8; i++)
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i].v, p[2 * i + 1].v),
+                           _mm512_unpackhi_ps(p[2 * i].v, p[2 * i + 1].v));
+    for (int i = 0; i < 4; i++) {
+      __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++)
+      w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return {_mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)))};
+  }
+  static V reduce_lanes(const V* p) { return reduce16(p); }
+
   // 2^x for x <= 0 (and NaN): -inf -> 0, x < -200 -> 0, NaN -> NaN. Range reduction to
   // f in [-0.5, 0.5] and Cephes' degree-6 polynomial (rel. error ~2e-7); vscalefps applies 2^n
   // and flushes tiny results to 0 without integer tricks.

@@ -72,6 +72,11 @@ struct GV {
     for (int i = 0; i < W; i++) r.v[i] = std::fabs(v[i]);
     return r;
   }
+  static GV reduce_lanes(const GV* p) {
+    GV r;
+    for (int i = 0; i < W; i++) r.v[i] = p[i].hsum();
+    return r;
+  }
   static GV exp2(GV x) {
     for (int i = 0; i < W; i++) x.v[i] = std::exp2(x.v[i]);
     return x;
