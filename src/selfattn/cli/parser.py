@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from selfattn.checks import integer
 
+from . import chat
 from .bench import cmd_bench
 from .console import UsageError, make_console, version
 from .demo import DEFAULT_TEXT, cmd_demo
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_bench(sub)
     _add_train(sub)
+    chat.add_parser(sub)
     return p
 
 

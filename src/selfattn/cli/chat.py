@@ -1,0 +1,357 @@
+"""``selfattn chat``: a chatbot on a packaged (or any local) causal LM running on selfattn: the
+chat template, tokens streamed as they are generated, tokens/s, and pictures of what each
+generated token read."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .console import UsageError, out_dir
+
+__all__ = ["add_parser", "cmd_chat", "generate_reply", "load_chat_model", "reply_maps"]
+
+#: the packaged causal LMs (selfattn.pretrained) that ``--model`` takes by name
+MODELS = ("smollm2", "gemma3")
+ATTN = ("selfattn", "sdpa", "eager")
+#: layers and heads drawn by ``--show`` when none are asked for
+DEFAULT_HEADS = (0, 1, 2)
+
+
+def add_parser(sub) -> None:
+    """Add ``chat`` to the subcommands ``sub`` of the ``selfattn`` parser."""
+    s = sub.add_parser(
+        "chat",
+        help="chat with SmolLM2 (or a local causal LM) running on selfattn",
+        description="Answer PROMPT with a causal language model on selfattn (SmolLM2-135M-"
+        "Instruct by default, from its PyPI package, converted once into the cache): the model's "
+        "chat template, greedy decoding with a KV cache, tokens printed as they are generated, "
+        "then tokens/s. Without PROMPT, read one message per line from stdin until an empty "
+        "line or EOF (a pipe works). --show writes heatmaps and the HTML head view of which "
+        "prompt and earlier tokens each generated token read.",
+    )
+    s.add_argument("prompt", nargs="?", metavar="PROMPT", help="one message (default: stdin)")
+    model = f"{' or '.join(MODELS)} (packaged) or a local transformers folder (default smollm2)"
+    s.add_argument("--model", default="smollm2", metavar="NAME|PATH", help=model)
+    s.add_argument("--attn", choices=ATTN, default="selfattn", help="attention (default selfattn)")
+    s.add_argument("--max-new-tokens", type=_positive, default=200, metavar="N")
+    s.add_argument("--system", metavar="TEXT", help="a system message (default: the template's)")
+    s.add_argument("--json", action="store_true", help="print one JSON object per reply")
+    s.add_argument("--show", metavar="DIR", help="write pictures of what each new token read")
+    layers = "layers drawn by --show (negative counts from the end; default first, middle, last)"
+    s.add_argument("--layers", type=int, nargs="+", metavar="L", help=layers)
+    heads = f"query heads drawn by --show (default {' '.join(map(str, DEFAULT_HEADS))})"
+    s.add_argument("--heads", type=int, nargs="+", metavar="H", help=heads)
+    threads = "torch CPU threads (default: torch's)"
+    s.add_argument("--threads", type=_positive, metavar="T", help=threads)
+    s.set_defaults(func=cmd_chat)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+
+def load_chat_model(spec: str, attn: str = "selfattn") -> tuple[Any, Any, str]:
+    """``(model, tokenizer, label)`` for ``--model``: a packaged name or a local folder.
+
+    Raises:
+        ValueError: a packaged model whose package is missing (the message gives pip).
+        UsageError: ``spec`` is neither a packaged name nor a transformers folder.
+    """
+    from selfattn import pretrained
+    from selfattn.pretrained import cache
+
+    if spec in MODELS:
+        model, tok = pretrained.load(spec, attn_implementation=attn)
+        return model, tok, spec
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        names = ", ".join(MODELS)
+        raise UsageError(f"--model {spec!r} is neither {names} nor a transformers model folder")
+    model, tok = cache.load_causal_lm(path, attn)
+    return model, tok, path.name
+
+
+def chat_ids(tok: Any, messages: Sequence[dict[str, str]]) -> Any:
+    """The prompt's token ids (1, N): the chat template with the assistant's turn opened, or,
+    for a tokenizer without one (a base model), the messages' text joined by newlines."""
+    if getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template(
+            list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return enc["input_ids"]
+    text = "\n".join(m["content"] for m in messages if m["role"] != "system")
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def _streamer(tok: Any, write: Callable[[str], None] | None, times: list[float]) -> Any:
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        """transformers' streamer (whole words, no special tokens) writing to ``write`` and
+        noting when each new token arrives."""
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                times.append(time.perf_counter())
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if write is not None and text:
+                write(text)
+
+    return Streamer(tok, skip_prompt=True, skip_special_tokens=True)
+
+
+def generate_reply(
+    model: Any,
+    tok: Any,
+    messages: Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int = 200,
+    write: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Greedy reply to ``messages`` with transformers' ``generate`` (KV cache), streamed.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer.
+        messages: the conversation, ``[{"role": "user", "content": ...}, ...]``.
+        max_new_tokens: the most tokens generated.
+        write: called with each piece of text as soon as it is decoded (None: silent).
+
+    Returns:
+        ``{"reply", "prompt_ids" (N,), "reply_ids" (T,), "tokens", "seconds",
+        "first_token_s", "tokens_per_s"}``; the ids are 1-D tensors, the reply ends at the
+        model's end-of-turn token (which is counted but not shown).
+    """
+    import torch
+
+    ids = chat_ids(tok, messages)
+    times: list[float] = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            streamer=_streamer(tok, write, times),
+        )
+    seconds = time.perf_counter() - t0
+    reply_ids = out[0, ids.shape[1] :]
+    n = int(reply_ids.numel())
+    return {
+        "reply": tok.decode(reply_ids, skip_special_tokens=True).strip(),
+        "prompt_ids": ids[0],
+        "reply_ids": reply_ids,
+        "tokens": n,
+        "seconds": seconds,
+        "first_token_s": (times[0] - t0) if times else seconds,
+        "tokens_per_s": n / seconds if seconds > 0 else 0.0,
+    }
+
+
+# -- the pictures ----------------------------------------------------------------------------------
+
+
+def _token_text(tok: Any, i: int) -> str:
+    text = tok.decode([i])
+    return text.replace("\n", "\\n") or tok.convert_ids_to_tokens(i)
+
+
+def _default_layers(n: int) -> list[int]:
+    return sorted({0, n // 2, n - 1})
+
+
+def reply_maps(
+    model: Any,
+    tok: Any,
+    prompt_ids: Any,
+    reply_ids: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> Any:
+    """What each generated token read: one row per generated token, one column per token
+    (prompt and reply) it could see, for the chosen layers and heads.
+
+    The row of a generated token is the query of the position that produced it (the token
+    before it), so the columns end at the token before. One forward pass over prompt + reply
+    on selfattn's fast path records the queries and keys (:func:`selfattn.viz.
+    capture_transformers`), and :func:`selfattn.viz.maps_from_qk` computes just these rows with
+    :func:`selfattn.attention_weights`, equal to what the KV-cached decode computed. A model
+    on another implementation is switched to selfattn for this pass and back.
+
+    Returns:
+        :class:`selfattn.viz.AttentionMaps`, ``query_tokens[i]`` being the token generated at
+        position ``i + 1``.
+    """
+    import torch
+
+    from selfattn.integrations import transformers as sa_hf
+    from selfattn.viz import capture_transformers, maps_from_qk
+
+    ids = torch.cat([prompt_ids.reshape(-1), reply_ids.reshape(-1)])
+    n_prompt, n = int(prompt_ids.numel()), int(ids.numel())
+    if n - n_prompt < 1:
+        raise ValueError("the reply has no token to draw")
+    cfg = getattr(model.config, "text_config", None) or model.config
+    n_layers = int(cfg.num_hidden_layers)
+    chosen = _default_layers(n_layers) if layers is None else list(layers)
+    bad = [x for x in chosen if not -n_layers <= x < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model of {n_layers} layers")
+    chosen = sorted({x % n_layers for x in chosen})
+    n_heads = int(cfg.num_attention_heads)
+    heads = [h for h in DEFAULT_HEADS if h < n_heads] if heads is None else list(heads)
+    previous = model.config._attn_implementation
+    if previous != sa_hf.NAME:
+        sa_hf.register()
+        model.set_attn_implementation(sa_hf.NAME)
+    try:
+        with capture_transformers(chosen) as captured, torch.no_grad():
+            model(input_ids=ids[None, : n - 1])
+    finally:
+        if previous != sa_hf.NAME:
+            model.set_attn_implementation(previous)
+    words = [_token_text(tok, int(i)) for i in ids.tolist()]
+    return maps_from_qk(
+        captured,
+        words[: n - 1],
+        layers=chosen,
+        heads=heads,
+        rows=list(range(n_prompt - 1, n - 1)),
+        query_tokens=words[1:],
+    )
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def _messages_from_stdin(ask: bool):
+    """Lines of stdin, one message each, until an empty line or EOF."""
+    while True:
+        if ask:
+            try:
+                line = input("you> ")
+            except EOFError:
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+        line = line.strip()
+        if not line:
+            return
+        yield line
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _turn(args, con, model, tok, label: str, messages: list, show: Path | None) -> dict:
+    """One reply: streamed (or as JSON), the speed line, the pictures."""
+    prompt = messages[-1]["content"]
+    if not args.json:
+        _write(f"{label}> ")
+    r = generate_reply(
+        model,
+        tok,
+        messages,
+        max_new_tokens=args.max_new_tokens,
+        write=None if args.json else _write,
+    )
+    messages.append({"role": "assistant", "content": r["reply"]})
+    record = {
+        "prompt": prompt,
+        "reply": r["reply"],
+        "tokens": r["tokens"],
+        "seconds": round(r["seconds"], 4),
+        "tokens_per_s": round(r["tokens_per_s"], 3),
+        "attn": args.attn,
+        "model": label,
+        "prompt_tokens": int(r["prompt_ids"].numel()),
+        "first_token_s": round(r["first_token_s"], 4),
+    }
+    if show is not None:
+        from selfattn.viz import write_pictures
+
+        maps = reply_maps(
+            model, tok, r["prompt_ids"], r["reply_ids"], layers=args.layers, heads=args.heads
+        )
+        title = f"{label}: what each generated token read"
+        files = write_pictures(maps, show, title=title)
+        record["show"] = {k: str(p) for k, p in files.items()}
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+        return record
+    _write("\n")
+    speed = (
+        f"{r['tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} tokens/s "
+        f"(prompt {record['prompt_tokens']} tokens, first token after "
+        f"{r['first_token_s']:.2f} s; attn={args.attn})"
+    )
+    con.print(f"[dim]{speed}[/]", soft_wrap=True)
+    if show is not None:
+        con.print(f"[dim]pictures of what each token read: {show}[/]", soft_wrap=True)
+    return record
+
+
+def cmd_chat(args: argparse.Namespace, con) -> int:
+    """Chat with a causal LM on selfattn (one prompt, or lines from stdin)."""
+    from rich.console import Console
+
+    from selfattn.testing import torch_threads
+
+    from .explain import quiet_transformers
+
+    quiet_transformers()
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("PROMPT is empty")
+    show = out_dir(args.show) if args.show else None
+    status = Console(stderr=True, highlight=False) if args.json else con
+    with torch_threads(args.threads):
+        t0 = time.perf_counter()
+        with status.status(f"loading {args.model} (attn_implementation={args.attn!r})"):
+            model, tok, label = load_chat_model(args.model, args.attn)
+        status.print(f"[dim]loaded {type(model).__name__} in {time.perf_counter() - t0:.1f} s[/]")
+        base = [{"role": "system", "content": args.system}] if args.system else []
+        if args.prompt is not None:
+            messages = [*base, {"role": "user", "content": args.prompt}]
+            _turn(args, con, model, tok, label, messages, show)
+            return 0
+        ask = sys.stdin.isatty() and not args.json
+        if ask:
+            con.print("[dim]one message per line; an empty line or Ctrl-D ends[/]")
+        messages = list(base)
+        turn = 0
+        try:
+            for line in _messages_from_stdin(ask):
+                turn += 1
+                messages.append({"role": "user", "content": line})
+                folder = None if show is None else out_dir(str(show / f"turn-{turn}"))
+                _turn(args, con, model, tok, label, messages, folder)
+        except KeyboardInterrupt:
+            _write("\n")
+            return 130
+    if turn == 0:
+        raise UsageError("no PROMPT given and nothing read from stdin")
+    return 0
