@@ -26,16 +26,15 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import torch
 import triton
 
-from ...rules import bounds
 from ...spec import AttentionSpec, validate
 from . import interpreting
+from .prepare import Call, prepare
 
 try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernels use pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -52,8 +51,6 @@ __all__ = [
     "prune_configs",
     "weights",
 ]
-
-LOG2E = 1.4426950408889634
 
 # Tiles used under the interpreter (no autotuning there); tests change them to cover more paths.
 INTERPRET_BLOCKS: dict[str, Any] = {
@@ -356,152 +353,6 @@ def _launch(name: str, grid, args: list, consts: dict[str, Any], tune: bool = Tr
 
 
 # --------------------------------------------------------------------------------------------
-# Turning a spec into kernel arguments
-# --------------------------------------------------------------------------------------------
-
-
-def _strides(t: torch.Tensor | None, n: int) -> list[int]:
-    """Strides of a broadcastable tensor, 0 along its size-1 dimensions (n entries)."""
-    if t is None:
-        return [0] * n
-    return [0 if size == 1 else st for size, st in zip(t.shape, t.stride())]
-
-
-def _match_ranges(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """For each id in ``a`` (B, Na): the span of positions of ``b`` (B, Nb) holding the same id.
-
-    Returns int32 (4, B, Na): ``lo, hi`` (the first and one past the last match; ``Nb, 0`` when
-    none or the id is negative) and ``full_lo, full_hi`` (the same span when every position in
-    it matches, i.e. the document is contiguous; ``Nb, 0`` otherwise). A stable sort keeps the
-    original order within equal ids, so the first and last match sit at the ends of their run.
-    """
-    nb = b.shape[1]
-    a = a.long()
-    sorted_b, order = torch.sort(b.long(), dim=1, stable=True)
-    left = torch.searchsorted(sorted_b, a, right=False)
-    right = torch.searchsorted(sorted_b, a, right=True)
-    count = right - left
-    found = (count > 0) & (a >= 0)
-    lo = order.gather(1, left.clamp(max=nb - 1))
-    hi = order.gather(1, (right - 1).clamp(min=0)) + 1
-    exact = found & (hi - lo == count)
-    none = torch.full_like(lo, nb)
-    zero = torch.zeros_like(lo)
-    out = torch.stack(
-        [
-            torch.where(found, lo, none),
-            torch.where(found, hi, zero),
-            torch.where(exact, lo, none),
-            torch.where(exact, hi, zero),
-        ]
-    )
-    return out.to(torch.int32).contiguous()
-
-
-def _may_hide(spec: AttentionSpec) -> bool:
-    """Whether some rule may hide some key from some row (then non-finite keys are cleaned)."""
-    if spec.mask is not None or spec.q_ids is not None:
-        return True
-    if not (spec.causal or spec.window is not None) or spec.Nq == 0:
-        return False
-    _, _, full_lo, full_hi = bounds(spec, 0, spec.Nq)
-    return full_lo > 0 or full_hi < spec.Nk
-
-
-@dataclass
-class _Call:
-    """Everything but q/k/v that the kernels take, derived once per call."""
-
-    spec: AttentionSpec
-    args_rules: list  # BIAS, SLOPES, MASK, QIDS, KVIDS
-    strides_rules: list  # bias(4), mask(4), slopes(2), ids(4)
-    qrng: torch.Tensor
-    krng: torch.Tensor | None
-    scalars: list  # B, H, G, Nq, Nk, D, DV, OFF
-    scale_args: list  # qk_scale, cap2, win_left, win_right
-    drop_args: list  # seed0, seed1, thresh, drop_scale
-    consts: dict
-
-
-def _prepare(spec: AttentionSpec, q: torch.Tensor, seed, need_krng: bool = False) -> _Call:
-    dummy = q
-    bias = spec.bias
-    mask = spec.mask.view(torch.uint8) if spec.mask is not None else None
-    slopes = spec.alibi_slopes
-    q_ids, kv_ids = spec.q_ids, spec.kv_ids
-    strides_rules = (
-        _strides(bias, 4)
-        + _strides(mask, 4)
-        + _strides(slopes, 2)
-        + (list(q_ids.stride()) if q_ids is not None else [0, 0])
-        + (list(kv_ids.stride()) if kv_ids is not None else [0, 0])
-    )
-    qrng = krng = None
-    if q_ids is not None:
-        qrng = _match_ranges(q_ids, kv_ids)
-        if need_krng:
-            krng = _match_ranges(kv_ids, q_ids)
-    big = spec.Nq + spec.Nk + 1  # a window wider than this restricts nothing
-    left, right = spec.window if spec.window is not None else (None, None)
-    if spec.softcap is not None:
-        qk_scale, cap2 = spec.scale / spec.softcap, spec.softcap * LOG2E
-    else:
-        qk_scale, cap2 = spec.scale * LOG2E, 1.0
-    p = spec.dropout_p
-    if p > 0:
-        seed0, seed1 = int(seed[0]) & 0xFFFFFFFF, int(seed[1]) & 0xFFFFFFFF
-        thresh = min(int(p * 2.0**32), 2**32 - 1)
-        drop_args = [seed0, seed1, thresh, 1.0 / (1.0 - p)]
-    else:
-        drop_args = [0, 0, 0, 1.0]
-    upcast = interpreting() and spec.dtype == torch.bfloat16
-    bd = max(16, triton.next_power_of_2(spec.D))
-    bdv = max(16, triton.next_power_of_2(spec.Dv))
-    consts = {
-        "CAUSAL": spec.causal,
-        "HAS_LEFT": left is not None and left < big,
-        "HAS_RIGHT": right is not None and right < big,
-        "HAS_BIAS": bias is not None,
-        "HAS_ALIBI": slopes is not None,
-        "HAS_MASK": mask is not None,
-        "HAS_SEG": q_ids is not None,
-        "SOFTCAP": spec.softcap is not None,
-        "DROPOUT": p > 0,
-        "CLEAN": _may_hide(spec),
-        # float32 inputs get exact float32 products (no TF32), as torch does by default
-        "PREC": "ieee" if spec.dtype == torch.float32 or upcast else "tf32",
-        "UPCAST": upcast,
-        "EVEN_D": bd == spec.D and bdv == spec.Dv,
-        "BLOCK_D": bd,
-        "BLOCK_DV": bdv,
-        "TUNE_Q": min(triton.next_power_of_2(spec.Nq), 1 << 16),
-        "TUNE_K": min(triton.next_power_of_2(spec.Nk), 1 << 20),
-    }
-    return _Call(
-        spec=spec,
-        args_rules=[
-            bias if bias is not None else dummy,
-            slopes if slopes is not None else dummy,
-            mask if mask is not None else dummy,
-            q_ids if q_ids is not None else dummy,
-            kv_ids if kv_ids is not None else dummy,
-        ],
-        strides_rules=strides_rules,
-        qrng=qrng if qrng is not None else dummy,
-        krng=krng if krng is not None else dummy,
-        scalars=[spec.B, spec.Hq, spec.group, spec.Nq, spec.Nk, spec.D, spec.Dv, spec.start],
-        scale_args=[
-            qk_scale,
-            cap2,
-            min(left, big) if left is not None else 0,
-            min(right, big) if right is not None else 0,
-        ],
-        drop_args=drop_args,
-        consts=consts,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 
@@ -545,7 +396,7 @@ def forward(
         return out, lse
     if spec.Nk == 0:
         return out.zero_(), lse.fill_(-math.inf)
-    call = _prepare(spec, q, seed)
+    call = prepare(spec, q, seed)
     use_tma = _use_tma(k, v) if tma is None else tma
     run = _decode if _use_decode(spec) else _forward
     try:
@@ -566,7 +417,7 @@ def forward(
     return out, lse
 
 
-def _forward(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
+def _forward(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     spec = call.spec
     args = [
         q, k, v, out, lse, *call.args_rules, call.qrng,
@@ -675,7 +526,7 @@ def _tma_probe(device: torch.device) -> bool:
     return ok
 
 
-def _decode(call: _Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
+def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     spec = call.spec
     g, nq = spec.group, spec.Nq
     block_m = max(16, triton.next_power_of_2(min(g * nq, 64)))
@@ -745,7 +596,7 @@ def backward(
         return dq, dk, dv, dbias, dalibi
     if dout is None:
         dout = torch.zeros_like(out)
-    call = _prepare(spec, q, seed, need_krng=True)
+    call = prepare(spec, q, seed, need_krng=True)
     km = _kernels()
     rows = spec.B * spec.Hq * spec.Nq
     delta = torch.empty(rows, dtype=torch.float32, device=dev)
@@ -881,7 +732,7 @@ def weights(
     probs = torch.zeros(spec.B, hs, m, spec.Nk, dtype=torch.float32, device=dev)
     if probs.numel() == 0:
         return probs
-    call = _prepare(spec, q, None)
+    call = prepare(spec, q, None)
     lse_t = lse if lse is not None else probs
     lse_strides = list(lse.stride()) if lse is not None else [0, 0, 0]
     consts = {
