@@ -23,6 +23,7 @@ __all__ = [
     "folder",
     "language_code",
     "load",
+    "model_parts",
     "package_folder",
     "state_dict",
     "transcribe",
@@ -37,14 +38,16 @@ SAMPLE_RATE = 16_000  # Whisper's feature extractor: 80 mel bins, n_fft 400, hop
 WINDOW_SECONDS = 30
 FRAME_SECONDS = 0.02  # one encoder position (two mel frames after the stride-2 convolution)
 MAX_NEW_TOKENS = 224  # as openai-whisper: half the decoder's context, which stops a loop
-CONVERTER = 1  # bump when the conversion changes: the cached folder is then made again
+CONVERTER = 2  # bump when the conversion changes: the cached folder is then made again
 _SOT, _EOT, _TRANSLATE, _TRANSCRIBE, _NO_TIMESTAMPS = 50258, 50257, 50358, 50359, 50363
 
 
 # -- the packages and the cache ------------------------------------------------------------------
 
 
-def _parts() -> list[Path]:
+def model_parts() -> list[Path]:
+    """The two files that are one CTranslate2 model.bin, in order (a ``ValueError`` naming the
+    pip command when a package is missing)."""
     return [
         cache.package_file(n, f"data/model.bin.part{i}", PIP, what=WHAT)
         for i, n in enumerate(PACKAGES, 1)
@@ -54,7 +57,7 @@ def _parts() -> list[Path]:
 def package_folder() -> Path:
     """The first package's ``data`` folder: ``config.json``, ``tokenizer.json``,
     ``vocabulary.txt`` and ``model.bin.part1`` (``.part2`` is in the second package's)."""
-    _parts()
+    model_parts()
     return cache.package_folder(PACKAGES[0], PIP, what=WHAT) / "data"
 
 
@@ -229,7 +232,7 @@ def _generation_config(config: Any, processor: Any, ct2: dict[str, Any]) -> Any:
         bos_token_id=_EOT,
         eos_token_id=_EOT,
         pad_token_id=_EOT,
-        max_length=config.max_target_positions,
+        max_new_tokens=MAX_NEW_TOKENS,
         suppress_tokens=config.suppress_tokens,
         begin_suppress_tokens=config.begin_suppress_tokens,
         alignment_heads=ct2.get("alignment_heads"),
@@ -249,7 +252,7 @@ def _convert(dest: Path) -> None:
 
     data = package_folder()
     ct2 = json.loads((data / "config.json").read_text(encoding="utf-8"))
-    mb = read_model_bin(_parts())
+    mb = read_model_bin(model_parts())
     config = whisper_config(mb, ct2)
     config.architectures = ["WhisperForConditionalGeneration"]
     tensors = {k: torch.from_numpy(v.copy()) for k, v in state_dict(mb, config).items()}
@@ -264,7 +267,7 @@ def folder() -> Path:
     """The converted transformers folder in the cache (``$SELFATTN_CACHE/whisper-base``), made
     from the packages' model.bin on first use (a few seconds) and reused while the installed
     files are the same."""
-    stamp = cache.fingerprint(_parts(), str(CONVERTER))
+    stamp = cache.fingerprint(model_parts(), str(CONVERTER))
     return cache.converted_folder("whisper-base", _convert, stamp)
 
 
@@ -385,7 +388,7 @@ def transcribe(
             prompt += [_TRANSLATE if task == "translate" else _TRANSCRIBE, _NO_TIMESTAMPS]
             seq = model.generate(
                 encoder_outputs=enc, language=result.language, task=task,
-                max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1,
+                do_sample=False, num_beams=1,
             )[0].tolist()  # fmt: skip
             seq = seq[len(prompt) :] if seq[: len(prompt)] == prompt else seq
             tokens = [t for t in seq if t != _EOT]
