@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from selfattn.checks import integer
 
-from . import chat
+from . import chat, transcribe
 from .bench import cmd_bench
 from .console import UsageError, make_console, version
 from .demo import DEFAULT_TEXT, cmd_demo
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_train(sub)
     chat.add_parser(sub)
+    transcribe.add_parser(sub)
     return p
 
 
