@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import selfattn  # noqa: E402
-from selfattn.backends.triton import host  # noqa: E402
+from selfattn.backends.triton import host, tma  # noqa: E402
 
 SDPA = ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
 
@@ -366,12 +366,12 @@ def ab_checks(device, budget: Budget, smoke: bool) -> list[dict]:
     rows = []
     n, d, h = (128, 32, 2) if smoke else (8192, 128, 16)
     b = 1 if smoke else 2
-    for label, attr, values in (("TMA", "TMA_MODE", ("0", "1")),):
+    for label, attr, values in (("TMA", "MODE", ("0", "1")),):
         for val in values:
             if budget.left() < 20:
                 break
-            old = getattr(host, attr)
-            setattr(host, attr, val)
+            old = getattr(tma, attr)
+            setattr(tma, attr, val)
             try:
                 q, k, v = make(b, h, h, n, n, d, torch.bfloat16, device, grad=False)
                 first, ms, _ = measure(triton_fn(q, k, v), "fwd", None, device)
@@ -382,7 +382,7 @@ def ab_checks(device, budget: Budget, smoke: bool) -> list[dict]:
             except Exception as exc:
                 rows.append({"ab": f"{label}={val}", "error": f"{type(exc).__name__}: {exc}"[:300]})
             finally:
-                setattr(host, attr, old)
+                setattr(tma, attr, old)
     nk = 512 if smoke else 131072
     for val in ("always", "never"):
         if budget.left() < 20:

@@ -36,7 +36,7 @@ from helpers import (
 )
 from selfattn import _rng
 from selfattn.backends import BACKENDS, candidates
-from selfattn.backends.triton import host
+from selfattn.backends.triton import host, tma
 from selfattn.spec import validate
 
 DEVICES = [
@@ -172,13 +172,13 @@ def check_forward(dev, shape, rule, dtype=torch.float32, seed=0):
     lse_scale = max(1.0, float(np.abs(ref_lse[np.isfinite(ref_lse)]).max(initial=1.0)))
     # on a GPU both ways of reading keys and values: TMA descriptors (where the probe keeps
     # them) and plain pointers
-    for tma in ("auto", "0") if dev.type == "cuda" else (None,):
+    for mode in ("auto", "0") if dev.type == "cuda" else (None,):
         with pytest.MonkeyPatch.context() as mp:
-            if tma is not None:
-                mp.setattr(host, "TMA_MODE", tma)
+            if mode is not None:
+                mp.setattr(tma, "MODE", mode)
             out, lse = run(q, k, v, dev, return_lse=True, **kw)
         assert out.shape == (b, hq, nq, dv) and out.device.type == dev.type
-        assert_close(out, ref, plain, dtype, f"triton {rule} (TMA {tma})")
+        assert_close(out, ref, plain, dtype, f"triton {rule} (TMA {mode})")
         assert lse.dtype == torch.float32
         assert np.array_equal(np.isneginf(to_np(lse)), np.isneginf(ref_lse))
         assert max_err(lse, ref_lse) < 1e-5 * lse_scale
@@ -576,21 +576,21 @@ def test_prune_keeps_tiles_that_fit():
 @pytest.mark.parametrize("rule", ["none", "causal", "combo"])
 def test_tma_path_matches_spec(dev, rule, monkeypatch):
     """Keys and values through 4-D TMA descriptors (zero fill past Nk and D), forced on."""
-    if host.TensorDescriptor is None:
+    if tma.TensorDescriptor is None:
         pytest.skip("this Triton has no host TensorDescriptor")
     if dev.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
-    monkeypatch.setattr(host, "TMA_MODE", "1")
+    monkeypatch.setattr(tma, "MODE", "1")
     check_forward(dev, (2, 4, 2, 37, 67, 40, 24), rule)
 
 
 def test_tma_declines_layouts_it_cannot_describe():
     k = torch.randn(2, 2, 67, 64)
-    assert host._tma_layout_ok(k)
-    assert host._tma_layout_ok(k[..., :40])  # a narrower view keeps aligned strides
-    assert not host._tma_layout_ok(k.transpose(-1, -2))
-    assert not host._tma_layout_ok(torch.randn(2, 1, 67, 64).expand(2, 2, 67, 64))  # stride 0
-    assert not host._tma_layout_ok(torch.randn(2, 2, 67, 33)[..., :32])  # 33 * 4 bytes
+    assert tma.layout_ok(k)
+    assert tma.layout_ok(k[..., :40])  # a narrower view keeps aligned strides
+    assert not tma.layout_ok(k.transpose(-1, -2))
+    assert not tma.layout_ok(torch.randn(2, 1, 67, 64).expand(2, 2, 67, 64))  # stride 0
+    assert not tma.layout_ok(torch.randn(2, 2, 67, 33)[..., :32])  # 33 * 4 bytes
 
 
 # -- GPU only: sizes the interpreter cannot reach, autotuning, the decode regime ---------------------
@@ -696,8 +696,8 @@ def test_autotuners_build_and_prune(monkeypatch):
         want = host._candidates(kind, 128, 2)
         got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
         assert got and got == [c for c in want if c in got]
-    tma = host._tuned("attn_fwd", tma=True)
-    assert all(c.pre_hook is host._tma_blocks for c in tma.configs)
+    with_tma = host._tuned("attn_fwd", tma=True)
+    assert all(c.pre_hook is tma.set_block_shapes for c in with_tma.configs)
     decode = host._tuned("attn_decode")
     decode.nargs = {"Q": q}
     assert decode.prune_configs(
@@ -707,19 +707,20 @@ def test_autotuners_build_and_prune(monkeypatch):
 
 def test_tma_failure_falls_back_to_pointers(dev, monkeypatch):
     """A TMA kernel that cannot be built is reported once and the pointer kernel runs."""
-    real = host._tma_args
+    real = tma.descriptor_args
 
-    def broken(k, v, tma):
-        if tma:
+    def broken(k, v, with_tma):
+        if with_tma:
             raise RuntimeError("no TMA here")
-        return real(k, v, tma)
+        return real(k, v, with_tma)
 
-    monkeypatch.setattr(host, "_use_tma", lambda k, v: True)
-    monkeypatch.setattr(host, "_tma_args", broken)
-    monkeypatch.setattr(host, "_TMA_VERIFIED", {})
+    # host calls these by the names it imported from tma
+    monkeypatch.setattr(host, "use_tma", lambda k, v, forward: True)
+    monkeypatch.setattr(host, "descriptor_args", broken)
+    monkeypatch.setattr(tma, "VERIFIED", {})
     q, k, v = make_qkv(1, 2, 2, 37, 67, 32, seed=14)
     with pytest.warns(RuntimeWarning, match="TMA kernel failed"):
         out = run(q, k, v, dev, causal=True)
     ref, _ = ref_attention(q, k, v, causal=True)
     assert max_err(out, ref) < 1e-5
-    assert host._TMA_VERIFIED[host._device_key(dev)] is False
+    assert tma.VERIFIED[tma.device_key(dev)] is False

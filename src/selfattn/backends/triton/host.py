@@ -12,7 +12,6 @@ once per mode because ``triton.jit`` decides at decoration time whether to inter
 Environment knobs (read at import, or per call where noted):
   ``SELFATTN_TRITON_AUTOTUNE=0``       no autotuning: the first candidate tile that fits runs.
   ``SELFATTN_TRITON_MAX_CONFIGS=n``    autotune at most n candidates per kernel (per call).
-  ``SELFATTN_TRITON_TMA=auto|1|0``     TMA descriptors for K/V in the forward kernels.
   ``SELFATTN_TRITON_DECODE=auto|always|never``  the split-K kernel for Nq <= 16.
 """
 
@@ -32,14 +31,10 @@ from typing import Any
 import torch
 import triton
 
-from ...spec import AttentionSpec, validate
+from ...spec import AttentionSpec
 from . import interpreting
 from .prepare import Call, prepare
-
-try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernels use pointers
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton
-    TensorDescriptor = None
+from .tma import descriptor_args, distrust, set_block_shapes, use_tma
 
 __all__ = [
     "INTERPRET_BLOCKS",
@@ -271,13 +266,6 @@ _FLAG_KEYS = [
 ]  # fmt: skip
 
 
-def _tma_blocks(nargs: dict) -> None:
-    """Autotune pre-hook: the TMA descriptors' tile shape follows the configuration's."""
-    if nargs.get("USE_TMA"):
-        nargs["DESC_K"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
-        nargs["DESC_V"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
-
-
 def _unique_configs(kind: str, hook=None) -> list[triton.Config]:
     """One config per distinct tile (and warps, stages) over every table of a kind."""
     tables = [_DECODE] if kind == "decode" else [*_TABLES[kind].values(), _F32[kind]]
@@ -301,7 +289,7 @@ def _tuned(name: str, tma: bool = False) -> Any:
     if fn is None:
         kind, extra_keys, reset = _AUTOTUNED[name]
         fn = triton.autotune(
-            _unique_configs(kind, _tma_blocks if tma else None),
+            _unique_configs(kind, set_block_shapes if tma else None),
             key=["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS, *extra_keys],
             prune_configs_by={"early_config_prune": _make_prune(kind)},
             reset_to_zero=reset,
@@ -347,7 +335,7 @@ def _launch(name: str, grid, args: list, consts: dict[str, Any], tune: bool = Tr
         )[0]  # fmt: skip
         meta = dict(c.kwargs)
         launch = {"num_warps": c.num_warps, "num_stages": c.num_stages}
-    _tma_blocks({**consts, **meta})
+    set_block_shapes({**consts, **meta})
     getattr(_kernels(), name)[grid(meta)](*args, **consts, **meta, **launch)
     return meta
 
@@ -387,7 +375,7 @@ def forward(
     """Run the forward kernels. Returns ``out`` (B, Hq, Nq, Dv) in q's dtype and the natural-log
     ``lse`` (B, Hq, Nq) float32 (-inf for rows that see nothing).
 
-    ``tma`` forces the TMA path on or off (None: :func:`_use_tma` decides); ``tune=False``
+    ``tma`` forces the TMA path on or off (None: :func:`tma.use_tma` decides); ``tune=False``
     skips autotuning (the first candidate tile that fits runs).
     """
     out = torch.empty(spec.B, spec.Hq, spec.Nq, spec.Dv, dtype=q.dtype, device=q.device)
@@ -397,16 +385,16 @@ def forward(
     if spec.Nk == 0:
         return out.zero_(), lse.fill_(-math.inf)
     call = prepare(spec, q, seed)
-    use_tma = _use_tma(k, v) if tma is None else tma
+    with_tma = use_tma(k, v, forward) if tma is None else tma
     run = _decode if _use_decode(spec) else _forward
     try:
-        run(call, q, k, v, out, lse, use_tma, tune)
+        run(call, q, k, v, out, lse, with_tma, tune)
     except Exception as exc:
-        if not use_tma or tma is not None:
+        if not with_tma or tma is not None:
             raise
         # a TMA variant this Triton cannot build (the probe covers one dtype and head dim):
         # remember, warn once, and run the pointer kernel
-        _TMA_VERIFIED[_device_key(q.device)] = False
+        distrust(q.device)
         warnings.warn(
             f"selfattn: TMA kernel failed ({type(exc).__name__}: {str(exc)[:200]}); "
             "using pointers from now on",
@@ -424,106 +412,12 @@ def _forward(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *call.strides_rules,
         *call.scalars, *call.scale_args, *call.drop_args,
     ]  # fmt: skip
-    consts = dict(call.consts, REVERSE=spec.causal, **_tma_args(k, v, tma))
+    consts = dict(call.consts, REVERSE=spec.causal, **descriptor_args(k, v, tma))
 
     def grid(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
 
     _launch("attn_fwd", grid, args, consts, tune)
-
-
-# --------------------------------------------------------------------------------------------
-# TMA (Hopper's tensor-memory accelerator), verified once per device before use
-# --------------------------------------------------------------------------------------------
-
-TMA_MODE = os.environ.get("SELFATTN_TRITON_TMA", "auto")  # auto | 1 (force) | 0 (never)
-_TMA_VERIFIED: dict[Any, bool] = {}
-
-
-def _tma_args(k: torch.Tensor, v: torch.Tensor, tma: bool) -> dict[str, Any]:
-    """DESC_K / DESC_V / USE_TMA for the forward kernels (plain tensors when TMA is off)."""
-    if not tma:
-        return {"DESC_K": k, "DESC_V": v, "USE_TMA": False}
-    # 4-D descriptors over (B, Hkv, Nk, D): the block shape is set per configuration
-    return {
-        "DESC_K": TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, 16, 16]),
-        "DESC_V": TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, 16, 16]),
-        "USE_TMA": True,
-    }
-
-
-def _tma_layout_ok(t: torch.Tensor) -> bool:
-    """TMA needs a 16-byte aligned base, unit last stride and other strides 16-byte multiples."""
-    elt = t.element_size()
-    return (
-        t.stride(-1) == 1
-        and t.data_ptr() % 16 == 0
-        and all(st > 0 and st * elt % 16 == 0 for st in t.stride()[:-1])
-    )
-
-
-def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the forward kernels read keys and values through TMA descriptors.
-
-    ``SELFATTN_TRITON_TMA``: ``0`` never, ``1`` whenever the layout allows (the interpreter
-    too, for tests), ``auto`` (default) on a GPU of compute capability >= 9 once a probe has
-    matched the pointer kernel on this device; any failure falls back to pointers.
-    """
-    if TensorDescriptor is None or TMA_MODE == "0":
-        return False
-    if not (_tma_layout_ok(k) and _tma_layout_ok(v)):
-        return False
-    if TMA_MODE == "1":
-        return True
-    if interpreting() or k.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
-    return _tma_probe(k.device)
-
-
-def _device_key(device: torch.device) -> Any:
-    if device.type != "cuda":
-        return device.type
-    return torch.cuda.current_device() if device.index is None else device.index
-
-
-def _tma_probe(device: torch.device) -> bool:
-    """Run a small causal call with and without TMA; keep TMA only if they agree."""
-    key = _device_key(device)
-    if key in _TMA_VERIFIED:
-        return _TMA_VERIFIED[key]
-    _TMA_VERIFIED[key] = False  # also while probing: no recursion
-    ok = False
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (
-            torch.randn(1, 2, 300, 64, generator=g, device=device, dtype=torch.bfloat16)
-            for _ in range(3)
-        )
-        spec = validate(q, k, v, causal=True, return_lse=True)
-        ref, ref_lse = forward(spec, q, k, v, None, tma=False, tune=False)
-        got, got_lse = forward(spec, q, k, v, None, tma=True, tune=False)
-        ok = bool(
-            torch.isfinite(got).all()
-            and (got.float() - ref.float()).abs().max() < 2e-2
-            and (got_lse - ref_lse).abs().max() < 1e-3
-        )
-        if not ok:
-            warnings.warn(
-                "selfattn: the TMA forward kernel disagreed with the pointer kernel on this "
-                "GPU; using pointers (set SELFATTN_TRITON_TMA=0 to skip this check)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    except Exception as exc:  # a Triton without working TMA for this kernel: fall back
-        warnings.warn(
-            f"selfattn: TMA kernels unavailable ({type(exc).__name__}: {exc}); using pointers",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    _TMA_VERIFIED[key] = ok
-    return ok
 
 
 def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
@@ -549,7 +443,7 @@ def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
         *call.scalars, *call.scale_args, *call.drop_args,
         split_len, n_splits, heads_per_prog, n_hchunks,
     ]  # fmt: skip
-    consts = dict(call.consts, BLOCK_M=block_m, **_tma_args(k, v, tma))
+    consts = dict(call.consts, BLOCK_M=block_m, **descriptor_args(k, v, tma))
 
     def grid(meta):
         return (n_splits, progs)
