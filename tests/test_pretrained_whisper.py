@@ -8,7 +8,6 @@ import re
 import shutil
 import struct
 import subprocess
-import time
 import wave
 
 import numpy as np
@@ -422,12 +421,15 @@ def test_long_speech_equal_to_eager_with_realtime_factors(models, tmp_path):
 
     samples = _espeak(tmp_path / "long.wav", LONG)
     assert 10 <= samples.size / 16000 <= 30
-    got = {}
-    for attn in ("selfattn", "eager", "sdpa", "selfattn"):  # selfattn again: warm, interleaved
-        t0 = time.perf_counter()
-        got[attn] = whisper.transcribe(*models[attn], samples, language="en")
-        print(f"\n{attn}: {got[attn].realtime_factor:.2f}x real time "
-              f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    got, best = {}, {}
+    for _ in range(2):  # interleaved rounds on a shared machine: the best of each is reported
+        for attn in ("selfattn", "sdpa", "eager"):
+            got[attn] = whisper.transcribe(*models[attn], samples, language="en")
+            best[attn] = min(best.get(attn, float("inf")), got[attn].elapsed)
+    seconds = samples.size / 16000
+    for attn, t in best.items():
+        print(f"\n{attn}: {seconds / t:.2f}x real time ({t:.2f} s for {seconds:.1f} s)", end="")
+    print(f"\nselfattn / sdpa real-time factor: {best['sdpa'] / best['selfattn']:.2f}")
     assert got["selfattn"].tokens == got["eager"].tokens == got["sdpa"].tokens
     rate = wer(got["selfattn"].text, LONG)
     print(f"WER {rate:.3f}: {got['selfattn'].text!r}")

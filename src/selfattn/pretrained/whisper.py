@@ -63,19 +63,12 @@ def package_folder() -> Path:
 
 # -- model.bin -> transformers ------------------------------------------------------------------
 
-#: scalar variables of the spec: name -> the value the mapping below assumes
-#: (activation 3 is CTranslate2's exact GELU; alignment_* are its defaults, unused here)
-SCALARS = {
-    "encoder/num_heads": None,  # checked against the decoder's and the config
-    "decoder/num_heads": None,
-    "decoder/activation": 3,
-    "decoder/pre_norm": 1,
-    "decoder/alibi": 0,
-    "decoder/scale_embeddings": 0,
-    "decoder/start_from_zero_embedding": 0,
-    "decoder/alignment_heads": None,
-    "decoder/alignment_layer": None,
-}
+#: the spec's scalar variables -> the value this mapping assumes (None: any; the head counts are
+#: checked against the config; activation 3 is CTranslate2's exact GELU; alignment_* unused)
+SCALARS = {"encoder/num_heads": None, "decoder/num_heads": None, "decoder/activation": 3}
+SCALARS |= {"decoder/pre_norm": 1, "decoder/alibi": 0, "decoder/scale_embeddings": 0}
+SCALARS |= {"decoder/start_from_zero_embedding": 0}
+SCALARS |= {"decoder/alignment_heads": None, "decoder/alignment_layer": None}
 
 
 def _layers(mb: ModelBin, side: str) -> int:
