@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from selfattn.backends.triton import host  # noqa: E402
+from selfattn.backends.triton import host, kernels  # noqa: E402
 from selfattn.spec import validate  # noqa: E402
 
 
@@ -62,17 +62,14 @@ class _FakeModule:
 
 
 def capture(fn) -> list:
-    """Run host code with every launch recorded instead of executed."""
+    """Run host code with every launch recorded instead of executed (host launches through its
+    module global ``kernels``; autotuning is off, so no autotuned wrapper is built)."""
     calls: list = []
-    saved = host._MODULES.get(False)
-    host._MODULES[False] = _FakeModule(calls)
+    host.kernels = _FakeModule(calls)
     try:
         fn()
     finally:
-        if saved is None:
-            host._MODULES.pop(False, None)
-        else:
-            host._MODULES[False] = saved
+        host.kernels = kernels
     return calls
 
 
@@ -240,7 +237,6 @@ def main(argv=None) -> int:
     backend, arch = args.target.split(":")
     target = GPUTarget(backend, int(arch), 32)
     sm = f"sm_{arch}a" if arch == "90" else f"sm_{arch}"
-    kernels = host._kernels()  # the real (compiled-mode) kernel module
     rows, failures = [], 0
     todo = []
     for label, run in scenarios(args.quick or args.configs):

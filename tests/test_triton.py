@@ -5,7 +5,7 @@ Each case runs twice: under Triton's CPU interpreter (``TRITON_INTERPRET=1``, ma
 ``interpret``; set per test with monkeypatch so no other test file sees it) and natively on a
 CUDA GPU (marked ``gpu``; skipped where there is none). The interpreter is slow (tens of ms per
 tile), so shapes are small and odd (lengths 1, 5, 37, 67, 129, 300; head dims 32, 40, 64) and
-the tiles are small (``host.INTERPRET_BLOCKS``) so that every shape still spans several tiles:
+the tiles are small (``interp.INTERPRET_BLOCKS``) so that every shape still spans several tiles:
 masked, unmasked and skipped stretches all run.
 """
 
@@ -36,7 +36,7 @@ from helpers import (
 )
 from selfattn import _rng
 from selfattn.backends import BACKENDS, candidates
-from selfattn.backends.triton import host, tma
+from selfattn.backends.triton import host, interp, tma
 from selfattn.spec import validate
 
 DEVICES = [
@@ -51,7 +51,7 @@ def dev(request, monkeypatch) -> torch.device:
     if request.param == "interpret":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         for kind, blocks in INTERPRET_BLOCKS.items():
-            monkeypatch.setitem(host.INTERPRET_BLOCKS, kind, blocks)
+            monkeypatch.setitem(interp.INTERPRET_BLOCKS, kind, blocks)
         return torch.device("cpu")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -216,7 +216,7 @@ def test_forward_extreme_lengths(dev, shape, rule):
 def test_forward_small_tiles_and_long_keys(dev, monkeypatch):
     """16 x 16 tiles over 300 keys: many unmasked tiles between masked edges and skipped ones."""
     if dev.type == "cpu":
-        monkeypatch.setitem(host.INTERPRET_BLOCKS, "fwd", (16, 16))
+        monkeypatch.setitem(interp.INTERPRET_BLOCKS, "fwd", (16, 16))
     check_forward(dev, (1, 1, 1, 37, 300, 32, 32), "window")
     check_forward(dev, (1, 1, 1, 129, 129, 32, 32), "segments")
 
@@ -231,7 +231,7 @@ def test_forward_small_tiles_and_long_keys(dev, monkeypatch):
 def test_decode_matches_spec(dev, rule, monkeypatch):
     """Few queries over many keys through the split-K kernel: GQA 6 -> 2, three splits."""
     monkeypatch.setattr(host, "DECODE_MODE", "always")
-    monkeypatch.setitem(host.INTERPRET_BLOCKS, "decode_splits", 3)
+    monkeypatch.setitem(interp.INTERPRET_BLOCKS, "decode_splits", 3)
     check_forward(dev, (2, 6, 2, 5, 150, 40, 32), rule)
 
 

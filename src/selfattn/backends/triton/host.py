@@ -6,8 +6,7 @@ dropout seeds), each kernel gets an autotuner whose configurations are pruned pe
 dtype and length, and :class:`TritonAttention` wires forward and backward into autograd.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter
-with fixed small tiles (``INTERPRET_BLOCKS``) instead of autotuning; the kernel module is loaded
-once per mode because ``triton.jit`` decides at decoration time whether to interpret.
+with fixed small tiles instead of autotuning (interp.py).
 
 Environment knobs (read at import, or per call where noted):
   ``SELFATTN_TRITON_AUTOTUNE=0``       no autotuning: the first candidate tile that fits runs.
@@ -17,27 +16,20 @@ Environment knobs (read at import, or per call where noted):
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.util
 import math
 import os
-import sys
 import warnings
-from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import torch
 import triton
 
 from ...spec import AttentionSpec
-from . import interpreting
+from . import interp, interpreting, kernels
 from .prepare import Call, prepare
 from .tma import descriptor_args, distrust, set_block_shapes, use_tma
 
 __all__ = [
-    "INTERPRET_BLOCKS",
     "TritonAttention",
     "attention",
     "backward",
@@ -47,15 +39,6 @@ __all__ = [
     "weights",
 ]
 
-# Tiles used under the interpreter (no autotuning there); tests change them to cover more paths.
-INTERPRET_BLOCKS: dict[str, Any] = {
-    "fwd": (32, 32),  # BLOCK_M, BLOCK_N
-    "dkdv": (32, 32),
-    "dq": (32, 32),
-    "decode_n": 32,  # BLOCK_N of the decode kernel
-    "decode_splits": None,  # None: the host's choice; an int forces that many splits
-    "probs": (32, 32),
-}
 # "auto" uses the split-K decode kernel for Nq <= DECODE_MAX_NQ over long caches; tests force it.
 DECODE_MODE = os.environ.get("SELFATTN_TRITON_DECODE", "auto")  # auto | always | never
 DECODE_MAX_NQ = 16
@@ -72,76 +55,10 @@ def _max_configs() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel module per mode, autotuned wrappers
+# Autotuned wrappers
 # --------------------------------------------------------------------------------------------
 
-_MODULES: dict[bool, ModuleType] = {}
 _TUNED: dict[str, Any] = {}
-
-
-def _kernels() -> ModuleType:
-    """``kernels.py`` loaded for the current mode (interpreted or compiled)."""
-    mode = interpreting()
-    mod = _MODULES.get(mode)
-    if mod is None:
-        path = os.path.join(os.path.dirname(__file__), "kernels.py")
-        name = f"{__package__}._kernels_{'interpret' if mode else 'jit'}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        _MODULES[mode] = mod
-    return mod
-
-
-_TWINS: dict[Any, Any] = {}
-
-
-@contextlib.contextmanager
-def _interpreter_ready() -> Iterator[None]:
-    """Make Triton's own ``@jit`` library (``tl.zeros``, ``tl.max``, ...) callable by the
-    interpreter for the duration of a launch.
-
-    Those functions are decorated when triton is imported: if that happened before
-    ``TRITON_INTERPRET=1`` was set they are compile-only and the interpreter refuses to call
-    them. Interpreted twins are swapped in and the originals restored afterwards, so the
-    variable can be set at any time (tests set it per test). Numpy's warnings about
-    ``log2(0)`` (rows that see nothing) are silenced: -inf is the intended result.
-    """
-    if not interpreting():
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    swaps = []
-    for mod in (tl, tl.core, tl.standard, tl.math, tl.random):
-        for name, obj in list(vars(mod).items()):
-            if isinstance(obj, JITFunction):
-                twin = _TWINS.get(obj)
-                if twin is None:
-                    twin = _TWINS[obj] = InterpretedFunction(obj.fn)
-                swaps.append((mod, name, obj))
-                setattr(mod, name, twin)
-    try:
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            yield
-    finally:
-        for mod, name, obj in swaps:
-            setattr(mod, name, obj)
-
-
-def _interpretable(fn):
-    """Run ``fn`` inside :func:`_interpreter_ready` (a no-op when compiling)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _interpreter_ready():
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 def _elt(t: torch.Tensor) -> int:
@@ -293,7 +210,7 @@ def _tuned(name: str, tma: bool = False) -> Any:
             key=["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS, *extra_keys],
             prune_configs_by={"early_config_prune": _make_prune(kind)},
             reset_to_zero=reset,
-        )(getattr(_kernels(), name))
+        )(getattr(kernels, name))
         _TUNED[(name, tma)] = fn
     return fn
 
@@ -301,14 +218,6 @@ def _tuned(name: str, tma: bool = False) -> Any:
 def _candidates(kind: str, bd: int, elt: int) -> list[tuple]:
     """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) for a kernel kind, head dim, dtype."""
     return _F32[kind] if elt == 4 else _TABLES[kind][_dim_class(bd)]
-
-
-def _interp(kind: str) -> dict[str, int]:
-    """The interpreter's tiles for a kind of kernel (``INTERPRET_BLOCKS``)."""
-    if kind == "decode":
-        return {"BLOCK_N": INTERPRET_BLOCKS["decode_n"]}
-    bm, bn = INTERPRET_BLOCKS[kind]
-    return {"BLOCK_M": bm, "BLOCK_N": bn}
 
 
 def _launch(name: str, grid, args: list, consts: dict[str, Any], tune: bool = True) -> dict:
@@ -321,7 +230,7 @@ def _launch(name: str, grid, args: list, consts: dict[str, Any], tune: bool = Tr
     kind = _AUTOTUNED[name][0]
     launch: dict[str, Any] = {}
     if interpreting():
-        meta = _interp(kind)
+        meta = interp.tiles(kind)
     elif tune and _autotune_enabled():
         fn = _tuned(name, bool(consts.get("USE_TMA")))
         fn[grid](*args, **consts)
@@ -336,7 +245,7 @@ def _launch(name: str, grid, args: list, consts: dict[str, Any], tune: bool = Tr
         meta = dict(c.kwargs)
         launch = {"num_warps": c.num_warps, "num_stages": c.num_stages}
     set_block_shapes({**consts, **meta})
-    getattr(_kernels(), name)[grid(meta)](*args, **consts, **meta, **launch)
+    getattr(kernels, name)[grid(meta)](*args, **consts, **meta, **launch)
     return meta
 
 
@@ -362,7 +271,7 @@ def _use_decode(spec: AttentionSpec) -> bool:
     return spec.Nk >= 4 * SPLIT_ALIGN
 
 
-@_interpretable
+@interp.interpretable
 def forward(
     spec: AttentionSpec,
     q: torch.Tensor,
@@ -427,8 +336,8 @@ def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     heads_per_prog = max(1, block_m // nq)
     n_hchunks = triton.cdiv(g, heads_per_prog)
     progs = spec.B * spec.Hkv * n_hchunks
-    forced = INTERPRET_BLOCKS["decode_splits"] if interpreting() else None
-    align = INTERPRET_BLOCKS["decode_n"] if interpreting() else SPLIT_ALIGN
+    forced = interp.INTERPRET_BLOCKS["decode_splits"] if interpreting() else None
+    align = interp.INTERPRET_BLOCKS["decode_n"] if interpreting() else SPLIT_ALIGN
     # about three programs per SM hide the memory latency; more only add partial results
     n_splits = forced if forced is not None else max(1, triton.cdiv(3 * _num_sms(q.device), progs))
     n_splits = max(1, min(n_splits, triton.cdiv(spec.Nk, align)))
@@ -449,8 +358,7 @@ def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
         return (n_splits, progs)
 
     _launch("attn_decode", grid, args, consts, tune)
-    km = _kernels()
-    km.decode_combine[(rows,)](
+    kernels.decode_combine[(rows,)](
         opart, lpart, out, lse, *out.stride(), spec.Hq, nq, spec.Dv, n_splits,
         BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=call.consts["BLOCK_DV"],
     )  # fmt: skip
@@ -461,7 +369,7 @@ def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@_interpretable
+@interp.interpretable
 def backward(
     spec: AttentionSpec,
     seed,
@@ -491,13 +399,12 @@ def backward(
     if dout is None:
         dout = torch.zeros_like(out)
     call = prepare(spec, q, seed, need_krng=True)
-    km = _kernels()
     rows = spec.B * spec.Hq * spec.Nq
     delta = torch.empty(rows, dtype=torch.float32, device=dev)
     lse2 = torch.empty(rows, dtype=torch.float32, device=dev)
     dlse_c = dlse.float().contiguous() if dlse is not None else delta
     pre_m = 64 if not interpreting() else 16
-    km.bwd_preprocess[(triton.cdiv(spec.Nq, pre_m), spec.B * spec.Hq)](
+    kernels.bwd_preprocess[(triton.cdiv(spec.Nq, pre_m), spec.B * spec.Hq)](
         out, dout, lse.contiguous(), dlse_c, delta, lse2, *out.stride(), *dout.stride(),
         spec.Hq, spec.Nq, spec.Dv,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_DV=call.consts["BLOCK_DV"],
@@ -600,7 +507,7 @@ def attention(
 # --------------------------------------------------------------------------------------------
 
 
-@_interpretable
+@interp.interpretable
 def weights(
     spec: AttentionSpec,
     q: torch.Tensor,
@@ -637,13 +544,13 @@ def weights(
         )
     }  # fmt: skip
     if interpreting():
-        bm, bn = INTERPRET_BLOCKS["probs"]
+        bm, bn = interp.INTERPRET_BLOCKS["probs"]
         launch = {}
     else:
         bm, bn = 64, 64
         launch = {"num_warps": 4, "num_stages": 2}
     b, hq, g, nq, nk, d, _, off = call.scalars
-    _kernels().attn_probs[(triton.cdiv(m, bm), spec.B * hs)](
+    kernels.attn_probs[(triton.cdiv(m, bm), spec.B * hs)](
         q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng,
         *q.stride(), *k.stride(), *probs.stride(), *lse_strides, *call.strides_rules,
         b, hq, g, nq, nk, d, off, m, hs, *call.scale_args,
