@@ -85,19 +85,30 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int] | None:
     return x, int(rate)
 
 
-def _read_sox(path: Path, rate: int) -> tuple[np.ndarray, int] | None:
+def _read_sox(path: Path) -> tuple[np.ndarray, int] | None:
+    """Decode with sox at the file's own rate and channels (resampling and mixing down stay
+    here, so every format goes through the same filter)."""
     sox = shutil.which("sox")
     if sox is None:
         return None
-    cmd = [sox, "-V1", str(path), "-t", "raw", "-e", "floating-point", "-b", "32", "-L"]
-    cmd += ["-c", "1", "-r", str(rate), "-"]
+
+    def run(*args: str) -> bytes | None:
+        try:
+            done = subprocess.run([sox, *args], capture_output=True, check=False, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    rate_text, channels_text = run("--i", "-r", str(path)), run("--i", "-c", str(path))
     try:
-        done = subprocess.run(cmd, capture_output=True, check=False, timeout=300)
-    except (OSError, subprocess.TimeoutExpired):
+        rate, channels = int(float(rate_text or b"")), int(channels_text or b"")
+    except ValueError:
         return None
-    if done.returncode != 0:
+    raw = run("-V1", str(path), "-t", "raw", "-e", "floating-point", "-b", "32", "-L", "-")
+    if raw is None or rate <= 0 or channels <= 0:
         return None
-    return np.frombuffer(done.stdout, "<f4").reshape(-1, 1), rate
+    samples = np.frombuffer(raw, "<f4")
+    return samples[: samples.size // channels * channels].reshape(-1, channels), rate
 
 
 def read_audio(path: str | os.PathLike, rate: int = 16_000) -> np.ndarray:
@@ -118,7 +129,7 @@ def read_audio(path: str | os.PathLike, rate: int = 16_000) -> np.ndarray:
     except (wave.Error, EOFError, ValueError) as exc:
         if isinstance(exc, AudioError):
             raise
-        got = _read_soundfile(p) or _read_sox(p, rate)
+        got = _read_soundfile(p) or _read_sox(p)
         if got is None:
             what = f"not a WAV file ({exc})" if isinstance(exc, wave.Error) else "a broken WAV"
             raise AudioError(
