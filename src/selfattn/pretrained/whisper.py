@@ -374,7 +374,7 @@ def transcribe(
             t0 = time.perf_counter()
             feats = processor.feature_extractor(
                 audio[a:b], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-            ).input_features.to(model.dtype)
+            ).input_features.to(model.device, model.dtype)
             enc = model.get_encoder()(feats)
             result.language = result.language or _detect(model, enc, processor)
             prompt = [_SOT, tok.convert_tokens_to_ids(f"<|{result.language}|>")]
@@ -404,10 +404,12 @@ def _alignment(model: Any, enc: Any, prompt: list[int], tokens: list[int], sampl
     if not tokens:
         return np.zeros((0, frames), np.float32)
     heads = model.generation_config.alignment_heads or [
-        (layer, h) for layer in range(model.config.decoder_layers) for h in range(8)
+        (layer, h)
+        for layer in range(model.config.decoder_layers)
+        for h in range(model.config.decoder_attention_heads)
     ]
-    ids = torch.tensor([prompt + tokens])
+    ids = torch.tensor([prompt + tokens], device=model.device)
     out = model(encoder_outputs=enc, decoder_input_ids=ids, output_attentions=True)
     rows = slice(len(prompt) - 1, len(prompt) - 1 + len(tokens))  # the rows that chose them
     w = torch.stack([out.cross_attentions[layer][0, h, rows, :frames] for layer, h in heads])
-    return w.float().mean(0).numpy()
+    return w.float().mean(0).cpu().numpy()
