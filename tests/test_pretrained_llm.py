@@ -309,3 +309,18 @@ def test_chat_missing_package_is_one_line_with_the_pip_command(capsys, monkeypat
 def test_chat_rejects_a_model_that_is_neither_a_name_nor_a_folder(capsys, tmp_path):
     rc, _, err = _chat(capsys, "Hello", "--model", str(tmp_path / "nope"))
     assert rc == 2 and "neither" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--max-new-tokens", "0"], "positive integer"),
+        (["--attn", "flash"], "invalid choice"),
+        (["--layers", "x"], "invalid int value"),
+        ([""], "PROMPT is empty"),
+    ],
+)
+def test_chat_bad_arguments_give_one_line_and_status_2(argv, needle, capsys):
+    assert main(["chat", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("selfattn") and needle in err, err
