@@ -23,7 +23,7 @@ ATTN = ("selfattn", "sdpa", "eager")
 DEFAULT_HEADS = (0, 1, 2)
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Any) -> None:
     """Add ``chat`` to the subcommands ``sub`` of the ``selfattn`` parser."""
     s = sub.add_parser(
         "chat",
@@ -315,7 +315,7 @@ def _turn(args, con, model, tok, label: str, messages: list, show: Path | None) 
     return record
 
 
-def cmd_chat(args: argparse.Namespace, con) -> int:
+def cmd_chat(args: argparse.Namespace, con: Any) -> int:
     """Chat with a causal LM on selfattn (one prompt, or lines from stdin)."""
     from rich.console import Console
 

@@ -10,7 +10,18 @@ from typing import Any
 
 from . import cache
 
-__all__ = ["CHUNKS", "NAME", "PIP", "chunk_files", "folder", "load", "package_folder", "stamp"]
+__all__ = [
+    "CHUNKS",
+    "NAME",
+    "PIP",
+    "assemble",
+    "chunk_files",
+    "expected_sha256",
+    "folder",
+    "load",
+    "package_folder",
+    "stamp",
+]
 
 WHAT = "Gemma-3-270M"
 #: the package that knows how the chunks go together (its data/SHA256SUMS is read, never run)
