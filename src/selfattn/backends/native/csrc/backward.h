@@ -307,7 +307,7 @@ static void backward_all(const Params& P, const Pool& pool) {
   const int64_t unit_bytes =
       int64_t(sizeof(T)) * (ntp * BW::PW * (P.D + Dp + P.Dv) +
                             P.G * nq_pad * (Dp + Dvp + 2 + nseg * Dp));
-  const int64_t budget = int64_t(512) << 20;
+  const int64_t budget = int64_t(16) << 20;  // as in forward: packed data used while cached
   int64_t wave = (fold_b || fold_h) ? units : imax(1, imin(units, budget / imax(1, unit_bytes)));
 
   Packed<V> pk;

@@ -209,7 +209,9 @@ static void forward_prefill(const Params& P, const Pool& pool) {
   const int64_t units = P.B * P.Hkv;
   const int64_t unit_bytes =
       pl.ntiles * F::PW * (P.D + (P.need_out ? pl.Dvp : 0)) * int64_t(sizeof(T)) + 1;
-  const int64_t budget = int64_t(256) << 20;
+  // Each wave packs its units and computes them right away: a wave whose packed K/V fit in a
+  // quarter of the L3 is read back from cache, not from memory (N=16384 windows: +20%).
+  const int64_t budget = int64_t(8) << 20;
   const int64_t wave = imax(1, imin(units, budget / unit_bytes));
   Packed<V> pk;
   pk.alloc(pl, wave, true, false, false, P.need_out);

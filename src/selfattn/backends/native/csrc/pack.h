@@ -13,44 +13,49 @@
 namespace selfattn {
 namespace SA_NS {
 
+// Whether x[0:n] holds no NaN/inf: an integer test of the exponent bits, which (unlike a float
+// sum) the compiler may vectorise.
+static inline bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bad |= uint32_t((u & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
+}
+static inline bool all_finite(const double* x, int64_t n) {
+  uint64_t bad = 0;
+  for (int64_t i = 0; i < n; i++) {
+    uint64_t u;
+    std::memcpy(&u, x + i, 8);
+    bad |= uint64_t((u & 0x7FF0000000000000ull) == 0x7FF0000000000000ull);
+  }
+  return bad == 0;
+}
+
 // Row `j` of a (B, H, N, X) view at (b, h) as T[0:X], zero-padded to Xp; false if not finite.
 template <class T>
 static inline bool load_row(const View& t, int64_t b, int64_t h, int64_t j, int64_t X, int64_t Xp,
                             T* dst) {
-  int64_t off = b * t.s[0] + h * t.s[1] + j * t.s[2];
-  T chk = 0;
-  if (t.dt == DT::F32 && t.s[3] == 1) {
+  const int64_t off = b * t.s[0] + h * t.s[1] + j * t.s[2], st = t.s[3];
+  if (t.dt == DT::F32 && st == 1) {
     const float* src = static_cast<const float*>(t.p) + off;
-    for (int64_t d = 0; d < X; d++) {
-      dst[d] = T(src[d]);
-      chk += dst[d] * T(0);
-    }
-  } else if (t.dt == DT::F64 && t.s[3] == 1) {
+    for (int64_t d = 0; d < X; d++) dst[d] = T(src[d]);
+  } else if (t.dt == DT::F64 && st == 1) {
     const double* src = static_cast<const double*>(t.p) + off;
-    for (int64_t d = 0; d < X; d++) {
-      dst[d] = T(src[d]);
-      chk += dst[d] * T(0);
-    }
+    for (int64_t d = 0; d < X; d++) dst[d] = T(src[d]);
   } else if (t.dt == DT::BF16) {
     const uint16_t* src = static_cast<const uint16_t*>(t.p) + off;
-    for (int64_t d = 0; d < X; d++) {
-      dst[d] = T(bf16_to_float(src[d * t.s[3]]));
-      chk += dst[d] * T(0);
-    }
+    for (int64_t d = 0; d < X; d++) dst[d] = T(bf16_to_float(src[d * st]));
   } else if (t.dt == DT::F16) {
     const uint16_t* src = static_cast<const uint16_t*>(t.p) + off;
-    for (int64_t d = 0; d < X; d++) {
-      dst[d] = T(f16_to_float(src[d * t.s[3]]));
-      chk += dst[d] * T(0);
-    }
+    for (int64_t d = 0; d < X; d++) dst[d] = T(f16_to_float(src[d * st]));
   } else {
-    for (int64_t d = 0; d < X; d++) {
-      dst[d] = T(load_scalar(t.p, t.dt, off + d * t.s[3]));
-      chk += dst[d] * T(0);
-    }
+    for (int64_t d = 0; d < X; d++) dst[d] = T(load_scalar(t.p, t.dt, off + d * st));
   }
   for (int64_t d = X; d < Xp; d++) dst[d] = T(0);
-  return chk == T(0);
+  return all_finite(dst, X);
 }
 
 template <class V>
