@@ -603,6 +603,20 @@ def bad_local_input_on_one_rank(rank, world):
     )
 
 
+@check(2)
+def ring_backend_without_block_hooks(rank, world):
+    """A backend that cannot compute ring blocks is refused on every rank before any key or
+    value moves, and the group goes on working (it once hung the next call)."""
+    q, k, v = (sd.shard(t) for t in _qkv(world, 2, 2, torch.float32, seed=5))
+    _raises_everywhere(
+        lambda: sd.ring_attention(q, k, v, causal=True, backend="sdpa"),
+        ["offers no forward hook"],
+        exc=selfattn.UnsupportedInputs,
+    )
+    out = sd.ring_attention(q, k, v, causal=True)
+    assert torch.isfinite(out).all()
+
+
 @check()
 def bad_shard_unshard(rank, world):
     x = torch.zeros(1, 2, 2 * world + 1, 4)

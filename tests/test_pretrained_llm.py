@@ -228,12 +228,6 @@ def test_gemma3_logits_match_eager_past_the_local_window(gemma_run):
             assert window == model.config.sliding_window
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the adapter's mask builder is transformers' sdpa builder, which hands the local "
-    "layers a dense (1, 1, N, N) bool mask once N >= the window, so selfattn runs them with "
-    "that mask instead of its window rule",
-)
 def test_gemma3_local_layers_run_on_the_window_rule_without_a_dense_mask(gemma_run):
     model, _, _, seen = gemma_run
     for i, kind in enumerate(model.config.layer_types):

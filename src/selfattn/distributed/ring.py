@@ -15,7 +15,7 @@ import torch
 from ..api import check_backend
 from ..backends import select
 from ..engine import acc_dtype
-from ..spec import AttentionSpec
+from ..spec import AttentionSpec, UnsupportedInputs
 from .group import EXCHANGES, global_rank, group_info, meta_device, start, wait
 from .layout import check_layout, runs
 from .meta import LAYOUTS, agree, bits, code, device_code, even, local_spec, same, segment_kind
@@ -360,7 +360,9 @@ def ring_attention(
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
         spec = local_spec(q, k, v, causal, window, segment_ids, scale, what)
-    except (TypeError, ValueError) as exc:
+        # the backend is chosen before anything moves: a refusal must stop every rank at once
+        select(spec, backend, need=BLOCK_HOOKS if spec.requires_grad else BLOCK_HOOKS[:1])
+    except (TypeError, ValueError, UnsupportedInputs) as exc:
         error = exc
     fields: dict[str, int] = dict.fromkeys(
         ("n", "dtype", "device", "B", "Hq", "Hkv", "D", "Dv", "layout", "causal", "left",

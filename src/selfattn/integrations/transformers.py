@@ -205,14 +205,43 @@ def attention_forward(
 
 
 def mask_builder(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """The mask builder registered for ``"selfattn"``: transformers' own sdpa builder.
+    """The mask builder registered for ``"selfattn"``: transformers' own sdpa builder, except that
+    sliding-window layers get no mask where the window rule says everything.
 
     It returns a bool (B, 1, Nq, Nk) mask with True = visible (the convention of
-    :func:`selfattn.attention`) or None when ``is_causal`` alone says everything.
+    :func:`selfattn.attention`) or None when ``is_causal`` (and ``sliding_window``, which
+    :func:`call_rules` turns into ``window=(sliding_window - 1, 0)``) alone say everything.
+    transformers' builder never skips the mask of a sliding layer once the sequence reaches the
+    window (sdpa has no window); selfattn has one, so a first prefill or a decode step without
+    padding runs the local layers on the window rule instead of an (N, N) dense mask.
     """
     from transformers.masking_utils import AttentionMaskInterface
 
+    if _window_says_everything(kwargs):
+        return None
     return AttentionMaskInterface._global_mapping["sdpa"](*args, **kwargs)
+
+
+def _window_says_everything(kw: dict[str, Any]) -> bool:
+    """A sliding-window layer's causal mask that ``causal`` + ``window`` describe exactly."""
+    if kw.get("local_size") is None or not kw.get("allow_is_causal_skip", True):
+        return False
+    if torch.compiler.is_compiling():
+        return False  # the padding check below reads tensor values
+    q_length, kv_length = kw.get("q_length"), kw.get("kv_length")
+    q_offset = kw.get("q_offset", 0)
+    if not isinstance(q_offset, int) or not isinstance(q_length, int):
+        return False  # static caches pass tensor offsets
+    first_prefill = q_offset == 0 and kv_length == q_length
+    if not (q_length == 1 or first_prefill):
+        return False  # a chunk onto a filled sliding cache: keep transformers' exact mask
+    padding = kw.get("attention_mask")
+    if padding is not None:
+        kv_offset = kw.get("kv_offset", 0)
+        padding = padding[:, kv_offset : kv_offset + kv_length]
+        if not bool(padding.all()):
+            return False
+    return True
 
 
 def register(name: str = NAME, *, backend: str = "auto") -> str:
