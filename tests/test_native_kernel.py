@@ -324,6 +324,24 @@ def test_decode_nan_padding(isa):
     assert torch.isnan(out).all()
 
 
+def test_forward_wide_head_and_transposed_mask():
+    q, k, v = make_qkv(1, 2, 1, 70, 90, 256, 200, seed=23)
+    check_forward(q, k, v, causal=True, what="D=256")
+    mask = (torch.rand(1, 1, 90, 70, generator=torch.Generator().manual_seed(0)) > 0.4).transpose(
+        2, 3
+    )
+    check_forward(q, k, v, mask=mask, what="transposed mask")
+
+
+@pytest.mark.parametrize("nq", [1, 3])
+def test_decode_dropout_matches_spec(nq):
+    q, k, v = make_qkv(2, 6, 2, nq, 900, 64, seed=24)
+    seed = (7, 8)
+    out, _ = nat(q, k, v, causal=True, dropout_p=0.25, dropout_seed=seed)
+    ref, _ = ref_attention(q, k, v, causal=True, dropout_p=0.25, dropout_seed=seed)
+    assert max_err(out, ref) < 1e-5
+
+
 def test_forward_lse_only():
     q, k, v = make_qkv(1, 4, 2, 100, 200, 64, seed=1)
     out, lse = nat(q, k, v, causal=True, need_out=False)

@@ -21,6 +21,18 @@
 namespace selfattn {
 namespace SA_NS {
 
+// Rows whose positions may see a key of [j0, j1) under causal / window (index rules only): the
+// inverse of key_bounds, used to visit only the q blocks a key block can reach.
+static inline void rows_seeing(const Params& P, int64_t j0, int64_t j1, int64_t& i0, int64_t& i1) {
+  int64_t pmin = INT64_MIN / 4, pmax = INT64_MAX / 4;
+  if (P.causal) pmin = imax(pmin, j0);
+  if (P.right >= 0) pmin = imax(pmin, j0 - P.right);
+  if (P.left >= 0) pmax = imin(pmax, j1 - 1 + P.left);
+  i0 = imax(0, pmin - P.start);
+  i1 = imin(P.Nq, pmax - P.start + 1);
+  if (i1 < i0) i1 = i0;
+}
+
 template <class V>
 struct Backward {
   using T = typename V::T;
@@ -41,21 +53,8 @@ struct Backward {
 
   int64_t key_blocks() const { return pk.ntp / KT; }
 
-  // Rows whose positions may see a key of [j0, j1) under causal / window (index rules only).
   void rows_for_keys(int64_t j0, int64_t j1, int64_t& i0, int64_t& i1) const {
-    int64_t pmin = INT64_MIN / 4, pmax = INT64_MAX / 4;
-    if (P.causal) pmin = imax(pmin, j0);
-    if (P.right >= 0) pmin = imax(pmin, j0 - P.right);
-    if (P.left >= 0) pmax = imin(pmax, j1 - 1 + P.left);
-    i0 = imax(0, pmin - P.start);
-    i1 = imin(P.Nq, pmax - P.start + 1);
-    if (i1 < i0) i1 = i0;
-  }
-
-  double block_cost(int64_t kb) const {
-    int64_t i0, i1;
-    rows_for_keys(kb * KB, imin(P.Nk, kb * KB + KB), i0, i1);
-    return double(i1 - i0 + BMB) * KB * double(P.G);
+    rows_seeing(P, j0, j1, i0, i1);
   }
 
   struct Scratch {
@@ -293,13 +292,9 @@ static void backward_all(const Params& P, const Pool& pool) {
   Buf<int64_t> seg_bounds(nseg + 1);
   // key-block costs (the index rules only: shape-determined)
   for (int64_t kb = 0; kb < nkb; kb++) {
-    int64_t j0 = kb * BW::KB, j1 = imin(P.Nk, j0 + BW::KB);
-    int64_t pmin = INT64_MIN / 4, pmax = INT64_MAX / 4;
-    if (P.causal) pmin = imax(pmin, j0);
-    if (P.right >= 0) pmin = imax(pmin, j0 - P.right);
-    if (P.left >= 0) pmax = imin(pmax, j1 - 1 + P.left);
-    int64_t i0 = imax(0, pmin - P.start), i1 = imin(P.Nq, pmax - P.start + 1);
-    kcost[kb] = double(imax(0, i1 - i0) + BW::BMB);
+    int64_t i0, i1;
+    rows_seeing(P, kb * BW::KB, imin(P.Nk, kb * BW::KB + BW::KB), i0, i1);
+    kcost[kb] = double(i1 - i0 + BW::BMB);
   }
   split_by_cost(kcost.p, nkb, nseg, seg_bounds.p);
 
