@@ -418,3 +418,32 @@ def test_tiled_threaded_gradients_match_one_thread(b, hq, hkv, nq, nk):
     for name, a, b2 in zip(["q", "k", "v", "bias", "alibi"], *res):
         scale = b2.abs().max().item() + 1.0
         assert (a - b2).abs().max().item() <= 2e-6 * scale, f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias_shape", [(1, 1, 256, 256), (2, 4, 256, 1)])
+def test_16bit_inputs_give_float32_accurate_bias_and_alibi_gradients(dtype, bias_shape):
+    """With bf16/fp16 q, k, v and a float32 bias, the bias and ALiBi gradients are as accurate as
+    a float32 computation's (the bug: tiled's backward took D = rowsum(dO * O) from the output
+    rounded to 16 bits, 1000x less accurate than math's; a per-query bias, whose true gradient
+    is 0, came back up to 4e-3)."""
+    g = gen(91)
+    q, k, v = (torch.randn(2, 4, 256, 64, generator=g).to(dtype) for _ in range(3))
+    bias = torch.randn(bias_shape, generator=g)
+    slopes = torch.rand(4, generator=g)
+    dout = torch.randn(2, 4, 256, 64, generator=g).to(dtype)
+
+    def grads(backend, qkv, b, s):
+        b, s = b.clone().requires_grad_(), s.clone().requires_grad_()
+        out = selfattn.attention(*qkv, bias=b, alibi_slopes=s, causal=True, backend=backend)
+        return torch.autograd.grad(out, (b, s), dout.to(out.dtype))
+
+    want = grads("math", [t.double() for t in (q, k, v)], bias.double(), slopes.double())
+    got = {name: grads(name, (q, k, v), bias, slopes) for name in ("math", "tiled")}
+    for i, what in enumerate(("dbias", "dalibi")):
+        yardstick = (got["math"][i].double() - want[i]).abs().max().item()
+        err = (got["tiled"][i].double() - want[i]).abs().max().item()
+        scale = want[i].abs().max().item()
+        assert err <= 3 * yardstick + 1e-6 * max(scale, 1.0), (
+            f"{what}: {err:.3g} vs {yardstick:.3g}"
+        )
