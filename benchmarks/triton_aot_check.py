@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from selfattn.backends.triton import host, kernels  # noqa: E402
+from selfattn.backends.triton import configs, host, kernels  # noqa: E402
 from selfattn.spec import validate  # noqa: E402
 
 
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             if kind is None or "TMA" in label:
                 continue
             for dim in (64, 128):
-                for bm, bn, w, st in host._TABLES[kind][dim]:
+                for bm, bn, w, st in configs.TABLES[kind][dim]:
                     kw = dict(kkw, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
                     kw["BLOCK_D"] = kw["BLOCK_DV"] = dim
                     todo.append((f"{label} -> D{dim}", name, kargs, kw))

@@ -36,7 +36,7 @@ from helpers import (
 )
 from selfattn import _rng
 from selfattn.backends import BACKENDS, candidates
-from selfattn.backends.triton import host, interp, tma
+from selfattn.backends.triton import configs, host, interp, tma
 from selfattn.spec import validate
 
 DEVICES = [
@@ -244,9 +244,9 @@ def test_decode_single_query_and_mqa(dev, monkeypatch):
 def test_decode_is_chosen_automatically_for_few_queries_over_long_keys(monkeypatch):
     monkeypatch.setattr(host, "DECODE_MODE", "auto")
     spec = validate(*make_qkv(1, 4, 2, 3, 4096, 64), causal=True)
-    assert host._use_decode(spec)
+    assert host.use_decode(spec)
     spec = validate(*make_qkv(1, 4, 2, 64, 4096, 64), causal=True)
-    assert not host._use_decode(spec)
+    assert not host.use_decode(spec)
 
 
 # -- backward -------------------------------------------------------------------------------------
@@ -558,14 +558,14 @@ def test_auto_never_picks_triton_on_cpu(monkeypatch):
 def test_prune_keeps_tiles_that_fit():
     import triton
 
-    configs = host._unique_configs("fwd")
+    fwd = configs.unique_configs("fwd")
     for bd, elt in ((64, 2), (128, 2), (256, 2), (256, 4)):
-        kept = host.prune_configs("fwd", configs, bd, bd, elt, 4096, 4096)
+        kept = configs.prune_configs("fwd", fwd, bd, bd, elt, 4096, 4096)
         assert kept
         for c in kept:
             bm, bn, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
-            assert elt * (bm * bd + s * bn * 2 * bd) <= host.SMEM_BUDGET
-    short = host.prune_configs("fwd", configs, 64, 64, 2, 16, 4096)
+            assert elt * (bm * bd + s * bn * 2 * bd) <= configs.SMEM_BUDGET
+    short = configs.prune_configs("fwd", fwd, 64, 64, 2, 16, 4096)
     assert short and all(c.kwargs["BLOCK_M"] <= 16 for c in short)
     assert isinstance(short[0], triton.Config)
 
@@ -654,7 +654,7 @@ def test_gpu_decode_long_cache_gqa(nk):
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 8, nk, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 8, nk, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    assert host._use_decode(validate(q, k, v))
+    assert host.use_decode(validate(q, k, v))
     out, lse = selfattn.attention(q, k, v, backend="triton", return_lse=True)
     ref, ref_lse = selfattn.attention(
         q.float(), k.float(), v.float(), backend="math", return_lse=True
@@ -687,18 +687,18 @@ def test_autotuners_build_and_prune(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q = torch.empty(1, dtype=torch.bfloat16)
     for name, kind in (("attn_fwd", "fwd"), ("bwd_dkdv", "dkdv"), ("bwd_dq", "dq")):
-        tuner = host._tuned(name)
+        tuner = configs.tuned(name)
         assert set(tuner.keys) <= set(tuner.arg_names)
         tuner.nargs = {"Q": q}
         kept = tuner.prune_configs(
             {"BLOCK_D": 128, "BLOCK_DV": 128, "TUNE_Q": 8192, "TUNE_K": 8192}
         )
-        want = host._candidates(kind, 128, 2)
+        want = configs.candidates(kind, 128, 2)
         got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
         assert got and got == [c for c in want if c in got]
-    with_tma = host._tuned("attn_fwd", tma=True)
+    with_tma = configs.tuned("attn_fwd", tma=True)
     assert all(c.pre_hook is tma.set_block_shapes for c in with_tma.configs)
-    decode = host._tuned("attn_decode")
+    decode = configs.tuned("attn_decode")
     decode.nargs = {"Q": q}
     assert decode.prune_configs(
         {"BLOCK_D": 128, "BLOCK_DV": 128, "TUNE_Q": 1, "TUNE_K": 131072, "BLOCK_M": 16}

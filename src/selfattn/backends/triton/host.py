@@ -1,247 +1,66 @@
-"""Host side of the ``triton`` backend: argument packing, autotuning, launches, autograd.
-
-The kernels live in ``kernels.py``. Here a validated :class:`AttentionSpec` becomes kernel
-arguments (strides with 0 on broadcast dimensions, segment-id ranges for block skipping,
-dropout seeds), each kernel gets an autotuner whose configurations are pruned per head dim,
-dtype and length, and :class:`TritonAttention` wires forward and backward into autograd.
-
-Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter
-with fixed small tiles instead of autotuning (interp.py).
-
-Environment knobs (read at import, or per call where noted):
-  ``SELFATTN_TRITON_AUTOTUNE=0``       no autotuning: the first candidate tile that fits runs.
-  ``SELFATTN_TRITON_MAX_CONFIGS=n``    autotune at most n candidates per kernel (per call).
-  ``SELFATTN_TRITON_DECODE=auto|always|never``  the split-K kernel for Nq <= 16.
-"""
+"""Launches of the ``triton`` backend: forward (row tiles or split-K decode), backward, the
+probabilities kernel and the autograd Function; tiles come from configs.py, arguments from
+prepare.py, and interp.py makes every launch runnable under ``TRITON_INTERPRET=1``."""
 
 from __future__ import annotations
 
 import math
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import triton
 
 from ...spec import AttentionSpec
-from . import interp, interpreting, kernels
+from . import configs, interp, interpreting, kernels
 from .prepare import Call, prepare
 from .tma import descriptor_args, distrust, set_block_shapes, use_tma
 
 __all__ = [
+    "DECODE_MAX_NQ",
+    "DECODE_MODE",
     "TritonAttention",
     "attention",
     "backward",
     "forward",
-    "interpreting",
-    "prune_configs",
+    "use_decode",
     "weights",
 ]
 
-# "auto" uses the split-K decode kernel for Nq <= DECODE_MAX_NQ over long caches; tests force it.
-DECODE_MODE = os.environ.get("SELFATTN_TRITON_DECODE", "auto")  # auto | always | never
+Seed = tuple[int, int] | None
+Grid = Callable[[dict[str, Any]], tuple[int, ...]]
+
+# SELFATTN_TRITON_DECODE: "auto" (default) uses the split-K decode kernel for Nq <= DECODE_MAX_NQ
+# over long caches, "always" whenever Nq <= DECODE_MAX_NQ, "never" not at all; tests force it
+DECODE_MODE = os.environ.get("SELFATTN_TRITON_DECODE", "auto")
 DECODE_MAX_NQ = 16
 SPLIT_ALIGN = 128  # split lengths are multiples of every decode BLOCK_N
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("SELFATTN_TRITON_AUTOTUNE", "1") != "0"
-
-
-def _max_configs() -> int:
-    """At most this many candidate tiles are autotuned per call site (0: all survivors)."""
-    return int(os.environ.get("SELFATTN_TRITON_MAX_CONFIGS", "0"))
-
-
 # --------------------------------------------------------------------------------------------
-# Autotuned wrappers
+# One autotuned launch
 # --------------------------------------------------------------------------------------------
 
-_TUNED: dict[str, Any] = {}
 
-
-def _elt(t: torch.Tensor) -> int:
-    return t.element_size()
-
-
-def _cfg(tile: tuple, pre_hook=None) -> triton.Config:
-    """The config of a table row: (BLOCK_M, BLOCK_N, warps, stages), or for the decode kernel
-    (whose BLOCK_M follows the group size) (BLOCK_N, warps, stages)."""
-    *blocks, w, s = tile
-    names = ("BLOCK_M", "BLOCK_N")[-len(blocks) :]
-    return triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s, pre_hook=pre_hook)
-
-
-# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, best guesses first: the
-# first survivor of pruning is what runs when autotuning is off (SELFATTN_TRITON_AUTOTUNE=0).
-# Ordered by what the sm_90 compile reports (benchmarks/triton_aot_check.py --configs): tiles
-# that fit in registers without spilling first.
-_FWD = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4),
-         (64, 32, 4, 4), (32, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3),
-          (32, 64, 4, 3), (16, 64, 4, 3)],
-    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2),
-          (32, 32, 4, 2), (16, 32, 4, 2)],
-}  # fmt: skip
-# backward: BLOCK_M = query rows per step, BLOCK_N = keys per program (dK/dV) or per step (dQ);
-# the FlashAttention-2 shape: few query rows against many keys for dK/dV, the reverse for dQ
-_DKDV = {
-    64: [(64, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
-    256: [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-}
-_DQ = {
-    64: [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 3)],
-    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 2)],
-    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
-}
-_DECODE = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]  # BLOCK_N, warps, stages
-_TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
-# float32 inputs take exact float32 products ("ieee": FMA, no tensor cores), which need far
-# more registers per tile: small tiles only (any head dim)
-_F32 = {
-    "fwd": [(64, 32, 8, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
-    "dkdv": [(16, 64, 8, 2), (16, 32, 4, 2)],
-    "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-}
-
-SMEM_BUDGET = 200 * 1024  # bytes; Hopper offers 227 KB per block, Ampere 163 KB
-# fp32 accumulator and score elements per thread (operand tiles live in shared memory on
-# Hopper): about 192 leaves registers for addresses and the rest of the 255 per thread
-REG_BUDGET = 192
-
-
-def _dim_class(bd: int) -> int:
-    return 64 if bd <= 64 else 128 if bd <= 128 else 256
-
-
-def prune_configs(
-    kind: str, configs: list[triton.Config], bd: int, bdv: int, elt: int, nq: int, nk: int
-) -> list[triton.Config]:
-    """Keep the tiles that fit this call: shared memory, registers and the lengths.
-
-    Args:
-        kind: "fwd", "dkdv", "dq" or "decode".
-        configs: candidates; bd, bdv: padded head dims; elt: bytes per element of q/k/v.
-        nq, nk: query and key lengths (tiles much longer than the sequence waste work).
-    """
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs.get("BLOCK_M", 16), c.kwargs["BLOCK_N"]
-        s, w = c.num_stages, c.num_warps
-        threads = 32 * w
-        if kind in ("fwd", "decode"):
-            smem = elt * (bm * bd + s * bn * (bd + bdv))
-            regs = (bm * bdv + bm * bn) / threads
-            rows, keys = nq, nk
-        elif kind == "dkdv":  # keys stay, query tiles stream
-            smem = elt * (bn * (bd + bdv) + s * bm * (bd + bdv))
-            regs = (bn * (bd + bdv) + 2 * bm * bn) / threads
-            rows, keys = nk, nq
-            bm, bn = bn, bm  # "rows" of the program are keys here
-        else:  # dq
-            smem = elt * (bm * (bd + bdv) + s * bn * (bd + bdv))
-            regs = (bm * bd + 2 * bm * bn) / threads
-            rows, keys = nq, nk
-        if smem > SMEM_BUDGET or regs > REG_BUDGET:
-            continue
-        if kind != "decode" and bm > max(16, triton.next_power_of_2(rows)):
-            continue
-        if bn > max(16, triton.next_power_of_2(keys)):
-            continue
-        kept.append(c)
-    if not kept:  # always leave the smallest candidate
-        kept = [min(configs, key=lambda c: c.kwargs.get("BLOCK_M", 16) * c.kwargs["BLOCK_N"])]
-    cap = _max_configs()
-    return kept[:cap] if cap > 0 else kept
-
-
-def _make_prune(kind: str):
-    def prune(configs, nargs, **kwargs):
-        args = {**nargs, **kwargs}
-        if kind in _TABLES:  # this head dim's candidates, in their order of preference
-            cands = _candidates(kind, args["BLOCK_D"], _elt(args["Q"]))
-            order = {c: i for i, c in enumerate(cands)}
-            key = {id(c): (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                   for c in configs}  # fmt: skip
-            configs = sorted(
-                (c for c in configs if key[id(c)] in order), key=lambda c: order[key[id(c)]]
-            )
-        elt = _elt(args["Q"])
-        return prune_configs(
-            kind, configs, args["BLOCK_D"], args["BLOCK_DV"], elt, args["TUNE_Q"], args["TUNE_K"]
-        )
-
-    return prune
-
-
-_FLAG_KEYS = [
-    "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
-    "SOFTCAP", "DROPOUT", "CLEAN", "PREC", "EVEN_D", "UPCAST",
-]  # fmt: skip
-
-
-def _unique_configs(kind: str, hook=None) -> list[triton.Config]:
-    """One config per distinct tile (and warps, stages) over every table of a kind."""
-    tables = [_DECODE] if kind == "decode" else [*_TABLES[kind].values(), _F32[kind]]
-    seen = dict.fromkeys(c for table in tables for c in table)
-    return [_cfg(c, pre_hook=hook) for c in seen]
-
-
-# kernel -> (kind of its tables, autotune keys besides the common ones, outputs the autotuner
-# zeroes between trials because the kernel accumulates into them)
-_AUTOTUNED = {
-    "attn_fwd": ("fwd", ["USE_TMA"], None),
-    "attn_decode": ("decode", ["USE_TMA", "BLOCK_M"], None),
-    "bwd_dkdv": ("dkdv", [], None),
-    "bwd_dq": ("dq", ["NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"], ["DB", "DA"]),
-}
-
-
-def _tuned(name: str, tma: bool = False) -> Any:
-    """The autotuned wrapper of kernel ``name`` (compiled mode only)."""
-    fn = _TUNED.get((name, tma))
-    if fn is None:
-        kind, extra_keys, reset = _AUTOTUNED[name]
-        fn = triton.autotune(
-            _unique_configs(kind, set_block_shapes if tma else None),
-            key=["TUNE_Q", "TUNE_K", "BLOCK_D", "BLOCK_DV", *_FLAG_KEYS, *extra_keys],
-            prune_configs_by={"early_config_prune": _make_prune(kind)},
-            reset_to_zero=reset,
-        )(getattr(kernels, name))
-        _TUNED[(name, tma)] = fn
-    return fn
-
-
-def _candidates(kind: str, bd: int, elt: int) -> list[tuple]:
-    """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) for a kernel kind, head dim, dtype."""
-    return _F32[kind] if elt == 4 else _TABLES[kind][_dim_class(bd)]
-
-
-def _launch(name: str, grid, args: list, consts: dict[str, Any], tune: bool = True) -> dict:
+def _launch(name: str, grid: Grid, args: list, consts: dict[str, Any], tune: bool = True) -> dict:
     """Launch kernel ``name``; returns the tile sizes it ran with.
 
     The candidate tiles for this head dim and dtype are autotuned when enabled; otherwise the
     first that survives pruning runs; under the interpreter ``INTERPRET_BLOCKS`` decides.
     Kernels taking TMA descriptors find them in ``consts`` as DESC_K / DESC_V.
     """
-    kind = _AUTOTUNED[name][0]
+    kind = configs.AUTOTUNED[name][0]
     launch: dict[str, Any] = {}
     if interpreting():
         meta = interp.tiles(kind)
-    elif tune and _autotune_enabled():
-        fn = _tuned(name, bool(consts.get("USE_TMA")))
+    elif tune and configs.autotune_enabled():
+        fn = configs.tuned(name, bool(consts.get("USE_TMA")))
         fn[grid](*args, **consts)
         return dict(fn.best_config.kwargs)
     else:
-        elt = _elt(args[0])
-        table = _DECODE if kind == "decode" else _candidates(kind, consts["BLOCK_D"], elt)
-        c = prune_configs(
-            kind, [_cfg(t) for t in table], consts["BLOCK_D"], consts["BLOCK_DV"], elt,
-            consts["TUNE_Q"], consts["TUNE_K"],
-        )[0]  # fmt: skip
+        c = configs.first_fit(kind, consts, args[0].element_size())
         meta = dict(c.kwargs)
         launch = {"num_warps": c.num_warps, "num_stages": c.num_stages}
     set_block_shapes({**consts, **meta})
@@ -260,7 +79,8 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few splits exercise the combine
 
 
-def _use_decode(spec: AttentionSpec) -> bool:
+def use_decode(spec: AttentionSpec) -> bool:
+    """Whether the forward runs the split-K decode kernel (``DECODE_MODE``)."""
     if DECODE_MODE == "never" or spec.Nq > DECODE_MAX_NQ:
         return False
     if DECODE_MODE == "always":
@@ -277,7 +97,7 @@ def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    seed,
+    seed: Seed,
     tma: bool | None = None,
     tune: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +115,7 @@ def forward(
         return out.zero_(), lse.fill_(-math.inf)
     call = prepare(spec, q, seed)
     with_tma = use_tma(k, v, forward) if tma is None else tma
-    run = _decode if _use_decode(spec) else _forward
+    run = _run_decode if use_decode(spec) else _run_rows
     try:
         run(call, q, k, v, out, lse, with_tma, tune)
     except Exception as exc:
@@ -314,13 +134,12 @@ def forward(
     return out, lse
 
 
-def _forward(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
+def _run_rows(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
+    """The forward kernel: one program per tile of query rows of each head."""
     spec = call.spec
-    args = [
-        q, k, v, out, lse, *call.args_rules, call.qrng,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *call.strides_rules,
-        *call.scalars, *call.scale_args, *call.drop_args,
-    ]  # fmt: skip
+    args = [q, k, v, out, lse, *call.args_rules, call.qrng]
+    args += [*q.stride(), *k.stride(), *v.stride(), *out.stride(), *call.strides_rules]
+    args += [*call.scalars, *call.scale_args, *call.drop_args]
     consts = dict(call.consts, REVERSE=spec.causal, **descriptor_args(k, v, tma))
 
     def grid(meta):
@@ -329,7 +148,9 @@ def _forward(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     _launch("attn_fwd", grid, args, consts, tune)
 
 
-def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
+def _run_decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
+    """The split-K decode kernel (all query heads of a key/value head in one program, the keys
+    split), then the combine of the splits by their lse."""
     spec = call.spec
     g, nq = spec.group, spec.Nq
     block_m = max(16, triton.next_power_of_2(min(g * nq, 64)))
@@ -346,22 +167,19 @@ def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     rows = spec.B * spec.Hq * nq
     opart = torch.empty(rows, n_splits, spec.Dv, dtype=torch.float32, device=q.device)
     lpart = torch.empty(rows, n_splits, dtype=torch.float32, device=q.device)
-    args = [
-        q, k, v, opart, lpart, *call.args_rules, call.qrng,
-        *q.stride(), *k.stride(), *v.stride(), *call.strides_rules,
-        *call.scalars, *call.scale_args, *call.drop_args,
-        split_len, n_splits, heads_per_prog, n_hchunks,
-    ]  # fmt: skip
+    args = [q, k, v, opart, lpart, *call.args_rules, call.qrng]
+    args += [*q.stride(), *k.stride(), *v.stride(), *call.strides_rules]
+    args += [*call.scalars, *call.scale_args, *call.drop_args]
+    args += [split_len, n_splits, heads_per_prog, n_hchunks]
     consts = dict(call.consts, BLOCK_M=block_m, **descriptor_args(k, v, tma))
 
     def grid(meta):
         return (n_splits, progs)
 
     _launch("attn_decode", grid, args, consts, tune)
-    kernels.decode_combine[(rows,)](
-        opart, lpart, out, lse, *out.stride(), spec.Hq, nq, spec.Dv, n_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=call.consts["BLOCK_DV"],
-    )  # fmt: skip
+    args = [opart, lpart, out, lse, *out.stride(), spec.Hq, nq, spec.Dv, n_splits]
+    block_s = max(2, triton.next_power_of_2(n_splits))
+    kernels.decode_combine[(rows,)](*args, BLOCK_S=block_s, BLOCK_DV=call.consts["BLOCK_DV"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +190,7 @@ def _decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
 @interp.interpretable
 def backward(
     spec: AttentionSpec,
-    seed,
+    seed: Seed,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -404,18 +222,15 @@ def backward(
     lse2 = torch.empty(rows, dtype=torch.float32, device=dev)
     dlse_c = dlse.float().contiguous() if dlse is not None else delta
     pre_m = 64 if not interpreting() else 16
-    kernels.bwd_preprocess[(triton.cdiv(spec.Nq, pre_m), spec.B * spec.Hq)](
-        out, dout, lse.contiguous(), dlse_c, delta, lse2, *out.stride(), *dout.stride(),
-        spec.Hq, spec.Nq, spec.Dv,
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_DV=call.consts["BLOCK_DV"],
-    )  # fmt: skip
+    args = [out, dout, lse.contiguous(), dlse_c, delta, lse2, *out.stride(), *dout.stride()]
+    args += [spec.Hq, spec.Nq, spec.Dv]
+    consts = {"HAS_DLSE": dlse is not None, "BLOCK_M": pre_m, "BLOCK_DV": call.consts["BLOCK_DV"]}
+    kernels.bwd_preprocess[(triton.cdiv(spec.Nq, pre_m), spec.B * spec.Hq)](*args, **consts)
 
     # dK, dV: one program per key tile of each key/value head
-    args = [
-        q, k, v, dout, dk, dv, lse2, delta, *call.args_rules, call.krng,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *call.strides_rules, *call.scalars, spec.scale, *call.scale_args, *call.drop_args,
-    ]  # fmt: skip
+    args = [q, k, v, dout, dk, dv, lse2, delta, *call.args_rules, call.krng]
+    args += [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride()]
+    args += [*call.strides_rules, *call.scalars, spec.scale, *call.scale_args, *call.drop_args]
 
     def grid_kv(meta):
         return (triton.cdiv(spec.Nk, meta["BLOCK_N"]), spec.B * spec.Hkv)
@@ -427,24 +242,18 @@ def backward(
     n_m_max = triton.cdiv(spec.Nq, min_bm)
     db_rows = need_dbias and spec.bias.shape[2] > 1
     db_cols = need_dbias and spec.bias.shape[3] > 1
+    f32 = {"dtype": torch.float32, "device": dev}
     if need_dbias:
-        db = torch.zeros(
-            spec.B, spec.Hq, spec.Nq if db_rows else n_m_max, spec.Nk if db_cols else 1,
-            dtype=torch.float32, device=dev,
-        )  # fmt: skip
+        db_shape = (spec.B, spec.Hq, spec.Nq if db_rows else n_m_max, spec.Nk if db_cols else 1)
+        db = torch.zeros(db_shape, **f32)
     else:  # a placeholder of its own: the autotuner zeroes DB and DA between trials
-        db = torch.zeros(1, dtype=torch.float32, device=dev)
-    if need_dalibi:
-        da = torch.zeros(spec.B, spec.Hq, n_m_max, dtype=torch.float32, device=dev)
-    else:
-        da = torch.zeros(1, dtype=torch.float32, device=dev)
+        db = torch.zeros(1, **f32)
+    da = torch.zeros(spec.B, spec.Hq, n_m_max, **f32) if need_dalibi else torch.zeros(1, **f32)
     db_strides = list(db.stride()) if need_dbias else [0, 0, 0, 0]
-    args = [
-        q, k, v, dout, dq, lse2, delta, *call.args_rules, call.qrng, db, da,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        *call.strides_rules, *db_strides, n_m_max, *call.scalars, spec.scale, *call.scale_args,
-        *call.drop_args,
-    ]  # fmt: skip
+    args = [q, k, v, dout, dq, lse2, delta, *call.args_rules, call.qrng, db, da]
+    args += [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride()]
+    args += [*call.strides_rules, *db_strides, n_m_max, *call.scalars, spec.scale]
+    args += [*call.scale_args, *call.drop_args]
     consts = dict(
         call.consts, NEED_DB=need_dbias, DB_ROWS=db_rows, DB_COLS=db_cols, NEED_DA=need_dalibi
     )
@@ -494,7 +303,7 @@ class TritonAttention(torch.autograd.Function):
 
 
 def attention(
-    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed
+    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Seed
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backend's entry: autograd when the spec needs it, plain kernels otherwise."""
     if spec.requires_grad:
@@ -523,12 +332,9 @@ def weights(
     vectors), so q, k and the rule tensors are never gathered.
     """
     dev = q.device
-    heads = (torch.arange(spec.Hq, device=dev) if head_idx is None else head_idx.to(dev)).to(
-        torch.int32
-    )
-    rows = (torch.arange(spec.Nq, device=dev) if row_idx is None else row_idx.to(dev)).to(
-        torch.int32
-    )
+    heads = torch.arange(spec.Hq, device=dev) if head_idx is None else head_idx.to(dev)
+    rows = torch.arange(spec.Nq, device=dev) if row_idx is None else row_idx.to(dev)
+    heads, rows = heads.to(torch.int32), rows.to(torch.int32)
     hs, m = heads.numel(), rows.numel()
     probs = torch.zeros(spec.B, hs, m, spec.Nk, dtype=torch.float32, device=dev)
     if probs.numel() == 0:
@@ -536,24 +342,17 @@ def weights(
     call = prepare(spec, q, None)
     lse_t = lse if lse is not None else probs
     lse_strides = list(lse.stride()) if lse is not None else [0, 0, 0]
-    consts = {
-        name: call.consts[name]
-        for name in (
-            "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "HAS_BIAS", "HAS_ALIBI", "HAS_MASK", "HAS_SEG",
-            "SOFTCAP", "CLEAN", "PREC", "UPCAST", "BLOCK_D",
-        )
-    }  # fmt: skip
+    # the call's flags but DROPOUT and EVEN_D, which the probabilities kernel does not take
+    consts = {n: call.consts[n] for n in configs.FLAG_KEYS if n not in ("DROPOUT", "EVEN_D")}
+    consts["BLOCK_D"] = call.consts["BLOCK_D"]
     if interpreting():
-        bm, bn = interp.INTERPRET_BLOCKS["probs"]
-        launch = {}
+        (bm, bn), launch = interp.INTERPRET_BLOCKS["probs"], {}
     else:
-        bm, bn = 64, 64
-        launch = {"num_warps": 4, "num_stages": 2}
+        (bm, bn), launch = (64, 64), {"num_warps": 4, "num_stages": 2}
     b, hq, g, nq, nk, d, _, off = call.scalars
-    kernels.attn_probs[(triton.cdiv(m, bm), spec.B * hs)](
-        q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng,
-        *q.stride(), *k.stride(), *probs.stride(), *lse_strides, *call.strides_rules,
-        b, hq, g, nq, nk, d, off, m, hs, *call.scale_args,
-        **consts, HAS_LSE=lse is not None, BLOCK_M=bm, BLOCK_N=bn, **launch,
-    )  # fmt: skip
+    args = [q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng]
+    args += [*q.stride(), *k.stride(), *probs.stride(), *lse_strides, *call.strides_rules]
+    args += [b, hq, g, nq, nk, d, off, m, hs, *call.scale_args]
+    consts.update(HAS_LSE=lse is not None, BLOCK_M=bm, BLOCK_N=bn, **launch)
+    kernels.attn_probs[(triton.cdiv(m, bm), spec.B * hs)](*args, **consts)
     return probs
