@@ -334,7 +334,7 @@ static void backward_all(const Params& P, const Pool& pool) {
           pack_rows<V>(pl, bw, u0 + slot, slot, g, c * RC, imin(nq_pad, c * RC + RC));
         }
       };
-      parallel(pool, n, body);
+      parallel(pool, n, body, nu * P.G * nq_pad * (P.D + P.Dv) < (int64_t(1) << 17));
     }
     dqp.zero(nseg * nu * P.G * nq_pad * Dp);
     // items: (b-range, kvh-range, segment); every unit of a folded dim inside one item
@@ -378,7 +378,8 @@ static void backward_all(const Params& P, const Pool& pool) {
           }
       }
     };
-    run_balanced(pool, cost.p, n_items, run);
+    // cost counts q rows per key block: calls under ~1e7 flops stay in this thread
+    run_balanced(pool, cost.p, n_items, run, 1e7 / double(5 * BW::KB * (P.D + P.Dv) * P.G));
     // dq = scale * sum over segments (in order)
     const T sc = T(P.scale);
     auto red = [&](int64_t x0, int64_t x1) {
@@ -396,7 +397,7 @@ static void backward_all(const Params& P, const Pool& pool) {
         }
       }
     };
-    parallel(pool, nu * P.G, red);
+    parallel(pool, nu * P.G, red, nseg * nu * P.G * P.Nq * P.D < (int64_t(1) << 17));
     if (dalibi)
       for (int64_t x = 0; x < n_items; x++)
         for (int64_t bb = 0; bb < P.B; bb++)

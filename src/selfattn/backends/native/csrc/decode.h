@@ -260,17 +260,23 @@ static void forward_decode(const Params& P, const Pool& pool) {
   dc.pm = pm.p;
   dc.plsum = pls.p;
   dc.pacc = pacc.p;
+  // cost: bytes of K and V an item reads; below ~512 KB in all a call runs in one thread
   Buf<double> cost(n);
-  for (int64_t x = 0; x < n; x++) cost[x] = 1.0;
+  for (int64_t x = 0; x < n; x++)
+    cost[x] = double(imin(dc.CK, P.Nk - (x % dc.nc) * dc.CK) * (P.D + P.Dv) * 4);
   auto run = [&](int64_t x0, int64_t x1) {
     typename DC::Scratch sc(dc);
     for (int64_t x = x0; x < x1; x++) dc.item(x / dc.nc, x % dc.nc, sc);
   };
-  run_balanced(pool, cost.p, n, run);
+  run_balanced(pool, cost.p, n, run, 512.0 * 1024);
+  // the combine is O(chunks * R * Dv) per unit: in the calling thread unless it is large
   auto comb = [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; u++) dc.combine(u);
   };
-  parallel(pool, units, comb);
+  if (n * dc.R * pl.Dvp < (int64_t(1) << 20))
+    comb(0, units);
+  else
+    parallel(pool, units, comb);
 }
 
 }  // namespace SA_NS

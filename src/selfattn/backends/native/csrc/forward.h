@@ -233,7 +233,8 @@ static void forward_prefill(const Params& P, const Pool& pool) {
         fw.item(slot, u0 + slot, g, qb, sc);
       }
     };
-    run_balanced(pool, cost.p, n, run);
+    // cost counts (row, key) pairs; calls under ~1e7 flops (~50 us) stay in this thread
+    run_balanced(pool, cost.p, n, run, 1e7 / double(2 * (P.D + P.Dv)));
   }
 }
 

@@ -148,7 +148,7 @@ struct Packed {
         flags[x] = pack(pl, u0 + slot, slot, g * TG, imin(ntp, g * TG + TG), krow.p, vrow.p);
       }
     };
-    parallel(pool, n, body);
+    parallel(pool, n, body, (u1 - u0) * ntp * PW * (pl.P.D + pl.P.Dv) < (int64_t(1) << 17));
     for (int64_t s = 0; s < u1 - u0; s++) {
       uint8_t a = 0;
       for (int64_t g = 0; g < groups; g++) a |= flags[s * groups + g];

@@ -83,7 +83,7 @@ struct Plan {
         kstats[x] = ids_of_keys(b, t * PW, imin(P.Nk, t * PW + PW));
       }
     };
-    parallel(pool, P.B * ntiles, body);
+    parallel(pool, P.B * ntiles, body, P.B * P.Nk < (int64_t(1) << 16));
   }
   IdStats ids_of_keys(int64_t b, int64_t j0, int64_t j1) const {
     IdStats s{INT64_MAX, INT64_MIN, false, true};
@@ -144,7 +144,7 @@ struct Plan {
         mmap[x] = any ? (all ? FULL : PARTIAL) : EMPTY;
       }
     };
-    parallel(pool, mB * mH * mP * mT, body);
+    parallel(pool, mB * mH * mP * mT, body, mB * mH * (m.s[2] ? P.Nq : 1) * (m.s[3] ? P.Nk : 1) < (int64_t(1) << 18));
   }
   uint8_t mask_class(int64_t b, int64_t h, int64_t panel, int64_t t) const {
     int64_t bm = mB == 1 ? 0 : b, hm = mH == 1 ? 0 : h, pm = mP == 1 ? 0 : panel,

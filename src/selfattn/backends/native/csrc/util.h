@@ -35,11 +35,11 @@ struct Buf {
   const T& operator[](int64_t i) const { return p[i]; }
 };
 
-// Run f(begin, end) over [0, n) on torch's intra-op pool.
+// Run f(begin, end) over [0, n) on torch's intra-op pool (in this thread when `serial`).
 template <class F>
-static inline void parallel(const Pool& pool, int64_t n, F& f) {
+static inline void parallel(const Pool& pool, int64_t n, F& f, bool serial = false) {
   if (n <= 0) return;
-  if (n == 1 || pool.run == nullptr) {
+  if (n == 1 || serial || pool.run == nullptr) {
     f(int64_t(0), n);
     return;
   }
@@ -62,10 +62,21 @@ static inline void split_by_cost(const double* cost, int64_t n, int64_t parts, i
   while (p <= parts) bounds[p++] = n;
 }
 
-// Run items [0, n) with the given costs over the pool: fn(first, last) per part.
+// Run items [0, n) with the given costs over the pool: fn(first, last) per part. Calls whose
+// total cost is below `serial_below` run in the calling thread: a fork/join costs microseconds
+// on a quiet machine and a scheduler tick when another process holds a core.
 template <class F>
-static inline void run_balanced(const Pool& pool, const double* cost, int64_t n, F& fn) {
+static inline void run_balanced(const Pool& pool, const double* cost, int64_t n, F& fn,
+                                double serial_below = 0) {
   if (n <= 0) return;
+  if (serial_below > 0) {
+    double total = 0;
+    for (int64_t i = 0; i < n; i++) total += cost[i];
+    if (total < serial_below) {
+      fn(int64_t(0), n);
+      return;
+    }
+  }
   int64_t parts = pool.threads ? pool.threads() : 1;
   if (parts > n) parts = n;
   if (parts < 1) parts = 1;
