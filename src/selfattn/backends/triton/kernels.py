@@ -48,8 +48,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+from ... import constants
+
+LOG2E: tl.constexpr = tl.constexpr(constants.LOG2E)
+LN2: tl.constexpr = tl.constexpr(constants.LN2)
 # Stands in for -inf in m_i so that exp2(-inf - m_i) is 0 rather than NaN for rows that have
 # seen no key yet; any real score is far above it.
 M_FLOOR: tl.constexpr = tl.constexpr(-3.0e38)

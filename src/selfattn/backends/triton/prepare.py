@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ... import _rng
 from ...constants import LOG2E
 from ...rules import bounds
 from ...spec import AttentionSpec
@@ -110,7 +111,7 @@ def prepare(
     p = spec.dropout_p
     if p > 0:
         seed0, seed1 = int(seed[0]) & 0xFFFFFFFF, int(seed[1]) & 0xFFFFFFFF
-        thresh = min(int(p * 2.0**32), 2**32 - 1)
+        thresh = _rng.threshold(p)
         drop_args = [seed0, seed1, thresh, 1.0 / (1.0 - p)]
     else:
         drop_args = [0, 0, 0, 1.0]
