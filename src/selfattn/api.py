@@ -184,9 +184,19 @@ def attention_weights(
         float32 (B, len(heads), len(rows), Nk); rows with no visible key are 0.
     """
     spec = validate(
-        q, k, None, need_v=False, causal=causal, window=window, mask=mask, bias=bias,
-        alibi_slopes=alibi_slopes, softcap=softcap, segment_ids=segment_ids, scale=scale,
-    )  # fmt: skip
+        q,
+        k,
+        None,
+        need_v=False,
+        causal=causal,
+        window=window,
+        mask=mask,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        segment_ids=segment_ids,
+        scale=scale,
+    )
     head_idx = _indices(heads, spec.Hq, "heads", q.device)
     row_idx = _indices(rows, spec.Nq, "rows", q.device)
     if lse is not None:

@@ -285,10 +285,21 @@ class TransformerBlock(nn.Module):
         if mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
         self.attn = MultiHeadSelfAttention(
-            embed_dim, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, bias=bias,
-            dropout=attn_dropout, causal=causal, window=window, rope=rope, rope_base=rope_base,
-            alibi=alibi, qk_norm=qk_norm, backend=backend, **factory,
-        )  # fmt: skip
+            embed_dim,
+            num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            bias=bias,
+            dropout=attn_dropout,
+            causal=causal,
+            window=window,
+            rope=rope,
+            rope_base=rope_base,
+            alibi=alibi,
+            qk_norm=qk_norm,
+            backend=backend,
+            **factory,
+        )
         e = self.attn.embed_dim
         if mlp_hidden is None:
             third = -(-8 * e // 3)  # ceil(8 E / 3)
@@ -333,9 +344,13 @@ class TransformerBlock(nn.Module):
         Returns ``(y, weights)`` when ``need_weights``.
         """
         a = self.attn(
-            self.norm1(x), mask=mask, segment_ids=segment_ids, positions=positions, cache=cache,
+            self.norm1(x),
+            mask=mask,
+            segment_ids=segment_ids,
+            positions=positions,
+            cache=cache,
             need_weights=need_weights,
-        )  # fmt: skip
+        )
         weights = None
         if need_weights:
             a, weights = a

@@ -139,11 +139,23 @@ class GPT(nn.Module):
         )
         self.drop = nn.Dropout(checks.probability("dropout", dropout))
         self.blocks, self.norm = _stack(
-            self.num_layers, embed_dim, num_heads, norm, bias, factory,
-            num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
-            causal=True, window=window, rope=positions == "rope", alibi=positions == "alibi",
-            qk_norm=qk_norm, backend=backend,
-        )  # fmt: skip
+            self.num_layers,
+            embed_dim,
+            num_heads,
+            norm,
+            bias,
+            factory,
+            num_kv_heads=num_kv_heads,
+            mlp_hidden=mlp_hidden,
+            mlp=mlp,
+            dropout=dropout,
+            causal=True,
+            window=window,
+            rope=positions == "rope",
+            alibi=positions == "alibi",
+            qk_norm=qk_norm,
+            backend=backend,
+        )
         self.head = nn.Linear(embed_dim, self.vocab_size, bias=False, **factory)
         _init_weights(self, self.num_layers)
         self.head.weight = self.tok.weight  # tied after init: one matrix, N(0, 0.02)
@@ -350,10 +362,19 @@ class Encoder(nn.Module):
         self.pos = nn.Embedding(self.max_len, embed_dim, **factory)
         self.drop = nn.Dropout(checks.probability("dropout", dropout))
         self.blocks, self.norm = _stack(
-            self.num_layers, embed_dim, num_heads, norm, bias, factory,
-            num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
-            qk_norm=qk_norm, backend=backend,
-        )  # fmt: skip
+            self.num_layers,
+            embed_dim,
+            num_heads,
+            norm,
+            bias,
+            factory,
+            num_kv_heads=num_kv_heads,
+            mlp_hidden=mlp_hidden,
+            mlp=mlp,
+            dropout=dropout,
+            qk_norm=qk_norm,
+            backend=backend,
+        )
         self.pooler = nn.Linear(embed_dim, embed_dim, **factory) if pooling == "cls" else None
         self.classifier = None
         if num_classes is not None:
@@ -466,10 +487,19 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim, **factory))
         self.drop = nn.Dropout(checks.probability("dropout", dropout))
         self.blocks, self.norm = _stack(
-            self.num_layers, embed_dim, num_heads, norm, bias, factory,
-            num_kv_heads=num_kv_heads, mlp_hidden=mlp_hidden, mlp=mlp, dropout=dropout,
-            qk_norm=qk_norm, backend=backend,
-        )  # fmt: skip
+            self.num_layers,
+            embed_dim,
+            num_heads,
+            norm,
+            bias,
+            factory,
+            num_kv_heads=num_kv_heads,
+            mlp_hidden=mlp_hidden,
+            mlp=mlp,
+            dropout=dropout,
+            qk_norm=qk_norm,
+            backend=backend,
+        )
         self.head = nn.Linear(embed_dim, checks.integer("num_classes", num_classes), **factory)
         _init_weights(self, self.num_layers)
         nn.init.normal_(self.cls, std=0.02)

@@ -475,9 +475,20 @@ def validate(
     if return_lse is not False and return_lse is not True:
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     return AttentionSpec(
-        b, hq, hkv, nq, nk, d, dv, q.dtype, q.device, **values,
-        return_lse=return_lse, requires_grad=grad, start=nk - nq,
-    )  # fmt: skip
+        b,
+        hq,
+        hkv,
+        nq,
+        nk,
+        d,
+        dv,
+        q.dtype,
+        q.device,
+        **values,
+        return_lse=return_lse,
+        requires_grad=grad,
+        start=nk - nq,
+    )
 
 
 def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:

@@ -33,9 +33,16 @@ LAYOUTS = ("zigzag", "contiguous")
 _MSG_BYTES = 320
 # dtypes by a code that is the same in every process (a hash of the name would not be)
 _DTYPES = (
-    *FLOAT_DTYPES, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
-    torch.complex64, torch.complex128,
-)  # fmt: skip
+    *FLOAT_DTYPES,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 
 

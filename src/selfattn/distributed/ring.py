@@ -226,10 +226,18 @@ def _ring_backward(
                 continue
             rows, keys = slice(qr0, qr0 + qlen), slice(kr0, kr0 + klen)
             dq_p, dk_p, dv_p, _, _ = _backend(ring, spec, True).backward(
-                spec, q[:, :, rows], kb[:, :, keys], vb[:, :, keys], out[:, :, rows],
-                lse[:, :, rows], dout[:, :, rows], None if dlse is None else dlse[:, :, rows],
-                None, False, False,
-            )  # fmt: skip
+                spec,
+                q[:, :, rows],
+                kb[:, :, keys],
+                vb[:, :, keys],
+                out[:, :, rows],
+                lse[:, :, rows],
+                dout[:, :, rows],
+                None if dlse is None else dlse[:, :, rows],
+                None,
+                False,
+                False,
+            )
             dq[:, :, rows] += dq_p
             dk_t[:, :, keys] += dk_p
             dv_t[:, :, keys] += dv_p
@@ -365,28 +373,62 @@ def ring_attention(
     except (TypeError, ValueError, UnsupportedInputs) as exc:
         error = exc
     fields: dict[str, int] = dict.fromkeys(
-        ("n", "dtype", "device", "B", "Hq", "Hkv", "D", "Dv", "layout", "causal", "left",
-         "right", "segments", "scale", "grad"), 0,
-    )  # fmt: skip
+        (
+            "n",
+            "dtype",
+            "device",
+            "B",
+            "Hq",
+            "Hkv",
+            "D",
+            "Dv",
+            "layout",
+            "causal",
+            "left",
+            "right",
+            "segments",
+            "scale",
+            "grad",
+        ),
+        0,
+    )
     if spec is not None:
         left, right = spec.window if spec.window is not None else (None, None)
         fields.update(
-            n=spec.Nq, dtype=code(spec.dtype), device=device_code(spec.device), B=spec.B,
-            Hq=spec.Hq, Hkv=spec.Hkv, D=spec.D, Dv=spec.Dv, layout=LAYOUTS.index(layout),
-            causal=int(spec.causal), left=-1 if left is None else left,
+            n=spec.Nq,
+            dtype=code(spec.dtype),
+            device=device_code(spec.device),
+            B=spec.B,
+            Hq=spec.Hq,
+            Hkv=spec.Hkv,
+            D=spec.D,
+            Dv=spec.Dv,
+            layout=LAYOUTS.index(layout),
+            causal=int(spec.causal),
+            left=-1 if left is None else left,
             right=-1 if right is None else right,
             segments=segment_kind(segment_ids),
-            scale=bits(spec.scale), grad=int(spec.requires_grad),
-        )  # fmt: skip
+            scale=bits(spec.scale),
+            grad=int(spec.requires_grad),
+        )
     table = agree(fields, error, group, meta_device(group, q), what)
     labels = {
         "n": "local sequence length (use selfattn.distributed.shard to cut equal shards)",
-        "dtype": "dtype", "device": "device type", "B": "batch size", "Hq": "number of query heads",
-        "Hkv": "number of key/value heads", "D": "head dim", "Dv": "value head dim",
-        "layout": "layout", "causal": "causal flag", "left": "window left", "right": "window right",
-        "segments": "use of segment_ids", "scale": "scale",
+        "dtype": "dtype",
+        "device": "device type",
+        "B": "batch size",
+        "Hq": "number of query heads",
+        "Hkv": "number of key/value heads",
+        "D": "head dim",
+        "Dv": "value head dim",
+        "layout": "layout",
+        "causal": "causal flag",
+        "left": "window left",
+        "right": "window right",
+        "segments": "use of segment_ids",
+        "scale": "scale",
         "grad": "need for gradients (every rank must run backward together)",
-    }  # fmt: skip
+    }
     for key, label in labels.items():
         same(table, key, label, what)
     if layout == "zigzag":

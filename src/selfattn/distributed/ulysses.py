@@ -115,26 +115,53 @@ def ulysses_attention(
     except (TypeError, ValueError) as exc:
         error = exc
     fields: dict[str, int] = dict.fromkeys(
-        ("n", "dtype", "device", "B", "Hq", "Hkv", "D", "Dv", "layout", "segments", "options",
-         "grad"), 0,
-    )  # fmt: skip
+        (
+            "n",
+            "dtype",
+            "device",
+            "B",
+            "Hq",
+            "Hkv",
+            "D",
+            "Dv",
+            "layout",
+            "segments",
+            "options",
+            "grad",
+        ),
+        0,
+    )
     if spec is not None:
         options = repr(sorted((key, _describe(val)) for key, val in kw.items()))
         fields.update(
-            n=spec.Nq, dtype=code(spec.dtype), device=device_code(spec.device), B=spec.B,
-            Hq=spec.Hq, Hkv=spec.Hkv, D=spec.D, Dv=spec.Dv, layout=LAYOUTS.index(layout),
+            n=spec.Nq,
+            dtype=code(spec.dtype),
+            device=device_code(spec.device),
+            B=spec.B,
+            Hq=spec.Hq,
+            Hkv=spec.Hkv,
+            D=spec.D,
+            Dv=spec.Dv,
+            layout=LAYOUTS.index(layout),
             segments=segment_kind(seg),
-            options=zlib.crc32(options.encode()), grad=int(spec.requires_grad),
-        )  # fmt: skip
+            options=zlib.crc32(options.encode()),
+            grad=int(spec.requires_grad),
+        )
     table = agree(fields, error, group, meta_device(group, q), what)
     labels = {
-        "n": "local sequence length", "dtype": "dtype", "device": "device type",
-        "B": "batch size", "Hq": "number of query heads", "Hkv": "number of key/value heads",
-        "D": "head dim", "Dv": "value head dim", "layout": "layout",
+        "n": "local sequence length",
+        "dtype": "dtype",
+        "device": "device type",
+        "B": "batch size",
+        "Hq": "number of query heads",
+        "Hkv": "number of key/value heads",
+        "D": "head dim",
+        "Dv": "value head dim",
+        "layout": "layout",
         "segments": "use of segment_ids",
         "options": "attention keywords (causal, window, scale, ... and tensor shapes)",
         "grad": "need for gradients (every rank must run backward together)",
-    }  # fmt: skip
+    }
     for key, label in labels.items():
         same(table, key, label, what)
     if layout == "zigzag":

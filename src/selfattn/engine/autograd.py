@@ -38,9 +38,17 @@ class _EngineFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(exact)
         dq, dk, dv, dbias, dalibi = backward(
-            ctx.prob, q, k, v, exact, lse, dout, dlse, need_dbias=ctx.need[0],
+            ctx.prob,
+            q,
+            k,
+            v,
+            exact,
+            lse,
+            dout,
+            dlse,
+            need_dbias=ctx.need[0],
             need_dalibi=ctx.need[1],
-        )  # fmt: skip
+        )
         if dbias is not None:
             dbias = dbias.to(ctx.dtypes[0])
         if dalibi is not None:

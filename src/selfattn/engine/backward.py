@@ -65,9 +65,19 @@ def backward(
     plan = split(prob, nk) if q.device.type == "cpu" else None
     if plan is None:
         _backward_part(
-            prob, q, key_matrix(k, acc_t), key_matrix(v, acc_t), lse2, dout, delta, dq,
-            dk.view(b * hkv, nk, d), dv.view(b * hkv, nk, dv_dim), dbias, dalibi,
-        )  # fmt: skip
+            prob,
+            q,
+            key_matrix(k, acc_t),
+            key_matrix(v, acc_t),
+            lse2,
+            dout,
+            delta,
+            dq,
+            dk.view(b * hkv, nk, d),
+            dv.view(b * hkv, nk, dv_dim),
+            dbias,
+            dalibi,
+        )
     else:
         jobs, shared = plan
 
@@ -87,11 +97,19 @@ def backward(
                         da = torch.zeros(part.spec.alibi_slopes.shape, dtype=acc_t, device=q.device)
                     kb, vb = dk_t[bs, ks], dv_t[bs, ks]
                     _backward_part(
-                        part, q[bs, hs, rs], key_matrix(k[bs, ks], acc_t),
-                        key_matrix(v[bs, ks], acc_t), lse2[bs, hs, rs], dout[bs, hs, rs],
-                        delta[bs, hs, rs], dq[bs, hs, rs], kb.view(-1, nk, d),
-                        vb.view(-1, nk, dv_dim), db, da,
-                    )  # fmt: skip
+                        part,
+                        q[bs, hs, rs],
+                        key_matrix(k[bs, ks], acc_t),
+                        key_matrix(v[bs, ks], acc_t),
+                        lse2[bs, hs, rs],
+                        dout[bs, hs, rs],
+                        delta[bs, hs, rs],
+                        dq[bs, hs, rs],
+                        kb.view(-1, nk, d),
+                        vb.view(-1, nk, dv_dim),
+                        db,
+                        da,
+                    )
                     grads.append((rect, db, da))
                 return (dk_t, dv_t) if shared else None, grads
 

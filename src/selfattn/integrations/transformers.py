@@ -181,9 +181,17 @@ def attention_forward(
         mean of the values there; such rows are padding).
     """
     key, value, rules = call_rules(
-        module, query, key, value, attention_mask, is_causal=is_causal, softcap=softcap,
-        sliding_window=sliding_window, scaling=scaling, position_bias=kwargs.get("position_bias"),
-    )  # fmt: skip
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        is_causal=is_causal,
+        softcap=softcap,
+        sliding_window=sliding_window,
+        scaling=scaling,
+        position_bias=kwargs.get("position_bias"),
+    )
     want_weights = bool(kwargs.get("output_attentions", False))
     need_lse = want_weights or s_aux is not None
     result = attention(

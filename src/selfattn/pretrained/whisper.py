@@ -380,9 +380,12 @@ def transcribe(
             prompt = [_SOT, tok.convert_tokens_to_ids(f"<|{result.language}|>")]
             prompt += [_TRANSLATE if task == "translate" else _TRANSCRIBE, _NO_TIMESTAMPS]
             seq = model.generate(
-                encoder_outputs=enc, language=result.language, task=task,
-                do_sample=False, num_beams=1,
-            )[0].tolist()  # fmt: skip
+                encoder_outputs=enc,
+                language=result.language,
+                task=task,
+                do_sample=False,
+                num_beams=1,
+            )[0].tolist()
             seq = seq[len(prompt) :] if seq[: len(prompt)] == prompt else seq
             tokens = [t for t in seq if t != _EOT]
             spent += time.perf_counter() - t0

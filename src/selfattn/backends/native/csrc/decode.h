@@ -58,10 +58,41 @@ struct Decode {
           bad(d.CK), cls(d.P.G * (d.CK / PW)) {}
   };
 
-  // S[r][0:PW] = q_r . k_j for r < nr, keys j < nvalid of the tile (0 past them).
+  // S[r][0:PW] = q_r . k_j for r < nr, keys j < nvalid of the tile (0 past them). Rows go in
+  // pairs that share every load of a key row: the partial-sum vectors of W/2 keys x 2 rows
+  // reduce in one tree to a vector holding both rows' scores.
   static void dots(const T* q, int64_t nr, int64_t ldq, int64_t nd, const T* k, int64_t ldk,
                    int nvalid, T* S, int64_t lds) {
-    for (int64_t r = 0; r < nr; r++) {
+    constexpr int H = W / 2;
+    int64_t r = 0;
+    for (; r + 2 <= nr; r += 2) {
+      const T* q0 = q + r * ldq;
+      const T* q1 = q0 + ldq;
+      for (int g = 0; g < PW / H; g++) {
+        V p[W];
+        for (int jj = 0; jj < H; jj++) {
+          const int key = g * H + jj;
+          if (key >= nvalid) {
+            p[jj] = p[H + jj] = V::zero();
+            continue;
+          }
+          const T* kr = k + key * ldk;
+          V kv = V::load(kr);
+          V a0 = V::load(q0) * kv, a1 = V::load(q1) * kv;
+          for (int64_t v = 1; v < nd; v++) {
+            kv = V::load(kr + v * W);
+            a0 = fmadd(V::load(q0 + v * W), kv, a0);
+            a1 = fmadd(V::load(q1 + v * W), kv, a1);
+          }
+          p[jj] = a0;
+          p[H + jj] = a1;
+        }
+        V res = V::reduce_lanes(p);
+        res.store_lo(S + r * lds + g * H);
+        res.store_hi(S + (r + 1) * lds + g * H);
+      }
+    }
+    for (; r < nr; r++) {
       const T* qr = q + r * ldq;
       for (int half = 0; half < 2; half++) {
         V p[W];

@@ -58,6 +58,9 @@ struct V {
                           _mm256_permute2f128_ps(u[0], u[1], 0x31))};
   }
 
+  void store_lo(float* p) const { _mm_storeu_ps(p, _mm256_castps256_ps128(v)); }
+  void store_hi(float* p) const { _mm_storeu_ps(p, _mm256_extractf128_ps(v, 1)); }
+
   // 2^x for x <= 0 (and NaN): -inf -> 0, x < -126 -> 0, NaN -> NaN. 2^n is built in the
   // exponent field, so x is clamped to [-126, 127] and results below 2^-126 are flushed to 0.
   static V exp2(V x) {

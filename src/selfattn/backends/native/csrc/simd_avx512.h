@@ -53,6 +53,9 @@ struct V {
                           _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)))};
   }
   static V reduce_lanes(const V* p) { return reduce16(p); }
+  // store the lower / upper W/2 lanes
+  void store_lo(float* p) const { _mm256_storeu_ps(p, _mm512_castps512_ps256(v)); }
+  void store_hi(float* p) const { _mm256_storeu_ps(p, _mm512_extractf32x8_ps(v, 1)); }
 
   // 2^x for x <= 0 (and NaN): -inf -> 0, x < -200 -> 0, NaN -> NaN. Range reduction to
   // f in [-0.5, 0.5] and Cephes' degree-6 polynomial (rel. error ~2e-7); vscalefps applies 2^n

@@ -77,6 +77,12 @@ struct GV {
     for (int i = 0; i < W; i++) r.v[i] = p[i].hsum();
     return r;
   }
+  void store_lo(T* p) const {
+    for (int i = 0; i < W / 2; i++) p[i] = v[i];
+  }
+  void store_hi(T* p) const {
+    for (int i = 0; i < W / 2; i++) p[i] = v[W / 2 + i];
+  }
   static GV exp2(GV x) {
     for (int i = 0; i < W; i++) x.v[i] = std::exp2(x.v[i]);
     return x;
