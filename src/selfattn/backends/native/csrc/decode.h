@@ -58,34 +58,42 @@ struct Decode {
           bad(d.CK), cls(d.P.G * (d.CK / PW)) {}
   };
 
+  // dot(q, k) over ND vectors (ND = 0: nd at run time) as one vector of partial sums, with two
+  // accumulators so the FMA chain is half as long
+  template <int ND>
+  static inline V dot(const T* q, const T* k, int64_t nd) {
+    const int64_t n = ND > 0 ? ND : nd;
+    V a = V::load(q) * V::load(k);
+    if (n == 1) return a;
+    V b = V::load(q + W) * V::load(k + W);
+    for (int64_t v = 2; v + 1 < n; v += 2) {
+      a = fmadd(V::load(q + v * W), V::load(k + v * W), a);
+      b = fmadd(V::load(q + (v + 1) * W), V::load(k + (v + 1) * W), b);
+    }
+    if (n % 2) a = fmadd(V::load(q + (n - 1) * W), V::load(k + (n - 1) * W), a);
+    return a + b;
+  }
+
   // S[r][0:PW] = q_r . k_j for r < nr, keys j < nvalid of the tile (0 past them). Rows go in
-  // pairs that share every load of a key row: the partial-sum vectors of W/2 keys x 2 rows
-  // reduce in one tree to a vector holding both rows' scores.
-  static void dots(const T* q, int64_t nr, int64_t ldq, int64_t nd, const T* k, int64_t ldk,
-                   int nvalid, T* S, int64_t lds) {
+  // pairs: the partial-sum vectors of W/2 keys x 2 rows reduce in one tree to a vector holding
+  // both rows' scores.
+  template <int ND>
+  static void dots_nd(const T* q, int64_t nr, int64_t ldq, int64_t nd, const T* k, int64_t ldk,
+                      int nvalid, T* S, int64_t lds) {
     constexpr int H = W / 2;
     int64_t r = 0;
     for (; r + 2 <= nr; r += 2) {
       const T* q0 = q + r * ldq;
-      const T* q1 = q0 + ldq;
       for (int g = 0; g < PW / H; g++) {
         V p[W];
         for (int jj = 0; jj < H; jj++) {
           const int key = g * H + jj;
-          if (key >= nvalid) {
+          if (key < nvalid) {
+            p[jj] = dot<ND>(q0, k + key * ldk, nd);
+            p[H + jj] = dot<ND>(q0 + ldq, k + key * ldk, nd);
+          } else {
             p[jj] = p[H + jj] = V::zero();
-            continue;
           }
-          const T* kr = k + key * ldk;
-          V kv = V::load(kr);
-          V a0 = V::load(q0) * kv, a1 = V::load(q1) * kv;
-          for (int64_t v = 1; v < nd; v++) {
-            kv = V::load(kr + v * W);
-            a0 = fmadd(V::load(q0 + v * W), kv, a0);
-            a1 = fmadd(V::load(q1 + v * W), kv, a1);
-          }
-          p[jj] = a0;
-          p[H + jj] = a1;
         }
         V res = V::reduce_lanes(p);
         res.store_lo(S + r * lds + g * H);
@@ -98,17 +106,21 @@ struct Decode {
         V p[W];
         for (int jj = 0; jj < W; jj++) {
           const int key = half * W + jj;
-          if (key >= nvalid) {
-            p[jj] = V::zero();
-            continue;
-          }
-          const T* kr = k + key * ldk;
-          V acc = V::load(qr) * V::load(kr);
-          for (int64_t v = 1; v < nd; v++) acc = fmadd(V::load(qr + v * W), V::load(kr + v * W), acc);
-          p[jj] = acc;
+          p[jj] = key < nvalid ? dot<ND>(qr, k + key * ldk, nd) : V::zero();
         }
         V::reduce_lanes(p).store(S + r * lds + half * W);
       }
+    }
+  }
+
+  static void dots(const T* q, int64_t nr, int64_t ldq, int64_t nd, const T* k, int64_t ldk,
+                   int nvalid, T* S, int64_t lds) {
+    switch (nd) {
+      case 1: return dots_nd<1>(q, nr, ldq, nd, k, ldk, nvalid, S, lds);
+      case 2: return dots_nd<2>(q, nr, ldq, nd, k, ldk, nvalid, S, lds);
+      case 4: return dots_nd<4>(q, nr, ldq, nd, k, ldk, nvalid, S, lds);
+      case 8: return dots_nd<8>(q, nr, ldq, nd, k, ldk, nvalid, S, lds);
+      default: return dots_nd<0>(q, nr, ldq, nd, k, ldk, nvalid, S, lds);
     }
   }
 
@@ -210,6 +222,7 @@ struct Decode {
             for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
           continue;
         }
+        if (g == 0) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
         dots(sc.q.p + g * Nq * Dp, Nq, Dp, nd, kbase + (t * PW - jb) * ldk, ldk, nvalid, st, LDD);
         if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tb)
           pl.epilogue(st, LDD, pans[g], t, cls, tb ? bad : nullptr, nullptr);
@@ -239,6 +252,23 @@ struct Decode {
       l[r] = T(0);
     }
     return false;
+  }
+
+  // Ask for the next tile's key rows and this tile's value rows while the scores are computed:
+  // decode streams K and V once, chunk by chunk, and the hardware prefetcher restarts per chunk.
+  static void prefetch_tile(int64_t t, int64_t tmax, int64_t jb, const T* k, int64_t ldk,
+                            int64_t D, const T* v, int64_t ldv, int64_t Dv) {
+    constexpr int LINE = 64 / sizeof(T);
+    if (t + 1 < tmax)
+      for (int c = 0; c < PW; c++) {
+        const T* row = k + ((t + 1) * PW + c - jb) * ldk;
+        for (int64_t d = 0; d < D; d += LINE) __builtin_prefetch(row + d, 0, 3);
+      }
+    if (v)
+      for (int c = 0; c < PW; c++) {
+        const T* row = v + (t * PW + c - jb) * ldv;
+        for (int64_t d = 0; d < Dv; d += LINE) __builtin_prefetch(row + d, 0, 3);
+      }
   }
 
   static bool tile_bad(const uint8_t* bad, int64_t t) {
