@@ -687,6 +687,23 @@ def test_broken_compiler_gives_reason(tmp_path):
     assert "no C++ compiler found" in line and "/nonexistent/g++" in line
 
 
+def test_compile_error_gives_first_error_line(tmp_path):
+    fake = tmp_path / "fake-g++"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "fake g++ 1.0"; exit 0; fi\n'
+        'echo "kernels.cpp:1:1: error: no vectors today" >&2; exit 1\n'
+    )
+    fake.chmod(0o755)
+    code = "from selfattn.backends import native; print(repr(native.unavailable()))"
+    env = dict(os.environ, CXX=str(fake), SELFATTN_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    line = out.stdout.strip().splitlines()[-1]
+    assert "C++ build failed" in line and "error: no vectors today" in line
+
+
 def test_isa_override(monkeypatch):
     monkeypatch.setenv("SELFATTN_NATIVE_ISA", "bogus")
     with pytest.raises(RuntimeError, match="SELFATTN_NATIVE_ISA"):
