@@ -264,7 +264,8 @@ static void pack_rows(const Plan<V>& pl, Backward<V>& bw, int64_t u, int64_t slo
     for (int64_t d = 0; d < P.Dv; d++) delta += dd[d] * orow[d];
     const View& ls = P.lse_in;
     T l = T(load_scalar(ls.p, ls.dt, b * ls.s[0] + h * ls.s[1] + i * ls.s[2]));
-    if (P.dlse.p) delta -= T(load_scalar(P.dlse.p, P.dlse.dt, b * P.dlse.s[0] + h * P.dlse.s[1] + i * P.dlse.s[2]));
+    const View& dl = P.dlse;
+    if (dl.p) delta -= T(load_scalar(dl.p, dl.dt, b * dl.s[0] + h * dl.s[1] + i * dl.s[2]));
     bw.lse2[hs * bw.nq_pad + i] = l == T(-INFINITY) ? T(INFINITY) : T(l * T(LOG2E));
     bw.dd[hs * bw.nq_pad + i] = delta;
   }

@@ -59,8 +59,9 @@ bool cpu_has_avx2() {
 }
 bool cpu_has_avx512() {
   __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
 }
 
 // The engine for float32/16 compute: SELFATTN_NATIVE_ISA=avx512|avx2|generic overrides the CPU's
@@ -141,7 +142,8 @@ void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const a
     keep.push_back(alibi->expand({P.B, P.Hq}));
     P.alibi = view_of(keep.back());
   }
-  TORCH_CHECK(q_ids.has_value() == kv_ids.has_value(), "selfattn native: q_ids and kv_ids go together");
+  TORCH_CHECK(q_ids.has_value() == kv_ids.has_value(),
+              "selfattn native: q_ids and kv_ids go together");
   if (q_ids) {
     keep.push_back(q_ids->to(at::kLong).expand({P.B, P.Nq}));
     P.q_ids = view_of(keep.back());

@@ -142,7 +142,7 @@ static inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h)
 static inline uint16_t float_to_bf16(float f) {
   uint32_t u = float_to_bits(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7FFFu + ((u >> 16) & 1u);                                           // round to nearest even
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
   return uint16_t(u >> 16);
 }
 static inline float f16_to_float(uint16_t h) {

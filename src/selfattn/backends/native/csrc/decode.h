@@ -144,8 +144,10 @@ struct Decode {
       pl.tile_range(pans[g], lo, hi);
       lo = imax(lo, t0);
       hi = imin(hi, t1);
-      for (int64_t t = t0; t < t1; t++)
-        sc.cls[g * (CK / PW) + t - t0] = (t >= lo && t < hi) ? pl.tile_class(pans[g], t) : EMPTY;
+      for (int64_t t = t0; t < t1; t++) {
+        const bool in = t >= lo && t < hi;
+        sc.cls[g * (CK / PW) + t - t0] = in ? pl.tile_class(pans[g], t) : uint8_t(EMPTY);
+      }
       for (int64_t t = lo; t < hi; t++)
         if (sc.cls[g * (CK / PW) + t - t0] != EMPTY) {
           tmin = imin(tmin, t);

@@ -74,7 +74,8 @@ static inline void gemm_cols(int64_t M, int64_t K, const typename V::T* A, int64
   constexpr int R = RowBlock<V, NV>::value;
   int64_t i = 0;
   for (; i + R <= M; i += R)
-    mk<V, R, NV, MODE>(K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc, alpha ? alpha + i : nullptr);
+    mk<V, R, NV, MODE>(K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc,
+                       alpha ? alpha + i : nullptr);
   if (i < M)
     mk_rows<V, NV, MODE, R - 1>(int(M - i), K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc,
                                 alpha ? alpha + i : nullptr);

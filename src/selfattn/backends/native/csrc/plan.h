@@ -144,7 +144,8 @@ struct Plan {
         mmap[x] = any ? (all ? FULL : PARTIAL) : EMPTY;
       }
     };
-    parallel(pool, mB * mH * mP * mT, body, mB * mH * (m.s[2] ? P.Nq : 1) * (m.s[3] ? P.Nk : 1) < (int64_t(1) << 18));
+    const int64_t bytes = mB * mH * (m.s[2] ? P.Nq : 1) * (m.s[3] ? P.Nk : 1);
+    parallel(pool, mB * mH * mP * mT, body, bytes < (int64_t(1) << 18));
   }
   uint8_t mask_class(int64_t b, int64_t h, int64_t panel, int64_t t) const {
     int64_t bm = mB == 1 ? 0 : b, hm = mH == 1 ? 0 : h, pm = mP == 1 ? 0 : panel,
@@ -290,7 +291,8 @@ struct Plan {
 
   // Dropout: global row id of row i of (b, h), as in _rng.keep_mask.
   uint32_t drop_row(int64_t b, int64_t h, int64_t i) const {
-    uint64_t row = uint64_t(((P.drop_b0 + b) * P.drop_hq + P.drop_h0 + h) * P.drop_nq + P.drop_r0 + i);
+    const int64_t bh = (P.drop_b0 + b) * P.drop_hq + P.drop_h0 + h;
+    const uint64_t row = uint64_t(bh * P.drop_nq + P.drop_r0 + i);
     return drop_row_hash(row, P.seed0);
   }
 };

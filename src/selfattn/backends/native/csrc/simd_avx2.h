@@ -14,13 +14,9 @@ struct V {
   static constexpr const char* name = "avx2";
   __m256 v;
 
-  static __m256i tail_mask(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
+  static __m256i lanes() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static V load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static V load_n(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
-  void store_n(float* p, int n) const { _mm256_maskstore_ps(p, tail_mask(n), v); }
   static V set1(float x) { return {_mm256_set1_ps(x)}; }
   static V zero() { return {_mm256_setzero_ps()}; }
   friend V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
@@ -75,7 +71,8 @@ struct V {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    e = _mm256_slli_epi32(e, 23);
     __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     __m256 tiny = _mm256_cmp_ps(x.v, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);  // false for NaN
     return {_mm256_andnot_ps(tiny, r)};
@@ -91,14 +88,15 @@ struct V {
     __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x.v, x.v);
     __m256 a = _mm256_min_ps(_mm256_set1_ps(9.0f), ax);
     __m256 e = exp2(V{_mm256_mul_ps(a, _mm256_set1_ps(2.8853900817779268f))}).v;
-    __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.0f),
-                               _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
-    big = _mm256_or_ps(big, _mm256_and_ps(x.v, _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)))));
+    __m256 one = _mm256_set1_ps(1.0f);
+    __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+    __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
+    big = _mm256_or_ps(big, _mm256_and_ps(x.v, sign));
     __m256 is_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
     return {_mm256_blendv_ps(big, small, is_small)};
   }
   static V keep_range(V s, int c0, int a, int b) {
-    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(c0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(c0), lanes());
     __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(a), idx),
                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(b), idx));
     return {_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), s.v, _mm256_castsi256_ps(in))};
@@ -114,7 +112,7 @@ struct V {
     return V{_mm256_sub_ps(_mm256_set1_ps(float(pos - j0)), lane)}.abs();
   }
   static V dropout(V p, uint32_t hr, int64_t j0, uint32_t seed1, uint32_t thr, float inv) {
-    __m256i j = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(j0))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i j = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(j0))), lanes());
     __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(j, _mm256_set1_epi32(int(0x85EBCA6Bu))),
                                  _mm256_set1_epi32(int(seed1)));
     x = _mm256_xor_si256(x, _mm256_set1_epi32(int(hr)));
@@ -126,12 +124,6 @@ struct V {
     // unsigned x >= thr  <=>  max_epu32(x, thr) == x
     __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(x, _mm256_set1_epi32(int(thr))), x);
     return {_mm256_and_ps(_mm256_mul_ps(p.v, _mm256_set1_ps(inv)), _mm256_castsi256_ps(keep))};
-  }
-  static V select_gt(V a, V b, V x, V y) {
-    return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ))};
-  }
-  static V is_neginf_select(V a, V x, V y) {
-    return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ))};
   }
 };
 

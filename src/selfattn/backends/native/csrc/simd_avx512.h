@@ -16,11 +16,7 @@ struct V {
   __m512 v;
 
   static V load(const float* p) { return {_mm512_loadu_ps(p)}; }
-  static V load_n(const float* p, int n) {
-    return {_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p)};
-  }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
-  void store_n(float* p, int n) const { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v); }
   static V set1(float x) { return {_mm512_set1_ps(x)}; }
   static V zero() { return {_mm512_setzero_ps()}; }
   friend V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
@@ -85,8 +81,8 @@ struct V {
     __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x.v, x.v);
     __m512 a = _mm512_min_ps(_mm512_set1_ps(9.0f), ax);  // NaN stays NaN
     __m512 e = exp2(V{_mm512_mul_ps(a, _mm512_set1_ps(2.8853900817779268f))}).v;  // e^{2a}
-    __m512 big = _mm512_sub_ps(_mm512_set1_ps(1.0f),
-                               _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
     // copy the sign of x onto big
     big = _mm512_castsi512_ps(_mm512_or_si512(
         _mm512_castps_si512(big),
@@ -95,10 +91,12 @@ struct V {
     return {_mm512_mask_mov_ps(big, is_small, small)};
   }
 
+  static __m512i lanes() {
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
   // lanes c0 + lane (tile-local key index) outside [a, b) become -inf
   static V keep_range(V s, int c0, int a, int b) {
-    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(c0),
-                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(c0), lanes());
     __mmask16 in = _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(a)) &
                    _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(b));
     return {_mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), in, s.v)};
@@ -116,8 +114,7 @@ struct V {
   }
   // dropout: keep lane j0 + lane when mix32(hr ^ (j * C + seed1)) >= thr; kept lanes scaled
   static V dropout(V p, uint32_t hr, int64_t j0, uint32_t seed1, uint32_t thr, float inv) {
-    __m512i j = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(j0))),
-                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i j = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(j0))), lanes());
     __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(j, _mm512_set1_epi32(int(0x85EBCA6Bu))),
                                  _mm512_set1_epi32(int(seed1)));
     x = _mm512_xor_si512(x, _mm512_set1_epi32(int(hr)));
@@ -128,13 +125,6 @@ struct V {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     __mmask16 keep = _mm512_cmpge_epu32_mask(x, _mm512_set1_epi32(int(thr)));
     return {_mm512_maskz_mul_ps(keep, p.v, _mm512_set1_ps(inv))};
-  }
-  // zero where the byte is 0 (kept-lane mask), scaled elsewhere: used by backward's dropout
-  static V select_gt(V a, V b, V x, V y) {  // a > b ? x : y
-    return {_mm512_mask_mov_ps(y.v, _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ), x.v)};
-  }
-  static V is_neginf_select(V a, V x, V y) {  // a == -inf ? x : y
-    return {_mm512_mask_mov_ps(y.v, _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ), x.v)};
   }
 };
 

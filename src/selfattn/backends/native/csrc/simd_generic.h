@@ -22,16 +22,8 @@ struct GV {
     for (int i = 0; i < W; i++) r.v[i] = p[i];
     return r;
   }
-  static GV load_n(const T* p, int n) {
-    GV r;
-    for (int i = 0; i < W; i++) r.v[i] = i < n ? p[i] : T(0);
-    return r;
-  }
   void store(T* p) const {
     for (int i = 0; i < W; i++) p[i] = v[i];
-  }
-  void store_n(T* p, int n) const {
-    for (int i = 0; i < n; i++) p[i] = v[i];
   }
   static GV set1(T x) {
     GV r;
@@ -115,14 +107,6 @@ struct GV {
       p.v[i] = h >= thr ? p.v[i] * inv : T(0);
     }
     return p;
-  }
-  static GV select_gt(GV a, GV b, GV x, GV y) {
-    for (int i = 0; i < W; i++) y.v[i] = a.v[i] > b.v[i] ? x.v[i] : y.v[i];
-    return y;
-  }
-  static GV is_neginf_select(GV a, GV x, GV y) {
-    for (int i = 0; i < W; i++) y.v[i] = (a.v[i] == -INFINITY) ? x.v[i] : y.v[i];
-    return y;
   }
 };
 
