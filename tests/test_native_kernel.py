@@ -342,11 +342,16 @@ def test_decode_dropout_matches_spec(nq):
     assert max_err(out, ref) < 1e-5
 
 
-def test_forward_lse_only():
-    q, k, v = make_qkv(1, 4, 2, 100, 200, 64, seed=1)
+@pytest.mark.parametrize("nq", [100, 2])
+def test_forward_lse_only(nq, isa):
+    q, k, v = make_qkv(1, 4, 2, nq, 200, 64, seed=1)
     out, lse = nat(q, k, v, causal=True, need_out=False)
     _, lse2 = nat(q, k, v, causal=True)
     assert out.numel() == 0 and torch.equal(lse, lse2)
+    v[:, :, 150:] = float("nan")  # the lse alone never reads v
+    _, lse3 = nat(q, k, v, causal=True, window=(120, None), need_out=False)
+    _, lse4 = nat(q, k, torch.zeros_like(v), causal=True, window=(120, None), need_out=False)
+    assert torch.isfinite(lse3).all() and torch.equal(lse3, lse4)
 
 
 # -- backward -------------------------------------------------------------------------------------

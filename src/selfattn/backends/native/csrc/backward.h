@@ -256,8 +256,7 @@ static void pack_rows(const Plan<V>& pl, Backward<V>& bw, int64_t u, int64_t slo
       bw.dd[hs * bw.nq_pad + i] = T(0);
       continue;
     }
-    load_row<T>(P.q, b, h, i, P.D, Dp, qd);
-    for (int64_t d = 0; d < P.D; d++) qd[d] *= pl.qscale;
+    load_q_row<V>(P.q, b, h, i, P.D, Dp, pl.qscale, qd);
     load_row<T>(P.dout, b, h, i, P.Dv, Dvp, dd);
     load_row<T>(P.o, b, h, i, P.Dv, Dvp, orow.p);
     T delta = 0;

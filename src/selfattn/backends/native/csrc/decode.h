@@ -133,8 +133,7 @@ struct Decode {
     for (int64_t g = 0; g < P.G; g++)
       for (int64_t i = 0; i < Nq; i++) {
         T* dst = sc.q.p + (g * Nq + i) * Dp;
-        load_row<T>(P.q, b, kvh * P.G + g, i, P.D, Dp, dst);
-        for (int64_t d = 0; d < P.D; d++) dst[d] *= pl.qscale;
+        load_q_row<V>(P.q, b, kvh * P.G + g, i, P.D, Dp, pl.qscale, dst);
       }
     typename Plan<V>::Panel pans[16];
     int64_t tmin = t1, tmax = t0;
@@ -181,7 +180,7 @@ struct Decode {
       for (int64_t j = jb; j < je; j++) {
         bool ok = load_row<T>(P.k, b, kvh, j, P.D, Dp, sc.kc.p + (j - jb) * Dp);
         if (careful) {
-          ok &= load_row<T>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
+          if (P.need_out) ok &= load_row<T>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
           if (!ok) {
             std::memset(sc.kc.p + (j - jb) * Dp, 0, sizeof(T) * Dp);
             std::memset(sc.vc.p + (j - jb) * Dvp, 0, sizeof(T) * Dvp);

@@ -110,8 +110,7 @@ struct Forward {
     for (int64_t r = 0; r < npan * MR; r++) {
       T* dst = sc.q.p + r * Dp;
       if (i0 + r < P.Nq) {
-        load_row<T>(P.q, b, h, i0 + r, D, Dp, dst);
-        for (int64_t d = 0; d < D; d++) dst[d] *= pl.qscale;
+        load_q_row<V>(P.q, b, h, i0 + r, D, Dp, pl.qscale, dst);
       } else {
         for (int64_t d = 0; d < Dp; d++) dst[d] = T(0);
       }

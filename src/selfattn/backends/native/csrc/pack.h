@@ -58,6 +58,25 @@ static inline bool load_row(const View& t, int64_t b, int64_t h, int64_t j, int6
   return all_finite(dst, X);
 }
 
+// Row i of q (B, H, N, D) at (b, h), times `scale`, zero-padded to Dp (vector path for the
+// common same-dtype, unit-stride case).
+template <class V>
+static inline void load_q_row(const View& q, int64_t b, int64_t h, int64_t i, int64_t D,
+                              int64_t Dp, typename V::T scale, typename V::T* dst) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const DT same = sizeof(T) == 4 ? DT::F32 : DT::F64;
+  if (q.dt == same && q.s[3] == 1 && D % W == 0) {
+    const T* src = static_cast<const T*>(q.p) + b * q.s[0] + h * q.s[1] + i * q.s[2];
+    const V s = V::set1(scale);
+    for (int64_t d = 0; d < D; d += W) (V::load(src + d) * s).store(dst + d);
+    for (int64_t d = D; d < Dp; d++) dst[d] = T(0);
+    return;
+  }
+  load_row<T>(q, b, h, i, D, Dp, dst);
+  for (int64_t d = 0; d < D; d++) dst[d] *= scale;
+}
+
 template <class V>
 struct Packed {
   using T = typename V::T;
@@ -99,10 +118,61 @@ struct Packed {
     any_bad = any_buf.p;
   }
 
+  static bool fast_view(const View& t, int64_t X) {
+    const DT same = sizeof(T) == 4 ? DT::F32 : DT::F64;
+    return t.dt == same && t.s[3] == 1 && X % V::W == 0;
+  }
+
+  // Keys [j0, j0 + PW) of rows at `base` (row stride ld, nk valid) as X x PW panel rows at dst,
+  // by W x W register transposes. Returns a bit per key whose row is not finite.
+  static uint32_t panel_tile(const T* base, int64_t ld, int64_t j0, int64_t nk, int64_t X,
+                             T* dst) {
+    constexpr int W = V::W;
+    uint32_t bad = 0;
+    for (int g = 0; g < 2; g++)
+      for (int64_t d0 = 0; d0 < X; d0 += W) {
+        V r[W];
+        for (int i = 0; i < W; i++) {
+          const int64_t j = j0 + g * W + i;
+          r[i] = j < nk ? V::load(base + j * ld + d0) : V::zero();
+        }
+        V::transpose(r);
+        for (int i = 0; i < W; i++) {
+          r[i].store(dst + (d0 + i) * PW + g * W);
+          bad |= V::nonfinite(r[i]) << (g * W);
+        }
+      }
+    return bad;
+  }
+  // The same keys as rows of Xp (zero-padded) at dst.
+  static uint32_t row_tile(const T* base, int64_t ld, int64_t j0, int64_t nk, int64_t X,
+                           int64_t Xp, T* dst) {
+    constexpr int W = V::W;
+    uint32_t bad = 0;
+    for (int c = 0; c < PW; c++) {
+      const int64_t j = j0 + c;
+      T* o = dst + c * Xp;
+      uint32_t b = 0;
+      if (j < nk) {
+        for (int64_t d = 0; d < X; d += W) {
+          V x = V::load(base + j * ld + d);
+          x.store(o + d);
+          b |= V::nonfinite(x);
+        }
+      } else {
+        for (int64_t d = 0; d < X; d += W) V::zero().store(o + d);
+      }
+      for (int64_t d = X; d < Xp; d += W) V::zero().store(o + d);
+      bad |= uint32_t(b != 0) << c;
+    }
+    return bad;
+  }
+
   // Pack tiles [t0, t1) of unit u (slot `slot` of the buffers). Returns whether a key was bad.
   bool pack(const Plan<V>& pl, int64_t u, int64_t slot, int64_t t0, int64_t t1, T* krow,
             T* vrow) {
     const Params& p = pl.P;
+    if (fast_view(p.k, p.D) && fast_view(p.v, p.Dv)) return pack_fast(pl, u, slot, t0, t1);
     const int64_t b = u / p.Hkv, h = u % p.Hkv, D = p.D, Dv = p.Dv, Dp = pl.Dp, Dvp = pl.Dvp;
     bool any = false;
     for (int64_t t = t0; t < t1; t++) {
@@ -111,7 +181,7 @@ struct Packed {
         bool ok = true;
         if (j < p.Nk) {
           ok = load_row<T>(p.k, b, h, j, D, Dp, krow);
-          ok &= load_row<T>(p.v, b, h, j, Dv, Dvp, vrow);
+          if (vt || vr) ok &= load_row<T>(p.v, b, h, j, Dv, Dvp, vrow);  // lse alone: no V
           if (!ok) {
             std::memset(krow, 0, sizeof(T) * Dp);
             std::memset(vrow, 0, sizeof(T) * Dvp);
@@ -135,6 +205,43 @@ struct Packed {
       }
     }
     return any;
+  }
+
+  // Same-dtype inputs with unit inner stride and whole vectors: transposes and vector copies.
+  bool pack_fast(const Plan<V>& pl, int64_t u, int64_t slot, int64_t t0, int64_t t1) {
+    const Params& p = pl.P;
+    const int64_t b = u / p.Hkv, h = u % p.Hkv, D = p.D, Dv = p.Dv, Nk = p.Nk;
+    const T* kb = static_cast<const T*>(p.k.p) + b * p.k.s[0] + h * p.k.s[1];
+    const T* vb = static_cast<const T*>(p.v.p) + b * p.v.s[0] + h * p.v.s[1];
+    const int64_t lk = p.k.s[2], lv = p.v.s[2];
+    bool any = false;
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t j0 = t * PW;
+      // K is always packed; V only when used (the lse alone never reads it)
+      uint32_t flags = 0;
+      if (kt) flags |= panel_tile(kb, lk, j0, Nk, D, kt + slot * kt_n + t * D * PW);
+      if (kr) flags |= row_tile(kb, lk, j0, Nk, D, pl.Dp, kr + slot * kr_n + j0 * pl.Dp);
+      if (vt) flags |= panel_tile(vb, lv, j0, Nk, Dv, vt + slot * vt_n + t * Dv * PW);
+      if (vr) flags |= row_tile(vb, lv, j0, Nk, Dv, pl.Dvp, vr + slot * vr_n + j0 * pl.Dvp);
+      for (int c = 0; c < PW; c++) {
+        const bool is_bad = (flags >> c) & 1u;
+        bad[slot * bad_n + j0 + c] = is_bad ? 1 : 0;
+        if (is_bad) zero_key(pl, slot, t, c);
+      }
+      any |= flags != 0;
+    }
+    return any;
+  }
+  // Zero every packed copy of key c of tile t (a non-finite key, see the header).
+  void zero_key(const Plan<V>& pl, int64_t slot, int64_t t, int c) {
+    const Params& p = pl.P;
+    const int64_t j = t * PW + c;
+    if (kt)
+      for (int64_t d = 0; d < p.D; d++) kt[slot * kt_n + t * p.D * PW + d * PW + c] = T(0);
+    if (kr) std::memset(kr + slot * kr_n + j * pl.Dp, 0, sizeof(T) * pl.Dp);
+    if (vt)
+      for (int64_t d = 0; d < p.Dv; d++) vt[slot * vt_n + t * p.Dv * PW + d * PW + c] = T(0);
+    if (vr) std::memset(vr + slot * vr_n + j * pl.Dvp, 0, sizeof(T) * pl.Dvp);
   }
 
   // Pack units [u0, u1) into slots 0.. in parallel (items of 16 tiles).

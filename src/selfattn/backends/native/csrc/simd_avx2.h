@@ -39,6 +39,30 @@ struct V {
   }
   V abs() const { return {_mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)))}; }
 
+  // r[0:8] rows -> columns, in place
+  static void transpose(V* r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i].v, r[2 * i + 1].v);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i].v, r[2 * i + 1].v);
+    }
+    for (int g = 0; g < 2; g++) {
+      u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+      u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+      u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+      u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) {
+      r[m].v = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+      r[4 + m].v = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+    }
+  }
+  static uint32_t nonfinite(V x) {
+    __m256i e = _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7F800000));
+    __m256i m = _mm256_cmpeq_epi32(e, _mm256_set1_epi32(0x7F800000));
+    return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(m)));
+  }
+
   // lane i of the result = sum of the lanes of p[i], i < 8
   static V reduce_lanes(const V* p) {
     __m256 t[4], u[2];

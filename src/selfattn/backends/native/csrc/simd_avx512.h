@@ -31,6 +31,36 @@ struct V {
   float hsum() const { return _mm512_reduce_add_ps(v); }
   V abs() const { return {_mm512_abs_ps(v)}; }
 
+  // r[0:16] rows -> columns, in place
+  static void transpose(V* r) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i].v, r[2 * i + 1].v);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i].v, r[2 * i + 1].v);
+    }
+    for (int g = 0; g < 4; g++) {  // rows 4g..4g+3: u[4g + m] holds lane-local column m
+      u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+      u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+      u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+      u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) {  // gather 128-bit lane k of the four row groups
+      __m512 x01 = _mm512_shuffle_f32x4(u[m], u[4 + m], _MM_SHUFFLE(1, 0, 1, 0));
+      __m512 x23 = _mm512_shuffle_f32x4(u[m], u[4 + m], _MM_SHUFFLE(3, 2, 3, 2));
+      __m512 y01 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], _MM_SHUFFLE(1, 0, 1, 0));
+      __m512 y23 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], _MM_SHUFFLE(3, 2, 3, 2));
+      r[m].v = _mm512_shuffle_f32x4(x01, y01, _MM_SHUFFLE(2, 0, 2, 0));
+      r[4 + m].v = _mm512_shuffle_f32x4(x01, y01, _MM_SHUFFLE(3, 1, 3, 1));
+      r[8 + m].v = _mm512_shuffle_f32x4(x23, y23, _MM_SHUFFLE(2, 0, 2, 0));
+      r[12 + m].v = _mm512_shuffle_f32x4(x23, y23, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+  }
+  // bit i set: lane i is NaN or +-inf
+  static uint32_t nonfinite(V x) {
+    __m512i e = _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(0x7F800000));
+    return _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(0x7F800000));
+  }
+
   // lane i of the result = sum of the lanes of p[i], i < 16 (a transpose and add tree)
   static V reduce16(const V* p) {
     __m512 t[8], u[4], w[2];

@@ -64,6 +64,19 @@ struct GV {
     for (int i = 0; i < W; i++) r.v[i] = std::fabs(v[i]);
     return r;
   }
+  static void transpose(GV* r) {
+    for (int i = 0; i < W; i++)
+      for (int j = i + 1; j < W; j++) {
+        T x = r[i].v[j];
+        r[i].v[j] = r[j].v[i];
+        r[j].v[i] = x;
+      }
+  }
+  static uint32_t nonfinite(GV x) {
+    uint32_t m = 0;
+    for (int i = 0; i < W; i++) m |= uint32_t(!std::isfinite(x.v[i])) << i;
+    return m;
+  }
   static GV reduce_lanes(const GV* p) {
     GV r;
     for (int i = 0; i < W; i++) r.v[i] = p[i].hsum();
