@@ -257,8 +257,8 @@ static void pack_rows(const Plan<V>& pl, Backward<V>& bw, int64_t u, int64_t slo
       continue;
     }
     load_q_row<V>(P.q, b, h, i, P.D, Dp, pl.qscale, qd);
-    load_row<T>(P.dout, b, h, i, P.Dv, Dvp, dd);
-    load_row<T>(P.o, b, h, i, P.Dv, Dvp, orow.p);
+    load_row<V>(P.dout, b, h, i, P.Dv, Dvp, dd);
+    load_row<V>(P.o, b, h, i, P.Dv, Dvp, orow.p);
     T delta = 0;
     for (int64_t d = 0; d < P.Dv; d++) delta += dd[d] * orow[d];
     const View& ls = P.lse_in;

@@ -178,9 +178,9 @@ struct Decode {
       nd = P.D / W;
     } else {  // convert the chunk's keys (and, careful, check them with their values)
       for (int64_t j = jb; j < je; j++) {
-        bool ok = load_row<T>(P.k, b, kvh, j, P.D, Dp, sc.kc.p + (j - jb) * Dp);
+        bool ok = load_row<V>(P.k, b, kvh, j, P.D, Dp, sc.kc.p + (j - jb) * Dp);
         if (careful) {
-          if (P.need_out) ok &= load_row<T>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
+          if (P.need_out) ok &= load_row<V>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
           if (!ok) {
             std::memset(sc.kc.p + (j - jb) * Dp, 0, sizeof(T) * Dp);
             std::memset(sc.vc.p + (j - jb) * Dvp, 0, sizeof(T) * Dvp);
@@ -206,7 +206,7 @@ struct Decode {
         ldv = P.v.s[2];
       } else {
         for (int64_t j = jb; j < je; j++)
-          load_row<T>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
+          load_row<V>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
         vbase = sc.vc.p;
       }
     }

@@ -35,9 +35,12 @@ static inline bool all_finite(const double* x, int64_t n) {
 }
 
 // Row `j` of a (B, H, N, X) view at (b, h) as T[0:X], zero-padded to Xp; false if not finite.
-template <class T>
+// 16-bit rows with unit stride convert a vector at a time (F16C / shifts).
+template <class V>
 static inline bool load_row(const View& t, int64_t b, int64_t h, int64_t j, int64_t X, int64_t Xp,
-                            T* dst) {
+                            typename V::T* dst) {
+  using T = typename V::T;
+  constexpr int W = V::W;
   const int64_t off = b * t.s[0] + h * t.s[1] + j * t.s[2], st = t.s[3];
   if (t.dt == DT::F32 && st == 1) {
     const float* src = static_cast<const float*>(t.p) + off;
@@ -45,12 +48,13 @@ static inline bool load_row(const View& t, int64_t b, int64_t h, int64_t j, int6
   } else if (t.dt == DT::F64 && st == 1) {
     const double* src = static_cast<const double*>(t.p) + off;
     for (int64_t d = 0; d < X; d++) dst[d] = T(src[d]);
-  } else if (t.dt == DT::BF16) {
+  } else if (t.dt == DT::BF16 || t.dt == DT::F16) {
     const uint16_t* src = static_cast<const uint16_t*>(t.p) + off;
-    for (int64_t d = 0; d < X; d++) dst[d] = T(bf16_to_float(src[d * st]));
-  } else if (t.dt == DT::F16) {
-    const uint16_t* src = static_cast<const uint16_t*>(t.p) + off;
-    for (int64_t d = 0; d < X; d++) dst[d] = T(f16_to_float(src[d * st]));
+    const bool bf = t.dt == DT::BF16;
+    int64_t d = 0;
+    if (st == 1)
+      for (; d + W <= X; d += W) (bf ? V::load_bf16(src + d) : V::load_f16(src + d)).store(dst + d);
+    for (; d < X; d++) dst[d] = T(bf ? bf16_to_float(src[d * st]) : f16_to_float(src[d * st]));
   } else {
     for (int64_t d = 0; d < X; d++) dst[d] = T(load_scalar(t.p, t.dt, off + d * st));
   }
@@ -73,7 +77,7 @@ static inline void load_q_row(const View& q, int64_t b, int64_t h, int64_t i, in
     for (int64_t d = D; d < Dp; d++) dst[d] = T(0);
     return;
   }
-  load_row<T>(q, b, h, i, D, Dp, dst);
+  load_row<V>(q, b, h, i, D, Dp, dst);
   for (int64_t d = 0; d < D; d++) dst[d] *= scale;
 }
 
@@ -180,8 +184,8 @@ struct Packed {
         int64_t j = t * PW + c;
         bool ok = true;
         if (j < p.Nk) {
-          ok = load_row<T>(p.k, b, h, j, D, Dp, krow);
-          if (vt || vr) ok &= load_row<T>(p.v, b, h, j, Dv, Dvp, vrow);  // lse alone: no V
+          ok = load_row<V>(p.k, b, h, j, D, Dp, krow);
+          if (vt || vr) ok &= load_row<V>(p.v, b, h, j, Dv, Dvp, vrow);  // lse alone: no V
           if (!ok) {
             std::memset(krow, 0, sizeof(T) * Dp);
             std::memset(vrow, 0, sizeof(T) * Dvp);

@@ -22,6 +22,16 @@ struct GV {
     for (int i = 0; i < W; i++) r.v[i] = p[i];
     return r;
   }
+  static GV load_bf16(const uint16_t* p) {
+    GV r;
+    for (int i = 0; i < W; i++) r.v[i] = T(bf16_to_float(p[i]));
+    return r;
+  }
+  static GV load_f16(const uint16_t* p) {
+    GV r;
+    for (int i = 0; i < W; i++) r.v[i] = T(f16_to_float(p[i]));
+    return r;
+  }
   void store(T* p) const {
     for (int i = 0; i < W; i++) p[i] = v[i];
   }

@@ -1,0 +1,144 @@
+"""``native``: the fused C++ CPU engine (``csrc/``, built by ``build.py``) as a backend.
+
+Every rule, float32/float64 compute (float16/bfloat16 inputs accumulate in float32), forward,
+backward, split-K decode and exact probabilities, threads from torch's intra-op pool. It offers
+every hook of the registry. A decode call is microseconds of work, so ``run`` does as little as
+it can in Python: the spec is already validated, and the arguments go to the extension as they
+are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import engine
+from ...spec import AttentionSpec
+from . import build
+
+__all__ = ["NativeBackend"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _rules(spec: AttentionSpec, seed: tuple[int, int] | None) -> tuple:
+    """The extension's rule arguments (scale ... drop_r0) for a spec (see ``csrc/bindings.cpp``)."""
+    left, right = spec.window if spec.window is not None else (None, None)
+    seed0, seed1 = seed if seed is not None else (0, 0)
+    return (
+        spec.scale,
+        0.0 if spec.softcap is None else spec.softcap,
+        spec.causal,
+        spec.start,
+        -1 if left is None else left,
+        -1 if right is None else right,
+        spec.mask,
+        spec.bias,
+        spec.alibi_slopes,
+        spec.q_ids,
+        spec.kv_ids,
+        spec.dropout_p,
+        seed0,
+        seed1,
+        spec.Hq,
+        spec.Nq,
+        0,
+        0,
+        0,
+    )
+
+
+class _NativeFunction(torch.autograd.Function):
+    """Autograd: saves q, k, v, out and lse; the backward kernels recompute P from the lse."""
+
+    @staticmethod
+    def forward(ctx, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
+        ext = build.load()
+        rules = _rules(spec, seed)
+        need = (bias is not None and bias.requires_grad, alibi is not None and alibi.requires_grad)
+        out_acc = q.dtype in _HALF and (need[0] or need[1])
+        # 16-bit inputs: D = rowsum(dO * O) from the rounded output would cost the bias and ALiBi
+        # gradients three digits, so the output is also kept in float32 for the backward
+        out, lse = ext.forward(q, k, v, *rules, True, out_acc)
+        ctx.spec, ctx.rules, ctx.need = spec, rules, need
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        return out.to(q.dtype), lse.float()
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros(out.shape, dtype=q.dtype)
+        dlse = torch.empty(0) if dlse is None else dlse
+        dq, dk, dv, dbias, dalibi = build.load().backward(
+            dout, q, k, v, out, lse, dlse, *ctx.rules, *ctx.need
+        )
+        spec = ctx.spec
+        if dbias is not None:
+            dbias = dbias.reshape(spec.bias.shape).to(spec.bias.dtype)
+        if dalibi is not None:
+            dalibi = dalibi.reshape(spec.alibi_slopes.shape).to(spec.alibi_slopes.dtype)
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi
+
+
+class NativeBackend:
+    """Fused C++ kernels for the CPU (AVX-512 or AVX2 chosen at run time); every rule."""
+
+    name = "native"
+
+    def unavailable(self) -> str | None:
+        return build.unavailable()
+
+    def check(self, spec: AttentionSpec) -> list[str]:
+        reasons = []
+        if spec.device.type != "cpu":
+            reasons.append(f"runs on the CPU, inputs are on {spec.device}")
+        if spec.qpos is not None:
+            reasons.append("rows are selected in its weights hook, not as a part")
+        return reasons
+
+    def run(
+        self,
+        spec: AttentionSpec,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seed: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if spec.requires_grad:
+            return _NativeFunction.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
+        out, lse = build.load().forward(q, k, v, *_rules(spec, seed), True, False)
+        return out, lse
+
+    def forward(self, spec, q, k, v, seed):
+        """The forward kernels (decode or row tiles), no autograd; out in the accumulation dtype
+        (ring attention merges blocks in it)."""
+        return build.load().forward(q, k, v, *_rules(spec, seed), True, True)
+
+    def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
+        """The backward kernels. A float32 lse for float64 inputs (the custom op's) and an output
+        rounded to 16 bits (when bias or ALiBi gradients are wanted) are recomputed exactly."""
+        ext = build.load()
+        rules = _rules(spec, seed)
+        acc = engine.acc_dtype(q.dtype)
+        rounded = out.dtype != acc and (need_dbias or need_dalibi)
+        if lse.dtype != acc or rounded:
+            exact, lse = ext.forward(q, k, v, *rules, rounded, True)
+            out = exact if rounded else out
+        dlse = torch.empty(0) if dlse is None else dlse
+        return ext.backward(dout, q, k, v, out, lse, dlse, *rules, need_dbias, need_dalibi)
+
+    def weights(self, spec, q, k, lse, heads, rows):
+        """Probabilities (B, len(heads), len(rows), Nk) float32 of the selected heads and rows,
+        from the probabilities kernel (the lse comes from the forward kernel when not given)."""
+        if heads is not None:
+            q = q.index_select(1, heads)
+            k = k.index_select(1, heads // spec.group)  # one key head per selected query head
+            lse = None if lse is None else lse.index_select(1, heads)
+        sel = spec.select(heads, None)
+        ext = build.load()
+        rules = _rules(sel, None)
+        if lse is None:
+            _, lse = ext.forward(q, k, k[..., :0], *rules, False, True)
+        rows_t = torch.empty(0, dtype=torch.long) if rows is None else rows
+        return ext.probabilities(q, k, lse, rows_t, *rules)
