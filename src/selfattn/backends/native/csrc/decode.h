@@ -51,12 +51,16 @@ struct Decode {
   }
 
   struct Scratch {
-    Buf<T> q, s, kc, vc;
+    Buf<T> q, s, kc, vc, kp;
     Buf<uint8_t> bad, cls;
     Scratch(const Decode& d)
         : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.CK * d.pl.Dp), vc(d.CK * d.pl.Dvp),
-          bad(d.CK), cls(d.P.G * (d.CK / PW)) {}
+          kp(d.P.D * PW), bad(d.CK), cls(d.P.G * (d.CK / PW)) {}
   };
+
+  // Beyond a few rows the dot products would load every key row once per row: transposing the
+  // tile (as packing does) and running the QK micro-kernel loads it once for all R rows.
+  bool panel_scores() const { return R > 4; }
 
   // dot(q, k) over ND vectors (ND = 0: nd at run time) as one vector of partial sums, with two
   // accumulators so the FMA chain is half as long
@@ -215,6 +219,12 @@ struct Decode {
       const int nvalid = int(imin(PW, P.Nk - t * PW));
       const int64_t col = (t - tmin) * PW;
       const bool tb = any_bad && tile_bad(bad, t);
+      const bool panels = panel_scores() && P.D % W == 0;
+      if (panels) {  // every row at once; rows of heads that see nothing are overwritten below
+        prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
+        Packed<V>::panel_tile(kbase - jb * ldk, ldk, t * PW, P.Nk, P.D, sc.kp.p);
+        gemm<V, STORE>(R, 2, P.D, sc.q.p, Dp, 1, sc.kp.p, PW, S + col, LDD, nullptr);
+      }
       for (int64_t g = 0; g < P.G; g++) {
         const uint8_t cls = sc.cls[g * (CK / PW) + t - t0];
         T* st = S + g * Nq * LDD + col;
@@ -223,8 +233,11 @@ struct Decode {
             for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
           continue;
         }
-        if (g == 0) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
-        dots(sc.q.p + g * Nq * Dp, Nq, Dp, nd, kbase + (t * PW - jb) * ldk, ldk, nvalid, st, LDD);
+        if (!panels) {
+          if (g == 0) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
+          dots(sc.q.p + g * Nq * Dp, Nq, Dp, nd, kbase + (t * PW - jb) * ldk, ldk, nvalid, st,
+               LDD);
+        }
         if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tb)
           pl.epilogue(st, LDD, pans[g], t, cls, tb ? bad : nullptr, nullptr);
       }
