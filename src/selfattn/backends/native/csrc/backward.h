@@ -36,8 +36,8 @@ static inline void rows_seeing(const Params& P, int64_t j0, int64_t j1, int64_t&
 template <class V>
 struct Backward {
   using T = typename V::T;
-  static constexpr int W = V::W, MR = V::MR, PW = 2 * W, KT = 3, KB = KT * PW;
-  static constexpr int NPB = 4, BMB = NPB * MR, LDB = KB + W;
+  static constexpr int W = V::W, MR = V::MR, PW = 2 * W, KT = 4, KB = KT * PW;
+  static constexpr int NPB = 8, BMB = NPB * MR, LDB = KB + W;
 
   const Plan<V>& pl;
   const Params& P;
