@@ -30,6 +30,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[triton,viz,hf,dev]"
+	@# the native C++ engine, compiled once into its cache; without a compiler `native` is
+	@# unavailable (selfattn info says why) and auto falls back, so a failure stops nothing
+	$(PY) -m selfattn.backends.native.build || echo "native engine not built: see selfattn info"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -84,7 +84,7 @@ class Shape:
 
 # Every backend that runs on the CPU, plus the dispatcher. `reference` declines autograd and
 # `sdpa` declines every rule but causal; the others must accept every valid call.
-CPU_BACKENDS = ["reference", "math", "tiled", "sdpa", "auto"]
+CPU_BACKENDS = ["reference", "math", "tiled", "native", "sdpa", "auto"]
 MAY_DECLINE = {"reference", "sdpa"}
 
 

@@ -32,13 +32,15 @@ def test_hooks_each_backend_offers():
     assert offered["math"] == {"backward"}
     assert offered["sdpa"] == set()
     assert offered["reference"] == set()
+    assert offered["native"] == {"forward", "backward", "weights"}
 
 
 def test_a_missing_hook_is_a_named_refusal():
     spec = validate(*make_qkv(1, 2, 2, 5, 5, 8))
     assert refusals(spec, "sdpa", need=("weights",)) == ["offers no weights hook"]
     assert refusals(spec, "reference", need=BLOCK_HOOKS) == ["offers no forward or backward hook"]
-    assert select(spec, "auto", need=WEIGHTS_HOOKS).name == "tiled"
+    cpu_engine = "native" if "native" in selfattn.available_backends() else "tiled"
+    assert select(spec, "auto", need=WEIGHTS_HOOKS).name == cpu_engine
     with pytest.raises(UnsupportedInputs, match="needs the weights hook") as info:
         select(spec, "math", need=WEIGHTS_HOOKS)
     assert info.value.reasons == {"math": ["offers no weights hook"]}
@@ -74,10 +76,12 @@ def _spy(monkeypatch, name: str, hook: str) -> list:
     return calls
 
 
-@pytest.mark.parametrize("name", ["math", "tiled"])
+@pytest.mark.parametrize("name", ["math", "tiled", "native"])
 def test_custom_op_backward_runs_the_forward_backends_own_hook(monkeypatch, name):
     """Under the custom op (torch.compile's path) the backward of backend ``name`` is its own
     hook, not always the tiled engine's, and gives the gradients of eager autograd."""
+    if name not in selfattn.available_backends():
+        pytest.skip(f"{name}: {BACKENDS[name].unavailable()}")
     q, k, v = make_qkv(1, 4, 2, 6, 6, 8, requires_grad=True)
     calls = _spy(monkeypatch, name, "backward")
     out = attention_op(q, k, v, causal=True, backend=name)
@@ -90,9 +94,10 @@ def test_custom_op_backward_runs_the_forward_backends_own_hook(monkeypatch, name
 
 def test_custom_op_backward_without_a_hook_falls_back_to_auto(monkeypatch):
     """``reference`` has no autograd: under the custom op its gradients come from the first
-    ``auto`` backend that offers a backward (tiled on the CPU)."""
+    ``auto`` backend that offers a backward (the native engine on the CPU, else tiled)."""
     q, k, v = make_qkv(1, 2, 1, 5, 7, 8, requires_grad=True)
-    calls = _spy(monkeypatch, "tiled", "backward")
+    cpu_engine = "native" if "native" in selfattn.available_backends() else "tiled"
+    calls = _spy(monkeypatch, cpu_engine, "backward")
     out = attention_op(q, k, v, window=(2, 1), backend="reference")
     got = torch.autograd.grad(out.sum(), (q, k, v))
     assert len(calls) == 1
@@ -105,7 +110,8 @@ def test_custom_op_backward_without_a_hook_falls_back_to_auto(monkeypatch):
 
 def test_attention_weights_goes_through_the_weights_hook(monkeypatch):
     q, k, _ = make_qkv(1, 4, 2, 6, 9, 8)
-    calls = _spy(monkeypatch, "tiled", "weights")
+    cpu_engine = "native" if "native" in selfattn.available_backends() else "tiled"
+    calls = _spy(monkeypatch, cpu_engine, "weights")
     p = selfattn.attention_weights(q, k, causal=True, heads=[1, 3], rows=slice(0, 4))
     assert len(calls) == 1 and p.shape == (1, 2, 4, 9)
 
@@ -151,12 +157,49 @@ def test_math_backward_hook_equals_autograd_of_the_formula():
         (4, 300, {"causal": True}, False),  # torch would align these rows top-left
     ],
 )
-def test_auto_sends_causal_calls_torch_means_the_same_to_sdpa(nq, nk, rules, picks_sdpa):
-    """``auto`` never sends a decode step to a slower engine because of a causal flag that hides
-    nothing, and never gives torch a causal call that it would align differently."""
+def test_sdpa_takes_causal_calls_torch_means_the_same(nq, nk, rules, picks_sdpa):
+    """sdpa takes a decode step whose causal flag hides nothing (so ``auto`` without the native
+    engine never sends it to the slower torch-op engine), and never a causal call that torch
+    would align differently."""
     q, k, v = make_qkv(1, 9, 3, nq, nk, 16)
     spec = validate(q, k, v, **rules)
-    assert (select(spec, "auto").name == "sdpa") == picks_sdpa
-    got = selfattn.attention(q, k, v, **rules)
+    assert (refusals(spec, "sdpa") == []) == picks_sdpa
+    got = selfattn.attention(q, k, v, **rules, backend="sdpa" if picks_sdpa else "auto")
     want = selfattn.attention(q, k, v, **rules, backend="math")
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_without_the_native_engine_auto_falls_back(monkeypatch):
+    """Where the extension cannot be built (no compiler), ``native`` is unavailable with the
+    reason, and ``auto`` runs what exists without it: sdpa for plain calls, tiled for the rest."""
+    from selfattn.backends.native import build
+
+    reason = "no C++ compiler found ('c++' is not an executable; install g++: apt-get install g++)"
+    monkeypatch.setattr(build, "unavailable", lambda: reason)
+    assert "native" not in selfattn.available_backends()
+    assert refusals(validate(*make_qkv(1, 2, 2, 5, 5, 8)), "native") == [reason]
+    q, k, v = make_qkv(1, 4, 2, 9, 9, 8)
+    assert select(validate(q, k, v), "auto").name == "sdpa"
+    assert select(validate(q, k, v, window=(2, 0)), "auto").name == "tiled"
+    assert select(validate(q, k, v), "auto", need=WEIGHTS_HOOKS).name == "tiled"
+    with pytest.raises(UnsupportedInputs, match="install g\\+\\+"):
+        selfattn.attention(q, k, v, backend="native")
+
+
+def test_native_weights_and_exact_output_for_16_bit_inputs():
+    """The native weights hook (its probabilities kernel, runs of rows) equals tiled's, and its
+    backward keeps 16-bit inputs' bias gradient float32-accurate through the custom op too."""
+    if "native" not in selfattn.available_backends():
+        pytest.skip(BACKENDS["native"].unavailable())
+    q, k, _ = make_qkv(2, 6, 2, 70, 90, 16)
+    bias = torch.randn(1, 6, 70, 90)
+    spec = validate(q, k, None, need_v=False, causal=True, bias=bias, softcap=3.0)
+    heads, rows = torch.tensor([5, 0, 3]), torch.tensor([7, 8, 9, 69, 0, 1, 40])
+    got = BACKENDS["native"].weights(spec, q, k, None, heads, rows)
+    want = BACKENDS["tiled"].weights(spec, q, k, None, heads, rows)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    q, k, v = (t.to(torch.bfloat16) for t in make_qkv(1, 2, 1, 64, 64, 16))
+    b = torch.randn(1, 2, 64, 1, requires_grad=True)  # a per-query bias: its true gradient is 0
+    out = attention_op(q, k, v, bias=b, causal=True, backend="native")
+    (grad,) = torch.autograd.grad(out.float().square().sum(), b)
+    assert grad.abs().max().item() < 1e-5

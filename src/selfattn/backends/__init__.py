@@ -26,6 +26,7 @@ import torch
 
 from ..spec import AttentionSpec, UnsupportedInputs
 from .math import MathBackend
+from .native.backend import NativeBackend  # builds nothing at import: unavailable() says why not
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend
@@ -75,15 +76,24 @@ def register(backend: Backend) -> None:
     BACKENDS[backend.name] = backend
 
 
-for _b in (ReferenceBackend(), MathBackend(), TiledBackend(), SdpaBackend(), TritonBackend()):
+for _b in (
+    ReferenceBackend(),
+    MathBackend(),
+    TiledBackend(),
+    SdpaBackend(),
+    NativeBackend(),
+    TritonBackend(),
+):
     register(_b)
 
-# Order in which `auto` tries backends: fused kernels first, torch's own fused op for the plain
-# calls it covers, then our O(N)-memory engine. `math` and `reference` always accept but are
-# slower than `tiled`, so `auto` reaches them only if an earlier one is missing.
+# Order in which `auto` tries backends, by measured cost (benchmarks/results/cpu.json): our fused
+# kernels first (on the CPU `native` beats torch's SDPA on every row measured, decode and tiny
+# calls included), torch's own fused op for the plain calls it covers, then the torch-op engine.
+# `math` and `reference` always accept but are slower than `tiled`, so `auto` reaches them only
+# if an earlier one is missing.
 PRIORITY = {
     "cuda": ["triton", "sdpa", "tiled", "math", "reference"],
-    "cpu": ["sdpa", "tiled", "math", "reference", "triton"],
+    "cpu": ["native", "sdpa", "tiled", "math", "reference", "triton"],
 }
 
 

@@ -26,7 +26,7 @@ __all__ = ["METHODS", "SweepConfig", "count_steps", "run_sweep"]
 
 # name -> what it runs (written into the results, so a reader knows what was compared)
 METHODS = {
-    "selfattn": "selfattn.attention with the package's own engine (tiled on CPU, triton on CUDA)",
+    "selfattn": "selfattn.attention with the package's own engine (native, else tiled, on CPU; triton on CUDA)",
     "sdpa": "torch.nn.functional.scaled_dot_product_attention",
     "math": "selfattn.attention(backend='math'): the textbook formula, full (N, N) scores",
     "flex": "torch.compile(flex_attention) with a block mask",
@@ -103,6 +103,8 @@ def _engine(device: str) -> str:
 
     if device == "cuda" and BACKENDS["triton"].unavailable() is None:
         return "triton"
+    if device == "cpu" and BACKENDS["native"].unavailable() is None:
+        return "native"
     return "tiled"
 
 

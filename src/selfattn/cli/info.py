@@ -40,8 +40,18 @@ def cmd_info(args: argparse.Namespace, con) -> int:
     backends = []
     for name, b in BACKENDS.items():
         why = b.unavailable()
-        rank = {dev: candidates(torch.device(dev)).index(name) + 1 for dev in ("cpu", "cuda")}
-        row = {"backend": name, "available": why is None, "reason": why or "", "auto_rank": rank}
+        order = {dev: candidates(torch.device(dev)) for dev in ("cpu", "cuda")}
+        rank = {
+            dev: names.index(name) + 1 if name in names else None for dev, names in order.items()
+        }
+        detail = b.detail() if why is None and hasattr(b, "detail") else ""
+        row = {
+            "backend": name,
+            "available": why is None,
+            "reason": why or "",
+            "auto_rank": rank,
+            "detail": detail,
+        }
         backends.append(row)
     if args.json:
         con.print_json(json.dumps({"versions": versions, "devices": devices, "backends": backends}))
@@ -59,11 +69,11 @@ def cmd_info(args: argparse.Namespace, con) -> int:
         t.add_row(d["device"], d["name"], d["detail"])
     con.print(t)
     t = Table(title="backends (auto tries them by rank)", title_justify="left")
-    for c in ("backend", "available", "rank cpu/cuda", "why not"):
+    for c in ("backend", "available", "rank cpu/cuda", "what runs / why not"):
         t.add_column(c)
     for b in backends:
         ok = "[green]yes[/]" if b["available"] else "[red]no[/]"
-        rank = f"{b['auto_rank']['cpu']}/{b['auto_rank']['cuda']}"
-        t.add_row(b["backend"], ok, rank, b["reason"])
+        rank = "/".join(str(b["auto_rank"][d] or "-") for d in ("cpu", "cuda"))
+        t.add_row(b["backend"], ok, rank, b["reason"] or b["detail"])
     con.print(t)
     return 0

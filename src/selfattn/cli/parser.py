@@ -115,7 +115,8 @@ def _add_bench(sub) -> None:
     s = sub.add_parser(
         "bench",
         help="time selfattn against torch SDPA (and FlexAttention) on this machine",
-        description="Time selfattn's own engine (tiled on CPU, triton on CUDA) against torch "
+        description="Time selfattn's own engine (native C++ kernels, else tiled, on CPU; triton on "
+        "CUDA) against torch "
         "SDPA, the textbook formula and FlexAttention over sequence lengths: a table of times, "
         "ratios and FLOP/s, the peak memory of each call, JSON and a log-log plot.",
     )

@@ -89,6 +89,14 @@ class NativeBackend:
     def unavailable(self) -> str | None:
         return build.unavailable()
 
+    def detail(self) -> str:
+        """Which compiled kernels run here, and where the build lives."""
+        ext = build.load()
+        return (
+            f"{ext.isa('float32')} kernels for float32/16-bit, {ext.isa('float64')} for float64; "
+            f"built in {build.build_dir()}"
+        )
+
     def check(self, spec: AttentionSpec) -> list[str]:
         reasons = []
         if spec.device.type != "cpu":
@@ -108,7 +116,7 @@ class NativeBackend:
         if spec.requires_grad:
             return _NativeFunction.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
         out, lse = build.load().forward(q, k, v, *_rules(spec, seed), True, False)
-        return out, lse
+        return out, lse if lse.dtype == torch.float32 else lse.float()  # float32 (docs/api.md)
 
     def forward(self, spec, q, k, v, seed):
         """The forward kernels (decode or row tiles), no autograd; out in the accumulation dtype
@@ -130,15 +138,36 @@ class NativeBackend:
 
     def weights(self, spec, q, k, lse, heads, rows):
         """Probabilities (B, len(heads), len(rows), Nk) float32 of the selected heads and rows,
-        from the probabilities kernel (the lse comes from the forward kernel when not given)."""
+        from the probabilities kernel, one contiguous run of rows at a time (each run is a part
+        of the call with its own start, so no more rows than asked for are computed)."""
         if heads is not None:
             q = q.index_select(1, heads)
             k = k.index_select(1, heads // spec.group)  # one key head per selected query head
             lse = None if lse is None else lse.index_select(1, heads)
-        sel = spec.select(heads, None)
+            spec = spec.select(heads, None)
         ext = build.load()
-        rules = _rules(sel, None)
-        if lse is None:
-            _, lse = ext.forward(q, k, k[..., :0], *rules, False, True)
-        rows_t = torch.empty(0, dtype=torch.long) if rows is None else rows
-        return ext.probabilities(q, k, lse, rows_t, *rules)
+        runs = [(0, spec.Nq)] if rows is None else _runs(rows.tolist())
+        pieces = []
+        for r0, r1 in runs:
+            part = spec.part(0, spec.B, 0, spec.Hkv, r0, r1)
+            rules = _rules(part, None)[:11]  # no dropout: probabilities before it
+            qr = q[:, :, r0:r1]
+            if lse is None:
+                _, lse_r = ext.forward(qr, k, k[..., :0], *_rules(part, None), False, False)
+            else:
+                lse_r = lse[:, :, r0:r1]
+            pieces.append(ext.probabilities(qr, k, lse_r, *rules))
+        if not pieces:  # no rows asked for
+            return torch.zeros(spec.B, spec.Hq, 0, spec.Nk, dtype=torch.float32)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """``rows`` as runs ``[r0, r1)`` of consecutive indices, in their order."""
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return [(a, b) for a, b in runs]

@@ -42,6 +42,7 @@ HEADERS = [
     "forward.h",
     "decode.h",
     "backward.h",
+    "probs.h",
     "engine.h",
 ]
 BINDINGS = "bindings.cpp"

@@ -166,13 +166,17 @@ std::tuple<at::Tensor, at::Tensor> forward(
     bool causal, int64_t start, int64_t left, int64_t right, const OptT& mask, const OptT& bias,
     const OptT& alibi, const OptT& q_ids, const OptT& kv_ids, double dropout_p, int64_t seed0,
     int64_t seed1, int64_t drop_hq, int64_t drop_nq, int64_t drop_b0, int64_t drop_h0,
-    int64_t drop_r0, bool need_out) {
+    int64_t drop_r0, bool need_out, bool out_acc) {
   Params P;
   std::vector<at::Tensor> keep;
   fill(P, keep, q, k, v, scale, softcap, causal, start, left, right, mask, bias, alibi, q_ids,
        kv_ids, dropout_p, seed0, seed1, drop_hq, drop_nq, drop_b0, drop_h0, drop_r0);
-  at::Tensor out = need_out ? at::empty({P.B, P.Hq, P.Nq, P.Dv}, q.options())
-                            : at::empty({0}, q.options());
+  // out_acc: the output in the accumulation dtype (float32 for 16-bit inputs), for a backward
+  // whose D = rowsum(dO * O) must not see a rounded O, and for ring attention's merges
+  auto out_opts = out_acc ? q.options().dtype(acc_type(q.scalar_type())) : q.options();
+  P.out_dt = dt_of(out_opts.dtype().toScalarType());
+  at::Tensor out = need_out ? at::empty({P.B, P.Hq, P.Nq, P.Dv}, out_opts)
+                            : at::empty({0}, out_opts);
   at::Tensor lse = at::empty({P.B, P.Hq, P.Nq}, q.options().dtype(acc_type(q.scalar_type())));
   P.need_out = need_out;
   P.out = need_out ? out.data_ptr() : nullptr;
@@ -249,6 +253,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT> backward(
   return {dq, dk, dv, dbias, dalibi};
 }
 
+// P = exp(s - lse) for every row of q (B, Hq, Nq, D) against k, under the rules; float32
+// (B, Hq, Nq, Nk), zero where a key is hidden or the row's lse is -inf.
+at::Tensor probabilities(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                         double scale, double softcap, bool causal, int64_t start, int64_t left,
+                         int64_t right, const OptT& mask, const OptT& bias, const OptT& alibi,
+                         const OptT& q_ids, const OptT& kv_ids) {
+  Params P;
+  std::vector<at::Tensor> keep;
+  at::Tensor no_v = k.narrow(3, 0, 0);  // the values are never read
+  fill(P, keep, q, k, no_v, scale, softcap, causal, start, left, right, mask, bias, alibi, q_ids,
+       kv_ids, 0.0, 0, 0, 0, 0, 0, 0, 0);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == P.B && lse.size(1) == P.Hq && lse.size(2) == P.Nq,
+              "selfattn native: lse must be (B, Hq, Nq)");
+  TORCH_CHECK(at::isFloatingType(lse.scalar_type()), "selfattn native: lse must be float");
+  at::Tensor probs = at::zeros({P.B, P.Hq, P.Nq, P.Nk}, q.options().dtype(at::kFloat));
+  P.need_out = false;
+  P.lse_in = view_of(lse);
+  P.probs = probs.data_ptr();
+  if (probs.numel() > 0) engine_for(P.dt).probabilities(P, kPool);
+  return probs;
+}
+
 at::Tensor bounds(int64_t nq, int64_t nk, int64_t start, bool causal, int64_t left, int64_t right,
                   int64_t block) {
   TORCH_CHECK(block > 0, "block must be positive");
@@ -280,7 +306,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("left"), py::arg("right"), py::arg("mask"), py::arg("bias"), py::arg("alibi"),
         py::arg("q_ids"), py::arg("kv_ids"), py::arg("dropout_p"), py::arg("seed0"),
         py::arg("seed1"), py::arg("drop_hq"), py::arg("drop_nq"), py::arg("drop_b0"),
-        py::arg("drop_h0"), py::arg("drop_r0"), py::arg("need_out"));
+        py::arg("drop_h0"), py::arg("drop_r0"), py::arg("need_out"), py::arg("out_acc") = false);
   m.def("backward", &backward, py::call_guard<py::gil_scoped_release>(), py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dlse"),
         py::arg("scale"), py::arg("softcap"), py::arg("causal"), py::arg("start"), py::arg("left"),
@@ -288,6 +314,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_ids"), py::arg("dropout_p"), py::arg("seed0"), py::arg("seed1"),
         py::arg("drop_hq"), py::arg("drop_nq"), py::arg("drop_b0"), py::arg("drop_h0"),
         py::arg("drop_r0"), py::arg("need_dbias"), py::arg("need_dalibi"));
+  m.def("probabilities", &probabilities, py::call_guard<py::gil_scoped_release>(), py::arg("q"),
+        py::arg("k"), py::arg("lse"), py::arg("scale"), py::arg("softcap"), py::arg("causal"),
+        py::arg("start"), py::arg("left"), py::arg("right"), py::arg("mask"), py::arg("bias"),
+        py::arg("alibi"), py::arg("q_ids"), py::arg("kv_ids"));
   m.def("bounds", &bounds, py::arg("nq"), py::arg("nk"), py::arg("start"), py::arg("causal"),
         py::arg("left"), py::arg("right"), py::arg("block"));
   m.def("isa", &isa, py::arg("dtype") = "float32");

@@ -25,7 +25,8 @@ struct View {
 // are absolute: row i sits at start + i. left / right < 0 mean unbounded.
 struct Params {
   int64_t B = 0, Hq = 0, Hkv = 0, G = 1, Nq = 0, Nk = 0, D = 0, Dv = 0;
-  DT dt = DT::F32;  // of q, k, v (and out)
+  DT dt = DT::F32;      // of q, k, v
+  DT out_dt = DT::F32;  // of out: q's dtype, or the accumulation dtype when asked
   View q, k, v;     // (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
   double scale = 1.0, softcap = 0.0;
   bool causal = false;
@@ -38,9 +39,11 @@ struct Params {
   uint32_t seed0 = 0, seed1 = 0;
   int64_t drop_hq = 0, drop_nq = 0, drop_b0 = 0, drop_h0 = 0, drop_r0 = 0;
   bool need_out = true;
-  // forward outputs: out (B, Hq, Nq, Dv) contiguous in dt; lse (B, Hq, Nq) contiguous, acc dtype
+  // forward outputs: out (B, Hq, Nq, Dv) contiguous in out_dt; lse (B, Hq, Nq) contiguous, acc
   void* out = nullptr;
   void* lse = nullptr;
+  // probabilities output: (B, Hq, Nq, Nk) contiguous float32, zero-filled by the caller
+  void* probs = nullptr;
   // backward inputs / outputs (contiguous unless a View)
   View dout;            // (B, Hq, Nq, Dv)
   View o;               // forward output, any float dtype (B, Hq, Nq, Dv)
@@ -67,6 +70,7 @@ struct Engine {
   const char* name;
   void (*forward)(const Params&, const Pool&);
   void (*backward)(const Params&, const Pool&);
+  void (*probabilities)(const Params&, const Pool&);
 };
 
 // ---- key bounds of a block of rows (the formulas of masks.Rules.key_spans) ---------------------

@@ -4,6 +4,7 @@
 #include "backward.h"
 #include "decode.h"
 #include "forward.h"
+#include "probs.h"
 
 namespace selfattn {
 namespace SA_NS {

@@ -193,7 +193,7 @@ struct Forward {
       bool empty = l == T(0);
       lse[bh * P.Nq + row] = empty ? T(-INFINITY) : T((sc.m[r] + std::log2(l)) * T(LN2));
       if (P.need_out)
-        store_out<T>(P.out, P.dt, (bh * P.Nq + row) * P.Dv, sc.o.p + r * pl.Dvp, P.Dv,
+        store_out<T>(P.out, P.out_dt, (bh * P.Nq + row) * P.Dv, sc.o.p + r * pl.Dvp, P.Dv,
                      empty ? T(0) : T(1) / l);
     }
   }

@@ -10,7 +10,9 @@ using VF = GV<float, 16, 4>;
 using VD = GV<double, 8, 4>;
 }  // namespace generic
 extern const Engine engine_generic_f32 = {"generic", &generic::forward<generic::VF>,
-                                          &generic::backward<generic::VF>};
+                                          &generic::backward<generic::VF>,
+                                          &generic::probabilities<generic::VF>};
 extern const Engine engine_generic_f64 = {"generic", &generic::forward<generic::VD>,
-                                          &generic::backward<generic::VD>};
+                                          &generic::backward<generic::VD>,
+                                          &generic::probabilities<generic::VD>};
 }  // namespace selfattn
