@@ -13,7 +13,7 @@ import torch
 
 from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, refusals, select
-from .spec import validate
+from .spec import validate, validate_call
 
 __all__ = ["WEIGHTS_HOOKS", "attention", "attention_weights", "available_backends", "explain"]
 
@@ -105,7 +105,7 @@ def attention(
     backend = check_backend(backend)
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
         return _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
-    spec = validate(q, k, v, return_lse=return_lse, **rules)
+    spec = validate_call(q, k, v, rules, return_lse)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     out, lse = chosen.run(spec, q, k, v, seed)

@@ -22,9 +22,18 @@ import torch
 
 from . import checks
 
-__all__ = ["FLOAT_DTYPES", "RULES", "AttentionSpec", "Rule", "UnsupportedInputs", "validate"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "RULES",
+    "AttentionSpec",
+    "Rule",
+    "UnsupportedInputs",
+    "validate",
+    "validate_call",
+]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -324,7 +333,7 @@ def _alibi(slopes: Any, call: _Call) -> tuple:
 
 
 def _softcap(value: Any, call: _Call) -> tuple:
-    cap = checks.real("softcap", value)
+    cap = value if type(value) is float else checks.real("softcap", value)
     if not (cap > 0 and math.isfinite(cap)):
         raise ValueError(f"softcap must be a finite float > 0, got {value!r}")
     return (cap,)
@@ -369,14 +378,14 @@ def _segments(value: Any, call: _Call) -> tuple:
 
 
 def _scale(value: Any, call: _Call) -> tuple:
-    scale = checks.real("scale", value)
+    scale = value if type(value) is float else checks.real("scale", value)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {value!r}")
     return (scale,)
 
 
 def _dropout(value: Any, call: _Call) -> tuple:
-    p = checks.real("dropout_p", value)
+    p = value if type(value) is float else checks.real("dropout_p", value)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got dropout_p={value!r}")
     return (p,)
@@ -446,6 +455,13 @@ def validate(
             keyword.
         ValueError: shapes, devices or argument values that do not fit together.
     """
+    return validate_call(q, k, v, rules, return_lse, need_v)
+
+
+def validate_call(
+    q: Any, k: Any, v: Any, rules: dict[str, Any], return_lse: Any = False, need_v: bool = True
+) -> AttentionSpec:
+    """:func:`validate` with the rules in a dict (the front door's hot path: no copy of it)."""
     if not KEYWORDS.issuperset(rules):
         unknown = ", ".join(sorted(set(rules) - KEYWORDS))
         raise TypeError(f"unexpected keyword argument(s): {unknown}")
@@ -492,7 +508,36 @@ def validate(
 
 
 def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
-    """Types, dtypes, devices and shapes of q, k, v; returns (B, Hq, Nq, Hkv, Nk, D, Dv)."""
+    """Types, dtypes, devices and shapes of q, k, v; returns (B, Hq, Nq, Hkv, Nk, D, Dv).
+
+    The common case (everything fits) is checked in one pass of cheap comparisons; anything
+    else goes through :func:`_explain_qkv`, which finds what is wrong and says so.
+    """
+    tensor = torch.Tensor
+    if isinstance(q, tensor) and isinstance(k, tensor) and (not need_v or isinstance(v, tensor)):
+        qs, ks = q.shape, k.shape
+        vs = v.shape if need_v else ks
+        dtype, device = q.dtype, q.device
+        if (
+            len(qs) == 4
+            and len(ks) == 4
+            and len(vs) == 4
+            and dtype in _FLOAT_SET
+            and k.dtype is dtype
+            and (not need_v or v.dtype is dtype)
+            and k.device == device
+            and (not need_v or v.device == device)
+        ):
+            b, hq, nq, d = qs
+            bk, hkv, nk, dk = ks
+            bv, hv, nv, dv = vs
+            if b == bk == bv and d == dk and hkv == hv and nk == nv and hkv and not hq % hkv and d:
+                return b, hq, nq, hkv, nk, d, dv
+    return _explain_qkv(q, k, v, need_v)
+
+
+def _explain_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
+    """The slow path of :func:`_check_qkv`: the first thing wrong, as a TypeError/ValueError."""
     named = {"q": q, "k": k, "v": v} if need_v else {"q": q, "k": k}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
