@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..spec import FLOAT_DTYPES, AttentionSpec, validate
+from .group import meta_device
 
 __all__ = [
     "LAYOUTS",
@@ -144,3 +146,60 @@ def local_spec(q, k, v, causal, window, segment_ids, scale, what: str) -> Attent
             f"length, got Nq={spec.Nq}, Nk={spec.Nk}"
         )
     return spec
+
+
+# What every rank's shard must agree on before any data moves (ring and Ulysses add their own).
+SHARD_LABELS = {
+    "n": "local sequence length (use selfattn.distributed.shard to cut equal shards)",
+    "dtype": "dtype",
+    "device": "device type",
+    "B": "batch size",
+    "Hq": "number of query heads",
+    "Hkv": "number of key/value heads",
+    "D": "head dim",
+    "Dv": "value head dim",
+    "layout": "layout",
+    "segments": "use of segment_ids",
+    "grad": "need for gradients (every rank must run backward together)",
+}
+
+
+def check_shards(
+    spec: AttentionSpec | None,
+    layout: str,
+    segment_ids: Any,
+    extra: dict[str, str],
+    extra_values: Callable[[AttentionSpec], dict[str, int]],
+    error: Exception | None,
+    group: Any,
+    x: Any,
+    what: str,
+) -> list[dict[str, int]]:
+    """Agree with every rank on the shards (``SHARD_LABELS`` and ``extra``: key -> label, with
+    ``extra_values(spec)`` giving their values) and raise on every rank where any differs, or
+    where a zigzag shard is odd. ``spec`` is None where this rank's input was invalid
+    (``error``). Returns the table of every rank's fields.
+    """
+    labels = {**SHARD_LABELS, **extra}
+    fields = dict.fromkeys(labels, 0)
+    if spec is not None:
+        fields.update(
+            n=spec.Nq,
+            dtype=code(spec.dtype),
+            device=device_code(spec.device),
+            B=spec.B,
+            Hq=spec.Hq,
+            Hkv=spec.Hkv,
+            D=spec.D,
+            Dv=spec.Dv,
+            layout=LAYOUTS.index(layout),
+            segments=segment_kind(segment_ids),
+            grad=int(spec.requires_grad),
+            **extra_values(spec),
+        )
+    table = agree(fields, error, group, meta_device(group, x), what)
+    for key, label in labels.items():
+        same(table, key, label, what)
+    if layout == "zigzag":
+        even(table, what)
+    return table

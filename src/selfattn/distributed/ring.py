@@ -16,9 +16,9 @@ from ..api import check_backend
 from ..backends import select
 from ..engine import acc_dtype
 from ..spec import AttentionSpec, UnsupportedInputs
-from .group import EXCHANGES, global_rank, group_info, meta_device, start, wait
+from .group import EXCHANGES, global_rank, group_info, start, wait
 from .layout import check_layout, runs
-from .meta import LAYOUTS, agree, bits, code, device_code, even, local_spec, same, segment_kind
+from .meta import bits, check_shards, local_spec
 
 __all__ = ["BLOCK_HOOKS", "ring_attention"]
 
@@ -293,6 +293,17 @@ class _RingFunction(torch.autograd.Function):
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+def _rule_fields(spec: AttentionSpec) -> dict[str, int]:
+    """The rules every rank must share, as integers."""
+    left, right = spec.window if spec.window is not None else (None, None)
+    return {
+        "causal": int(spec.causal),
+        "left": -1 if left is None else left,
+        "right": -1 if right is None else right,
+        "scale": bits(spec.scale),
+    }
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -372,67 +383,10 @@ def ring_attention(
         select(spec, backend, need=BLOCK_HOOKS if spec.requires_grad else BLOCK_HOOKS[:1])
     except (TypeError, ValueError, UnsupportedInputs) as exc:
         error = exc
-    fields: dict[str, int] = dict.fromkeys(
-        (
-            "n",
-            "dtype",
-            "device",
-            "B",
-            "Hq",
-            "Hkv",
-            "D",
-            "Dv",
-            "layout",
-            "causal",
-            "left",
-            "right",
-            "segments",
-            "scale",
-            "grad",
-        ),
-        0,
+    extra = {"causal": "causal flag", "left": "window left", "right": "window right"}
+    check_shards(
+        spec, layout, segment_ids, {**extra, "scale": "scale"}, _rule_fields, error, group, q, what
     )
-    if spec is not None:
-        left, right = spec.window if spec.window is not None else (None, None)
-        fields.update(
-            n=spec.Nq,
-            dtype=code(spec.dtype),
-            device=device_code(spec.device),
-            B=spec.B,
-            Hq=spec.Hq,
-            Hkv=spec.Hkv,
-            D=spec.D,
-            Dv=spec.Dv,
-            layout=LAYOUTS.index(layout),
-            causal=int(spec.causal),
-            left=-1 if left is None else left,
-            right=-1 if right is None else right,
-            segments=segment_kind(segment_ids),
-            scale=bits(spec.scale),
-            grad=int(spec.requires_grad),
-        )
-    table = agree(fields, error, group, meta_device(group, q), what)
-    labels = {
-        "n": "local sequence length (use selfattn.distributed.shard to cut equal shards)",
-        "dtype": "dtype",
-        "device": "device type",
-        "B": "batch size",
-        "Hq": "number of query heads",
-        "Hkv": "number of key/value heads",
-        "D": "head dim",
-        "Dv": "value head dim",
-        "layout": "layout",
-        "causal": "causal flag",
-        "left": "window left",
-        "right": "window right",
-        "segments": "use of segment_ids",
-        "scale": "scale",
-        "grad": "need for gradients (every rank must run backward together)",
-    }
-    for key, label in labels.items():
-        same(table, key, label, what)
-    if layout == "zigzag":
-        even(table, what)
 
     ring = _Ring(group=group, rank=rank, world=world, layout=layout, spec=spec, backend=backend)
     ring = replace(ring, hops=_hops(ring))

@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from ..api import attention, check_backend
 from ..spec import validate
-from .group import EXCHANGES, group_info, meta_device
+from .group import EXCHANGES, group_info
 from .layout import check_layout, natural_order
-from .meta import LAYOUTS, agree, code, device_code, even, local_spec, same, segment_kind
+from .meta import check_shards, local_spec
 
 __all__ = ["ulysses_attention"]
 
@@ -114,58 +114,18 @@ def ulysses_attention(
         validate(full_q, full_k, full_v, **check)
     except (TypeError, ValueError) as exc:
         error = exc
-    fields: dict[str, int] = dict.fromkeys(
-        (
-            "n",
-            "dtype",
-            "device",
-            "B",
-            "Hq",
-            "Hkv",
-            "D",
-            "Dv",
-            "layout",
-            "segments",
-            "options",
-            "grad",
-        ),
-        0,
+    options = repr(sorted((key, _describe(val)) for key, val in kw.items()))
+    check_shards(
+        spec,
+        layout,
+        seg,
+        {"options": "attention keywords (causal, window, scale, ... and tensor shapes)"},
+        lambda _: {"options": zlib.crc32(options.encode())},
+        error,
+        group,
+        q,
+        what,
     )
-    if spec is not None:
-        options = repr(sorted((key, _describe(val)) for key, val in kw.items()))
-        fields.update(
-            n=spec.Nq,
-            dtype=code(spec.dtype),
-            device=device_code(spec.device),
-            B=spec.B,
-            Hq=spec.Hq,
-            Hkv=spec.Hkv,
-            D=spec.D,
-            Dv=spec.Dv,
-            layout=LAYOUTS.index(layout),
-            segments=segment_kind(seg),
-            options=zlib.crc32(options.encode()),
-            grad=int(spec.requires_grad),
-        )
-    table = agree(fields, error, group, meta_device(group, q), what)
-    labels = {
-        "n": "local sequence length",
-        "dtype": "dtype",
-        "device": "device type",
-        "B": "batch size",
-        "Hq": "number of query heads",
-        "Hkv": "number of key/value heads",
-        "D": "head dim",
-        "Dv": "value head dim",
-        "layout": "layout",
-        "segments": "use of segment_ids",
-        "options": "attention keywords (causal, window, scale, ... and tensor shapes)",
-        "grad": "need for gradients (every rank must run backward together)",
-    }
-    for key, label in labels.items():
-        same(table, key, label, what)
-    if layout == "zigzag":
-        even(table, what)
     if spec.Hq % world or spec.Hkv % world:
         raise ValueError(
             f"{what}: the heads are split over W = {world} ranks, so Hq and Hkv must be "
