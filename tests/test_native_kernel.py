@@ -2,7 +2,7 @@
 
 Forward and backward over odd shapes, every rule alone and combined, GQA, the four dtypes,
 strides, empty rows, NaN padding, dropout (bit-for-bit the spec's mask), the key-bound plan
-against ``masks.Rules.key_spans``, bitwise determinism across thread counts and concurrent
+against ``rules.bounds`` and ``rules.key_spans``, bitwise determinism across thread counts and concurrent
 callers, both compiled ISAs, and the broken-compiler fallback.
 """
 

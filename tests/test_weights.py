@@ -176,7 +176,7 @@ def test_gqa_and_mqa_heads(hkv):
 )
 @pytest.mark.parametrize("pick", [{"heads": [3, 1]}, {"rows": [7, 2, 39]}, {"heads": 0, "rows": 5}])
 def test_selection_keeps_broadcast_bias_and_mask(name, shape, pick):
-    """Regression: ``Rules.select`` dropped a bias or mask whose head (or row) dim was 1.
+    """Regression: ``Rules.select`` (now ``AttentionSpec.select``) dropped a bias or mask whose head (or row) dim was 1.
 
     ``attention_weights(..., heads=...)`` with a bias of shape (B, 1, Nq, Nk) or (Nq, Nk), or
     ``rows=...`` with a (1, 1, 1, Nk) bias or key-padding mask, silently ignored that rule.

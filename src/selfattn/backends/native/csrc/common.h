@@ -73,7 +73,7 @@ struct Engine {
   void (*probabilities)(const Params&, const Pool&);
 };
 
-// ---- key bounds of a block of rows (the formulas of masks.Rules.key_spans) ---------------------
+// ---- key bounds of a block of rows (the formulas of rules.bounds) ------------------------------
 
 struct Bounds {
   int64_t lo, hi, full_lo, full_hi;  // visible keys [lo, hi); seen by every row: [full_lo, full_hi)

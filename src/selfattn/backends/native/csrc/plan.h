@@ -4,7 +4,7 @@
 // Keys are handled in tiles of PW = 2 vectors (32 keys for AVX-512), rows in panels of MR. For a
 // panel and a tile the rules give one of three classes: EMPTY (never computed), FULL (every row
 // sees every key: no mask at all) or PARTIAL (an edge: masks applied element-wise). Causal and
-// window bounds are index arithmetic (key_bounds, the formulas of masks.Rules.key_spans); bool
+// window bounds are index arithmetic (key_bounds, the formulas of rules.bounds); bool
 // masks and segment ids are summarised per (panel, tile) once per call.
 #pragma once
 #include <cmath>
