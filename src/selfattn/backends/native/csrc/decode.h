@@ -319,7 +319,8 @@ struct Decode {
       const bool empty = lsum == T(0);
       lse[bh * P.Nq + i] = empty ? T(-INFINITY) : T((M + std::log2(lsum)) * T(LN2));
       if (P.need_out)
-        store_out<T>(P.out, P.out_dt, (bh * P.Nq + i) * P.Dv, o.p, P.Dv, empty ? T(0) : T(1) / lsum);
+        store_out<T>(P.out, P.out_dt, (bh * P.Nq + i) * P.Dv, o.p, P.Dv,
+                     empty ? T(0) : T(1) / lsum);
     }
   }
 };
