@@ -237,6 +237,26 @@ def test_gemma3_local_layers_run_on_the_window_rule_without_a_dense_mask(gemma_r
             assert rules["window"] == (model.config.sliding_window - 1, 0)
 
 
+@pytest.mark.slow
+def test_gemma3_prefill_of_a_few_thousand_tokens_equals_eager(gemma_run):
+    """A 3,000-token prefill (six windows long): selfattn's logits equal eager's, whose local
+    layers build the dense (N, N) mask that selfattn's window rule never does."""
+    from transformers import AutoTokenizer
+
+    from selfattn.trainer import load_corpus
+
+    model = gemma_run[0]
+    tok = AutoTokenizer.from_pretrained(gemma3.folder())
+    ids = tok(load_corpus()[:40_000], return_tensors="pt")["input_ids"][:, :3000]
+    assert ids.shape[1] == 3000
+    with torch.no_grad():
+        eager = model(input_ids=ids, logits_to_keep=200).logits
+        with using(model, "selfattn"):
+            ours = model(input_ids=ids, logits_to_keep=200).logits
+    assert (ours - eager).abs().max().item() <= 1e-3
+    assert torch.equal(ours.argmax(-1), eager.argmax(-1))
+
+
 # -- selfattn chat ---------------------------------------------------------------------------------
 
 
