@@ -604,7 +604,7 @@ def test_frozen_maximum_near_its_bound_stays_exact():
     q = torch.zeros(1, 1, 4, d)
     q[..., 0] = 10.0
     k = torch.zeros(1, 1, nk, d)
-    k[..., : BLOCK_N, 0] = 0.84 + 0.01 * torch.rand(BLOCK_N, generator=gen(7))  # first chunk
+    k[..., :BLOCK_N, 0] = 0.84 + 0.01 * torch.rand(BLOCK_N, generator=gen(7))  # first chunk
     k[..., -1, 0] = 5.0  # the largest key: its score 50 is the bound itself
     k[..., BLOCK_N:-1, 0] = torch.rand(nk - BLOCK_N - 1, generator=gen(8))
     v = torch.randn(1, 1, nk, d, generator=gen(9))

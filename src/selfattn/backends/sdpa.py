@@ -59,9 +59,7 @@ class SdpaBackend:
             # keeps such rows clean (docs/api.md), at the cost of one pass over k and v.
             return engine.attention(engine.Problem.of(spec, seed), q, k, v, spec.requires_grad)
         kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, scale=spec.scale, **kwargs
-        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale, **kwargs)
         return out, None
 
 
@@ -78,4 +76,3 @@ def _is_causal(spec: AttentionSpec) -> bool | None:
     if spec.causal and spec.window is None and square:
         return True
     return None
-
