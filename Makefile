@@ -32,7 +32,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[triton,viz,hf,dev]"
 	@# the native C++ engine, compiled once into its cache; without a compiler `native` is
 	@# unavailable (selfattn info says why) and auto falls back, so a failure stops nothing
-	$(PY) -m selfattn.backends.native.build || echo "native engine not built: see selfattn info"
+	$(PY) -c "from selfattn.backends.native import build; raise SystemExit(build.main())" || \
+	  echo "native engine not built: see selfattn info"
 	touch $(STAMP)
 
 demo: $(STAMP)

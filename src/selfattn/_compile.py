@@ -109,6 +109,7 @@ def _backward_op(dout, dlse, *args):
     with torch.no_grad():
         spec = validate(q, k, v, return_lse=True, **_unpack(op_args))
         chosen = _backward_backend(spec, backend)
+        out, lse = _exact(chosen, spec, q, k, v, out, lse, _seed(seed), any(needs))
         dq, dk, dv, *extra = chosen.backward(
             spec, q, k, v, out, lse, dout, dlse, _seed(seed), *needs
         )
@@ -118,6 +119,19 @@ def _backward_op(dout, dlse, *args):
         # contiguous results, as the fake implementation promises
         grads.append(g.reshape(given.shape).to(given.dtype) if need else q.new_empty(0))
     return tuple(g.contiguous() for g in grads)
+
+
+def _exact(chosen, spec, q, k, v, out, lse, seed, bias_grads: bool):
+    """The op returns a float32 lse and an output in q's dtype. For float64 inputs that lse, and
+    for 16-bit inputs with bias/ALiBi gradients that rounded output (D = rowsum(dO * O) would
+    cost those gradients three digits), are recomputed at the accumulation dtype by the
+    backend's forward hook, where it has one."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rounded = out.dtype != acc and bias_grads
+    if getattr(chosen, "forward", None) is None or not (lse.dtype != acc or rounded):
+        return out, lse
+    exact, exact_lse = chosen.forward(spec, q, k, v, seed)
+    return (exact if rounded and exact.dtype == acc else out), exact_lse.to(acc)
 
 
 @_backward_op.register_fake

@@ -287,6 +287,17 @@ def _window(value: Any, call: _Call) -> tuple:
     return (checks.window(value),)
 
 
+def _score_shaped(name: str, t: torch.Tensor, call: _Call) -> torch.Tensor:
+    """A mask or bias: broadcastable to (B, Hq, Nq, Nk), on the call's device, viewed as 4-D."""
+    if not _broadcastable(tuple(t.shape), call.target):
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} is not broadcastable to (B, Hq, Nq, Nk) = "
+            f"{call.target}"
+        )
+    _check_device(name, t, call)
+    return _as_4d(t)
+
+
 def _mask(mask: Any, call: _Call) -> tuple:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
@@ -294,13 +305,7 @@ def _mask(mask: Any, call: _Call) -> tuple:
         raise ValueError(
             f"mask must be bool (True = visible), got {mask.dtype}; pass an additive mask as bias="
         )
-    if not _broadcastable(tuple(mask.shape), call.target):
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Nq, Nk) = "
-            f"{call.target}"
-        )
-    _check_device("mask", mask, call)
-    return (_as_4d(mask),)
+    return (_score_shaped("mask", mask, call),)
 
 
 def _bias(bias: Any, call: _Call) -> tuple:
@@ -308,13 +313,7 @@ def _bias(bias: Any, call: _Call) -> tuple:
         raise TypeError(f"bias must be a float torch.Tensor, got {type(bias).__name__}")
     if bias.dtype not in FLOAT_DTYPES:
         raise TypeError(f"bias must have a float dtype, got {bias.dtype}")
-    if not _broadcastable(tuple(bias.shape), call.target):
-        raise ValueError(
-            f"bias of shape {tuple(bias.shape)} is not broadcastable to (B, Hq, Nq, Nk) = "
-            f"{call.target}"
-        )
-    _check_device("bias", bias, call)
-    return (_as_4d(bias),)
+    return (_score_shaped("bias", bias, call),)
 
 
 def _alibi(slopes: Any, call: _Call) -> tuple:

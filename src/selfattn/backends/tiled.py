@@ -63,14 +63,6 @@ class TiledBackend:
         need_dalibi: bool,
     ) -> engine.Grads:
         prob = engine.Problem.of(spec, seed)
-        acc = engine.acc_dtype(q.dtype)
-        rounded = out.dtype != acc and (need_dbias or need_dalibi)
-        if lse.dtype != acc or rounded:
-            # a float32 lse for float64 inputs, or an output rounded to 16 bits whose D_i would
-            # cost the bias/ALiBi gradients three digits: recompute them at full precision
-            exact = torch.empty(out.shape, dtype=acc, device=q.device) if rounded else None
-            exact, lse = engine.forward(prob, q, k, v if rounded else None, out=exact)
-            out = exact if rounded else out
         return engine.backward(prob, q, k, v, out, lse, dout, dlse, need_dbias, need_dalibi)
 
     def weights(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ... import engine
 from ...spec import AttentionSpec
 from . import build
 
@@ -124,17 +123,11 @@ class NativeBackend:
         return build.load().forward(q, k, v, *_rules(spec, seed), True, True)
 
     def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
-        """The backward kernels. A float32 lse for float64 inputs (the custom op's) and an output
-        rounded to 16 bits (when bias or ALiBi gradients are wanted) are recomputed exactly."""
-        ext = build.load()
-        rules = _rules(spec, seed)
-        acc = engine.acc_dtype(q.dtype)
-        rounded = out.dtype != acc and (need_dbias or need_dalibi)
-        if lse.dtype != acc or rounded:
-            exact, lse = ext.forward(q, k, v, *rules, rounded, True)
-            out = exact if rounded else out
+        """The backward kernels, from ``out`` and ``lse`` as given (best in the accumulation
+        dtype: see ``_compile``)."""
         dlse = torch.empty(0) if dlse is None else dlse
-        return ext.backward(dout, q, k, v, out, lse, dlse, *rules, need_dbias, need_dalibi)
+        rules = _rules(spec, seed)
+        return build.load().backward(dout, q, k, v, out, lse, dlse, *rules, need_dbias, need_dalibi)
 
     def weights(self, spec, q, k, lse, heads, rows):
         """Probabilities (B, len(heads), len(rows), Nk) float32 of the selected heads and rows,

@@ -85,10 +85,12 @@ struct Plan {
     };
     parallel(pool, P.B * ntiles, body, P.B * P.Nk < (int64_t(1) << 16));
   }
-  IdStats ids_of_keys(int64_t b, int64_t j0, int64_t j1) const {
+  // The real (>= 0) ids of one batch row's ids [x0, x1) of a (B, N) id view.
+  static IdStats id_stats(const View& ids, int64_t b, int64_t x0, int64_t x1) {
+    const int64_t* p = static_cast<const int64_t*>(ids.p) + b * ids.s[0];
     IdStats s{INT64_MAX, INT64_MIN, false, true};
-    for (int64_t j = j0; j < j1; j++) {
-      int64_t id = kv_id(b, j);
+    for (int64_t x = x0; x < x1; x++) {
+      int64_t id = p[x * ids.s[1]];
       if (id < 0) {
         s.all = false;
         continue;
@@ -99,19 +101,11 @@ struct Plan {
     }
     return s;
   }
+  IdStats ids_of_keys(int64_t b, int64_t j0, int64_t j1) const {
+    return id_stats(P.kv_ids, b, j0, j1);
+  }
   IdStats ids_of_rows(int64_t b, int64_t i0, int64_t i1) const {
-    IdStats s{INT64_MAX, INT64_MIN, false, true};
-    for (int64_t i = i0; i < i1; i++) {
-      int64_t id = q_id(b, i);
-      if (id < 0) {
-        s.all = false;
-        continue;
-      }
-      s.any = true;
-      s.lo = id < s.lo ? id : s.lo;
-      s.hi = id > s.hi ? id : s.hi;
-    }
-    return s;
+    return id_stats(P.q_ids, b, i0, i1);
   }
 
   // ---- bool mask ----
