@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn.bench import attention_flops, peak_memory_growth
+from selfattn.bench.machine import cpu_info
 from selfattn.testing import torch_threads
 
 RESULTS = Path(__file__).parent / "results" / "cpu.json"
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
         meta = {
             "machine": platform.processor() or platform.machine(),
+            "cpu": cpu_info(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],

@@ -33,6 +33,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from selfattn.bench import peak_rss_bytes, reset_peak, rss_bytes
+from selfattn.bench.machine import cpu_info
 from selfattn.testing import torch_threads
 
 RESULTS = Path(__file__).parent / "results" / "models.json"
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
         meta = {
             "machine": platform.processor() or platform.machine(),
+            "cpu": cpu_info(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
             "native": BACKENDS["native"].detail()

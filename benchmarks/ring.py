@@ -21,7 +21,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch.multiprocessing as mp
 import selfattn
 from selfattn import distributed as sd
 from selfattn.bench import attention_flops, peak_rss_bytes, reset_peak, rss_bytes
+from selfattn.bench.machine import cpu_info, cpu_label
 
 MB = 2**20
 
@@ -208,7 +208,7 @@ def main() -> None:
         "command": "python benchmarks/ring.py " + " ".join(_argv(args)),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_info(threads=args.threads),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "device": "cpu" if args.backend == "gloo" else torch.cuda.get_device_name(0),
@@ -219,7 +219,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_table(result))
+    out.with_suffix(".md").write_text(table(result))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
@@ -248,7 +248,8 @@ def _argv(args) -> list[str]:
     return parts
 
 
-def _table(result: dict) -> str:
+def table(result: dict) -> str:
+    """ring.md: the setting, the CPU, and one row per method and world size."""
     c = result["config"]
     lines = [
         "# Ring attention: per-rank memory and time at a fixed total length",
@@ -256,7 +257,7 @@ def _table(result: dict) -> str:
         f"N = {c['total']}, B = {c['batch']}, Hq = {c['heads']}, Hkv = {c['kv_heads']}, "
         f"D = {c['dim']}, {c['dtype']}, causal = {c['causal']}, layout = {c['layout']}, "
         f"backend = {c['backend']}, {c['threads']} thread(s) per rank, "
-        f"{result['machine']['cores']} cores. Memory: the rank's inputs (q, k, v, dout shards) "
+        f"{result['machine']['cores']} cores. CPU: {cpu_label(result['machine']['cpu'])}. Memory: the rank's inputs (q, k, v, dout shards) "
         "plus its peak growth during one forward+backward (which includes the gradients it "
         "makes). Time: median forward+backward, the slowest rank.",
         "",

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from selfattn.bench.machine import cpu_info
 from selfattn.distributed import ring_attention, shard
 from selfattn.layers import MultiHeadSelfAttention
 from selfattn.models import GPT
@@ -193,6 +194,7 @@ def main() -> None:
         f"--dtype {args.dtype} --layout {args.layout}",
         "world_size": world,
         "backend": args.backend,
+        "cpu": cpu_info(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "backend")},
         "loss_ring": ring,
         "loss_single": single,

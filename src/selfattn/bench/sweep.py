@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..checks import integer, real
+from .machine import cpu_info
 from .memory import peak_rss_bytes, reset_peak, rss_bytes
 from .timing import Timing, attention_flops, time_fn
 
@@ -325,6 +326,7 @@ def _sweep(cfg: SweepConfig, tell: Callable[[str, int], None]) -> dict[str, Any]
             "selfattn": selfattn.__version__,
             "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_info(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if cfg.device == "cuda" else None,
         },

