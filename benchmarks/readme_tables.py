@@ -90,7 +90,8 @@ def cpu_line(src: str, result: dict[str, Any]) -> str:
     meta = result.get("meta") or result.get("config") or {}
     torch = f" with torch {meta['torch']}" if meta.get("torch") else ""
     date = f" on {meta['date']}" if meta.get("date") else ""
-    return f"Measured on {cpu_label(cpu)}{torch}{date}; results: `{src}`."
+    engine = f"; `selfattn` ran the `{meta['engine']}` engine" if meta.get("engine") else ""
+    return f"Measured on {cpu_label(cpu)}{torch}{date}{engine}; results: `{src}`."
 
 
 def sweep_table(result: dict[str, Any]) -> str:

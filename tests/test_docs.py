@@ -204,5 +204,37 @@ def test_every_public_name_is_documented_in_api_md(name):
     )
 
 
+# --- docstrings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "call", "exc"),
+    [
+        ("integer", lambda c: c.integer("n", 1.5), TypeError),
+        ("integer", lambda c: c.integer("n", 0), ValueError),
+        ("real", lambda c: c.real("x", "1"), TypeError),
+        ("index_list", lambda c: c.index_list([0.5], 4, "rows"), TypeError),
+        ("index_list", lambda c: c.index_list([9], 4, "rows"), ValueError),
+        ("probability", lambda c: c.probability("p", "x"), ValueError),
+        ("probability", lambda c: c.probability("p", 1.0), ValueError),
+        ("window", lambda c: c.window(3), ValueError),
+        ("window", lambda c: c.window((1.5, 0)), ValueError),
+        ("window", lambda c: c.window((-1, 0)), ValueError),
+    ],
+)
+def test_checks_raise_the_exception_their_docstring_names(name, call, exc):
+    """checks.py promised TypeError for every wrong type; probability and window raise
+    ValueError (what docs/api.md quotes): the docstring now says which raises what."""
+    from selfattn import checks
+
+    with pytest.raises(exc):
+        call(checks)
+    doc = " ".join(checks.__doc__.split())
+    sentence = next(part for part in doc.split(";") if f"``{name}``" in part)
+    assert f"``{exc.__name__}``" in sentence or (exc is ValueError and "for both" in sentence), (
+        f"checks.{name} raises {exc.__name__}, its docstring says: {sentence}"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

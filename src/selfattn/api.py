@@ -80,7 +80,10 @@ def attention(
             regenerated in backward; every backend but ``sdpa`` draws the same mask.
         return_lse: also return the natural-log logsumexp of the visible scores, float32
             (B, Hq, Nq). It is differentiable.
-        backend: "auto", "triton", "sdpa", "tiled", "math" or "reference".
+        backend: "auto" (the first of the device's priority list that accepts the call:
+            ``native`` first on the CPU, ``triton`` on CUDA), or a name from
+            ``selfattn.backends.BACKENDS``: "native", "triton", "sdpa", "tiled", "math" or
+            "reference".
 
     Returns:
         ``out`` (B, Hq, Nq, Dv) in q's dtype, or ``(out, lse)``.

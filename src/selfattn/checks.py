@@ -1,7 +1,9 @@
 """The argument checks every room shares: ints, probabilities, reals, windows, index selections.
 
-Each raises ``TypeError`` for a wrong type and ``ValueError`` for a wrong value, naming the
-argument and what arrived. No torch import, so the numpy-only rooms (``viz``) can use them.
+``integer``, ``real`` and ``index_list`` raise ``TypeError`` for a wrong type and ``ValueError``
+for a wrong value; ``probability`` and ``window`` raise ``ValueError`` for both (the messages
+docs/api.md quotes for ``window``). Each names the argument and what arrived. No torch import,
+so the numpy-only rooms (``viz``) can use them.
 """
 
 from __future__ import annotations
