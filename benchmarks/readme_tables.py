@@ -90,8 +90,15 @@ def cpu_line(src: str, result: dict[str, Any]) -> str:
     meta = result.get("meta") or result.get("config") or {}
     torch = f" with torch {meta['torch']}" if meta.get("torch") else ""
     date = f" on {meta['date']}" if meta.get("date") else ""
-    engine = f"; `selfattn` ran the `{meta['engine']}` engine" if meta.get("engine") else ""
-    return f"Measured on {cpu_label(cpu)}{torch}{date}{engine}; results: `{src}`."
+    setting = ""
+    if src == "docs/bench.json":  # what selfattn bench ran: its settings vary (--quick, ...)
+        c = result["config"]
+        setting = (
+            f"; {c['dtype']}, {'causal' if c['causal'] else 'not causal'}, (B, H, D) = "
+            f"({c['batch']}, {c['heads']}, {c['head_dim']}), median of {c['repeats']} calls, "
+            f"{c['threads']} threads, `selfattn` = the `{c['engine']}` engine"
+        )
+    return f"Measured on {cpu_label(cpu)}{torch}{date}{setting}; results: `{src}`."
 
 
 def sweep_table(result: dict[str, Any]) -> str:
