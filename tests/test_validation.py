@@ -478,7 +478,7 @@ def test_available_backends():
         ({"heads": [True, False]}, TypeError, ["heads", "torch.bool"]),
         ({"heads": "ab"}, TypeError, ["heads", "'ab'"]),
         ({"rows": [5]}, ValueError, ["rows", "out of range", "5"]),
-        ({"rows": [[0, 1], [9, 2]]}, ValueError, ["rows", "9"]),
+        ({"rows": [[0, 1], [9, 2]]}, ValueError, ["rows", "1-D", "(2, 2)"]),
         ({"rows": [1.0]}, TypeError, ["rows", "integer"]),
         ({"lse": torch.zeros(2, 4, 4)}, ValueError, ["lse", "(2, 4, 5)", "(2, 4, 4)"]),
         ({"lse": torch.zeros(2, 4)}, ValueError, ["lse", "(2, 4, 5)", "(2, 4)"]),

@@ -19,6 +19,7 @@ import torch
 
 from . import _rng
 from .backends import select
+from .first_order import first_order
 from .spec import RULES, UnsupportedInputs, validate
 
 __all__ = ["attention_op", "op_arguments"]
@@ -165,14 +166,17 @@ def _backward(ctx, dout, dlse):
     needs = [rule_args[slot - 3] is not None and ctx.needs_input_grad[slot] for slot in _GRAD_SLOTS]
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, *extra = torch.ops.selfattn.attention_backward(
-        dout, dlse, q, k, v, out, lse, *rule_args, seed, backend, *needs
-    )
+    with torch.no_grad():  # create_graph=True: first-order gradients, refused below
+        dq, dk, dv, *extra = torch.ops.selfattn.attention_backward(
+            dout, dlse, q, k, v, out, lse, *rule_args, seed, backend, *needs
+        )
     grads: list[torch.Tensor | None] = [None] * (3 + _N_RULE_ARGS + 2)
     grads[0], grads[1], grads[2] = dq, dk, dv
     for slot, need, g in zip(_GRAD_SLOTS, needs, extra):
         grads[slot] = g if need else None
-    return tuple(grads)
+    anchors = [q, k, v, *(rule_args[slot - 3] for slot in _GRAD_SLOTS)]
+    advice = "call attention outside torch.compile with backend='math' for second derivatives"
+    return first_order(f"{backend} (the selfattn::attention custom op)", anchors, grads, advice)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

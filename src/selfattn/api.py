@@ -151,6 +151,10 @@ def _indices(sel: Any, n: int, what: str, device: torch.device) -> torch.Tensor 
             raise TypeError(f"{what} must be an index sequence or a slice, got {sel!r}") from exc
         if t.numel() and (t.is_floating_point() or t.dtype == torch.bool):
             raise TypeError(f"{what} must hold integer indices, got {t.dtype}")
+        if t.dim() > 1:
+            raise ValueError(
+                f"{what} must be a 1-D index sequence or a slice, got shape {tuple(t.shape)}"
+            )
         sel = t.reshape(-1).tolist()
     return torch.tensor(checks.index_list(sel, n, what), dtype=torch.long, device=device)
 
@@ -205,6 +209,8 @@ def attention_weights(
     if lse is not None:
         if not isinstance(lse, torch.Tensor):
             raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
+        if not lse.is_floating_point():
+            raise TypeError(f"lse must be a float tensor (float32 from attention), got {lse.dtype}")
         if tuple(lse.shape) != (spec.B, spec.Hq, spec.Nq):
             raise ValueError(
                 f"lse must have shape (B, Hq, Nq) = {(spec.B, spec.Hq, spec.Nq)}, got {tuple(lse.shape)}"

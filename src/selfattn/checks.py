@@ -11,7 +11,12 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["index_list", "integer", "probability", "real", "window"]
+__all__ = ["WINDOW_MAX", "index_list", "integer", "probability", "real", "window"]
+
+# Window sides are clamped to this: it exceeds the distance between any two positions a tensor
+# can index (a dimension of 2**62 elements is beyond any machine), so a larger side restricts
+# nothing either, and position arithmetic (``i' + right + 1``, ``i' - left``) stays in int64.
+WINDOW_MAX = 2**62
 
 
 def integer(name: str, x: Any, minimum: int | None = 1) -> int:
@@ -27,7 +32,11 @@ def real(name: str, x: Any) -> float:
     """``x`` as a float (bools refused)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {x!r} ({type(x).__name__})")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:  # an int such as 10**400
+        shown = repr(x) if x.bit_length() < 4096 else f"an int of {x.bit_length()} bits"
+        raise ValueError(f"{name} must be a finite float, got {shown}") from None
 
 
 def probability(name: str, p: Any) -> float:
@@ -38,7 +47,11 @@ def probability(name: str, p: Any) -> float:
 
 
 def window(win: Any) -> tuple[int | None, int | None] | None:
-    """A ``(left, right)`` window of ints >= 0 or None per side; ``(None, None)`` becomes None."""
+    """A ``(left, right)`` window of ints >= 0 or None per side; ``(None, None)`` becomes None.
+
+    A side of any size is honoured: one larger than any distance between positions restricts
+    nothing, so sides are clamped to ``WINDOW_MAX`` (which keeps position arithmetic in int64).
+    """
     if win is None:
         return None
     if not isinstance(win, (tuple, list)) or len(win) != 2:
@@ -58,7 +71,7 @@ def window(win: Any) -> tuple[int | None, int | None] | None:
             raise ValueError(
                 f"window {side} must be >= 0 (use None for unbounded), got {w} in window={win!r}"
             )
-        sides.append(int(w))
+        sides.append(min(int(w), WINDOW_MAX))
     if sides[0] is None and sides[1] is None:
         return None  # (None, None) restricts nothing
     return (sides[0], sides[1])

@@ -63,6 +63,16 @@ class KVCache:
         self.head_dim = int(head_dim)
         self.value_dim = int(dims["value_dim"])
         shape = (self.batch_size, self.num_kv_heads, self.max_len)
+        item = torch.empty((), dtype=dtype).element_size()
+        for name, dim in (("keys", self.head_dim), ("values", self.value_dim)):
+            nbytes = self.batch_size * self.num_kv_heads * self.max_len * dim * item
+            if nbytes >= 2**63:  # beyond any address space: torch's size arithmetic overflows
+                raise ValueError(
+                    f"KVCache of batch_size={self.batch_size}, max_len={self.max_len}, "
+                    f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                    f"value_dim={self.value_dim} ({dtype}) would need {nbytes} bytes for its "
+                    f"{name}; no machine can hold that"
+                )
         self.k = torch.zeros(*shape, self.head_dim, dtype=dtype, device=device)  # (B, Hkv, L, D)
         self.v = torch.zeros(*shape, self.value_dim, dtype=dtype, device=device)  # (B, Hkv, L, Dv)
         self._len = 0

@@ -8,6 +8,7 @@ torch, on purpose: the specification must not share a bug with the code it check
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,16 @@ def dropout_keep(
 
 
 def _window(window: Any) -> tuple[int | None, int | None]:
+    """``(left, right)`` as Python ints (any size) or None; anything else is a ValueError."""
     if window is None:
         return (None, None)
     left, right = window
-    return (left, right)
+    for side in (left, right):
+        if side is not None and (
+            isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 0
+        ):
+            raise ValueError(f"window sides must be ints >= 0 or None, got window={window!r}")
+    return (None if left is None else int(left), None if right is None else int(right))
 
 
 def visibility(
@@ -96,10 +103,14 @@ def visibility(
     if causal:
         vis &= j <= i_abs
     left, right = _window(window)
-    if left is not None:
-        vis &= j >= i_abs - left
-    if right is not None:
-        vis &= j <= i_abs + right
+    # Compare distances, never shifted positions: |i' - j| < nq + nk, so a side of that length
+    # or more restricts nothing, and sides of any size (sys.maxsize, 2**100) need no arithmetic.
+    dist = i_abs - j  # (Nq, Nk) i' - j
+    reach = nq + nk
+    if left is not None and left < reach:
+        vis &= dist <= left  # j >= i' - left
+    if right is not None and right < reach:
+        vis &= -dist <= right  # j <= i' + right
     if mask is not None:
         vis = vis & np.asarray(mask, dtype=bool)
     if segment_ids is not None:

@@ -331,11 +331,25 @@ def _alibi(slopes: Any, call: _Call) -> tuple:
     return (slopes if slopes.dim() == 2 else slopes.reshape(1, hq),)
 
 
+# Positive reals that round to a finite float32 > 0 lie strictly between these two: half the
+# smallest subnormal (ties round to 0) and FLT_MAX plus half an ulp (ties round to inf).
+_F32_LOW = 2.0**-150
+_F32_HIGH = 2.0**128 - 2.0**103
+
+
+def _positive_f32(name: str, value: Any) -> float:
+    """A softcap or scale: a real that is a finite float32 > 0 (the kernels compute in it)."""
+    x = value if type(value) is float else checks.real(name, value)
+    if not _F32_LOW < x < _F32_HIGH:  # NaN fails too
+        raise ValueError(
+            f"{name} must be a finite float > 0 that float32 can hold (about 1.4e-45 to 3.4e38), "
+            f"got {name}={value!r}"
+        )
+    return x
+
+
 def _softcap(value: Any, call: _Call) -> tuple:
-    cap = value if type(value) is float else checks.real("softcap", value)
-    if not (cap > 0 and math.isfinite(cap)):
-        raise ValueError(f"softcap must be a finite float > 0, got {value!r}")
-    return (cap,)
+    return (_positive_f32("softcap", value),)
 
 
 def _ids(name: str, t: Any, b: int, n: int, call: _Call) -> torch.Tensor:
@@ -377,10 +391,7 @@ def _segments(value: Any, call: _Call) -> tuple:
 
 
 def _scale(value: Any, call: _Call) -> tuple:
-    scale = value if type(value) is float else checks.real("scale", value)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {value!r}")
-    return (scale,)
+    return (_positive_f32("scale", value),)
 
 
 def _dropout(value: Any, call: _Call) -> tuple:
@@ -428,6 +439,7 @@ RULES: tuple[Rule, ...] = (
 KEYWORDS = frozenset(r.keyword for r in RULES)
 _BY_KEYWORD = {r.keyword: r for r in RULES}
 _DEFAULTS = {f: x for r in RULES for f, x in zip(r.fields, r.empty)}
+_NOT_NONE = frozenset(("causal", "dropout_p"))  # a bool and a float: None is not a value
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -471,7 +483,11 @@ def validate_call(
     if grad is False and need_v and torch.is_grad_enabled():
         grad = v.requires_grad
     for keyword, value in rules.items():
-        if value is None or value is False:
+        if value is None:
+            if keyword in _NOT_NONE:  # the signature has no None here: the check says why
+                _BY_KEYWORD[keyword].check(value, None)
+            continue
+        if value is False and keyword == "causal":
             continue
         rule = _BY_KEYWORD[keyword]
         if type(value) is float and value == rule.empty[0]:

@@ -15,6 +15,7 @@ import torch
 from ..api import check_backend
 from ..backends import select
 from ..engine import acc_dtype
+from ..first_order import first_order
 from ..spec import AttentionSpec, UnsupportedInputs
 from .group import EXCHANGES, global_rank, group_info, start, wait
 from .layout import check_layout, runs
@@ -289,8 +290,10 @@ class _RingFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _ring_backward(ctx.ring, q, k, v, *ctx.ids, out, lse, dout, dlse)
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        with torch.no_grad():  # create_graph=True: first-order gradients, refused below
+            dq, dk, dv = _ring_backward(ctx.ring, q, k, v, *ctx.ids, out, lse, dout, dlse)
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
+        return (None, *first_order("ring_attention", (q, k, v), grads), None, None)
 
 
 def _rule_fields(spec: AttentionSpec) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..first_order import first_order
 from .backward import backward
 from .forward import forward
 from .problem import Problem, acc_dtype
@@ -37,23 +38,26 @@ class _EngineFunction(torch.autograd.Function):
         q, k, v, exact, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(exact)
-        dq, dk, dv, dbias, dalibi = backward(
-            ctx.prob,
-            q,
-            k,
-            v,
-            exact,
-            lse,
-            dout,
-            dlse,
-            need_dbias=ctx.need[0],
-            need_dalibi=ctx.need[1],
-        )
+        with torch.no_grad():  # create_graph=True: first-order gradients, refused below
+            dq, dk, dv, dbias, dalibi = backward(
+                ctx.prob,
+                q,
+                k,
+                v,
+                exact,
+                lse,
+                dout,
+                dlse,
+                need_dbias=ctx.need[0],
+                need_dalibi=ctx.need[1],
+            )
         if dbias is not None:
             dbias = dbias.to(ctx.dtypes[0])
         if dalibi is not None:
             dalibi = dalibi.to(ctx.dtypes[1])
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi
+        spec = ctx.prob.spec
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi)
+        return (None, *first_order("tiled", (q, k, v, spec.bias, spec.alibi_slopes), grads))
 
 
 def attention(

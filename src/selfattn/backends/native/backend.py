@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ...first_order import first_order
 from ...spec import AttentionSpec
 from . import build
 
@@ -69,15 +70,18 @@ class _NativeFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros(out.shape, dtype=q.dtype)
         dlse = torch.empty(0) if dlse is None else dlse
-        dq, dk, dv, dbias, dalibi = build.load().backward(
-            dout, q, k, v, out, lse, dlse, *ctx.rules, *ctx.need
-        )
-        spec = ctx.spec
-        if dbias is not None:
-            dbias = dbias.reshape(spec.bias.shape).to(spec.bias.dtype)
-        if dalibi is not None:
-            dalibi = dalibi.reshape(spec.alibi_slopes.shape).to(spec.alibi_slopes.dtype)
-        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi
+        with torch.no_grad():  # create_graph=True: first-order gradients, refused below
+            dq, dk, dv, dbias, dalibi = build.load().backward(
+                dout, q, k, v, out, lse, dlse, *ctx.rules, *ctx.need
+            )
+            spec = ctx.spec
+            if dbias is not None:
+                dbias = dbias.reshape(spec.bias.shape).to(spec.bias.dtype)
+            if dalibi is not None:
+                dalibi = dalibi.reshape(spec.alibi_slopes.shape).to(spec.alibi_slopes.dtype)
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi)
+        anchors = (q, k, v, spec.bias, spec.alibi_slopes)
+        return (None, None, *first_order("native", anchors, grads))
 
 
 class NativeBackend:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import triton
 
+from ...first_order import first_order
 from ...spec import AttentionSpec
 from . import configs, interp, interpreting, kernels
 from .prepare import Call, prepare
@@ -292,14 +293,16 @@ class TritonAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         spec = ctx.spec
-        dq, dk, dv, dbias, dalibi = backward(
-            spec, ctx.seed, q, k, v, out, lse, dout, dlse, ctx.need_bias, ctx.need_alibi
-        )
+        with torch.no_grad():  # create_graph=True: first-order gradients, refused below
+            dq, dk, dv, dbias, dalibi = backward(
+                spec, ctx.seed, q, k, v, out, lse, dout, dlse, ctx.need_bias, ctx.need_alibi
+            )
         if dbias is not None:
             dbias = dbias.to(spec.bias.dtype)
         if dalibi is not None:
             dalibi = dalibi.to(spec.alibi_slopes.dtype)
-        return None, None, dq, dk, dv, dbias, dalibi
+        anchors = (q, k, v, spec.bias, spec.alibi_slopes)
+        return (None, None, *first_order("triton", anchors, (dq, dk, dv, dbias, dalibi)))
 
 
 def attention(

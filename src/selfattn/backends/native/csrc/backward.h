@@ -26,8 +26,8 @@ namespace SA_NS {
 static inline void rows_seeing(const Params& P, int64_t j0, int64_t j1, int64_t& i0, int64_t& i1) {
   int64_t pmin = INT64_MIN / 4, pmax = INT64_MAX / 4;
   if (P.causal) pmin = imax(pmin, j0);
-  if (P.right >= 0) pmin = imax(pmin, j0 - P.right);
-  if (P.left >= 0) pmax = imin(pmax, j1 - 1 + P.left);
+  if (P.right >= 0) pmin = imax(pmin, sat_sub(j0, P.right));
+  if (P.left >= 0) pmax = imin(pmax, sat_add(j1 - 1, P.left));
   i0 = imax(0, pmin - P.start);
   i1 = imin(P.Nq, pmax - P.start + 1);
   if (i1 < i0) i1 = i0;

@@ -79,6 +79,19 @@ struct Bounds {
   int64_t lo, hi, full_lo, full_hi;  // visible keys [lo, hi); seen by every row: [full_lo, full_hi)
 };
 
+// Saturating int64 arithmetic for positions plus window sides: a side may be as large as the
+// caller likes (sys.maxsize), and a side larger than any distance must restrict nothing.
+static inline int64_t sat_add(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) return b > 0 ? INT64_MAX : INT64_MIN;
+  return r;
+}
+static inline int64_t sat_sub(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_sub_overflow(a, b, &r)) return b > 0 ? INT64_MIN : INT64_MAX;
+  return r;
+}
+
 // Rows at positions [pmin, pmax] (pmin <= pmax): the keys some row may see and the keys every row
 // sees under causal / window rules (masks and ids are not included).
 static inline Bounds key_bounds(int64_t pmin, int64_t pmax, int64_t nk, bool causal, int64_t left,
@@ -89,12 +102,14 @@ static inline Bounds key_bounds(int64_t pmin, int64_t pmax, int64_t nk, bool cau
     fhi = fhi < pmin + 1 ? fhi : pmin + 1;
   }
   if (right >= 0) {
-    hi = hi < pmax + right + 1 ? hi : pmax + right + 1;
-    fhi = fhi < pmin + right + 1 ? fhi : pmin + right + 1;
+    const int64_t h = sat_add(sat_add(pmax, right), 1), fh = sat_add(sat_add(pmin, right), 1);
+    hi = hi < h ? hi : h;
+    fhi = fhi < fh ? fhi : fh;
   }
   if (left >= 0) {
-    lo = lo > pmin - left ? lo : pmin - left;
-    flo = flo > pmax - left ? flo : pmax - left;
+    const int64_t l = sat_sub(pmin, left), fl = sat_sub(pmax, left);
+    lo = lo > l ? lo : l;
+    flo = flo > fl ? flo : fl;
   }
   lo = lo > 0 ? lo : 0;
   hi = hi < nk ? hi : nk;

@@ -161,7 +161,7 @@ struct Decode {
       m[r] = T(-INFINITY);
       l[r] = T(0);
     }
-    if (P.need_out) std::memset(acc, 0, sizeof(T) * R * Dvp);
+    if (P.need_out) zero_bytes(acc, sizeof(T) * R * Dvp);
     if (tmin >= tmax) return;
     if (!attempt(pans, b, kvh, tmin, tmax, t0, false, m, l, acc, sc))
       attempt(pans, b, kvh, tmin, tmax, t0, true, m, l, acc, sc);
@@ -186,8 +186,8 @@ struct Decode {
         if (careful) {
           if (P.need_out) ok &= load_row<V>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
           if (!ok) {
-            std::memset(sc.kc.p + (j - jb) * Dp, 0, sizeof(T) * Dp);
-            std::memset(sc.vc.p + (j - jb) * Dvp, 0, sizeof(T) * Dvp);
+            zero_bytes(sc.kc.p + (j - jb) * Dp, sizeof(T) * Dp);
+            zero_bytes(sc.vc.p + (j - jb) * Dvp, sizeof(T) * Dvp);
           }
           sc.bad[j - jb] = ok ? 0 : 1;
           any_bad |= !ok;

@@ -187,13 +187,13 @@ struct Packed {
           ok = load_row<V>(p.k, b, h, j, D, Dp, krow);
           if (vt || vr) ok &= load_row<V>(p.v, b, h, j, Dv, Dvp, vrow);  // lse alone: no V
           if (!ok) {
-            std::memset(krow, 0, sizeof(T) * Dp);
-            std::memset(vrow, 0, sizeof(T) * Dvp);
+            zero_bytes(krow, sizeof(T) * Dp);
+            zero_bytes(vrow, sizeof(T) * Dvp);
             any = true;
           }
         } else {
-          std::memset(krow, 0, sizeof(T) * Dp);
-          std::memset(vrow, 0, sizeof(T) * Dvp);
+          zero_bytes(krow, sizeof(T) * Dp);
+          zero_bytes(vrow, sizeof(T) * Dvp);
         }
         bad[slot * bad_n + j] = ok ? 0 : 1;
         if (kt) {
@@ -242,10 +242,10 @@ struct Packed {
     const int64_t j = t * PW + c;
     if (kt)
       for (int64_t d = 0; d < p.D; d++) kt[slot * kt_n + t * p.D * PW + d * PW + c] = T(0);
-    if (kr) std::memset(kr + slot * kr_n + j * pl.Dp, 0, sizeof(T) * pl.Dp);
+    if (kr) zero_bytes(kr + slot * kr_n + j * pl.Dp, sizeof(T) * pl.Dp);
     if (vt)
       for (int64_t d = 0; d < p.Dv; d++) vt[slot * vt_n + t * p.Dv * PW + d * PW + c] = T(0);
-    if (vr) std::memset(vr + slot * vr_n + j * pl.Dvp, 0, sizeof(T) * pl.Dvp);
+    if (vr) zero_bytes(vr + slot * vr_n + j * pl.Dvp, sizeof(T) * pl.Dvp);
   }
 
   // Pack units [u0, u1) into slots 0.. in parallel (items of 16 tiles).

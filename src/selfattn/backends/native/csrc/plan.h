@@ -249,8 +249,8 @@ struct Plan {
     lo = 0;
     hi = P.Nk;
     if (P.causal) hi = imin(hi, pos + 1);
-    if (P.right >= 0) hi = imin(hi, pos + P.right + 1);
-    if (P.left >= 0) lo = imax(lo, pos - P.left);
+    if (P.right >= 0) hi = imin(hi, sat_add(sat_add(pos, P.right), 1));
+    if (P.left >= 0) lo = imax(lo, sat_sub(pos, P.left));
   }
 
   void apply_masks(T* S, int64_t ld, const Panel& pn, int64_t j0) const {

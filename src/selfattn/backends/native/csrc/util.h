@@ -2,13 +2,20 @@
 // Deliberately free of std:: containers and algorithms, whose out-of-line instantiations would
 // be compiled with this TU's ISA flags (see common.h).
 #pragma once
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "common.h"
 
 namespace selfattn {
 namespace SA_NS {
+
+// memset(p, 0, bytes) that is defined for an empty range too (p may then be null: Dv == 0).
+static inline void zero_bytes(void* p, size_t bytes) {
+  if (bytes > 0) std::memset(p, 0, bytes);
+}
 
 // A 64-byte aligned, uninitialised buffer owned by one call (or one task of a call).
 template <class T>
@@ -23,14 +30,20 @@ struct Buf {
     std::free(p);
     p = nullptr;
     if (n > 0) {
+      // Out of memory (or a size past the address space) throws std::bad_alloc, which the
+      // bindings' pybind11 layer turns into a Python MemoryError. Buffers are allocated in the
+      // calling thread or inside a task of torch's pool, which catches a task's exception and
+      // rethrows it after the join; every Buf frees itself on the way out.
+      if (uint64_t(n) > (SIZE_MAX - 63) / sizeof(T)) throw std::bad_alloc();
       size_t bytes = (size_t(n) * sizeof(T) + 63) / 64 * 64;
       p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      if (p == nullptr) throw std::bad_alloc();
 #ifdef SELFATTN_POISON  // debug builds: scratch starts as NaN, so reading it unwritten shows
       std::memset(static_cast<void*>(p), 0xFF, bytes);
 #endif
     }
   }
-  void zero(int64_t n) { std::memset(p, 0, size_t(n) * sizeof(T)); }
+  void zero(int64_t n) { zero_bytes(p, size_t(n > 0 ? n : 0) * sizeof(T)); }
   T& operator[](int64_t i) { return p[i]; }
   const T& operator[](int64_t i) const { return p[i]; }
 };
