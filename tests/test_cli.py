@@ -222,10 +222,34 @@ def test_explain_causal_gqa_decoder_matches_eager(tmp_path, capsys):
 
 def test_explain_layer_out_of_range(tmp_path, capsys):
     model_path = _minilm()
-    argv = ["explain", "hi", "--model", model_path, "--layers", "6", "--out", str(tmp_path)]
+    out = tmp_path / "pictures"
+    argv = ["explain", "hi", "--model", model_path, "--layers", "6", "--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip() == "selfattn explain: error: layer 6 out of range for a model of 6 layers"
+    assert not out.exists()  # the folder is made when the pictures are written
+
+
+@pytest.mark.parametrize("text", ["", "  \n "])
+def test_explain_empty_text_is_refused_before_the_model_loads_and_leaves_no_folder(tmp_path, text):
+    """Was: the model loaded before the text was refused, and an empty --out folder stayed."""
+    out = tmp_path / "pictures"
+    res = subprocess.run(
+        [sys.executable, "-m", "selfattn", "explain", text, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (res.returncode, res.stdout) == (2, "")
+    assert res.stderr == "selfattn explain: error: TEXT is empty\n"  # no "loaded ..." before it
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["explain", "bench", "train", "chat", "transcribe"])
+def test_every_command_that_runs_a_model_takes_threads(cmd, capsys):
+    """Was: ``chat --help`` did not mention --threads; explain had none."""
+    assert main([cmd, "--help"]) == 0
+    assert re.search(r"--threads T\s+torch CPU threads \(default: torch's", capsys.readouterr().out)
 
 
 # -- bench ----------------------------------------------------------------------------------------

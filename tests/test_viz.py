@@ -171,6 +171,22 @@ def test_heatmap_grid_layers_by_heads(tmp_path):
     np.testing.assert_allclose(panels[5].images[0].get_array(), maps.weights[1, 2])
 
 
+def test_long_axes_are_labelled_with_tokens_not_positions():
+    """Was: past 48 keys (``chat --show``: a prompt and reply of ~80 tokens) the axes showed
+    positions 0-79. Now tokens: all of them where they fit, else every k-th."""
+    toks = [f"w{j}" for j in range(80)]
+    rows = np.random.default_rng(0).random((20, 80))
+    fig = heatmap(rows / rows.sum(-1, keepdims=True), toks, query_tokens=toks[60:])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == toks  # 80 fit across 14 inches
+    assert [t.get_text() for t in ax.get_yticklabels()] == toks[60:]
+    fig = heatmap_grid(np.full((2, 3, 80, 80), 1 / 80), toks)  # 1.6-inch panels
+    bottom_left = [a for a in fig.axes if a.images][3]
+    shown = [t.get_text() for t in bottom_left.get_xticklabels()]
+    step = toks.index(shown[1])
+    assert step > 1 and shown == toks[::step]  # every k-th token, still tokens
+
+
 def test_heatmap_grid_from_array():
     fig = heatmap_grid(np.full((2, 1, 3, 3), 1 / 3), ["a", "b", "c"], layers=[4, 5])
     assert [ax.get_ylabel() for ax in fig.axes if ax.images] == ["layer 4", "layer 5"]

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .console import UsageError, out_dir
+from .threads import CpuWatch
 
 __all__ = ["add_parser", "cmd_chat", "generate_reply", "load_chat_model", "reply_maps"]
 
@@ -21,6 +24,26 @@ MODELS = ("smollm2", "gemma3")
 ATTN = ("selfattn", "sdpa", "eager")
 #: layers and heads drawn by ``--show`` when none are asked for
 DEFAULT_HEADS = (0, 1, 2)
+#: the interactive loop's commands: forget the conversation, end
+RESET, EXIT = ("/reset", "/clear"), ("/exit", "/quit")
+
+DESCRIPTION = """\
+Answer PROMPT with a causal language model on selfattn (SmolLM2-135M-Instruct by
+default, from its PyPI package, converted once into the cache): the model's chat
+template, greedy decoding with a KV cache, the reply printed as it is generated.
+Only the reply goes to stdout (or, with --json, one JSON object per reply); the
+status lines (loading, converting, tokens/s, a reply cut at --max-new-tokens)
+go to stderr. --show writes heatmaps and the HTML head view of which prompt and
+earlier tokens each generated token read."""
+
+EPILOG = """\
+without PROMPT: one message per line from stdin (a terminal or a pipe), until an
+empty line or EOF. The conversation is kept: each reply sees the earlier turns.
+  /reset, /clear   forget the conversation (a --system message stays)
+  /exit, /quit     end (as do Ctrl-D and an empty line; exit status 0)
+  Ctrl-C           while a reply is generated: stop it and return to the prompt;
+                   at the prompt: end with exit status 130 (as llama-cli does)
+with PROMPT, Ctrl-C ends with one line on stderr and exit status 130."""
 
 
 def add_parser(sub: Any) -> None:
@@ -28,18 +51,16 @@ def add_parser(sub: Any) -> None:
     s = sub.add_parser(
         "chat",
         help="chat with SmolLM2 (or a local causal LM) running on selfattn",
-        description="Answer PROMPT with a causal language model on selfattn (SmolLM2-135M-"
-        "Instruct by default, from its PyPI package, converted once into the cache): the model's "
-        "chat template, greedy decoding with a KV cache, tokens printed as they are generated, "
-        "then tokens/s. Without PROMPT, read one message per line from stdin until an empty "
-        "line or EOF (a pipe works). --show writes heatmaps and the HTML head view of which "
-        "prompt and earlier tokens each generated token read.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
+        epilog=EPILOG,
     )
     s.add_argument("prompt", nargs="?", metavar="PROMPT", help="one message (default: stdin)")
     model = f"{' or '.join(MODELS)} (packaged) or a local transformers folder (default smollm2)"
     s.add_argument("--model", default="smollm2", metavar="NAME|PATH", help=model)
     s.add_argument("--attn", choices=ATTN, default="selfattn", help="attention (default selfattn)")
-    s.add_argument("--max-new-tokens", type=_positive, default=200, metavar="N")
+    cut = "the most tokens per reply (default 200); a reply cut there is marked as cut"
+    s.add_argument("--max-new-tokens", type=_positive, default=200, metavar="N", help=cut)
     s.add_argument("--system", metavar="TEXT", help="a system message (default: the template's)")
     s.add_argument("--json", action="store_true", help="print one JSON object per reply")
     s.add_argument("--show", metavar="DIR", help="write pictures of what each new token read")
@@ -47,7 +68,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--layers", type=int, nargs="+", metavar="L", help=layers)
     heads = f"query heads drawn by --show (default {' '.join(map(str, DEFAULT_HEADS))})"
     s.add_argument("--heads", type=int, nargs="+", metavar="H", help=heads)
-    threads = "torch CPU threads (default: torch's)"
+    threads = (
+        "torch CPU threads (default: torch's, less the cores other processes keep busy, "
+        "chosen again for each reply; 1 is steadier if busy)"
+    )
     s.add_argument("--threads", type=_positive, metavar="T", help=threads)
     s.set_defaults(func=cmd_chat)
 
@@ -117,6 +141,27 @@ def _streamer(tok: Any, write: Callable[[str], None] | None, times: list[float])
     return Streamer(tok, skip_prompt=True, skip_special_tokens=True)
 
 
+def _stopper(stop: Callable[[], bool]) -> Any:
+    import torch
+    from transformers import StoppingCriteria
+
+    class Stop(StoppingCriteria):
+        """Ends generation after the current token once ``stop()`` is true (Ctrl-C)."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop(), dtype=torch.bool)
+
+    return Stop()
+
+
+def _eos_ids(model: Any, tok: Any) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    return set(ids)
+
+
 def generate_reply(
     model: Any,
     tok: Any,
@@ -124,6 +169,7 @@ def generate_reply(
     *,
     max_new_tokens: int = 200,
     write: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Greedy reply to ``messages`` with transformers' ``generate`` (KV cache), streamed.
 
@@ -132,17 +178,22 @@ def generate_reply(
         messages: the conversation, ``[{"role": "user", "content": ...}, ...]``.
         max_new_tokens: the most tokens generated.
         write: called with each piece of text as soon as it is decoded (None: silent).
+        stop: asked after each token; True ends the reply there (None: never).
 
     Returns:
         ``{"reply", "prompt_ids" (N,), "reply_ids" (T,), "tokens", "seconds",
-        "first_token_s", "tokens_per_s"}``; the ids are 1-D tensors, the reply ends at the
-        model's end-of-turn token (which is counted but not shown).
+        "first_token_s", "tokens_per_s", "finish_reason"}``; the ids are 1-D tensors, the reply
+        ends at the model's end-of-turn token (which is counted but not shown).
+        ``finish_reason`` is "stop" (the model ended its turn), "length" (cut at
+        ``max_new_tokens``) or "interrupted" (``stop()`` became true).
     """
     import torch
+    from transformers import StoppingCriteriaList
 
     ids = chat_ids(tok, messages)
     times: list[float] = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    extra = {} if stop is None else {"stopping_criteria": StoppingCriteriaList([_stopper(stop)])}
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
@@ -152,10 +203,17 @@ def generate_reply(
             do_sample=False,
             pad_token_id=pad,
             streamer=_streamer(tok, write, times),
+            **extra,
         )
     seconds = time.perf_counter() - t0
     reply_ids = out[0, ids.shape[1] :]
     n = int(reply_ids.numel())
+    if n and int(reply_ids[-1]) in _eos_ids(model, tok):
+        finish = "stop"
+    elif stop is not None and stop():
+        finish = "interrupted"
+    else:
+        finish = "length" if n >= max_new_tokens else "stop"
     return {
         "reply": tok.decode(reply_ids, skip_special_tokens=True).strip(),
         "prompt_ids": ids[0],
@@ -164,6 +222,7 @@ def generate_reply(
         "seconds": seconds,
         "first_token_s": (times[0] - t0) if times else seconds,
         "tokens_per_s": n / seconds if seconds > 0 else 0.0,
+        "finish_reason": finish,
     }
 
 
@@ -244,13 +303,60 @@ def reply_maps(
 # -- the command -----------------------------------------------------------------------------------
 
 
-def _messages_from_stdin(ask: bool):
-    """Lines of stdin, one message each, until an empty line or EOF."""
+class _CtrlC:
+    """Inside the block, a first Ctrl-C (SIGINT) only sets ``pressed``, which ends the reply
+    after the current token; a second one raises KeyboardInterrupt as usual. Outside the
+    main thread (where Python delivers signals) nothing is installed."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _note(text: str) -> None:
+    """A piece of status on stderr (a prompt, a line's end): never mixed into the reply."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _ask() -> str:
+    """One line typed at the ``you>`` prompt; the prompt goes where the reply does not."""
+    if sys.stdout.isatty():
+        return input("you> ")  # readline redraws the prompt it knows
+    _note("you> ")
+    return input()
+
+
+def _lines(ask: bool) -> Iterator[str]:
+    """Lines of stdin, one message each, until an empty line or EOF (Ctrl-D)."""
     while True:
         if ask:
             try:
-                line = input("you> ")
+                line = _ask()
             except EOFError:
+                _note("\n")
                 return
         else:
             line = sys.stdin.readline()
@@ -262,57 +368,142 @@ def _messages_from_stdin(ask: bool):
         yield line
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+class _Chat:
+    """The loaded model and what every turn shares: options, the status console, threads."""
 
+    def __init__(self, args: argparse.Namespace, status: Any, model: Any, tok: Any, label: str):
+        import torch
 
-def _turn(args, con, model, tok, label: str, messages: list, show: Path | None) -> dict:
-    """One reply: streamed (or as JSON), the speed line, the pictures."""
-    prompt = messages[-1]["content"]
-    if not args.json:
-        _write(f"{label}> ")
-    r = generate_reply(
-        model,
-        tok,
-        messages,
-        max_new_tokens=args.max_new_tokens,
-        write=None if args.json else _write,
-    )
-    messages.append({"role": "assistant", "content": r["reply"]})
-    record = {
-        "prompt": prompt,
-        "reply": r["reply"],
-        "tokens": r["tokens"],
-        "seconds": round(r["seconds"], 4),
-        "tokens_per_s": round(r["tokens_per_s"], 3),
-        "attn": args.attn,
-        "model": label,
-        "prompt_tokens": int(r["prompt_ids"].numel()),
-        "first_token_s": round(r["first_token_s"], 4),
-    }
-    if show is not None:
-        from selfattn.viz import write_pictures
+        self.args, self.status, self.model, self.tok, self.label = args, status, model, tok, label
+        self.cap = torch.get_num_threads()  # torch's default (OMP_NUM_THREADS, physical cores)
+        self.watch = CpuWatch()
 
-        maps = reply_maps(
-            model, tok, r["prompt_ids"], r["reply_ids"], layers=args.layers, heads=args.heads
+    def turn(self, messages: list, show: Path | None, ctrl_c: _CtrlC | None = None) -> dict:
+        """One reply: streamed (or as JSON), the markers and speed line, the pictures.
+        ``ctrl_c``: the reply stops when it is pressed (None: Ctrl-C raises)."""
+        import torch
+
+        args = self.args
+        prompt = messages[-1]["content"]
+        threads = args.threads or self.watch.threads(self.cap)
+        if not args.json and sys.stdout.isatty():  # a label on screen, never in a capture
+            _write(f"{self.label}> ")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            r = generate_reply(
+                self.model,
+                self.tok,
+                messages,
+                max_new_tokens=args.max_new_tokens,
+                write=None if args.json else _write,
+                stop=None if ctrl_c is None else (lambda: ctrl_c.pressed),
+            )
+        except KeyboardInterrupt:
+            if not args.json:
+                _write("\n")  # the reply's line ends before the one-line message
+            raise
+        finally:
+            torch.set_num_threads(previous)
+        messages.append({"role": "assistant", "content": r["reply"]})
+        finish = r["finish_reason"]
+        record = {
+            "prompt": prompt,
+            "reply": r["reply"],
+            "tokens": r["tokens"],
+            "seconds": round(r["seconds"], 4),
+            "tokens_per_s": round(r["tokens_per_s"], 3),
+            "attn": args.attn,
+            "model": self.label,
+            "prompt_tokens": int(r["prompt_ids"].numel()),
+            "first_token_s": round(r["first_token_s"], 4),
+            "finish_reason": finish,
+            "truncated": finish != "stop",
+            "threads": threads,
+        }
+        if show is not None and r["tokens"]:
+            from selfattn.viz import write_pictures
+
+            maps = reply_maps(
+                self.model,
+                self.tok,
+                r["prompt_ids"],
+                r["reply_ids"],
+                layers=args.layers,
+                heads=args.heads,
+            )
+            title = f"{self.label}: what each generated token read"
+            files = write_pictures(maps, show, title=title)
+            record["show"] = {k: str(p) for k, p in files.items()}
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+            return record
+        _write("\n")
+        if finish == "length":
+            self.status.print(
+                f"[cut at {_n(r['tokens'], 'token')}: --max-new-tokens]", markup=False
+            )
+        elif finish == "interrupted":
+            self.status.print(f"[stopped at {_n(r['tokens'], 'token')}: Ctrl-C]", markup=False)
+        speed = (
+            f"{_n(r['tokens'], 'token')} in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} "
+            f"tokens/s (prompt {record['prompt_tokens']} tokens, first token after "
+            f"{r['first_token_s']:.2f} s; attn={args.attn}, {_n(threads, 'thread')})"
         )
-        title = f"{label}: what each generated token read"
-        files = write_pictures(maps, show, title=title)
-        record["show"] = {k: str(p) for k, p in files.items()}
-    if args.json:
-        print(json.dumps(record, ensure_ascii=False), flush=True)
+        self.status.print(f"[dim]{speed}[/]", soft_wrap=True)
+        if "show" in record:
+            self.status.print(f"[dim]pictures of what each token read: {show}[/]", soft_wrap=True)
         return record
-    _write("\n")
-    speed = (
-        f"{r['tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} tokens/s "
-        f"(prompt {record['prompt_tokens']} tokens, first token after "
-        f"{r['first_token_s']:.2f} s; attn={args.attn})"
-    )
-    con.print(f"[dim]{speed}[/]", soft_wrap=True)
-    if show is not None:
-        con.print(f"[dim]pictures of what each token read: {show}[/]", soft_wrap=True)
-    return record
+
+    def loop(self, base: list, show: Path | None) -> int:
+        """Messages from stdin until an empty line, EOF or /exit; the conversation is kept,
+        /reset (/clear) forgets it. Returns the exit status."""
+        ask = sys.stdin.isatty() and not self.args.json
+        if ask:
+            hint = "one message per line; /reset forgets the conversation; Ctrl-D or /exit ends"
+            self.status.print(f"[dim]{hint}[/]")
+        messages = list(base)
+        turns = 0
+        lines = _lines(ask)
+        read = False
+        while True:
+            try:
+                line = next(lines, None)
+            except KeyboardInterrupt:  # at the prompt: end, as llama-cli does
+                _note("\n")
+                return 130
+            if line is None:
+                break
+            read = True
+            if line.lower() in EXIT:
+                break
+            if line.lower() in RESET:
+                messages = list(base)
+                self.status.print("[conversation cleared]", style="dim", markup=False)
+                continue
+            turns += 1
+            messages.append({"role": "user", "content": line})
+            folder = None if show is None else out_dir(str(show / f"turn-{turns}"))
+            with _CtrlC() as ctrl_c:
+                self.turn(messages, folder, ctrl_c)
+        if not read and not ask:
+            raise UsageError("no PROMPT given and nothing read from stdin")
+        return 0
+
+
+def _loading_note(spec: str) -> str:
+    """What the spinner says while ``--model`` loads: a packaged model not yet converted says
+    that it is converted now, once."""
+    import importlib
+
+    from selfattn import pretrained
+    from selfattn.pretrained import cache
+
+    if spec in MODELS:
+        mod = importlib.import_module(pretrained.MODELS[spec])
+        if not cache.is_converted(mod.NAME, mod.stamp()):
+            return f"converting {spec} from its package into {cache.cache_dir()} (once, 1-3 min)"
+    return f"loading {spec}"
 
 
 def cmd_chat(args: argparse.Namespace, con: Any) -> int:
@@ -327,31 +518,16 @@ def cmd_chat(args: argparse.Namespace, con: Any) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("PROMPT is empty")
     show = out_dir(args.show) if args.show else None
-    status = Console(stderr=True, highlight=False) if args.json else con
+    status = Console(stderr=True, highlight=False)  # stdout carries the replies only
     with torch_threads(args.threads):
         t0 = time.perf_counter()
-        with status.status(f"loading {args.model} (attn_implementation={args.attn!r})"):
+        note = _loading_note(args.model)
+        with status.status(f"{note} (attn_implementation={args.attn!r})"):
             model, tok, label = load_chat_model(args.model, args.attn)
         status.print(f"[dim]loaded {type(model).__name__} in {time.perf_counter() - t0:.1f} s[/]")
+        chat = _Chat(args, status, model, tok, label)
         base = [{"role": "system", "content": args.system}] if args.system else []
-        if args.prompt is not None:
-            messages = [*base, {"role": "user", "content": args.prompt}]
-            _turn(args, con, model, tok, label, messages, show)
-            return 0
-        ask = sys.stdin.isatty() and not args.json
-        if ask:
-            con.print("[dim]one message per line; an empty line or Ctrl-D ends[/]")
-        messages = list(base)
-        turn = 0
-        try:
-            for line in _messages_from_stdin(ask):
-                turn += 1
-                messages.append({"role": "user", "content": line})
-                folder = None if show is None else out_dir(str(show / f"turn-{turn}"))
-                _turn(args, con, model, tok, label, messages, folder)
-        except KeyboardInterrupt:
-            _write("\n")
-            return 130
-    if turn == 0:
-        raise UsageError("no PROMPT given and nothing read from stdin")
+        if args.prompt is None:
+            return chat.loop(base, show)
+        chat.turn([*base, {"role": "user", "content": args.prompt}], show)
     return 0

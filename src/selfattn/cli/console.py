@@ -55,12 +55,14 @@ def matrix(title: str, m: np.ndarray, rows: Sequence[str], cols: Sequence[str] |
     return t
 
 
-def out_dir(path: str) -> Path:
-    """The ``--out`` folder, made if missing; a :class:`UsageError` when it is a file."""
+def out_dir(path: str, *, make: bool = True) -> Path:
+    """The ``--out`` folder, made if missing (``make=False``: only checked, for a command that
+    makes it when it writes); a :class:`UsageError` when it is a file."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {path!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if make:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -75,10 +75,17 @@ def model_pictures(
 
 def cmd_explain(args: argparse.Namespace, con) -> int:
     """Draw the attention of any local transformers model on TEXT."""
-    out = out_dir(args.out)
+    from selfattn.testing import torch_threads
+
+    # What can be refused is refused before the model loads; the folder is made only when the
+    # pictures are written, so a refusal or a failure leaves none behind.
+    if not args.text.strip():
+        raise UsageError("TEXT is empty")
     model = args.model or default_model()
     if not Path(model).is_dir():
         raise UsageError(f"--model {model!r} is not a folder")
+    out = out_dir(args.out, make=False)
     chosen = {"layers": args.layers, "heads": args.heads, "rows": args.rows}
-    model_pictures(con, model, args.text, out, **chosen, title=Path(model).name)
+    with torch_threads(args.threads):
+        model_pictures(con, model, args.text, out, **chosen, title=Path(model).name)
     return 0

@@ -108,6 +108,7 @@ def _add_explain(sub) -> None:
     rows = "query token positions (default: all)"
     s.add_argument("--rows", type=int, nargs="+", metavar="R", help=rows)
     s.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
+    s.add_argument("--threads", type=_positive, metavar="T", help=THREADS_HELP)
     s.set_defaults(func=cmd_explain)
 
 
@@ -166,7 +167,8 @@ def _add_train(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 a check failed, 2 bad usage)."""
+    """Run the command line; returns the exit status (0 ok, 1 a check failed, 2 bad usage,
+    130 interrupted by Ctrl-C)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -178,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     con = make_console()
     try:
         return args.func(args, con)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, no traceback
+        print(f"selfattn {args.command}: interrupted", file=sys.stderr)
+        return 130
     except UsageError as exc:
         print(f"selfattn {args.command}: error: {exc}", file=sys.stderr)
         return 2

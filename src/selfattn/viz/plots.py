@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,20 +44,30 @@ def _default_query_tokens(tokens: Sequence[str] | None, nq: int, nk: int) -> lis
     return None
 
 
-def _draw(ax, w: np.ndarray, qtok, ktok, title, cmap, labels: str = "both", vmax=None):
+def _ticks(n: int, room: float, points: float) -> range:
+    """Every k-th of ``n`` positions, k the smallest step at which labels of ``points`` points
+    fit into ``room`` inches side by side (a little apart): all of them when they fit."""
+    step = max(1, math.ceil(n * points * 1.25 / 72 / max(room, 1e-3)))
+    return range(0, n, step)
+
+
+def _draw(ax, w, qtok, ktok, title, cmap, labels="both", vmax=None, room=(4.0, 4.0), points=7):
+    """``room``: inches along the query and key axes, for as many token labels of ``points``
+    points as fit there (every k-th token past that: tokens, never bare positions)."""
     im = ax.imshow(w, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
     nq, nk = w.shape
-    few = 48  # beyond this many tokens the labels would overlap: fall back to numbers
     # Inner panels of a grid get no ticks at all: the outer ones carry the tokens, and every
     # tick label is a text object that the layout engine has to measure.
     if labels not in ("both", "x"):
         ax.set_xticks([])
-    elif ktok is not None and nk <= few:
-        ax.set_xticks(range(nk), [_label(t) for t in ktok], rotation=90, fontsize=7)
+    elif ktok is not None:
+        at = _ticks(nk, room[1], points)
+        ax.set_xticks(at, [_label(ktok[j]) for j in at], rotation=90, fontsize=points)
     if labels not in ("both", "y"):
         ax.set_yticks([])
-    elif qtok is not None and nq <= few:
-        ax.set_yticks(range(nq), [_label(t) for t in qtok], fontsize=7)
+    elif qtok is not None:
+        at = _ticks(nq, room[0], points)
+        ax.set_yticks(at, [_label(qtok[i]) for i in at], fontsize=points)
     if title:
         ax.set_title(title, fontsize=8)
     return im
@@ -99,7 +110,7 @@ def heatmap(
     side = min(max(3.0, 0.28 * max(nq, nk) + 1.5), 14.0)
     fig = _figure(side + 1.0, side)
     ax = fig.add_subplot()
-    im = _draw(ax, w, qtok, tokens, title, cmap)
+    im = _draw(ax, w, qtok, tokens, title, cmap, room=(0.75 * side, 0.75 * side))
     ax.set_xlabel("key", fontsize=8)
     ax.set_ylabel("query", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8, label="probability")
@@ -148,18 +159,18 @@ def heatmap_grid(
             rows=list(range(nq)),
             query_tokens=_default_query_tokens(toks, nq, nk) or [str(i) for i in range(nq)],
         )
-    n_l, n_h, n_r, n_k = maps.weights.shape
+    n_l, n_h, n_r = maps.weights.shape[:3]
     qtok = [maps.query_tokens[r] for r in maps.rows]
     # Fixed margins (inches) sized from the longest labels: a layout engine measuring every
     # panel of a 6 x 12 grid costs seconds.
     size = 5 if n_r > 16 else 6
 
-    def label_room(toks, n):
-        longest = max((len(_label(t)) for t in toks), default=1) if n <= 48 else len(str(n))
+    def label_room(toks):
+        longest = max((len(_label(t)) for t in toks), default=1)
         return 0.075 * size / 6 * longest + 0.12
 
-    left = 0.3 + label_room(qtok, n_r)
-    bottom = 0.25 + label_room(maps.tokens, n_k)
+    left = 0.3 + label_room(qtok)
+    bottom = 0.25 + label_room(maps.tokens)
     top = 0.3 + (0.3 if title else 0.0)
     right = 1.0  # the colorbar
     width, height = cell * n_h + left + right, cell * n_l + bottom + top
@@ -182,7 +193,9 @@ def heatmap_grid(
             labels = {(True, True): "both", (True, False): "x", (False, True): "y"}.get(
                 (li == n_l - 1, hi == 0), "none"
             )
-            im = _draw(ax, maps.weights[li, hi], qtok, maps.tokens, None, cmap, labels, vmax=1.0)
+            w = maps.weights[li, hi]
+            room = (cell, cell)
+            im = _draw(ax, w, qtok, maps.tokens, None, cmap, labels, 1.0, room, size)
             if li == 0:
                 ax.set_title(f"head {maps.heads[hi]}", fontsize=8)
             if hi == 0:
