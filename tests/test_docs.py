@@ -238,5 +238,71 @@ def test_checks_raise_the_exception_their_docstring_names(name, call, exc):
     )
 
 
+# --- the messages docs/api.md quotes --------------------------------------------------------
+
+
+def _error_cases():
+    import torch
+
+    A = selfattn.attention
+    q, k, v = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    q1, k1 = torch.randn(1, 8, 64, 16), torch.randn(1, 2, 64, 16)
+    bool_mask = torch.ones(3, 5, dtype=torch.bool)
+    return {
+        "q not a tensor": lambda: A([1], k, v),
+        "not 4-D": lambda: A(torch.randn(6, 3, 8), k, v),
+        "dtypes differ": lambda: A(q.half(), k, v),
+        "not a float dtype": lambda: A(q.int(), k.int(), v.int()),
+        "devices differ": lambda: A(q, k.to("meta"), v),
+        "batch sizes differ": lambda: A(torch.randn(1, 6, 3, 8), k, v),
+        "head dims differ": lambda: A(torch.randn(2, 6, 3, 4), k, v),
+        "k and v differ": lambda: A(q, k, torch.randn(2, 2, 4, 8)),
+        "Hq not a multiple": lambda: A(q, torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)),
+        "D == 0": lambda: A(
+            torch.randn(1, 2, 3, 0), torch.randn(1, 2, 5, 0), torch.randn(1, 2, 5, 8)
+        ),
+        "causal": lambda: A(q, k, v, causal=1),
+        "causal None": lambda: A(q, k, v, causal=None),
+        "window side": lambda: A(q, k, v, window=(-1, 0)),
+        "window pair": lambda: A(q, k, v, window=3),
+        "mask not bool": lambda: A(q, k, v, mask=torch.ones(3, 5)),
+        "mask shape": lambda: A(q, k, v, mask=torch.ones(4, 5, dtype=torch.bool)),
+        "mask elsewhere": lambda: A(q, k, v, mask=bool_mask.to("meta")),
+        "bias dtype": lambda: A(q, k, v, bias=torch.ones(3, 5, dtype=torch.long)),
+        "bias shape": lambda: A(q, k, v, bias=torch.ones(3, 4)),
+        "alibi": lambda: A(q, k, v, alibi_slopes=torch.ones(4)),
+        "softcap": lambda: A(q, k, v, softcap=1e-300),
+        "one segment tensor": lambda: A(q, k, v, segment_ids=torch.zeros(2, 3, dtype=torch.long)),
+        "segments float": lambda: A(q, k[:, :, :3], v[:, :, :3], segment_ids=torch.zeros(2, 3)),
+        "segment pair of 1": lambda: A(q, k, v, segment_ids=(torch.zeros(2, 3, dtype=torch.long),)),
+        "scale inf": lambda: A(q, k, v, scale=float("inf")),
+        "scale huge int": lambda: A(q, k, v, scale=10**2000),
+        "scale False": lambda: A(q, k, v, scale=False),
+        "dropout 1": lambda: A(q, k, v, dropout_p=1.0),
+        "dropout str": lambda: A(q, k, v, dropout_p="x"),
+        "dropout None": lambda: A(q, k, v, dropout_p=None),
+        "return_lse": lambda: A(q, k, v, return_lse=1),
+        "backend": lambda: A(q, k, v, backend="flash"),
+        "backend type": lambda: A(q, k, v, backend=None),
+        "explain keyword": lambda: selfattn.explain(q, k, v, foo=1),
+        "weights heads": lambda: selfattn.attention_weights(q1, k1, heads=[8]),
+        "weights rows": lambda: selfattn.attention_weights(q1, k1, rows=torch.tensor([0.5])),
+        "weights lse": lambda: selfattn.attention_weights(q1, k1, lse=torch.randn(1, 8, 63)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_error_cases()))
+def test_the_error_messages_api_md_quotes_are_what_the_code_says(case):
+    """docs/api.md's error tables quote real messages: each is triggered here and its first line
+    must appear in docs/api.md word for word, with the exception type the table names."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    with pytest.raises((TypeError, ValueError)) as got:
+        _error_cases()[case]()
+    line = str(got.value).splitlines()[0]
+    assert line in text, f"docs/api.md does not quote what the code says for {case}: {line}"
+    where = next(row for row in text.splitlines() if line in row)
+    assert type(got.value).__name__ in where, f"docs/api.md names another exception: {where}"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
