@@ -103,7 +103,7 @@ def cpu_line(src: str, result: dict[str, Any]) -> str:
 
 def sweep_table(result: dict[str, Any]) -> str:
     """docs/bench.json (``selfattn bench --json``): one row per N, time and peak memory of each
-    method (times in ms to 2 significant digits, memory in MiB to 0.1)."""
+    method (times in ms: whole from 10 ms, 0.1 from 1 ms, 0.01 below; memory in MiB to 0.1)."""
     methods = list(result["config"]["methods"])
     by = {(r["method"], r["n"]): r for r in result["rows"]}
     lengths = sorted({r["n"] for r in result["rows"]})
@@ -114,7 +114,7 @@ def sweep_table(result: dict[str, Any]) -> str:
         if r is None:
             return ""
         t = r["median_s"] * 1e3
-        return f"{t:,.0f}" if t >= 100 else f"{t:.2g}" if t >= 10 else f"{t:.1f}"
+        return f"{t:,.0f}" if t >= 10 else f"{t:.1f}" if t >= 1 else f"{t:.2f}"
 
     def mib(r: dict | None) -> str:
         mem = None if r is None else r.get("memory_bytes")

@@ -107,6 +107,17 @@ def test_a_hand_written_benchmark_table_is_caught():
     assert _unmarked_figure_rows(marked) == []
 
 
+def test_the_bench_plot_names_its_cpu():
+    """docs/bench.png showed no CPU: plot_bench titles the figure with the recorded one."""
+    pytest.importorskip("matplotlib")
+    from selfattn.viz import plot_bench
+
+    result = json.loads((ROOT / "docs" / "bench.json").read_text())
+    fig = plot_bench(result)
+    title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    assert RT.find_cpu(result)["model"] in title, title
+
+
 # --- code blocks ----------------------------------------------------------------------------
 
 FENCE = re.compile(

@@ -281,6 +281,10 @@ def plot_bench(
     ax_t.set_title(f"time ({sub})" if sub else "time", fontsize=10)
     ax_m.set(xlabel="sequence length N", ylabel="peak memory growth of one call (MiB)")
     ax_m.set_title("memory", fontsize=10)
+    cpu = cfg.get("cpu") or {}
+    if cpu.get("model") and cfg.get("device") == "cpu":  # every benchmark figure names its CPU
+        engine = f"; selfattn = the {cfg['engine']} engine" if cfg.get("engine") else ""
+        fig.suptitle(f"CPU: {cpu['model']}{engine}", fontsize=10)
     from matplotlib.ticker import NullFormatter, NullLocator
 
     for ax in (ax_t, ax_m):
