@@ -315,5 +315,42 @@ def test_the_error_messages_api_md_quotes_are_what_the_code_says(case):
     assert type(got.value).__name__ in where, f"docs/api.md names another exception: {where}"
 
 
+# --- the command line -----------------------------------------------------------------------
+
+
+def _subcommands() -> dict:
+    import argparse
+
+    from selfattn.cli.parser import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _options(sub) -> list[str]:
+    """Every long option of a subcommand but --help (the first long spelling of each)."""
+    out = []
+    for a in sub._actions:
+        longs = [o for o in a.option_strings if o.startswith("--") and o != "--help"]
+        if longs:
+            out.append(longs[0])
+    return out
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_command_option_is_in_the_api_docs_and_the_readme(command):
+    """docs/api.md's command table lists every option of every command, and the README's table
+    names every command (a new option or command is documented, or this fails)."""
+    sub = _subcommands()[command]
+    api = (ROOT / "docs" / "api.md").read_text()
+    row = next((r for r in api.splitlines() if r.startswith(f"| `{command}")), None)
+    assert row, f"docs/api.md's command table has no row for {command}"
+    missing = [o for o in _options(sub) if o not in row]
+    assert not missing, f"docs/api.md's row for {command} lacks {missing}"
+    readme = (ROOT / "README.md").read_text()
+    assert f"| `selfattn {command}" in readme, f"README's command table lacks {command}"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
