@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -212,6 +213,33 @@ def test_chat_json_marks_cut_replies_and_picks_fewer_threads_under_load(smollm2_
     cap, cores = torch.get_num_threads(), usable_cores()
     most = max(1, min(cap, math.floor(cap * (cores - 1) / cores + 0.25)))
     assert 1 <= cut["threads"] <= most and 1 <= whole["threads"] <= most, (cap, cores)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
+def test_cpu_watch_counts_another_process_and_chooses_fewer_threads():
+    from selfattn.cli.threads import CpuWatch
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        watch, used, t0 = CpuWatch(), _cpu_seconds(busy.pid), time.monotonic()
+        time.sleep(1.0)
+        share = (_cpu_seconds(busy.pid) - used) / (time.monotonic() - t0)
+        others = watch.others_busy()
+        cap = max(2, int(usable_cores()))  # torch's default on an idle machine, about
+        threads = watch.threads(cap)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert others >= share - 0.1, (others, share)  # the busy loop's time is counted
+    cores = usable_cores()
+    assert 1 <= threads <= max(1, math.floor(cap * (cores - share + 0.1) / cores + 0.25))
+    assert threads < cap or share < 0.5  # one core fewer once the loop holds most of one
 
 
 def test_chat_help_names_threads_the_loop_commands_and_ctrl_c(capsys):

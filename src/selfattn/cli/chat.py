@@ -522,6 +522,8 @@ def cmd_chat(args: argparse.Namespace, con: Any) -> int:
     with torch_threads(args.threads):
         t0 = time.perf_counter()
         note = _loading_note(args.model)
+        if note.startswith("converting"):  # a line that stays, even where no spinner shows
+            status.print(f"[dim]{note}[/]")
         with status.status(f"{note} (attn_implementation={args.attn!r})"):
             model, tok, label = load_chat_model(args.model, args.attn)
         status.print(f"[dim]loaded {type(model).__name__} in {time.perf_counter() - t0:.1f} s[/]")

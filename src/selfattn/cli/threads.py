@@ -3,7 +3,7 @@ how much CPU other processes are using right now.
 
 Why: torch's default is one thread per physical core. On a machine where another process keeps a
 core busy, the decode step's OpenMP threads wait for the descheduled one at every op: on a loaded
-2-core machine ``selfattn chat`` ran 2-3 tokens/s at torch's default against 9 with 1 thread.
+2-core machine ``selfattn chat`` ran several times slower at torch's default than with 1 thread.
 
 How: :class:`CpuWatch` reads the busy time of the CPUs this process may run on (Linux
 ``/proc/stat``, one line per CPU, steal time counted as busy) at a mark and later, and subtracts
