@@ -19,10 +19,11 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["CpuWatch", "usable_cores"]
+__all__ = ["SLACK", "CpuWatch", "usable_cores"]
 
-#: a core is counted free when other processes use less than this much of it
-SLACK = 0.25
+#: the free share of the cores is rounded to the nearest thread: other processes must hold more
+#: than half a core to cost a thread (a blip while the model loads should not)
+SLACK = 0.5
 #: the shortest window worth measuring (seconds); a shorter one waits this long first
 SHORTEST = 0.2
 
