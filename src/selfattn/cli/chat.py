@@ -371,12 +371,12 @@ def _lines(ask: bool) -> Iterator[str]:
 class _Chat:
     """The loaded model and what every turn shares: options, the status console, threads."""
 
-    def __init__(self, args: argparse.Namespace, status: Any, model: Any, tok: Any, label: str):
+    def __init__(self, args: argparse.Namespace, status: Any, loaded: tuple, watch: CpuWatch):
         import torch
 
-        self.args, self.status, self.model, self.tok, self.label = args, status, model, tok, label
+        self.args, self.status, self.watch = args, status, watch
+        self.model, self.tok, self.label = loaded
         self.cap = torch.get_num_threads()  # torch's default (OMP_NUM_THREADS, physical cores)
-        self.watch = CpuWatch()
 
     def turn(self, messages: list, show: Path | None, ctrl_c: _CtrlC | None = None) -> dict:
         """One reply: streamed (or as JSON), the markers and speed line, the pictures.
@@ -519,15 +519,17 @@ def cmd_chat(args: argparse.Namespace, con: Any) -> int:
         raise UsageError("PROMPT is empty")
     show = out_dir(args.show) if args.show else None
     status = Console(stderr=True, highlight=False)  # stdout carries the replies only
+    watch = CpuWatch()  # the first reply's threads: from the CPU others use while we load
     with torch_threads(args.threads):
         t0 = time.perf_counter()
         note = _loading_note(args.model)
         if note.startswith("converting"):  # a line that stays, even where no spinner shows
             status.print(f"[dim]{note}[/]")
         with status.status(f"{note} (attn_implementation={args.attn!r})"):
-            model, tok, label = load_chat_model(args.model, args.attn)
-        status.print(f"[dim]loaded {type(model).__name__} in {time.perf_counter() - t0:.1f} s[/]")
-        chat = _Chat(args, status, model, tok, label)
+            loaded = load_chat_model(args.model, args.attn)
+        seconds = time.perf_counter() - t0
+        status.print(f"[dim]loaded {type(loaded[0]).__name__} in {seconds:.1f} s[/]")
+        chat = _Chat(args, status, loaded, watch)
         base = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is None:
             return chat.loop(base, show)
