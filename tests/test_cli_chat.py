@@ -108,14 +108,32 @@ class Terminal:
             if self.proc.poll() is not None and not select.select([self.fd], [], [], 0.2)[0]:
                 break
         rc = self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        os.close(self.fd)
+        self.close()
         return rc
 
     def close(self) -> None:
+        """Kill the child if it still runs; close our side (both at most once)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@pytest.fixture
+def terminal():
+    """``terminal(*argv)`` starts a :class:`Terminal`; every one is closed after the test, even
+    when an assertion failed half-way."""
+    started: list[Terminal] = []
+
+    def start(*argv: str) -> Terminal:
+        started.append(Terminal(*argv))
+        return started[-1]
+
+    yield start
+    for term in started:
+        term.close()
 
 
 def _stop_the_reply(term: Terminal, message: str, words: int = 0) -> int:
@@ -130,9 +148,11 @@ def _stop_the_reply(term: Terminal, message: str, words: int = 0) -> int:
     return prompt
 
 
-def test_chat_ctrl_c_stops_the_reply_keeps_the_conversation_and_reset_forgets_it(smollm2_folder):
+def test_chat_ctrl_c_stops_the_reply_keeps_the_conversation_and_reset_forgets_it(
+    smollm2_folder, terminal
+):
     """Was: Ctrl-C while a reply streamed printed a 104-line traceback; no /reset."""
-    term = Terminal("--max-new-tokens", "200")
+    term = terminal("--max-new-tokens", "200")
     term.expect(r"you> ")
     first = _stop_the_reply(term, STORY, words=3)
     assert first == _prompt_tokens(smollm2_folder, STORY)
@@ -149,9 +169,9 @@ def test_chat_ctrl_c_stops_the_reply_keeps_the_conversation_and_reset_forgets_it
 
 
 @pytest.mark.parametrize("how, status", [("ctrl-c", 130), ("/exit", 0)])
-def test_chat_ends_cleanly_at_the_prompt(smollm2_folder, how, status):
+def test_chat_ends_cleanly_at_the_prompt(smollm2_folder, terminal, how, status):
     """Ctrl-C at the prompt ends as llama-cli does (status 130); /exit ends with 0."""
-    term = Terminal()
+    term = terminal()
     term.expect(r"you> ")
     if how == "ctrl-c":
         term.ctrl_c()
@@ -161,8 +181,8 @@ def test_chat_ends_cleanly_at_the_prompt(smollm2_folder, how, status):
     assert "Traceback" not in term.text and "KeyboardInterrupt" not in term.text
 
 
-def test_chat_one_shot_ctrl_c_is_one_line_and_status_130(smollm2_folder):
-    term = Terminal(STORY, "--max-new-tokens", "200")
+def test_chat_one_shot_ctrl_c_is_one_line_and_status_130(smollm2_folder, terminal):
+    term = terminal(STORY, "--max-new-tokens", "200")
     term.expect(r"smollm2> \S+\s+\S+\s+")
     term.ctrl_c()
     assert term.finish() == 130
