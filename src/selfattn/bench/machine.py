@@ -43,8 +43,10 @@ def _proc_cpuinfo() -> dict[str, str]:
 def cpu_info(threads: int | None = None) -> dict[str, Any]:
     """The CPU this process runs on: ``model`` (lscpu's model name), ``family``/``model_id`` (x86)
     or ``implementer``/``part`` (ARM) where the OS says, ``arch``, ``cores`` (logical CPUs),
-    ``isa`` (the native engine's float32 kernels, or why there are none) and ``threads`` (torch's
-    intra-op threads, or ``threads`` when given)."""
+    ``isa`` (the native engine's float32 kernels, or why there are none; ``SELFATTN_NATIVE_ISA``
+    limits it), ``torch_isa`` (torch's CPU capability; ``ATEN_CPU_CAPABILITY`` limits it), ``mkl``
+    (``MKL_ENABLE_INSTRUCTIONS``, "default" when unset) and ``threads`` (torch's intra-op
+    threads, or ``threads`` when given)."""
     import os
 
     import torch
@@ -64,6 +66,8 @@ def cpu_info(threads: int | None = None) -> dict[str, Any]:
         info["isa"] = load().isa("float32")
     else:
         info["isa"] = f"no native engine: {why}"
+    info["torch_isa"] = torch.backends.cpu.get_cpu_capability()
+    info["mkl"] = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default")
     info["threads"] = torch.get_num_threads() if threads is None else threads
     return info
 
@@ -76,6 +80,8 @@ def cpu_label(cpu: dict[str, Any]) -> str:
     isa = str(cpu.get("isa", ""))
     if isa and not isa.startswith("no native"):
         bits.append(f"native {isa}")
+    if cpu.get("torch_isa"):
+        bits.append(f"torch {cpu['torch_isa']}, MKL {cpu.get('mkl', 'default')}")
     model = str(cpu["model"])
     if model == "not recorded":  # an old results file: say so rather than guess
         model = "a CPU that was not recorded"

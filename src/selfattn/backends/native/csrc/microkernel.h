@@ -11,6 +11,8 @@
 // 24 accumulators) and 6 x 16 (AVX2, 12 accumulators) leave registers for B and a broadcast.
 #pragma once
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace selfattn {
@@ -81,16 +83,29 @@ static inline void gemm_cols(int64_t M, int64_t K, const typename V::T* A, int64
                                 alpha ? alpha + i : nullptr);
 }
 
-// C (M x nvec*W): column blocks of up to 4 vectors, rows in blocks of RowBlock (any M).
+// Vectors per column block of `gemm`: 4 unless the vector type says otherwise (V::NB). With 16
+// registers (AVX2) a 3 x 4 tile needs 12 accumulators + 4 of B + 1 broadcast = 17, so the
+// compiler reloads B from memory inside the loop; 6 x 2 needs 12 + 2 + 1 = 15.
+template <class V, class = void>
+struct ColBlock {
+  static constexpr int value = 4;
+};
+template <class V>
+struct ColBlock<V, std::void_t<decltype(V::NB)>> {
+  static constexpr int value = V::NB;
+};
+
+// C (M x nvec*W): column blocks of up to ColBlock vectors, rows in blocks of RowBlock (any M).
 // ldb / ldc / the columns of B and C are padded to whole vectors by the caller.
 template <class V, int MODE>
 static inline void gemm(int64_t M, int64_t nvec, int64_t K, const typename V::T* A, int64_t sa,
                         int64_t sk, const typename V::T* B, int64_t ldb, typename V::T* C,
                         int64_t ldc, const typename V::T* alpha) {
-  constexpr int W = V::W;
+  constexpr int W = V::W, NB = ColBlock<V>::value;
+  static_assert(NB >= 1 && NB <= 4, "column blocks of 1 to 4 vectors");
   int64_t c = 0;
-  for (; c + 4 <= nvec; c += 4)
-    gemm_cols<V, 4, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha);
+  for (; c + NB <= nvec; c += NB)
+    gemm_cols<V, NB, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha);
   switch (nvec - c) {
     case 3: gemm_cols<V, 3, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha); break;
     case 2: gemm_cols<V, 2, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha); break;

@@ -11,6 +11,7 @@ struct V {
   using T = float;
   static constexpr int W = 8;
   static constexpr int MR = 6;  // rows of the QK^T register tile (6 x 16 = 12 accumulators)
+  static constexpr int NB = 2;  // vectors per column block of gemm: 6 x 2 tiles fit 16 registers
   static constexpr const char* name = "avx2";
   __m256 v;
 
