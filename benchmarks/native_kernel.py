@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -24,14 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from selfattn.backends import native
+from selfattn.backends.native.call import record
+from selfattn.spec import validate
 
 
-def _args(q, k, *, causal=False, left=-1, right=-1, mask=None, start=None):
-    nq, nk = q.shape[2], k.shape[2]
-    return [
-        1.0 / math.sqrt(q.shape[-1]), 0.0, causal, nk - nq if start is None else start,
-        left, right, mask, None, None, None, None, 0.0, 0, 0, 0, 0, 0, 0, 0,
-    ]  # fmt: skip
+def _call(q, k, v, **rules):
+    """The native call record of ``selfattn.attention``-style keyword arguments."""
+    return record(validate(q, k, v, **rules))
 
 
 @dataclass
@@ -71,18 +69,18 @@ def rows(names: list[str]) -> list[Row]:
             name = "causal" if causal else "fwd"
             if name not in names:
                 continue
-            a = _args(q, k, causal=causal)
+            a = _call(q, k, v, causal=causal)
             out.append(Row(
                 name, f"forward fp32 B1 H8 N4096 D64{' causal' if causal else ''}",
                 lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c),
-                lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, *a, True),
+                lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, a),
                 4 * 8 * 4096 * 4096 * 64 * (0.5 if causal else 1.0),
             ))  # fmt: skip
     if "train" in names:
         q, k, v = qkv(1, 8, 8, 2048, 2048, 64)
         dout = torch.randn(1, 8, 2048, 64, generator=g)
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        a = _args(q, k, causal=True)
+        a = _call(q, k, v, causal=True)
         empty = torch.empty(0)
 
         def sdpa_train(leaves=leaves, dout=dout):
@@ -90,8 +88,8 @@ def rows(names: list[str]) -> list[Row]:
             o.backward(dout)
 
         def native_train(q=q, k=k, v=v, a=a, dout=dout):
-            o, lse = ext.forward(q, k, v, *a, True)
-            ext.backward(dout, q, k, v, o, lse, empty, *a, False, False)
+            o, lse = ext.forward(q, k, v, a)
+            ext.backward(dout, q, k, v, o, lse, empty, a)
 
         out.append(Row("train", "forward+backward fp32 B1 H8 N2048 D64 causal", sdpa_train,
                        native_train, 3.5 * 4 * 8 * 2048 * 2048 * 64 * 0.5))  # fmt: skip
@@ -100,11 +98,11 @@ def rows(names: list[str]) -> list[Row]:
         q, k, v = qkv(1, 4, 4, n, n, 64)
         i = torch.arange(n)
         dense = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - 512)
-        a = _args(q, k, causal=True, left=512, right=0)
+        a = _call(q, k, v, causal=True, window=(512, 0))
         out.append(Row(
             "window", "window (512, 0) fp32 B1 H4 N16384 D64 (SDPA: dense bool mask)",
             lambda q=q, k=k, v=v, m=dense: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, *a, True),
+            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, a),
             4 * 4 * n * 513 * 64, calls=1, rounds=3,
         ))  # fmt: skip
     for nk in (1024, 8192, 32768):
@@ -112,28 +110,28 @@ def rows(names: list[str]) -> list[Row]:
         if name not in names:
             continue
         q, k, v = qkv(1, 9, 3, 1, nk, 64)
-        a = _args(q, k, causal=True)
+        a = _call(q, k, v, causal=True)
         out.append(Row(
             name, f"decode fp32 Nq1 Hq9 Hkv3 D64 Nk{nk} (SDPA enable_gqa)",
             lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, *a, True),
+            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, a),
             4 * 9 * nk * 64, calls=21 if nk < 32768 else 7,
         ))  # fmt: skip
     if "tiny" in names:
         q, k, v = qkv(1, 9, 9, 1, 64, 64)
-        a = _args(q, k)
+        a = _call(q, k, v)
         out.append(Row(
             "tiny", "tiny call B1 H9 Nq1 Nk64 D64 (kernel call, no dispatcher)",
             lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
-            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, *a, True), 4 * 9 * 64 * 64, calls=201,
+            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, a), 4 * 9 * 64 * 64, calls=201,
         ))  # fmt: skip
     if "bf16" in names:
         q, k, v = qkv(1, 8, 8, 4096, 4096, 64, torch.bfloat16)
-        a = _args(q, k)
+        a = _call(q, k, v)
         out.append(Row(
             "bf16", "forward bf16 B1 H8 N4096 D64",
             lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
-            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, *a, True), 4 * 8 * 4096 * 4096 * 64,
+            lambda q=q, k=k, v=v, a=a: ext.forward(q, k, v, a), 4 * 8 * 4096 * 4096 * 64,
         ))  # fmt: skip
     return out
 

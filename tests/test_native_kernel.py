@@ -8,11 +8,11 @@ callers, both compiled ISAs, and the broken-compiler fallback.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,6 +31,8 @@ from helpers import (
     torch_threads,
 )
 from selfattn.backends import native
+from selfattn.backends.native.call import record
+from selfattn.spec import validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,39 +70,24 @@ def isa(request, monkeypatch):
 # -- calling the op ------------------------------------------------------------------------------
 
 
-def _rule_args(q, k, *, causal=False, window=None, mask=None, bias=None, alibi_slopes=None,
-               softcap=None, segment_ids=None, scale=None, dropout_p=0.0, dropout_seed=None,
-               start=None):  # fmt: skip
-    nq, nk = q.shape[2], k.shape[2]
-    left, right = window if window is not None else (None, None)
-    q_ids = kv_ids = None
-    if segment_ids is not None:
-        q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
-    alibi = alibi_slopes
-    if alibi is not None and alibi.dim() == 1:
-        alibi = alibi[None]
-    seed = dropout_seed or (0, 0)
-    return [
-        1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
-        0.0 if softcap is None else softcap,
-        causal,
-        nk - nq if start is None else start,
-        -1 if left is None else left,
-        -1 if right is None else right,
-        mask, bias, alibi, q_ids, kv_ids,
-        dropout_p, seed[0], seed[1], 0, 0, 0, 0, 0,
-    ]  # fmt: skip
+def call_of(q, k, v, *, dropout_seed=None, start=None, **rules):
+    """The native call record of ``selfattn.attention``-style keyword arguments (``start``: the
+    position of row 0, default the bottom-right alignment Nk - Nq)."""
+    spec = validate(q, k, v, **rules)
+    if start is not None:
+        spec = replace(spec, start=start)
+    return record(spec, dropout_seed)
 
 
 def nat(q, k, v, need_out=True, **kw):
     """(out, lse) of the native forward for selfattn.attention-style keyword arguments."""
-    return EXT.forward(q, k, v, *_rule_args(q, k, **kw), need_out)
+    return EXT.forward(q, k, v, call_of(q, k, v, **kw), need_out)
 
 
 def nat_backward(dout, q, k, v, out, lse, dlse=None, need_dbias=False, need_dalibi=False, **kw):
     empty = torch.empty(0)
     return EXT.backward(
-        dout, q, k, v, out, lse, empty if dlse is None else dlse, *_rule_args(q, k, **kw),
+        dout, q, k, v, out, lse, empty if dlse is None else dlse, call_of(q, k, v, **kw),
         need_dbias, need_dalibi,
     )  # fmt: skip
 
@@ -284,11 +271,11 @@ def test_forward_dropout_rows_offset():
     q, k, v = make_qkv(2, 4, 2, 64, 80, 64, seed=9)
     seed = (11, 22)
     full, _ = nat(q, k, v, dropout_p=0.3, dropout_seed=seed)
-    args = _rule_args(q, k, dropout_p=0.3, dropout_seed=seed)
-    part_args = _rule_args(q[1:, 2:, 16:], k[1:, 1:], dropout_p=0.3, dropout_seed=seed)
-    part_args[3] = args[3] + 16  # start: the rows' positions in the whole call
-    part_args[-5:] = [4, 64, 1, 2, 16]  # drop_hq, drop_nq, drop_b0, drop_h0, drop_r0
-    part, _ = EXT.forward(q[1:, 2:, 16:], k[1:, 1:], v[1:, 1:], *part_args, True)
+    whole = call_of(q, k, v, dropout_p=0.3, dropout_seed=seed)
+    qp, kp, vp = q[1:, 2:, 16:], k[1:, 1:], v[1:, 1:]
+    part_call = call_of(qp, kp, vp, dropout_p=0.3, dropout_seed=seed, start=whole.start + 16)
+    part_call = part_call._replace(drop_hq=4, drop_nq=64, drop_b0=1, drop_h0=2, drop_r0=16)
+    part, _ = EXT.forward(qp, kp, vp, part_call, True)
     torch.testing.assert_close(part, full[1:, 2:, 16:], rtol=0, atol=0)
 
 
@@ -467,7 +454,7 @@ def test_backward_dbias_broadcast(shape):
         need = ("bias",)
         want = math_grads(q, k, v, dout, dlse, need, **kw)
         got = native_grads(q, k, v, dout, dlse, need, **kw)
-        assert got[3].shape == bias.shape
+        assert got[3].shape == (1,) * (4 - bias.dim()) + bias.shape  # as the spec views it
         for a, w in zip(got, want):
             assert max_err(a, w.numpy()) <= 1e-10 * (float(w.abs().max()) + 1)
 
@@ -614,8 +601,7 @@ def test_bounds_match_key_spans(causal, left, right, start):
         window=window,
         start=start,
     )
-    got = EXT.bounds(nq, nk, start, causal, -1 if left is None else left,
-                     -1 if right is None else right, block).tolist()  # fmt: skip
+    got = EXT.bounds(record(spec), nq, nk, block).tolist()
     for i, (lo, hi, flo, fhi) in enumerate(got):
         i0, i1 = i * block, min(nq, i * block + block)
         r_lo, r_hi, r_flo, r_fhi = rules.bounds(spec, i0, i1)

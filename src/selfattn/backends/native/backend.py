@@ -2,9 +2,9 @@
 
 Every rule, float32/float64 compute (float16/bfloat16 inputs accumulate in float32), forward,
 backward, split-K decode and exact probabilities, threads from torch's intra-op pool. It offers
-every hook of the registry. A decode call is microseconds of work, so ``run`` does as little as
-it can in Python: the spec is already validated, and the arguments go to the extension as they
-are.
+every hook of the registry. The rules reach the extension as one record built from the spec
+(``call.record``). A decode call is microseconds of work, so ``run`` does as little as it can in
+Python: the spec is already validated, and the tensors go to the extension as they are.
 """
 
 from __future__ import annotations
@@ -14,37 +14,11 @@ import torch
 from ...first_order import first_order
 from ...spec import AttentionSpec
 from . import build
+from .call import REFUSED, record
 
 __all__ = ["NativeBackend"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _rules(spec: AttentionSpec, seed: tuple[int, int] | None) -> tuple:
-    """The extension's rule arguments (scale ... drop_r0) for a spec (see ``csrc/bindings.cpp``)."""
-    left, right = spec.window if spec.window is not None else (None, None)
-    seed0, seed1 = seed if seed is not None else (0, 0)
-    return (
-        spec.scale,
-        0.0 if spec.softcap is None else spec.softcap,
-        spec.causal,
-        spec.start,
-        -1 if left is None else left,
-        -1 if right is None else right,
-        spec.mask,
-        spec.bias,
-        spec.alibi_slopes,
-        spec.q_ids,
-        spec.kv_ids,
-        spec.dropout_p,
-        seed0,
-        seed1,
-        spec.Hq,
-        spec.Nq,
-        0,
-        0,
-        0,
-    )
 
 
 class _NativeFunction(torch.autograd.Function):
@@ -53,13 +27,13 @@ class _NativeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
         ext = build.load()
-        rules = _rules(spec, seed)
+        call = record(spec, seed)
         need = (bias is not None and bias.requires_grad, alibi is not None and alibi.requires_grad)
         out_acc = q.dtype in _HALF and (need[0] or need[1])
         # 16-bit inputs: D = rowsum(dO * O) from the rounded output would cost the bias and ALiBi
         # gradients three digits, so the output is also kept in float32 for the backward
-        out, lse = ext.forward(q, k, v, *rules, True, out_acc)
-        ctx.spec, ctx.rules, ctx.need = spec, rules, need
+        out, lse = ext.forward(q, k, v, call, True, out_acc)
+        ctx.spec, ctx.call, ctx.need = spec, call, need
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
         return out.to(q.dtype), lse.float()
@@ -72,7 +46,7 @@ class _NativeFunction(torch.autograd.Function):
         dlse = torch.empty(0) if dlse is None else dlse
         with torch.no_grad():  # create_graph=True: first-order gradients, refused below
             dq, dk, dv, dbias, dalibi = build.load().backward(
-                dout, q, k, v, out, lse, dlse, *ctx.rules, *ctx.need
+                dout, q, k, v, out, lse, dlse, ctx.call, *ctx.need
             )
             spec = ctx.spec
             if dbias is not None:
@@ -106,6 +80,9 @@ class NativeBackend:
             reasons.append(f"runs on the CPU, inputs are on {spec.device}")
         if spec.qpos is not None:
             reasons.append("rows are selected in its weights hook, not as a part")
+        for rule in REFUSED:  # a rule missing from the call record is refused, never ignored
+            if rule.used(spec):
+                reasons.append(f"{rule.keyword} is not in its call record (native/call.py)")
         return reasons
 
     def run(
@@ -118,20 +95,20 @@ class NativeBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if spec.requires_grad:
             return _NativeFunction.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
-        out, lse = build.load().forward(q, k, v, *_rules(spec, seed), True, False)
+        out, lse = build.load().forward(q, k, v, record(spec, seed), True, False)
         return out, lse if lse.dtype == torch.float32 else lse.float()  # float32 (docs/api.md)
 
     def forward(self, spec, q, k, v, seed):
         """The forward kernels (decode or row tiles), no autograd; out in the accumulation dtype
         (ring attention merges blocks in it)."""
-        return build.load().forward(q, k, v, *_rules(spec, seed), True, True)
+        return build.load().forward(q, k, v, record(spec, seed), True, True)
 
     def backward(self, spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi):
         """The backward kernels, from ``out`` and ``lse`` as given (best in the accumulation
         dtype: see ``_compile``)."""
         dlse = torch.empty(0) if dlse is None else dlse
-        rules = _rules(spec, seed)
-        return build.load().backward(dout, q, k, v, out, lse, dlse, *rules, need_dbias, need_dalibi)
+        call = record(spec, seed)
+        return build.load().backward(dout, q, k, v, out, lse, dlse, call, need_dbias, need_dalibi)
 
     def weights(self, spec, q, k, lse, heads, rows):
         """Probabilities (B, len(heads), len(rows), Nk) float32 of the selected heads and rows,
@@ -147,13 +124,13 @@ class NativeBackend:
         pieces = []
         for r0, r1 in runs:
             part = spec.part(0, spec.B, 0, spec.Hkv, r0, r1)
-            rules = _rules(part, None)[:11]  # no dropout: probabilities before it
+            call = record(part)  # probabilities ignore dropout: they are before it
             qr = q[:, :, r0:r1]
             if lse is None:
-                _, lse_r = ext.forward(qr, k, k[..., :0], *_rules(part, None), False, False)
+                _, lse_r = ext.forward(qr, k, k[..., :0], call, False, False)
             else:
                 lse_r = lse[:, :, r0:r1]
-            pieces.append(ext.probabilities(qr, k, lse_r, *rules))
+            pieces.append(ext.probabilities(qr, k, lse_r, call))
         if not pieces:  # no rows asked for
             return torch.zeros(spec.B, spec.Hq, 0, spec.Nk, dtype=torch.float32)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)

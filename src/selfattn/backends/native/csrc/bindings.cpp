@@ -6,10 +6,13 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
 
@@ -22,6 +25,7 @@ extern const Engine engine_avx512;
 
 using namespace selfattn;
 using OptT = std::optional<at::Tensor>;
+namespace py = pybind11;
 
 namespace {
 
@@ -89,12 +93,110 @@ const Engine& engine_for(DT dt) { return dt == DT::F64 ? engine_generic_f64 : fl
 
 at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Fill the shape, the inputs and the rules of Params; `keep` holds the expanded views alive.
+// ---- the call record ----------------------------------------------------------------------------
+// Everything a kernel call needs besides its tensors, one line per field. The Python side
+// (backends/native/call.py, `record`) builds it from a spec as a tuple of these fields in this
+// order (a namedtuple, NativeCall); read_call() is the only place that reads it and fill() the only
+// place that turns it into Params. CALL_FIELDS exports the names, so a test holds both sides to
+// one list. left / right: -1 unbounded; seed0 / seed1: dropout's seed words; drop_*: where the
+// call's rows sit in the numbering of a larger call (0: the call is the whole; see Params).
+#define SELFATTN_CALL_FIELDS(X) \
+  X(bool, causal)               \
+  X(int64_t, left)              \
+  X(int64_t, right)             \
+  X(OptT, mask)                 \
+  X(OptT, bias)                 \
+  X(OptT, alibi)                \
+  X(double, softcap)            \
+  X(OptT, q_ids)                \
+  X(OptT, kv_ids)               \
+  X(double, scale)              \
+  X(double, dropout_p)          \
+  X(int64_t, start)             \
+  X(int64_t, seed0)             \
+  X(int64_t, seed1)             \
+  X(int64_t, drop_hq)           \
+  X(int64_t, drop_nq)           \
+  X(int64_t, drop_b0)           \
+  X(int64_t, drop_h0)           \
+  X(int64_t, drop_r0)
+
+struct Call {
+#define SELFATTN_DECLARE(T, name) T name{};
+  SELFATTN_CALL_FIELDS(SELFATTN_DECLARE)
+#undef SELFATTN_DECLARE
+};
+
+#define SELFATTN_COUNT(T, name) +1
+constexpr size_t kCallFields = 0 SELFATTN_CALL_FIELDS(SELFATTN_COUNT);
+#undef SELFATTN_COUNT
+
+// What a field of each type accepts, for messages.
+template <class T>
+const char* accepts();
+template <>
+const char* accepts<bool>() { return "a bool"; }
+template <>
+const char* accepts<int64_t>() { return "an int within int64"; }
+template <>
+const char* accepts<double>() { return "a real number"; }
+template <>
+const char* accepts<OptT>() { return "a torch.Tensor or None"; }
+
+// One field of the record: bools and ints exactly (no float or None for an int), floats from any
+// real; a clear error naming the field otherwise (e.g. an int beyond int64).
+template <class T>
+T record_field(py::handle value, const char* name) {
+  py::detail::make_caster<T> caster;
+  if (!caster.load(value, std::is_floating_point<T>::value)) {
+    PyErr_Clear();
+    TORCH_CHECK(false, "selfattn native: call record field ", name, " must be ", accepts<T>(),
+                ", got ", std::string(py::repr(value)));
+  }
+  return py::detail::cast_op<T>(std::move(caster));
+}
+
+// The record (a tuple in CALL_FIELDS order) -> Call; needs the GIL.
+Call read_call(py::handle record) {
+  TORCH_CHECK(PyTuple_Check(record.ptr()) && size_t(PyTuple_GET_SIZE(record.ptr())) == kCallFields,
+              "selfattn native: the call record must be a tuple of the ", kCallFields,
+              " fields of CALL_FIELDS (built by selfattn.backends.native.call.record), got ",
+              std::string(py::repr(record)));
+  Call c;
+  size_t i = 0;
+#define SELFATTN_READ(T, name) \
+  c.name = record_field<T>(PyTuple_GET_ITEM(record.ptr(), i), #name); \
+  i++;
+  SELFATTN_CALL_FIELDS(SELFATTN_READ)
+#undef SELFATTN_READ
+  return c;
+}
+
+// Positions stay within +-2^60 and sides within the reach of the call, so no position arithmetic
+// in the engines (start + i, pos - left, pos + right + 1) can overflow int64.
+constexpr int64_t kMaxPosition = int64_t(1) << 60;
+
+struct Sides {
+  int64_t left, right;
+};
+
+// A window side at least as large as every distance between a row (positions start .. start +
+// nq - 1) and a key (0 .. nk - 1) restricts nothing: it becomes -1 (unbounded).
+Sides window_sides(const Call& c, int64_t nq, int64_t nk) {
+  TORCH_CHECK(c.left >= -1 && c.right >= -1, "selfattn native: window sides must be >= 0 or -1 ",
+              "(unbounded), got left=", c.left, ", right=", c.right);
+  TORCH_CHECK(c.start >= -kMaxPosition && c.start <= kMaxPosition, "selfattn native: start=",
+              c.start, " is beyond +-2^60");
+  TORCH_CHECK(nq >= 0 && nk >= 0 && nq <= kMaxPosition && nk <= kMaxPosition,
+              "selfattn native: nq=", nq, ", nk=", nk);
+  const int64_t reach = (c.start < 0 ? -c.start : c.start) + nq + nk;
+  return {c.left >= reach ? -1 : c.left, c.right >= reach ? -1 : c.right};
+}
+
+// Fill the shape, the inputs and the rules of Params from q, k, v and the call record; `keep`
+// holds the expanded views alive.
 void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const at::Tensor& k,
-          const at::Tensor& v, double scale, double softcap, bool causal, int64_t start,
-          int64_t left, int64_t right, const OptT& mask, const OptT& bias, const OptT& alibi,
-          const OptT& q_ids, const OptT& kv_ids, double dropout_p, int64_t seed0, int64_t seed1,
-          int64_t drop_hq, int64_t drop_nq, int64_t drop_b0, int64_t drop_h0, int64_t drop_r0) {
+          const at::Tensor& v, const Call& c) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "selfattn native: q, k, v must be 4-D");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "selfattn native: CPU tensors only");
@@ -120,57 +222,68 @@ void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const a
   P.q = view_of(q);
   P.k = view_of(k);
   P.v = view_of(v);
-  P.scale = scale;
-  P.softcap = softcap;
-  P.causal = causal;
-  P.start = start;
-  P.left = left;
-  P.right = right;
+  TORCH_CHECK(std::isfinite(c.scale), "selfattn native: scale=", c.scale, " is not finite");
+  TORCH_CHECK(std::isfinite(c.softcap) && c.softcap >= 0,
+              "selfattn native: softcap must be finite and > 0 (0: none), got ", c.softcap);
+  P.scale = c.scale;
+  P.softcap = c.softcap;
+  P.causal = c.causal;
+  const Sides sides = window_sides(c, P.Nq, P.Nk);
+  P.start = c.start;
+  P.left = sides.left;
+  P.right = sides.right;
   const std::vector<int64_t> full{P.B, P.Hq, P.Nq, P.Nk};
-  if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "selfattn native: mask must be bool");
-    keep.push_back(mask->expand(full));
+  if (c.mask) {
+    TORCH_CHECK(c.mask->scalar_type() == at::kBool, "selfattn native: mask must be bool");
+    keep.push_back(c.mask->expand(full));
     P.mask = view_of(keep.back());
   }
-  if (bias) {
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "selfattn native: bias must be float");
-    keep.push_back(bias->expand(full));
+  if (c.bias) {
+    TORCH_CHECK(at::isFloatingType(c.bias->scalar_type()), "selfattn native: bias must be float");
+    keep.push_back(c.bias->expand(full));
     P.bias = view_of(keep.back());
   }
-  if (alibi) {
-    TORCH_CHECK(at::isFloatingType(alibi->scalar_type()), "selfattn native: alibi must be float");
-    keep.push_back(alibi->expand({P.B, P.Hq}));
+  if (c.alibi) {
+    TORCH_CHECK(at::isFloatingType(c.alibi->scalar_type()), "selfattn native: alibi must be float");
+    keep.push_back(c.alibi->expand({P.B, P.Hq}));
     P.alibi = view_of(keep.back());
   }
-  TORCH_CHECK(q_ids.has_value() == kv_ids.has_value(),
+  TORCH_CHECK(c.q_ids.has_value() == c.kv_ids.has_value(),
               "selfattn native: q_ids and kv_ids go together");
-  if (q_ids) {
-    keep.push_back(q_ids->to(at::kLong).expand({P.B, P.Nq}));
+  if (c.q_ids) {
+    keep.push_back(c.q_ids->to(at::kLong).expand({P.B, P.Nq}));
     P.q_ids = view_of(keep.back());
-    keep.push_back(kv_ids->to(at::kLong).expand({P.B, P.Nk}));
+    keep.push_back(c.kv_ids->to(at::kLong).expand({P.B, P.Nk}));
     P.kv_ids = view_of(keep.back());
   }
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "selfattn native: dropout_p=", dropout_p);
-  P.dropout_p = dropout_p;
-  P.seed0 = uint32_t(uint64_t(seed0));
-  P.seed1 = uint32_t(uint64_t(seed1));
-  P.drop_hq = drop_hq > 0 ? drop_hq : P.Hq;
-  P.drop_nq = drop_nq > 0 ? drop_nq : P.Nq;
-  P.drop_b0 = drop_b0;
-  P.drop_h0 = drop_h0;
-  P.drop_r0 = drop_r0;
+  TORCH_CHECK(c.dropout_p >= 0 && c.dropout_p < 1, "selfattn native: dropout_p=", c.dropout_p);
+  P.dropout_p = c.dropout_p;
+  P.seed0 = uint32_t(uint64_t(c.seed0));
+  P.seed1 = uint32_t(uint64_t(c.seed1));
+  P.drop_hq = c.drop_hq > 0 ? c.drop_hq : P.Hq;
+  P.drop_nq = c.drop_nq > 0 ? c.drop_nq : P.Nq;
+  P.drop_b0 = c.drop_b0;
+  P.drop_h0 = c.drop_h0;
+  P.drop_r0 = c.drop_r0;
+  // the call's rows lie within the numbered whole, and its row numbers fit in int64
+  int64_t b1 = 0, h1 = 0, r1 = 0, rows = 0;
+  TORCH_CHECK(P.drop_b0 >= 0 && P.drop_h0 >= 0 && P.drop_r0 >= 0 &&
+                  !__builtin_add_overflow(P.drop_b0, P.B, &b1) &&
+                  !__builtin_add_overflow(P.drop_h0, P.Hq, &h1) && h1 <= P.drop_hq &&
+                  !__builtin_add_overflow(P.drop_r0, P.Nq, &r1) && r1 <= P.drop_nq &&
+                  !__builtin_mul_overflow(b1, P.drop_hq, &rows) &&
+                  !__builtin_mul_overflow(rows, P.drop_nq, &rows),
+              "selfattn native: dropout rows (drop_hq=", c.drop_hq, ", drop_nq=", c.drop_nq,
+              ", drop_b0=", c.drop_b0, ", drop_h0=", c.drop_h0, ", drop_r0=", c.drop_r0,
+              ") do not hold the call's B=", P.B, ", Hq=", P.Hq, ", Nq=", P.Nq);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double softcap,
-    bool causal, int64_t start, int64_t left, int64_t right, const OptT& mask, const OptT& bias,
-    const OptT& alibi, const OptT& q_ids, const OptT& kv_ids, double dropout_p, int64_t seed0,
-    int64_t seed1, int64_t drop_hq, int64_t drop_nq, int64_t drop_b0, int64_t drop_h0,
-    int64_t drop_r0, bool need_out, bool out_acc) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const Call& call, bool need_out,
+                                            bool out_acc) {
   Params P;
   std::vector<at::Tensor> keep;
-  fill(P, keep, q, k, v, scale, softcap, causal, start, left, right, mask, bias, alibi, q_ids,
-       kv_ids, dropout_p, seed0, seed1, drop_hq, drop_nq, drop_b0, drop_h0, drop_r0);
+  fill(P, keep, q, k, v, call);
   // out_acc: the output in the accumulation dtype (float32 for 16-bit inputs), for a backward
   // whose D = rowsum(dO * O) must not see a rounded O, and for ring attention's merges
   auto out_opts = out_acc ? q.options().dtype(acc_type(q.scalar_type())) : q.options();
@@ -194,15 +307,13 @@ std::tuple<at::Tensor, at::Tensor> forward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT> backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse, double scale,
-    double softcap, bool causal, int64_t start, int64_t left, int64_t right, const OptT& mask,
-    const OptT& bias, const OptT& alibi, const OptT& q_ids, const OptT& kv_ids, double dropout_p,
-    int64_t seed0, int64_t seed1, int64_t drop_hq, int64_t drop_nq, int64_t drop_b0,
-    int64_t drop_h0, int64_t drop_r0, bool need_dbias, bool need_dalibi) {
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse, const Call& call,
+    bool need_dbias, bool need_dalibi) {
   Params P;
   std::vector<at::Tensor> keep;
-  fill(P, keep, q, k, v, scale, softcap, causal, start, left, right, mask, bias, alibi, q_ids,
-       kv_ids, dropout_p, seed0, seed1, drop_hq, drop_nq, drop_b0, drop_h0, drop_r0);
+  fill(P, keep, q, k, v, call);
+  const OptT& bias = call.bias;
+  const OptT& alibi = call.alibi;
   const std::vector<int64_t> qshape{P.B, P.Hq, P.Nq, P.Dv}, rows{P.B, P.Hq, P.Nq};
   TORCH_CHECK(dout.sizes() == at::IntArrayRef(qshape) && out.sizes() == at::IntArrayRef(qshape),
               "selfattn native: dout / out must be (B, Hq, Nq, Dv)");
@@ -253,17 +364,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT> backward(
   return {dq, dk, dv, dbias, dalibi};
 }
 
-// P = exp(s - lse) for every row of q (B, Hq, Nq, D) against k, under the rules; float32
-// (B, Hq, Nq, Nk), zero where a key is hidden or the row's lse is -inf.
+// P = exp(s - lse) for every row of q (B, Hq, Nq, D) against k, under the call's rules (its
+// dropout fields are ignored: probabilities are before dropout); float32 (B, Hq, Nq, Nk), zero
+// where a key is hidden or the row's lse is -inf.
 at::Tensor probabilities(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                         double scale, double softcap, bool causal, int64_t start, int64_t left,
-                         int64_t right, const OptT& mask, const OptT& bias, const OptT& alibi,
-                         const OptT& q_ids, const OptT& kv_ids) {
+                         const Call& call) {
   Params P;
   std::vector<at::Tensor> keep;
   at::Tensor no_v = k.narrow(3, 0, 0);  // the values are never read
-  fill(P, keep, q, k, no_v, scale, softcap, causal, start, left, right, mask, bias, alibi, q_ids,
-       kv_ids, 0.0, 0, 0, 0, 0, 0, 0, 0);
+  Call rules = call;
+  rules.dropout_p = 0.0;
+  rules.drop_hq = rules.drop_nq = rules.drop_b0 = rules.drop_h0 = rules.drop_r0 = 0;
+  fill(P, keep, q, k, no_v, rules);
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == P.B && lse.size(1) == P.Hq && lse.size(2) == P.Nq,
               "selfattn native: lse must be (B, Hq, Nq)");
   TORCH_CHECK(at::isFloatingType(lse.scalar_type()), "selfattn native: lse must be float");
@@ -275,15 +387,18 @@ at::Tensor probabilities(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return probs;
 }
 
-at::Tensor bounds(int64_t nq, int64_t nk, int64_t start, bool causal, int64_t left, int64_t right,
-                  int64_t block) {
+// The key bounds of each block of `block` rows of an (nq, nk) call under the record's causal /
+// window rules (its start, causal, left, right).
+at::Tensor bounds(const Call& call, int64_t nq, int64_t nk, int64_t block) {
+  const Sides sides = window_sides(call, nq, nk);
+  const int64_t start = call.start;
   TORCH_CHECK(block > 0, "block must be positive");
   int64_t nb = cdiv(nq, block);
   at::Tensor out = at::empty({nb, 4}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
   for (int64_t i = 0; i < nb; i++) {
     int64_t i0 = i * block, i1 = imin(nq, i0 + block);
-    Bounds b = key_bounds(start + i0, start + i1 - 1, nk, causal, left, right);
+    Bounds b = key_bounds(start + i0, start + i1 - 1, nk, call.causal, sides.left, sides.right);
     o[4 * i] = b.lo;
     o[4 * i + 1] = b.hi;
     o[4 * i + 2] = b.full_lo;
@@ -300,25 +415,48 @@ std::string isa(const std::string& dtype) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selfattn native CPU attention engine";
-  namespace py = pybind11;
-  m.def("forward", &forward, py::call_guard<py::gil_scoped_release>(), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("scale"), py::arg("softcap"), py::arg("causal"), py::arg("start"),
-        py::arg("left"), py::arg("right"), py::arg("mask"), py::arg("bias"), py::arg("alibi"),
-        py::arg("q_ids"), py::arg("kv_ids"), py::arg("dropout_p"), py::arg("seed0"),
-        py::arg("seed1"), py::arg("drop_hq"), py::arg("drop_nq"), py::arg("drop_b0"),
-        py::arg("drop_h0"), py::arg("drop_r0"), py::arg("need_out"), py::arg("out_acc") = false);
-  m.def("backward", &backward, py::call_guard<py::gil_scoped_release>(), py::arg("dout"),
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dlse"),
-        py::arg("scale"), py::arg("softcap"), py::arg("causal"), py::arg("start"), py::arg("left"),
-        py::arg("right"), py::arg("mask"), py::arg("bias"), py::arg("alibi"), py::arg("q_ids"),
-        py::arg("kv_ids"), py::arg("dropout_p"), py::arg("seed0"), py::arg("seed1"),
-        py::arg("drop_hq"), py::arg("drop_nq"), py::arg("drop_b0"), py::arg("drop_h0"),
-        py::arg("drop_r0"), py::arg("need_dbias"), py::arg("need_dalibi"));
-  m.def("probabilities", &probabilities, py::call_guard<py::gil_scoped_release>(), py::arg("q"),
-        py::arg("k"), py::arg("lse"), py::arg("scale"), py::arg("softcap"), py::arg("causal"),
-        py::arg("start"), py::arg("left"), py::arg("right"), py::arg("mask"), py::arg("bias"),
-        py::arg("alibi"), py::arg("q_ids"), py::arg("kv_ids"));
-  m.def("bounds", &bounds, py::arg("nq"), py::arg("nk"), py::arg("start"), py::arg("causal"),
-        py::arg("left"), py::arg("right"), py::arg("block"));
+  // Each function reads the call record with the GIL held, then releases it for the work.
+  m.def(
+      "forward",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, py::handle call,
+         bool need_out, bool out_acc) {
+        const Call c = read_call(call);
+        py::gil_scoped_release nogil;
+        return forward(q, k, v, c, need_out, out_acc);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("call"), py::arg("need_out") = true,
+      py::arg("out_acc") = false);
+  m.def(
+      "backward",
+      [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse, py::handle call,
+         bool need_dbias, bool need_dalibi) {
+        const Call c = read_call(call);
+        py::gil_scoped_release nogil;
+        return backward(dout, q, k, v, out, lse, dlse, c, need_dbias, need_dalibi);
+      },
+      py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+      py::arg("dlse"), py::arg("call"), py::arg("need_dbias") = false,
+      py::arg("need_dalibi") = false);
+  m.def(
+      "probabilities",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, py::handle call) {
+        const Call c = read_call(call);
+        py::gil_scoped_release nogil;
+        return probabilities(q, k, lse, c);
+      },
+      py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("call"));
+  m.def(
+      "bounds",
+      [](py::handle call, int64_t nq, int64_t nk, int64_t block) {
+        return bounds(read_call(call), nq, nk, block);
+      },
+      py::arg("call"), py::arg("nq"), py::arg("nk"), py::arg("block"));
   m.def("isa", &isa, py::arg("dtype") = "float32");
+  py::tuple fields(kCallFields);
+  size_t i = 0;
+#define SELFATTN_NAME(T, name) fields[i++] = py::str(#name);
+  SELFATTN_CALL_FIELDS(SELFATTN_NAME)
+#undef SELFATTN_NAME
+  m.attr("CALL_FIELDS") = fields;
 }

@@ -1,0 +1,102 @@
+"""The native engine's call record: everything a kernel call needs besides its tensors, by name.
+
+:func:`record` turns a validated :class:`~selfattn.spec.AttentionSpec` (plus the dropout seed)
+into a :data:`NativeCall`, the one argument that carries the rules into the extension's
+``forward``, ``backward``, ``probabilities`` and ``bounds``; ``csrc/bindings.cpp`` reads it in one
+place (``read_call``) into its ``Call`` struct. Its fields follow from the table of rules the way
+``_compile.py`` derives the custom op's schema: each spec field of each row of ``spec.RULES``
+maps to record fields (:data:`FROM_SPEC`) or is declined with a reason (:data:`DECLINED`; the
+backend then refuses calls that use it), and the fields a call adds (:data:`CALL_FIELDS`) follow.
+A rule whose fields are in neither table is refused too, never ignored. The extension exports
+its own list (``CALL_FIELDS``), which the tests hold equal to :data:`FIELDS`.
+
+Window sides are clamped here: a side at least as large as every distance between a row and a
+key restricts nothing and becomes -1 (unbounded), so any int the spec allows reaches C++ as a
+small int64 and no position arithmetic can overflow (the extension checks the same again).
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Any
+
+from ...spec import RULES, AttentionSpec, Rule
+
+__all__ = ["CALL_FIELDS", "DECLINED", "FIELDS", "FROM_SPEC", "REFUSED", "NativeCall", "record"]
+
+# spec field of a rule -> the record fields that carry it
+FROM_SPEC: dict[str, tuple[str, ...]] = {
+    "causal": ("causal",),
+    "window": ("left", "right"),  # -1: unbounded
+    "mask": ("mask",),
+    "bias": ("bias",),
+    "alibi_slopes": ("alibi",),
+    "softcap": ("softcap",),  # 0.0: none
+    "q_ids": ("q_ids",),
+    "kv_ids": ("kv_ids",),
+    "scale": ("scale",),
+    "dropout_p": ("dropout_p",),
+}
+# spec fields of rules the engine does not take, and why (none today)
+DECLINED: dict[str, str] = {}
+# what a call adds: the position of row 0, dropout's seed words, and where the call's rows sit in
+# the dropout numbering of a larger call (0: the call is the whole)
+CALL_FIELDS = ("start", "seed0", "seed1", "drop_hq", "drop_nq", "drop_b0", "drop_h0", "drop_r0")
+
+FIELDS: tuple[str, ...] = (
+    *(name for rule in RULES for f in rule.fields for name in FROM_SPEC.get(f, ())),
+    *CALL_FIELDS,
+)
+# rules the engine cannot honour: its ``check`` refuses a call that uses one
+REFUSED: tuple[Rule, ...] = tuple(
+    rule for rule in RULES if any(f in DECLINED or f not in FROM_SPEC for f in rule.fields)
+)
+
+NativeCall = namedtuple("NativeCall", FIELDS)  # type: ignore[misc]
+NativeCall.__doc__ = "The rules of one native kernel call (see the module docstring)."
+
+_new = tuple.__new__  # NativeCall(*values) without its keyword handling: this is the hot path
+
+
+def record(spec: AttentionSpec, seed: tuple[int, int] | None = None) -> Any:
+    """The :data:`NativeCall` of ``spec``; ``seed``: dropout's two seed words (None: no dropout).
+
+    The call is the whole of its dropout numbering (``drop_*`` = 0); a part of a larger call
+    sets them with ``record(...)._replace(drop_hq=..., ...)``. The values are in the order of
+    :data:`FIELDS`; the tests check each by name.
+    """
+    left = right = -1
+    window = spec.window
+    if window is not None:
+        # a side >= every distance (rows at start .. start + Nq - 1, keys 0 .. Nk - 1) is unbounded
+        reach = abs(spec.start) + spec.Nq + spec.Nk
+        if window[0] is not None and window[0] < reach:
+            left = window[0]
+        if window[1] is not None and window[1] < reach:
+            right = window[1]
+    seed0, seed1 = (0, 0) if seed is None else seed
+    softcap = spec.softcap
+    return _new(
+        NativeCall,
+        (
+            spec.causal,
+            left,
+            right,
+            spec.mask,
+            spec.bias,
+            spec.alibi_slopes,
+            0.0 if softcap is None else softcap,
+            spec.q_ids,
+            spec.kv_ids,
+            spec.scale,
+            spec.dropout_p,
+            spec.start,
+            seed0,
+            seed1,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ),
+    )
