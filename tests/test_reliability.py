@@ -90,9 +90,14 @@ def test_native_key_bounds_saturate_near_int64_max():
 
     if build.unavailable():
         pytest.skip(build.unavailable())
+    from selfattn.backends.native.call import record
+    from selfattn.spec import validate
+
     ext = build.load()
+    call = record(validate(*make_qkv(1, 1, 1, 9, 11, 8)))  # start 2, no rules
     for left, right in [(M, M), (M, -1), (-1, M), (M - 1, M - 1)]:
-        b = ext.bounds(9, 11, 2, False, left, right, 4)  # (blocks, [lo, hi, full_lo, full_hi])
+        # (blocks, [lo, hi, full_lo, full_hi])
+        b = ext.bounds(call._replace(left=left, right=right), 9, 11, 4)
         assert b[:, 0].tolist() == [0, 0, 0] and b[:, 1].tolist() == [11, 11, 11]
         assert b[:, 2].tolist() == [0, 0, 0] and b[:, 3].tolist() == [11, 11, 11]
 
