@@ -12,6 +12,10 @@ Example::
     sa_hf.register()
     model = AutoModel.from_pretrained(path, attn_implementation="selfattn")
     out = model(**batch, output_attentions=True)  # exact weights from selfattn.attention_weights
+
+``make_cache(model)`` gives a transformers ``Cache`` that writes keys and values in place (no
+per-step copy of the cache), for any attention implementation; see
+:mod:`selfattn.integrations.cache`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ import torch
 
 from ..api import attention, attention_weights
 
-__all__ = ["NAME", "attention_forward", "call_rules", "mask_builder", "register", "visibility"]
+__all__ = [
+    "NAME",
+    "attention_forward",
+    "call_rules",
+    "make_cache",
+    "mask_builder",
+    "register",
+    "visibility",
+]
 
 NAME = "selfattn"
 
@@ -298,3 +310,31 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
     if AttentionMaskInterface is not None:
         AttentionMaskInterface.register(name, mask_builder)
     return name
+
+
+def make_cache(
+    model: Any,
+    *,
+    bits: int | None = None,
+    rotate: bool = False,
+    budget: int | None = None,
+    policy: str = "h2o",
+    sink_tokens: int = 4,
+) -> Any:
+    """A transformers ``Cache`` for ``model`` that writes keys and values in place.
+
+    ``selfattn.integrations.cache.make_cache`` (imported here on first use, as it needs
+    transformers); see its documentation. With the defaults it behaves exactly like
+    ``DynamicCache`` without copying the cache at each step; ``bits`` and ``budget`` (quantized
+    storage, eviction) raise ``NotImplementedError`` for now.
+
+    Example::
+
+        cache = make_cache(model)
+        out = model.generate(**batch, past_key_values=cache, max_new_tokens=20)
+    """
+    from . import cache
+
+    return cache.make_cache(
+        model, bits=bits, rotate=rotate, budget=budget, policy=policy, sink_tokens=sink_tokens
+    )
