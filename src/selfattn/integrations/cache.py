@@ -44,7 +44,7 @@ __all__ = ["CHUNK", "POLICIES", "GrowingLayer", "InPlaceCache", "WindowLayer", "
 
 #: tokens a layer's storage grows by at least (and a sliding layer's free slots)
 CHUNK = 256
-#: the eviction policies of ``make_cache(budget=...)`` (API.md section 7)
+#: the eviction policies ``make_cache(budget=...)`` will take (see docs/api.md)
 POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
 
 
