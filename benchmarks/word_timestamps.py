@@ -8,8 +8,8 @@ end that plus its length. Whisper-base then transcribes the file with word times
 selfattn, one thread); its words are matched to the spoken ones (same letters, in order, by
 difflib), and the absolute errors of the starts and ends are reported: median and worst, in ms.
 Both the times ``--word-timestamps`` gives (DTW, then each word moved in to its sound) and
-DTW's alone are measured. Writes benchmarks/results/word_timestamps.json (the CPU model from
-lscpu inside).
+DTW's alone are measured. Writes benchmarks/results/word_timestamps.json (the CPU it ran on inside:
+``selfattn.bench.machine.cpu_info``).
 
     python benchmarks/word_timestamps.py             # the 5 sentences (~40 words), ~2-3 min
     python benchmarks/word_timestamps.py --quick     # the first sentence only
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import platform
 import re
 import shutil
 import subprocess
@@ -150,22 +149,13 @@ def summary(matched: list[dict], spoken: int) -> dict:
     }
 
 
-def cpu_model() -> str:
-    """The CPU model as lscpu names it (``platform.processor()`` when lscpu is missing)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    found = re.search(r"^Model name:\s*(.+)$", text, re.M)
-    return found.group(1).strip() if found else platform.processor() or "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the first sentence only")
     p.add_argument("--out", type=Path, default=RESULTS, help="the results JSON")
     args = p.parse_args()
     sentences = SENTENCES[:1] if args.quick else SENTENCES
+    from selfattn.bench.machine import cpu_info
     from selfattn.pretrained import whisper
     from selfattn.testing import torch_threads
 
@@ -194,7 +184,7 @@ def main() -> None:
         "word_timestamps=True on espeak-ng words joined by sox after known pauses; 'audible': "
         "as selfattn transcribe --word-timestamps gives them (DTW, then each word moved in to its "
         "sound), 'dtw_only': the alignment heads' DTW alone, as Whisper's own",
-        "cpu": cpu_model(),
+        "cpu": cpu_info(threads=1),
         "pauses_s": list(PAUSES),
         "onset_db": ONSET_DB,
         "audible": summary(every[True], spoken),
