@@ -5,7 +5,9 @@ and every public name is documented in docs/api.md."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -121,14 +123,18 @@ def test_the_bench_plot_names_its_cpu():
 # --- code blocks ----------------------------------------------------------------------------
 
 FENCE = re.compile(
-    r"(?:^<!-- (?P<mark>not run|slow): (?P<why>.+?) -->\n)?^```python\n(?P<code>.*?)^```",
+    r"(?:^<!-- (?P<mark>not run|slow): (?P<why>.+?) -->\n)?^```python\n(?P<code>.*?)^```\n"
+    r"(?:\n```text\n(?P<out>.*?)^```)?",
     re.S | re.M,
 )
 
 
-def _blocks(doc: Path) -> list[tuple[str | None, str, str]]:
-    """(mark, why, code) of each fenced python block; mark is "not run", "slow" or None."""
-    return [(m["mark"], m["why"] or "", m["code"]) for m in FENCE.finditer(doc.read_text())]
+def _blocks(doc: Path) -> list[tuple[str | None, str, str, str | None]]:
+    """(mark, why, code, shown output) of each fenced python block; mark is "not run", "slow" or
+    None; the output is the ```text block right after it, if any (what the block prints)."""
+    return [
+        (m["mark"], m["why"] or "", m["code"], m["out"]) for m in FENCE.finditer(doc.read_text())
+    ]
 
 
 def _run_blocks(doc: Path, tmp_path: Path, slow: bool) -> int:
@@ -139,16 +145,23 @@ def _run_blocks(doc: Path, tmp_path: Path, slow: bool) -> int:
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        for i, (mark, _why, code) in enumerate(_blocks(doc)):
+        for i, (mark, _why, code, shown) in enumerate(_blocks(doc)):
             if mark == "not run" or (mark == "slow" and not slow):
                 continue
+            printed = io.StringIO()
             try:
-                exec(compile(code, f"{doc.name}, python block {i}", "exec"), ns)
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(code, f"{doc.name}, python block {i}", "exec"), ns)
             except Exception as exc:
                 raise AssertionError(
                     f"{doc.name}: python block {i} fails ({type(exc).__name__}: {exc}); mark it "
                     "`<!-- not run: why -->` only if it cannot run anywhere:\n" + code
                 ) from exc
+            if shown is not None:  # the output the doc shows is what the block prints
+                assert printed.getvalue().strip() == shown.strip(), (
+                    f"{doc.name}: python block {i} prints something else than the text after it:"
+                    f"\n{printed.getvalue()}"
+                )
             ran += 1
     finally:
         os.chdir(cwd)
@@ -157,7 +170,7 @@ def _run_blocks(doc: Path, tmp_path: Path, slow: bool) -> int:
 
 def test_every_python_block_either_runs_or_says_why_not():
     for doc in DOCS:
-        for mark, why, code in _blocks(doc):
+        for mark, why, code, _ in _blocks(doc):
             if mark:
                 assert why.strip(), f"{doc.name}: a `{mark}` mark without a reason:\n{code}"
 
@@ -190,6 +203,9 @@ def test_a_failing_python_block_is_caught(tmp_path):
     assert _run_blocks(doc, tmp_path, slow=False) == 1
     doc.write_text("```python\nassert 1 + 1 == 3\n```\n")
     with pytest.raises(AssertionError, match="python block 0 fails"):
+        _run_blocks(doc, tmp_path, slow=False)
+    doc.write_text("```python\nprint(2)\n```\n\n```text\n3\n```\n")
+    with pytest.raises(AssertionError, match="prints something else"):
         _run_blocks(doc, tmp_path, slow=False)
 
 
