@@ -149,6 +149,10 @@ def test_extension_clamps_huge_int64_window_sides():
     plain = EXT.bounds(call._replace(causal=False), 5, 8, 2)
     wide = EXT.bounds(call._replace(causal=False, left=M, right=M), 5, 8, 2)
     assert torch.equal(plain, wide) and plain[:, :2].tolist() == [[0, 8]] * 3
+    # a block larger than the call is one block (nq + block - 1 overflowed for block near 2**63)
+    assert EXT.bounds(call, 5, 8, M).tolist() == EXT.bounds(call, 5, 8, 5).tolist()
+    with pytest.raises(RuntimeError, match="block must be positive"):
+        EXT.bounds(call, 5, 8, 0)
 
 
 @pytest.mark.parametrize(

@@ -392,7 +392,8 @@ at::Tensor probabilities(const at::Tensor& q, const at::Tensor& k, const at::Ten
 at::Tensor bounds(const Call& call, int64_t nq, int64_t nk, int64_t block) {
   const Sides sides = window_sides(call, nq, nk);
   const int64_t start = call.start;
-  TORCH_CHECK(block > 0, "block must be positive");
+  TORCH_CHECK(block > 0, "selfattn native: block must be positive, got ", block);
+  block = imin(block, imax(nq, 1));  // one block holds every row (and cdiv cannot overflow)
   int64_t nb = cdiv(nq, block);
   at::Tensor out = at::empty({nb, 4}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
