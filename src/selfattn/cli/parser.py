@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_info(sub) -> None:
     s = sub.add_parser("info", help="versions, devices, and which backends can run here")
     s.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    build = "build the native CPU engine now (again, if a failed build is recorded); 1 if it fails"
+    s.add_argument("--build", action="store_true", help=build)
     s.set_defaults(func=cmd_info)
 
 

@@ -5,15 +5,22 @@ The kernels are compiled on this machine: ``bindings.cpp`` (the only file that s
 AVX2+FMA, AVX-512), each with its own ``-m`` flags, linked into the same module; the bindings
 pick one at run time from the CPU's features (``SELFATTN_NATIVE_ISA=avx2|avx512|generic``
 overrides). The build lives in ``${SELFATTN_CACHE:-~/.cache/selfattn}/native-<hash>``, the hash
-covering the sources, the flags, torch's version, the Python ABI and the compiler's identity, so
-an unchanged build is imported directly (no ninja run) and a changed one is never reused.
+covering every file in ``csrc/``, the flags, torch's version, the Python ABI and the compiler's
+identity, so an unchanged build is imported directly (no ninja run) and a changed one is never
+reused. What a build folder records (finished, failed, last use, lock) is ``cache``'s business.
 
-:func:`load` returns the module (building it if needed) and :func:`unavailable` says in one line
-why it cannot be had (no compiler, no ninja, a compile error); importing this file never raises.
+:func:`load` returns the module, building it if needed: the first build says so in one line on
+stderr. A failed compile is recorded in the folder and every later process reports the record
+instead of compiling again, until something the hash covers changes or a rebuild is asked for
+(``load(rebuild=True)``, ``SELFATTN_NATIVE_REBUILD=1``, ``selfattn info --build``, ``--rebuild``
+here). :func:`unavailable` says in one line why the module cannot be had and :func:`status`
+where the build lives and its state without building; importing this file never raises.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -23,28 +30,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-__all__ = ["build_dir", "load", "unavailable"]
+from . import cache
+
+__all__ = ["BuildError", "build_dir", "load", "main", "sources", "status", "unavailable"]
 
 NAME = "selfattn_native"
 CSRC = Path(__file__).resolve().parent / "csrc"
-HEADERS = [
-    "common.h",
-    "util.h",
-    "simd_avx512.h",
-    "simd_avx2.h",
-    "simd_generic.h",
-    "microkernel.h",
-    "plan.h",
-    "pack.h",
-    "forward.h",
-    "decode.h",
-    "backward.h",
-    "probs.h",
-    "engine.h",
-]
+# the kinds of file in csrc/ the build reads: all are hashed, and pyproject.toml's package-data
+# ships them (tests/test_native_build.py checks the wheel against this)
+SOURCES = (".cpp", ".h", ".hpp", ".inc")
 BINDINGS = "bindings.cpp"
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-fno-plt"]
 # extra flags for every compile, e.g. "-DSELFATTN_POISON" (scratch starts as NaN) or sanitizers;
@@ -60,6 +59,20 @@ OBJECTS = [
     ),
 ]
 BINDINGS_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+# set (not "0") to try again a build whose failure is recorded
+REBUILD_ENV = "SELFATTN_NATIVE_REBUILD"
+# compiler output that means the machine, not the sources, failed: such a failure is not recorded
+TRANSIENT = (
+    "Killed signal",
+    "signal terminated program",
+    "No space left on device",
+    "Cannot allocate memory",
+    "virtual memory exhausted",
+)
+BUILDING = (
+    "selfattn: building the native CPU engine for this machine (once, a minute or two) in {} ..."
+)
+WAITING = "selfattn: waiting for another process building the native CPU engine in {} ..."
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -68,6 +81,26 @@ _error: str | None = None
 
 class BuildError(RuntimeError):
     """Why the extension cannot be built or loaded (one line)."""
+
+
+class CompileError(BuildError):
+    """A compile or link that failed on the sources themselves: recorded, not retried.
+
+    Attributes:
+        log: the compiler's full output.
+    """
+
+    def __init__(self, reason: str, log: str) -> None:
+        super().__init__(reason)
+        self.log = log
+
+
+def _compile_failure(reason: str, log: str) -> BuildError:
+    """A :class:`CompileError`, or a plain :class:`BuildError` (not recorded) when the log says
+    the machine ran out of something or killed the compiler."""
+    if any(mark in log for mark in TRANSIENT):
+        return BuildError(f"{reason} (the compiler was killed or ran out of memory or disk)")
+    return CompileError(reason, log)
 
 
 def _compiler() -> tuple[str, str]:
@@ -102,13 +135,18 @@ def _extra_flags() -> list[str]:
     return os.environ.get(EXTRA_ENV, "").split()
 
 
+def sources() -> list[Path]:
+    """Every source file of the engine (``csrc/`` and below), sorted."""
+    return sorted(p for p in CSRC.rglob("*") if p.is_file() and p.suffix in SOURCES)
+
+
 def _key(compiler_id: str) -> str:
     import torch
 
     h = hashlib.sha256()
-    for name in [*HEADERS, BINDINGS, *(src for src, _ in OBJECTS)]:
-        h.update(name.encode())
-        h.update((CSRC / name).read_bytes())
+    for path in sources():
+        h.update(path.relative_to(CSRC).as_posix().encode())
+        h.update(path.read_bytes())
     flags = [CXXFLAGS, BINDINGS_FLAGS, OBJECTS, _extra_flags()]
     for part in (repr(flags), torch.__version__, compiler_id, sys.version, platform.machine()):
         h.update(part.encode())
@@ -119,8 +157,7 @@ def build_dir(compiler_id: str | None = None) -> Path:
     """Where this build of the extension lives (or will)."""
     if compiler_id is None:
         compiler_id = _compiler()[1]
-    root = Path(os.environ.get("SELFATTN_CACHE") or Path.home() / ".cache" / "selfattn")
-    return root / f"native-{_key(compiler_id)}"
+    return cache.root() / f"native-{_key(compiler_id)}"
 
 
 def _import(so: Path) -> ModuleType:
@@ -144,26 +181,52 @@ def _compile_objects(cxx: str, out: Path) -> list[Path]:
         tmp = out / f"{obj.name}.{os.getpid()}.tmp"
         cmd = [cxx, *CXXFLAGS, *flags, *_extra_flags(), "-I", str(CSRC), "-c", str(CSRC / src)]
         cmd += ["-o", str(tmp)]
-        procs.append((obj, tmp, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
+        procs.append((obj, tmp, cmd, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
     failure = None
-    for obj, tmp, proc in procs:
+    logs = []
+    for obj, tmp, cmd, proc in procs:
         _, err = proc.communicate()
         if proc.returncode != 0:
             failure = failure or f"C++ build failed: {_first_line(err)}"
+            logs.append(f"$ {' '.join(cmd)}\n{err}exit status {proc.returncode}\n")
             tmp.unlink(missing_ok=True)
         else:
             os.replace(tmp, obj)
+    if failure and any(proc.returncode < 0 for *_, proc in procs):
+        raise BuildError(f"{failure} (a compiler process was killed by a signal)")
     if failure:
-        raise BuildError(failure)
+        raise _compile_failure(failure, "\n".join(logs))
     return objs
+
+
+@contextlib.contextmanager
+def _ninja() -> Iterator[None]:
+    """ninja reachable for the build: torch runs ``ninja`` from PATH, and a venv used without
+    being activated has the ninja package's binary off PATH, so add it there for the build only."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.is_ninja_available():
+        yield
+        return
+    try:
+        import ninja
+
+        bin_dir = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        raise BuildError("ninja not found (pip install ninja)") from None
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = bin_dir + os.pathsep + old
+    try:
+        if not cpp_extension.is_ninja_available():
+            raise BuildError(f"ninja not found (not on PATH, nor runnable in {bin_dir})")
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 def _build(cxx: str, out: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
-    if not cpp_extension.is_ninja_available():
-        raise BuildError("ninja not found (pip install ninja)")
-    out.mkdir(parents=True, exist_ok=True)
     objs = _compile_objects(cxx, out)
     try:
         return cpp_extension.load(
@@ -176,30 +239,90 @@ def _build(cxx: str, out: Path) -> ModuleType:
             verbose=False,
         )
     except Exception as exc:  # cpp_extension raises RuntimeError with the build log
-        raise BuildError(f"C++ build failed: {_first_line(str(exc))}") from exc
+        text = str(exc)
+        raise _compile_failure(f"C++ build failed: {_first_line(text)}", text) from exc
 
 
-def _load() -> ModuleType:
+def _recorded(out: Path) -> str | None:
+    """The recorded failure of the build in ``out`` as one line, or None (stamps its use)."""
+    rec = cache.failure(out)
+    if rec is None:
+        return None
+    cache.touch(out)
+    return (
+        f"{rec['reason']} (recorded {rec.get('when', '?')}; rebuild with `selfattn info --build` "
+        f"or {REBUILD_ENV}=1)"
+    )
+
+
+def _found(so: Path, remove_broken: bool) -> ModuleType | None:
+    """The module in ``so`` if it imports; a broken one is removed when ``remove_broken`` (only
+    under the build lock), so that it is rebuilt."""
+    if not so.exists():
+        return None
+    try:
+        return _import(so)
+    except ImportError:
+        if remove_broken:
+            (so.parent / cache.BUILT).unlink(missing_ok=True)
+            so.unlink(missing_ok=True)
+        return None
+
+
+def _load(rebuild: bool) -> ModuleType:
+    import torch
+
     cxx, compiler_id = _compiler()
     out = build_dir(compiler_id)
     so = out / f"{NAME}.so"
-    if so.exists():
+    if cache.finished(out) is not None and (mod := _found(so, remove_broken=False)) is not None:
+        cache.touch(out)
+        return mod
+    rebuild = rebuild or os.environ.get(REBUILD_ENV, "") not in ("", "0")
+    if not rebuild and (why := _recorded(out)) is not None:
+        raise BuildError(why)
+    out.mkdir(parents=True, exist_ok=True)
+    with cache.lock(out, on_wait=WAITING.format(out)):
+        # under the lock: another process may have built it (or recorded its failure) meanwhile;
+        # a .so without built.json comes from a selfattn that did not write one
+        if (mod := _found(so, remove_broken=True)) is not None:
+            if cache.finished(out) is None:
+                cache.mark_finished(out, None, compiler_id, torch.__version__)
+            cache.touch(out)
+            return mod
+        if not rebuild and (why := _recorded(out)) is not None:
+            raise BuildError(why)
+        t0 = time.perf_counter()
         try:
-            return _import(so)
-        except ImportError:
-            pass  # a stale or partial build: rebuild below
-    return _build(cxx, out)
+            with _ninja():
+                cache.say(BUILDING.format(out))
+                mod = _build(cxx, out)
+        except CompileError as exc:  # recorded, and said the way later processes will say it
+            cache.record_failure(out, str(exc), exc.log, compiler_id, torch.__version__)
+            raise BuildError(_recorded(out) or str(exc)) from exc
+        cache.clear_failure(out)
+        cache.mark_finished(out, time.perf_counter() - t0, compiler_id, torch.__version__)
+        cache.touch(out)
+    cache.clean_stale(keep=out)
+    return mod
 
 
-def load() -> ModuleType:
-    """The extension module, built on first use; raises :class:`BuildError` with the reason."""
+def load(rebuild: bool = False) -> ModuleType:
+    """The extension module, built on first use; raises :class:`BuildError` with the reason.
+
+    Args:
+        rebuild: compile again even where a failure is recorded (for this build, or earlier in
+            this process). A finished build is current by its hash and is imported as it is.
+    """
     global _module, _error
     if _module is not None:
         return _module
     with _lock:
+        if rebuild:
+            _error = None
         if _module is None and _error is None:
             try:
-                _module = _load()
+                _module = _load(rebuild)
             except BuildError as exc:
                 _error = str(exc)
             except Exception as exc:  # never let an unexpected failure escape as a crash
@@ -218,13 +341,54 @@ def unavailable() -> str | None:
     return None
 
 
-def main() -> int:
+def status() -> dict[str, Any]:
+    """Where the build lives and its state, without building anything.
+
+    Returns:
+        ``{"dir": str | None, "state": str, "reason": str, "built": dict | None, "log": str |
+        None}``; ``state`` is ``"built"``, ``"building"`` (another process holds the lock),
+        ``"not built"`` (the first native call, or ``load()``, builds it), ``"failed"`` (``reason``
+        is the recorded line, ``log`` the full compiler output) or ``"unavailable"`` (no
+        compiler: ``dir`` is None). ``built`` holds when, in how many seconds and with which
+        compiler and torch it was built.
+    """
+    try:
+        _, compiler_id = _compiler()
+    except BuildError as exc:
+        return {"dir": None, "state": "unavailable", "reason": str(exc), "built": None, "log": None}
+    out = build_dir(compiler_id)
+    res: dict[str, Any] = {"dir": str(out), "reason": "", "built": cache.finished(out), "log": None}
+    rec = cache.failure(out)
+    if _module is not None or (res["built"] is not None and (out / f"{NAME}.so").exists()):
+        res["state"] = "built"
+    elif cache.is_locked(out):
+        res["state"] = "building"
+    elif rec is not None:
+        res.update(state="failed", reason=_recorded(out), log=rec.get("log"))
+    elif _error is not None:
+        res.update(state="failed", reason=_error)
+    elif (out / f"{NAME}.so").exists():
+        res["state"] = "built"  # by a selfattn that did not write built.json
+    else:
+        res["state"] = "not built"
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build (or load) the extension and say where it lives; 1 with the reason if it cannot."""
+    p = argparse.ArgumentParser(
+        prog="python -m selfattn.backends.native.build", description=main.__doc__
+    )
+    p.add_argument(
+        "--rebuild", action="store_true", help="compile again even where a failure is recorded"
+    )
+    args = p.parse_args(argv)
     t0 = time.perf_counter()
-    why = unavailable()
-    if why is not None:
-        print(f"selfattn native: unavailable: {why}", file=sys.stderr)
+    try:
+        mod = load(rebuild=args.rebuild)
+    except BuildError as exc:
+        print(f"selfattn native: unavailable: {exc}", file=sys.stderr)
         return 1
-    mod = load()
     print(
         f"selfattn native: {build_dir()} ({time.perf_counter() - t0:.2f} s), "
         f"isa {mod.isa('float32')}"
