@@ -15,6 +15,7 @@ import torch
 import selfattn
 from helpers import make_qkv
 from selfattn.backends import native
+from selfattn.backends.native import backend as native_backend
 from selfattn.backends.native.call import (
     CALL_FIELDS,
     DECLINED,
@@ -23,6 +24,7 @@ from selfattn.backends.native.call import (
     REFUSED,
     NativeCall,
     record,
+    refused_rules,
 )
 from selfattn.spec import RULES, validate
 
@@ -48,6 +50,22 @@ def test_every_rule_field_is_in_the_record_or_declined():
     assert not set(FROM_SPEC) & set(DECLINED)
     assert set(FROM_SPEC) <= {f for rule in RULES for f in rule.fields}  # no stale entries
     assert REFUSED == ()  # every rule runs natively today
+
+
+def test_a_rule_missing_from_the_record_is_refused_not_ignored(monkeypatch):
+    """A new rule whose field is in neither table (or declined) makes native decline the calls
+    that use it, and ``auto`` picks another backend; calls without it still run natively."""
+    softcap = next(rule for rule in RULES if rule.keyword == "softcap")
+    without = {f: names for f, names in FROM_SPEC.items() if f != "softcap"}
+    assert refused_rules(without, {}) == (softcap,)
+    assert refused_rules(FROM_SPEC, {"softcap": "not yet"}) == (softcap,)
+    monkeypatch.setattr(native_backend, "REFUSED", (softcap,))
+    q, k, v = make_qkv(1, 2, 1, 5, 8, 16)
+    reasons = native_backend.NativeBackend().check(validate(q, k, v, softcap=2.0))
+    assert reasons == ["softcap is not in its call record (native/call.py)"]
+    assert native_backend.NativeBackend().check(validate(q, k, v, causal=True)) == []
+    with pytest.raises(selfattn.UnsupportedInputs, match="softcap is not in its call record"):
+        selfattn.attention(q, k, v, softcap=2.0, backend="native")
 
 
 def test_record_fields_match_the_extension():

@@ -22,7 +22,16 @@ from typing import Any
 
 from ...spec import RULES, AttentionSpec, Rule
 
-__all__ = ["CALL_FIELDS", "DECLINED", "FIELDS", "FROM_SPEC", "REFUSED", "NativeCall", "record"]
+__all__ = [
+    "CALL_FIELDS",
+    "DECLINED",
+    "FIELDS",
+    "FROM_SPEC",
+    "REFUSED",
+    "NativeCall",
+    "record",
+    "refused_rules",
+]
 
 # spec field of a rule -> the record fields that carry it
 FROM_SPEC: dict[str, tuple[str, ...]] = {
@@ -47,10 +56,17 @@ FIELDS: tuple[str, ...] = (
     *(name for rule in RULES for f in rule.fields for name in FROM_SPEC.get(f, ())),
     *CALL_FIELDS,
 )
+
+
+def refused_rules(from_spec: dict[str, tuple[str, ...]], declined: dict[str, str]) -> tuple:
+    """The rows of ``RULES`` with a spec field that is declined or in neither table."""
+    return tuple(
+        rule for rule in RULES if any(f in declined or f not in from_spec for f in rule.fields)
+    )
+
+
 # rules the engine cannot honour: its ``check`` refuses a call that uses one
-REFUSED: tuple[Rule, ...] = tuple(
-    rule for rule in RULES if any(f in DECLINED or f not in FROM_SPEC for f in rule.fields)
-)
+REFUSED: tuple[Rule, ...] = refused_rules(FROM_SPEC, DECLINED)
 
 NativeCall = namedtuple("NativeCall", FIELDS)  # type: ignore[misc]
 NativeCall.__doc__ = "The rules of one native kernel call (see the module docstring)."
