@@ -11,6 +11,7 @@ are a few tokens, so every boundary is crossed many times.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,3 +332,26 @@ def test_gemma3_sliding_layers_same_greedy_tokens_as_dynamic_cache(impl):
         more_mask = torch.cat([mask, torch.ones(2, more.shape[1] - mask.shape[1])], 1).long()
         outs.append(_generate(model, {"input_ids": more, "attention_mask": more_mask}, cache))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_gemma3_270m_prompt_past_the_window_same_greedy_tokens_as_dynamic_cache():
+    """The real Gemma-3-270M (local window 512): a 600-token prompt, so its sliding layers drop
+    tokens during the prefill and keep moving while decoding."""
+    import pydoc_data.topics as topics
+
+    from selfattn.pretrained import gemma3
+
+    try:
+        gemma3.stamp()
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    model, tok = gemma3.load("selfattn")
+    text = Path(topics.__file__).read_text(encoding="utf-8")[:20000]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :600]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ref = _generate(model, batch, DynamicCache(config=model.config), max_new_tokens=10)
+    cache = InPlaceCache(model.config, chunk=4)  # small chunks: the sliding layers move often
+    ours = _generate(model, batch, cache, max_new_tokens=10)
+    assert torch.equal(ours, ref)
+    assert any(isinstance(x, WindowLayer) for x in cache.layers)
+    assert all(x.keys.shape[2] == 511 for x in cache.layers if isinstance(x, WindowLayer))
