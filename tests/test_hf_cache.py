@@ -132,6 +132,17 @@ def test_window_layer_before_the_window_fills_crops_like_a_full_layer():
     _same_state(ours, ref)
 
 
+def test_layers_refuse_keys_that_do_not_fit_before_writing():
+    for layer in (GrowingLayer(chunk=4), WindowLayer(3, chunk=4)):
+        layer.update(*_kv(2))
+        k, v = _kv(1)
+        with pytest.raises(ValueError, match=r"expects keys \(B, Hkv, n, D\) = \(2, 3, n, 4\)"):
+            layer.update(k[:1], v[:1])  # a batch of 1 would broadcast into the storage
+        with pytest.raises(TypeError, match=r"holds torch\.float32 keys"):
+            layer.update(k.double(), v.double())
+        assert layer.get_seq_length() == 2  # nothing was written
+
+
 # -- in place: views, no copy per step -----------------------------------------------------------
 
 

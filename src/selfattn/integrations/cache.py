@@ -110,6 +110,11 @@ class _InPlaceLayer(CacheLayerMixin):
                 f"Dv = {bv.shape[3]}; got {tuple(key_states.shape)} and "
                 f"{tuple(value_states.shape)}"
             )
+        if key_states.device != bk.device or value_states.device != bk.device:
+            raise ValueError(
+                f"{type(self).__name__} lives on {bk.device}; got keys on {key_states.device}, "
+                f"values on {value_states.device}"
+            )
         if key_states.dtype != bk.dtype or value_states.dtype != bv.dtype:
             raise TypeError(
                 f"{type(self).__name__} holds {bk.dtype} keys and {bv.dtype} values; got "
