@@ -239,3 +239,193 @@ def test_native_out_of_memory_is_a_memory_error():
         pytest.skip(run.stdout)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["MemoryError", "MemoryError"], run.stdout
+
+
+# -- 3, 4: values at the edges of float32 ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1e-300, 1e39, 0.0, -1.0, float("nan"), float("inf"), 1e-46])
+def test_softcap_outside_float32_is_a_value_error(value):
+    """A softcap that is not a float32 > 0 cannot be honoured: ValueError, no work."""
+    q, k, v = _np_qkv()
+    with pytest.raises(ValueError, match="softcap"):
+        selfattn.attention(q, k, v, softcap=value)
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39, float("nan"), float("inf"), 3.5e38])
+def test_scale_outside_float32_is_a_value_error(value):
+    """A scale float32 cannot hold is a ValueError; 0 and negative scales are honoured."""
+    q, k, v = _np_qkv()
+    with pytest.raises(ValueError, match="scale"):
+        selfattn.attention(q, k, v, scale=value)
+    for scale in (0.0, -0.25, 1e-300):
+        expect = reference.attention(q.numpy(), k.numpy(), v.numpy(), scale=scale)
+        out = selfattn.attention(q, k, v, scale=scale, backend="native")
+        np.testing.assert_allclose(to_np(out), expect, atol=2e-6)
+
+
+@pytest.mark.parametrize("softcap", [1.5e-45, 1e-38, 3.4e38])
+def test_softcap_at_float32_edges_is_honoured(softcap):
+    """softcap=1e-300 gave NaN on tiled and native (scale / softcap folded into q overflowed and
+    met a zero: inf * 0); softcap * log2(e) overflowed for caps near FLT_MAX. Every float32 > 0
+    is honoured now, forward and backward."""
+    q, k, v = make_qkv(1, 2, 2, 37, 45, 16, seed=3)
+    q[0, 0, :, :4] = 0.0  # exact zeros meet the huge factor
+    expect, expect_lse = ref_attention(q, k, v, causal=True, softcap=softcap)
+    grads = {}
+    for backend in BACKENDS:
+        qg, kg, vg = (t.clone().requires_grad_(backend != "reference") for t in (q, k, v))
+        out, lse = selfattn.attention(
+            qg, kg, vg, causal=True, softcap=softcap, return_lse=True, backend=backend
+        )
+        np.testing.assert_allclose(to_np(out), expect, atol=5e-6, err_msg=backend)
+        np.testing.assert_allclose(to_np(lse), expect_lse, atol=5e-6, err_msg=backend)
+        if backend != "reference":
+            grads[backend] = torch.autograd.grad(out.square().sum(), (qg, kg, vg))
+    # the oracle: float64 autograd of the formula (float32 autograd overflows softcap * grad)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    out64 = selfattn.attention(q64, k64, v64, causal=True, softcap=softcap, backend="math")
+    oracle = torch.autograd.grad(out64.square().sum(), (q64, k64, v64))
+    for backend in ("tiled", "native"):
+        for a, b in zip(grads[backend], oracle):
+            assert torch.isfinite(a).all(), backend
+            torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_near_float32_max_gives_no_nan(backend):
+    """A finite bias of 3e38 made tiled and native NaN (the scores were multiplied by log2(e)
+    before the row maximum was subtracted, and overflowed). Output and lse match the float64
+    specification; the lse itself is near 3e38."""
+    q, k, v = make_qkv(2, 2, 1, 19, 70, 16, seed=5)
+    bias = torch.randn(2, 1, 19, 70)
+    bias[0, :, :, 7] = 3e38  # one key dominates every row of batch 0
+    bias[1, :, :, 3:9] = -3e38
+    bias[1, :, 5, :] = 2.9e38  # a row whose scores are all near the top
+    for kwargs in ({}, {"causal": True}, {"window": (30, 0)}):
+        expect, expect_lse = ref_attention(q, k, v, bias=bias, **kwargs)
+        out, lse = selfattn.attention(
+            q, k, v, bias=bias, return_lse=True, backend=backend, **kwargs
+        )
+        np.testing.assert_allclose(to_np(out), expect, atol=2e-5, err_msg=str(kwargs))
+        np.testing.assert_allclose(to_np(lse), expect_lse, rtol=1e-6, atol=1e-5)
+
+
+def test_weights_bias_near_float32_max_gives_no_nan():
+    q, k, _ = make_qkv(1, 2, 2, 19, 70, 16, seed=6)
+    bias = torch.zeros(1, 1, 19, 70)
+    bias[..., 11] = 3e38
+    w = selfattn.attention_weights(q, k, bias=bias)
+    expect = torch.zeros(1, 2, 19, 70)
+    expect[..., 11] = 1.0
+    torch.testing.assert_close(w, expect)
+
+
+# -- 5: NaN and inf in a visible value ----------------------------------------------------------
+
+
+def _same_nonfinite(got, expect, what):
+    got = to_np(got)
+    assert (np.isnan(got) == np.isnan(expect)).all(), f"{what}: NaN where the spec has none"
+    assert (np.isposinf(got) == np.isposinf(expect)).all(), what
+    assert (np.isneginf(got) == np.isneginf(expect)).all(), what
+    fin = np.isfinite(expect)
+    np.testing.assert_allclose(got[fin], expect[fin], atol=2e-5, err_msg=what)
+
+
+CASES_5 = [
+    {"causal": True},
+    {},
+    {"window": (3, 1)},
+    {"mask": torch.rand(9, 40, generator=torch.Generator().manual_seed(2)) > 0.3},
+]
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+@pytest.mark.parametrize("nq", [9, 1])  # row tiles and the split-K decode
+@pytest.mark.parametrize("kwargs", CASES_5, ids=["causal", "none", "window", "mask"])
+def test_nan_in_visible_value_poisons_its_column_only(backend, nq, kwargs):
+    """One NaN in v[j, c]: column c of the rows that see key j is NaN, nothing else, and the lse
+    is untouched (native made the whole row and the lse NaN; math and tiled did with causal).
+    inf in v[j', :] gives +-inf (or NaN where a zero probability meets it), as p * v says."""
+    q, k, v = make_qkv(1, 4, 2, nq, 40, 16, seed=7)
+    v[0, 0, 37, 3] = float("nan")  # key 37: seen by the last rows under causal
+    v[0, 1, 20, 5] = float("nan")
+    v[0, 1, 33, :] = float("inf")
+    v[0, 0, 39, 2] = -float("inf")
+    if "mask" in kwargs:
+        kwargs = {"mask": kwargs["mask"][-nq:]}
+    expect, expect_lse = ref_attention(q, k, v, **kwargs)
+    out, lse = selfattn.attention(q, k, v, return_lse=True, backend=backend, **kwargs)
+    assert np.isnan(expect).any() and not np.isnan(expect).all()  # the case is not vacuous
+    _same_nonfinite(out, expect, f"{backend} out")
+    _same_nonfinite(lse, expect_lse, f"{backend} lse")
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+def test_nan_in_visible_value_gradient_is_not_silently_finite(backend):
+    """The rows that see a value holding NaN have a NaN dP = dO v^T: their query gradients are
+    NaN (never a finite gradient that lacks the term); rows that do not see it stay finite."""
+    q, k, v = make_qkv(1, 2, 1, 12, 12, 8, seed=9)
+    v[0, 0, 8, 3] = float("nan")
+    q.requires_grad_(True)
+    out = selfattn.attention(q, k, v, causal=True, backend=backend)
+    (dq,) = torch.autograd.grad(out.nan_to_num().sum(), q)
+    assert torch.isfinite(dq[:, :, :8]).all()
+    assert torch.isnan(dq[:, :, 8:]).all()
+
+
+# -- 11: accuracy at large head dims and large scores --------------------------------------------
+
+ISAS = ["avx512", "avx2", "generic"]
+
+
+def _use_isa(isa: str, monkeypatch) -> None:
+    from selfattn.backends.native import build
+
+    if build.unavailable():
+        pytest.skip(build.unavailable())
+    monkeypatch.setenv("SELFATTN_NATIVE_ISA", isa)
+    try:
+        build.load().isa()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_weird_k_head_dim_512_within_twice_plain(isa, monkeypatch):
+    """xFormers' "weird K" case: B=2, 256 queries x 128 keys, head dim 512, fp32, inputs x3.
+    One running float32 sum over 512 products per score erred up to 2.3x the plain torch
+    formula (9.6e-5 to 1.3e-4 against 5e-5); the micro-kernel now sums in blocks of 128."""
+    from selfattn.testing import plain_attention
+
+    _use_isa(isa, monkeypatch)
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(2, 1, n, 512, generator=g) * 3 for n in (256, 128, 128))
+        expect, _ = ref_attention(q, k, v)
+        plain = np.abs(to_np(plain_attention(q, k, v)) - expect).max()
+        err = np.abs(to_np(selfattn.attention(q, k, v, backend="native")) - expect).max()
+        assert err <= 2 * plain, f"seed {seed}: native {err:.2e} vs plain {plain:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["native", "tiled"])
+def test_weights_large_scores_within_twice_plain(backend):
+    """FA2's 113 x 203, d=192, causal + window + ALiBi + softcap 50, fp32: exp(s - lse) from a
+    float32 lse erred 2.1x a plain softmax; weights from a recomputed lse are now divided by
+    their row sums, so the lse's rounding cancels as in softmax's exp(s - max) / sum."""
+    from selfattn.testing import plain_scores, ref_weights
+
+    worst = 0.0
+    for seed, slopes in [(1, 8.0), (0, 8.0), (2, 1.0)]:
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(1, 2, 113, 192, generator=g) * 6
+        k = torch.randn(1, 2, 203, 192, generator=g) * 6
+        kw = dict(causal=True, window=(100, 0), softcap=50.0)
+        kw["alibi_slopes"] = selfattn.alibi_slopes(2) * slopes
+        expect = ref_weights(q, k, **kw)
+        plain = np.abs(to_np(torch.softmax(plain_scores(q, k, **kw), -1)) - expect).max()
+        spec = selfattn.spec.validate(q, k, None, need_v=False, **kw)
+        got = selfattn.backends.BACKENDS[backend].weights(spec, q, k, None, None, None)
+        worst = max(worst, np.abs(to_np(got) - expect).max() / plain)
+    assert worst <= 2.0, worst

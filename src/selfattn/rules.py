@@ -24,6 +24,7 @@ __all__ = [
     "heads5",
     "key_spans",
     "max_span",
+    "normalized",
     "visible",
 ]
 
@@ -254,3 +255,12 @@ def _granule_any_all(
         any_in.any(-1).flatten(0, -2).any(0).cpu(),
         all_in.all(-1).flatten(0, -2).all(0).cpu(),
     )
+
+
+def normalized(p: torch.Tensor) -> torch.Tensor:
+    """Probabilities ``exp(s - lse)`` (..., Nk) computed from a recomputed lse, divided by their
+    row sums, in place: the rounding of the float32 lse then cancels, as in a plain softmax
+    (``exp(s - max) / sum``), which halves the error where scores are large (softcap 50,
+    ALiBi). Rows with no visible key (sum 0) stay 0."""
+    total = p.sum(-1, keepdim=True)
+    return p.div_(torch.where(total > 0, total, 1.0))

@@ -391,7 +391,13 @@ def _segments(value: Any, call: _Call) -> tuple:
 
 
 def _scale(value: Any, call: _Call) -> tuple:
-    return (_positive_f32("scale", value),)
+    x = value if type(value) is float else checks.real("scale", value)
+    if not abs(x) < _F32_HIGH:  # NaN fails too; 0 and negative scales are honoured
+        raise ValueError(
+            f"scale must be a finite float that float32 can hold (|scale| < about 3.4e38), "
+            f"got scale={value!r}"
+        )
+    return (x,)
 
 
 def _dropout(value: Any, call: _Call) -> tuple:

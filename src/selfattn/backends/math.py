@@ -13,26 +13,36 @@ import math
 import torch
 
 from .. import _rng
-from ..engine import acc_dtype, bad_keys
+from ..engine import acc_dtype, bad_keys, bad_values
 from ..rules import alibi_distance, dense_visible, heads5
 from ..spec import AttentionSpec
 
 __all__ = ["MathBackend", "math_attention", "math_backward"]
 
 
-def _scores(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def _scores(
+    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values_apart=False
+):
     """Steps 1-5: the scores (B, Hkv, G, Nq, Nk), the softcap's tanh, and the operands.
 
     Query head h reads key/value head h // G: the query heads are viewed as (Hkv, G), no copies.
-    Returns ``(s, tanh, q5, k5, v5, dist)``.
+    Rows of k or v holding NaN/inf (when some key can be hidden) are zeroed, so padding garbage
+    never reaches a row that cannot see it; a bad key row makes its visible scores NaN. A bad
+    value row does too, unless ``values_apart`` (the forward): then it is returned in ``vbad``
+    for :func:`_bad_value_terms` to add back to the rows that see it.
+    Returns ``(s, tanh, q5, k5, v5, dist, vbad)``.
     """
     acc = acc_dtype(q.dtype)
     b, _, nq, _ = q.shape
     hkv, g, nk = spec.Hkv, spec.group, spec.Nk
-    bad = bad_keys(k, v, spec)  # (B, Hkv, Nk) keys holding NaN/inf, if some key can be hidden
+    bad, vbad = bad_keys(k, v, spec)  # (B, Hkv, Nk) rows holding NaN/inf, or None
+    if vbad is not None and not values_apart:
+        bad, vbad = (vbad if bad is None else bad | vbad), None
     if bad is not None:
         k = torch.where(bad[..., None], 0, k)
         v = torch.where(bad[..., None], 0, v)
+    if vbad is not None:
+        v = torch.where(vbad[..., None], 0, v)
     q5 = q.to(acc).reshape(b, hkv, g, nq, spec.D)  # (B, Hkv, G, Nq, D)
     k5 = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
     v5 = v.to(acc).unsqueeze(2)  # (B, Hkv, 1, Nk, Dv)
@@ -53,7 +63,36 @@ def _scores(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     vis = dense_visible(spec, q.device)  # 5. visibility, (B|1, Hq|1, Nq, Nk) or None
     if vis is not None:
         s = s.masked_fill(~heads5(vis, hkv, g), -math.inf)
-    return s, t, q5, k5, v5, dist
+    return s, t, q5, k5, v5, dist, vbad
+
+
+class _NaNGradRows(torch.autograd.Function):
+    """Identity on p whose gradient is NaN in the flagged rows: they see a value row holding
+    NaN/inf, so their true dP = dO v^T is not finite, and the forward adds those values outside
+    the matrix product, where autograd cannot see them."""
+
+    @staticmethod
+    def forward(ctx, p, rows):  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        return grad.masked_fill(rows, math.nan), None
+
+
+def _bad_value_terms(spec: AttentionSpec, p: torch.Tensor, vbad: torch.Tensor, v: torch.Tensor):
+    """``(p', fix)``: what the zeroed value rows ``vbad`` (B, Hkv, Nk) leave out of ``p @ v``,
+    for the rows that see them (``fix`` (B|1, Hkv, G|1, Nq, Dv)), and p (B, Hkv, G, Nq, Nk)
+    with NaN gradients in those rows (``p'``). NaN in ``v[j, c]`` reaches column c only."""
+    cols = vbad.any(0).any(0).nonzero().flatten()  # keys bad in some batch element or head
+    vis = heads5(dense_visible(spec, p.device), spec.Hkv, spec.group)[..., cols]
+    seen = vis & vbad[:, :, None, None, cols]  # (B, Hkv, 1|G, Nq|1, n)
+    fix = bad_values(p[..., cols], seen, v[:, :, cols].to(p.dtype).unsqueeze(2))
+    if p.requires_grad:
+        p = _NaNGradRows.apply(p, seen.any(-1, keepdim=True).expand((*p.shape[:-1], 1)))
+    return p, fix
 
 
 def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +119,16 @@ def math_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention by materialising the scores; returns ``(out, lse)`` (lse float32)."""
     b, hq, nq, _ = q.shape
-    s, _, _, _, v5, _ = _scores(spec, q, k, v)
+    s, _, _, _, v5, _, vbad = _scores(spec, q, k, v, values_apart=True)
     p, lse = _softmax(s)
     if spec.dropout_p > 0:  # 7. dropout, the same counter-based mask as every backend
         p = p * _keep_scale(seed, spec, q.device, p.dtype)
+    fix = None
+    if vbad is not None:  # value rows holding NaN/inf, zeroed in v5: added back where seen
+        p, fix = _bad_value_terms(spec, p, vbad, v)
     out = p @ v5  # 8. weighted sum (B, Hkv, G, Nq, Dv)
+    if fix is not None:
+        out = out + fix
     return out.reshape(b, hq, nq, v.shape[-1]).to(q.dtype), lse.reshape(b, hq, nq).float()
 
 
@@ -109,7 +153,7 @@ def math_backward(
     """
     b, hq, nq, d = q.shape
     hkv, g = spec.Hkv, spec.group
-    s, t, q5, k5, v5, dist = _scores(spec, q, k, v)
+    s, t, q5, k5, v5, dist, _ = _scores(spec, q, k, v)
     p, _ = _softmax(s)
     do5 = dout.to(p.dtype).reshape(b, hkv, g, nq, -1)  # (B, Hkv, G, Nq, Dv)
     dp = do5 @ v5.transpose(-1, -2)  # (B, Hkv, G, Nq, Nk)

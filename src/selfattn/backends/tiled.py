@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import engine
+from ..rules import normalized
 from ..spec import AttentionSpec
 
 __all__ = ["TiledBackend"]
@@ -85,4 +86,5 @@ class TiledBackend:
         prob = engine.Problem.of(spec.select(heads, rows), None)
         if lse is None:
             _, lse = engine.forward(prob, q, k, None)
+            return normalized(engine.probabilities(prob, q, k, lse))
         return engine.probabilities(prob, q, k, lse)

@@ -12,7 +12,7 @@ Its internal API, used by the ``tiled`` backend, ring attention and the custom o
 - ``threads.py``: splitting one call across CPU threads by heads or by row bands.
 
 Names follow the paper and the Triton kernels (``m_i``, ``l_i``, ``acc``, ``BLOCK_N``); scores
-are in base 2 so the exponential is ``exp2``. Written in torch ops, the engine's cost beyond its
+are in natural-log units, so a score near the float32 maximum never overflows. Written in torch ops, the engine's cost beyond its
 two GEMMs per tile is the passes over each tile, so it keeps them few: subtractions ride inside
 the GEMMs, the running maximum is frozen after the first chunk when a Cauchy-Schwarz bound
 allows, masks are cached additive tiles, and tiles live in one reusable workspace.
@@ -22,6 +22,7 @@ from .autograd import attention
 from .backward import Grads, backward
 from .forward import forward, probabilities
 from .problem import BLOCK_N, ROWS_PER_TILE, Dropout, Problem, acc_dtype, all_finite, bad_keys
+from .tiles import bad_values
 
 __all__ = [
     "BLOCK_N",
@@ -34,6 +35,7 @@ __all__ = [
     "attention",
     "backward",
     "bad_keys",
+    "bad_values",
     "forward",
     "probabilities",
 ]

@@ -10,7 +10,6 @@ import math
 
 import torch
 
-from ..constants import LOG2E
 from ..rules import alibi_distance, key_spans
 from .problem import BLOCK_N, Problem, acc_dtype
 from .threads import Rect, head_slices, run_jobs, split
@@ -60,8 +59,8 @@ def backward(
     delta = (dout.to(acc_t) * out.to(acc_t)).sum(-1)  # (B, Hq, Nq)
     if dlse is not None:
         delta = delta - dlse.to(acc_t)
-    # rows that see nothing have lse -inf: +inf makes exp2(s - lse) = 0 there
-    lse2 = torch.where(torch.isneginf(lse), math.inf, lse.to(acc_t) * LOG2E)
+    # rows that see nothing have lse -inf: +inf makes exp(s - lse) = 0 there
+    lse2 = torch.where(torch.isneginf(lse), math.inf, lse.to(acc_t))
     plan = split(prob, nk) if q.device.type == "cpu" else None
     if plan is None:
         _backward_part(
@@ -146,7 +145,7 @@ def _backward_part(
 
     Writes dq (B, Hq, Nq, D) (unscaled: the caller multiplies by ``scale``) and accumulates into
     dk (B*Hkv, Nk, D) (in ``qscale`` units), dv (B*Hkv, Nk, Dv), dbias and dalibi.
-    ``lse2`` is the base-2 lse with ``+inf`` for rows that see nothing; ``delta`` is
+    ``lse2`` is the lse with ``+inf`` for rows that see nothing (so p = 0); ``delta`` is
     ``rowsum(dO * O) - dlse``.
     """
     spec = prob.spec
@@ -175,7 +174,7 @@ def _backward_part(
             s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
             if spec.softcap is not None:
                 s.sub_(lse_b)
-            p = torch.exp2(s, out=s)  # (B*Hkv, G*m, n) probabilities
+            p = torch.exp(s, out=s)  # (B*Hkv, G*m, n) probabilities
             dp = torch.bmm(  # dP - D = [dO, -D] [V, 1]^T
                 dob, vmat[:, j0:j1].transpose(1, 2), out=scores.buffer(1, g * m, j1 - j0)
             )

@@ -11,10 +11,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..constants import LOG2E
 from ..spec import AttentionSpec, cut
 
 __all__ = ["BLOCK_N", "ROWS_PER_TILE", "Dropout", "Problem", "acc_dtype", "all_finite", "bad_keys"]
+
+# scale / softcap beyond this is not folded into q (q * 2**64 could overflow: inf * 0 = NaN in
+# the matrix product); q then holds the scale alone and the scores are divided by the softcap
+FOLD_MAX = 2.0**64
 
 # Rows of one tile (query rows x query heads sharing a key/value head) and keys per chunk.
 # Measured on a 2-core AVX2 machine (benchmarks/cpu.py): tiles of ~256 x 512 fp32 scores keep
@@ -48,13 +51,15 @@ class Dropout:
 class Problem:
     """q (B, Hq, Nq, D) against k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) under ``spec``'s rules.
 
-    ``bad`` (B, Hkv, Nk) marks keys whose k or v is not finite; they are zeroed before use and
-    their visible scores set to NaN (see :func:`sanitize`).
+    ``bad`` (B, Hkv, Nk) marks keys that are zeroed before use and whose visible scores become
+    NaN; ``vbad`` (B, Hkv, Nk) keys whose value row alone is zeroed, for the forward to add
+    back to the rows that see them (see :func:`sanitize`).
     """
 
     spec: AttentionSpec
     dropout: Dropout | None = None
     bad: torch.Tensor | None = None
+    vbad: torch.Tensor | None = None
 
     @staticmethod
     def of(spec: AttentionSpec, seed: tuple[int, int] | None) -> Problem:
@@ -71,16 +76,32 @@ class Problem:
             g = self.spec.group
             drop = replace(drop, b0=drop.b0 + b0, h0=drop.h0 + kh0 * g, r0=drop.r0 + r0)
         return Problem(
-            self.spec.part(b0, b1, kh0, kh1, r0, r1), drop, cut(self.bad, (b0, b1), (kh0, kh1))
+            self.spec.part(b0, b1, kh0, kh1, r0, r1),
+            drop,
+            cut(self.bad, (b0, b1), (kh0, kh1)),
+            cut(self.vbad, (b0, b1), (kh0, kh1)),
         )
 
     @property
     def qscale(self) -> float:
-        """What q is multiplied by so that ``q @ k^T`` is the score (base 2) or ``s / softcap``."""
+        """What q is multiplied by so that ``q @ k^T`` is the score or ``s / softcap``.
+
+        Scores are natural-log units: the row maximum is subtracted before ``exp``, so a score
+        near the float32 maximum (a bias of 3e38) never overflows. A tiny softcap is not folded
+        (see ``cap_div``).
+        """
         spec = self.spec
+        if self.cap_div:
+            return spec.scale
         if spec.softcap is not None:
             return spec.scale / spec.softcap
-        return spec.scale * LOG2E
+        return spec.scale
+
+    @property
+    def cap_div(self) -> bool:
+        """Whether the scores are divided by the softcap after the matrix product."""
+        spec = self.spec
+        return spec.softcap is not None and spec.scale / spec.softcap > FOLD_MAX
 
     def block_m(self) -> int:
         """Query rows per block: ``ROWS_PER_TILE`` rows of scores across the query heads of a
@@ -94,15 +115,32 @@ class Problem:
         return max(1, rows // spec.group)
 
     def sanitize(
-        self, k: torch.Tensor, v: torch.Tensor | None
+        self, k: torch.Tensor, v: torch.Tensor | None, values_apart: bool = False
     ) -> tuple[Problem, torch.Tensor, torch.Tensor | None]:
-        """Zero non-finite keys/values that a rule may hide, and mark them (see ``bad_keys``)."""
-        bad = bad_keys(k, v, self.spec)
-        if bad is None:
+        """Zero non-finite keys/values that a rule may hide, and mark them (see ``bad_keys``).
+
+        By default a key whose k or v row is not finite gets NaN scores where visible (the
+        backward: rows that see it get NaN gradients). With ``values_apart`` (the forward), a
+        bad value row alone keeps its key's scores: it is zeroed and marked in ``vbad``, and
+        the forward adds its non-finite entries back to the rows that see it, so NaN in
+        ``v[j, c]`` poisons column c only and never the lse (docs/api.md).
+        """
+        kbad, vbad = bad_keys(k, v, self.spec)
+        if kbad is None and vbad is None:
             return self, k, v
-        k = torch.where(bad[..., None], 0, k)
-        v = torch.where(bad[..., None], 0, v) if v is not None else None
-        return replace(self, bad=bad), k, v
+        if values_apart:
+            keys = kbad
+            values = vbad if kbad is None or vbad is None else vbad & ~kbad
+            values = values if values is not None and bool(values.any()) else None
+        else:
+            keys = kbad if vbad is None else (vbad if kbad is None else kbad | vbad)
+            values = None
+        if keys is not None:
+            k = torch.where(keys[..., None], 0, k)
+        zero_v = keys if not values_apart else vbad
+        if v is not None and zero_v is not None:
+            v = torch.where(zero_v[..., None], 0, v)
+        return replace(self, bad=keys, vbad=values), k, v
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:
@@ -115,18 +153,23 @@ def all_finite(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
-def bad_keys(k: torch.Tensor, v: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor | None:
-    """(B, Hkv, Nk) True where k or v holds NaN/inf, when some key may be hidden from a row.
+def bad_keys(
+    k: torch.Tensor, v: torch.Tensor | None, spec: AttentionSpec
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(kbad, vbad)``: (B, Hkv, Nk) True where the k row / the v row holds NaN/inf (None where
+    none does), when some key may be hidden from a row.
 
-    Such keys are zeroed before use and their visible scores set to NaN, so padding garbage never
-    leaks into rows that cannot see it (0 * NaN is NaN in a matrix product) while rows that do
-    see it still get NaN, as in the specification.
+    Such rows are zeroed before use, so padding garbage never leaks into rows that cannot see it
+    (0 * NaN is NaN in a matrix product), while rows that do see it still get what the
+    specification says (see ``Problem.sanitize``).
     """
     if not spec.restricts:
-        return None  # every row sees every key: non-finite values propagate as they should
+        return None, None  # every row sees every key: non-finite values propagate as they should
     if all_finite(k, v):
-        return None
-    bad = ~torch.isfinite(k).all(-1)
-    if v is not None:
-        bad |= ~torch.isfinite(v).all(-1)
-    return bad if bool(bad.any()) else None
+        return None, None
+    kbad = ~torch.isfinite(k).all(-1)
+    vbad = ~torch.isfinite(v).all(-1) if v is not None else None
+    return (
+        kbad if bool(kbad.any()) else None,
+        vbad if vbad is not None and bool(vbad.any()) else None,
+    )

@@ -1,6 +1,7 @@
 """Tiles of the torch-op engine: the operand matrices, the score workspace and dropout tiles.
 
-Scores are computed in base 2 into one reusable workspace per problem: fresh multi-megabyte
+Scores are computed in natural-log units (the row maximum or the lse is subtracted before
+``exp``, so no score near the float32 maximum overflows) into one reusable workspace per problem: fresh multi-megabyte
 tensors cost page faults on every allocation (as much as the matrix product itself at these
 sizes). Subtractions ride inside the GEMMs: keys (and values, in backward) carry a column of
 ones, queries a column holding ``-m_i``, ``-lse`` or ``-D``.
@@ -13,11 +14,10 @@ import math
 import torch
 
 from .. import _rng
-from ..constants import LOG2E
 from ..rules import alibi_distance, bias_tile, heads5, max_span, visible
 from .problem import BLOCK_N, Problem, acc_dtype
 
-__all__ = ["Scores", "dropout_scale", "key_matrix", "kv_matrix", "query_block"]
+__all__ = ["Scores", "bad_values", "dropout_scale", "key_matrix", "kv_matrix", "query_block"]
 
 
 def kv_matrix(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -111,7 +111,7 @@ class Scores:
         buf: int = 0,
         keep_tanh: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores of rows [i0, i1) x keys [j0, j1) in base 2, invisible ones -inf.
+        """Scores of rows [i0, i1) x keys [j0, j1), invisible ones -inf.
 
         Returns ``(s, t)``: s (B*Hkv, G*m, n), a view of workspace ``buf``, and with
         ``keep_tanh`` the softcap's tanh (for its derivative), else None.
@@ -122,17 +122,19 @@ class Scores:
         s5 = s.view(b, hkv, g, m, n)
         t = None
         if spec.softcap is not None:
+            if self.prob.cap_div:  # a tiny softcap: q holds the scale alone
+                s.div_(spec.softcap)
             s.tanh_()
             if keep_tanh:
                 t = s.clone()
-            s.mul_(spec.softcap * LOG2E)
+            s.mul_(spec.softcap)
         if spec.bias is not None:
             bias = heads5(bias_tile(spec, i0, i1, j0, j1), hkv, g)
-            s5.add_(bias.to(s.dtype), alpha=LOG2E)
+            s5.add_(bias.to(s.dtype))
         if spec.alibi_slopes is not None:
             slopes = spec.alibi_slopes.to(s.dtype).reshape(-1, hkv, g, 1, 1)
             dist = alibi_distance(spec, i0, i1, j0, j1, s.device, s.dtype)
-            s5.addcmul_(slopes, dist, value=-LOG2E)
+            s5.addcmul_(slopes, dist, value=-1.0)
         if bad is not None:
             s5.masked_fill_(bad[:, :, None, None, j0:j1], math.nan)
         if not full:
@@ -160,3 +162,32 @@ def dropout_scale(
     row_ids = ((batch * drop.hq_total + heads) * drop.nq_total + rows).reshape(b * hkv, g * m, 1)
     keep = _rng.keep_mask(drop.seed, row_ids, torch.arange(j0, j1, device=device), drop.p)
     return keep.to(like.dtype).mul_(1.0 / (1.0 - drop.p))
+
+
+def bad_values(p: torch.Tensor, seen: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What ``p @ v`` adds for value rows holding NaN/inf, exactly as the formula says for the
+    rows that see them and nothing for the rows that do not (a matrix product would give those
+    ``0 * NaN``). The rows are zeroed in the product itself (``Problem.sanitize``), so their
+    finite entries are added here too.
+
+    Args:
+        p: (..., M, n) probabilities of the n keys (after dropout).
+        seen: (..., M, n) bool, whether each row sees each key.
+        v: (..., n, Dv) the keys' raw value rows.
+
+    Returns:
+        (..., M, Dv): NaN where a seen ``v[j, c]`` is NaN, is +-inf times a zero probability, or
+        where +inf and -inf meet; +-inf where a seen +-inf meets p > 0; else the finite sum.
+    """
+    dt = p.dtype
+    finite = torch.isfinite(v)
+    part = torch.where(seen, p, 0) @ torch.where(finite, v, 0)
+    nan = torch.isnan(v).to(dt)
+    up_v, down_v = (v == math.inf).to(dt), (v == -math.inf).to(dt)
+    pos = (seen & (p > 0)).to(dt)
+    zero = (seen & (p == 0)).to(dt)
+    poisoned = (seen.to(dt) @ nan + zero @ (up_v + down_v)) > 0
+    up, down = (pos @ up_v) > 0, (pos @ down_v) > 0
+    out = part.expand(poisoned.shape).clone()
+    out.masked_fill_(up, math.inf).masked_fill_(down, -math.inf)
+    return out.masked_fill_(poisoned | (up & down), math.nan)

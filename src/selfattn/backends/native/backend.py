@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...first_order import first_order
+from ...rules import normalized
 from ...spec import AttentionSpec
 from . import build
 from .call import REFUSED, record
@@ -128,9 +129,9 @@ class NativeBackend:
             qr = q[:, :, r0:r1]
             if lse is None:
                 _, lse_r = ext.forward(qr, k, k[..., :0], call, False, False)
+                pieces.append(normalized(ext.probabilities(qr, k, lse_r, call)))
             else:
-                lse_r = lse[:, :, r0:r1]
-            pieces.append(ext.probabilities(qr, k, lse_r, call))
+                pieces.append(ext.probabilities(qr, k, lse[:, :, r0:r1], call))
         if not pieces:  # no rows asked for
             return torch.zeros(spec.B, spec.Hq, 0, spec.Nk, dtype=torch.float32)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)

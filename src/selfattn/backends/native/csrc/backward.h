@@ -6,7 +6,7 @@
 // segment of keys, and the partials are summed in segment order at the end, so no two threads
 // write the same memory and the sums never depend on the schedule. Per (key block, head,
 // q block of BMb rows):
-//     S = Qs K^T (+ epilogue),  P = exp2(S - lse2),  dP = dO V^T,
+//     S = Qs K^T (+ epilogue),  P = exp2((S - lse) * log2 e),  dP = dO V^T,
 //     dS = P * (dP * keep - D),  dV += (P * keep)^T dO,  dK += dS^T Qs,  dQ += dS K
 // (keep = dropout mask / (1 - p); softcap: dS *= 1 - tanh^2 before dK and dQ).
 // A learnable bias with broadcast dims gathers dS from several heads or batch elements into one
@@ -42,7 +42,8 @@ struct Backward {
   const Plan<V>& pl;
   const Params& P;
   Packed<V>& pk;
-  // per unit slot: scaled q rows, dO rows, base-2 lse (+inf: row sees nothing), D = dO.O - dlse
+  // per unit slot: scaled q rows, dO rows, the natural-log lse (+inf: row sees nothing; named
+  // lse2 from when scores were base 2), D = dO.O - dlse
   T *qs, *dos, *lse2, *dd;
   int64_t nq_pad;  // rows per head, padded to BMB
   // dQ partials: [segment][slot][g][row][Dp]
@@ -166,7 +167,7 @@ struct Backward {
       V l2 = V::set1(lh[row]), dd_r = V::set1(dh[row]);
       uint32_t hr = pl.dropout ? pl.drop_row(b, h, row) : 0;
       for (int c = 0; c < KB; c += W) {
-        V pv = V::exp2(V::load(s + c) - l2);
+        V pv = V::exp2((V::load(s + c) - l2) * V::set1(T(LOG2E)));
         V dpv = V::load(dp + c);
         if (pl.dropout) {
           V keep = V::dropout(V::set1(T(1)), hr, j0 + c, P.seed1, pl.thr, inv);
@@ -265,7 +266,7 @@ static void pack_rows(const Plan<V>& pl, Backward<V>& bw, int64_t u, int64_t slo
     T l = T(load_scalar(ls.p, ls.dt, b * ls.s[0] + h * ls.s[1] + i * ls.s[2]));
     const View& dl = P.dlse;
     if (dl.p) delta -= T(load_scalar(dl.p, dl.dt, b * dl.s[0] + h * dl.s[1] + i * dl.s[2]));
-    bw.lse2[hs * bw.nq_pad + i] = l == T(-INFINITY) ? T(INFINITY) : T(l * T(LOG2E));
+    bw.lse2[hs * bw.nq_pad + i] = l == T(-INFINITY) ? T(INFINITY) : l;  // natural, as S
     bw.dd[hs * bw.nq_pad + i] = delta;
   }
 }

@@ -11,8 +11,9 @@
 //
 // Non-finite keys: when every row sees every key of a chunk, NaN/inf propagate by themselves.
 // A hidden one could leak (0 * inf): a chunk whose result is not finite is therefore recomputed
-// with the chunk's keys copied, bad ones zeroed and their visible scores set to NaN, exactly as
-// the packed path does.
+// with the chunk's keys copied and bad rows zeroed, exactly as the packed path does: a bad key
+// row makes its visible scores NaN, a bad value row is added back to the rows that see it, in its
+// non-finite columns only (forward.h, add_bad_values).
 #pragma once
 #include <cmath>
 
@@ -51,11 +52,14 @@ struct Decode {
   }
 
   struct Scratch {
-    Buf<T> q, s, kc, vc, kp;
+    Buf<T> q, s, kc, vc, kp, vrow;
     Buf<uint8_t> bad, cls;
+    Buf<int64_t> vkeys;
+    Buf<uint32_t> vseen;
     Scratch(const Decode& d)
         : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.CK * d.pl.Dp), vc(d.CK * d.pl.Dvp),
-          kp(d.P.D * PW), bad(d.CK), cls(d.P.G * (d.CK / PW)) {}
+          kp(d.P.D * PW), vrow(d.pl.Dvp), bad(d.CK), cls(d.P.G * (d.CK / PW)), vkeys(d.CK),
+          vseen(d.CK) {}
   };
 
   // Beyond a few rows the dot products would load every key row once per row: transposing the
@@ -182,15 +186,14 @@ struct Decode {
       nd = P.D / W;
     } else {  // convert the chunk's keys (and, careful, check them with their values)
       for (int64_t j = jb; j < je; j++) {
-        bool ok = load_row<V>(P.k, b, kvh, j, P.D, Dp, sc.kc.p + (j - jb) * Dp);
+        const bool ok_k = load_row<V>(P.k, b, kvh, j, P.D, Dp, sc.kc.p + (j - jb) * Dp);
         if (careful) {
-          if (P.need_out) ok &= load_row<V>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
-          if (!ok) {
-            zero_bytes(sc.kc.p + (j - jb) * Dp, sizeof(T) * Dp);
-            zero_bytes(sc.vc.p + (j - jb) * Dvp, sizeof(T) * Dvp);
-          }
-          sc.bad[j - jb] = ok ? 0 : 1;
-          any_bad |= !ok;
+          const bool ok_v =
+              !P.need_out || load_row<V>(P.v, b, kvh, j, P.Dv, Dvp, sc.vc.p + (j - jb) * Dvp);
+          if (!ok_k) zero_bytes(sc.kc.p + (j - jb) * Dp, sizeof(T) * Dp);
+          if (!ok_v) zero_bytes(sc.vc.p + (j - jb) * Dvp, sizeof(T) * Dvp);
+          sc.bad[j - jb] = uint8_t((ok_k ? 0 : 1) | (ok_v ? 0 : 2));
+          any_bad |= !(ok_k && ok_v);
         }
       }
       if (careful)
@@ -243,6 +246,9 @@ struct Decode {
       }
     }
     const int64_t n = (tmax - tmin) * PW;
+    const int nbad = any_bad && P.need_out
+                         ? find_bad_values<T>(bad, jb, je, S, LDD, int(R), sc.vkeys.p, sc.vseen.p)
+                         : 0;
     for (int64_t r = 0; r < R; r++) softmax_row<V>(S + r * LDD, n, m[r], l[r]);
     if (P.need_out) {
       if (pl.dropout)
@@ -254,6 +260,9 @@ struct Decode {
               V::dropout(V::load(s + c), hr, jb + c, P.seed1, pl.thr, pl.keep_scale).store(s + c);
           }
       gemm<V, STORE>(R, Dvp / W, nkeys, S, LDD, 1, vbase, ldv, acc, Dvp, nullptr);
+      if (nbad)
+        add_bad_values<V>(P, b, kvh, sc.vkeys.p, sc.vseen.p, nbad, S, LDD, jb, int(R), acc, Dvp,
+                          sc.vrow.p, Dvp);
     }
     if (careful) return true;
     T chk = 0;
@@ -308,7 +317,7 @@ struct Decode {
       for (int64_t d = 0; d < Dvp; d++) o[d] = T(0);
       for (int64_t c = 0; c < nc; c++) {
         const T mc = pm[(u * nc + c) * R + r];
-        const T w = mc == T(-INFINITY) ? T(0) : T(std::exp2(mc - base));
+        const T w = mc == T(-INFINITY) ? T(0) : T(std::exp2((mc - base) * T(LOG2E)));
         lsum += plsum[(u * nc + c) * R + r] * w;
         if (P.need_out) {
           const T* a = pacc + ((u * nc + c) * R + r) * Dvp;
@@ -317,7 +326,7 @@ struct Decode {
       }
       const int64_t bh = b * P.Hq + h;
       const bool empty = lsum == T(0);
-      lse[bh * P.Nq + i] = empty ? T(-INFINITY) : T((M + std::log2(lsum)) * T(LN2));
+      lse[bh * P.Nq + i] = empty ? T(-INFINITY) : T(M + std::log(lsum));
       if (P.need_out)
         store_out<T>(P.out, P.out_dt, (bh * P.Nq + i) * P.Dv, o.p, P.Dv,
                      empty ? T(0) : T(1) / lsum);
@@ -330,6 +339,7 @@ static void forward_decode(const Params& P, const Pool& pool) {
   using T = typename V::T;
   using DC = Decode<V>;
   Plan<V> pl(P, pool);
+  pl.nan_keys = 1;  // a bad value row poisons only its columns (add_bad_values)
   DC dc(pl, P);
   const int64_t units = P.B * P.Hkv, n = units * dc.nc;
   Buf<T> pm(n * dc.R), pls(n * dc.R), pacc(P.need_out ? n * dc.R * pl.Dvp : 0);

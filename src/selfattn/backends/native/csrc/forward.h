@@ -44,9 +44,10 @@ static inline void store_out(void* out, DT dt, int64_t off, const T* src, int64_
   }
 }
 
-// Online-softmax state update of one row of a score panel: scores s[0:n] (n a multiple of W)
-// become probabilities exp2(s - m_new); returns alpha = exp2(m_old - m_new) for rescaling.
-// NaN scores are skipped by the maximum and reach l and O through exp2.
+// Online-softmax state update of one row of a score panel: natural-log scores s[0:n] (n a
+// multiple of W) become probabilities exp(s - m_new) = exp2((s - m_new) * log2 e); returns
+// alpha = exp(m_old - m_new) for rescaling. NaN scores are skipped by the maximum and reach l
+// and O through exp2.
 template <class V>
 static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V::T& m,
                                         typename V::T& l) {
@@ -57,16 +58,63 @@ static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V:
   T cm = mx.hmax();
   T mo = m, mn = cm > mo ? cm : mo;
   T base = mn == T(-INFINITY) ? T(0) : mn;
-  T alpha = mo == T(-INFINITY) ? T(0) : T(std::exp2(mo - base));
-  V vb = V::set1(base), sum = V::zero();
-  for (int64_t c = 0; c < n; c += W) {
-    V p = V::exp2(V::load(s + c) - vb);
-    p.store(s + c);
-    sum = sum + p;
+  T alpha = mo == T(-INFINITY) ? T(0) : T(std::exp2((mo - base) * T(LOG2E)));
+  const V l2e = V::set1(T(LOG2E));
+  const T shift = base * T(LOG2E);
+  V sum = V::zero();
+  if (std::isfinite(shift)) {  // one FMA: s * log2 e - m * log2 e, rounded once
+    const V ns = V::set1(-shift);
+    for (int64_t c = 0; c < n; c += W) {
+      V p = V::exp2(fmadd(V::load(s + c), l2e, ns));
+      p.store(s + c);
+      sum = sum + p;
+    }
+  } else {  // |m| near FLT_MAX: subtract before scaling, so nothing overflows
+    const V vb = V::set1(base);
+    for (int64_t c = 0; c < n; c += W) {
+      V p = V::exp2((V::load(s + c) - vb) * l2e);
+      p.store(s + c);
+      sum = sum + p;
+    }
   }
   l = l * alpha + sum.hsum();
   m = mn;
   return alpha;
+}
+
+// Keys whose value row alone is not finite (pack flag 2) are zeroed in the packed V, so that
+// padding garbage never reaches a row that cannot see it (0 * NaN). For the rows that do see
+// such a key, find_bad_values records them before the softmax (bit r of seen[x]: row r's score
+// of key keys[x] is not -inf) and add_bad_values adds the whole p * v[j, :] back after
+// O += P V: NaN in v[j, c] poisons column c of those rows only (docs/api.md).
+template <class T>
+static inline int find_bad_values(const uint8_t* bad, int64_t j0, int64_t j1, const T* S,
+                                  int64_t lds, int rows, int64_t* keys, uint32_t* seen) {
+  int n = 0;
+  for (int64_t j = j0; j < j1; j++) {
+    if (bad[j] != 2) continue;  // a bad key row (flag 1) already made the scores NaN
+    uint32_t mask = 0;
+    for (int r = 0; r < rows; r++) mask |= uint32_t(S[r * lds + (j - j0)] != T(-INFINITY)) << r;
+    keys[n] = j;
+    seen[n++] = mask;
+  }
+  return n;
+}
+template <class V>
+static inline void add_bad_values(const Params& P, int64_t b, int64_t kvh, const int64_t* keys,
+                                  const uint32_t* seen, int n, const typename V::T* S,
+                                  int64_t lds, int64_t j0, int rows, typename V::T* O,
+                                  int64_t ldo, typename V::T* vrow, int64_t Dvp) {
+  using T = typename V::T;
+  for (int x = 0; x < n; x++) {
+    if (!seen[x]) continue;
+    load_row<V>(P.v, b, kvh, keys[x], P.Dv, Dvp, vrow);
+    for (int r = 0; r < rows; r++) {
+      if (!((seen[x] >> r) & 1u)) continue;
+      const T p = S[r * lds + (keys[x] - j0)];
+      for (int64_t c = 0; c < P.Dv; c++) O[r * ldo + c] += p * vrow[c];
+    }
+  }
 }
 
 template <class V>
@@ -80,10 +128,13 @@ struct Forward {
   const Packed<V>& pk;
 
   struct Scratch {
-    Buf<T> q, o, m, l, al, s;
+    Buf<T> q, o, m, l, al, s, vrow;
     Buf<uint8_t> cls;
+    Buf<int64_t> vkeys;
+    Buf<uint32_t> vseen;
     explicit Scratch(const Plan<V>& pl)
-        : q(BM * pl.Dp), o(BM * pl.Dvp), m(BM), l(BM), al(MR), s(MR * LDS), cls(CT) {}
+        : q(BM * pl.Dp), o(BM * pl.Dvp), m(BM), l(BM), al(MR), s(MR * LDS), vrow(pl.Dvp),
+          cls(CT), vkeys(KC), vseen(KC) {}
   };
 
   int64_t blocks() const { return cdiv(P.Nq, BM); }
@@ -163,6 +214,10 @@ struct Forward {
     const int64_t n = (t_hi - t_lo) * PW;
     T* m = sc.m.p + p * MR;
     T* l = sc.l.p + p * MR;
+    int nbad = 0;  // keys of this chunk whose value row alone is not finite
+    if (bad && P.need_out)
+      nbad = find_bad_values<T>(bad, t_lo * PW, imin(P.Nk, t_hi * PW), S, LDS, int(pn.nreal),
+                                sc.vkeys.p, sc.vseen.p);
     for (int r = 0; r < MR; r++) sc.al[r] = softmax_row<V>(S + r * LDS, n, m[r], l[r]);
     if (!P.need_out) return;
     if (pl.dropout) {
@@ -176,6 +231,9 @@ struct Forward {
     }
     gemm<V, SCALE>(MR, Dvp / W, n, S, LDS, 1, vr + t_lo * PW * Dvp, Dvp, sc.o.p + p * MR * Dvp,
                    Dvp, sc.al.p);
+    if (nbad)
+      add_bad_values<V>(P, pn.b, pn.h / P.G, sc.vkeys.p, sc.vseen.p, nbad, S, LDS, t_lo * PW,
+                        int(pn.nreal), sc.o.p + p * MR * Dvp, Dvp, sc.vrow.p, Dvp);
   }
 
   static bool has_bad(const uint8_t* bad, int64_t t) {
@@ -191,7 +249,7 @@ struct Forward {
       int64_t row = i0 + r, bh = b * P.Hq + h;
       T l = sc.l[r];
       bool empty = l == T(0);
-      lse[bh * P.Nq + row] = empty ? T(-INFINITY) : T((sc.m[r] + std::log2(l)) * T(LN2));
+      lse[bh * P.Nq + row] = empty ? T(-INFINITY) : T(sc.m[r] + std::log(l));
       if (P.need_out)
         store_out<T>(P.out, P.out_dt, (bh * P.Nq + row) * P.Dv, sc.o.p + r * pl.Dvp, P.Dv,
                      empty ? T(0) : T(1) / l);
@@ -205,6 +263,7 @@ static void forward_prefill(const Params& P, const Pool& pool) {
   using T = typename V::T;
   using F = Forward<V>;
   Plan<V> pl(P, pool);
+  pl.nan_keys = 1;  // a bad value row poisons only its columns (add_bad_values)
   const int64_t units = P.B * P.Hkv;
   const int64_t unit_bytes =
       pl.ntiles * F::PW * (P.D + (P.need_out ? pl.Dvp : 0)) * int64_t(sizeof(T)) + 1;

@@ -26,28 +26,39 @@ static inline __attribute__((always_inline)) void mk(int64_t K, const typename V
                                                      int64_t ldb, typename V::T* C, int64_t ldc,
                                                      const typename V::T* alpha) {
   using T = typename V::T;
-  V acc[R][NV];
-  for (int i = 0; i < R; i++)
-    for (int c = 0; c < NV; c++) acc[i][c] = V::zero();
-  for (int64_t k = 0; k < K; k++) {
-    V b[NV];
-    for (int c = 0; c < NV; c++) b[c] = V::load(B + k * ldb + c * V::W);
-    const T* a = A + k * sk;
+  // Blocked summation: the register sums restart every KBLK terms and each block's sum is added
+  // to C. A single running sum over a long reduction (head dim 512) rounds ~sqrt(K) times at the
+  // size of the total; blocks keep the error about that of a BLAS GEMM (issue 17, item 11). For
+  // K <= KBLK (head dims up to 128) this is one block, the plain kernel.
+  constexpr int64_t KBLK = 128;
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = K - k0 < KBLK ? K : k0 + KBLK;
+    V acc[R][NV];
+    for (int i = 0; i < R; i++)
+      for (int c = 0; c < NV; c++) acc[i][c] = V::zero();
+    for (int64_t k = k0; k < k1; k++) {
+      V b[NV];
+      for (int c = 0; c < NV; c++) b[c] = V::load(B + k * ldb + c * V::W);
+      const T* a = A + k * sk;
+      for (int i = 0; i < R; i++) {
+        V ai = V::set1(a[i * sa]);
+        for (int c = 0; c < NV; c++) acc[i][c] = fmadd(ai, b[c], acc[i][c]);
+      }
+    }
+    const int mode = k0 == 0 ? MODE : ADD;  // later blocks add to what the first one wrote
     for (int i = 0; i < R; i++) {
-      V ai = V::set1(a[i * sa]);
-      for (int c = 0; c < NV; c++) acc[i][c] = fmadd(ai, b[c], acc[i][c]);
+      T* ci = C + i * ldc;
+      if (mode == SCALE) {
+        V al = V::set1(alpha[i]);
+        for (int c = 0; c < NV; c++) acc[i][c] = fmadd(V::load(ci + c * V::W), al, acc[i][c]);
+      } else if (mode == ADD) {
+        for (int c = 0; c < NV; c++) acc[i][c] = acc[i][c] + V::load(ci + c * V::W);
+      }
+      for (int c = 0; c < NV; c++) acc[i][c].store(ci + c * V::W);
     }
-  }
-  for (int i = 0; i < R; i++) {
-    T* ci = C + i * ldc;
-    if (MODE == SCALE) {
-      V al = V::set1(alpha[i]);
-      for (int c = 0; c < NV; c++) acc[i][c] = fmadd(V::load(ci + c * V::W), al, acc[i][c]);
-    } else if (MODE == ADD) {
-      for (int c = 0; c < NV; c++) acc[i][c] = acc[i][c] + V::load(ci + c * V::W);
-    }
-    for (int c = 0; c < NV; c++) acc[i][c].store(ci + c * V::W);
-  }
+    k0 = k1;
+  } while (k0 < K);
 }
 
 // Rows of one register tile for NV vectors of columns: 2 * MR accumulators at most.

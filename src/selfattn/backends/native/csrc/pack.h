@@ -1,9 +1,11 @@
 // Packing K and V once per (batch, kv head) into the layouts the micro-kernels stream:
 //   panels  [tile][d][PW]   K^T for S = Q K^T (and V^T for backward's dP = dO V^T)
 //   rows    [key][Xp]       V for O += P V (and K for backward's dQ += dS K), X padded to W
-// converted to the accumulation type, zero-padded past Nk. Keys whose k or v row holds NaN/inf
-// are zeroed and flagged: the epilogue turns their visible scores into NaN, so padding garbage
-// never reaches a row that cannot see it (0 * NaN would), while rows that see it get NaN.
+// converted to the accumulation type, zero-padded past Nk. A k or v row that holds NaN/inf is
+// zeroed and flagged (1: the key row, 2: the value row), so padding garbage never reaches a row
+// that cannot see it (0 * NaN would): the epilogue turns the visible scores of flagged keys
+// into NaN (Plan::nan_keys), and the forward adds a bad value row's non-finite entries back to
+// the rows that see it (forward.h, add_bad_values).
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -90,7 +92,7 @@ struct Packed {
   T* kr = nullptr;        // K rows, ntiles * PW * Dp
   T* vt = nullptr;        // V panels, ntiles * Dv * PW
   T* vr = nullptr;        // V rows, ntiles * PW * Dvp
-  uint8_t* bad = nullptr; // ntiles * PW
+  uint8_t* bad = nullptr; // ntiles * PW flags: 1 = key row, 2 = value row not finite
   uint8_t* any_bad = nullptr;  // per unit
   int64_t kt_n = 0, kr_n = 0, vt_n = 0, vr_n = 0, bad_n = 0;
   int64_t ntp = 0;  // tiles packed per unit (>= ntiles: whole key blocks, zero keys past Nk)
@@ -182,20 +184,22 @@ struct Packed {
     for (int64_t t = t0; t < t1; t++) {
       for (int c = 0; c < PW; c++) {
         int64_t j = t * PW + c;
-        bool ok = true;
+        uint8_t flag = 0;
         if (j < p.Nk) {
-          ok = load_row<V>(p.k, b, h, j, D, Dp, krow);
-          if (vt || vr) ok &= load_row<V>(p.v, b, h, j, Dv, Dvp, vrow);  // lse alone: no V
-          if (!ok) {
+          if (!load_row<V>(p.k, b, h, j, D, Dp, krow)) {
             zero_bytes(krow, sizeof(T) * Dp);
-            zero_bytes(vrow, sizeof(T) * Dvp);
-            any = true;
+            flag |= 1;
           }
+          if ((vt || vr) && !load_row<V>(p.v, b, h, j, Dv, Dvp, vrow)) {  // lse alone: no V
+            zero_bytes(vrow, sizeof(T) * Dvp);
+            flag |= 2;
+          }
+          any |= flag != 0;
         } else {
           zero_bytes(krow, sizeof(T) * Dp);
           zero_bytes(vrow, sizeof(T) * Dvp);
         }
-        bad[slot * bad_n + j] = ok ? 0 : 1;
+        bad[slot * bad_n + j] = flag;
         if (kt) {
           T* dst = kt + slot * kt_n + t * D * PW + c;
           for (int64_t d = 0; d < D; d++) dst[d * PW] = krow[d];
@@ -222,30 +226,30 @@ struct Packed {
     for (int64_t t = t0; t < t1; t++) {
       const int64_t j0 = t * PW;
       // K is always packed; V only when used (the lse alone never reads it)
-      uint32_t flags = 0;
-      if (kt) flags |= panel_tile(kb, lk, j0, Nk, D, kt + slot * kt_n + t * D * PW);
-      if (kr) flags |= row_tile(kb, lk, j0, Nk, D, pl.Dp, kr + slot * kr_n + j0 * pl.Dp);
-      if (vt) flags |= panel_tile(vb, lv, j0, Nk, Dv, vt + slot * vt_n + t * Dv * PW);
-      if (vr) flags |= row_tile(vb, lv, j0, Nk, Dv, pl.Dvp, vr + slot * vr_n + j0 * pl.Dvp);
+      uint32_t kf = 0, vf = 0;
+      if (kt) kf |= panel_tile(kb, lk, j0, Nk, D, kt + slot * kt_n + t * D * PW);
+      if (kr) kf |= row_tile(kb, lk, j0, Nk, D, pl.Dp, kr + slot * kr_n + j0 * pl.Dp);
+      if (vt) vf |= panel_tile(vb, lv, j0, Nk, Dv, vt + slot * vt_n + t * Dv * PW);
+      if (vr) vf |= row_tile(vb, lv, j0, Nk, Dv, pl.Dvp, vr + slot * vr_n + j0 * pl.Dvp);
       for (int c = 0; c < PW; c++) {
-        const bool is_bad = (flags >> c) & 1u;
-        bad[slot * bad_n + j0 + c] = is_bad ? 1 : 0;
-        if (is_bad) zero_key(pl, slot, t, c);
+        const uint8_t flag = uint8_t(((kf >> c) & 1u) | (((vf >> c) & 1u) << 1));
+        bad[slot * bad_n + j0 + c] = flag;
+        if (flag) zero_key(pl, slot, t, c, flag);
       }
-      any |= flags != 0;
+      any |= (kf | vf) != 0;
     }
     return any;
   }
-  // Zero every packed copy of key c of tile t (a non-finite key, see the header).
-  void zero_key(const Plan<V>& pl, int64_t slot, int64_t t, int c) {
+  // Zero the packed copies of key c of tile t: its key row (flag & 1), its value row (flag & 2).
+  void zero_key(const Plan<V>& pl, int64_t slot, int64_t t, int c, uint8_t flag) {
     const Params& p = pl.P;
     const int64_t j = t * PW + c;
-    if (kt)
+    if (kt && (flag & 1))
       for (int64_t d = 0; d < p.D; d++) kt[slot * kt_n + t * p.D * PW + d * PW + c] = T(0);
-    if (kr) zero_bytes(kr + slot * kr_n + j * pl.Dp, sizeof(T) * pl.Dp);
-    if (vt)
+    if (kr && (flag & 1)) zero_bytes(kr + slot * kr_n + j * pl.Dp, sizeof(T) * pl.Dp);
+    if (vt && (flag & 2))
       for (int64_t d = 0; d < p.Dv; d++) vt[slot * vt_n + t * p.Dv * PW + d * PW + c] = T(0);
-    if (vr) zero_bytes(vr + slot * vr_n + j * pl.Dvp, sizeof(T) * pl.Dvp);
+    if (vr && (flag & 2)) zero_bytes(vr + slot * vr_n + j * pl.Dvp, sizeof(T) * pl.Dvp);
   }
 
   // Pack units [u0, u1) into slots 0.. in parallel (items of 16 tiles).

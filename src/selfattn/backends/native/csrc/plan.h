@@ -39,8 +39,13 @@ struct Plan {
 
   const Params& P;
   int64_t ntiles, Dp, Dvp;
-  T qscale, cap2;  // q is scaled by qscale; softcap: s2 = cap2 * tanh(q.k)
-  bool softcap, bias, alibi, mask, ids, dropout, index_rules;
+  // Scores are natural-log units: the row maximum is subtracted before the change to base 2
+  // (exp2((s - m) * log2 e)), so a score near FLT_MAX (a bias of 3e38) never overflows.
+  T qscale, cap;  // q is scaled by qscale; softcap: s = cap * tanh(q.k) (or tanh(q.k / cap))
+  bool softcap, cap_div, bias, alibi, mask, ids, dropout, index_rules;
+  // pack flags (1: key row, 2: value row not finite) whose visible scores become NaN: the forward
+  // sets 1 (a bad value row poisons only its non-finite columns, see forward.h), the backward 3
+  uint8_t nan_keys = 3;
   uint32_t thr;
   T keep_scale;
   // segment ids of the keys per (b, tile)
@@ -54,8 +59,12 @@ struct Plan {
     Dp = cdiv(p.D, W) * W;
     Dvp = cdiv(p.Dv, W) * W;
     softcap = p.softcap > 0;
-    qscale = softcap ? T(p.scale / p.softcap) : T(p.scale * LOG2E);
-    cap2 = T(p.softcap * LOG2E);
+    // A tiny softcap would make scale / softcap overflow when folded into q (inf * 0 = NaN in
+    // the dot product): then q holds only the scale and the epilogue divides by the softcap.
+    const double fold = softcap ? p.scale / p.softcap : p.scale;
+    cap_div = softcap && fold > 0x1p64;
+    qscale = T(cap_div ? p.scale : fold);
+    cap = T(p.softcap);
     bias = p.bias.p != nullptr;
     alibi = p.alibi.p != nullptr;
     mask = p.mask.p != nullptr;
@@ -187,17 +196,18 @@ struct Plan {
 
   // ---- the score epilogue of one tile ----
   // S: rows of the panel x PW keys of tile t (row stride ld), holding q.k (q scaled by qscale).
-  // Leaves base-2 scores; invisible -inf. `bad`: the unit's non-finite-key flags (or null);
+  // Leaves natural-log scores; invisible -inf. `bad`: the unit's non-finite-key flags (or null);
   // `th`: where to keep tanh for the softcap derivative (or null).
   void epilogue(T* S, int64_t ld, const Panel& pn, int64_t t, uint8_t cls, const uint8_t* bad,
                 T* th) const {
     const int64_t j0 = t * PW;
     const int nreal = int(pn.nreal);
     if (softcap) {
-      V c2 = V::set1(cap2);
+      V c2 = V::set1(cap);
       for (int r = 0; r < nreal; r++)
         for (int v = 0; v < 2; v++) {
-          V x = V::tanh(V::load(S + r * ld + v * W));
+          V x = V::load(S + r * ld + v * W);
+          x = V::tanh(cap_div ? x / c2 : x);
           if (th) x.store(th + r * ld + v * W);
           (x * c2).store(S + r * ld + v * W);
         }
@@ -205,7 +215,7 @@ struct Plan {
     if (bias) apply_bias(S, ld, pn, j0);
     if (alibi) {
       const View& a = P.alibi;
-      T slope = T(load_scalar(a.p, a.dt, pn.b * a.s[0] + pn.h * a.s[1]) * LOG2E);
+      T slope = T(load_scalar(a.p, a.dt, pn.b * a.s[0] + pn.h * a.s[1]));
       V ns = V::set1(-slope);
       for (int r = 0; r < nreal; r++) {
         int64_t pos = P.start + pn.row0 + r;
@@ -217,7 +227,7 @@ struct Plan {
     }
     if (bad) {  // a visible non-finite key gives NaN (masks below turn invisible ones to -inf)
       for (int c = 0; c < PW; c++)
-        if (bad[j0 + c])
+        if (bad[j0 + c] & nan_keys)
           for (int r = 0; r < nreal; r++) S[r * ld + c] = T(NAN);
     }
     if (cls == PARTIAL) apply_masks(S, ld, pn, j0);
@@ -232,13 +242,10 @@ struct Plan {
       T* s = S + r * ld;
       if (bv.dt == DT::F32 && bv.s[3] == 1 && jn == PW && sizeof(T) == 4) {
         const float* bp = static_cast<const float*>(bv.p) + off;
-        V l2 = V::set1(T(LOG2E));
         for (int v = 0; v < 2; v++)
-          fmadd(V::load(reinterpret_cast<const T*>(bp) + v * W), l2, V::load(s + v * W))
-              .store(s + v * W);
+          (V::load(reinterpret_cast<const T*>(bp) + v * W) + V::load(s + v * W)).store(s + v * W);
       } else {
-        for (int64_t c = 0; c < jn; c++)
-          s[c] += T(load_scalar(bv.p, bv.dt, off + c * bv.s[3]) * LOG2E);
+        for (int64_t c = 0; c < jn; c++) s[c] += T(load_scalar(bv.p, bv.dt, off + c * bv.s[3]));
       }
     }
   }

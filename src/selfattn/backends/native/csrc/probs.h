@@ -40,7 +40,7 @@ struct Probs {
         load_q_row<V>(P.q, b, h, row0 + r, P.D, Dp, pl.qscale, dst);
         const View& ls = P.lse_in;
         T l = T(load_scalar(ls.p, ls.dt, b * ls.s[0] + h * ls.s[1] + (row0 + r) * ls.s[2]));
-        lse2[r] = l * T(LOG2E);
+        lse2[r] = l;  // natural log, as the scores
         any |= l != T(-INFINITY);
       } else {
         for (int64_t d = 0; d < Dp; d++) dst[d] = T(0);
@@ -68,7 +68,7 @@ struct Probs {
         if (lse2[r] == T(-INFINITY)) continue;
         float* dst = probs + (bh * P.Nq + row0 + r) * P.Nk + j0;
         const T* s = st + r * PW;
-        for (int64_t c = 0; c < jn; c++) dst[c] = float(std::exp2(s[c] - lse2[r]));
+        for (int64_t c = 0; c < jn; c++) dst[c] = float(std::exp2((s[c] - lse2[r]) * T(LOG2E)));
       }
     }
   }
