@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["WINDOW_MAX", "index_list", "integer", "probability", "real", "window"]
+__all__ = ["WINDOW_MAX", "float32", "index_list", "integer", "probability", "real", "window"]
 
 # Window sides are clamped to this: it exceeds the distance between any two positions a tensor
 # can index (a dimension of 2**62 elements is beyond any machine), so a larger side restricts
@@ -37,6 +37,29 @@ def real(name: str, x: Any) -> float:
     except OverflowError:  # an int such as 10**400
         shown = repr(x) if x.bit_length() < 4096 else f"an int of {x.bit_length()} bits"
         raise ValueError(f"{name} must be a finite float, got {shown}") from None
+
+
+# Reals that round to a finite float32 have |x| below F32_HIGH (FLT_MAX plus half an ulp: ties
+# round to inf); positive ones that stay > 0 lie above F32_LOW (half the smallest subnormal).
+F32_LOW = 2.0**-150
+F32_HIGH = 2.0**128 - 2.0**103
+
+
+def float32(name: str, x: Any, positive: bool) -> float:
+    """``x`` as a float that float32 holds finitely (and > 0 when ``positive``): the kernels
+    compute in float32, so a softcap or scale beyond it cannot be honoured."""
+    v = x if type(x) is float else real(name, x)
+    if positive and not F32_LOW < v < F32_HIGH:  # NaN fails too
+        raise ValueError(
+            f"{name} must be a finite float > 0 that float32 can hold (about 1.4e-45 to 3.4e38), "
+            f"got {name}={x!r}"
+        )
+    if not abs(v) < F32_HIGH:
+        raise ValueError(
+            f"{name} must be a finite float that float32 can hold (|{name}| < about 3.4e38), "
+            f"got {name}={x!r}"
+        )
+    return v
 
 
 def probability(name: str, p: Any) -> float:

@@ -331,25 +331,8 @@ def _alibi(slopes: Any, call: _Call) -> tuple:
     return (slopes if slopes.dim() == 2 else slopes.reshape(1, hq),)
 
 
-# Positive reals that round to a finite float32 > 0 lie strictly between these two: half the
-# smallest subnormal (ties round to 0) and FLT_MAX plus half an ulp (ties round to inf).
-_F32_LOW = 2.0**-150
-_F32_HIGH = 2.0**128 - 2.0**103
-
-
-def _positive_f32(name: str, value: Any) -> float:
-    """A softcap or scale: a real that is a finite float32 > 0 (the kernels compute in it)."""
-    x = value if type(value) is float else checks.real(name, value)
-    if not _F32_LOW < x < _F32_HIGH:  # NaN fails too
-        raise ValueError(
-            f"{name} must be a finite float > 0 that float32 can hold (about 1.4e-45 to 3.4e38), "
-            f"got {name}={value!r}"
-        )
-    return x
-
-
 def _softcap(value: Any, call: _Call) -> tuple:
-    return (_positive_f32("softcap", value),)
+    return (checks.float32("softcap", value, positive=True),)
 
 
 def _ids(name: str, t: Any, b: int, n: int, call: _Call) -> torch.Tensor:
@@ -391,13 +374,7 @@ def _segments(value: Any, call: _Call) -> tuple:
 
 
 def _scale(value: Any, call: _Call) -> tuple:
-    x = value if type(value) is float else checks.real("scale", value)
-    if not abs(x) < _F32_HIGH:  # NaN fails too; 0 and negative scales are honoured
-        raise ValueError(
-            f"scale must be a finite float that float32 can hold (|scale| < about 3.4e38), "
-            f"got scale={value!r}"
-        )
-    return (x,)
+    return (checks.float32("scale", value, positive=False),)
 
 
 def _dropout(value: Any, call: _Call) -> tuple:
