@@ -11,6 +11,7 @@ are a few tokens, so every boundary is crossed many times.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,24 @@ def test_make_cache_layers_follow_the_config():
     ]
     assert cache.is_sliding == ref.is_sliding and any(cache.is_sliding)
     assert [x.get_max_length() for x in cache.layers] == [x.get_max_length() for x in ref.layers]
+
+
+def test_make_cache_through_past_key_values_as_the_api_spells_it():
+    """``generate(past_key_values=cache)`` (transformers 5.25 renamed it ``cache=`` and still
+    takes the old name) and the forward call both fill and use the cache."""
+    model = _tiny_llama()
+    ids = torch.randint(1, 101, (1, 7), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), max_new_tokens=5)
+    cache = sa_hf.make_cache(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation of the old name
+        ours = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+        assert cache.get_seq_length() == ours.shape[1] - 1
+        with torch.no_grad():
+            out = model(input_ids=ours[:, -1:], past_key_values=cache, use_cache=True)
+    assert torch.equal(ours, ref)
+    assert cache.get_seq_length() == ours.shape[1]
+    assert out.logits.shape == (1, 1, 101)
 
 
 # -- whole models: the same tokens as DynamicCache -----------------------------------------------

@@ -425,13 +425,13 @@ def make_cache(
 ) -> InPlaceCache:
     """A transformers ``Cache`` for ``model`` whose layers write keys and values in place.
 
-    Pass it to ``model.generate(..., past_key_values=cache)`` (``cache=`` in transformers >= 5.25)
-    or to ``model(..., past_key_values=cache, use_cache=True)``. With the defaults it behaves
-    exactly like transformers' ``DynamicCache`` (same lengths, masks, ``crop``, beam-search
-    reordering, so the same tokens) with any attention implementation (``"selfattn"``, ``"sdpa"``,
-    ``"eager"``, ...), but a decode step copies nothing: each layer writes its new token into
-    preallocated storage that grows by chunks, and attention reads a view of it. Reuse the cache
-    across ``generate`` calls for a multi-turn chat.
+    Pass it to ``model.generate(..., cache=cache)`` or ``model(..., cache=cache, use_cache=True)``
+    (``past_key_values=cache`` in older transformers; 5.25 still takes it, with a deprecation
+    warning). With the defaults it behaves exactly like transformers' ``DynamicCache`` (same
+    lengths, masks, ``crop``, beam-search reordering, so the same tokens) with any attention
+    implementation (``"selfattn"``, ``"sdpa"``, ``"eager"``, ...), but a decode step copies
+    nothing: each layer writes its new token into preallocated storage that grows by chunks, and
+    attention reads a view of it. Reuse the cache across ``generate`` calls for a multi-turn chat.
 
     Not implemented yet (issue 18, later work): quantized storage (``bits=8`` or ``4``, with
     ``rotate``) and eviction to a token ``budget`` by ``policy`` (``"window"``, ``"sink"`` with
