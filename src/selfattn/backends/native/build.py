@@ -1,9 +1,10 @@
 """Build and load the native CPU attention extension (``python -m selfattn.backends.native.build``).
 
 The kernels are compiled on this machine: ``bindings.cpp`` (the only file that sees torch) with
-``torch.utils.cpp_extension.load`` and ninja, and one object per instruction set (portable,
-AVX2+FMA, AVX-512), each with its own ``-m`` flags, linked into the same module; the bindings
-pick one at run time from the CPU's features (``SELFATTN_NATIVE_ISA=avx2|avx512|generic``
+``torch.utils.cpp_extension.load`` and ninja, and one object per instruction set of the machine's
+architecture, each with its own ``-m`` flags, linked into the same module: on x86-64 portable,
+AVX2+FMA and AVX-512, on aarch64 portable and NEON, elsewhere portable alone. The bindings pick
+one at run time from the CPU's features (``SELFATTN_NATIVE_ISA=avx2|avx512|neon|generic``
 overrides). The build lives in ``${SELFATTN_CACHE:-~/.cache/selfattn}/native-<hash>``, the hash
 covering every file in ``csrc/``, the flags, torch's version, the Python ABI and the compiler's
 identity, so an unchanged build is imported directly (no ninja run) and a changed one is never
@@ -49,8 +50,11 @@ CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-fno-plt"]
 # extra flags for every compile, e.g. "-DSELFATTN_POISON" (scratch starts as NaN) or sanitizers;
 # they are part of the build's hash
 EXTRA_ENV = "SELFATTN_NATIVE_CXXFLAGS"
-# the ISA objects: (source, flags); the bindings link them in this order (see common.h)
-OBJECTS = [
+# the ISA objects of this machine's architecture: (source, flags), linked in this order; the
+# bindings declare the same set per architecture (see bindings.cpp). NEON is part of aarch64's
+# base ISA, so its object needs no flag. The Makefile's check-native / check-sanitize / check-arm
+# build the torch-free test driver from the same objects and flags.
+_X86_OBJECTS = [
     ("kernels_generic.cpp", []),
     ("kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
     (
@@ -58,7 +62,21 @@ OBJECTS = [
         ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mf16c"],
     ),
 ]
-BINDINGS_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+_ARM_OBJECTS = [("kernels_generic.cpp", []), ("kernels_neon.cpp", [])]
+
+
+def objects_for(machine: str) -> list[tuple[str, list[str]]]:
+    """The ISA objects compiled on a machine whose ``platform.machine()`` is ``machine``."""
+    m = machine.lower()
+    if m in ("x86_64", "amd64", "i386", "i686"):
+        return _X86_OBJECTS
+    if m in ("aarch64", "arm64"):
+        return _ARM_OBJECTS
+    return [("kernels_generic.cpp", [])]
+
+
+OBJECTS = objects_for(platform.machine())
+BINDINGS_FLAGS = ["-O3", "-std=c++17"]
 # set (not "0") to try again a build whose failure is recorded
 REBUILD_ENV = "SELFATTN_NATIVE_REBUILD"
 # compiler output that means the machine, not the sources, failed: such a failure is not recorded
@@ -140,6 +158,29 @@ def sources() -> list[Path]:
     return sorted(p for p in CSRC.rglob("*") if p.is_file() and p.suffix in SOURCES)
 
 
+def openmp_flags(compiler_id: str) -> list[str]:
+    """``-fopenmp`` for the bindings where it is needed and the compiler has it, else nothing.
+
+    torch's OpenMP builds (``AT_PARALLEL_OPENMP`` in ATen/Config.h: the Linux wheels) inline
+    ``at::parallel_for``'s ``#pragma omp parallel`` body from ATen/ParallelOpenMP.h into
+    bindings.cpp; compiled without ``-fopenmp`` it runs every range in the calling thread. A torch
+    with its native pool needs no flag, and the engine objects never do (they only call back
+    through the bindings' pool). Apple's clang has no ``-fopenmp``, so the flag is given for GCC
+    on Linux only: elsewhere the engine builds and is correct, and runs in the calling thread
+    when torch's pool is OpenMP (the bindings then report one thread).
+    """
+    if not sys.platform.startswith("linux") or "clang" in compiler_id.lower():
+        return []
+    import torch
+
+    config = Path(torch.__file__).resolve().parent / "include" / "ATen" / "Config.h"
+    try:
+        text = config.read_text()
+    except OSError:
+        return []
+    return ["-fopenmp"] if "#define AT_PARALLEL_OPENMP 1" in text else []
+
+
 def _key(compiler_id: str) -> str:
     import torch
 
@@ -147,7 +188,7 @@ def _key(compiler_id: str) -> str:
     for path in sources():
         h.update(path.relative_to(CSRC).as_posix().encode())
         h.update(path.read_bytes())
-    flags = [CXXFLAGS, BINDINGS_FLAGS, OBJECTS, _extra_flags()]
+    flags = [CXXFLAGS, BINDINGS_FLAGS, OBJECTS, openmp_flags(compiler_id), _extra_flags()]
     for part in (repr(flags), torch.__version__, compiler_id, sys.version, platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -224,7 +265,7 @@ def _ninja() -> Iterator[None]:
         os.environ["PATH"] = old
 
 
-def _build(cxx: str, out: Path) -> ModuleType:
+def _build(cxx: str, out: Path, omp: list[str]) -> ModuleType:
     from torch.utils import cpp_extension
 
     objs = _compile_objects(cxx, out)
@@ -232,9 +273,9 @@ def _build(cxx: str, out: Path) -> ModuleType:
         return cpp_extension.load(
             name=NAME,
             sources=[str(CSRC / BINDINGS)],
-            extra_cflags=[*BINDINGS_FLAGS, *_extra_flags()],
+            extra_cflags=[*BINDINGS_FLAGS, *omp, *_extra_flags()],
             extra_include_paths=[str(CSRC)],
-            extra_ldflags=[*map(str, objs), "-fopenmp", *_extra_flags()],
+            extra_ldflags=[*map(str, objs), *omp, *_extra_flags()],
             build_directory=str(out),
             verbose=False,
         )
@@ -296,7 +337,7 @@ def _load(rebuild: bool) -> ModuleType:
         try:
             with _ninja():
                 cache.say(BUILDING.format(out))
-                mod = _build(cxx, out)
+                mod = _build(cxx, out, openmp_flags(compiler_id))
         except CompileError as exc:  # recorded, and said the way later processes will say it
             cache.record_failure(out, str(exc), exc.log, compiler_id, torch.__version__)
             raise BuildError(_recorded(out) or str(exc)) from exc

@@ -1,8 +1,11 @@
 // Python bindings of the native engine: argument checks, torch tensors -> Params, the choice of
 // the compiled ISA variant, torch's intra-op pool for the engines' parallel loops.
 //
-// This is the only TU that sees torch; it is compiled with the default flags (plus -fopenmp, as
-// at::parallel_for's OpenMP body lives in torch's headers). The engines are plain C++.
+// This is the only TU that sees torch; it is compiled with the default flags, plus -fopenmp where
+// torch's pool is OpenMP and the compiler is GCC on Linux (build.py's openmp_flags: then
+// at::parallel_for's OpenMP body, which lives in torch's headers, is compiled here). The engines
+// are plain C++ and never need it. The engines linked in depend on the architecture (build.py's
+// OBJECTS): x86 generic + AVX2 + AVX-512, aarch64 generic + NEON, anything else generic.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -19,8 +22,13 @@
 namespace selfattn {
 extern const Engine engine_generic_f32;
 extern const Engine engine_generic_f64;
+#if defined(__x86_64__) || defined(__i386__)
 extern const Engine engine_avx2;
 extern const Engine engine_avx512;
+#endif
+#if defined(__aarch64__)
+extern const Engine engine_neon;
+#endif
 }  // namespace selfattn
 
 using namespace selfattn;
@@ -54,9 +62,17 @@ View view_of(const at::Tensor& t) {
 void pool_run(int64_t n, void* ctx, TaskFn fn) {
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
 }
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+// torch's parallel_for is an OpenMP loop compiled into this TU, here without OpenMP (a compiler
+// without -fopenmp, e.g. Apple's clang): it runs in the calling thread, so the engines should
+// not cut work into parts for threads that do not exist
+int pool_threads() { return 1; }
+#else
 int pool_threads() { return at::get_num_threads(); }
+#endif
 const Pool kPool{&pool_run, &pool_threads};
 
+#if defined(__x86_64__) || defined(__i386__)
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -68,12 +84,17 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vl");
 }
 
-// The engine for float32/16 compute: SELFATTN_NATIVE_ISA=avx512|avx2|generic overrides the CPU's
-// best (read on every call, so tests can switch).
+#endif
+
+// The engine for float32/16 compute: SELFATTN_NATIVE_ISA overrides the CPU's best (read on every
+// call, so tests can switch): avx512|avx2|generic on x86, neon|generic on aarch64 (NEON is part
+// of the base ISA there: no run-time check), generic elsewhere.
 const Engine& float_engine() {
   const char* want = std::getenv("SELFATTN_NATIVE_ISA");
   if (want && *want) {
     std::string w(want);
+    if (w == "generic") return engine_generic_f32;
+#if defined(__x86_64__) || defined(__i386__)
     if (w == "avx512") {
       TORCH_CHECK(cpu_has_avx512(), "SELFATTN_NATIVE_ISA=avx512 but this CPU lacks AVX-512");
       return engine_avx512;
@@ -82,11 +103,22 @@ const Engine& float_engine() {
       TORCH_CHECK(cpu_has_avx2(), "SELFATTN_NATIVE_ISA=avx2 but this CPU lacks AVX2/FMA");
       return engine_avx2;
     }
-    if (w == "generic") return engine_generic_f32;
     TORCH_CHECK(false, "SELFATTN_NATIVE_ISA must be avx512, avx2 or generic, not '", w, "'");
+#elif defined(__aarch64__)
+    if (w == "neon") return engine_neon;
+    TORCH_CHECK(false, "SELFATTN_NATIVE_ISA must be neon or generic on aarch64, not '", w, "'");
+#else
+    TORCH_CHECK(false, "SELFATTN_NATIVE_ISA must be generic on this architecture, not '", w, "'");
+#endif
   }
+#if defined(__x86_64__) || defined(__i386__)
   static const bool a512 = cpu_has_avx512(), a2 = cpu_has_avx2();
   return a512 ? engine_avx512 : a2 ? engine_avx2 : engine_generic_f32;
+#elif defined(__aarch64__)
+  return engine_neon;
+#else
+  return engine_generic_f32;
+#endif
 }
 
 const Engine& engine_for(DT dt) { return dt == DT::F64 ? engine_generic_f64 : float_engine(); }

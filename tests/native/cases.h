@@ -1,0 +1,282 @@
+// The driver's cases: odd shapes (1, 17, 97, 113, 130 rows / keys; head dims 5, 40, 64, 80;
+// Dv != D; GQA), every rule alone and all together, the decode path (few rows over up to 600
+// keys, several chunks), 16-bit and float64 inputs, strided views, and the edges: Nq == 0,
+// Nk == 0, Dv == 0, rows that see nothing, window sides near INT64_MAX, a non-finite key.
+// Shapes stay small: the driver also runs under sanitizers and under qemu.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "reference.h"
+#include "tensor.h"
+
+namespace drv {
+
+enum MaskKind { NO_MASK, MASK_FULL, MASK_ROWS_KEYS, MASK_KEY_PADDING };
+enum BiasKind { NO_BIAS, BIAS_FULL, BIAS_HEADS, BIAS_KEYS, BIAS_ROWS };
+
+struct Spec {
+  std::string name;
+  int64_t B = 1, Hq = 1, Hkv = 1, Nq = 17, Nk = 17, D = 40, Dv = 40;
+  bool causal = false;
+  bool start_set = false;
+  int64_t start = 0;  // default: Nk - Nq (the last query row sits at the last key)
+  int64_t left = -1, right = -1;
+  MaskKind mask = NO_MASK;
+  BiasKind bias = NO_BIAS;
+  int alibi_b = 0;  // 0: none, 1: (Hq,), B: (B, Hq)
+  double softcap = 0, dropout_p = 0;
+  bool ids = false, dlse = false, strided = false, lse_only = false, nan_key = false;
+  bool backward = true, dbias = true, dalibi = true;
+  DT dt = DT::F32, out_dt = DT::F32;
+  DT bias_dt = DT::F32;
+  double amp = 1.0;
+  int pool_mode = 0;
+  uint64_t seed = 1;
+};
+
+inline Problem make_problem(const Spec& s) {
+  Rng rng(s.seed * 1000003 + std::hash<std::string>()(s.name));
+  Problem p;
+  p.B = s.B;
+  p.Hq = s.Hq;
+  p.Hkv = s.Hkv;
+  p.Nq = s.Nq;
+  p.Nk = s.Nk;
+  p.D = s.D;
+  p.Dv = s.Dv;
+  p.scale = 1.0 / std::sqrt(double(s.D > 0 ? s.D : 1));
+  p.softcap = s.softcap;
+  p.causal = s.causal;
+  p.start = s.start_set ? s.start : s.Nk - s.Nq;
+  p.left = s.left;
+  p.right = s.right;
+  static const int bnhd[4] = {0, 2, 1, 3};  // (B, N, H, D) storage, as a transposed view
+  const int* order = s.strided ? bnhd : nullptr;
+  p.q = Tensor(s.dt, s.B, s.Hq, s.Nq, s.D, order);
+  p.k = Tensor(s.dt, s.B, s.Hkv, s.Nk, s.D, order);
+  p.v = Tensor(s.dt, s.B, s.Hkv, s.Nk, s.Dv, order);
+  fill_normal(p.q, rng, s.amp);
+  fill_normal(p.k, rng, s.amp);
+  fill_normal(p.v, rng, 1.0);
+  if (s.nan_key && s.Nk > 0) {  // key Nk / 2 of kv head 0 not finite: seen by later rows only
+    const int64_t j = s.Nk / 2;
+    p.k.set(0, 0, j, 0, NAN);
+  }
+  switch (s.mask) {
+    case NO_MASK: break;
+    case MASK_FULL: p.mask = Tensor(DT::U8, s.B, s.Hq, s.Nq, s.Nk); break;
+    case MASK_ROWS_KEYS: p.mask = Tensor(DT::U8, 1, 1, s.Nq, s.Nk); break;
+    case MASK_KEY_PADDING: p.mask = Tensor(DT::U8, s.B, 1, 1, s.Nk); break;
+  }
+  if (s.mask != NO_MASK) {
+    Tensor& m = p.mask;
+    for (int64_t a = 0; a < m.shape[0]; a++)
+      for (int64_t b = 0; b < m.shape[1]; b++)
+        for (int64_t c = 0; c < m.shape[2]; c++) {
+          const bool dead_row = m.shape[2] > 2 && c % 7 == 3;  // some rows see nothing
+          for (int64_t d = 0; d < m.shape[3]; d++) {
+            bool vis = !dead_row && rng.uniform() < 0.7;
+            if (s.mask == MASK_KEY_PADDING) vis = d < s.Nk - 1 - a * 5;  // trailing padding
+            m.set(a, b, c, d, vis);
+          }
+        }
+  }
+  switch (s.bias) {
+    case NO_BIAS: break;
+    case BIAS_FULL: p.bias = Tensor(s.bias_dt, s.B, s.Hq, s.Nq, s.Nk); break;
+    case BIAS_HEADS: p.bias = Tensor(s.bias_dt, 1, s.Hq, s.Nq, s.Nk); break;
+    case BIAS_KEYS: p.bias = Tensor(s.bias_dt, 1, 1, 1, s.Nk); break;
+    case BIAS_ROWS: p.bias = Tensor(s.bias_dt, s.B, 1, s.Nq, 1); break;
+  }
+  if (s.bias != NO_BIAS) fill_normal(p.bias, rng, 1.0);
+  if (s.alibi_b > 0) {
+    p.alibi = Tensor(DT::F32, 1, 1, s.alibi_b, s.Hq);
+    for (int64_t b = 0; b < s.alibi_b; b++)
+      for (int64_t h = 0; h < s.Hq; h++) p.alibi.set(0, 0, b, h, 0.02 + 0.3 * rng.uniform());
+  }
+  if (s.ids) {  // documents of random lengths; padding (-1) at the end of some sequences
+    p.q_ids.resize(s.B * s.Nq);
+    p.kv_ids.resize(s.B * s.Nk);
+    for (int64_t b = 0; b < s.B; b++) {
+      int64_t doc = 0, left = 1 + rng.below(40);
+      for (int64_t j = 0; j < s.Nk; j++) {
+        if (--left == 0) {
+          doc++;
+          left = 1 + rng.below(40);
+        }
+        p.kv_ids[b * s.Nk + j] = j >= s.Nk - 3 * b ? -1 : doc;
+      }
+      // rows follow their positions' documents (bottom-right), with padded rows at the end
+      for (int64_t i = 0; i < s.Nq; i++) {
+        const int64_t pos = p.start + i;
+        int64_t id = pos >= 0 && pos < s.Nk ? p.kv_ids[b * s.Nk + pos] : doc + 1;
+        if (i >= s.Nq - 2 * b) id = -1;
+        p.q_ids[b * s.Nq + i] = id;
+      }
+    }
+  }
+  p.dropout_p = s.dropout_p;
+  if (s.dropout_p > 0) {
+    p.seed0 = uint32_t(rng.next());
+    p.seed1 = uint32_t(rng.next());
+    // a shard of a larger call, as ring attention passes: offsets into the global row ids
+    p.drop_hq = s.Hq + 2;
+    p.drop_nq = s.Nq + 5;
+    p.drop_b0 = 1;
+    p.drop_h0 = 2;
+    p.drop_r0 = 3;
+  }
+  p.dout = Tensor(DT::F32, s.B, s.Hq, s.Nq, s.Dv);
+  fill_normal(p.dout, rng, 1.0);
+  if (s.dlse) {
+    p.dlse.resize(s.B * s.Hq * s.Nq);
+    for (double& x : p.dlse) x = rng.normal();
+  }
+  return p;
+}
+
+inline std::vector<Spec> all_specs() {
+  const int64_t M = INT64_MAX;
+  std::vector<Spec> v;
+  auto add = [&](const char* name, auto&& tweak) {
+    Spec s;
+    s.name = name;
+    tweak(s);
+    v.push_back(s);
+  };
+  // ---- shapes ----
+  add("tiny 1x1 D1", [](Spec& s) { s.Nq = s.Nk = 1; s.D = s.Dv = 1; });
+  add("plain 17x17 D64", [](Spec& s) { s.D = s.Dv = 64; });
+  add("odd D5 Dv3", [](Spec& s) { s.Nq = 97; s.Nk = 113; s.D = 5; s.Dv = 3; });
+  add("gqa 97x113 D40 Dv80", [](Spec& s) {
+    s.B = 2; s.Hq = 4; s.Hkv = 2; s.Nq = 97; s.Nk = 113; s.D = 40; s.Dv = 80; s.dlse = true;
+  });
+  add("130x130 D80 Dv64 pool", [](Spec& s) {
+    s.Nq = s.Nk = 130; s.D = 80; s.Dv = 64; s.Hq = 2; s.Hkv = 1; s.pool_mode = 1;
+  });
+  add("peaky scores", [](Spec& s) { s.Nq = 97; s.Nk = 97; s.D = 64; s.Dv = 64; s.amp = 3; });
+  add("strided BNHD", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = 113; s.Nk = 97; s.D = s.Dv = 64; s.strided = true;
+  });
+  // ---- rules, one at a time ----
+  add("causal 130x130", [](Spec& s) { s.Nq = s.Nk = 130; s.D = s.Dv = 64; s.causal = true; });
+  add("causal Nq>Nk (start<0)", [](Spec& s) {
+    s.Nq = 130; s.Nk = 97; s.D = 80; s.Dv = 40; s.causal = true;
+  });
+  add("causal start 0", [](Spec& s) {
+    s.Nq = 97; s.Nk = 130; s.causal = true; s.start_set = true; s.start = 0;
+  });
+  add("window (17, 5)", [](Spec& s) { s.Nq = s.Nk = 113; s.left = 17; s.right = 5; });
+  add("window (31, 0) causal", [](Spec& s) {
+    s.Nq = s.Nk = 130; s.left = 31; s.right = 0; s.causal = true; s.pool_mode = 1;
+  });
+  add("window (0, 0)", [](Spec& s) { s.Nq = s.Nk = 97; s.left = 0; s.right = 0; });
+  add("window past the keys", [](Spec& s) {  // rows whose window holds no key: see nothing
+    s.Nq = 17; s.Nk = 97; s.left = 3; s.right = 3; s.start_set = true; s.start = 90;
+  });
+  add("window (max, max)", [=](Spec& s) { s.Nq = 17; s.Nk = 97; s.left = M; s.right = M; });
+  add("window (max, 0)", [=](Spec& s) { s.Nq = 97; s.Nk = 97; s.left = M; s.right = 0; });
+  add("window (0, max) start<0", [=](Spec& s) {
+    s.Nq = 113; s.Nk = 97; s.left = M - 1; s.right = M; s.start_set = true; s.start = -40;
+  });
+  add("mask full", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 1; s.Nq = 97; s.Nk = 113; s.mask = MASK_FULL;
+  });
+  add("mask rows x keys", [](Spec& s) { s.Nq = 113; s.Nk = 130; s.mask = MASK_ROWS_KEYS; });
+  add("mask key padding", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = 17; s.Nk = 97; s.mask = MASK_KEY_PADDING;
+  });
+  add("bias full", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 1; s.Nq = 97; s.Nk = 113; s.bias = BIAS_FULL;
+  });
+  add("bias heads (B broadcast)", [](Spec& s) {
+    s.B = 2; s.Hq = 4; s.Hkv = 2; s.Nq = 17; s.Nk = 113; s.bias = BIAS_HEADS;
+  });
+  add("bias keys float64", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = 97; s.Nk = 97; s.bias = BIAS_KEYS;
+    s.bias_dt = DT::F64; s.pool_mode = 1;
+  });
+  add("bias rows", [](Spec& s) { s.B = 2; s.Nq = 113; s.Nk = 17; s.bias = BIAS_ROWS; });
+  add("alibi (Hq)", [](Spec& s) { s.Hq = 4; s.Hkv = 1; s.Nq = 97; s.Nk = 113; s.alibi_b = 1; });
+  add("alibi (B, Hq) causal", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = s.Nk = 113; s.alibi_b = 2; s.causal = true;
+  });
+  add("softcap 5", [](Spec& s) { s.Nq = 97; s.Nk = 113; s.softcap = 5; s.amp = 3; });
+  add("softcap 50 D80", [](Spec& s) { s.Nq = 113; s.Nk = 97; s.D = 80; s.Dv = 80; s.softcap = 50; });
+  add("segment ids", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 1; s.Nq = s.Nk = 130; s.ids = true;
+  });
+  add("segment ids causal", [](Spec& s) {
+    s.B = 2; s.Nq = 97; s.Nk = 113; s.ids = true; s.causal = true;
+  });
+  add("dropout 0.3", [](Spec& s) { s.Hq = 2; s.Nq = 97; s.Nk = 113; s.dropout_p = 0.3; });
+  add("dropout 0.9 causal", [](Spec& s) {
+    s.Nq = s.Nk = 113; s.dropout_p = 0.9; s.causal = true; s.pool_mode = 1;
+  });
+  // ---- everything at once ----
+  add("all rules GQA Dv!=D", [](Spec& s) {
+    s.B = 2; s.Hq = 4; s.Hkv = 2; s.Nq = 97; s.Nk = 130; s.D = 40; s.Dv = 64;
+    s.causal = true; s.left = 60; s.right = 0; s.mask = MASK_FULL; s.bias = BIAS_HEADS;
+    s.alibi_b = 2; s.softcap = 20; s.ids = true; s.dropout_p = 0.2; s.dlse = true;
+  });
+  add("all rules strided pool", [](Spec& s) {
+    s.B = 1; s.Hq = 2; s.Hkv = 1; s.Nq = 113; s.Nk = 113; s.D = 64; s.Dv = 40;
+    s.left = 40; s.right = 7; s.mask = MASK_ROWS_KEYS; s.bias = BIAS_FULL; s.alibi_b = 1;
+    s.softcap = 30; s.ids = true; s.dropout_p = 0.1; s.strided = true; s.pool_mode = 1;
+  });
+  // ---- decode: few rows (G * Nq <= 16) over a long cache, split into key chunks ----
+  add("decode 1 row 600 keys G3", [](Spec& s) {
+    s.Hq = 6; s.Hkv = 2; s.Nq = 1; s.Nk = 600; s.D = s.Dv = 64; s.causal = true;
+  });
+  add("decode 2 rows G4 (panels)", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 1; s.Nq = 2; s.Nk = 600; s.D = 64; s.Dv = 40; s.pool_mode = 1;
+  });
+  add("decode rules", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = 3; s.Nk = 600; s.D = 40; s.Dv = 80; s.causal = true;
+    s.left = 300; s.mask = MASK_FULL; s.bias = BIAS_FULL; s.alibi_b = 2; s.softcap = 10;
+    s.dropout_p = 0.25;
+  });
+  add("decode ids float16 in", [](Spec& s) {
+    s.Hq = 3; s.Hkv = 1; s.Nq = 1; s.Nk = 130; s.ids = true; s.dt = DT::F16; s.out_dt = DT::F32;
+  });
+  add("decode strided D80", [](Spec& s) {
+    s.B = 2; s.Hq = 8; s.Hkv = 2; s.Nq = 1; s.Nk = 113; s.D = s.Dv = 80; s.strided = true;
+  });
+  // ---- dtypes ----
+  add("bfloat16 in and out", [](Spec& s) {
+    s.Hq = 2; s.Nq = 97; s.Nk = 113; s.D = s.Dv = 64; s.dt = DT::BF16; s.out_dt = DT::BF16;
+    s.causal = true;
+  });
+  add("float16 in, float32 out", [](Spec& s) {
+    s.Nq = 113; s.Nk = 97; s.D = 40; s.Dv = 80; s.dt = DT::F16; s.out_dt = DT::F32;
+  });
+  add("float16 out", [](Spec& s) { s.Nq = 17; s.Nk = 130; s.dt = DT::F16; s.out_dt = DT::F16; });
+  add("float64", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 1; s.Nq = 97; s.Nk = 113; s.dt = s.out_dt = DT::F64;
+    s.causal = true; s.bias = BIAS_FULL; s.alibi_b = 1; s.softcap = 20; s.dropout_p = 0.2;
+  });
+  add("float64 decode", [](Spec& s) {
+    s.Hq = 2; s.Nq = 1; s.Nk = 600; s.dt = s.out_dt = DT::F64; s.mask = MASK_FULL;
+  });
+  // ---- edges ----
+  add("Nq 0", [](Spec& s) { s.Hq = 2; s.Nq = 0; s.Nk = 97; });
+  add("Nk 0", [](Spec& s) { s.Hq = 2; s.Nq = 17; s.Nk = 0; s.dlse = true; });
+  add("Nk 0 decode", [](Spec& s) { s.Nq = 1; s.Nk = 0; });
+  add("Dv 0 (lse alone)", [](Spec& s) { s.Nq = 97; s.Nk = 113; s.Dv = 0; s.dlse = true; });
+  add("Dv 0 decode", [](Spec& s) { s.Nq = 1; s.Nk = 130; s.Dv = 0; s.dlse = true; });
+  add("lse only (no out)", [](Spec& s) {
+    s.Nq = 97; s.Nk = 113; s.causal = true; s.lse_only = true; s.backward = false;
+  });
+  add("non-finite key, causal", [](Spec& s) {
+    s.Nq = 97; s.Nk = 97; s.D = s.Dv = 64; s.causal = true; s.nan_key = true;
+  });
+  add("non-finite key, decode", [](Spec& s) {
+    s.Nq = 1; s.Nk = 600; s.nan_key = true; s.left = 200;
+  });
+  return v;
+}
+
+}  // namespace drv

@@ -1,0 +1,254 @@
+// The native engine's own test driver: no torch, no Python. It links the engine objects of this
+// build's architecture (x86: generic + AVX2 + AVX-512 where the CPU has them; aarch64: generic +
+// NEON), builds Params by hand the way bindings.cpp does, and checks forward (prefill and
+// decode), backward and probabilities against the scalar double reference of reference.h, on odd
+// shapes and every rule. Run by `make check-native`, `make check-sanitize` (ASan + UBSan) and
+// `make check-arm` (cross-compiled, under qemu-aarch64).
+//
+//     driver [--list] [isa ...]     (isa: generic, avx2, avx512, neon; default: all this CPU has)
+//
+// Prints one line per failing check and 'N passed, N failed'; exits 1 on any failure.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cases.h"
+#include "checks.h"
+#include "common.h"
+#include "reference.h"
+#include "tensor.h"
+
+namespace selfattn {
+extern const Engine engine_generic_f32;
+extern const Engine engine_generic_f64;
+#if defined(__x86_64__) || defined(__i386__)
+extern const Engine engine_avx2;
+extern const Engine engine_avx512;
+#endif
+#if defined(__aarch64__)
+extern const Engine engine_neon;
+#endif
+}  // namespace selfattn
+
+using namespace drv;
+using selfattn::Engine;
+using selfattn::Params;
+using selfattn::View;
+
+namespace {
+
+// ---- the pool: serial. Mode 0 runs fn(ctx, 0, n) as one task; mode 1 runs one task per item,
+// last first, and reports 3 threads, so the engines split work as on 3 threads and any result
+// that depended on the schedule would change ----
+int g_pool_mode = 0;
+void pool_run(int64_t n, void* ctx, selfattn::TaskFn fn) {
+  if (g_pool_mode == 0) {
+    fn(ctx, 0, n);
+    return;
+  }
+  for (int64_t i = n - 1; i >= 0; i--) fn(ctx, i, i + 1);
+}
+int pool_threads() { return g_pool_mode == 0 ? 1 : 3; }
+const selfattn::Pool kPool{&pool_run, &pool_threads};
+
+struct Isa {
+  const char* name;
+  const Engine* f32;  // for float32 / float16 / bfloat16 inputs
+};
+
+std::vector<Isa> available_isas() {
+  std::vector<Isa> v{{"generic", &selfattn::engine_generic_f32}};
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) v.push_back({"avx2", &selfattn::engine_avx2});
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    v.push_back({"avx512", &selfattn::engine_avx512});
+#endif
+#if defined(__aarch64__)
+  v.push_back({"neon", &selfattn::engine_neon});
+#endif
+  return v;
+}
+
+DT acc_of(DT dt) { return dt == DT::F64 ? DT::F64 : DT::F32; }
+
+// Params for (P), as bindings.cpp's fill(): shapes, inputs, rules
+Params params_of(const Problem& pb) {
+  Params P;
+  P.B = pb.B;
+  P.Hq = pb.Hq;
+  P.Hkv = pb.Hkv;
+  P.G = pb.G();
+  P.Nq = pb.Nq;
+  P.Nk = pb.Nk;
+  P.D = pb.D;
+  P.Dv = pb.Dv;
+  P.dt = pb.q.dt;
+  P.q = pb.q.view();
+  P.k = pb.k.view();
+  P.v = pb.v.view();
+  P.scale = pb.scale;
+  P.softcap = pb.softcap;
+  P.causal = pb.causal;
+  P.start = pb.start;
+  P.left = pb.left;
+  P.right = pb.right;
+  if (!pb.mask.empty()) P.mask = pb.mask.view();
+  if (!pb.bias.empty()) P.bias = pb.bias.view();
+  if (!pb.alibi.empty()) {  // (alibi_b, Hq): s[0] batch (0 when broadcast), s[1] head
+    P.alibi.p = pb.alibi.data.data();
+    P.alibi.dt = pb.alibi.dt;
+    P.alibi.s[0] = pb.alibi_b() == 1 ? 0 : pb.Hq;
+    P.alibi.s[1] = pb.Hq == 1 ? 0 : 1;
+  }
+  if (!pb.q_ids.empty()) {  // (B, Nq), (B, Nk) int64, broadcast dims stride 0
+    P.q_ids.p = pb.q_ids.data();
+    P.q_ids.dt = DT::I64;
+    P.q_ids.s[0] = pb.B == 1 ? 0 : pb.Nq;
+    P.q_ids.s[1] = pb.Nq == 1 ? 0 : 1;
+    P.kv_ids.p = pb.kv_ids.data();
+    P.kv_ids.dt = DT::I64;
+    P.kv_ids.s[0] = pb.B == 1 ? 0 : pb.Nk;
+    P.kv_ids.s[1] = pb.Nk == 1 ? 0 : 1;
+  }
+  P.dropout_p = pb.dropout_p;
+  P.seed0 = pb.seed0;
+  P.seed1 = pb.seed1;
+  P.drop_hq = pb.drop_hq > 0 ? pb.drop_hq : pb.Hq;
+  P.drop_nq = pb.drop_nq > 0 ? pb.drop_nq : pb.Nq;
+  P.drop_b0 = pb.drop_b0;
+  P.drop_h0 = pb.drop_h0;
+  P.drop_r0 = pb.drop_r0;
+  return P;
+}
+
+struct EngineRun {
+  Tensor out, lse, probs, dq, dk, dv, dbias, dalibi;
+};
+
+void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
+  Problem pb = make_problem(spec);
+  const bool f64 = spec.dt == DT::F64;
+  if (f64 && std::strcmp(isa.name, "generic") != 0) return;  // float64 runs on generic only
+  const Engine& eng = f64 ? selfattn::engine_generic_f64 : *isa.f32;
+  const DT acc = acc_of(spec.dt);
+  const bool backward = spec.backward && !spec.nan_key;
+  const Result ref = run_reference(pb, backward);
+  Budget bud(pb, ref, f64 ? 0x1.0p-53 : 0x1.0p-24, spec.out_dt);
+  ck.begin(spec.name, isa.name);
+  g_pool_mode = spec.pool_mode;
+
+  // ---- forward ----
+  EngineRun er;
+  er.out = Tensor(spec.out_dt, pb.B, pb.Hq, pb.Nq, pb.Dv);
+  er.lse = Tensor(acc, 1, pb.B, pb.Hq, pb.Nq);
+  Params P = params_of(pb);
+  P.out_dt = spec.out_dt;
+  P.need_out = !spec.lse_only;
+  P.out = spec.lse_only ? nullptr : const_cast<void*>(er.out.view().p);
+  P.lse = const_cast<void*>(er.lse.view().p);
+  eng.forward(P, kPool);
+  ck.compare_forward(pb, ref, bud, er.out, er.lse, !spec.lse_only);
+
+  // ---- probabilities from the engine's lse (attention_weights) ----
+  {
+    er.probs = Tensor(DT::F32, pb.B, pb.Hq, pb.Nq, pb.Nk);
+    Params Q = params_of(pb);
+    Q.v = pb.k.view();  // as the bindings: k narrowed to no columns, never read
+    Q.Dv = 0;
+    Q.dropout_p = 0;
+    Q.need_out = false;
+    Q.lse_in = er.lse.view();
+    Q.lse_in.s[0] = Q.lse_in.s[1];  // (B, Hq, Nq) in dims 0..2
+    Q.lse_in.s[1] = Q.lse_in.s[2];
+    Q.lse_in.s[2] = Q.lse_in.s[3];
+    Q.lse_in.s[3] = 0;
+    Q.probs = const_cast<void*>(er.probs.view().p);
+    eng.probabilities(Q, kPool);
+    ck.compare_probs(pb, ref, bud, er.probs, er.lse);
+  }
+  if (!backward) return;
+
+  // ---- backward from the engine's out and lse ----
+  er.dq = Tensor(acc, pb.B, pb.Hq, pb.Nq, pb.D);
+  er.dk = Tensor(acc, pb.B, pb.Hkv, pb.Nk, pb.D);
+  er.dv = Tensor(acc, pb.B, pb.Hkv, pb.Nk, pb.Dv);
+  Params Bp = params_of(pb);
+  Bp.dout = pb.dout.view();
+  Bp.o = er.out.view();
+  Bp.lse_in = P.lse ? er.lse.view() : View{};
+  Bp.lse_in.s[0] = Bp.lse_in.s[1];
+  Bp.lse_in.s[1] = Bp.lse_in.s[2];
+  Bp.lse_in.s[2] = Bp.lse_in.s[3];
+  Bp.lse_in.s[3] = 0;
+  Tensor dlse;
+  if (!pb.dlse.empty()) {
+    dlse = Tensor(acc, 1, pb.B, pb.Hq, pb.Nq);
+    for (int64_t r = 0; r < pb.B * pb.Hq * pb.Nq; r++)
+      dlse.set(0, r / (pb.Hq * pb.Nq), (r / pb.Nq) % pb.Hq, r % pb.Nq, pb.dlse[r]);
+    Bp.dlse = dlse.view();
+    Bp.dlse.s[0] = Bp.dlse.s[1];
+    Bp.dlse.s[1] = Bp.dlse.s[2];
+    Bp.dlse.s[2] = Bp.dlse.s[3];
+    Bp.dlse.s[3] = 0;
+  }
+  Bp.dq = const_cast<void*>(er.dq.view().p);
+  Bp.dk = const_cast<void*>(er.dk.view().p);
+  Bp.dv = const_cast<void*>(er.dv.view().p);
+  if (!pb.bias.empty() && spec.dbias) {
+    er.dbias = Tensor(acc, pb.bias.shape[0], pb.bias.shape[1], pb.bias.shape[2],
+                      pb.bias.shape[3]);
+    for (int x = 0; x < 4; x++) Bp.bias_shape[x] = pb.bias.shape[x];
+    Bp.dbias = const_cast<void*>(er.dbias.view().p);
+  }
+  if (!pb.alibi.empty() && spec.dalibi) {
+    er.dalibi = Tensor(acc, 1, 1, pb.alibi_b(), pb.Hq);
+    Bp.alibi_b = pb.alibi_b();
+    Bp.dalibi = const_cast<void*>(er.dalibi.view().p);
+  }
+  eng.backward(Bp, kPool);
+  ck.compare_grads(pb, ref, bud, er.dq, er.dk, er.dv, Bp.dbias ? &er.dbias : nullptr,
+                   Bp.dalibi ? &er.dalibi : nullptr);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<Isa> isas = available_isas(), chosen;
+  bool list = false;
+  for (int a = 1; a < argc; a++) {
+    if (std::strcmp(argv[a], "--list") == 0) {
+      list = true;
+      continue;
+    }
+    bool found = false;
+    for (const Isa& i : isas)
+      if (std::strcmp(i.name, argv[a]) == 0) {
+        chosen.push_back(i);
+        found = true;
+      }
+    if (!found) {
+      std::fprintf(stderr, "driver: ISA '%s' is not built for or not supported by this CPU\n",
+                   argv[a]);
+      return 2;
+    }
+  }
+  if (chosen.empty()) chosen = isas;
+  const std::vector<Spec> specs = all_specs();
+  if (list) {
+    for (const Spec& s : specs) std::printf("%s\n", s.name.c_str());
+    return 0;
+  }
+  std::printf("selfattn native driver: %zu cases on", specs.size());
+  for (const Isa& i : chosen) std::printf(" %s", i.name);
+  std::printf("\n");
+  Checker ck;
+  for (const Isa& isa : chosen)
+    for (const Spec& s : specs) run_case(s, isa, ck);
+  std::printf("%lld passed, %lld failed\n", (long long)ck.passed, (long long)ck.failed);
+  return ck.failed == 0 ? 0 : 1;
+}

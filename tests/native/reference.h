@@ -1,0 +1,268 @@
+// The torch-free driver's scalar reference: attention in double precision, written from the
+// specification (docs/api.md; selfattn/reference.py) and not from the engine, plus its analytic
+// backward and an error budget per row (see `Budget`).
+//
+// Scores of query row i (absolute position pos = start + i) against key j:
+//     x = scale * q_i . k_j;  s = softcap ? softcap * tanh(x / softcap) : x
+//     s += bias[b, h, i, j];  s -= slope[b, h] * |pos - j|
+// visible when causal => j <= pos; left >= 0 => j >= pos - left; right >= 0 => j <= pos + right;
+// mask[b, h, i, j]; segment ids: q_id >= 0 and kv_id == q_id. p = exp(s - lse) over the
+// visible keys, out = sum_j p_ij z_ij v_j with z = keep / (1 - dropout_p) (the counter hash of
+// selfattn/_rng.py, written out again here), lse = log sum_j exp(s_ij).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "tensor.h"
+
+namespace drv {
+
+// ---- the dropout hash of selfattn/_rng.py (64-bit arithmetic, masked to 32 bits) ----
+inline uint64_t mix32(uint64_t x) {
+  const uint64_t M = 0xFFFFFFFFull;
+  x ^= x >> 16;
+  x = (x * 0x7FEB352Dull) & M;
+  x ^= x >> 15;
+  x = (x * 0x846CA68Bull) & M;
+  return x ^ (x >> 16);
+}
+inline bool dropout_keep(uint64_t seed0, uint64_t seed1, uint64_t row, uint64_t col, double p) {
+  const uint64_t M = 0xFFFFFFFFull;
+  const uint64_t hr = mix32((row * 0x9E3779B9ull + (seed0 & M)) & M);
+  const uint64_t hc = (col * 0x85EBCA6Bull + (seed1 & M)) & M;
+  const double t = p * 4294967296.0;
+  const uint64_t thr = t >= 4294967295.0 ? 4294967295ull : uint64_t(t);
+  return mix32(hr ^ hc) >= thr;
+}
+
+// One attention call: shapes, rules and inputs (the engine's Params are built from this).
+struct Problem {
+  int64_t B = 1, Hq = 1, Hkv = 1, Nq = 1, Nk = 1, D = 16, Dv = 16;
+  double scale = 0.25, softcap = 0;
+  bool causal = false;
+  int64_t start = 0, left = -1, right = -1;
+  double dropout_p = 0;
+  uint32_t seed0 = 0, seed1 = 0;
+  int64_t drop_hq = 0, drop_nq = 0, drop_b0 = 0, drop_h0 = 0, drop_r0 = 0;
+  Tensor q, k, v;          // (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
+  Tensor mask, bias;       // broadcastable (B, Hq, Nq, Nk), empty: none
+  Tensor alibi;            // (alibi_b, Hq) as a 4-D (1, 1, alibi_b, Hq) tensor, empty: none
+  std::vector<int64_t> q_ids, kv_ids;  // (B, Nq), (B, Nk), empty: none
+  Tensor dout;             // (B, Hq, Nq, Dv)
+  std::vector<double> dlse;  // (B, Hq, Nq), empty: none
+
+  int64_t G() const { return Hq / Hkv; }
+  int64_t alibi_b() const { return alibi.shape[2]; }
+  double slope(int64_t b, int64_t h) const {
+    return alibi.at(0, 0, alibi_b() == 1 ? 0 : b, h);
+  }
+  bool visible(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    // long double: positions near INT64_MAX must not wrap (a huge side restricts nothing)
+    const long double pos = (long double)start + (long double)i, jj = (long double)j;
+    if (causal && jj > pos) return false;
+    if (left >= 0 && jj < pos - (long double)left) return false;
+    if (right >= 0 && jj > pos + (long double)right) return false;
+    if (!mask.empty() && mask.at(b, h, i, j) == 0) return false;
+    if (!q_ids.empty()) {
+      const int64_t qi = q_ids[b * Nq + i], kj = kv_ids[b * Nk + j];
+      if (qi < 0 || kj != qi) return false;
+    }
+    return true;
+  }
+  double distance(int64_t i, int64_t j) const {
+    return std::fabs(double(start + i) - double(j));
+  }
+  // z = keep / (1 - p) of entry (b, h, i, j)
+  double keep(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    if (dropout_p <= 0) return 1.0;
+    const int64_t hq = drop_hq > 0 ? drop_hq : Hq, nq = drop_nq > 0 ? drop_nq : Nq;
+    const uint64_t row = uint64_t(((drop_b0 + b) * hq + drop_h0 + h) * nq + drop_r0 + i);
+    return dropout_keep(seed0, seed1, row, uint64_t(j), dropout_p) ? 1.0 / (1.0 - dropout_p) : 0;
+  }
+};
+
+// The reference's results with, per entry, the magnitude its rounding error scales with.
+struct Result {
+  // forward
+  std::vector<double> out, out_mag;  // (B, Hq, Nq, Dv): value; sum_j p |z v_jc|
+  std::vector<double> lse;           // (B, Hq, Nq)
+  std::vector<double> probs;         // (B, Hq, Nq, Nk), 0 where hidden
+  std::vector<uint8_t> vis;          // (B, Hq, Nq, Nk)
+  std::vector<uint8_t> row_nan;      // (B, Hq, Nq): sees a non-finite key
+  std::vector<double> score_err;     // (B, Hq, Nq): |score| scale, see Budget
+  std::vector<int64_t> nvis;         // (B, Hq, Nq)
+  // backward: value and magnitude of every gradient entry
+  std::vector<double> dq, dq_mag, dk, dk_mag, dv, dv_mag, dbias, dbias_mag, dalibi, dalibi_mag;
+};
+
+inline Result run_reference(const Problem& P, bool with_backward) {
+  Result R;
+  const int64_t rows = P.B * P.Hq * P.Nq;
+  R.out.assign(rows * P.Dv, 0);
+  R.out_mag.assign(rows * P.Dv, 0);
+  R.lse.assign(rows, -INFINITY);
+  R.probs.assign(rows * P.Nk, 0);
+  R.vis.assign(rows * P.Nk, 0);
+  R.row_nan.assign(rows, 0);
+  R.score_err.assign(rows, 0);
+  R.nvis.assign(rows, 0);
+  std::vector<double> s(P.Nk), x(P.Nk), t(P.Nk), xabs(P.Nk);
+  // per entry, for the backward: dL/ds and its magnitude, tanh' of the softcap
+  std::vector<double> gs(rows * P.Nk, 0), gmag(rows * P.Nk, 0), dtanh(rows * P.Nk, 1);
+  for (int64_t b = 0; b < P.B; b++)
+    for (int64_t h = 0; h < P.Hq; h++) {
+      const int64_t kvh = h / P.G();
+      for (int64_t i = 0; i < P.Nq; i++) {
+        const int64_t r = (b * P.Hq + h) * P.Nq + i;
+        double m = -INFINITY, amax = 0;
+        bool bad = false;
+        for (int64_t j = 0; j < P.Nk; j++) {
+          const bool vis = P.visible(b, h, i, j);
+          R.vis[r * P.Nk + j] = vis;
+          double dot = 0, dabs = 0;
+          for (int64_t d = 0; d < P.D; d++) {
+            const double qd = P.q.at(b, h, i, d), kd = P.k.at(b, kvh, j, d);
+            dot += qd * kd;
+            dabs += std::fabs(qd * kd);
+          }
+          x[j] = P.scale * dot;
+          xabs[j] = std::fabs(P.scale) * dabs;
+          double sj = x[j];
+          if (P.softcap > 0) {
+            t[j] = std::tanh(x[j] / P.softcap);
+            sj = P.softcap * t[j];
+            dtanh[r * P.Nk + j] = 1 - t[j] * t[j];
+          }
+          double a = xabs[j];
+          if (!P.bias.empty()) {
+            const double bj = P.bias.at(b, h, i, j);
+            sj += bj;
+            a += std::fabs(bj);
+          }
+          if (!P.alibi.empty()) {
+            const double al = P.slope(b, h) * P.distance(i, j);
+            sj -= al;
+            a += std::fabs(al);
+          }
+          s[j] = sj;
+          if (!vis) continue;
+          R.nvis[r]++;
+          if (!std::isfinite(dot)) {
+            bad = true;
+            continue;
+          }
+          m = sj > m ? sj : m;
+          amax = a > amax ? a : amax;
+        }
+        R.score_err[r] = amax;
+        if (bad) {
+          R.row_nan[r] = 1;
+          R.lse[r] = NAN;
+          for (int64_t c = 0; c < P.Dv; c++) R.out[r * P.Dv + c] = NAN;
+          continue;
+        }
+        if (m == -INFINITY) continue;  // sees nothing: out 0, lse -inf
+        double l = 0;
+        for (int64_t j = 0; j < P.Nk; j++)
+          if (R.vis[r * P.Nk + j]) l += std::exp(s[j] - m);
+        const double lse = m + std::log(l);
+        R.lse[r] = lse;
+        for (int64_t j = 0; j < P.Nk; j++) {
+          if (!R.vis[r * P.Nk + j]) continue;
+          const double p = std::exp(s[j] - lse), z = P.keep(b, h, i, j);
+          R.probs[r * P.Nk + j] = p;
+          for (int64_t c = 0; c < P.Dv; c++) {
+            const double vc = P.v.at(b, kvh, j, c);
+            R.out[r * P.Dv + c] += p * z * vc;
+            R.out_mag[r * P.Dv + c] += p * std::fabs(z * vc);
+          }
+        }
+      }
+    }
+  if (!with_backward) return R;
+
+  // ---- backward: g = dL/ds = p (z dO.v - delta), delta = dO.out - dlse ----
+  R.dq.assign(rows * P.D, 0);
+  R.dq_mag.assign(rows * P.D, 0);
+  R.dk.assign(P.B * P.Hkv * P.Nk * P.D, 0);
+  R.dk_mag.assign(R.dk.size(), 0);
+  R.dv.assign(P.B * P.Hkv * P.Nk * P.Dv, 0);
+  R.dv_mag.assign(R.dv.size(), 0);
+  const int64_t nbias = P.bias.empty() ? 0 : P.bias.numel();
+  R.dbias.assign(nbias, 0);
+  R.dbias_mag.assign(nbias, 0);
+  const int64_t nal = P.alibi.empty() ? 0 : P.alibi_b() * P.Hq;
+  R.dalibi.assign(nal, 0);
+  R.dalibi_mag.assign(nal, 0);
+  for (int64_t b = 0; b < P.B; b++)
+    for (int64_t h = 0; h < P.Hq; h++) {
+      const int64_t kvh = h / P.G();
+      for (int64_t i = 0; i < P.Nq; i++) {
+        const int64_t r = (b * P.Hq + h) * P.Nq + i;
+        if (R.lse[r] == -INFINITY || R.row_nan[r]) continue;
+        double delta = 0, delta_mag = 0;
+        for (int64_t c = 0; c < P.Dv; c++) {
+          const double g = P.dout.at(b, h, i, c);
+          delta += g * R.out[r * P.Dv + c];
+          delta_mag += std::fabs(g) * R.out_mag[r * P.Dv + c];
+        }
+        if (!P.dlse.empty()) {
+          delta -= P.dlse[r];
+          delta_mag += std::fabs(P.dlse[r]);
+        }
+        for (int64_t j = 0; j < P.Nk; j++) {
+          if (!R.vis[r * P.Nk + j]) continue;
+          const double p = R.probs[r * P.Nk + j], z = P.keep(b, h, i, j);
+          double dp = 0, dp_mag = 0;
+          for (int64_t c = 0; c < P.Dv; c++) {
+            const double g = P.dout.at(b, h, i, c), vc = P.v.at(b, kvh, j, c);
+            dp += g * vc;
+            dp_mag += std::fabs(g * vc);
+            R.dv[((b * P.Hkv + kvh) * P.Nk + j) * P.Dv + c] += p * z * g;
+            R.dv_mag[((b * P.Hkv + kvh) * P.Nk + j) * P.Dv + c] += p * std::fabs(z * g);
+          }
+          gs[r * P.Nk + j] = p * (z * dp - delta);
+          gmag[r * P.Nk + j] = p * (std::fabs(z) * dp_mag + delta_mag);
+        }
+      }
+    }
+  // through the scores: ds/dx = tanh' (1 without softcap), dx/dq = scale * k
+  const double u_tanh = 1e-6;  // tanh' is computed from a float tanh: cancellation near 1
+  for (int64_t b = 0; b < P.B; b++)
+    for (int64_t h = 0; h < P.Hq; h++) {
+      const int64_t kvh = h / P.G();
+      for (int64_t i = 0; i < P.Nq; i++) {
+        const int64_t r = (b * P.Hq + h) * P.Nq + i;
+        for (int64_t j = 0; j < P.Nk; j++) {
+          const int64_t e = r * P.Nk + j;
+          if (gmag[e] == 0) continue;
+          const double gx = gs[e] * dtanh[e] * P.scale;
+          const double gxm = gmag[e] * (dtanh[e] + (P.softcap > 0 ? u_tanh : 0)) *
+                             std::fabs(P.scale);
+          for (int64_t d = 0; d < P.D; d++) {
+            const double kd = P.k.at(b, kvh, j, d), qd = P.q.at(b, h, i, d);
+            R.dq[r * P.D + d] += gx * kd;
+            R.dq_mag[r * P.D + d] += gxm * std::fabs(kd);
+            R.dk[((b * P.Hkv + kvh) * P.Nk + j) * P.D + d] += gx * qd;
+            R.dk_mag[((b * P.Hkv + kvh) * P.Nk + j) * P.D + d] += gxm * std::fabs(qd);
+          }
+          if (nbias) {
+            const int64_t off = P.bias.dense_offset(b, h, i, j);
+            R.dbias[off] += gs[e];
+            R.dbias_mag[off] += gmag[e];
+          }
+          if (nal) {
+            const int64_t off = (P.alibi_b() == 1 ? 0 : b) * P.Hq + h;
+            const double dist = P.distance(i, j);
+            R.dalibi[off] -= gs[e] * dist;
+            R.dalibi_mag[off] += gmag[e] * dist;
+          }
+        }
+      }
+    }
+  return R;
+}
+
+}  // namespace drv
