@@ -171,3 +171,24 @@ def test_word_start_error_on_known_pauses(tmp_path):
     errors = [m["start_error_ms"] for m in matched]
     print(f"\nword start errors (ms): {errors}")
     assert np.median(errors) < 100 and max(errors) < 400
+
+
+@pytest.mark.slow
+def test_language_detected_in_noise_is_not_kept(tmp_path):
+    """22 s of loud noise (silence by Whisper's no-speech rule), then German: the language is
+    detected again on the speech, not kept from the noise (which Whisper-base called 'nn')."""
+    _needs_whisper()
+    from selfattn.pretrained import whisper
+    from selfattn.testing import torch_threads
+
+    path = tmp_path / "de.wav"
+    text = "Ich habe einen Hund und eine Katze. Das Haus ist groß."
+    subprocess.run(["espeak-ng", "-v", "de", "-s", "150", "-w", str(path), text], check=True)
+    speech = sa_audio.read_audio(path)
+    noise = 0.05 * np.random.default_rng(0).standard_normal(22 * 16000)
+    samples = np.concatenate([noise, np.zeros(5 * 16000), speech]).astype(np.float32)  # > 30 s
+    with torch_threads(1):
+        got = whisper.transcribe(*whisper.load(), samples)
+    assert len(got.windows) == 2 and not got.tokens[0] and got.tokens[1]
+    assert got.language == "de", (got.language, got.text)
+    assert "katze" in got.text.lower()

@@ -397,6 +397,8 @@ def transcribe(
             silent = dec.no_speech_prob > NO_SPEECH_PROB and dec.avg_logprob < NO_SPEECH_LOGPROB
             if not silent:
                 tokens = [t for t in dec.tokens if t < TIMESTAMP_BEGIN]
+            elif not heard:  # a language "detected" in noise is no language: detect it again
+                result.language = code
         heard = heard or bool(tokens)
         result.tokens.append(tokens)
         result.pieces.append([tok.decode([t]) for t in tokens])
