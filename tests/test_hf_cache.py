@@ -331,6 +331,29 @@ def test_smollm2_beam_search_same_as_dynamic_cache(smol):
     assert torch.equal(ours, ref)
 
 
+def test_smollm2_prompt_lookup_decoding_crops_like_dynamic_cache(smol, monkeypatch):
+    """Prompt-lookup decoding proposes tokens copied from the prompt and rolls the rejected ones
+    back with ``crop``: the same tokens as DynamicCache, and crop really ran."""
+    model, tok = smol
+    crops = []
+    real_crop = GrowingLayer.crop
+
+    def counted(self, tokens_to_remove):
+        crops.append(tokens_to_remove)
+        return real_crop(self, tokens_to_remove)
+
+    monkeypatch.setattr(GrowingLayer, "crop", counted)
+    text = "one two three four, one two three four, one two three four, one two"
+    batch = tok([text], return_tensors="pt")
+    kw = {"max_new_tokens": 12, "prompt_lookup_num_tokens": 3}
+    ref = _generate(model, batch, DynamicCache(config=model.config), **kw)
+    cache = sa_hf.make_cache(model)
+    ours = _generate(model, batch, cache, **kw)
+    assert torch.equal(ours, ref)
+    assert any(n < 0 for n in crops)  # rejected candidates were rolled back
+    assert cache.get_seq_length() == ours.shape[1] - 1
+
+
 def _gemma_kwargs():
     return {
         "vocab_size": 101, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
