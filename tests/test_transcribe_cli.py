@@ -85,6 +85,10 @@ def test_srt_to_a_file_and_vtt_with_word_times(speech, tmp_path):
     assert res.stdout.startswith("WEBVTT\n\n")
     inline = re.findall(r"<(\d\d:\d\d:\d\d\.\d{3})>", res.stdout)
     assert len(inline) >= 5 and inline == sorted(inline)  # a time before each word but the first
+    res = transcribe(str(speech), "--srt", "--word-timestamps", "--max-words", "3")
+    assert res.returncode == 0, res.stderr
+    cues = res.stdout.strip().split("\n\n")
+    assert len(cues) >= 3 and all(len(c.split("\n")[2].split()) <= 3 for c in cues)
 
 
 def test_json_words_and_segments(speech):
@@ -145,6 +149,8 @@ def test_bad_output_and_silence_options_are_one_line(tmp_path):
     assert res.returncode == 2 and "--silence-db" in res.stderr
     res = transcribe(str(wav), "--srt", "--vtt")
     assert res.returncode == 2 and "not allowed with" in res.stderr
+    res = transcribe(str(wav), "--srt", "--max-words", "3")
+    assert res.returncode == 2 and "--max-words needs --word-timestamps" in res.stderr
 
 
 def _benchmark():

@@ -13,7 +13,7 @@ import torch
 from selfattn.pretrained import timing
 from selfattn.pretrained import whisper_decode as wd
 from selfattn.pretrained.audio import loudest_db
-from selfattn.pretrained.transcript import Segment, Word, srt, timestamp, vtt
+from selfattn.pretrained.transcript import Segment, Word, by_words, srt, timestamp, vtt
 
 
 def _plain_dtw_cost(cost: np.ndarray) -> float:
@@ -188,6 +188,23 @@ def test_subtitles_srt_and_vtt():
         "00:00:03.250 --> 00:00:04.500\na -> b\n"
     )
     assert srt([]) == "" and vtt([]) == "WEBVTT\n"
+
+
+def test_cues_of_at_most_n_words():
+    words = [Word(float(i), i + 0.5, f" w{i}", 0.9) for i in range(5)]
+    segs = [Segment(0.0, 5.0, " w0 w1 w2 w3 w4", [1], -0.1, 0.0, words)]
+    segs.append(Segment(6.0, 7.0, " untimed", [2], -0.1, 0.0))
+    cues = by_words(segs, 2)
+    assert [(c.start, c.end, c.text) for c in cues] == [
+        (0.0, 1.5, " w0 w1"),
+        (2.0, 3.5, " w2 w3"),
+        (4.0, 4.5, " w4"),
+        (6.0, 7.0, " untimed"),
+    ]
+    assert srt(cues).count("-->") == 4
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            by_words(segs, bad)
 
 
 def test_loudest_db():

@@ -55,6 +55,8 @@ def add_parser(sub: Any) -> None:
         "word in --vtt)"
     )
     s.add_argument("--word-timestamps", action="store_true", help=words)
+    per_cue = "with --word-timestamps and --srt/--vtt: at most N words per subtitle cue"
+    s.add_argument("--max-words", type=int, metavar="N", help=per_cue)
     quiet = (
         "a 30-s window whose loudest 20 ms is below DB (dB full scale) is silence, not decoded "
         f"(default {SILENCE_DB:g})"
@@ -107,12 +109,13 @@ def alignment_figure(transcript: Any, title: str | None = None) -> Figure:
 def render(result: Any, info: dict[str, Any], args: argparse.Namespace) -> str:
     """What goes to standard output (or ``--output``): subtitles, JSON or the text (nothing at
     all for silence)."""
-    from selfattn.pretrained.transcript import srt, vtt
+    from selfattn.pretrained.transcript import by_words, srt, vtt
 
+    cues = by_words(result.segments, args.max_words) if args.max_words else result.segments
     if args.srt:
-        return srt(result.segments)
+        return srt(cues)
     if args.vtt:
-        return vtt(result.segments)
+        return vtt(cues)
     if args.json:
         return json.dumps(info, ensure_ascii=False, indent=2) + "\n"
     return f"{result.text}\n" if result.text else ""
@@ -136,6 +139,11 @@ def cmd_transcribe(args: argparse.Namespace, con) -> int:
         torch.set_num_threads(args.threads)
     if not -200 <= args.silence_db <= 0:
         raise UsageError(f"--silence-db must be in [-200, 0] dB full scale, got {args.silence_db}")
+    if args.max_words is not None:
+        if args.max_words < 1:
+            raise UsageError(f"--max-words must be a positive integer, got {args.max_words}")
+        if not (args.word_timestamps and (args.srt or args.vtt)):
+            raise UsageError("--max-words needs --word-timestamps and --srt or --vtt")
     if args.language:
         whisper.language_code(args.language)  # a bad name fails before the model loads
     output = Path(args.output) if args.output else None

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Segment", "Transcript", "Word", "srt", "timestamp", "vtt"]
+__all__ = ["Segment", "Transcript", "Word", "by_words", "srt", "timestamp", "vtt"]
 
 
 @dataclass
@@ -96,6 +96,26 @@ class Transcript:
             "windows": [[round(a, 3), round(b, 3)] for a, b in self.windows],
             "segments": [s.as_dict() for s in self.segments],
         }
+
+
+def by_words(segments: list[Segment], n: int) -> list[Segment]:
+    """Segments cut into cues of at most ``n`` words each (openai-whisper's
+    ``--max_words_per_line``), each from its first word's start to its last word's end; a
+    segment without word times stays whole."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"words per cue must be a positive integer, got {n!r}")
+    out = []
+    for s in segments:
+        if not s.words:
+            out.append(s)
+            continue
+        for k in range(0, len(s.words), n):
+            ws = s.words[k : k + n]
+            text = "".join(w.word for w in ws)
+            out.append(
+                Segment(ws[0].start, ws[-1].end, text, [], s.avg_logprob, s.no_speech_prob, ws)
+            )
+    return out
 
 
 def timestamp(seconds: float, decimal: str = ".") -> str:
