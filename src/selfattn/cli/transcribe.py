@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("audio", metavar="AUDIO", help="a sound file (WAV; others through sox)")
     tasks = ["transcribe", "translate"]
     s.add_argument("--task", choices=tasks, default="transcribe", help="default: transcribe")
-    lang = "spoken language, a code or name (default: detected from the first 30 s)"
+    lang = "spoken language, a code or name (default: detected from the first window with speech)"
     s.add_argument("--language", metavar="L", help=lang)
     attn = "attention implementation (default: selfattn)"
     s.add_argument("--attn", choices=["selfattn", "sdpa", "eager"], default="selfattn", help=attn)
