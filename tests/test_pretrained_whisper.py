@@ -229,6 +229,24 @@ def test_transcripts_equal_eager_and_word_error_rate(heard, key, record_property
     assert rate <= MAX_WER, (mine.text, SPEECH[key][2])
 
 
+def test_own_greedy_decoding_equals_transformers_generate(models, speech):
+    """Without timestamps, the own decoding loop (whisper_decode.greedy) picks the same tokens
+    as transformers' ``generate`` with the same prompt and suppressed tokens."""
+    from selfattn.pretrained import whisper
+
+    model, proc = models["selfattn"]
+    for key in ("en", "de"):
+        samples = sa_audio.read_audio(speech[key])
+        mine = whisper.transcribe(model, proc, samples, language=key, timestamps=False)
+        feats = proc.feature_extractor(samples, sampling_rate=16000, return_tensors="pt")
+        with torch.inference_mode():
+            seq = model.generate(feats.input_features, language=key, task="transcribe")[0]
+        prompt = [50258, 50259 if key == "en" else 50261, 50359, 50363]  # SOT de/en, task, notime
+        seq = seq.tolist()
+        theirs = [t for t in (seq[4:] if seq[:4] == prompt else seq) if t != 50257]  # no EOT
+        assert mine.tokens[0] == theirs
+
+
 def test_language_detected(models, speech):
     from selfattn.pretrained import whisper
 
