@@ -113,7 +113,7 @@ DRV_DEPS  := tests/native/driver.cpp $(wildcard tests/native/*.h) $(wildcard $(C
 ISA_generic :=
 ISA_avx2    := -mavx2 -mfma -mf16c
 ISA_avx512  := -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma -mf16c
-ISA_neon    :=
+ISA_neon    := -fno-schedule-insns
 HOST_ISAS := $(if $(filter aarch64 arm64,$(shell uname -m)),generic neon,\
 	$(if $(filter x86_64 amd64 i686,$(shell uname -m)),generic avx2 avx512,generic))
 ARM_CXX   := aarch64-linux-gnu-g++

@@ -157,6 +157,7 @@ inline std::vector<Spec> all_specs() {
   add("130x130 D80 Dv64 pool", [](Spec& s) {
     s.Nq = s.Nk = 130; s.D = 80; s.Dv = 64; s.Hq = 2; s.Hkv = 1; s.pool_mode = 1;
   });
+  add("head dim 261 (blocked sums)", [](Spec& s) { s.Nq = 17; s.Nk = 33; s.D = 261; s.Dv = 8; });
   add("peaky scores", [](Spec& s) { s.Nq = 97; s.Nk = 97; s.D = 64; s.Dv = 64; s.amp = 3; });
   add("strided BNHD", [](Spec& s) {
     s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = 113; s.Nk = 97; s.D = s.Dv = 64; s.strided = true;

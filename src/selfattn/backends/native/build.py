@@ -52,7 +52,7 @@ CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-fno-plt"]
 EXTRA_ENV = "SELFATTN_NATIVE_CXXFLAGS"
 # the ISA objects of this machine's architecture: (source, flags), linked in this order; the
 # bindings declare the same set per architecture (see bindings.cpp). NEON is part of aarch64's
-# base ISA, so its object needs no flag. The Makefile's check-native / check-sanitize / check-arm
+# base ISA, so its object needs no -m flag. The Makefile's check-native / check-sanitize / check-arm
 # build the torch-free test driver from the same objects and flags.
 _X86_OBJECTS = [
     ("kernels_generic.cpp", []),
@@ -62,7 +62,8 @@ _X86_OBJECTS = [
         ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mf16c"],
     ),
 ]
-_ARM_OBJECTS = [("kernels_generic.cpp", []), ("kernels_neon.cpp", [])]
+# -fno-schedule-insns: see simd_neon.h (clang ignores it)
+_ARM_OBJECTS = [("kernels_generic.cpp", []), ("kernels_neon.cpp", ["-fno-schedule-insns"])]
 
 
 def objects_for(machine: str) -> list[tuple[str, list[str]]]:

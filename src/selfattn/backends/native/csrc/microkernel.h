@@ -8,7 +8,8 @@
 //
 // With sa = lda, sk = 1 this is A B (S = Q K^T against K packed as [d][PW] panels; O += P V);
 // with sa = 1, sk = lda it is A^T B (backward: dV += P^T dO, dK += dS^T Q). 12 x 32 (AVX-512,
-// 24 accumulators) and 6 x 16 (AVX2, 12 accumulators) leave registers for B and a broadcast.
+// 24 accumulators), 6 x 16 (AVX2, 12 accumulators) and 12 x 8 (NEON, 24 accumulators of 32
+// registers) leave registers for B and a broadcast.
 #pragma once
 
 #include <type_traits>
@@ -19,6 +20,18 @@ namespace selfattn {
 namespace SA_NS {
 
 enum Mode { STORE = 0, ADD = 1, SCALE = 2 };
+
+// An ISA may bring its own inner loop over k for a tile (V::kloop<R, NV>, same arithmetic:
+// acc[i][c] += A[i * sa + k * sk] * B[k * ldb + c] for k in order), e.g. NEON's FMA by lane,
+// which takes the broadcast operand from a vector register instead of one load per row.
+template <class V, class = void>
+struct HasKLoop {
+  static constexpr bool value = false;
+};
+template <class V>
+struct HasKLoop<V, std::void_t<decltype(V::lane_fma)>> {
+  static constexpr bool value = V::lane_fma;
+};
 
 template <class V, int R, int NV, int MODE>
 static inline __attribute__((always_inline)) void mk(int64_t K, const typename V::T* A, int64_t sa,
@@ -37,13 +50,17 @@ static inline __attribute__((always_inline)) void mk(int64_t K, const typename V
     V acc[R][NV];
     for (int i = 0; i < R; i++)
       for (int c = 0; c < NV; c++) acc[i][c] = V::zero();
-    for (int64_t k = k0; k < k1; k++) {
-      V b[NV];
-      for (int c = 0; c < NV; c++) b[c] = V::load(B + k * ldb + c * V::W);
-      const T* a = A + k * sk;
-      for (int i = 0; i < R; i++) {
-        V ai = V::set1(a[i * sa]);
-        for (int c = 0; c < NV; c++) acc[i][c] = fmadd(ai, b[c], acc[i][c]);
+    if constexpr (HasKLoop<V>::value) {
+      V::template kloop<R, NV>(acc, k0, k1, A, sa, sk, B, ldb);
+    } else {
+      for (int64_t k = k0; k < k1; k++) {
+        V b[NV];
+        for (int c = 0; c < NV; c++) b[c] = V::load(B + k * ldb + c * V::W);
+        const T* a = A + k * sk;
+        for (int i = 0; i < R; i++) {
+          V ai = V::set1(a[i * sa]);
+          for (int c = 0; c < NV; c++) acc[i][c] = fmadd(ai, b[c], acc[i][c]);
+        }
       }
     }
     const int mode = k0 == 0 ? MODE : ADD;  // later blocks add to what the first one wrote

@@ -8,8 +8,11 @@
 // kernels/armv8a/3/bli_gemm_armv8a_asm_d6x8.c: 8 x 12 floats in v8-v31, 24 accumulators), here
 // transposed (12 broadcast rows x 8 vector columns). As there, the broadcast operand is taken
 // by lane (FMLA by element, `kloop` below) from a vector load of 4 (or 2) values, so a k step
-// costs 2 loads of B and a fraction of a load of A per 24 FMAs instead of 12 broadcasts. The
+// costs 2 loads of B and 3 (or 6) loads of A per 24 FMAs instead of 12 broadcasts. The
 // PV / backward products (4-vector column blocks) use 6 x 4 = 24 accumulators (microkernel.h).
+// The object is compiled with -fno-schedule-insns (build.py): GCC's scheduling before register
+// allocation hoists the loads of A and B far enough to spill accumulators in these loops (seen in
+// GCC 12's aarch64 output); without it the 12 x 8 and 6 x 4 loops keep all 24 in registers.
 // Speed on ARM has not been measured (no ARM machine here); correctness is checked under
 // qemu-aarch64 by `make check-arm`.
 #pragma once
@@ -27,7 +30,82 @@ struct V {
   static constexpr int W = 4;
   static constexpr int MR = 12;  // rows of the QK^T register tile (12 x 8 = 24 accumulators)
   static constexpr const char* name = "neon";
+  static constexpr bool lane_fma = true;  // microkernel.h runs kloop below
   float32x4_t v;
+
+  // The micro-kernel's inner loop (microkernel.h: acc[i][c] += A[i sa + k sk] B[k ldb + c],
+  // k = k0 .. k1 - 1 in order, one fused multiply-add each, as the generic loop). The broadcast
+  // operand comes from a lane of a vector register (FMLA by element), as in BLIS's ARMv8-A
+  // kernel: with sa == 1 (A^T B, backward) the R values of one k are contiguous, 4 per load;
+  // with sk == 1 (A B: Q K^T, P V) each row gives 2 consecutive k per 64-bit load, when the
+  // tile's B vectors for 2 k steps fit beside the accumulators (R NV + 2 NV + 1 <= 32).
+  template <int R, int NV>
+  static inline __attribute__((always_inline)) void kloop(V (&acc)[R][NV], int64_t k0,
+                                                          int64_t k1, const float* A, int64_t sa,
+                                                          int64_t sk, const float* B,
+                                                          int64_t ldb) {
+    float32x4_t x[R][NV];
+    for (int i = 0; i < R; i++)
+      for (int c = 0; c < NV; c++) x[i][c] = acc[i][c].v;
+    kloop_raw<R, NV>(x, k0, k1, A, sa, sk, B, ldb);
+    for (int i = 0; i < R; i++)
+      for (int c = 0; c < NV; c++) acc[i][c].v = x[i][c];
+  }
+  // (on plain float32x4_t: GCC 12 keeps those in registers where it spills the wrapped V's)
+  template <int R, int NV>
+  static inline __attribute__((always_inline)) void kloop_raw(float32x4_t (&acc)[R][NV],
+                                                              int64_t k0, int64_t k1,
+                                                              const float* A, int64_t sa,
+                                                              int64_t sk, const float* B,
+                                                              int64_t ldb) {
+    int64_t k = k0;
+    if (sa == 1) {
+      for (; k < k1; k++) {
+        float32x4_t b[NV];
+        for (int c = 0; c < NV; c++) b[c] = vld1q_f32(B + k * ldb + c * W);
+        const float* a = A + k * sk;
+        int i = 0;
+        for (; i + 4 <= R; i += 4) {
+          const float32x4_t av = vld1q_f32(a + i);
+          for (int c = 0; c < NV; c++) {
+            acc[i][c] = vfmaq_laneq_f32(acc[i][c], b[c], av, 0);
+            acc[i + 1][c] = vfmaq_laneq_f32(acc[i + 1][c], b[c], av, 1);
+            acc[i + 2][c] = vfmaq_laneq_f32(acc[i + 2][c], b[c], av, 2);
+            acc[i + 3][c] = vfmaq_laneq_f32(acc[i + 3][c], b[c], av, 3);
+          }
+        }
+        for (; i < R; i++)
+          for (int c = 0; c < NV; c++) acc[i][c] = vfmaq_n_f32(acc[i][c], b[c], a[i]);
+      }
+      return;
+    }
+    if constexpr (R * NV + 2 * NV + 1 <= 32) {
+      if (sk == 1) {
+        for (; k + 2 <= k1; k += 2) {
+          float32x4_t b0[NV], b1[NV];
+          for (int c = 0; c < NV; c++) {
+            b0[c] = vld1q_f32(B + k * ldb + c * W);
+            b1[c] = vld1q_f32(B + (k + 1) * ldb + c * W);
+          }
+          for (int i = 0; i < R; i++) {
+            const float32x2_t a2 = vld1_f32(A + i * sa + k);
+            for (int c = 0; c < NV; c++) {
+              acc[i][c] = vfmaq_lane_f32(acc[i][c], b0[c], a2, 0);
+              acc[i][c] = vfmaq_lane_f32(acc[i][c], b1[c], a2, 1);
+            }
+          }
+        }
+      }
+    }
+    const float* a = A + k * sk;
+    const float* bk = B + k * ldb;
+    for (; k < k1; k++, a += sk, bk += ldb) {
+      float32x4_t b[NV];
+      for (int c = 0; c < NV; c++) b[c] = vld1q_f32(bk + c * W);
+      for (int i = 0; i < R; i++)
+        for (int c = 0; c < NV; c++) acc[i][c] = vfmaq_n_f32(acc[i][c], b[c], a[i * sa]);
+    }
+  }
 
   static uint32x4_t lanes() { return uint32x4_t{0, 1, 2, 3}; }
   static V load(const float* p) { return {vld1q_f32(p)}; }
