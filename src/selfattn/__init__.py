@@ -1,8 +1,9 @@
 """selfattn: exact, fast and memory-lean self-attention.
 
 The public names of docs/api.md: ``attention``, ``attention_weights``, ``explain``,
-``available_backends``, ``UnsupportedInputs``, the numpy specification ``selfattn.reference``,
-the layers and positional encodings, ``selfattn.models`` and ``selfattn.distributed``.
+``available_backends``, ``UnsupportedInputs``, ``quantize_kv`` / ``QuantizedKV``, the numpy
+specification ``selfattn.reference``, the layers and positional encodings, ``selfattn.models``
+and ``selfattn.distributed``.
 """
 
 from . import distributed, models, reference
@@ -10,6 +11,7 @@ from .api import attention, attention_weights, available_backends, explain
 from .kv_cache import KVCache
 from .layers import MultiHeadSelfAttention, TransformerBlock
 from .positional import RotaryEmbedding, alibi_slopes, sinusoidal_positions
+from .quant import QuantizedKV, quantize_kv
 from .spec import UnsupportedInputs
 
 __version__ = "0.1.0"
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KVCache",
     "MultiHeadSelfAttention",
+    "QuantizedKV",
     "RotaryEmbedding",
     "TransformerBlock",
     "UnsupportedInputs",
@@ -28,6 +31,7 @@ __all__ = [
     "distributed",
     "explain",
     "models",
+    "quantize_kv",
     "reference",
     "sinusoidal_positions",
 ]

@@ -7,12 +7,14 @@ becomes the ``selfattn::attention`` custom op (``_compile``), one opaque node.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, refusals, select
+from .quant import QuantizedKV, unwrap
 from .spec import validate, validate_call
 
 __all__ = ["WEIGHTS_HOOKS", "attention", "attention_weights", "available_backends", "explain"]
@@ -32,8 +34,8 @@ def check_backend(backend: Any) -> str:
 
 def attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
+    v: torch.Tensor | QuantizedKV,
     *,
     causal: bool = False,
     window: tuple[int | None, int | None] | None = None,
@@ -64,7 +66,9 @@ def attention(
         q: (B, Hq, Nq, D) queries. k: (B, Hkv, Nk, D) keys. v: (B, Hkv, Nk, Dv) values.
             One dtype (float16, bfloat16, float32; float64 on CPU backends) and one device;
             ``Hq % Hkv == 0`` and query head ``h`` reads key/value head ``h // (Hq // Hkv)``.
-            Any strides.
+            Any strides. ``k`` and ``v`` may be :class:`selfattn.QuantizedKV` (its ``dtype``
+            must be q's): the result is that of their ``dequantize()``; they get no gradient.
+            For now every backend dequantizes them first and ``native`` declines them.
         causal: key ``j`` visible to query ``i`` only when ``j <= i'``.
         window: ``(left, right)``: visible only when ``i' - left <= j <= i' + right``; None on a
             side is unbounded. ``(w, 0)`` is a causal sliding window of ``w + 1`` keys.
@@ -106,9 +110,14 @@ def attention(
         "dropout_p": dropout_p,
     }
     backend = check_backend(backend)
+    quantized = ""
+    if type(k) is QuantizedKV or type(v) is QuantizedKV:
+        k, v, quantized = unwrap(k, v)  # (B, Hkv, Nk, D) in its dtype; no gradient
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
         return _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
     spec = validate_call(q, k, v, rules, return_lse)
+    if quantized:  # recorded so that a backend reading the codes itself can tell
+        spec = replace(spec, quantized=quantized)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     out, lse = chosen.run(spec, q, k, v, seed)
@@ -120,10 +129,15 @@ def available_backends() -> list[str]:
     return available()
 
 
-def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> str:
+def explain(
+    q: torch.Tensor, k: torch.Tensor | QuantizedKV, v: torch.Tensor | QuantizedKV, **kwargs: Any
+) -> str:
     """Which backend ``auto`` would pick for this call, and why each other one declined."""
     backend = check_backend(kwargs.pop("backend", "auto"))
+    k, v, quantized = unwrap(k, v)
     spec = validate(q, k, v, **kwargs)
+    if quantized:
+        spec = replace(spec, quantized=quantized)
     names = candidates(spec.device) if backend == "auto" else [backend]
     lines = [f"call: {spec.describe()}"]
     picked = None
@@ -161,7 +175,7 @@ def _indices(sel: Any, n: int, what: str, device: torch.device) -> torch.Tensor 
 
 def attention_weights(
     q: torch.Tensor,
-    k: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
     *,
     causal: bool = False,
     window: tuple[int | None, int | None] | None = None,
@@ -181,7 +195,8 @@ def attention_weights(
     heads and rows of a long sequence stays cheap. The probabilities are those before dropout.
 
     Args:
-        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); the rules as in :func:`attention`.
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D) (or a :class:`selfattn.QuantizedKV`, read as its
+            ``dequantize()``); the rules as in :func:`attention`.
         lse: (B, Hq, Nq) natural-log lse from ``attention(..., return_lse=True)``; recomputed
             (for the selected heads and rows only) when None.
         heads: query heads to return (index sequence, slice or int); all when None.
@@ -190,6 +205,7 @@ def attention_weights(
     Returns:
         float32 (B, len(heads), len(rows), Nk); rows with no visible key are 0.
     """
+    k, _, quantized = unwrap(k, None)
     spec = validate(
         q,
         k,
@@ -204,6 +220,8 @@ def attention_weights(
         segment_ids=segment_ids,
         scale=scale,
     )
+    if quantized:
+        spec = replace(spec, quantized=quantized)
     head_idx = _indices(heads, spec.Hq, "heads", q.device)
     row_idx = _indices(rows, spec.Nq, "rows", q.device)
     if lse is not None:

@@ -3,6 +3,7 @@
 During generation each step adds one token; keeping every earlier key and value means a step
 costs O(N) instead of recomputing the whole prefix. Because :func:`selfattn.attention` aligns
 causal masks bottom-right, attending ``Nq`` new queries over the ``Nk`` cached keys is exact.
+With ``bits`` the cache stores codes and scales (``selfattn.quant``) instead of floats.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
+from .quant import QuantizedKV, quantize_kv
 
 __all__ = ["KVCache"]
 
@@ -20,6 +22,11 @@ class KVCache:
     ``append`` writes the new keys and values after what is filled and returns views over
     everything filled so far; nothing is copied on read. One cache serves one attention layer.
 
+    With ``bits=8`` or ``4``, ``append`` quantizes each new token (:func:`selfattn.quantize_kv`
+    with its default groups, ``rotate`` as given) into preallocated codes and scales, and the
+    views it returns are :class:`selfattn.QuantizedKV` (which :func:`selfattn.attention`
+    accepts); older tokens are never re-quantized.
+
     Args:
         batch_size: B.
         max_len: the most tokens the cache can hold.
@@ -28,6 +35,8 @@ class KVCache:
         dtype: storage dtype (the dtype of the keys and values appended).
         device: storage device.
         value_dim: Dv of the values, ``head_dim`` by default.
+        bits: None (store floats), 8 or 4 (store quantized codes and float32 scales).
+        rotate: with ``bits``, Walsh-Hadamard-rotate the head dimension before quantizing.
 
     Example::
 
@@ -45,6 +54,8 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         value_dim: int | None = None,
+        bits: int | None = None,
+        rotate: bool = False,
     ) -> None:
         dims = {
             "batch_size": batch_size,
@@ -57,6 +68,17 @@ class KVCache:
             checks.integer(name, x)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if bits is None and rotate is not False:
+            raise ValueError(f"rotate={rotate!r} needs bits=8 or 4 (it rotates before quantizing)")
+        # a one-token quantization checks bits, rotate and the head dims before any allocation
+        probes = (
+            [
+                quantize_kv(torch.zeros(1, 1, 1, d, dtype=dtype), bits=bits, rotate=rotate)
+                for d in (head_dim, dims["value_dim"])
+            ]
+            if bits is not None
+            else []
+        )
         self.batch_size = int(batch_size)
         self.max_len = int(max_len)
         self.num_kv_heads = int(num_kv_heads)
@@ -73,17 +95,44 @@ class KVCache:
                     f"value_dim={self.value_dim} ({dtype}) would need {nbytes} bytes for its "
                     f"{name}; no machine can hold that"
                 )
-        self.k = torch.zeros(*shape, self.head_dim, dtype=dtype, device=device)  # (B, Hkv, L, D)
-        self.v = torch.zeros(*shape, self.value_dim, dtype=dtype, device=device)  # (B, Hkv, L, Dv)
+        self.bits = bits
+        self.rotate = rotate
+        self.k: torch.Tensor | QuantizedKV
+        self.v: torch.Tensor | QuantizedKV
+        if bits is None:
+            self.k = torch.zeros(*shape, self.head_dim, dtype=dtype, device=device)  # (B,Hkv,L,D)
+            self.v = torch.zeros(*shape, self.value_dim, dtype=dtype, device=device)  # (..., Dv)
+        else:
+            self.k, self.v = (
+                QuantizedKV(
+                    torch.zeros(*shape, p.codes.shape[3], dtype=p.codes.dtype, device=device),
+                    torch.zeros(*shape, p.scales.shape[3], dtype=torch.float32, device=device),
+                    bits=bits,
+                    group_size=p.group_size,
+                    rotate=rotate,
+                    dtype=dtype,
+                )
+                for p in probes
+            )
+        self._dtype = dtype
         self._len = 0
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.k.dtype
+        """The dtype of the keys and values appended (and of dequantized ones)."""
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the preallocated storage (keys and values; codes and scales when quantized)."""
+        return sum(
+            t.nbytes if isinstance(t, QuantizedKV) else t.numel() * t.element_size()
+            for t in (self.k, self.v)
+        )
 
     def __len__(self) -> int:
         """Number of tokens filled."""
@@ -93,20 +142,28 @@ class KVCache:
         return (
             f"KVCache(len={self._len}/{self.max_len}, B={self.batch_size}, "
             f"Hkv={self.num_kv_heads}, D={self.head_dim}, Dv={self.value_dim}, "
-            f"{self.dtype}, {self.device})"
+            f"{self.dtype}, {self.device}"
+            + ("" if self.bits is None else f", bits={self.bits}, rotate={self.rotate}")
+            + ")"
         )
 
     @property
-    def keys(self) -> torch.Tensor:
-        """The filled keys, a view (B, Hkv, len, D)."""
+    def keys(self) -> torch.Tensor | QuantizedKV:
+        """The filled keys, a view (B, Hkv, len, D) (a QuantizedKV view with ``bits``)."""
+        if isinstance(self.k, QuantizedKV):
+            return self.k.narrow(0, self._len)
         return self.k[:, :, : self._len]
 
     @property
-    def values(self) -> torch.Tensor:
-        """The filled values, a view (B, Hkv, len, Dv)."""
+    def values(self) -> torch.Tensor | QuantizedKV:
+        """The filled values, a view (B, Hkv, len, Dv) (a QuantizedKV view with ``bits``)."""
+        if isinstance(self.v, QuantizedKV):
+            return self.v.narrow(0, self._len)
         return self.v[:, :, : self._len]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor | QuantizedKV, torch.Tensor | QuantizedKV]:
         """Write ``n`` new tokens after the filled ones and return views over all of them.
 
         Args:
@@ -116,6 +173,7 @@ class KVCache:
         Returns:
             ``(k_all, v_all)``: views (B, Hkv, len + n, D) and (B, Hkv, len + n, Dv). They alias
             the cache: a later ``append`` or ``reorder`` changes what they show beyond ``len``.
+            With ``bits``, both are :class:`selfattn.QuantizedKV` views of the stored codes.
 
         Raises:
             TypeError: non-tensor input or a dtype other than the cache's.
@@ -153,8 +211,16 @@ class KVCache:
                 f"KVCache overflow: holds {self._len} tokens, appending {n} would make {end} "
                 f"> max_len={self.max_len}; nothing was written"
             )
-        self.k[:, :, self._len : end] = k
-        self.v[:, :, self._len : end] = v
+        if isinstance(self.k, QuantizedKV) and isinstance(self.v, QuantizedKV):
+            for store, new in ((self.k, k), (self.v, v)):
+                qx = quantize_kv(
+                    new, bits=store.bits, group_size=store.group_size, rotate=self.rotate
+                )
+                store.codes[:, :, self._len : end] = qx.codes
+                store.scales[:, :, self._len : end] = qx.scales
+        else:
+            self.k[:, :, self._len : end] = k
+            self.v[:, :, self._len : end] = v
         self._len = end
         return self.keys, self.values
 
@@ -192,5 +258,8 @@ class KVCache:
         idx = index.to(device=self.device, dtype=torch.long)
         n = self._len
         # index_select makes a copy first, so overlapping moves (a permutation) are safe
-        self.k[:, :, :n] = self.k[:, :, :n].index_select(0, idx)
-        self.v[:, :, :n] = self.v[:, :, :n].index_select(0, idx)
+        stores = [self.k, self.v]
+        if isinstance(self.k, QuantizedKV) and isinstance(self.v, QuantizedKV):
+            stores = [self.k.codes, self.k.scales, self.v.codes, self.v.scales]
+        for t in stores:
+            t[:, :, :n] = t[:, :, :n].index_select(0, idx)

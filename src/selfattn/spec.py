@@ -85,6 +85,7 @@ class AttentionSpec:
     requires_grad: bool = False
     start: int = 0
     qpos: torch.Tensor | None = field(default=None)
+    quantized: str = ""  # "" or which of k/v arrived as a QuantizedKV, e.g. "k int8, v int4"
 
     @property
     def group(self) -> int:
@@ -119,7 +120,7 @@ class AttentionSpec:
         return (
             f"q (B={self.B}, Hq={self.Hq}, Nq={self.Nq}, D={self.D}), "
             f"k/v (Hkv={self.Hkv}, Nk={self.Nk}, Dv={self.Dv}), {self.dtype}, {self.device}; {rules}"
-        )
+        ) + (f"; quantized {self.quantized}" if self.quantized else "")
 
     def keywords(self) -> dict[str, Any]:
         """The call as keyword arguments of :func:`selfattn.attention` (its rules only)."""

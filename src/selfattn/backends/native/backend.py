@@ -81,6 +81,10 @@ class NativeBackend:
             reasons.append(f"runs on the CPU, inputs are on {spec.device}")
         if spec.qpos is not None:
             reasons.append("rows are selected in its weights hook, not as a part")
+        if spec.quantized:  # the others dequantize first; native will read the codes itself
+            reasons.append(
+                "reads quantized keys/values in a later version; the other backends dequantize"
+            )
         for rule in REFUSED:  # a rule missing from the call record is refused, never ignored
             if rule.used(spec):
                 reasons.append(f"{rule.keyword} is not in its call record (native/call.py)")

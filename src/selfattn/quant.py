@@ -1,0 +1,302 @@
+"""Quantized keys and values: ``quantize_kv`` and the ``QuantizedKV`` it returns.
+
+Each token's vector of each head is quantized on its own, symmetrically, with one float32
+scale per group of ``group_size`` channels, so a cache that appends a token never touches the
+codes of older ones. Codes:
+
+- 8 bits: int8 in ``[-127, 127]``, ``scale = max|x| / 127`` over the group.
+- 4 bits: ``[-7, 7]``, ``scale = max|x| / 7``, stored two per byte (uint8) as ``code + 8``
+  (offset binary), the even channel in the low nibble. ``-8`` (nibble 0) is a valid code that
+  ``quantize_kv`` never produces (keeping the range symmetric).
+
+``rotate=True`` first multiplies the head dimension by a fixed orthonormal Walsh-Hadamard
+matrix (block-diagonal: blocks of the largest power of two dividing D, so D=64 is one block of
+64 and D=96 three blocks of 32), which spreads an outlier channel over the block before
+rounding. ``dequantize`` rotates back (the matrix is its own inverse), so callers never see
+rotated values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import checks
+
+__all__ = ["BITS", "QuantizedKV", "hadamard", "pack4", "quantize_kv", "unpack4"]
+
+BITS = (8, 4)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+QMAX = {8: 127, 4: 7}  # symmetric code range [-QMAX, QMAX]
+_HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def default_group(bits: int, d: int) -> int:
+    """The default group size: the whole head for 8 bits, gcd(D, 32) for 4 bits."""
+    return d if bits == 8 else math.gcd(d, 32)
+
+
+def rotation_block(d: int) -> int:
+    """The Walsh-Hadamard block used for head dim ``d``: its largest power-of-two divisor."""
+    return d & -d
+
+
+def hadamard(n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The orthonormal (Sylvester) Walsh-Hadamard matrix (n, n), ``n`` a power of two.
+
+    Symmetric and orthonormal, so it is its own inverse: ``H @ H == I``.
+    """
+    key = (n, dtype, torch.device(device))
+    h = _HADAMARD.get(key)
+    if h is None:
+        m = torch.ones(1, 1, dtype=torch.float64)
+        while m.shape[0] < n:
+            m = torch.cat([torch.cat([m, m], 1), torch.cat([m, -m], 1)], 0)
+        h = (m / math.sqrt(n)).to(dtype=dtype, device=device)
+        _HADAMARD[key] = h
+    return h
+
+
+def rotate_heads(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., D) times the block-diagonal Walsh-Hadamard matrix (its own inverse).
+
+    A fast Walsh-Hadamard transform (log2 of the block stages of sums and differences):
+    elementwise arithmetic, so a token's result does not depend on how many tokens are
+    rotated together, and appending in chunks gives the same codes as quantizing at once.
+    """
+    d = x.shape[-1]
+    blk = rotation_block(d)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, d // blk, blk)
+    h = 1
+    while h < blk:
+        pairs = y.reshape(-1, d // blk, blk // (2 * h), 2, h)  # channels i and i + h paired
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return (y * (1.0 / math.sqrt(blk))).reshape(*lead, d)
+
+
+def pack4(codes: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit codes in ``[-8, 7]`` (..., D), D even, to uint8 (..., D / 2).
+
+    Each byte holds ``code + 8`` of the even channel in its low nibble, of the odd one in its
+    high nibble.
+    """
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack4`: uint8 (..., D / 2) to int8 codes (..., D)."""
+    lo = (packed & 0x0F).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+class QuantizedKV:
+    """Quantized keys or values of shape (B, Hkv, N, D), as :func:`quantize_kv` returns them.
+
+    Attributes:
+        codes: int8 (B, Hkv, N, D) for 8 bits; uint8 (B, Hkv, N, D / 2) for 4 bits (two codes
+            per byte, see the module docstring).
+        scales: float32 (B, Hkv, N, D / group_size).
+        bits: 8 or 4. group_size: channels per scale. rotate: whether the codes are of the
+            Walsh-Hadamard-rotated head dimension.
+        dtype: the dtype ``dequantize`` returns (that of the quantized tensor).
+
+    A ``QuantizedKV`` holds no gradient: quantizing is not differentiable, so gradients stop
+    here (``selfattn.attention`` gives none for a quantized ``k`` or ``v``).
+    """
+
+    __slots__ = ("bits", "codes", "dtype", "group_size", "rotate", "scales")
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int,
+        rotate: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        if bits not in BITS or isinstance(bits, bool):
+            raise ValueError(f"bits must be 8 or 4, got bits={bits!r}")
+        want = torch.int8 if bits == 8 else torch.uint8
+        if not isinstance(codes, torch.Tensor) or codes.dtype != want:
+            got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise TypeError(f"codes of {bits} bits must be a {want} tensor, got {got}")
+        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+            got = scales.dtype if isinstance(scales, torch.Tensor) else type(scales).__name__
+            raise TypeError(f"scales must be a float32 tensor, got {got}")
+        d = codes.shape[-1] * (8 // bits) if codes.dim() == 4 else 0
+        if (
+            codes.dim() != 4
+            or scales.dim() != 4
+            or tuple(scales.shape[:3]) != tuple(codes.shape[:3])
+            or scales.shape[3] * group_size != d
+            or codes.device != scales.device
+        ):
+            raise ValueError(
+                f"codes {tuple(codes.shape)} ({codes.device}) and scales {tuple(scales.shape)} "
+                f"({scales.device}) do not fit bits={bits}, group_size={group_size}"
+            )
+        if dtype not in FLOATS:
+            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+        self.codes = codes
+        self.scales = scales
+        self.bits = bits
+        self.group_size = group_size
+        self.rotate = bool(rotate)
+        self.dtype = dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """(B, Hkv, N, D) of the dequantized tensor."""
+        b, h, n, c = self.codes.shape
+        return torch.Size((b, h, n, c * (8 // self.bits)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes and scales covered (for a view: those of its tokens only)."""
+        return (
+            self.codes.numel() * self.codes.element_size()
+            + self.scales.numel() * self.scales.element_size()
+        )
+
+    @property
+    def requires_grad(self) -> bool:
+        """Always False: a ``QuantizedKV`` holds no gradient."""
+        return False
+
+    def dim(self) -> int:
+        return 4
+
+    def detach(self) -> QuantizedKV:
+        """Itself (there is no gradient to detach from)."""
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedKV(shape={tuple(self.shape)}, bits={self.bits}, "
+            f"group_size={self.group_size}, rotate={self.rotate}, dtype={self.dtype}, "
+            f"device={self.device}, nbytes={self.nbytes})"
+        )
+
+    def narrow(self, start: int, length: int) -> QuantizedKV:
+        """Tokens ``[start, start + length)`` as a view (no copy): (B, Hkv, length, D)."""
+        checks.integer("start", start, minimum=0)
+        checks.integer("length", length, minimum=0)
+        n = self.codes.shape[2]
+        if start + length > n:
+            raise ValueError(f"narrow({start}, {length}) is past the {n} tokens")
+        return QuantizedKV(
+            self.codes.narrow(2, start, length),
+            self.scales.narrow(2, start, length),
+            bits=self.bits,
+            group_size=self.group_size,
+            rotate=self.rotate,
+            dtype=self.dtype,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The values (B, Hkv, N, D) in ``self.dtype``, rotated back when ``rotate``."""
+        codes = self.codes if self.bits == 8 else unpack4(self.codes)  # (B, Hkv, N, D) int8
+        b, h, n, d = codes.shape
+        work = torch.float64 if self.dtype == torch.float64 else torch.float32
+        g = self.group_size
+        x = codes.to(work).view(b, h, n, d // g, g) * self.scales.to(work).unsqueeze(-1)
+        x = x.view(b, h, n, d)
+        if self.rotate:
+            x = rotate_heads(x)
+        return x.to(self.dtype)
+
+
+def quantize_kv(
+    x: torch.Tensor, *, bits: int = 8, group_size: int | None = None, rotate: bool = False
+) -> QuantizedKV:
+    """Quantize keys or values (B, Hkv, N, D) per token and head.
+
+    Args:
+        x: float (float16, bfloat16, float32, float64) (B, Hkv, N, D), finite.
+        bits: 8 (int8 codes, scale = max|x| / 127) or 4 (codes in [-7, 7], scale = max|x| / 7,
+            packed two per byte).
+        group_size: channels sharing one float32 scale; must divide D. Default: D for 8 bits,
+            gcd(D, 32) for 4 bits.
+        rotate: multiply the head dimension by the block Walsh-Hadamard matrix first (D even).
+
+    Returns:
+        A :class:`QuantizedKV`; ``.dequantize()`` gives back x's dtype, each element of the
+        (rotated) vector within half its group's scale of the input.
+
+    Raises:
+        TypeError: x not a float tensor; bits, group_size or rotate of a wrong type.
+        ValueError: x not 4-D, D == 0, bits not 8 or 4, a group_size that does not divide D,
+            an odd D for 4 bits or for rotate=True.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOATS:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 4 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (B, Hkv, N, D) with D >= 1, got shape {tuple(x.shape)}")
+    checks.integer("bits", bits)
+    if bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got bits={bits}")
+    if not isinstance(rotate, bool):
+        raise TypeError(f"rotate must be a bool, got {rotate!r}")
+    d = x.shape[-1]
+    g = default_group(bits, d) if group_size is None else checks.integer("group_size", group_size)
+    if d % g:
+        raise ValueError(f"group_size={g} must divide the head dim D={d}")
+    if bits == 4 and d % 2:
+        raise ValueError(f"4-bit codes are packed two per byte: the head dim D={d} must be even")
+    if rotate and d % 2:
+        raise ValueError(
+            f"rotate=True needs an even head dim (Walsh-Hadamard blocks of the largest power "
+            f"of two dividing D), got D={d}"
+        )
+    b, h, n, _ = x.shape
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        y = x.detach().to(work)
+        if rotate:
+            y = rotate_heads(y)
+        y = y.reshape(b, h, n, d // g, g)  # (B, Hkv, N, groups, g)
+        qmax = QMAX[bits]
+        # stored as float32: round it first so the codes are rounded against the stored scale
+        scale = (y.abs().amax(dim=-1) / qmax).to(torch.float32)  # (B, Hkv, N, groups)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).to(work)  # zero groups: 0
+        codes = torch.round(y / safe.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
+        codes = codes.reshape(b, h, n, d)
+        if bits == 4:
+            codes = pack4(codes)
+    return QuantizedKV(codes, scale, bits=bits, group_size=g, rotate=rotate, dtype=x.dtype)
+
+
+def dequantized(x: Any) -> Any:
+    """``x.dequantize()`` for a :class:`QuantizedKV`, anything else unchanged."""
+    return x.dequantize() if isinstance(x, QuantizedKV) else x
+
+
+def describe(x: QuantizedKV) -> str:
+    """``int8`` / ``int4``, with ``+rotation`` when rotated (for messages and ``explain``)."""
+    return f"int{x.bits}" + ("+rotation" if x.rotate else "")
+
+
+def unwrap(k: Any, v: Any) -> tuple[Any, Any, str]:
+    """``(k, v, label)``: any :class:`QuantizedKV` among k, v dequantized, and a label saying
+    which were quantized (``""`` when neither), e.g. ``"k int8, v int4+rotation"``."""
+    label = ", ".join(
+        f"{name} {describe(t)}" for name, t in (("k", k), ("v", v)) if isinstance(t, QuantizedKV)
+    )
+    if not label:
+        return k, v, ""
+    return dequantized(k), dequantized(v), label
