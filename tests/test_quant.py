@@ -380,3 +380,25 @@ def test_token_at_a_time_layer_with_quantized_cache_matches_full_pass_on_dequant
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
         # and quantization really happened (the float pass differs)
         assert (layer(x) - want).abs().max() > 1e-6
+
+
+def test_layer_need_weights_through_a_quantized_cache():
+    """need_weights passes the cache's QuantizedKV views to attention_weights (via .detach())."""
+    torch.manual_seed(2)
+    layer = MultiHeadSelfAttention(32, 4, num_kv_heads=2, causal=True, rope=True)
+    cache = KVCache(1, 8, 2, 8, bits=4, rotate=True)
+    x = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        layer(x[:, :3], cache=cache)
+        _, w = layer(x[:, 3:], cache=cache, need_weights=True)
+        q = layer.qkv(x[:, 3:])[..., :32]
+        q = layer.rope(q.view(1, 2, 4, 8).transpose(1, 2), 3)
+        want = selfattn.attention_weights(q, cache.keys.dequantize(), causal=True)
+    assert w.shape == (1, 4, 2, 5)
+    torch.testing.assert_close(w, want)
+
+
+def test_torch_compile_traces_a_quantized_call():
+    q, k, v = _qkv((4, True), (8, False))
+    compiled = torch.compile(lambda q: selfattn.attention(q, k, v, causal=True), backend="eager")
+    torch.testing.assert_close(compiled(q), selfattn.attention(q, k, v, causal=True))
