@@ -66,3 +66,34 @@ def test_makefile_driver_flags_match_the_build() -> None:
     for machine in ("x86_64", "aarch64"):
         for src, flags in build.objects_for(machine):
             assert make_flags[Path(src).stem.removeprefix("kernels_")] == flags, src
+
+
+def test_auto_prefers_sdpa_on_arm_until_neon_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 16: NEON's speed is unmeasured, so on ARM auto must not put native before SDPA
+    import torch
+
+    from selfattn import backends
+
+    cpu = torch.device("cpu")
+    for machine in ("aarch64", "arm64"):
+        monkeypatch.setattr(backends.platform, "machine", lambda m=machine: m)
+        order = backends.candidates(cpu)
+        assert order.index("sdpa") < order.index("native") < order.index("tiled")
+        assert backends.candidates(torch.device("cuda"))[0] == "triton"
+    monkeypatch.setattr(backends.platform, "machine", lambda: "x86_64")
+    assert backends.candidates(cpu)[0] == "native"
+
+
+def test_arm_auto_sends_what_sdpa_declines_to_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from selfattn import backends
+    from selfattn.spec import validate
+
+    if backends.BACKENDS["native"].unavailable() is not None:
+        pytest.skip("native unavailable")
+    monkeypatch.setattr(backends.platform, "machine", lambda: "aarch64")
+    q = torch.randn(1, 2, 8, 16)
+    assert backends.select(validate(q, q, q), "auto").name == "sdpa"
+    windowed = validate(q, q, q, window=(2, 0))
+    assert backends.select(windowed, "auto").name == "native"
