@@ -245,8 +245,12 @@ def test_attention_on_quantized_equals_attention_on_dequantized(rule, backend, f
         pytest.skip(f"{backend} declines: {exc.reasons.get(backend)}")
     torch.manual_seed(11)
     want = selfattn.attention(q, kd, vd, backend=backend, return_lse=lse, **rules)
-    # the same backend on the same values: bitwise equal (auto: native runs the float call)
-    exact = {"atol": 0, "rtol": 0} if backend != "auto" else {"atol": 2e-6, "rtol": 2e-5}
+    # the same backend on the same values: bitwise equal (auto: native runs the float call;
+    # rotated codes: q and the output are rotated instead of keys and values, float32 rounding)
+    rotated = "rot" in fmt or fmt == "v8_only"
+    exact = {"atol": 0, "rtol": 0}
+    if backend == "auto" or rotated:
+        exact = {"atol": 2e-6, "rtol": 2e-5}
     torch.testing.assert_close(got, want, **exact)
     if rule != "dropout":  # and native on the dequantized values agrees to float32 rounding
         out = got[0] if lse else got
@@ -279,8 +283,9 @@ def test_quantized_dtype_must_match_q():
         selfattn.attention(q.double(), k, v)
 
 
-def test_queries_still_get_gradients_with_quantized_kv():
-    q, k, v = _qkv((8, False), (4, False))
+@pytest.mark.parametrize("rotate", [False, True])
+def test_queries_still_get_gradients_with_quantized_kv(rotate):
+    q, k, v = _qkv((8, rotate), (4, rotate))
     q.requires_grad_(True)
     selfattn.attention(q, k, v, causal=True).sum().backward()
     q2 = q.detach().clone().requires_grad_(True)
@@ -402,3 +407,55 @@ def test_torch_compile_traces_a_quantized_call():
     q, k, v = _qkv((4, True), (8, False))
     compiled = torch.compile(lambda q: selfattn.attention(q, k, v, causal=True), backend="eager")
     torch.testing.assert_close(compiled(q), selfattn.attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param("interpret", marks=pytest.mark.interpret),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_triton_on_quantized_equals_triton_on_dequantized(where, monkeypatch):
+    """Under Triton's CPU interpreter, and on a GPU where there is one (quantizing there too)."""
+    pytest.importorskip("triton")
+    if where == "interpret":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        device = torch.device("cuda")
+    q, k, v = (t.to(device) for t in _qkv(None, None, seed=9))
+    qk, qv = quantize_kv(k, bits=4, rotate=True), quantize_kv(v, bits=8)
+    assert qk.device == device and qk.codes.device == device
+    # the same format wherever it is made: dequantized values agree with the CPU's
+    cpu = quantize_kv(k.cpu(), bits=4, rotate=True).dequantize()
+    torch.testing.assert_close(qk.dequantize().cpu(), cpu, atol=1e-5, rtol=1e-5)
+    got = selfattn.attention(q, qk, qv, causal=True, backend="triton")
+    want = selfattn.attention(q, qk.dequantize(), qv.dequantize(), causal=True, backend="triton")
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)  # q rotated, not k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_rotated_call_matches_dequantized_in_every_dtype(dtype):
+    """Rotating q and the output instead of the keys and values agrees to the dtype's rounding."""
+    q, k, v = (t.to(dtype) for t in _qkv(None, None, seed=4))
+    qk, qv = quantize_kv(k, bits=4, rotate=True), quantize_kv(v, bits=8, rotate=True)
+    for backend in ("math", "tiled", "auto"):
+        got, lse = selfattn.attention(q, qk, qv, causal=True, backend=backend, return_lse=True)
+        want, want_lse = selfattn.attention(
+            q, qk.dequantize(), qv.dequantize(), causal=True, backend="math", return_lse=True
+        )
+        tol = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}[dtype]
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, want_lse, atol=tol * 10, rtol=tol)
+
+
+def test_dequantize_rotated_gives_the_encoded_basis():
+    x = _x(shape=(1, 2, 3, 32))
+    qx = quantize_kv(x, rotate=True)
+    torch.testing.assert_close(rotate_heads(qx.dequantize(rotated=True)), qx.dequantize())
+    plain = quantize_kv(x)
+    assert torch.equal(plain.dequantize(rotated=True), plain.dequantize())

@@ -14,7 +14,7 @@ import torch
 
 from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, refusals, select
-from .quant import QuantizedKV, unwrap
+from .quant import QuantizedKV, rotated_like, unwrap, unwrap_call
 from .spec import validate, validate_call
 
 __all__ = ["WEIGHTS_HOOKS", "attention", "attention_weights", "available_backends", "explain"]
@@ -67,8 +67,9 @@ def attention(
             One dtype (float16, bfloat16, float32; float64 on CPU backends) and one device;
             ``Hq % Hkv == 0`` and query head ``h`` reads key/value head ``h // (Hq // Hkv)``.
             Any strides. ``k`` and ``v`` may be :class:`selfattn.QuantizedKV` (its ``dtype``
-            must be q's): the result is that of their ``dequantize()``; they get no gradient.
-            For now every backend dequantizes them first and ``native`` declines them.
+            must be q's): the result is that of their ``dequantize()`` up to float32 rounding;
+            they get no gradient. For now they are dequantized here (rotated codes stay
+            rotated: q, or the output, is rotated instead) and ``native`` declines them.
         causal: key ``j`` visible to query ``i`` only when ``j <= i'``.
         window: ``(left, right)``: visible only when ``i' - left <= j <= i' + right``; None on a
             side is unbounded. ``(w, 0)`` is a causal sliding window of ``w + 1`` keys.
@@ -110,18 +111,28 @@ def attention(
         "dropout_p": dropout_p,
     }
     backend = check_backend(backend)
-    quantized = ""
+    quantized, rotate_out = "", False
     if type(k) is QuantizedKV or type(v) is QuantizedKV:
-        k, v, quantized = unwrap(k, v)  # (B, Hkv, Nk, D) in its dtype; no gradient
+        # (B, Hkv, Nk, D) tensors in q's dtype, no gradient; rotated codes stay rotated and q
+        # (for keys) or the output (for values) is rotated instead: the same result
+        q, k, v, quantized, rotate_out = unwrap_call(q, k, v)
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
-        return _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
+        got = _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
+        return unrotated(got, return_lse) if rotate_out else got
     spec = validate_call(q, k, v, rules, return_lse)
     if quantized:  # recorded so that a backend reading the codes itself can tell
         spec = replace(spec, quantized=quantized)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     out, lse = chosen.run(spec, q, k, v, seed)
+    if rotate_out:
+        out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
     return (out, lse) if return_lse else out
+
+
+def unrotated(got: Any, return_lse: bool) -> Any:
+    """``out`` (or ``(out, lse)``) with out rotated back from the values' rotated basis."""
+    return (rotated_like(got[0]), got[1]) if return_lse else rotated_like(got)
 
 
 def available_backends() -> list[str]:
@@ -205,7 +216,7 @@ def attention_weights(
     Returns:
         float32 (B, len(heads), len(rows), Nk); rows with no visible key are 0.
     """
-    k, _, quantized = unwrap(k, None)
+    q, k, _, quantized, _ = unwrap_call(q, k, None)  # rotated keys: q rotated instead
     spec = validate(
         q,
         k,

@@ -13,7 +13,7 @@ codes of older ones. Codes:
 matrix (block-diagonal: blocks of the largest power of two dividing D, so D=64 is one block of
 64 and D=96 three blocks of 32), which spreads an outlier channel over the block before
 rounding. ``dequantize`` rotates back (the matrix is its own inverse), so callers never see
-rotated values.
+rotated values; ``unwrap_call`` (the front door's) rotates q or the output instead.
 """
 
 from __future__ import annotations
@@ -206,15 +206,20 @@ class QuantizedKV:
             dtype=self.dtype,
         )
 
-    def dequantize(self) -> torch.Tensor:
-        """The values (B, Hkv, N, D) in ``self.dtype``, rotated back when ``rotate``."""
+    def dequantize(self, *, rotated: bool = False) -> torch.Tensor:
+        """The values (B, Hkv, N, D) in ``self.dtype``, rotated back when ``rotate``.
+
+        ``rotated=True`` skips rotating back: the values in the basis the codes encode (for a
+        caller that rotates q, or the output, instead; the same as ``dequantize()`` when the
+        codes are not rotated).
+        """
         codes = self.codes if self.bits == 8 else unpack4(self.codes)  # (B, Hkv, N, D) int8
         b, h, n, d = codes.shape
         work = torch.float64 if self.dtype == torch.float64 else torch.float32
         g = self.group_size
         x = codes.to(work).view(b, h, n, d // g, g) * self.scales.to(work).unsqueeze(-1)
         x = x.view(b, h, n, d)
-        if self.rotate:
+        if self.rotate and not rotated:
             x = rotate_heads(x)
         return x.to(self.dtype)
 
@@ -300,3 +305,42 @@ def unwrap(k: Any, v: Any) -> tuple[Any, Any, str]:
     if not label:
         return k, v, ""
     return dequantized(k), dequantized(v), label
+
+
+def rotated_like(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., D) rotated by the block Walsh-Hadamard matrix, computed in float32 (float64
+    for float64) and returned in its dtype; differentiable (gradients flow through it)."""
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return rotate_heads(t.to(work)).to(t.dtype)
+
+
+def unwrap_call(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any, str, bool]:
+    """A call's ``(q, k, v, label, rotate_out)`` with any :class:`QuantizedKV` made a tensor.
+
+    Rotation is undone where it is cheapest, never on the keys and values themselves: scores
+    ``q . (H r)`` equal ``(H q) . r`` (H symmetric), so rotated keys are read in the rotated
+    basis with q rotated; an output ``sum p (H r)`` is ``H (sum p r)``, so rotated values are
+    read rotated and the caller rotates the output back (``rotate_out``). That needs q to be a
+    4-D tensor of the keys' dtype, device and head dim; otherwise everything is dequantized
+    plainly and validation reports what is wrong.
+    """
+    label = ", ".join(
+        f"{name} {describe(t)}" for name, t in (("k", k), ("v", v)) if isinstance(t, QuantizedKV)
+    )
+    if not label:
+        return q, k, v, "", False
+    ref = k if isinstance(k, QuantizedKV) else v
+    fits = (
+        isinstance(q, torch.Tensor)
+        and q.dim() == 4
+        and q.dtype == ref.dtype
+        and q.device == ref.device
+        and (not isinstance(k, torch.Tensor) or (k.dtype == q.dtype and k.device == q.device))
+        and (not isinstance(v, torch.Tensor) or (v.dtype == q.dtype and v.device == q.device))
+    )
+    rotate_out = False
+    if fits and isinstance(k, QuantizedKV) and k.rotate and q.shape[-1] == k.shape[-1]:
+        q, k = rotated_like(q), k.dequantize(rotated=True)
+    if fits and isinstance(v, QuantizedKV) and v.rotate:
+        v, rotate_out = v.dequantize(rotated=True), True
+    return q, dequantized(k), dequantized(v), label, rotate_out
