@@ -32,7 +32,7 @@ struct Decode {
 
   const Plan<V>& pl;
   const Params& P;
-  int64_t R, CK, LDD, nc;
+  int64_t R, CK, KS, LDD, nc;  // KS: keys a chunk may hold (CK, or Nk rounded up if fewer)
   bool direct_k, direct_v;
   // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
   T *pm, *plsum, *pacc;
@@ -45,7 +45,10 @@ struct Decode {
     // chunk size from the shape only: about 32 items per call, 256..1024 keys each
     CK = cdiv(cdiv(p.Nk * units, 32), PW) * PW;
     CK = imax(256, imin(1024, CK));
-    LDD = CK + W;
+    // a short cache sizes the scratch by its keys: 64 KB buffers for 40 keys cost more in
+    // malloc/free (heap consolidation) than the decode itself
+    KS = imin(CK, cdiv(p.Nk, PW) * PW);
+    LDD = KS + W;
     nc = cdiv(p.Nk, CK);
     direct_k = sizeof(T) == 4 && p.k.dt == DT::F32 && p.k.s[3] == 1 && p.D % W == 0;
     direct_v = sizeof(T) == 4 && p.v.dt == DT::F32 && p.v.s[3] == 1 && p.Dv % W == 0;
@@ -57,9 +60,9 @@ struct Decode {
     Buf<int64_t> vkeys;
     Buf<uint32_t> vseen;
     Scratch(const Decode& d)
-        : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.CK * d.pl.Dp), vc(d.CK * d.pl.Dvp),
-          kp(d.P.D * PW), vrow(d.pl.Dvp), bad(d.CK), cls(d.P.G * (d.CK / PW)), vkeys(d.CK),
-          vseen(d.CK) {}
+        : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.KS * d.pl.Dp), vc(d.KS * d.pl.Dvp),
+          kp(d.P.D * PW), vrow(d.pl.Dvp), bad(d.KS), cls(d.P.G * (d.CK / PW)), vkeys(d.KS),
+          vseen(d.KS) {}
   };
 
   // Beyond a few rows the dot products would load every key row once per row: transposing the
