@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import _compile, _rng, checks
-from .backends import BACKENDS, available, candidates, refusals, select
+from .backends import BACKENDS, available, candidates, preferred, refusals, select
 from .quant import QuantizedKV, rotated_like, unwrap, unwrap_call
 from .spec import validate, validate_call
 
@@ -157,7 +157,14 @@ def explain(
         if why:
             lines.append(f"  {n}: declines - " + "; ".join(why))
         elif picked is None:
-            picked = n
+            alt = preferred(spec, n) if backend == "auto" else None
+            picked = alt[0] if alt else n
+            lines.append(
+                f"  {n}: could run it; auto prefers {alt[0]}: {alt[1]}"
+                if alt
+                else f"  {n}: runs it"
+            )
+        elif n == picked:
             lines.append(f"  {n}: runs it")
         else:
             lines.append(f"  {n}: could run it (lower priority than {picked})")

@@ -13,6 +13,9 @@ hooks a path needs:
 - ``backward(spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi)`` ->
   ``(dq, dk, dv, dbias, dalibi)`` (the custom op's backward, ring blocks).
 - ``weights(spec, q, k, lse, heads, rows)`` -> exact probabilities (``attention_weights``).
+- ``prefer(spec) -> (name, why) | None``, asked by ``auto`` only, after the backend accepted the
+  call: another backend to run instead where that one accepts it too (``native``: SDPA on ARM
+  and for calls below a measured size, ``native/choice.py``).
 
 A new backend is one module with a class like those below, registered here with its place in
 ``PRIORITY``.
@@ -40,6 +43,7 @@ __all__ = [
     "Backend",
     "available",
     "candidates",
+    "preferred",
     "refusals",
     "register",
     "select",
@@ -127,6 +131,16 @@ def refusals(spec: AttentionSpec, name: str, need: tuple[str, ...] = ()) -> list
     return backend.check(spec)
 
 
+def preferred(spec: AttentionSpec, name: str, need: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """For ``auto``: the backend that runs ``spec`` instead of ``name`` (which accepts it) and
+    why, when ``name`` prefers one and that one accepts the call with ``need``; else None."""
+    prefer = getattr(BACKENDS[name], "prefer", None)
+    alt = prefer(spec) if prefer is not None else None
+    if alt is None or alt[0] not in BACKENDS or refusals(spec, alt[0], need):
+        return None
+    return alt
+
+
 def available() -> list[str]:
     """Backends that can run on this machine (for some input)."""
     return [name for name, b in BACKENDS.items() if b.unavailable() is None]
@@ -148,7 +162,8 @@ def select(spec: AttentionSpec, name: str, need: tuple[str, ...] = ()) -> Backen
     for n in names:
         why = refusals(spec, n, need)
         if not why:
-            return BACKENDS[n]
+            alt = preferred(spec, n, need) if name == "auto" else None
+            return BACKENDS[alt[0] if alt else n]
         reasons[n] = why
     lines = [f"no backend can run this call (backend={name!r}): {spec.describe()}"]
     if need:

@@ -14,7 +14,7 @@ import torch
 from ...first_order import first_order
 from ...rules import normalized
 from ...spec import AttentionSpec
-from . import build
+from . import build, choice
 from .call import REFUSED, record
 
 __all__ = ["NativeBackend"]
@@ -74,6 +74,11 @@ class NativeBackend:
             f"{ext.isa('float32')} kernels for float32/16-bit, {ext.isa('float64')} for float64; "
             f"built in {build.build_dir()}"
         )
+
+    def prefer(self, spec: AttentionSpec) -> tuple[str, str] | None:
+        """For ``auto`` only: the backend to run instead where it accepts the call, and why
+        (``choice.prefer``: SDPA on ARM, and for calls below the measured small-call size)."""
+        return choice.prefer(spec)
 
     def check(self, spec: AttentionSpec) -> list[str]:
         reasons = []
