@@ -14,8 +14,8 @@ hooks a path needs:
   ``(dq, dk, dv, dbias, dalibi)`` (the custom op's backward, ring blocks).
 - ``weights(spec, q, k, lse, heads, rows)`` -> exact probabilities (``attention_weights``).
 - ``prefer(spec) -> (name, why) | None``, asked by ``auto`` only, after the backend accepted the
-  call: another backend to run instead where that one accepts it too (``native``: SDPA on ARM
-  and for calls below a measured size, ``native/choice.py``).
+  call: another backend to run instead where that one accepts it too (``native``: SDPA for
+  calls below a measured size, ``native/choice.py``).
 
 A new backend is one module with a class like those below, registered here with its place in
 ``PRIORITY``.

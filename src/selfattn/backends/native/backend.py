@@ -77,7 +77,7 @@ class NativeBackend:
 
     def prefer(self, spec: AttentionSpec) -> tuple[str, str] | None:
         """For ``auto`` only: the backend to run instead where it accepts the call, and why
-        (``choice.prefer``: SDPA on ARM, and for calls below the measured small-call size)."""
+        (``choice.prefer``: SDPA for calls below the measured small-call size)."""
         return choice.prefer(spec)
 
     def check(self, spec: AttentionSpec) -> list[str]:

@@ -4,11 +4,9 @@
 that also accepts the call (with the hooks the path needs), that backend runs it. An explicit
 ``backend="native"`` always runs native.
 
-- ARM (``platform.machine()`` aarch64/arm64): native's NEON kernels have not been timed against
-  torch on any ARM machine, so until they are ``auto`` prefers ``sdpa`` wherever SDPA can run
-  the call, and native keeps what SDPA declines (windows, masks, bias, softcap, segment ids,
-  the lse, hooks).
-- Small calls elsewhere: below ``SMALL_CALL_WORK[kind]`` multiply-adds (``call_work``) ``auto``
+(On ARM, ``auto`` tries ``sdpa`` before native anyway: ``backends.ARM_CPU``.)
+
+- Small calls: below ``SMALL_CALL_WORK[kind]`` multiply-adds (``call_work``) ``auto``
   prefers ``sdpa``, per kind of call (``call_kind``: "decode", few query rows per kv head, which
   native runs with its split-K decode kernel; "prefill", the rest). The thresholds are measured
   by ``benchmarks/auto_rules.py`` (both backends called through ``selfattn.attention``, which is
@@ -19,14 +17,10 @@ that also accepts the call (with the hooks the path needs), that backend runs it
 
 from __future__ import annotations
 
-import platform
-
 from ...spec import AttentionSpec
 
-__all__ = ["ARM", "MACHINE", "SMALL_CALL_WORK", "call_kind", "call_work", "prefer"]
+__all__ = ["SMALL_CALL_WORK", "call_kind", "call_work", "prefer"]
 
-ARM = ("aarch64", "arm64")
-MACHINE = platform.machine().lower()  # read once: `prefer` runs on every `auto` call
 # benchmarks/results/auto_rules.json "threshold_work" (0: native was slower on no call of that
 # kind; prefill: B1 H8 16x16 D64 ran 1.66x slower through native, 1 thread)
 SMALL_CALL_WORK = {"decode": 0, "prefill": 262145}
@@ -46,8 +40,6 @@ def call_kind(nq: int, hq: int, hkv: int) -> str:
 def prefer(spec: AttentionSpec) -> tuple[str, str] | None:
     """``(backend, why)`` that ``auto`` should run instead of native when it accepts the call,
     else None."""
-    if MACHINE in ARM:
-        return "sdpa", f"native's speed on {MACHINE} is not measured; SDPA's is torch's own"
     kind = call_kind(spec.Nq, spec.Hq, spec.Hkv)
     limit = SMALL_CALL_WORK[kind]
     if call_work(spec) < limit:
