@@ -136,28 +136,33 @@ def _ratio_range(values: list[float]) -> str:
     return f"{fmt(lo)}x" if fmt(lo) == fmt(hi) else f"{fmt(lo)}-{fmt(hi)}x"
 
 
+#: (case prefix, what the summary calls it), first match wins
+SUMMARY_KINDS = (
+    ("decode step", "a small decode step (through auto)"),
+    ("tiny", "a tiny call"),
+    ("forward", "prefill and training"),
+    ("decode", "decode"),
+    ("window", "a sliding window"),
+)
+
+
 def cpu_summary(src: str, result: dict[str, Any]) -> str:
-    """One sentence of SDPA's time over native's from benchmarks/cpu.py's results, by kind of
-    call: prefill and training (the forward rows), decode, sliding window, the tiny call."""
+    """One sentence of SDPA's time over selfattn's from benchmarks/cpu.py's results, by kind of
+    call (:data:`SUMMARY_KINDS`): ``native``'s time, or ``auto``'s where the row measured what
+    ``auto`` picks; rows taken under load (a busy process) are left out."""
     from selfattn.bench.machine import cpu_label
 
-    groups: dict[str, list[float]] = {
-        k: [] for k in ("prefill and training", "decode", "a sliding window", "a tiny call")
-    }
+    groups: dict[str, list[float]] = {k: [] for _, k in SUMMARY_KINDS}
     for r in result["results"]:
         t = r.get("times")
-        if not t or "native" not in t or "sdpa" not in t:
+        if not t or "native" not in t or "sdpa" not in t or "busy" in r["case"]:
             continue
-        case = r["case"]
-        kind = next(
-            (k for p, k in (("forward", "prefill and training"), ("decode", "decode"),
-                            ("window", "a sliding window"), ("tiny", "a tiny call"))
-             if case.startswith(p)),
-            None,
-        )  # fmt: skip
+        kind = next((k for p, k in SUMMARY_KINDS if r["case"].startswith(p)), None)
         if kind:
-            groups.setdefault(kind, []).append(t["sdpa"] / t["native"])
-    parts = [f"{_ratio_range(v)} on {k}" for k, v in groups.items() if v]
+            groups[kind].append(t["sdpa"] / t.get("auto", t["native"]))
+    order = ("prefill and training", "decode", "a sliding window")
+    keys = [*order, *(k for k in groups if k not in order)]
+    parts = [f"{_ratio_range(groups[k])} on {k}" for k in keys if groups[k]]
     cpu = find_cpu(result)
     if cpu is None:
         raise ValueError(f"{src} does not record its CPU (a 'cpu' record with a 'model')")

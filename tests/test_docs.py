@@ -62,6 +62,28 @@ def test_a_figure_edited_by_hand_or_a_changed_results_file_is_caught(tmp_path):
     assert RT.rewrite(readme.read_text(), tmp_path) != readme.read_text()
 
 
+def test_the_summary_groups_rows_by_kind_and_leaves_out_loaded_ones():
+    def row(case, sdpa, native, **more):
+        return {"case": case, "times": {"sdpa": sdpa, "native": native, **more}}
+
+    result = {
+        "meta": {"cpu": {"model": "Some CPU", "arch": "x86_64", "cores": 2, "threads": 2}},
+        "results": [
+            row("forward N=4096", 2.0, 1.0),
+            row("forward+backward N=2048 causal", 3.0, 1.0),
+            row("decode Nq=1 Hq=9 Hkv=3 Nk=1024, 1 thread", 1.5, 1.0),
+            row("decode step B=1 Hq=9 Hkv=3 Nq=1 Nk=40, 1 thread", 1.0, 2.0, auto=1.25),
+            row("forward N=2048 causal, one busy process", 9.0, 1.0),
+            row("window=(512, 0) N=16384 H=4 (SDPA: dense mask)", 70.0, 1.0),
+        ],
+    }
+    text = RT.cpu_summary("x.json", result)
+    assert text.startswith(
+        "2-3x on prefill and training, 1.5x on decode, 70x on a sliding window, "
+        "0.8x on a small decode step (through auto); Some CPU (x86_64, 2 cores), 2 threads"
+    ), text
+
+
 def _results_files() -> list[str]:
     found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks/results").glob("*.json")}
     return sorted(found | set(RT.RESULTS))
