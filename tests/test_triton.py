@@ -12,6 +12,7 @@ masked, unmasked and skipped stretches all run.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -724,3 +725,171 @@ def test_tma_failure_falls_back_to_pointers(dev, monkeypatch):
     ref, _ = ref_attention(q, k, v, causal=True)
     assert max_err(out, ref) < 1e-5
     assert tma.VERIFIED[tma.device_key(dev)] is False
+
+
+# -- issue 17: values at the edges (NaN/inf values, float32 extremes, huge windows) -----------------
+
+
+def _same_nonfinite(got, expect, what):
+    """NaN, +inf and -inf exactly where the float64 specification has them, the rest close."""
+    got = to_np(got)
+    assert (np.isnan(got) == np.isnan(expect)).all(), f"{what}: NaN pattern differs from the spec"
+    assert (np.isposinf(got) == np.isposinf(expect)).all(), f"{what}: +inf pattern"
+    assert (np.isneginf(got) == np.isneginf(expect)).all(), f"{what}: -inf pattern"
+    fin = np.isfinite(expect)
+    np.testing.assert_allclose(got[fin], expect[fin], atol=2e-5, err_msg=what)
+
+
+VALUE_RULES = {
+    "causal": lambda nq: {"causal": True},
+    "window": lambda nq: {"window": (3, 1)},
+    "mask": lambda nq: {"mask": (torch.rand(9, 40, generator=gen(2)) > 0.3)[-nq:]},
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the spec's inf + -inf
+@pytest.mark.parametrize("decode", [False, True], ids=["rows", "decode"])
+@pytest.mark.parametrize("rule", list(VALUE_RULES))
+def test_nan_in_visible_value_poisons_its_column_only(dev, rule, decode, monkeypatch):
+    """One NaN in v[j, c]: column c of the rows that see key j is NaN, nothing else, and the lse
+    is untouched (the kernels made the whole row and its lse NaN under any hiding rule). inf
+    in v[j', :] gives +-inf, or NaN where +inf meets -inf, as p @ v says."""
+    nq = 9
+    if decode:  # the split-K kernel, two splits over the 40 keys
+        monkeypatch.setattr(host, "DECODE_MODE", "always")
+        monkeypatch.setitem(interp.INTERPRET_BLOCKS, "decode_splits", 2)
+        nq = 3
+    q, k, v = make_qkv(1, 4, 2, nq, 40, 16, seed=7)
+    v[0, 0, 37, 3] = math.nan  # key 37: seen by the last rows under causal
+    v[0, 1, 20, 5] = math.nan
+    v[0, 1, 33, :] = math.inf
+    v[0, 0, 39, 2] = -math.inf
+    v[0, 0, 38, 2] = math.inf  # meets the -inf of key 39 in the rows that see both
+    kw = VALUE_RULES[rule](nq)
+    expect, expect_lse = ref_attention(q, k, v, **kw)
+    assert np.isnan(expect).any() and np.isfinite(expect).any()  # the case is not vacuous
+    out, lse = run(q, k, v, dev, return_lse=True, **kw)
+    _same_nonfinite(out, expect, f"{rule} out")
+    _same_nonfinite(lse, expect_lse, f"{rule} lse")
+
+
+def test_nan_in_visible_value_gradient_is_not_silently_finite(dev):
+    """The rows that see a value holding NaN get NaN query gradients (never a finite gradient
+    lacking the term); the rows that do not see it stay finite."""
+    q, k, v = make_qkv(1, 2, 1, 12, 12, 8, seed=9)
+    v[0, 0, 8, 3] = math.nan
+    q = q.to(dev).requires_grad_(True)
+    out = selfattn.attention(q, k.to(dev), v.to(dev), causal=True, backend="triton")
+    (dq,) = torch.autograd.grad(out.nan_to_num().sum(), q)
+    assert torch.isfinite(dq[:, :, :8]).all() and torch.isnan(dq[:, :, 8:]).all()
+
+
+@pytest.mark.parametrize("softcap", [1.5e-45, 1e-38, 3.4e38])
+def test_softcap_at_float32_edges_is_honoured(dev, softcap):
+    """softcap * log2(e) overflowed to inf for caps near FLT_MAX (all-NaN output), and
+    scale / softcap for tiny caps (inf * 0 = NaN where q . k is exactly 0); and the tanh lost
+    every digit for |s / softcap| << 1. Forward, lse and gradients follow float64 now."""
+    q, k, v = make_qkv(1, 2, 2, 37, 45, 16, seed=3)
+    q[0, 0, :, :4] = 0.0
+    q[0, 1, 3] = 0.0  # a row whose scores are exactly 0
+    expect, expect_lse = ref_attention(q, k, v, causal=True, softcap=softcap)
+    leaves = [t.to(dev).requires_grad_(True) for t in (q, k, v)]
+    out, lse = selfattn.attention(
+        *leaves, causal=True, softcap=softcap, return_lse=True, backend="triton"
+    )  # fmt: skip
+    assert max_err(out, expect) < 5e-6 and max_err(lse, expect_lse) < 5e-6
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    out64 = selfattn.attention(q64, k64, v64, causal=True, softcap=softcap, backend="math")
+    oracle = torch.autograd.grad(out64.square().sum(), (q64, k64, v64))
+    for got, want in zip(grads, oracle):
+        assert torch.isfinite(got).all() and max_err(got, to_np(want)) < 5e-5
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["rows", "decode"])
+def test_bias_near_float32_max_gives_no_nan(dev, decode, monkeypatch):
+    """A finite bias of 3e38 made the kernels NaN (scores were multiplied by log2(e) before the
+    row maximum was subtracted, and overflowed). Output and lse match the float64 spec."""
+    nq = 19
+    if decode:
+        monkeypatch.setattr(host, "DECODE_MODE", "always")
+        monkeypatch.setitem(interp.INTERPRET_BLOCKS, "decode_splits", 3)
+        nq = 4
+    q, k, v = make_qkv(2, 2, 1, nq, 70, 16, seed=5)
+    bias = torch.randn(2, 1, nq, 70, generator=gen(5))
+    bias[0, :, :, 7] = 3e38  # one key dominates every row of batch 0
+    bias[1, :, :, 3:9] = -3e38
+    bias[1, :, 2, :] = 2.9e38  # a row whose scores are all near the top
+    for kw in ({}, {"causal": True}, {"window": (30, 0)}):
+        expect, expect_lse = ref_attention(q, k, v, bias=bias, **kw)
+        out, lse = run(q, k, v, dev, bias=bias, return_lse=True, **kw)
+        assert max_err(out, expect) < 2e-5, kw
+        lse_err = np.abs(to_np(lse) - expect_lse) / np.maximum(1.0, np.abs(expect_lse))
+        assert lse_err.max() < 1e-6, kw
+
+
+def test_decode_splits_with_huge_scores_keep_their_weights(dev, monkeypatch):
+    """The split-K combine weighted each split by exp(lse_split - max): with scores near 1e38
+    every lse_split = m + log(l) rounded to m, so splits of 64 and 22 keys weighed alike. The
+    splits now hand over their maximum and sum apart."""
+    monkeypatch.setattr(host, "DECODE_MODE", "always")
+    monkeypatch.setitem(interp.INTERPRET_BLOCKS, "decode_splits", 3)
+    q, k, v = make_qkv(1, 2, 1, 1, 150, 16, seed=5)
+    bias = torch.full((1, 1, 1, 150), 2.9e38)
+    expect, expect_lse = ref_attention(q, k, v, bias=bias)
+    out, lse = run(q, k, v, dev, bias=bias, return_lse=True)
+    assert max_err(out, expect) < 1e-6
+    assert np.abs(to_np(lse) / expect_lse - 1).max() < 1e-6
+
+
+def test_weights_bias_near_float32_max_gives_no_nan(dev):
+    q, k, _ = (t.to(dev) for t in make_qkv(1, 2, 2, 19, 70, 16, seed=6))
+    bias = torch.zeros(1, 1, 19, 70, device=dev)
+    bias[..., 11] = 3e38
+    spec = validate(q, k, None, need_v=False, bias=bias)
+    w = BACKENDS["triton"].weights(spec, q, k, None, None, None)
+    expect = torch.zeros(1, 2, 19, 70)
+    expect[..., 11] = 1.0
+    assert torch.equal(w.cpu(), expect)
+
+
+@pytest.mark.parametrize("window", [(None, sys.maxsize), (sys.maxsize, 0), (2**70, 2**64)])
+def test_window_side_near_int64_max_restricts_nothing(dev, window):
+    """Sides beyond any distance restrict nothing (they are clamped before the kernels see
+    them, so no position arithmetic wraps): forward, gradients and weights."""
+    left, right = ((None if w is None or w >= sys.maxsize else w) for w in window)
+    q, k, v = make_qkv(1, 2, 2, 7, 5, 8)
+    expect, _ = ref_attention(q, k, v, window=(left, right))
+    assert max_err(run(q, k, v, dev, window=window), expect) < 1e-6
+    grads = []
+    for kw in ({"window": window}, {"window": (left, right)}):
+        leaves = [t.to(dev).requires_grad_(True) for t in (q, k, v)]
+        out = selfattn.attention(*leaves, backend="triton", **kw)
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_second_derivative_raises_clearly(dev):
+    """create_graph=True works for the first derivative; differentiating it again raises,
+    naming the backend, instead of adding nothing to a gradient penalty."""
+    q, k, v = (t.to(dev).requires_grad_(True) for t in make_qkv(1, 2, 2, 5, 5, 8))
+    out = selfattn.attention(q, k, v, causal=True, backend="triton")
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    assert gq.requires_grad
+    with pytest.raises(NotImplementedError, match="backend 'triton' does not support double"):
+        gq.square().sum().backward()
+
+
+def test_empty_value_head_dim(dev):
+    """Dv == 0: an empty output, and the lse (and its gradient) of the scores."""
+    q, k, v = make_qkv(2, 2, 1, 9, 40, 8, dv=0)
+    _, expect_lse = ref_attention(q, k, v, causal=True)
+    leaves = [t.to(dev).requires_grad_(True) for t in (q, k, v)]
+    out, lse = selfattn.attention(*leaves, causal=True, return_lse=True, backend="triton")
+    assert out.shape == (2, 2, 9, 0) and max_err(lse, expect_lse) < 1e-5
+    dq, dk = torch.autograd.grad(lse.sum(), leaves[:2])
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    _, lse64 = selfattn.attention(q64, k64, v64, causal=True, return_lse=True, backend="math")
+    want = torch.autograd.grad(lse64.sum(), (q64, k64))
+    assert max_err(dq, to_np(want[0])) < 1e-5 and max_err(dk, to_np(want[1])) < 1e-5

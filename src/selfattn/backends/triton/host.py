@@ -167,7 +167,7 @@ def _run_decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     n_splits = triton.cdiv(spec.Nk, split_len)
     rows = spec.B * spec.Hq * nq
     opart = torch.empty(rows, n_splits, spec.Dv, dtype=torch.float32, device=q.device)
-    lpart = torch.empty(rows, n_splits, dtype=torch.float32, device=q.device)
+    lpart = torch.empty(rows, n_splits, 2, dtype=torch.float32, device=q.device)  # (m, l)
     args = [q, k, v, opart, lpart, *call.args_rules, call.qrng]
     args += [*q.stride(), *k.stride(), *v.stride(), *call.strides_rules]
     args += [*call.scalars, *call.scale_args, *call.drop_args]
@@ -220,16 +220,16 @@ def backward(
     call = prepare(spec, q, seed, need_krng=True)
     rows = spec.B * spec.Hq * spec.Nq
     delta = torch.empty(rows, dtype=torch.float32, device=dev)
-    lse2 = torch.empty(rows, dtype=torch.float32, device=dev)
+    lse_p = torch.empty(rows, dtype=torch.float32, device=dev)
     dlse_c = dlse.float().contiguous() if dlse is not None else delta
     pre_m = 64 if not interpreting() else 16
-    args = [out, dout, lse.contiguous(), dlse_c, delta, lse2, *out.stride(), *dout.stride()]
+    args = [out, dout, lse.contiguous(), dlse_c, delta, lse_p, *out.stride(), *dout.stride()]
     args += [spec.Hq, spec.Nq, spec.Dv]
     consts = {"HAS_DLSE": dlse is not None, "BLOCK_M": pre_m, "BLOCK_DV": call.consts["BLOCK_DV"]}
     kernels.bwd_preprocess[(triton.cdiv(spec.Nq, pre_m), spec.B * spec.Hq)](*args, **consts)
 
     # dK, dV: one program per key tile of each key/value head
-    args = [q, k, v, dout, dk, dv, lse2, delta, *call.args_rules, call.krng]
+    args = [q, k, v, dout, dk, dv, lse_p, delta, *call.args_rules, call.krng]
     args += [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride()]
     args += [*call.strides_rules, *call.scalars, spec.scale, *call.scale_args, *call.drop_args]
 
@@ -251,7 +251,7 @@ def backward(
         db = torch.zeros(1, **f32)
     da = torch.zeros(spec.B, spec.Hq, n_m_max, **f32) if need_dalibi else torch.zeros(1, **f32)
     db_strides = list(db.stride()) if need_dbias else [0, 0, 0, 0]
-    args = [q, k, v, dout, dq, lse2, delta, *call.args_rules, call.qrng, db, da]
+    args = [q, k, v, dout, dq, lse_p, delta, *call.args_rules, call.qrng, db, da]
     args += [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride()]
     args += [*call.strides_rules, *db_strides, n_m_max, *call.scalars, spec.scale]
     args += [*call.scale_args, *call.drop_args]

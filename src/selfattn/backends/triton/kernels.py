@@ -2,15 +2,17 @@
 
 FlashAttention-2 (Dao, 2023) with every rule of docs/api.md, in the names of the paper and
 of ``backends/tiled.py``: ``m_i`` (running row maximum), ``l_i`` (running row sum), ``acc``
-(unnormalised output), ``BLOCK_M`` query rows, ``BLOCK_N`` keys. Scores are kept in base 2 with
-``log2(e)`` folded into the scale, so every exponential is an ``exp2``.
+(unnormalised output), ``BLOCK_M`` query rows, ``BLOCK_N`` keys. Scores are in natural-log units
+and the row maximum (or the lse) is subtracted before the ``log2(e)`` factor of each ``exp2``, so
+a score near the float32 maximum (a bias of 3e38) never overflows; a softcap of any float32
+size is applied without overflow or denormal factors (``_softcap``).
 
 Kernels, top to bottom:
   ``attn_fwd``        online softmax over key tiles; writes ``out`` and the natural-log lse.
   ``attn_decode``     the same over one split of the keys for few queries (flash-decoding): all
                       query heads of a key/value head share one program; ``decode_combine``
                       merges the splits by their lse.
-  ``bwd_preprocess``  ``delta_i = rowsum(dO_i * O_i) - dlse_i`` and the base-2 lse.
+  ``bwd_preprocess``  ``delta_i = rowsum(dO_i * O_i) - dlse_i`` and the lse (+inf where empty).
   ``bwd_dkdv``        per key tile: dK, dV, summed over the query heads of its group (no atomics).
   ``bwd_dq``          per query tile: dQ, and the gradients of ``bias`` and ALiBi slopes.
   ``attn_probs``      the softmax probabilities of chosen rows and heads (``attention_weights``).
@@ -30,9 +32,13 @@ the rules leave empty are never visited and full ones run without mask arithmeti
 ``tl.static_range(3)`` loop: unrolled at compile time, so each stretch is its own
 specialisation of the inner loop (``MASKED`` is a compile-time constant).
 
-Non-finite keys. When some rule may hide keys, masked tiles zero non-finite entries of k and v
-and set their scores to NaN before masking (as ``tiled._bad_keys`` does), so padding garbage
-never reaches a row that cannot see it, while rows that see it still get NaN.
+Non-finite keys. When some rule may hide keys, masked tiles zero non-finite entries of k and v,
+so padding garbage never reaches a row that cannot see it (``0 * NaN`` in a matrix product).
+A key whose k row is not finite gets NaN scores where visible, so the rows that see it are NaN.
+In the forward a non-finite ``v[j, c]`` leaves the scores alone: ``_bad_values`` adds it back
+to column ``c`` of the rows that see key ``j`` (NaN, or +-inf as ``p * v`` says), so it never
+touches other columns or the lse (docs/api.md; as ``engine.tiles.bad_values``). The backward
+treats a bad value row like a bad key: the gradients of the rows that see it are NaN.
 
 Dropout uses the counter-based hash of ``selfattn._rng`` in uint32 arithmetic, so every backend
 draws the same mask for the same seed and backward regenerates it.
@@ -52,9 +58,10 @@ from ... import constants
 
 LOG2E: tl.constexpr = tl.constexpr(constants.LOG2E)
 LN2: tl.constexpr = tl.constexpr(constants.LN2)
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 # Stands in for -inf in m_i so that exp2(-inf - m_i) is 0 rather than NaN for rows that have
-# seen no key yet; any real score is far above it.
-M_FLOOR: tl.constexpr = tl.constexpr(-3.0e38)
+# seen no key yet; every finite score is at least -FLT_MAX.
+M_FLOOR: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,11 +100,26 @@ def _keep(hr, hc, thresh):
 
 
 @triton.jit
-def _tanh(x):
-    """tanh through exp2, stable for large |x|: sign(x) (1 - e) / (1 + e), e = exp(-2|x|)."""
-    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # -2 log2(e)
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+def _softcap(y, cap):
+    """``cap * tanh(y / cap)`` and ``tanh(y / cap)`` for natural-log scores ``y``, any float32 cap.
+
+    For ``|y / cap| < 1/8`` the odd series ``tanh(u) = u (1 - u^2/3 + 2u^4/15 - 17u^6/315)``
+    (relative error < 2e-9) multiplies ``y`` itself: no cancellation in ``1 - exp(-2|u|)`` and
+    no denormal ``u`` for caps near FLT_MAX. Elsewhere ``sign(u) (1 - e) / (1 + e)``,
+    ``e = exp(-2|u|)``. ``1 / cap`` is clamped to FLT_MAX so that ``0 / cap`` stays 0 for caps
+    below 2**-126 (the scores are then within ``2 cap`` of each other: the clamp moves nothing
+    the softmax can see).
+    """
+    inv = tl.minimum(1.0 / cap, FLT_MAX)
+    u = y * inv
+    u2 = u * u
+    poly = 1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 - u2 * 0.05396825396825397))
+    e = tl.math.exp2(tl.abs(u) * -2.8853900817779268)  # -2 log2(e)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(u < 0, -big, big)
+    small = tl.abs(u) < 0.125
+    t = tl.where(small, u * poly, big)
+    return tl.where(small, y * poly, cap * big), t
 
 
 @triton.jit
@@ -149,7 +171,8 @@ def _load_kv(
 
     With ``USE_TMA`` they come through the tensor-memory accelerator (4-D descriptors over
     (B, Hkv, Nk, D); rows past Nk and columns past D read as zero). With ``CLEAN``, non-finite
-    entries are zeroed and ``bad`` marks the keys that held one (see the module docstring).
+    entries are zeroed and ``bad_k`` / ``bad_v`` mark the keys whose k / v row held one (see
+    the module docstring).
     """
     if USE_TMA:
         k = desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -158,38 +181,36 @@ def _load_kv(
         col_ok = offs_n < Nk
         k = _load_tile(k_base + offs_n * stride_kn, col_ok, stride_kd, D, BLOCK_D, MASKED, EVEN_D)
         v = _load_tile(v_base + offs_n * stride_vn, col_ok, stride_vd, DV, BLOCK_DV, MASKED, EVEN_D)
-    bad = offs_n  # unused without CLEAN
+    bad_k = offs_n  # unused without CLEAN
+    bad_v = offs_n
     if CLEAN:
         k, bad_k = _zero_bad(k)
         v, bad_v = _zero_bad(v)
-        bad = bad_k | bad_v
     if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    return k, v, bad
+    return k, v, bad_k, bad_v
 
 
 @triton.jit
 def _scores(
-    qk, qk_scale, cap2, bias_ptrs, ld_ok, slope2, dist,
+    qk, qk_scale, cap, bias_ptrs, ld_ok, slope, dist,
     SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):  # fmt: skip
-    """Steps 1-4 of the contract in base 2: scale, softcap, bias, ALiBi.
+    """Steps 1-4 of the contract in natural-log units: scale, softcap, bias, ALiBi.
 
-    ``qk`` is the raw ``q . k`` tile (float32). With a softcap, ``qk_scale = scale / softcap``
-    and ``cap2 = softcap * log2(e)``; otherwise ``qk_scale = scale * log2(e)``. Returns the
-    scores and the softcap's tanh (for its derivative; ``qk`` when there is no softcap).
+    ``qk`` is the raw ``q . k`` tile (float32), ``qk_scale`` the scale, ``cap`` the softcap
+    (unused without one). Returns the scores and the softcap's tanh (for its derivative; ``qk``
+    when there is no softcap).
     """
+    s = qk * qk_scale
+    t = qk
     if SOFTCAP:
-        t = _tanh(qk * qk_scale)
-        s = t * cap2
-    else:
-        t = qk
-        s = qk * qk_scale
+        s, t = _softcap(s, cap)
     if HAS_BIAS:
-        s += tl.load(bias_ptrs, mask=ld_ok, other=0.0).to(tl.float32) * LOG2E
+        s += tl.load(bias_ptrs, mask=ld_ok, other=0.0).to(tl.float32)
     if HAS_ALIBI:
-        s -= slope2 * tl.abs(dist).to(tl.float32)
+        s -= slope * tl.abs(dist).to(tl.float32)
     return s, t
 
 
@@ -223,25 +244,25 @@ def _visible(
 @triton.jit
 def _row_scores(
     q, k, bad, offs_n, pos, row_ok, Nk,
-    bias_rows, stride_bias_n, slope2, mask_rows, stride_mask_n, qid, kvid_base, stride_kvid_n,
-    qk_scale, cap2, win_left, win_right,
+    bias_rows, stride_bias_n, slope, mask_rows, stride_mask_n, qid, kvid_base, stride_kvid_n,
+    qk_scale, cap, win_left, win_right,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Base-2 scores of a (rows x keys) tile after steps 1-4, hidden entries -inf; and the
+    """Scores of a (rows x keys) tile after steps 1-4, hidden entries -inf; and the
     softcap's tanh (see ``_scores``). The forward, dQ and probability kernels share it.
 
-    ``pos``, ``bias_rows``, ``mask_rows``, ``slope2`` and ``qid`` are per row, ``offs_n`` and
+    ``pos``, ``bias_rows``, ``mask_rows``, ``slope`` and ``qid`` are per row, ``offs_n`` and
     ``bad`` per key. Only tiles that mask something (``MASKED`` or a bool mask) check
     visibility; there, with ``CLEAN``, scores of bad keys become NaN before masking.
     """
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
     ld_ok = row_ok[:, None] & (offs_n < Nk)[None, :]
     s, t = _scores(
-        qk, qk_scale, cap2,
+        qk, qk_scale, cap,
         bias_rows[:, None] + offs_n[None, :] * stride_bias_n, ld_ok,
-        slope2[:, None], pos[:, None] - offs_n[None, :],
+        slope[:, None], pos[:, None] - offs_n[None, :],
         SOFTCAP, HAS_BIAS, HAS_ALIBI,
     )  # fmt: skip
     if MASKED or HAS_MASK:
@@ -257,6 +278,82 @@ def _row_scores(
         )  # fmt: skip
         s = tl.where(vis, s, float("-inf"))
     return s, t
+
+
+FIX_N: tl.constexpr = tl.constexpr(16)  # keys per step of _fix_bad_values
+
+
+@triton.jit
+def _bad_values(
+    acc, p, s, offs_n, bad_v, v_base, stride_vn, stride_vd, DV,
+    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``acc`` (BLOCK_M, BLOCK_DV) plus what the non-finite entries of a tile's value rows add to
+    ``p @ v``, for the rows that see them only.
+
+    ``p`` (BLOCK_M, BLOCK_N) float32 probabilities after dropout, ``s`` the scores (-inf where
+    hidden), ``bad_v`` (BLOCK_N,) the keys whose value row holds NaN/inf. For each such key
+    ``j``, the rows that see it get ``p[:, j] * v[j, c]`` for its non-finite ``v[j, c]``: NaN
+    for NaN or for +-inf times a zero probability, +-inf otherwise (+inf and -inf meeting in
+    the sum make NaN), as ``engine.tiles.bad_values``.
+    """
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for jj in range(0, BLOCK_N):
+        sel = tl.arange(0, BLOCK_N) == jj
+        if tl.max(tl.where(sel & bad_v, 1, 0), 0) > 0:
+            j = tl.max(tl.where(sel, offs_n, 0), 0)
+            p_j = tl.sum(tl.where(sel[None, :], p, 0.0), 1)  # (BLOCK_M,)
+            seen = tl.max(tl.where(sel[None, :] & (s != float("-inf")), 1, 0), 1) > 0
+            row = tl.load(v_base + j * stride_vn + offs_dv * stride_vd, mask=offs_dv < DV)
+            row = row.to(tl.float32)
+            row = tl.where(tl.abs(row) < float("inf"), 0.0, row)  # its NaN/inf entries only
+            acc += tl.where(seen[:, None], p_j[:, None] * row[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _fix_bad_values(
+    acc, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end,
+    Nk, D, DV, pos, row_ok, bias_rows, stride_bias_n, slope, mask_rows, stride_mask_n,
+    qid, kvid_base, stride_kvid_n, hr, seed1, thresh, drop_scale, qk_scale, cap, win_left,
+    win_right,
+    CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """Add back to ``acc`` the non-finite values that cleaned tiles zeroed (``_bad_values``)
+    over the keys ``[start, end)``, after the online softmax: the probabilities are relative to
+    the final row maximum ``m_i``, the units ``acc`` is in by then.
+
+    Run only when a row saw such a value. It steps over ``FIX_N`` keys at a time and recomputes
+    the scores only of steps holding one, so that it costs the online-softmax loop neither
+    registers nor shared memory (its tiles are (BLOCK_M, FIX_N)). Every step is masked; keys
+    that the loop read unmasked kept their NaN/inf in the product, and adding the same NaN or
+    same-signed inf again changes nothing.
+    """
+    for start_n in range(start, end, FIX_N):
+        offs_n = start_n + tl.arange(0, FIX_N)
+        k, _v, bad_k, bad_v = _load_kv(
+            k_base, v_base, k_base, v_base, 0, 0, start_n, offs_n,  # no TMA here
+            stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
+            True, EVEN_D, True, UPCAST, False, FIX_N, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+        if tl.max(bad_v.to(tl.int32), 0) > 0:
+            s, _t = _row_scores(
+                q, k, bad_k, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope,
+                mask_rows, stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap,
+                win_left, win_right, True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI,
+                HAS_MASK, HAS_SEG, SOFTCAP, True, PREC,
+            )  # fmt: skip
+            p = tl.math.exp2((s - m_i[:, None]) * LOG2E)
+            if DROPOUT:
+                keep = _keep(hr[:, None], _col_hash(offs_n, seed1)[None, :], thresh)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            acc = _bad_values(
+                acc, p, s, offs_n, bad_v, v_base, stride_vn, stride_vd, DV, FIX_N, BLOCK_DV
+            )
+    return acc
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +513,7 @@ def _row_tile(
     read unmasked), ``row_ok`` those that exist, at positions ``p_lo..p_hi``; the program covers
     keys ``[k_lo, k_hi)``. Returns ``q`` (BLOCK_M, BLOCK_D); the rows' segment ids ``qid``;
     the stretches ``a, f0, f1, hi`` of ``_phases``; per row the bias and mask row pointers and
-    the ALiBi slope in base 2; and the dropout row hash, column seed and threshold (uint32).
+    the ALiBi slope; and the dropout row hash, column seed and threshold (uint32).
     """
     q = _load_tile(
         Q + b * stride_qb + h * stride_qh + i * stride_qm, row_ok, stride_qd, D, BLOCK_D, True,
@@ -441,9 +538,9 @@ def _row_tile(
     mask_rows = i
     if HAS_MASK:
         mask_rows = MASK + b * stride_maskb + h * stride_maskh + i * stride_maskm
-    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
-        slope2 += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
+        slope += tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32)
     hr = i.to(tl.uint32)
     s1 = seed0
     th = seed0
@@ -451,7 +548,7 @@ def _row_tile(
         hr = _row_hash((b * H + h) * Nq + i, seed0.to(tl.uint32))
         s1 = seed1.to(tl.uint32)
         th = thresh.to(tl.uint32)
-    return q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope2, hr, s1, th
+    return q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope, hr, s1, th
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,37 +558,42 @@ def _row_tile(
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q,
+    acc, l_i, m_i, flag, q,
     k_base, v_base, desc_k, desc_v, kv_b, kv_h, stride_kn, stride_kd, stride_vn, stride_vd,
     start, end, Nk, D, DV,
-    pos, row_ok, bias_rows, stride_bias_n, slope2, mask_rows, stride_mask_n,
+    pos, row_ok, bias_rows, stride_bias_n, slope, mask_rows, stride_mask_n,
     qid, kvid_base, stride_kvid_n, hr, seed1, thresh, drop_scale,
-    qk_scale, cap2, win_left, win_right,
+    qk_scale, cap, win_left, win_right,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
     PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys)."""
+    """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys). ``flag``
+    (int32) becomes 1 when a row saw a value that a cleaned tile zeroed (``_fix_bad_values``)."""
     APPLY: tl.constexpr = MASKED or HAS_MASK  # does this stretch mask anything?
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, bad = _load_kv(
+        k, v, bad_k, bad_v = _load_kv(
             k_base, v_base, desc_k, desc_v, kv_b, kv_h, start_n, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
             MASKED, EVEN_D, CLEAN and APPLY, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
         s, _t = _row_scores(
-            q, k, bad, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope2, mask_rows,
-            stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap2, win_left, win_right,
+            q, k, bad_k, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope, mask_rows,
+            stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap, win_left, win_right,
             MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
             CLEAN, PREC,
         )  # fmt: skip
+        if CLEAN and APPLY:  # noqa: SIM102 (compile-time test, then a run-time one)
+            if tl.max(bad_v.to(tl.int32), 0) > 0:  # its zeroed NaN/inf: seen by a row?
+                seen = bad_v[None, :] & (s > float("-inf"))
+                flag = tl.maximum(flag, tl.max(tl.max(seen.to(tl.int32), 1), 0))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2((m_i - m_new) * LOG2E)
+        p = tl.math.exp2((s - m_new[:, None]) * LOG2E)  # the maximum first: no overflow
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keep = _keep(hr[:, None], _col_hash(offs_n, seed1)[None, :], thresh)
@@ -502,7 +604,7 @@ def _fwd_inner(
             p = p.to(tl.float32)
         acc = tl.dot(p, v, acc, input_precision=PREC)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, flag
 
 
 @triton.jit
@@ -517,7 +619,7 @@ def _attend(
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
     b, h, hk, i, row_ok, p_lo, p_hi, k_lo, k_hi,
     B, H, Nq, Nk, D, DV, OFF,
-    qk_scale, cap2, win_left, win_right,
+    qk_scale, cap, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -527,8 +629,8 @@ def _attend(
 ):  # fmt: skip
     """The online softmax of a tile of query rows (see ``_row_tile``) over the keys of key/value
     head ``hk`` in ``[k_lo, k_hi)``: ``acc`` (BLOCK_M, BLOCK_DV) unnormalised, the row sums
-    ``l_i`` and maxima ``m_i`` (base 2). The body of ``attn_fwd`` and ``attn_decode``."""
-    q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope2, hr, s1, th = _row_tile(
+    ``l_i`` and maxima ``m_i``. The body of ``attn_fwd`` and ``attn_decode``."""
+    q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope, hr, s1, th = _row_tile(
         Q, BIAS, SLOPES, MASK, QIDS, QRNG, stride_qb, stride_qh, stride_qm, stride_qd,
         stride_biasb, stride_biash, stride_biasm, stride_maskb, stride_maskh, stride_maskm,
         stride_sb, stride_sh, stride_qidb, stride_qidm, b, h, i, row_ok, p_lo, p_hi, k_lo, k_hi,
@@ -545,16 +647,26 @@ def _attend(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    flag = tl.full([], 0, tl.int32)
     for phase in tl.static_range(3):  # masked, unmasked, masked stretches (see _stretch)
         start, end = _stretch(phase, a, f0, f1, hi)
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
+        acc, l_i, m_i, flag = _fwd_inner(
+            acc, l_i, m_i, flag, q, k_base, v_base, DESC_K, DESC_V, kv_b, kv_h,
             stride_kn, stride_kd, stride_vn, stride_vd, start, end, Nk, D, DV, pos, row_ok,
-            bias_rows, stride_biasn, slope2, mask_rows, stride_maskn, qid, kvid_base,
-            stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap2, win_left, win_right,
+            bias_rows, stride_biasn, slope, mask_rows, stride_maskn, qid, kvid_base,
+            stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap, win_left, win_right,
             phase != 1, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
             SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
+    if CLEAN:  # noqa: SIM102 (compile-time test, then a run-time one)
+        if flag > 0:  # rare: a value row some row may not see holds NaN/inf
+            acc = _fix_bad_values(
+                acc, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, a, hi,
+                Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope, mask_rows, stride_maskn,
+                qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap, win_left,
+                win_right, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
+                SOFTCAP, DROPOUT, PREC, EVEN_D, UPCAST, BLOCK_D, BLOCK_DV,
+            )  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -570,7 +682,7 @@ def attn_fwd(
     stride_sb, stride_sh,
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
     B, H, G, Nq, Nk, D, DV, OFF,
-    qk_scale, cap2, win_left, win_right,
+    qk_scale, cap, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
     DESC_K, DESC_V,
     TUNE_Q, TUNE_K,
@@ -602,7 +714,7 @@ def attn_fwd(
         stride_biasn, stride_maskb, stride_maskh, stride_maskm, stride_maskn, stride_sb,
         stride_sh, stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
         b, h, h // G, offs_m, row_ok, m0 + OFF, tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF, 0, Nk,
-        B, H, Nq, Nk, D, DV, OFF, qk_scale, cap2, win_left, win_right,
+        B, H, Nq, Nk, D, DV, OFF, qk_scale, cap, win_left, win_right,
         seed0, seed1, thresh, drop_scale, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI,
         HAS_MASK, HAS_SEG, SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
@@ -614,7 +726,7 @@ def attn_fwd(
         O + b * stride_ob + h * stride_oh + offs_m * stride_om, out, row_ok, stride_od, DV,
         BLOCK_DV,
     )  # fmt: skip
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # log2(0) = -inf for empty rows
+    lse = m_i + tl.math.log2(l_i) * LN2  # log2(0) = -inf for empty rows
     tl.store(LSE + (b * H + h) * Nq + offs_m, lse, mask=row_ok)
 
 
@@ -634,7 +746,7 @@ def attn_decode(
     stride_sb, stride_sh,
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
     B, H, G, Nq, Nk, D, DV, OFF,
-    qk_scale, cap2, win_left, win_right,
+    qk_scale, cap, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
     split_len, n_splits, heads_per_prog, n_hchunks,
     DESC_K, DESC_V,
@@ -648,7 +760,8 @@ def attn_decode(
     """One program = one split of the keys x (several query heads x all Nq rows) of one key/value
     head; grid (splits, B * Hkv * head chunks). Row ``r`` of the tile is query ``r % Nq`` of head
     ``r // Nq`` of the chunk, so the key/value tile is read once for all of them. Writes the
-    split's normalised output and base-2 lse to ``OPART`` (R, S, Dv) and ``LPART`` (R, S).
+    split's normalised output to ``OPART`` (R, S, Dv) and its row maximum and row sum to
+    ``LPART`` (R, S, 2): kept apart, since ``m + log(l)`` rounds to ``m`` for scores near 1e38.
     """
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -672,7 +785,7 @@ def attn_decode(
         stride_biasn, stride_maskb, stride_maskh, stride_maskm, stride_maskn, stride_sb,
         stride_sh, stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
         b, h, hk, i, row_ok, OFF, Nq - 1 + OFF, k_start, tl.minimum(k_start + split_len, Nk),
-        B, H, Nq, Nk, D, DV, OFF, qk_scale, cap2, win_left, win_right,
+        B, H, Nq, Nk, D, DV, OFF, qk_scale, cap, win_left, win_right,
         seed0, seed1, thresh, drop_scale, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI,
         HAS_MASK, HAS_SEG, SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
@@ -681,7 +794,9 @@ def attn_decode(
     row_g = (b * H + h) * Nq + i  # (BLOCK_M,) global row id
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     _store_tile(OPART + (row_g * n_splits + split) * DV, out, row_ok, 1, DV, BLOCK_DV)
-    tl.store(LPART + row_g * n_splits + split, m_i + tl.math.log2(l_i), mask=row_ok)
+    stats = LPART + (row_g * n_splits + split) * 2
+    tl.store(stats, m_i, mask=row_ok)
+    tl.store(stats + 1, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -691,7 +806,8 @@ def decode_combine(
     H, Nq, DV, n_splits,
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """Merge the splits of one row by their lse; grid (B * Hq * Nq,). Empty rows give 0, -inf."""
+    """Merge the splits of one row by their maxima and sums; grid (B * Hq * Nq,). Empty rows
+    give 0, -inf."""
     row = tl.program_id(0).to(tl.int64)
     i = row % Nq
     bh = row // Nq
@@ -700,10 +816,11 @@ def decode_combine(
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < n_splits
-    lse_s = tl.load(LPART + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse_s - m)  # 0 for splits that saw nothing
+    stats = LPART + (row * n_splits + offs_s) * 2
+    m_s = tl.load(stats, mask=s_ok, other=M_FLOOR)
+    l_s = tl.load(stats + 1, mask=s_ok, other=0.0)
+    m = tl.max(m_s, 0)
+    w = l_s * tl.math.exp2((m_s - m) * LOG2E)  # 0 for splits that saw nothing
     total = tl.sum(w, 0)
     o = _load_tile(OPART + (row * n_splits + offs_s) * DV, s_ok, 1, DV, BLOCK_DV, True, False)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
@@ -712,7 +829,7 @@ def decode_combine(
         out.to(O.dtype.element_ty),
         mask=offs_dv < DV,
     )
-    tl.store(LSE + row, (m + tl.math.log2(total)) * LN2)
+    tl.store(LSE + row, m + tl.math.log2(total) * LN2)  # log2(0) = -inf for empty rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,14 +839,14 @@ def decode_combine(
 
 @triton.jit
 def bwd_preprocess(
-    O, DO, LSE, DLSE, DELTA, LSE2,
+    O, DO, LSE, DLSE, DELTA, LSE_P,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, Nq, DV,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """``delta = rowsum(dO * O) - dlse`` and the lse in base 2 (+inf for rows that see nothing,
-    so that ``exp2(s - lse2)`` is 0 there); grid (M tiles, B * Hq)."""
+    """``delta = rowsum(dO * O) - dlse`` and ``lse_p``, the lse with +inf for rows that see
+    nothing (so that ``exp(s - lse_p)`` is 0 there); grid (M tiles, B * Hq)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -748,9 +865,9 @@ def bwd_preprocess(
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
     lse = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse_p = tl.where(lse == float("-inf"), float("inf"), lse)
     tl.store(DELTA + bh * Nq + offs_m, delta, mask=row_ok)
-    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=row_ok)
+    tl.store(LSE_P + bh * Nq + offs_m, lse_p, mask=row_ok)
 
 
 @triton.jit
@@ -758,9 +875,9 @@ def _dkdv_inner(
     dk, dv, k, v, bad, hc, offs_n,
     q_base, do_base, stride_qm, stride_qd, stride_dom, stride_dod, stats_base,
     start, end, Nq, Nk, D, DV, OFF,
-    bias_base, stride_bias_m, stride_bias_n, slope2, mask_base, stride_mask_m, stride_mask_n,
+    bias_base, stride_bias_m, stride_bias_n, slope, mask_base, stride_mask_m, stride_mask_n,
     qid_base, stride_qid_m, kvid, row_base, seed0, thresh, drop_scale,
-    qk_scale, cap2, win_left, win_right, LSE2, DELTA,
+    qk_scale, cap, win_left, win_right, LSE_P, DELTA,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
@@ -779,10 +896,10 @@ def _dkdv_inner(
             do_base + offs_m * stride_dom, row_ok, stride_dod, DV, BLOCK_DV, MASKED, EVEN_D
         )
         if MASKED:
-            lse2 = tl.load(LSE2 + stats_base + offs_m, mask=row_ok, other=float("inf"))
+            lse_p = tl.load(LSE_P + stats_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats_base + offs_m, mask=row_ok, other=0.0)
         else:
-            lse2 = tl.load(LSE2 + stats_base + offs_m)
+            lse_p = tl.load(LSE_P + stats_base + offs_m)
             delta = tl.load(DELTA + stats_base + offs_m)
         if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
             q = q.to(tl.float32)
@@ -791,9 +908,9 @@ def _dkdv_inner(
         ld_ok = col_ok[:, None] & row_ok[None, :]
         s_t = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
         s_t, t_t = _scores(
-            s_t, qk_scale, cap2,
+            s_t, qk_scale, cap,
             bias_base + offs_n[:, None] * stride_bias_n + offs_m[None, :] * stride_bias_m, ld_ok,
-            slope2, pos[None, :] - offs_n[:, None],
+            slope, pos[None, :] - offs_n[:, None],
             SOFTCAP, HAS_BIAS, HAS_ALIBI,
         )  # fmt: skip
         if CLEAN:
@@ -809,7 +926,7 @@ def _dkdv_inner(
                 MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_SEG, HAS_MASK,
             )  # fmt: skip
             s_t = tl.where(vis, s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse2[None, :])  # probabilities, keys x rows
+        p_t = tl.math.exp2((s_t - lse_p[None, :]) * LOG2E)  # probabilities, keys x rows
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # dP^T = V dO^T
         if DROPOUT:
             keep = _keep(_row_hash(row_base + offs_m, seed0)[None, :], hc[:, None], thresh)
@@ -832,7 +949,7 @@ def _dkdv_inner(
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
 def bwd_dkdv(
-    Q, K, V, DO, DK, DVAL, LSE2, DELTA, BIAS, SLOPES, MASK, QIDS, KVIDS, KRNG,
+    Q, K, V, DO, DK, DVAL, LSE_P, DELTA, BIAS, SLOPES, MASK, QIDS, KVIDS, KRNG,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -844,7 +961,7 @@ def bwd_dkdv(
     stride_sb, stride_sh,
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
     B, H, G, Nq, Nk, D, DV, OFF,
-    scale, qk_scale, cap2, win_left, win_right,
+    scale, qk_scale, cap, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
     TUNE_Q, TUNE_K,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -869,11 +986,12 @@ def bwd_dkdv(
     # non-finite keys are zeroed here and their visible scores poisoned (see module docstring)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    k, v, bad = _load_kv(
+    k, v, bad_k, bad_v = _load_kv(
         k_base, v_base, k_base, v_base, 0, 0, n0, offs_n,  # no TMA here
         stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
         True, EVEN_D, CLEAN, UPCAST, False, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
+    bad = bad_k | bad_v  # the rows that see a bad k or v row get NaN gradients
 
     # the query rows that may see these keys, and those that see all of them
     seg_lo, seg_hi, seg_flo, seg_fhi, kvid = _segments(
@@ -902,17 +1020,17 @@ def bwd_dkdv(
         bias_base = BIAS + b * stride_biasb + h * stride_biash
         mask_base = MASK + b * stride_maskb + h * stride_maskh
         qid_base = QIDS + b * stride_qidb
-        slope2 = 0.0
+        slope = 0.0
         if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32) * LOG2E
+            slope = tl.load(SLOPES + b * stride_sb + h * stride_sh).to(tl.float32)
         for phase in tl.static_range(3):  # masked, unmasked, masked stretches (see _stretch)
             start, end = _stretch(phase, a, f0, f1, hi)
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, bad, hc, offs_n, q_base, do_base, stride_qm, stride_qd, stride_dom,
                 stride_dod, stats_base, start, end, Nq, Nk, D, DV, OFF, bias_base, stride_biasm,
-                stride_biasn, slope2, mask_base, stride_maskm, stride_maskn, qid_base,
-                stride_qidm, kvid, stats_base, s0, th, drop_scale, qk_scale, cap2, win_left,
-                win_right, LSE2, DELTA,
+                stride_biasn, slope, mask_base, stride_maskm, stride_maskn, qid_base,
+                stride_qidm, kvid, stats_base, s0, th, drop_scale, qk_scale, cap, win_left,
+                win_right, LSE_P, DELTA,
                 phase != 1, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
                 SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, BLOCK_M, BLOCK_D, BLOCK_DV,
             )  # fmt: skip
@@ -929,12 +1047,12 @@ def bwd_dkdv(
 
 @triton.jit
 def _dq_inner(
-    dq, db_acc, da_acc, q, do, lse2, delta,
+    dq, db_acc, da_acc, q, do, lse_p, delta,
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     start, end, Nk, D, DV,
-    pos, offs_m, row_ok, bias_rows, stride_bias_n, slope2, mask_rows, stride_mask_n,
+    pos, offs_m, row_ok, bias_rows, stride_bias_n, slope, mask_rows, stride_mask_n,
     qid, kvid_base, stride_kvid_n, hr, seed1, thresh, drop_scale,
-    qk_scale, cap2, win_left, win_right, db_base, stride_db_m, stride_db_n,
+    qk_scale, cap, win_left, win_right, db_base, stride_db_m, stride_db_n,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
@@ -947,18 +1065,18 @@ def _dq_inner(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, bad = _load_kv(
+        k, v, bad_k, bad_v = _load_kv(
             k_base, v_base, k_base, v_base, 0, 0, start_n, offs_n,  # no TMA here
             stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
             MASKED, EVEN_D, CLEAN and APPLY, UPCAST, False, BLOCK_N, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
-        s, t = _row_scores(
-            q, k, bad, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope2, mask_rows,
-            stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap2, win_left, win_right,
+        s, t = _row_scores(  # a bad value row poisons the scores here: NaN gradients
+            q, k, bad_k | bad_v, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope, mask_rows,
+            stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap, win_left, win_right,
             MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
             CLEAN, PREC,
         )  # fmt: skip
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2((s - lse_p[:, None]) * LOG2E)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dP = dO V^T
         if DROPOUT:
             keep = _keep(hr[:, None], _col_hash(offs_n, seed1)[None, :], thresh)
@@ -989,7 +1107,7 @@ def _dq_inner(
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
 def bwd_dq(
-    Q, K, V, DO, DQ, LSE2, DELTA, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DB, DA,
+    Q, K, V, DO, DQ, LSE_P, DELTA, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DB, DA,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -1001,7 +1119,7 @@ def bwd_dq(
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_da,
     B, H, G, Nq, Nk, D, DV, OFF,
-    scale, qk_scale, cap2, win_left, win_right,
+    scale, qk_scale, cap, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
     TUNE_Q, TUNE_K,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -1027,7 +1145,7 @@ def bwd_dq(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Nq
-    q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope2, hr, s1, th = _row_tile(
+    q, qid, a, f0, f1, hi, bias_rows, mask_rows, slope, hr, s1, th = _row_tile(
         Q, BIAS, SLOPES, MASK, QIDS, QRNG, stride_qb, stride_qh, stride_qm, stride_qd,
         stride_biasb, stride_biash, stride_biasm, stride_maskb, stride_maskh, stride_maskm,
         stride_sb, stride_sh, stride_qidb, stride_qidm, b, h, offs_m, row_ok, m0 + OFF,
@@ -1042,7 +1160,7 @@ def bwd_dq(
     if UPCAST:
         do = do.to(tl.float32)
     stats = (b * H + h) * Nq + offs_m
-    lse2 = tl.load(LSE2 + stats, mask=row_ok, other=float("inf"))
+    lse_p = tl.load(LSE_P + stats, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
     pos = offs_m + OFF
     db_base = DB + b * stride_dbb + h * stride_dbh
@@ -1058,10 +1176,10 @@ def bwd_dq(
     for phase in tl.static_range(3):  # masked, unmasked, masked stretches (see _stretch)
         start, end = _stretch(phase, a, f0, f1, hi)
         dq, db_acc, da_acc = _dq_inner(
-            dq, db_acc, da_acc, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
+            dq, db_acc, da_acc, q, do, lse_p, delta, k_base, v_base, stride_kn, stride_kd,
             stride_vn, stride_vd, start, end, Nk, D, DV, pos, offs_m, row_ok, bias_rows,
-            stride_biasn, slope2, mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1,
-            th, drop_scale, qk_scale, cap2, win_left, win_right, db_base, stride_dbm, stride_dbn,
+            stride_biasn, slope, mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, hr, s1,
+            th, drop_scale, qk_scale, cap, win_left, win_right, db_base, stride_dbm, stride_dbn,
             phase != 1, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
             SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, NEED_DB, DB_ROWS, DB_COLS, NEED_DA,
             BLOCK_N, BLOCK_D, BLOCK_DV,
@@ -1088,14 +1206,14 @@ def bwd_dq(
 @triton.jit
 def _probs_tile(
     q, k_base, stride_kn, stride_kd, offs_n, pos, row_ok, Nk, D,
-    bias_rows, stride_bias_n, slope2, mask_rows, stride_mask_n, qid, kvid_base, stride_kvid_n,
-    qk_scale, cap2, win_left, win_right,
+    bias_rows, stride_bias_n, slope, mask_rows, stride_mask_n, qid, kvid_base, stride_kvid_n,
+    qk_scale, cap, win_left, win_right,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Base-2 scores of the keys ``offs_n`` with every rule applied (every tile is masked here:
+    """Scores of the keys ``offs_n`` with every rule applied (every tile is masked here:
     not a hot path)."""
     k = _load_tile(k_base + offs_n * stride_kn, offs_n < Nk, stride_kd, D, BLOCK_D, True, False)
     bad = offs_n  # unused without CLEAN
@@ -1104,8 +1222,8 @@ def _probs_tile(
     if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
         k = k.to(tl.float32)
     s, _t = _row_scores(
-        q, k, bad, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope2, mask_rows,
-        stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap2, win_left, win_right,
+        q, k, bad, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope, mask_rows,
+        stride_mask_n, qid, kvid_base, stride_kvid_n, qk_scale, cap, win_left, win_right,
         True, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP,
         CLEAN, PREC,
     )  # fmt: skip
@@ -1124,7 +1242,7 @@ def attn_probs(
     stride_sb, stride_sh,
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
     B, H, G, Nq, Nk, D, OFF, M, HS,
-    qk_scale, cap2, win_left, win_right,
+    qk_scale, cap, win_left, win_right,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
@@ -1134,7 +1252,7 @@ def attn_probs(
     """Softmax probabilities ``exp(s - lse)`` of selected rows and heads, written tile by tile
     into ``P`` (B, HS, M, Nk) float32 (zero-initialised by the host; tiles the rules leave
     empty are not visited). ``ROWS`` (M,) and ``HEADS`` (HS,) map the selection to query rows
-    and heads. Without ``HAS_LSE`` a first pass over the keys computes the lse (base 2).
+    and heads. Without ``HAS_LSE`` a first pass over the keys computes the lse.
     Grid (M tiles, B * HS).
     """
     pid_m = tl.program_id(0)
@@ -1150,7 +1268,7 @@ def attn_probs(
     p_lo = tl.min(tl.where(row_ok, pos, 2147483647), 0)
     p_hi = tl.max(tl.where(row_ok, pos, -2147483647), 0)
     # every tile is masked here: only the keys [a, hi) matter, not the stretches
-    q, qid, a, _f0, _f1, hi, bias_rows, mask_rows, slope2, _hr, _s1, _th = _row_tile(
+    q, qid, a, _f0, _f1, hi, bias_rows, mask_rows, slope, _hr, _s1, _th = _row_tile(
         Q, BIAS, SLOPES, MASK, QIDS, QRNG, stride_qb, stride_qh, stride_qm, stride_qd,
         stride_biasb, stride_biash, stride_biasm, stride_maskb, stride_maskh, stride_maskm,
         stride_sb, stride_sh, stride_qidb, stride_qidm, b, h, i, row_ok, p_lo, p_hi, 0, Nk,
@@ -1164,32 +1282,33 @@ def attn_probs(
 
     if HAS_LSE:
         lse = tl.load(LSE + b * stride_lb + h * stride_lh + i * stride_lm, mask=row_ok, other=0.0)
-        lse2 = lse * LOG2E
+        lse_p = lse
     else:  # the lse of the selected rows: max and sum over the visible keys
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range(a, hi, BLOCK_N):
             s = _probs_tile(
                 q, k_base, stride_kn, stride_kd, start_n + offs_n0, pos, row_ok, Nk, D,
-                bias_rows, stride_biasn, slope2, mask_rows, stride_maskn, qid, kvid_base,
-                stride_kvidn, qk_scale, cap2, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
+                bias_rows, stride_biasn, slope, mask_rows, stride_maskn, qid, kvid_base,
+                stride_kvidn, qk_scale, cap, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
                 HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG, SOFTCAP, CLEAN, PREC, UPCAST, BLOCK_D,
             )  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            p = tl.math.exp2((s - m_new[:, None]) * LOG2E)
+            l_i = l_i * tl.math.exp2((m_i - m_new) * LOG2E) + tl.sum(p, 1)
             m_i = m_new
-        lse2 = m_i + tl.math.log2(l_i)
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see nothing: p = 0
+        lse_p = m_i + tl.math.log2(l_i) * LN2
+    lse_p = tl.where(lse_p == float("-inf"), float("inf"), lse_p)  # rows that see nothing: p = 0
     p_base = P + b * stride_pb + hs * stride_ph + offs_r[:, None] * stride_pm
     for start_n in range(a, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         s = _probs_tile(
             q, k_base, stride_kn, stride_kd, offs_n, pos, row_ok, Nk, D, bias_rows, stride_biasn,
-            slope2, mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap2,
+            slope, mask_rows, stride_maskn, qid, kvid_base, stride_kvidn, qk_scale, cap,
             win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK,
             HAS_SEG, SOFTCAP, CLEAN, PREC, UPCAST, BLOCK_D,
         )  # fmt: skip
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2((s - lse_p[:, None]) * LOG2E)
         tl.store(
             p_base + offs_n[None, :] * stride_pn, p, mask=row_ok[:, None] & (offs_n < Nk)[None, :]
         )

@@ -9,7 +9,6 @@ import torch
 import triton
 
 from ... import _rng
-from ...constants import LOG2E
 from ...rules import bounds
 from ...spec import AttentionSpec
 from . import interpreting
@@ -76,7 +75,7 @@ class Call:
     qrng: torch.Tensor  # segment ranges of the queries' ids among the keys (q if none)
     krng: torch.Tensor  # and of the keys' ids among the queries (backward only; q if none)
     scalars: list  # B, H, G, Nq, Nk, D, DV, OFF
-    scale_args: list  # qk_scale, cap2, win_left, win_right
+    scale_args: list  # qk_scale, cap, win_left, win_right
     drop_args: list  # seed0, seed1, thresh, drop_scale
     consts: dict  # compile-time flags and sizes
 
@@ -104,10 +103,9 @@ def prepare(
             krng = match_ranges(kv_ids, q_ids)
     big = spec.Nq + spec.Nk + 1  # a window wider than this restricts nothing
     left, right = spec.window if spec.window is not None else (None, None)
-    if spec.softcap is not None:
-        qk_scale, cap2 = spec.scale / spec.softcap, spec.softcap * LOG2E
-    else:
-        qk_scale, cap2 = spec.scale * LOG2E, 1.0
+    # natural-log scores: the kernels multiply by log2(e) only after subtracting the row
+    # maximum, and apply the softcap themselves (kernels._softcap), so no factor overflows
+    qk_scale, cap = spec.scale, spec.softcap if spec.softcap is not None else 1.0
     p = spec.dropout_p
     if p > 0:
         seed0, seed1 = int(seed[0]) & 0xFFFFFFFF, int(seed[1]) & 0xFFFFFFFF
@@ -154,7 +152,7 @@ def prepare(
         scalars=[spec.B, spec.Hq, spec.group, spec.Nq, spec.Nk, spec.D, spec.Dv, spec.start],
         scale_args=[
             qk_scale,
-            cap2,
+            cap,
             min(left, big) if left is not None else 0,
             min(right, big) if right is not None else 0,
         ],
