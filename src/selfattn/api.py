@@ -86,7 +86,8 @@ def attention(
         return_lse: also return the natural-log logsumexp of the visible scores, float32
             (B, Hq, Nq). It is differentiable.
         backend: "auto" (the first of the device's priority list that accepts the call:
-            ``native`` first on the CPU, ``triton`` on CUDA), or a name from
+            ``native`` first on an x86-64 CPU, where its measured rule may hand a small call
+            to ``sdpa``; ``sdpa`` first on an ARM CPU; ``triton`` on CUDA), or a name from
             ``selfattn.backends.BACKENDS``: "native", "triton", "sdpa", "tiled", "math" or
             "reference".
 
