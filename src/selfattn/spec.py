@@ -471,7 +471,8 @@ def validate_call(
             if keyword in _NOT_NONE:  # the signature has no None here: the check says why
                 _BY_KEYWORD[keyword].check(value, None)
             continue
-        if value is False and keyword == "causal":
+        if (value is True or value is False) and keyword == "causal":
+            values["causal"] = value  # a bool is all its check asks of it
             continue
         rule = _BY_KEYWORD[keyword]
         if type(value) is float and value == rule.empty[0]:
@@ -524,8 +525,11 @@ def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
             and dtype in _FLOAT_SET
             and k.dtype is dtype
             and (not need_v or v.dtype is dtype)
-            and k.device == device
-            and (not need_v or v.device == device)
+            # CPU tensors share the one CPU device: three flags instead of three device objects
+            and (
+                (q.is_cpu and k.is_cpu and (not need_v or v.is_cpu))
+                or (k.device == device and (not need_v or v.device == device))
+            )
         ):
             b, hq, nq, d = qs
             bk, hkv, nk, dk = ks

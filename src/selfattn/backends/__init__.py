@@ -107,13 +107,16 @@ PRIORITY = {
 # `native` what SDPA declines (windows, softcap, segment ids, ...), ahead of the torch-op engine.
 ARM_CPU = ["sdpa", "native", "tiled", "math", "reference", "triton"]
 ARM_MACHINES = ("aarch64", "arm64")
+# any other device type
+OTHER_DEVICES = ["tiled", "math", "sdpa", "reference", "triton"]
 
 
 def candidates(device: torch.device) -> list[str]:
     """The backends ``auto`` tries for a device, in order."""
-    if device.type == "cpu" and platform.machine().lower() in ARM_MACHINES:
+    kind = device.type
+    if kind == "cpu" and platform.machine().lower() in ARM_MACHINES:
         return ARM_CPU
-    return PRIORITY.get(device.type, ["tiled", "math", "sdpa", "reference", "triton"])
+    return PRIORITY.get(kind, OTHER_DEVICES)
 
 
 def refusals(spec: AttentionSpec, name: str, need: tuple[str, ...] = ()) -> list[str]:
@@ -125,9 +128,10 @@ def refusals(spec: AttentionSpec, name: str, need: tuple[str, ...] = ()) -> list
     why = backend.unavailable()
     if why:
         return [why]
-    missing = [h for h in need if getattr(backend, h, None) is None]
-    if missing:
-        return [f"offers no {' or '.join(missing)} hook"]
+    if need:
+        missing = [h for h in need if getattr(backend, h, None) is None]
+        if missing:
+            return [f"offers no {' or '.join(missing)} hook"]
     return backend.check(spec)
 
 
