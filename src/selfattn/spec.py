@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -423,6 +423,9 @@ RULES: tuple[Rule, ...] = (
 KEYWORDS = frozenset(r.keyword for r in RULES)
 _BY_KEYWORD = {r.keyword: r for r in RULES}
 _DEFAULTS = {f: x for r in RULES for f, x in zip(r.fields, r.empty)}
+_SPEC_FIELDS = tuple(f.name for f in fields(AttentionSpec))
+if _SPEC_FIELDS[9 : 9 + len(_DEFAULTS) + 3] != (*_DEFAULTS, "return_lse", "requires_grad", "start"):
+    raise RuntimeError(f"AttentionSpec's fields {_SPEC_FIELDS} do not follow RULES' order")
 _NOT_NONE = frozenset(("causal", "dropout_p"))  # a bool and a float: None is not a value
 
 
@@ -463,9 +466,8 @@ def validate_call(
     b, hq, nq, hkv, nk, d, dv = _check_qkv(q, k, v, need_v)
     call = None
     values = dict(_DEFAULTS)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if grad is False and need_v and torch.is_grad_enabled():
-        grad = v.requires_grad
+    enabled = torch.is_grad_enabled()
+    grad = enabled and (q.requires_grad or k.requires_grad or (need_v and v.requires_grad))
     for keyword, value in rules.items():
         if value is None:
             if keyword in _NOT_NONE:  # the signature has no None here: the check says why
@@ -481,7 +483,7 @@ def validate_call(
             call = _Call(b, hq, nq, nk, q.device)
         got = rule.check(value, call)
         if rule.grad and not grad and got[0].requires_grad:
-            grad = torch.is_grad_enabled()
+            grad = enabled
         if len(got) == 1:
             values[rule.fields[0]] = got[0]
         else:
@@ -490,20 +492,10 @@ def validate_call(
         values["scale"] = 1.0 / math.sqrt(d)
     if return_lse is not False and return_lse is not True:
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    # positional: the rule fields follow the spec's first nine in _DEFAULTS' order (checked
+    # at import, by _SPEC_FIELDS); keywords cost a dict per call
     return AttentionSpec(
-        b,
-        hq,
-        hkv,
-        nq,
-        nk,
-        d,
-        dv,
-        q.dtype,
-        q.device,
-        **values,
-        return_lse=return_lse,
-        requires_grad=grad,
-        start=nk - nq,
+        b, hq, hkv, nq, nk, d, dv, q.dtype, q.device, *values.values(), return_lse, grad, nk - nq
     )
 
 

@@ -42,7 +42,7 @@ def prefer(spec: AttentionSpec) -> tuple[str, str] | None:
     else None."""
     kind = call_kind(spec.Nq, spec.Hq, spec.Hkv)
     limit = SMALL_CALL_WORK[kind]
-    if call_work(spec) < limit:
+    if limit > 0 and call_work(spec) < limit:
         why = f"a {kind} call this small ({call_work(spec)} < {limit} multiply-adds) ran faster "
         return "sdpa", why + "through SDPA (benchmarks/results/auto_rules.json)"
     return None
