@@ -60,13 +60,25 @@ def _prompt_tokens(folder, *contents: str) -> int:
     return int(chat_ids(tok, [{"role": "user", "content": c} for c in contents]).shape[1])
 
 
+def _foreground_signals() -> None:
+    """In the child: Ctrl-C as a terminal's foreground job gets it. A command started in the
+    background by a non-interactive shell (as CI may start the suite) inherits SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """``selfattn chat ...`` with stdin, stdout and stderr on one pseudo-terminal."""
 
     def __init__(self, *argv: str) -> None:
         master, slave = os.openpty()
         self.proc = subprocess.Popen(
-            _command(*argv), stdin=slave, stdout=slave, stderr=slave, env=_env()
+            _command(*argv),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=_env(),
+            preexec_fn=_foreground_signals,
         )
         os.close(slave)
         self.fd, self.text, self.pos = master, "", 0
