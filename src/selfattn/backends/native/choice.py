@@ -13,13 +13,23 @@ that also accepts the call (with the hooks the path needs), that backend runs it
   what ``auto`` chooses between, interleaved, medians, 1 and 2 threads): per kind, one more
   than the work of the largest shape native was slower on. ``benchmarks/results/auto_rules.json`` holds the
   measurement; a test checks that these constants are the ones it found.
+- bfloat16 on a CPU with bf16 dot products (``amx_bf16`` or ``avx512_bf16`` in its flags):
+  torch's SDPA runs oneDNN's bf16 kernels there while native converts to float32 and computes
+  in it. Measured by ``benchmarks/cpu.py`` (forward N=4096 bf16): on an Intel Xeon with AMX,
+  SDPA took 45 ms against native's 122 ms (``results/cpu.json``); on the AMD EPYC without bf16
+  dot products native was 2.3x faster. Float16 was not measured, and keeps native.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+import torch
+
 from ...spec import AttentionSpec
 
-__all__ = ["SMALL_CALL_WORK", "call_kind", "call_work", "prefer"]
+__all__ = ["SMALL_CALL_WORK", "bf16_dot_products", "call_kind", "call_work", "prefer"]
 
 # benchmarks/results/auto_rules.json "threshold_work" (0: native was slower on no call of that
 # kind; prefill: B1 H8 16x16 D64 ran 1.66x slower through native, 1 thread)
@@ -37,9 +47,26 @@ def call_kind(nq: int, hq: int, hkv: int) -> str:
     return "decode" if nq * (hq // max(hkv, 1)) <= 16 and nq <= 6 else "prefill"
 
 
+@functools.cache
+def bf16_dot_products() -> bool:
+    """Whether this CPU reports bf16 dot-product instructions (AMX-BF16 or AVX512-BF16) in
+    Linux's /proc/cpuinfo; False where that file is missing (the rule is not applied)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def prefer(spec: AttentionSpec) -> tuple[str, str] | None:
     """``(backend, why)`` that ``auto`` should run instead of native when it accepts the call,
     else None."""
+    if spec.dtype == torch.bfloat16 and bf16_dot_products():
+        why = "bfloat16 on a CPU with bf16 dot products ran faster through SDPA's oneDNN kernels"
+        return "sdpa", why + " (benchmarks/results/cpu.json)"
     kind = call_kind(spec.Nq, spec.Hq, spec.Hkv)
     limit = SMALL_CALL_WORK[kind]
     if limit > 0 and call_work(spec) < limit:
