@@ -43,6 +43,7 @@ DOCS = ("README.md", "docs/api.md", "docs/architecture.md", "docs/models.md")
 #: every results file whose figures the docs may show (each must record its CPU)
 RESULTS = (
     "benchmarks/results/cpu.json",
+    "benchmarks/results/cpu-avx2.json",
     "benchmarks/results/models.json",
     "benchmarks/results/ring.json",
     "benchmarks/results/train_gpt_ring.json",
@@ -174,7 +175,7 @@ def table_of(src: str) -> Callable[[dict[str, Any]], str]:
     """The formatter of a results file's table."""
     if src == "docs/bench.json":
         return sweep_table
-    if src == "benchmarks/results/cpu.json":
+    if src in ("benchmarks/results/cpu.json", "benchmarks/results/cpu-avx2.json"):
         cpu = _bench_module("cpu")
         return lambda result: cpu.table(result["results"])
     if src == "benchmarks/results/models.json":
