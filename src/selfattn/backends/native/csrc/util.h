@@ -224,16 +224,24 @@ static inline void run_balanced(const Pool& pool, const double* cost, int64_t n,
       return;
     }
   }
-  int64_t parts = pool.threads ? pool.threads() : 1;
+  int64_t threads = pool.threads ? pool.threads() : 1;
+  if (threads < 1) threads = 1;
+  // More parts than threads, taken in order from a shared counter: a thread whose core is
+  // shared with another process takes fewer parts instead of holding up the call. Which thread
+  // runs a part never changes a result (see split_by_cost).
+  int64_t parts = threads == 1 ? 1 : threads * 2;
   if (parts > n) parts = n;
-  if (parts < 1) parts = 1;
   Buf<int64_t> bounds(parts + 1);
   split_by_cost(cost, n, parts, bounds.p);
-  auto body = [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; p++)
+  int64_t next = 0;
+  auto body = [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t p = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+      if (p >= parts) break;
       if (bounds[p] < bounds[p + 1]) fn(bounds[p], bounds[p + 1]);
+    }
   };
-  parallel(pool, parts, body);
+  parallel(pool, imin(threads, parts), body);
 }
 
 }  // namespace SA_NS
