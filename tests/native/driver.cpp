@@ -20,18 +20,6 @@
 #include "reference.h"
 #include "tensor.h"
 
-namespace selfattn {
-extern const Engine engine_generic_f32;
-extern const Engine engine_generic_f64;
-#if defined(__x86_64__) || defined(__i386__)
-extern const Engine engine_avx2;
-extern const Engine engine_avx512;
-#endif
-#if defined(__aarch64__)
-extern const Engine engine_neon;
-#endif
-}  // namespace selfattn
-
 using namespace drv;
 using selfattn::Engine;
 using selfattn::Params;

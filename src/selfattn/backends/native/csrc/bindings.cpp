@@ -19,18 +19,6 @@
 
 #include "common.h"
 
-namespace selfattn {
-extern const Engine engine_generic_f32;
-extern const Engine engine_generic_f64;
-#if defined(__x86_64__) || defined(__i386__)
-extern const Engine engine_avx2;
-extern const Engine engine_avx512;
-#endif
-#if defined(__aarch64__)
-extern const Engine engine_neon;
-#endif
-}  // namespace selfattn
-
 using namespace selfattn;
 using OptT = std::optional<at::Tensor>;
 namespace py = pybind11;

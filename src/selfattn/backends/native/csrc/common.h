@@ -73,6 +73,18 @@ struct Engine {
   void (*probabilities)(const Params&, const Pool&);
 };
 
+// The compiled engines, each defined in its kernels_<isa>.cpp; which exist depends on the
+// architecture (build.py's objects_for), hence the guards.
+extern const Engine engine_generic_f32;
+extern const Engine engine_generic_f64;
+#if defined(__x86_64__) || defined(__i386__)
+extern const Engine engine_avx2;
+extern const Engine engine_avx512;
+#endif
+#if defined(__aarch64__)
+extern const Engine engine_neon;
+#endif
+
 // ---- key bounds of a block of rows (the formulas of rules.bounds) ------------------------------
 
 struct Bounds {
