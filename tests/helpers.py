@@ -20,6 +20,7 @@ from selfattn.testing import (  # noqa: F401  (re-exported: the tests import the
     plain_lse,
     plain_scores,
     ref_attention,
+    ref_stats,
     ref_visibility,
     ref_weights,
     reference_kwargs,

@@ -1,9 +1,9 @@
 """selfattn: exact, fast and memory-lean self-attention.
 
-The public names of docs/api.md: ``attention``, ``attention_weights``, ``explain``,
-``available_backends``, ``UnsupportedInputs``, ``quantize_kv`` / ``QuantizedKV``, the numpy
-specification ``selfattn.reference``, the layers and positional encodings, ``selfattn.models``
-and ``selfattn.distributed``.
+The public names of docs/api.md: ``attention``, ``attention_weights``, ``attention_stats``,
+``attention_with_stats``, ``explain``, ``available_backends``, ``UnsupportedInputs``,
+``quantize_kv`` / ``QuantizedKV``, the numpy specification ``selfattn.reference``, the layers and
+positional encodings, ``selfattn.models`` and ``selfattn.distributed``.
 """
 
 from . import distributed, models, reference
@@ -13,6 +13,7 @@ from .layers import MultiHeadSelfAttention, TransformerBlock
 from .positional import RotaryEmbedding, alibi_slopes, sinusoidal_positions
 from .quant import QuantizedKV, quantize_kv
 from .spec import UnsupportedInputs
+from .stats import attention_stats, attention_with_stats
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,9 @@ __all__ = [
     "__version__",
     "alibi_slopes",
     "attention",
+    "attention_stats",
     "attention_weights",
+    "attention_with_stats",
     "available_backends",
     "distributed",
     "explain",

@@ -15,9 +15,17 @@ import torch
 from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, preferred, refusals, select
 from .quant import QuantizedKV, rotated_like, unwrap, unwrap_call
-from .spec import validate, validate_call
+from .spec import AttentionSpec, validate, validate_call
 
-__all__ = ["WEIGHTS_HOOKS", "attention", "attention_weights", "available_backends", "explain"]
+__all__ = [
+    "WEIGHTS_HOOKS",
+    "attention",
+    "attention_weights",
+    "available_backends",
+    "check_lse",
+    "explain",
+    "selection",
+]
 
 WEIGHTS_HOOKS = ("weights",)  # the registry hook attention_weights uses
 
@@ -173,7 +181,7 @@ def explain(
     return "\n".join(lines)
 
 
-def _indices(sel: Any, n: int, what: str, device: torch.device) -> torch.Tensor | None:
+def selection(sel: Any, n: int, what: str, device: torch.device) -> torch.Tensor | None:
     """``heads``/``rows`` (None, int, slice, sequence, tensor) as int64 indices, or None (all)."""
     if sel is None:
         return None
@@ -190,6 +198,22 @@ def _indices(sel: Any, n: int, what: str, device: torch.device) -> torch.Tensor 
             )
         sel = t.reshape(-1).tolist()
     return torch.tensor(checks.index_list(sel, n, what), dtype=torch.long, device=device)
+
+
+def check_lse(lse: Any, spec: AttentionSpec) -> None:
+    """A given lse (None: recomputed) must be a float (B, Hq, Nq) tensor on the call's device."""
+    if lse is None:
+        return
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
+    if not lse.is_floating_point():
+        raise TypeError(f"lse must be a float tensor (float32 from attention), got {lse.dtype}")
+    if tuple(lse.shape) != (spec.B, spec.Hq, spec.Nq):
+        raise ValueError(
+            f"lse must have shape (B, Hq, Nq) = {(spec.B, spec.Hq, spec.Nq)}, got {tuple(lse.shape)}"
+        )
+    if lse.device != spec.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {spec.device}")
 
 
 def attention_weights(
@@ -241,19 +265,9 @@ def attention_weights(
     )
     if quantized:
         spec = replace(spec, quantized=quantized)
-    head_idx = _indices(heads, spec.Hq, "heads", q.device)
-    row_idx = _indices(rows, spec.Nq, "rows", q.device)
-    if lse is not None:
-        if not isinstance(lse, torch.Tensor):
-            raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
-        if not lse.is_floating_point():
-            raise TypeError(f"lse must be a float tensor (float32 from attention), got {lse.dtype}")
-        if tuple(lse.shape) != (spec.B, spec.Hq, spec.Nq):
-            raise ValueError(
-                f"lse must have shape (B, Hq, Nq) = {(spec.B, spec.Hq, spec.Nq)}, got {tuple(lse.shape)}"
-            )
-        if lse.device != q.device:
-            raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    head_idx = selection(heads, spec.Hq, "heads", q.device)
+    row_idx = selection(rows, spec.Nq, "rows", q.device)
+    check_lse(lse, spec)
     chosen = select(spec, "auto", need=WEIGHTS_HOOKS)
     with torch.no_grad():
         return chosen.weights(spec, q, k, lse, head_idx, row_idx)

@@ -26,6 +26,7 @@ __all__ = [
     "plain_lse",
     "plain_scores",
     "ref_attention",
+    "ref_stats",
     "ref_visibility",
     "ref_weights",
     "reference_kwargs",
@@ -113,6 +114,50 @@ def ref_weights(q, k, **kwargs) -> np.ndarray:
     vis = np.broadcast_to(ref_visibility(qn.shape[2], kn.shape[2], **kwargs), s.shape)
     p, _ = reference.softmax(s, vis)
     return p
+
+
+def ref_stats(
+    q,
+    k,
+    *,
+    heads: Any = None,
+    rows: Any = None,
+    col_sum: bool = True,
+    col_max: bool = False,
+    entropy: bool = False,
+    topk: int = 0,
+    **kwargs,
+) -> dict[str, np.ndarray]:
+    """``selfattn.attention_stats`` of the specification, float64, from :func:`ref_weights`.
+
+    ``heads`` / ``rows`` are index lists (or None: all). Top-k ranks the visible keys of each row
+    by probability, ties in index order (a stable sort); a row seeing fewer keys pads with
+    index -1 and p 0.
+    """
+    p = ref_weights(q, k, **kwargs)  # (B, Hq, Nq, Nk)
+    vis = np.broadcast_to(ref_visibility(p.shape[2], p.shape[3], **kwargs), p.shape)
+    if heads is not None:
+        p, vis = p[:, list(heads)], vis[:, list(heads)]
+    if rows is not None:
+        p, vis = p[:, :, list(rows)], vis[:, :, list(rows)]
+    got: dict[str, np.ndarray] = {}
+    if col_sum:
+        got["col_sum"] = p.sum(2)
+    if col_max:
+        got["col_max"] = p.max(2, initial=0.0)
+    if entropy:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            got["entropy"] = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+    if topk:
+        rank = np.where(vis, p, -1.0)  # hidden keys after every visible one
+        order = np.argsort(-rank, axis=-1, kind="stable")[..., :topk]
+        top_p = np.take_along_axis(p, order, -1)
+        seen = np.take_along_axis(vis, order, -1)
+        pad = topk - order.shape[-1]  # fewer keys than topk
+        widths = [(0, 0)] * 3 + [(0, pad)]
+        got["topk_index"] = np.pad(np.where(seen, order, -1), widths, constant_values=-1)
+        got["topk_p"] = np.pad(np.where(seen, top_p, 0.0), widths)
+    return got
 
 
 # -- the plain formula in the inputs' own dtype -------------------------------------------------

@@ -13,6 +13,9 @@ hooks a path needs:
 - ``backward(spec, q, k, v, out, lse, dout, dlse, seed, need_dbias, need_dalibi)`` ->
   ``(dq, dk, dv, dbias, dalibi)`` (the custom op's backward, ring blocks).
 - ``weights(spec, q, k, lse, heads, rows)`` -> exact probabilities (``attention_weights``).
+- ``stats(spec, q, k, lse, heads, rows, *, col_sum, col_max, entropy, topk)`` -> the dict of
+  ``attention_stats`` (``selfattn.stats``): reductions of the probabilities block by block from
+  the lse (recomputed when None), for the selected heads and rows (int64 indices or None).
 - ``prefer(spec) -> (name, why) | None``, asked by ``auto`` only, after the backend accepted the
   call: another backend to run instead where that one accepts it too (``native``: SDPA for
   calls below a measured size, ``native/choice.py``).
@@ -49,7 +52,7 @@ __all__ = [
     "select",
 ]
 
-HOOKS = ("forward", "backward", "weights")
+HOOKS = ("forward", "backward", "weights", "stats")
 
 
 class Backend(Protocol):

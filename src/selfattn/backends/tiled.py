@@ -1,7 +1,7 @@
 """``tiled``: the torch-op engine (``selfattn.engine``, FlashAttention-2 in torch) as a backend.
 
 Every rule, any device torch runs on (built for the CPU), O(N) memory, autograd by
-recomputation. It offers every hook: ring blocks, the custom op's backward and exact weights.
+recomputation. It offers every hook: ring blocks, the custom op's backward, exact weights and statistics.
 """
 
 from __future__ import annotations
@@ -76,15 +76,50 @@ class TiledBackend:
         rows: torch.Tensor | None,
     ) -> torch.Tensor:
         """Probabilities (B, len(heads), len(rows), Nk) float32 of the selected heads and rows."""
-        if heads is not None:
-            q = q.index_select(1, heads)
-            k = k.index_select(1, heads // spec.group)  # one key head per selected query head
-            lse = None if lse is None else lse.index_select(1, heads)
-        if rows is not None:
-            q = q.index_select(2, rows)
-            lse = None if lse is None else lse.index_select(2, rows)
-        prob = engine.Problem.of(spec.select(heads, rows), None)
+        prob, q, k, lse = _selected(spec, q, k, lse, heads, rows)
         if lse is None:
             _, lse = engine.forward(prob, q, k, None)
             return normalized(engine.probabilities(prob, q, k, lse))
         return engine.probabilities(prob, q, k, lse)
+
+    def stats(
+        self,
+        spec: AttentionSpec,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        lse: torch.Tensor | None,
+        heads: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        *,
+        col_sum: bool,
+        col_max: bool,
+        entropy: bool,
+        topk: int,
+    ) -> dict[str, torch.Tensor]:
+        """``attention_stats`` of the selected heads and rows, tile by tile from the lse (one
+        lse-only forward over those rows first when ``lse`` is None)."""
+        prob, q, k, lse = _selected(spec, q, k, lse, heads, rows)
+        if lse is None:
+            _, lse = engine.forward(prob, q, k, None)
+        want = {"col_sum": col_sum, "col_max": col_max, "entropy": entropy, "topk": topk}
+        return engine.statistics(prob, q, k, lse, **want)
+
+
+def _selected(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    heads: torch.Tensor | None,
+    rows: torch.Tensor | None,
+) -> tuple[engine.Problem, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The problem of the selected heads and rows, with q (B, H', Nq', D), k (B, H', Nk, D)
+    (one key head per selected query head) and lse (B, H', Nq') cut to match."""
+    if heads is not None:
+        q = q.index_select(1, heads)
+        k = k.index_select(1, heads // spec.group)  # one key head per selected query head
+        lse = None if lse is None else lse.index_select(1, heads)
+    if rows is not None:
+        q = q.index_select(2, rows)
+        lse = None if lse is None else lse.index_select(2, rows)
+    return engine.Problem.of(spec.select(heads, rows), None), q, k, lse

@@ -6,6 +6,8 @@ Its internal API, used by the ``tiled`` backend, ring attention and the custom o
   ``.part(...)``), its dropout numbering and its non-finite keys.
 - :func:`forward` / :func:`probabilities` (``forward.py``): online softmax over the key chunks
   that ``rules.key_spans`` plans; exact probabilities from the lse.
+- :func:`statistics` (``stats.py``): column sums/maxima, row entropies and top-k of the
+  probabilities, tile by tile from the lse (``attention_stats``).
 - :func:`backward` (``backward.py``): gradients by recomputation from the lse.
 - :func:`attention` (``autograd.py``): forward with autograd when the inputs need it.
 - ``tiles.py``: operand matrices, the reusable score workspace, dropout tiles.
@@ -22,6 +24,7 @@ from .autograd import attention
 from .backward import Grads, backward
 from .forward import forward, probabilities
 from .problem import BLOCK_N, ROWS_PER_TILE, Dropout, Problem, acc_dtype, all_finite, bad_keys
+from .stats import statistics
 from .tiles import bad_values
 
 __all__ = [
@@ -38,4 +41,5 @@ __all__ = [
     "bad_values",
     "forward",
     "probabilities",
+    "statistics",
 ]

@@ -1,0 +1,168 @@
+"""Attention statistics without the probabilities: ``attention_stats`` and ``attention_with_stats``.
+
+``attention_stats`` gives exact reductions of the probabilities ``attention_weights`` returns
+(column sums and maxima, row entropy, top-k keys), computed block by block from the lse by the
+backend's ``stats`` hook (``backends``: a backend offers it as one method; ``auto`` takes the
+first in the device's priority order that has it and accepts the call). ``attention_with_stats``
+returns the output of ``attention`` and those statistics together: ``native`` computes both in
+one decode pass where it can (``native.stats``), any other call is ``attention`` then
+``attention_stats`` from its lse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .api import attention, check_backend, check_lse, selection
+from .backends import BACKENDS, select
+from .quant import QuantizedKV, unwrap_call
+from .spec import validate
+
+__all__ = ["STATS_HOOKS", "attention_stats", "attention_with_stats", "check_wanted"]
+
+STATS_HOOKS = ("stats",)  # the registry hook attention_stats uses
+
+
+def check_wanted(col_sum: Any, col_max: Any, entropy: Any, topk: Any) -> dict[str, Any]:
+    """The statistics asked for, checked (bools, and topk an int >= 0), as hook keywords."""
+    for name, flag in (("col_sum", col_sum), ("col_max", col_max), ("entropy", entropy)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r} ({type(flag).__name__})")
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be an int >= 0, got {topk!r} ({type(topk).__name__})")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (0: no top-k), got topk={topk}")
+    return {"col_sum": col_sum, "col_max": col_max, "entropy": entropy, "topk": topk}
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    segment_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    heads: Any = None,
+    rows: Any = None,
+    col_sum: bool = True,
+    col_max: bool = False,
+    entropy: bool = False,
+    topk: int = 0,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """Exact reductions of the attention probabilities, computed block by block from the lse.
+
+    The probabilities ``p = exp(s - lse)`` are those :func:`selfattn.attention_weights` returns
+    (before dropout); no more than one block of scores is live at a time, so the cost is at most
+    one forward pass over the selected rows on top of the lse (two when ``lse`` is None).
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D) (or a :class:`selfattn.QuantizedKV`, read as its
+            ``dequantize()``); the rules as in :func:`selfattn.attention`.
+        lse: (B, Hq, Nq) natural-log lse from ``attention(..., return_lse=True)``; recomputed
+            (for the selected heads and rows only) when None.
+        heads: query heads (index sequence, slice or int); all when None. H' = how many.
+        rows: query rows; all when None. Nq' = how many.
+        col_sum: ``"col_sum"`` (B, H', Nk): the sum of ``p`` over the selected rows (the mass
+            each key received; H2O's score).
+        col_max: ``"col_max"`` (B, H', Nk): the maximum of ``p`` over the selected rows.
+        entropy: ``"entropy"`` (B, H', Nq'): ``-sum_j p_j log p_j`` per row (0 for a row that
+            sees no key).
+        topk: > 0: ``"topk_index"`` (B, H', Nq', topk) int64 and ``"topk_p"`` (B, H', Nq',
+            topk): each row's most probable visible keys, highest first; ties go to the lower
+            index; where a row sees fewer keys, index -1 and p 0.
+        backend: "auto" (the first backend of the device's priority order with a ``stats``
+            hook that accepts the call: ``native`` on the CPU, ``tiled`` elsewhere) or a name.
+
+    Returns:
+        A dict with only the keys asked for; every tensor but ``topk_index`` is float32.
+
+    Raises:
+        TypeError / ValueError: as :func:`selfattn.attention_weights`, a non-bool flag, a
+            ``topk`` that is not an int >= 0, bad ``heads``/``rows`` (before any work).
+        UnsupportedInputs: the named backend has no ``stats`` hook or declines the call.
+    """
+    want = check_wanted(col_sum, col_max, entropy, topk)
+    backend = check_backend(backend)
+    q, k, _, quantized, _ = unwrap_call(q, k, None)  # rotated keys: q rotated instead
+    spec = validate(
+        q,
+        k,
+        None,
+        need_v=False,
+        causal=causal,
+        window=window,
+        mask=mask,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        segment_ids=segment_ids,
+        scale=scale,
+    )
+    if quantized:
+        spec = replace(spec, quantized=quantized)
+    head_idx = selection(heads, spec.Hq, "heads", q.device)
+    row_idx = selection(rows, spec.Nq, "rows", q.device)
+    check_lse(lse, spec)
+    chosen = select(spec, backend, need=STATS_HOOKS)
+    with torch.no_grad():
+        return chosen.stats(spec, q, k, lse, head_idx, row_idx, **want)
+
+
+def attention_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
+    v: torch.Tensor | QuantizedKV,
+    *,
+    col_sum: bool = True,
+    col_max: bool = False,
+    entropy: bool = False,
+    topk: int = 0,
+    heads: Any = None,
+    rows: Any = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    **rules: Any,
+) -> (
+    tuple[torch.Tensor, dict[str, torch.Tensor]]
+    | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+):
+    """``attention(q, k, v, **rules)`` and ``attention_stats`` of the same call, in one go.
+
+    For a decode step on ``native`` (few query rows, no gradient, no dropout) the statistics
+    come out of the decode kernel's own pass: it keeps each key's score while it computes the
+    output and normalises them by the final lse, so an eviction cache pays little for them.
+    Any other call runs :func:`selfattn.attention` and then :func:`attention_stats` from its
+    lse. The statistics are those of the probabilities before dropout.
+
+    Args:
+        q, k, v, rules (``causal``, ``window``, ``mask``, ``bias``, ``alibi_slopes``,
+            ``softcap``, ``segment_ids``, ``scale``, ``dropout_p``) and ``backend``: as
+            :func:`selfattn.attention`.
+        col_sum, col_max, entropy, topk, heads, rows: as :func:`attention_stats`.
+        return_lse: also return the lse (B, Hq, Nq).
+
+    Returns:
+        ``(out, stats)``, or ``(out, lse, stats)`` with ``return_lse``; ``out`` (B, Hq, Nq, Dv)
+        with autograd as :func:`selfattn.attention`; ``stats`` as :func:`attention_stats`
+        (computed without autograd).
+    """
+    want = check_wanted(col_sum, col_max, entropy, topk)
+    backend = check_backend(backend)
+    out, lse = attention(q, k, v, return_lse=True, backend=backend, **rules)
+    rules.pop("dropout_p", None)
+    # the named backend computes the statistics too where it has the hook
+    stats_backend = backend if getattr(BACKENDS.get(backend), "stats", None) else "auto"
+    stats = attention_stats(
+        q, k, lse=lse.detach(), heads=heads, rows=rows, backend=stats_backend, **rules, **want
+    )
+    return (out, lse, stats) if return_lse else (out, stats)

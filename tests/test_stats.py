@@ -1,0 +1,295 @@
+"""``selfattn.attention_stats`` and ``attention_with_stats`` (API.md section 5).
+
+Every statistic is held to the float64 specification (``selfattn.testing.ref_stats``) and to the
+same reduction of ``attention_weights``, on every backend with a ``stats`` hook, for every rule,
+GQA, selected heads and rows, rows that see nothing, top-k ties and odd lengths. The shapes span
+several row tiles and key blocks of the tiled engine (Nk=600 > BLOCK_N).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import selfattn
+from helpers import gen, make_qkv, ref_stats, ref_weights, to_np
+from selfattn.engine import BLOCK_N
+
+B, HQ, HKV, NQ, NK, D = 2, 4, 2, 70, 600, 16
+assert NK > BLOCK_N
+ALL = {"col_sum": True, "col_max": True, "entropy": True, "topk": 5}
+STATS_BACKENDS = [
+    name for name in ("tiled", "native") if getattr(selfattn.backends.BACKENDS[name], "stats", None)
+]
+if "native" in STATS_BACKENDS and selfattn.backends.BACKENDS["native"].unavailable():
+    STATS_BACKENDS.remove("native")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rules(name: str, nq: int = NQ, nk: int = NK, b: int = B, hq: int = HQ) -> dict:
+    g = gen(60)
+    if name == "none":
+        return {}
+    if name == "causal":
+        return {"causal": True}
+    if name == "window":
+        return {"window": (90, 4)}
+    if name == "mask":
+        m = torch.rand(b, hq, nq, nk, generator=g) < 0.5
+        m[:, :, 3] = False  # a row with no visible key
+        return {"mask": m}
+    if name == "bias":
+        return {"bias": torch.randn(b, 1, nq, nk, generator=g)}
+    if name == "alibi":
+        return {"alibi_slopes": torch.rand(b, hq, generator=g) * 0.05}
+    if name == "softcap":
+        return {"softcap": 1.2, "scale": 0.8}
+    if name == "segments":
+        ids = torch.arange(nk).div(97, rounding_mode="floor").expand(b, nk).clone()
+        ids[1, -30:] = -1  # padding rows and keys
+        return {"segment_ids": (ids[:, nk - nq :], ids)}
+    if name == "combo":
+        return {
+            **rules("segments", nq, nk, b, hq),
+            **rules("bias", nq, nk, b, hq),
+            **rules("alibi", nq, nk, b, hq),
+            "causal": True,
+            "window": (200, None),
+            "mask": torch.rand(nq, nk, generator=g) < 0.8,
+            "softcap": 3.0,
+        }
+    raise KeyError(name)
+
+
+RULES = ["none", "causal", "window", "mask", "bias", "alibi", "softcap", "segments", "combo"]
+
+
+@functools.cache
+def case(rule: str):
+    q, k, v = make_qkv(B, HQ, HKV, NQ, NK, D, seed=61)
+    return q, k, v, rules(rule)
+
+
+def from_weights(w: torch.Tensor, topk: int) -> dict[str, np.ndarray]:
+    """The statistics as reductions of ``attention_weights``' probabilities (B, H, Nq, Nk)."""
+    p = to_np(w)
+    got = {"col_sum": p.sum(2), "col_max": p.max(2, initial=0.0)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        got["entropy"] = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+    got["topk_p"] = -np.sort(-p, -1)[..., :topk]
+    return got
+
+
+def check(st: dict, want: dict, what: str, p: np.ndarray | None = None) -> None:
+    """``st`` equals ``want`` (float32 to rounding). Top-k indices are compared exactly, or, with
+    the float64 probabilities ``p`` (B, H', Nq', Nk) given, by the probabilities they pick (float32
+    rounding can tie keys that float64 tells apart, e.g. under a saturated softcap)."""
+    assert set(st) == set(want), f"{what}: keys {sorted(st)} vs {sorted(want)}"
+    for key, ref in want.items():
+        got = st[key]
+        assert got.shape == ref.shape, f"{what} {key}: shape {tuple(got.shape)} vs {ref.shape}"
+        if key == "topk_index":
+            assert got.dtype == torch.int64
+            if p is None:
+                np.testing.assert_array_equal(got.numpy(), ref, err_msg=f"{what} {key}")
+            else:
+                idx = got.numpy()
+                np.testing.assert_array_equal(idx < 0, ref < 0, err_msg=f"{what} {key} pads")
+                picked = np.take_along_axis(p, np.maximum(idx, 0), -1) * (idx >= 0)
+                np.testing.assert_allclose(picked, want["topk_p"], rtol=2e-5, atol=2e-6)
+            continue
+        assert got.dtype == torch.float32, f"{what} {key}: {got.dtype}"
+        np.testing.assert_allclose(to_np(got), ref, rtol=2e-5, atol=2e-6, err_msg=f"{what} {key}")
+
+
+@pytest.mark.parametrize("given_lse", [False, True])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_stats_equal_spec_and_weights(backend, rule, given_lse):
+    q, k, v, kw = case(rule)
+    lse = None
+    if given_lse:
+        _, lse = selfattn.attention(q, k, v, return_lse=True, backend="tiled", **kw)
+    st = selfattn.attention_stats(q, k, lse=lse, backend=backend, **kw, **ALL)
+    p = ref_weights(q, k, **kw)
+    check(st, ref_stats(q, k, **kw, **ALL), f"{backend} {rule} lse={given_lse}", p)
+    w = selfattn.attention_weights(q, k, lse=lse, **kw)
+    mine = {key: st[key] for key in ("col_sum", "col_max", "entropy", "topk_p")}
+    check(mine, from_weights(w, ALL["topk"]), f"{backend} {rule} vs attention_weights")
+
+
+SELECTIONS = {
+    "heads_list_unordered": {"heads": [3, 0, 2]},
+    "heads_int": {"heads": 1},
+    "rows_slice": {"rows": slice(None, None, 7)},
+    "rows_list_unordered": {"rows": [69, 0, 50, 50, 16]},
+    "both": {"heads": [3, 1], "rows": [60, 3, 26, 40]},
+    "empty_rows": {"rows": []},
+}
+
+
+def _idx(sel, n):
+    if sel is None:
+        return None
+    if isinstance(sel, slice):
+        return list(range(n))[sel]
+    return [sel] if isinstance(sel, int) else list(sel)
+
+
+@pytest.mark.parametrize("given_lse", [False, True])
+@pytest.mark.parametrize("sel", list(SELECTIONS))
+@pytest.mark.parametrize("rule", ["causal", "combo"])
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_selected_heads_and_rows(backend, rule, sel, given_lse):
+    q, k, v, kw = case(rule)
+    pick = SELECTIONS[sel]
+    lse = None
+    if given_lse:
+        _, lse = selfattn.attention(q, k, v, return_lse=True, backend="tiled", **kw)
+    st = selfattn.attention_stats(q, k, lse=lse, backend=backend, **kw, **pick, **ALL)
+    heads, rows = _idx(pick.get("heads"), HQ), _idx(pick.get("rows"), NQ)
+    p = ref_weights(q, k, **kw)
+    p = p[:, heads] if heads is not None else p
+    p = p[:, :, rows] if rows is not None else p
+    want = ref_stats(q, k, heads=heads, rows=rows, **kw, **ALL)
+    check(st, want, f"{backend} {rule} {sel}", p)
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_only_the_keys_asked_for(backend):
+    q, k, _, kw = case("causal")
+    assert set(selfattn.attention_stats(q, k, backend=backend, **kw)) == {"col_sum"}
+    st = selfattn.attention_stats(q, k, col_sum=False, entropy=True, backend=backend, **kw)
+    assert set(st) == {"entropy"}
+    st = selfattn.attention_stats(q, k, col_sum=False, topk=2, backend=backend, **kw)
+    assert set(st) == {"topk_index", "topk_p"}
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_rows_with_no_visible_key(backend):
+    """Entropy 0, top-k index -1 and p 0, nothing added to any column."""
+    q, k, _ = make_qkv(1, 2, 1, 5, 9, 8, seed=62)
+    mask = torch.ones(1, 2, 5, 9, dtype=torch.bool)
+    mask[0, 1, 2] = False  # head 1, row 2 sees nothing
+    st = selfattn.attention_stats(q, k, mask=mask, backend=backend, **ALL)
+    assert st["entropy"][0, 1, 2] == 0
+    assert (st["topk_index"][0, 1, 2] == -1).all() and (st["topk_p"][0, 1, 2] == 0).all()
+    alone = selfattn.attention_stats(q, k, mask=mask, rows=[2], heads=[1], backend=backend)
+    assert (alone["col_sum"] == 0).all()
+    check(st, ref_stats(q, k, mask=mask, **ALL), f"{backend} empty row")
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_topk_ties_go_to_the_lower_index(backend):
+    """Keys 1, 4, 6 and 9 are equal (so are their probabilities): they rank in index order."""
+    q, k, _ = make_qkv(1, 1, 1, 3, 12, 8, seed=63)
+    for j in (4, 6, 9):
+        k[0, 0, j] = k[0, 0, 1]
+    k[0, 0, 1:] *= 1.0  # same bits
+    st = selfattn.attention_stats(q, k, col_sum=False, topk=12, backend=backend)
+    idx = st["topk_index"][0, 0]
+    for row in idx.tolist():
+        tied = [j for j in row if j in (1, 4, 6, 9)]
+        assert tied == [1, 4, 6, 9], row
+    check(st, ref_stats(q, k, col_sum=False, topk=12), f"{backend} ties")
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_topk_beyond_the_visible_keys_pads(backend):
+    """Causal, Nq = Nk = 4: row 0 sees one key, so topk=6 pads with -1 / 0."""
+    q, k, _ = make_qkv(1, 2, 2, 4, 4, 8, seed=64)
+    st = selfattn.attention_stats(q, k, causal=True, col_sum=False, topk=6, backend=backend)
+    assert st["topk_index"][0, 0, 0].tolist() == [0, -1, -1, -1, -1, -1]
+    assert st["topk_p"][0, 0, 0].tolist() == [1.0, 0, 0, 0, 0, 0]
+    check(st, ref_stats(q, k, causal=True, col_sum=False, topk=6), f"{backend} pad")
+
+
+@pytest.mark.parametrize("nk", [1, 97, 257, 1025])
+@pytest.mark.parametrize("nq", [1, 7])
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_odd_lengths(backend, nq, nk):
+    q, k, _ = make_qkv(1, 3, 1, nq, nk, 24, seed=65)
+    kw = {"causal": True} if nq <= nk else {}
+    st = selfattn.attention_stats(q, k, backend=backend, **kw, **ALL)
+    check(st, ref_stats(q, k, **kw, **ALL), f"{backend} Nq={nq} Nk={nk}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_each_dtype_gives_float32(backend, dtype):
+    q, k, _ = make_qkv(1, 2, 1, 9, 40, 16, dtype=dtype, seed=66)
+    st = selfattn.attention_stats(q, k, causal=True, backend=backend, **ALL)
+    assert {t.dtype for t in st.values()} == {torch.float32, torch.int64}
+    ref = ref_stats(q, k, causal=True, **ALL)
+    tol = {torch.float64: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-3}[dtype]
+    for key in ("col_sum", "col_max", "entropy", "topk_p"):
+        np.testing.assert_allclose(to_np(st[key]), ref[key], rtol=tol, atol=tol, err_msg=key)
+
+
+def test_quantized_keys_read_as_their_dequantize():
+    q, k, _ = make_qkv(1, 2, 1, 6, 50, 32, seed=67)
+    qk = selfattn.quantize_kv(k, bits=8)
+    st = selfattn.attention_stats(q, qk, causal=True, **ALL)
+    check(st, ref_stats(q, qk.dequantize(), causal=True, **ALL), "quantized keys")
+
+
+def test_auto_skips_backends_without_the_hook_and_a_named_one_declines():
+    q, k, _ = make_qkv(1, 2, 1, 6, 50, 16, seed=68)
+    with pytest.raises(selfattn.UnsupportedInputs, match="stats"):
+        selfattn.attention_stats(q, k, backend="sdpa")
+    st = selfattn.attention_stats(q, k, backend="auto")
+    check(st, ref_stats(q, k), "auto")
+
+
+BAD = [
+    ({"topk": -1}, ValueError, "topk must be >= 0"),
+    ({"topk": 2.0}, TypeError, "topk must be an int"),
+    ({"topk": True}, TypeError, "topk must be an int"),
+    ({"col_sum": 1}, TypeError, "col_sum must be a bool"),
+    ({"entropy": None}, TypeError, "entropy must be a bool"),
+    ({"heads": [4]}, ValueError, "heads"),
+    ({"heads": [0.5]}, TypeError, "heads"),
+    ({"rows": [-8]}, ValueError, "rows"),
+    ({"lse": torch.zeros(1, 2, 5)}, ValueError, "lse must have shape"),
+    ({"backend": "nope"}, ValueError, "unknown backend"),
+    ({"causal": True, "window": (-1, 0)}, ValueError, "window"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", BAD)
+def test_bad_input_raises_before_work(monkeypatch, kwargs, exc, msg):
+    q, k, _ = make_qkv(1, 4, 2, 7, 30, 8, seed=69)
+    for backend in selfattn.backends.BACKENDS.values():  # no hook may be reached
+        if getattr(backend, "stats", None):
+            monkeypatch.setattr(backend, "stats", None, raising=False)
+    with pytest.raises(exc, match=msg):
+        selfattn.attention_stats(q, k, **kwargs)
+
+
+@pytest.mark.parametrize("rule", ["causal", "combo"])
+def test_attention_with_stats_equals_the_two_calls(rule):
+    q, k, v, kw = case(rule)
+    out, lse, st = selfattn.attention_with_stats(q, k, v, return_lse=True, **kw, **ALL)
+    want_out, want_lse = selfattn.attention(q, k, v, return_lse=True, **kw)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    check(st, ref_stats(q, k, **kw, **ALL), f"with_stats {rule}", ref_weights(q, k, **kw))
+    out2, st2 = selfattn.attention_with_stats(q, k, v, heads=[1], rows=[0, 5], **kw)
+    torch.testing.assert_close(out2, want_out)
+    check(st2, ref_stats(q, k, heads=[1], rows=[0, 5], **kw), f"with_stats selection {rule}")
+
+
+def test_attention_with_stats_keeps_autograd_and_dropout():
+    q, k, v = make_qkv(1, 2, 1, 5, 20, 8, seed=70, requires_grad=True)
+    torch.manual_seed(3)
+    out, st = selfattn.attention_with_stats(q, k, v, dropout_p=0.3, causal=True)
+    torch.manual_seed(3)
+    want = selfattn.attention(q, k, v, dropout_p=0.3, causal=True)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert q.grad is not None and not st["col_sum"].requires_grad
+    check(st, ref_stats(q, k, causal=True), "stats before dropout")
