@@ -22,6 +22,7 @@ from selfattn.backends.native.call import (
     FIELDS,
     FROM_SPEC,
     REFUSED,
+    STORAGE_FIELDS,
     NativeCall,
     record,
     refused_rules,
@@ -70,7 +71,8 @@ def test_a_rule_missing_from_the_record_is_refused_not_ignored(monkeypatch):
 
 def test_record_fields_match_the_extension():
     assert tuple(EXT.CALL_FIELDS) == FIELDS == NativeCall._fields
-    assert FIELDS[-len(CALL_FIELDS) :] == CALL_FIELDS
+    tail = (*CALL_FIELDS, *STORAGE_FIELDS)
+    assert FIELDS[-len(tail) :] == tail
 
 
 def test_record_carries_every_rule_by_name():
@@ -102,6 +104,7 @@ def test_record_carries_every_rule_by_name():
         "scale": 0.25,
         "dropout_p": 0.0,
         "start": 3,
+        **dict(zip(STORAGE_FIELDS, (None, None, 0, 0, False) * 2)),
     }
 
 

@@ -2,7 +2,7 @@
 
 The error bound is checked element by element (|x - dequantized| <= scale / 2, in the rotated
 basis when rotated); attention on a ``QuantizedKV`` must equal attention on its ``dequantize()``
-for every rule and every CPU backend, and ``native`` must decline (for now) with its reason.
+for every rule and every CPU backend (``native`` reads the codes in place: test_quant_native.py).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _dense(t):
 
 
 @pytest.mark.parametrize("rule", [*RULE_NAMES, "dropout"])
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "native"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("fmt", ["k8_v8", "k4rot_v4", "k4rot_only", "v8_only"])
 def test_attention_on_quantized_equals_attention_on_dequantized(rule, backend, fmt):
     kfmt, vfmt = {
@@ -249,7 +249,7 @@ def test_attention_on_quantized_equals_attention_on_dequantized(rule, backend, f
     # rotated codes: q and the output are rotated instead of keys and values, float32 rounding)
     rotated = "rot" in fmt or fmt == "v8_only"
     exact = {"atol": 0, "rtol": 0}
-    if backend == "auto" or rotated:
+    if backend in ("auto", "native") or rotated:  # native reads the codes (quant.h)
         exact = {"atol": 2e-6, "rtol": 2e-5}
     torch.testing.assert_close(got, want, **exact)
     if rule != "dropout":  # and native on the dequantized values agrees to float32 rounding
@@ -259,16 +259,15 @@ def test_attention_on_quantized_equals_attention_on_dequantized(rule, backend, f
         )
 
 
-def test_native_declines_quantized_and_auto_picks_another():
+def test_native_reads_quantized_and_auto_picks_it():
     q, k, v = _qkv((8, False), (4, True))
-    with pytest.raises(selfattn.UnsupportedInputs, match="reads quantized keys/values"):
-        selfattn.attention(q, k, v, backend="native")
+    got = selfattn.attention(q, k, v, backend="native")
+    torch.testing.assert_close(
+        got, selfattn.attention(q, _dense(k), _dense(v)), atol=2e-6, rtol=2e-5
+    )
     why = selfattn.explain(q, k, v, causal=True)
     assert "quantized k int8, v int4+rotation" in why
-    assert "native: declines - reads quantized keys/values in a later version" in why
-    assert "picks: native" not in why
-    # the same call on float tensors still goes to native
-    assert "picks: native" in selfattn.explain(q, _dense(k), _dense(v), causal=True)
+    assert "picks: native" in why
 
 
 def test_attention_weights_accepts_quantized_keys():

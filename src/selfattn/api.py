@@ -14,7 +14,7 @@ import torch
 
 from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, preferred, refusals, select
-from .quant import QuantizedKV, rotated_like, unwrap, unwrap_call
+from .quant import QuantizedKV, rotated_like, standin, unwrap, unwrap_call, unwrap_label
 from .spec import AttentionSpec, validate, validate_call
 
 __all__ = [
@@ -76,8 +76,9 @@ def attention(
             ``Hq % Hkv == 0`` and query head ``h`` reads key/value head ``h // (Hq // Hkv)``.
             Any strides. ``k`` and ``v`` may be :class:`selfattn.QuantizedKV` (its ``dtype``
             must be q's): the result is that of their ``dequantize()`` up to float32 rounding;
-            they get no gradient. For now they are dequantized here (rotated codes stay
-            rotated: q, or the output, is rotated instead) and ``native`` declines them.
+            they get no gradient. ``native`` reads their codes in place (no dequantized copy);
+            the other backends get them dequantized (rotated codes stay rotated: q, or the
+            output, is rotated instead).
         causal: key ``j`` visible to query ``i`` only when ``j <= i'``.
         window: ``(left, right)``: visible only when ``i' - left <= j <= i' + right``; None on a
             side is unbounded. ``(w, 0)`` is a causal sliding window of ``w + 1`` keys.
@@ -120,22 +121,43 @@ def attention(
         "dropout_p": dropout_p,
     }
     backend = check_backend(backend)
-    quantized, rotate_out = "", False
     if type(k) is QuantizedKV or type(v) is QuantizedKV:
-        # (B, Hkv, Nk, D) tensors in q's dtype, no gradient; rotated codes stay rotated and q
-        # (for keys) or the output (for values) is rotated instead: the same result
-        q, k, v, quantized, rotate_out = unwrap_call(q, k, v)
+        return quantized_call(q, k, v, rules, return_lse, backend)
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
-        got = _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
-        return unrotated(got, return_lse) if rotate_out else got
+        return _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
     spec = validate_call(q, k, v, rules, return_lse)
-    if quantized:  # recorded so that a backend reading the codes itself can tell
-        spec = replace(spec, quantized=quantized)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     out, lse = chosen.run(spec, q, k, v, seed)
-    if rotate_out:
-        out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
+    return (out, lse) if return_lse else out
+
+
+def quantized_call(
+    q: Any, k: Any, v: Any, rules: dict[str, Any], return_lse: bool, backend: str
+) -> Any:
+    """:func:`attention` with ``k`` and/or ``v`` a :class:`QuantizedKV`.
+
+    The call is validated with zero-stride stand-ins of the dequantized shape (no values are
+    made for that). A backend that reads the codes itself (``reads_quantized``: ``native``) gets
+    the ``QuantizedKV`` as it is; any other gets (B, Hkv, Nk, D) tensors in q's dtype, with
+    rotated codes kept rotated and q (for keys) or the output (for values) rotated instead.
+    """
+    if torch.compiler.is_compiling():
+        q, k, v, _, rotate_out = unwrap_call(q, k, v)
+        got = _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
+        return unrotated(got, return_lse) if rotate_out else got
+    spec = validate_call(q, standin(k), standin(v), rules, return_lse)
+    # recorded so that backends can tell (and explain) what they were given
+    spec = replace(spec, quantized=unwrap_label(k, v))
+    chosen = select(spec, backend)
+    seed = _rng.draw_seed() if spec.dropout_p > 0 else None
+    if getattr(chosen, "reads_quantized", False):
+        out, lse = chosen.run_quantized(spec, q, k, v, seed)
+    else:
+        q, k, v, _, rotate_out = unwrap_call(q, k, v)
+        out, lse = chosen.run(spec, q, k, v, seed)
+        if rotate_out:
+            out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
     return (out, lse) if return_lse else out
 
 

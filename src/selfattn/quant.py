@@ -25,7 +25,7 @@ import torch
 
 from . import checks
 
-__all__ = ["BITS", "QuantizedKV", "hadamard", "pack4", "quantize_kv", "unpack4"]
+__all__ = ["BITS", "QuantizedKV", "hadamard", "pack4", "quantize_kv", "standin", "unpack4"]
 
 BITS = (8, 4)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -291,17 +291,32 @@ def dequantized(x: Any) -> Any:
     return x.dequantize() if isinstance(x, QuantizedKV) else x
 
 
+def standin(x: Any) -> Any:
+    """For a :class:`QuantizedKV`, a tensor of its dequantized shape (B, Hkv, N, D), dtype and
+    device that owns no memory (one element, expanded with zero strides): what validation and a
+    backend reading the codes itself see in place of the values. Anything else unchanged."""
+    if not isinstance(x, QuantizedKV):
+        return x
+    return torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)
+
+
 def describe(x: QuantizedKV) -> str:
     """``int8`` / ``int4``, with ``+rotation`` when rotated (for messages and ``explain``)."""
     return f"int{x.bits}" + ("+rotation" if x.rotate else "")
 
 
+def unwrap_label(k: Any, v: Any) -> str:
+    """Which of k, v are a :class:`QuantizedKV` (``""`` when neither), e.g.
+    ``"k int8, v int4+rotation"``."""
+    return ", ".join(
+        f"{name} {describe(t)}" for name, t in (("k", k), ("v", v)) if isinstance(t, QuantizedKV)
+    )
+
+
 def unwrap(k: Any, v: Any) -> tuple[Any, Any, str]:
     """``(k, v, label)``: any :class:`QuantizedKV` among k, v dequantized, and a label saying
     which were quantized (``""`` when neither), e.g. ``"k int8, v int4+rotation"``."""
-    label = ", ".join(
-        f"{name} {describe(t)}" for name, t in (("k", k), ("v", v)) if isinstance(t, QuantizedKV)
-    )
+    label = unwrap_label(k, v)
     if not label:
         return k, v, ""
     return dequantized(k), dequantized(v), label
@@ -324,9 +339,7 @@ def unwrap_call(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any, str, bool]:
     4-D tensor of the keys' dtype, device and head dim; otherwise everything is dequantized
     plainly and validation reports what is wrong.
     """
-    label = ", ".join(
-        f"{name} {describe(t)}" for name, t in (("k", k), ("v", v)) if isinstance(t, QuantizedKV)
-    )
+    label = unwrap_label(k, v)
     if not label:
         return q, k, v, "", False
     ref = k if isinstance(k, QuantizedKV) else v

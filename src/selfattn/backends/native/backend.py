@@ -9,9 +9,12 @@ Python: the spec is already validated, and the tensors go to the extension as th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ...first_order import first_order
+from ...quant import rotated_like, standin, unwrap_call
 from ...rules import normalized
 from ...spec import AttentionSpec
 from . import build, choice
@@ -77,8 +80,9 @@ class NativeBackend:
 
     def prefer(self, spec: AttentionSpec) -> tuple[str, str] | None:
         """For ``auto`` only: the backend to run instead where it accepts the call, and why
-        (``choice.prefer``: SDPA for calls below the measured small-call size)."""
-        return choice.prefer(spec)
+        (``choice.prefer``: SDPA for calls below the measured small-call size). Quantized keys or
+        values stay here: native reads their codes, SDPA would need them dequantized first."""
+        return None if spec.quantized else choice.prefer(spec)
 
     def check(self, spec: AttentionSpec) -> list[str]:
         reasons = []
@@ -86,10 +90,6 @@ class NativeBackend:
             reasons.append(f"runs on the CPU, inputs are on {spec.device}")
         if spec.qpos is not None:
             reasons.append("rows are selected in its weights hook, not as a part")
-        if spec.quantized:  # the others dequantize first; native will read the codes itself
-            reasons.append(
-                "reads quantized keys/values in a later version; the other backends dequantize"
-            )
         for rule in REFUSED:  # a rule missing from the call record is refused, never ignored
             if rule.used(spec):
                 reasons.append(f"{rule.keyword} is not in its call record (native/call.py)")
@@ -107,6 +107,24 @@ class NativeBackend:
             return _NativeFunction.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
         out, lse = build.load().forward(q, k, v, record(spec, seed), True, False)
         return out, lse if lse.dtype == torch.float32 else lse.float()  # float32 (docs/api.md)
+
+    reads_quantized = True  # the front door hands it QuantizedKV operands as they are
+
+    def run_quantized(
+        self, spec: AttentionSpec, q: torch.Tensor, k: Any, v: Any, seed: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``run`` with ``k`` and/or ``v`` a ``QuantizedKV`` (validated by the front door with
+        stand-ins): the kernels read the codes in place, one key row or tile at a time, and
+        rotate q (rotated keys) and the output (rotated values) themselves. A call that needs a
+        gradient (of q or a rule) goes through the dequantized values instead: the backward
+        kernels read K and V several times."""
+        if spec.requires_grad:
+            q, k, v, _, rotate_out = unwrap_call(q, k, v)
+            out, lse = self.run(spec, q, k, v, seed)
+            return (rotated_like(out) if rotate_out else out), lse
+        call = record(spec, seed, k, v)
+        out, lse = build.load().forward(q, standin(k), standin(v), call, True, False)
+        return out, lse if lse.dtype == torch.float32 else lse.float()
 
     def forward(self, spec, q, k, v, seed):
         """The forward kernels (decode or row tiles), no autograd; out in the accumulation dtype

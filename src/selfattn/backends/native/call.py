@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import Any
 
+import torch
+
 from ...spec import RULES, AttentionSpec, Rule
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "FIELDS",
     "FROM_SPEC",
     "REFUSED",
+    "STORAGE_FIELDS",
     "NativeCall",
     "record",
     "refused_rules",
@@ -51,10 +54,17 @@ DECLINED: dict[str, str] = {}
 # what a call adds: the position of row 0, dropout's seed words, and where the call's rows sit in
 # the dropout numbering of a larger call (0: the call is the whole)
 CALL_FIELDS = ("start", "seed0", "seed1", "drop_hq", "drop_nq", "drop_b0", "drop_h0", "drop_r0")
+# quantized storage of k and of v (a QuantizedKV read in place; codes None: the tensor is read):
+# the code bytes, the float32 scales, bits, channels per scale, and whether the codes are of the
+# Walsh-Hadamard-rotated head dim (the engine rotates q or the output instead)
+STORAGE = ("codes", "scales", "bits", "group", "rotate")
+STORAGE_FIELDS = tuple(f"{x}_{f}" for x in ("k", "v") for f in STORAGE)
+PLAIN = (None, None, 0, 0, False)  # the storage fields of a plain tensor
 
 FIELDS: tuple[str, ...] = (
     *(name for rule in RULES for f in rule.fields for name in FROM_SPEC.get(f, ())),
     *CALL_FIELDS,
+    *STORAGE_FIELDS,
 )
 
 
@@ -74,8 +84,21 @@ NativeCall.__doc__ = "The rules of one native kernel call (see the module docstr
 _new = tuple.__new__  # NativeCall(*values) without its keyword handling: this is the hot path
 
 
-def record(spec: AttentionSpec, seed: tuple[int, int] | None = None) -> Any:
+def storage(x: Any) -> tuple:
+    """The storage fields of one operand: those of a ``QuantizedKV`` (anything with ``codes``,
+    ``scales``, ``bits``, ``group_size``, ``rotate``), :data:`PLAIN` for a tensor."""
+    if isinstance(x, torch.Tensor) or x is None:
+        return PLAIN
+    return (x.codes, x.scales, x.bits, x.group_size, x.rotate)
+
+
+def record(
+    spec: AttentionSpec, seed: tuple[int, int] | None = None, k: Any = None, v: Any = None
+) -> Any:
     """The :data:`NativeCall` of ``spec``; ``seed``: dropout's two seed words (None: no dropout).
+
+    ``k`` / ``v``: a ``QuantizedKV`` read in place (the extension then takes a zero-stride
+    stand-in of the dequantized shape for that operand); a tensor or None: read as given.
 
     The call is the whole of its dropout numbering (``drop_*`` = 0); a part of a larger call
     sets them with ``record(...)._replace(drop_hq=..., ...)``. The values are in the order of
@@ -114,5 +137,7 @@ def record(spec: AttentionSpec, seed: tuple[int, int] | None = None) -> Any:
             0,
             0,
             0,
+            *(PLAIN if k is None else storage(k)),
+            *(PLAIN if v is None else storage(v)),
         ),
     )

@@ -120,6 +120,9 @@ at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDoubl
 // place that turns it into Params. CALL_FIELDS exports the names, so a test holds both sides to
 // one list. left / right: -1 unbounded; seed0 / seed1: dropout's seed words; drop_*: where the
 // call's rows sit in the numbering of a larger call (0: the call is the whole; see Params).
+// k_* / v_*: quantized storage (a selfattn.QuantizedKV: codes, float32 scales, bits, group size,
+// rotation) read in place instead of the k / v tensor, which then only gives the shape and
+// dtype (the caller passes a zero-stride stand-in); codes None: k / v is read as it is.
 #define SELFATTN_CALL_FIELDS(X) \
   X(bool, causal)               \
   X(int64_t, left)              \
@@ -139,7 +142,17 @@ at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDoubl
   X(int64_t, drop_nq)           \
   X(int64_t, drop_b0)           \
   X(int64_t, drop_h0)           \
-  X(int64_t, drop_r0)
+  X(int64_t, drop_r0)            \
+  X(OptT, k_codes)              \
+  X(OptT, k_scales)             \
+  X(int64_t, k_bits)            \
+  X(int64_t, k_group)           \
+  X(bool, k_rotate)             \
+  X(OptT, v_codes)              \
+  X(OptT, v_scales)             \
+  X(int64_t, v_bits)            \
+  X(int64_t, v_group)           \
+  X(bool, v_rotate)
 
 struct Call {
 #define SELFATTN_DECLARE(T, name) T name{};
@@ -213,6 +226,51 @@ Sides window_sides(const Call& c, int64_t nq, int64_t nk) {
   return {c.left >= reach ? -1 : c.left, c.right >= reach ? -1 : c.right};
 }
 
+// The quantized view of k or v (`name`): codes (B, H, N, X) int8 for 8 bits, (B, H, N, X / 2)
+// uint8 for 4 bits, scales (B, H, N, X / group) float32, `like` the (B, H, N, X) stand-in.
+// A layout that does not fit is a ValueError before any work.
+View quant_view(const at::Tensor& like, const OptT& codes, const OptT& scales, int64_t bits,
+                int64_t group, bool rotate, const char* name) {
+  TORCH_CHECK_VALUE(scales.has_value(), "selfattn native: ", name, "_codes without ", name,
+                    "_scales");
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4, "selfattn native: ", name, "_bits must be 8 or 4, got ",
+                    bits);
+  const at::Tensor& c = *codes;
+  const at::Tensor& s = *scales;
+  const int64_t X = like.size(3);
+  TORCH_CHECK_VALUE(c.scalar_type() == (bits == 8 ? at::kChar : at::kByte), "selfattn native: ",
+                    name, " codes of ", bits, " bits must be ", bits == 8 ? "int8" : "uint8",
+                    ", got ", c.scalar_type());
+  TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat, "selfattn native: ", name,
+                    " scales must be float32, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(c.device().is_cpu() && s.device().is_cpu(), "selfattn native: ", name,
+                    " codes and scales must be CPU tensors");
+  TORCH_CHECK_VALUE(group > 0 && X % group == 0 && (bits == 8 || X % 2 == 0) &&
+                        (!rotate || X % 2 == 0),
+                    "selfattn native: ", name, "_group=", group, " (bits=", bits, ", rotate=",
+                    rotate, ") does not fit the head dim ", X);
+  const int64_t cx = bits == 8 ? X : X / 2;
+  TORCH_CHECK_VALUE(c.dim() == 4 && s.dim() == 4 && c.size(0) == like.size(0) &&
+                        c.size(1) == like.size(1) && c.size(2) == like.size(2) &&
+                        c.size(3) == cx && s.size(0) == like.size(0) &&
+                        s.size(1) == like.size(1) && s.size(2) == like.size(2) &&
+                        s.size(3) == X / group,
+                    "selfattn native: ", name, " codes ", c.sizes(), " and scales ", s.sizes(),
+                    " do not fit ", name, " ", like.sizes(), " at ", bits, " bits, groups of ",
+                    group);
+  View v;
+  v.p = c.data_ptr();
+  v.dt = bits == 8 ? DT::Q8 : DT::Q4;
+  v.scales = s.data_ptr<float>();
+  for (int64_t d = 0; d < 4; d++) {
+    v.s[d] = c.size(d) == 1 ? 0 : c.stride(d);
+    v.ss[d] = s.size(d) == 1 ? 0 : s.stride(d);
+  }
+  v.group = group;
+  v.rotate = rotate;
+  return v;
+}
+
 // Fill the shape, the inputs and the rules of Params from q, k, v and the call record; `keep`
 // holds the expanded views alive.
 void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const at::Tensor& k,
@@ -242,6 +300,8 @@ void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const a
   P.q = view_of(q);
   P.k = view_of(k);
   P.v = view_of(v);
+  if (c.k_codes) P.k = quant_view(k, c.k_codes, c.k_scales, c.k_bits, c.k_group, c.k_rotate, "k");
+  if (c.v_codes) P.v = quant_view(v, c.v_codes, c.v_scales, c.v_bits, c.v_group, c.v_rotate, "v");
   TORCH_CHECK(std::isfinite(c.scale), "selfattn native: scale=", c.scale, " is not finite");
   TORCH_CHECK(std::isfinite(c.softcap) && c.softcap >= 0,
               "selfattn native: softcap must be finite and > 0 (0: none), got ", c.softcap);
@@ -329,6 +389,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT> backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse, const Call& call,
     bool need_dbias, bool need_dalibi) {
+  TORCH_CHECK_VALUE(!call.k_codes && !call.v_codes,
+                    "selfattn native: no backward through quantized keys or values (they hold "
+                    "no gradient: dequantize them for a gradient of q)");
   Params P;
   std::vector<at::Tensor> keep;
   fill(P, keep, q, k, v, call);
@@ -395,6 +458,8 @@ at::Tensor probabilities(const at::Tensor& q, const at::Tensor& k, const at::Ten
   Call rules = call;
   rules.dropout_p = 0.0;
   rules.drop_hq = rules.drop_nq = rules.drop_b0 = rules.drop_h0 = rules.drop_r0 = 0;
+  rules.v_codes.reset();
+  rules.v_scales.reset();
   fill(P, keep, q, k, no_v, rules);
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == P.B && lse.size(1) == P.Hq && lse.size(2) == P.Nq,
               "selfattn native: lse must be (B, Hq, Nq)");

@@ -12,14 +12,26 @@
 
 namespace selfattn {
 
-enum class DT : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3, U8 = 4, I64 = 5 };
+// Q8 / Q4: quantized keys or values (selfattn.QuantizedKV): int8 codes, or 4-bit codes stored
+// as code + 8 two per byte (the even channel in the low nibble); see View.
+enum class DT : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3, U8 = 4, I64 = 5, Q8 = 6, Q4 = 7 };
 
 // A strided view: element strides (0 along broadcast dims), dims only where they matter.
+// Quantized (dt Q8 / Q4, (B, H, N, X) of X channels): p and s are the code bytes (s[3]: bytes
+// between codes for Q8, between bytes of code pairs for Q4), element d of a row is
+// code(d) * scales[... + (d / group) * ss[3]] (float32 scales, strides ss). rotate: the codes
+// are of the Walsh-Hadamard-rotated row (quant.h): the engines rotate q (keys) or the output
+// (values) instead, never the rows.
 struct View {
   const void* p = nullptr;
   DT dt = DT::F32;
   int64_t s[4] = {0, 0, 0, 0};
+  const float* scales = nullptr;
+  int64_t ss[4] = {0, 0, 0, 0};
+  int64_t group = 0;
+  bool rotate = false;
 };
+static inline bool quantized(DT dt) { return dt == DT::Q8 || dt == DT::Q4; }
 
 // Everything one forward / backward call needs. Rows are query rows of one head, "positions"
 // are absolute: row i sits at start + i. left / right < 0 mean unbounded.
@@ -208,6 +220,8 @@ static inline double load_scalar(const void* p, DT dt, int64_t off) {
     case DT::BF16: return bf16_to_float(static_cast<const uint16_t*>(p)[off]);
     case DT::U8: return static_cast<const uint8_t*>(p)[off];
     case DT::I64: return double(static_cast<const int64_t*>(p)[off]);
+    case DT::Q8:
+    case DT::Q4: break;  // rows of quantized views are read by load_row (quant.h)
   }
   return 0.0;
 }

@@ -145,6 +145,7 @@ struct Decode {
       for (int64_t i = 0; i < Nq; i++) {
         T* dst = sc.q.p + (g * Nq + i) * Dp;
         load_q_row<V>(P.q, b, kvh * P.G + g, i, P.D, Dp, pl.qscale, dst);
+        if (P.k.rotate) hadamard_row(dst, P.D);  // rotated keys: q . (H k) = (H q) . k
       }
     typename Plan<V>::Panel pans[16];
     int64_t tmin = t1, tmax = t0;
@@ -342,6 +343,7 @@ struct Decode {
       const int64_t bh = b * P.Hq + h;
       const bool empty = lsum == T(0);
       lse[bh * P.Nq + i] = empty ? T(-INFINITY) : T(M + std::log(lsum));
+      if (P.need_out && P.v.rotate) hadamard_row(o.p, P.Dv);  // sum p (H v) = H (sum p v)
       if (P.need_out)
         store_out<T>(P.out, P.out_dt, (bh * P.Nq + i) * P.Dv, o.p, P.Dv,
                      empty ? T(0) : T(1) / lsum);

@@ -172,6 +172,7 @@ struct Forward {
       T* dst = sc.q.p + r * Dp;
       if (i0 + r < P.Nq) {
         load_q_row<V>(P.q, b, h, i0 + r, D, Dp, pl.qscale, dst);
+        if (P.k.rotate) hadamard_row(dst, D);  // rotated keys: q . (H k) = (H q) . k
       } else {
         for (int64_t d = 0; d < Dp; d++) dst[d] = T(0);
       }
@@ -260,6 +261,7 @@ struct Forward {
       T l = sc.l[r];
       bool empty = l == T(0);
       lse[bh * P.Nq + row] = empty ? T(-INFINITY) : T(sc.m[r] + std::log(l));
+      if (P.need_out && P.v.rotate) hadamard_row(sc.o.p + r * pl.Dvp, P.Dv);  // H (sum p v)
       if (P.need_out)
         store_out<T>(P.out, P.out_dt, (bh * P.Nq + row) * P.Dv, sc.o.p + r * pl.Dvp, P.Dv,
                      empty ? T(0) : T(1) / l);

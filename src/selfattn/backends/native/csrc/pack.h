@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "plan.h"
+#include "quant.h"
 
 namespace selfattn {
 namespace SA_NS {
@@ -44,7 +45,9 @@ static inline bool load_row(const View& t, int64_t b, int64_t h, int64_t j, int6
   using T = typename V::T;
   constexpr int W = V::W;
   const int64_t off = b * t.s[0] + h * t.s[1] + j * t.s[2], st = t.s[3];
-  if (t.dt == DT::F32 && st == 1) {
+  if (quantized(t.dt)) {
+    dequant_row<T>(t, b, h, j, X, dst);
+  } else if (t.dt == DT::F32 && st == 1) {
     const float* src = static_cast<const float*>(t.p) + off;
     for (int64_t d = 0; d < X; d++) dst[d] = T(src[d]);
   } else if (t.dt == DT::F64 && st == 1) {

@@ -38,6 +38,7 @@ struct Probs {
       T* dst = sc.q.p + r * Dp;
       if (r < pn.nreal) {
         load_q_row<V>(P.q, b, h, row0 + r, P.D, Dp, pl.qscale, dst);
+        if (P.k.rotate) hadamard_row(dst, P.D);  // rotated keys: q . (H k) = (H q) . k
         const View& ls = P.lse_in;
         T l = T(load_scalar(ls.p, ls.dt, b * ls.s[0] + h * ls.s[1] + (row0 + r) * ls.s[2]));
         lse2[r] = l;  // natural log, as the scores
