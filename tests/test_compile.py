@@ -118,7 +118,7 @@ def test_backward_by_recompute_path():
     op_rules = op_arguments(**rules)
     out, lse = torch.ops.selfattn.attention(q, k, v, *op_rules, seed, "tiled")
     want = torch.ops.selfattn.attention_backward(
-        dout, dlse, q, k, v, out, lse, *op_rules, seed, "tiled", True, True
+        dout, dlse, q, k, v, out, lse, *op_rules, seed, "tiled", True, True, False
     )
     for a, b in zip(got, want):
         torch.testing.assert_close(a.reshape(b.shape), b, atol=1e-5, rtol=1e-4)

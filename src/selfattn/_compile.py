@@ -20,6 +20,7 @@ import torch
 from . import _rng
 from .backends import select
 from .first_order import first_order
+from .sinks import sink_grad
 from .spec import RULES, UnsupportedInputs, validate
 
 __all__ = ["attention_op", "op_arguments"]
@@ -49,6 +50,10 @@ _TENSOR_ARGS = [
     if part.startswith("Tensor")
 ]
 _GRAD_SLOTS = [_SLOTS[RULES.index(rule)][0] for rule in _GRAD_RULES]  # their one tensor each
+# which of them the backends' backward hooks compute (the others: the sinks, from out and lse)
+_FROM_HOOK = [rule.hook_grad for rule in _GRAD_RULES]
+if [r.keyword for r in _GRAD_RULES if not r.hook_grad] != ["sinks"]:
+    raise RuntimeError("_compile computes sink_grad for the one rule without a hook gradient")
 
 
 def op_arguments(**rules: Any) -> list[Any]:
@@ -111,9 +116,17 @@ def _backward_op(dout, dlse, *args):
         spec = validate(q, k, v, return_lse=True, **_unpack(op_args))
         chosen = _backward_backend(spec, backend)
         out, lse = _exact(chosen, spec, q, k, v, out, lse, _seed(seed), any(needs))
-        dq, dk, dv, *extra = chosen.backward(
-            spec, q, k, v, out, lse, dout, dlse, _seed(seed), *needs
+        hook_needs = [need for need, hook in zip(needs, _FROM_HOOK) if hook]
+        dq, dk, dv, *hook_extra = chosen.backward(
+            spec, q, k, v, out, lse, dout, dlse, _seed(seed), *hook_needs
         )
+        from_hook = iter(hook_extra)
+        extra = [
+            next(from_hook)
+            if hook
+            else (sink_grad(spec.sinks, out, lse, dout, dlse) if need else None)
+            for need, hook in zip(needs, _FROM_HOOK)
+        ]
     grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
     for slot, need, g in zip(_GRAD_SLOTS, needs, extra):
         given = op_args[slot]

@@ -56,6 +56,7 @@ def attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention with every rule of docs/api.md.
 
@@ -92,13 +93,18 @@ def attention(
         dropout_p: probability of dropping an attention probability (rescaling the rest by
             ``1 / (1 - p)``). The mask comes from a seed drawn from torch's RNG and is
             regenerated in backward; every backend but ``sdpa`` draws the same mask.
-        return_lse: also return the natural-log logsumexp of the visible scores, float32
-            (B, Hq, Nq). It is differentiable.
+        return_lse: also return the natural-log logsumexp of the visible scores (and the sink),
+            float32 (B, Hq, Nq). It is differentiable.
         backend: "auto" (the first of the device's priority list that accepts the call:
             ``native`` first on an x86-64 CPU, where its measured rule may hand a small call
             to ``sdpa``; ``sdpa`` first on an ARM CPU; ``triton`` on CUDA), or a name from
             ``selfattn.backends.BACKENDS``: "native", "triton", "sdpa", "tiled", "math" or
             "reference".
+        sinks: float (Hq,), one learned logit per query head (GPT-OSS's attention sinks): an
+            extra logit in every row's softmax that carries no value, so
+            ``lse = log(exp(sinks[h]) + sum_j exp(s_j))`` and a row's probabilities sum to less
+            than 1; a row with no visible key gives output 0 and lse ``sinks[h]``; ``-inf`` is
+            no sink. Gets a gradient. ``sdpa`` declines it.
 
     Returns:
         ``out`` (B, Hq, Nq, Dv) in q's dtype, or ``(out, lse)``.
@@ -119,6 +125,7 @@ def attention(
         "segment_ids": segment_ids,
         "scale": scale,
         "dropout_p": dropout_p,
+        "sinks": sinks,
     }
     backend = check_backend(backend)
     if type(k) is QuantizedKV or type(v) is QuantizedKV:
@@ -253,6 +260,7 @@ def attention_weights(
     lse: torch.Tensor | None = None,
     heads: Any = None,
     rows: Any = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention probabilities, computed block by block from the lse.
 
@@ -263,12 +271,14 @@ def attention_weights(
         q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D) (or a :class:`selfattn.QuantizedKV`, read as its
             ``dequantize()``); the rules as in :func:`attention`.
         lse: (B, Hq, Nq) natural-log lse from ``attention(..., return_lse=True)``; recomputed
-            (for the selected heads and rows only) when None.
+            (for the selected heads and rows only) when None. With ``sinks``, the lse that
+            ``attention(..., sinks=sinks, return_lse=True)`` returns.
         heads: query heads to return (index sequence, slice or int); all when None.
         rows: query rows to return; all when None.
 
     Returns:
-        float32 (B, len(heads), len(rows), Nk); rows with no visible key are 0.
+        float32 (B, len(heads), len(rows), Nk); rows with no visible key are 0. With ``sinks``
+        (Hq,) a row sums to ``1 - exp(sinks[h] - lse)``: the sink's share is not returned.
     """
     q, k, _, quantized, _ = unwrap_call(q, k, None)  # rotated keys: q rotated instead
     spec = validate(
@@ -284,6 +294,7 @@ def attention_weights(
         softcap=softcap,
         segment_ids=segment_ids,
         scale=scale,
+        sinks=sinks,
     )
     if quantized:
         spec = replace(spec, quantized=quantized)

@@ -42,6 +42,9 @@ class MultiHeadSelfAttention(nn.Module):
         rope_base: the RoPE frequency base.
         alibi: add ALiBi distance penalties with :func:`selfattn.alibi_slopes`.
         qk_norm: RMS-normalise each query and key head (learned scale) before attention.
+        sinks: learn one attention-sink logit per query head (GPT-OSS), the parameter
+            ``self.sinks`` (Hq,), initialised to 0; passed to :func:`selfattn.attention` as
+            ``sinks=``.
         backend: the :func:`selfattn.attention` backend.
         device, dtype: of the parameters.
     """
@@ -61,6 +64,7 @@ class MultiHeadSelfAttention(nn.Module):
         rope_base: float = 10000.0,
         alibi: bool = False,
         qk_norm: bool = False,
+        sinks: bool = False,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -106,6 +110,9 @@ class MultiHeadSelfAttention(nn.Module):
             self.slopes = None
         self.q_norm = nn.RMSNorm(d, eps=1e-6, **factory) if qk_norm else None
         self.k_norm = nn.RMSNorm(d, eps=1e-6, **factory) if qk_norm else None
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be a bool, got {sinks!r}")
+        self.sinks = nn.Parameter(torch.zeros(hq, **factory)) if sinks else None  # (Hq,)
 
     def extra_repr(self) -> str:
         parts = [
@@ -118,6 +125,8 @@ class MultiHeadSelfAttention(nn.Module):
             parts.append(f"window={self.window}")
         if self.slopes is not None:
             parts.append("alibi=True")
+        if self.sinks is not None:
+            parts.append("sinks=True")
         if self.dropout:
             parts.append(f"dropout={self.dropout}")
         return ", ".join(parts)
@@ -186,13 +195,15 @@ class MultiHeadSelfAttention(nn.Module):
             "mask": self._full_mask(mask, b, n, nk),
             "alibi_slopes": self.slopes,
             "segment_ids": segment_ids,
+            "sinks": self.sinks,
         }
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
             out, lse = attention(
                 q, k, v, **rules, dropout_p=dropout_p, return_lse=True, backend=self.backend
             )
-            weights = attention_weights(q.detach(), k.detach(), **rules, lse=lse.detach())
+            plain = {n: x.detach() if isinstance(x, torch.Tensor) else x for n, x in rules.items()}
+            weights = attention_weights(q.detach(), k.detach(), **plain, lse=lse.detach())
         else:
             out = attention(q, k, v, **rules, dropout_p=dropout_p, backend=self.backend)
         y = self.out(out.transpose(1, 2).reshape(b, n, hq * d))  # (B, N, E)
@@ -244,7 +255,7 @@ class TransformerBlock(nn.Module):
 
     Args:
         embed_dim, num_heads, num_kv_heads, head_dim, bias, causal, window, rope, rope_base,
-            alibi, qk_norm, backend, device, dtype: as in :class:`MultiHeadSelfAttention`.
+            alibi, qk_norm, sinks, backend, device, dtype: as in :class:`MultiHeadSelfAttention`.
         mlp_hidden: MLP hidden width; ``4 E`` for GELU, ``8 E / 3`` rounded up to a multiple
             of 8 for SwiGLU (the same parameter count).
         norm: ``"layernorm"`` or ``"rmsnorm"``.
@@ -274,6 +285,7 @@ class TransformerBlock(nn.Module):
         rope_base: float = 10000.0,
         alibi: bool = False,
         qk_norm: bool = False,
+        sinks: bool = False,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -297,6 +309,7 @@ class TransformerBlock(nn.Module):
             rope_base=rope_base,
             alibi=alibi,
             qk_norm=qk_norm,
+            sinks=sinks,
             backend=backend,
             **factory,
         )

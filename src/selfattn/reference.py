@@ -168,12 +168,20 @@ def scores(
     return s
 
 
-def softmax(s: np.ndarray, visible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def softmax(
+    s: np.ndarray, visible: np.ndarray | None = None, sinks: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Step 4: normalise the scores of each row into probabilities, stably.
 
     The row maximum is subtracted before ``exp``, so scores of any size never overflow (the
     lesson's ``np.exp(scores) / sum`` turns into NaN once a score passes ~709). A row with no
     visible key gets probabilities 0 and lse ``-inf``.
+
+    ``sinks`` (broadcastable to (..., Nq), one logit per head: (Hq, 1) for 4-D scores) adds one
+    extra logit to every row's softmax that carries no value (GPT-OSS's attention sinks): the
+    lse is ``log(exp(sink) + sum_j exp(s_j))`` and the row's probabilities sum to less than 1.
+    A row with no visible key then has probabilities 0 and lse ``sink``; a sink of ``-inf`` is
+    no sink at all.
 
     Returns:
         ``(p, lse)``: probabilities (..., Nq, Nk) and natural-log logsumexp (..., Nq).
@@ -181,10 +189,15 @@ def softmax(s: np.ndarray, visible: np.ndarray | None = None) -> tuple[np.ndarra
     if visible is not None:
         s = np.where(visible, s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True) if s.shape[-1] else np.full((*s.shape[:-1], 1), -np.inf)
-    empty = np.isneginf(m)  # rows that see no key at all
+    if sinks is not None:  # the sink is one more logit of the row: it takes part in the maximum
+        sink = np.broadcast_to(np.asarray(sinks, dtype=np.float64)[..., None], m.shape)
+        m = np.maximum(m, sink)
+    empty = np.isneginf(m)  # rows that see no key (and no sink) at all
     m_safe = np.where(empty, 0.0, m)
     e = np.exp(s - m_safe)  # exp(-inf) = 0 for invisible keys
     total = np.sum(e, axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + np.exp(sink - m_safe)  # the sink's share of the denominator, no value
     p = np.where(empty, 0.0, e / np.where(empty, 1.0, total))
     with np.errstate(divide="ignore"):
         lse = np.where(empty, -np.inf, m_safe + np.log(np.where(empty, 1.0, total)))
@@ -247,6 +260,7 @@ def attention(
     dropout_p: float = 0.0,
     dropout_seed: tuple[int, int] | None = None,
     return_lse: bool = False,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention as specified in docs/api.md, in float64, over any leading batch shape.
 
@@ -274,11 +288,13 @@ def attention(
         scale: defaults to ``1 / sqrt(D)``.
         dropout_p: drop probability applied to the probabilities (then rescaled by ``1/(1-p)``).
         dropout_seed: two 32-bit words for :func:`dropout_keep`; required when ``dropout_p > 0``.
-        return_lse: also return the natural-log logsumexp of the visible scores.
+        return_lse: also return the natural-log logsumexp of the visible scores (and the sink).
+        sinks: (Hq,): one extra logit per query head in every row's softmax, with no value
+            (GPT-OSS); the probabilities of a row then sum to less than 1 (see :func:`softmax`).
 
     Returns:
         ``out`` (..., Nq, Dv) float64, or ``(out, lse)`` with ``lse`` (..., Nq). Rows with no
-        visible key give 0 and lse ``-inf``.
+        visible key give 0 and lse ``-inf`` (``sinks[h]`` with sinks).
     """
     q = np.asarray(q, dtype=np.float64)  # step 2's Q (the projections happen in self_attention)
     k = _group_heads(q, np.asarray(k, dtype=np.float64))
@@ -289,7 +305,12 @@ def attention(
         nq, nk, causal=causal, window=window, mask=mask, segment_ids=segment_ids, q_ndim=q.ndim
     )
     vis = np.broadcast_to(vis, np.broadcast_shapes(vis.shape, s.shape))
-    p, lse = softmax(s, vis)
+    sink = None
+    if sinks is not None:  # (Hq,) -> (Hq, 1): one logit per head, the same for every row
+        sink = np.asarray(sinks, dtype=np.float64).reshape(-1, 1)
+        if q.ndim < 3:
+            sink = sink.reshape(())
+    p, lse = softmax(s, vis, sink)
     if dropout_p > 0.0:
         if dropout_seed is None:
             raise ValueError("dropout_p > 0 needs dropout_seed (two 32-bit words)")

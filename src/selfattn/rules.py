@@ -257,10 +257,14 @@ def _granule_any_all(
     )
 
 
-def normalized(p: torch.Tensor) -> torch.Tensor:
+def normalized(p: torch.Tensor, sink_p: torch.Tensor | None = None) -> torch.Tensor:
     """Probabilities ``exp(s - lse)`` (..., Nk) computed from a recomputed lse, divided by their
     row sums, in place: the rounding of the float32 lse then cancels, as in a plain softmax
     (``exp(s - max) / sum``), which halves the error where scores are large (softcap 50,
-    ALiBi). Rows with no visible key (sum 0) stay 0."""
+    ALiBi). Rows with no visible key (sum 0) stay 0. With sinks, ``sink_p`` (..., 1) is each
+    row's ``exp(sink - lse)`` from the same lse: it joins the row sum (the row sums to 1 - the
+    sink's share)."""
     total = p.sum(-1, keepdim=True)
+    if sink_p is not None:
+        total = total + sink_p.to(total.dtype)
     return p.div_(torch.where(total > 0, total, 1.0))

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import checks
+from .sinks import check_sinks
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -57,7 +58,7 @@ class AttentionSpec:
 
     Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv). ``mask`` and ``bias`` are
     4-D views broadcastable to (B, Hq, Nq, Nk); ``alibi_slopes`` is (B|1, Hq); ``q_ids`` (B, Nq)
-    and ``kv_ids`` (B, Nk). Query row ``i`` sits at absolute position ``start + i`` (``validate``
+    and ``kv_ids`` (B, Nk); ``sinks`` (Hq,). Query row ``i`` sits at absolute position ``start + i`` (``validate``
     sets ``start = Nk - Nq``, the bottom-right alignment), or at ``qpos[i]`` when the rows are a
     selection (``select``). Treat a spec as immutable: ``part`` and ``select`` return new ones.
     """
@@ -81,6 +82,7 @@ class AttentionSpec:
     kv_ids: torch.Tensor | None = None
     scale: float = 1.0
     dropout_p: float = 0.0
+    sinks: torch.Tensor | None = None  # (Hq,): one extra logit per query head, no value
     return_lse: bool = False
     requires_grad: bool = False
     start: int = 0
@@ -166,6 +168,7 @@ class AttentionSpec:
             alibi_slopes=cut(self.alibi_slopes, (b0, b1), (h0, h1)),
             q_ids=cut(self.q_ids, (b0, b1), (r0, r1)),
             kv_ids=cut(self.kv_ids, (b0, b1)),
+            sinks=None if self.sinks is None else self.sinks[h0:h1],
         )
 
     def select(self, heads: torch.Tensor | None, rows: torch.Tensor | None) -> AttentionSpec:
@@ -184,6 +187,7 @@ class AttentionSpec:
                 mask=pick(s.mask, 1, heads),
                 bias=pick(s.bias, 1, heads),
                 alibi_slopes=pick(s.alibi_slopes, 1, heads, broadcast=False),
+                sinks=pick(s.sinks, 0, heads, broadcast=False),
             )
         if rows is not None:
             s = replace(
@@ -242,7 +246,8 @@ class Rule:
     ``check(value, call)`` validates a value that is not None/False and returns the values of
     ``fields``; ``schema`` is the rule's part of the custom op's argument list; ``pack`` turns a
     keyword value into those op arguments and ``unpack`` turns them back into the keyword
-    value. ``grad`` marks a tensor that gets a gradient.
+    value. ``grad`` marks a tensor that gets a gradient; ``hook_grad=False`` one whose gradient
+    the backends' ``backward`` hooks do not compute (the front end does, from out and lse).
     """
 
     keyword: str
@@ -253,6 +258,7 @@ class Rule:
     pack: Callable[[Any], tuple] = lambda value: (value,)
     unpack: Callable[..., Any] = lambda *fields: fields[0]
     grad: bool = False
+    hook_grad: bool = True  # its gradient comes from the backends' ``backward`` hooks
     label: str = ""  # its name in messages: "" = the keyword, "-" = never listed (scale)
     on: Callable[[Any], bool] = lambda first: first is not None and first is not False
 
@@ -385,6 +391,12 @@ def _dropout(value: Any, call: _Call) -> tuple:
     return (p,)
 
 
+def _sinks(sinks: Any, call: _Call) -> tuple:
+    checked = check_sinks(sinks, call.Hq)
+    _check_device("sinks", sinks, call)
+    return (checked,)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("causal", ("causal",), ("bool causal",), _causal, (False,)),
     Rule(
@@ -419,6 +431,9 @@ RULES: tuple[Rule, ...] = (
         label="dropout",
         on=lambda p: p > 0,
     ),
+    # gets a gradient, but not from the backends' backward hooks: it follows from out, lse, dout
+    # and dlse alone (``selfattn.sinks.sink_grad``)
+    Rule("sinks", ("sinks",), ("Tensor? sinks",), _sinks, (None,), grad=True, hook_grad=False),
 )
 KEYWORDS = frozenset(r.keyword for r in RULES)
 _BY_KEYWORD = {r.keyword: r for r in RULES}
@@ -442,7 +457,7 @@ def validate(
     """Check a call of :func:`selfattn.attention` and freeze it into a spec.
 
     ``rules`` are the keywords of ``RULES`` (``causal``, ``window``, ``mask``, ``bias``,
-    ``alibi_slopes``, ``softcap``, ``segment_ids``, ``scale``, ``dropout_p``). With
+    ``alibi_slopes``, ``softcap``, ``segment_ids``, ``scale``, ``dropout_p``, ``sinks``). With
     ``need_v=False`` (for :func:`selfattn.attention_weights`), ``v`` may be None.
 
     A decode step is microseconds of work, so this is written for speed: a rule left at its

@@ -112,7 +112,8 @@ def ref_weights(q, k, **kwargs) -> np.ndarray:
     terms = {name: rk.get(name) for name in ("scale", "softcap", "bias", "alibi_slopes")}
     s = reference.scores(qn, kn, **terms)
     vis = np.broadcast_to(ref_visibility(qn.shape[2], kn.shape[2], **kwargs), s.shape)
-    p, _ = reference.softmax(s, vis)
+    sinks = rk.get("sinks")
+    p, _ = reference.softmax(s, vis, None if sinks is None else sinks.reshape(-1, 1))
     return p
 
 
@@ -190,17 +191,27 @@ def plain_scores(q, k, **kwargs) -> torch.Tensor:
     return s.masked_fill(~torch.from_numpy(np.ascontiguousarray(vis)), -math.inf)
 
 
+def _with_sink(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Scores (B, Hq, Nq, Nk) with the sink logit of each head as one more column (Nk + 1)."""
+    if sinks is None:
+        return s
+    col = sinks.to(s.dtype).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+    return torch.cat([s, col], -1)
+
+
 def plain_attention(q, k, v, **kwargs) -> torch.Tensor:
     """The textbook formula in the inputs' own dtype (the yardstick of the tolerance rule); rows
-    that see no key give 0."""
-    p = torch.softmax(plain_scores(q, k, **kwargs), dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
+    that see no key give 0. ``sinks``: one more column of logits whose value is 0."""
+    nk = k.shape[2]
+    p = torch.softmax(_with_sink(plain_scores(q, k, **kwargs), kwargs.get("sinks")), dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)[..., :nk]  # fully masked rows; the sink's column dropped
     return p @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
 
 
 def plain_lse(q, k, **kwargs) -> torch.Tensor:
-    """Natural-log logsumexp of the visible scores, in q's dtype, (B, Hq, Nq); -inf when empty."""
-    return torch.logsumexp(plain_scores(q, k, **kwargs), dim=-1)
+    """Natural-log logsumexp of the visible scores (and the sink), in q's dtype, (B, Hq, Nq);
+    -inf when empty."""
+    return torch.logsumexp(_with_sink(plain_scores(q, k, **kwargs), kwargs.get("sinks")), dim=-1)
 
 
 # -- the tolerance rule -------------------------------------------------------------------------

@@ -95,15 +95,35 @@ def _bad_value_terms(spec: AttentionSpec, p: torch.Tensor, vbad: torch.Tensor, v
     return p, fix
 
 
-def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """6. softmax over keys and the lse; rows with no visible key give p = 0 and lse -inf."""
+def _sink(spec: AttentionSpec, dtype: torch.dtype) -> torch.Tensor | None:
+    """The sinks as (1, Hkv, G, 1, 1) in ``dtype`` (autograd sees them), or None."""
+    if spec.sinks is None:
+        return None
+    return spec.sinks.to(dtype).reshape(1, spec.Hkv, spec.group, 1, 1)
+
+
+def _softmax(
+    s: torch.Tensor, sink: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """6. softmax over keys and the lse; rows with no visible key give p = 0 and lse -inf.
+
+    ``sink`` (broadcastable to (..., 1)): one more logit per row with no value; it joins the
+    maximum and the sum, so a row's p sums to less than 1 and an empty row's lse is the sink.
+    """
     if s.shape[-1] == 0:  # no keys at all: every row is empty
         m = s.new_zeros((*s.shape[:-1], 1))
+        if sink is not None:
+            m = torch.maximum(torch.full_like(m, -math.inf), sink.detach())
+            m = torch.where(torch.isneginf(m), 0.0, m)
     else:  # the max is a constant for the gradient
         m = s.detach().amax(-1, keepdim=True)
+        if sink is not None:
+            m = torch.maximum(m, sink.detach())
         m = torch.where(torch.isneginf(m), 0.0, m)
     e = torch.exp(s - m)
     total = e.sum(-1, keepdim=True)
+    if sink is not None:
+        total = total + torch.exp(sink - m)  # the sink's share of the denominator, no value
     empty = total == 0
     p = e / torch.where(empty, 1.0, total)
     lse = torch.where(empty, -math.inf, m + torch.log(torch.where(empty, 1.0, total)))
@@ -120,7 +140,7 @@ def math_attention(
     """Attention by materialising the scores; returns ``(out, lse)`` (lse float32)."""
     b, hq, nq, _ = q.shape
     s, _, _, _, v5, _, vbad = _scores(spec, q, k, v, values_apart=True)
-    p, lse = _softmax(s)
+    p, lse = _softmax(s, _sink(spec, s.dtype))
     if spec.dropout_p > 0:  # 7. dropout, the same counter-based mask as every backend
         p = p * _keep_scale(seed, spec, q.device, p.dtype)
     fix = None
@@ -149,12 +169,12 @@ def math_backward(
     ``dV = P'^T dO`` (P' after dropout), ``dQ = scale dS K``, ``dK = scale dS^T Q`` (through the
     softcap's ``1 - tanh^2``). Returns ``(dq, dk, dv, dbias, dalibi)`` in the accumulation
     dtype, dbias shaped like ``spec.bias`` and dalibi like ``spec.alibi_slopes`` (None when not
-    asked for).
+    asked for). P includes the sinks' share; their own gradient is ``sinks.sink_grad``'s.
     """
     b, hq, nq, d = q.shape
     hkv, g = spec.Hkv, spec.group
     s, t, q5, k5, v5, dist, _ = _scores(spec, q, k, v)
-    p, _ = _softmax(s)
+    p, _ = _softmax(s, _sink(spec, s.dtype))
     do5 = dout.to(p.dtype).reshape(b, hkv, g, nq, -1)  # (B, Hkv, G, Nq, Dv)
     dp = do5 @ v5.transpose(-1, -2)  # (B, Hkv, G, Nq, Nk)
     pd = p

@@ -10,6 +10,7 @@ import torch
 
 from .. import engine
 from ..rules import normalized
+from ..sinks import sink_probability
 from ..spec import AttentionSpec
 
 __all__ = ["TiledBackend"]
@@ -79,7 +80,9 @@ class TiledBackend:
         prob, q, k, lse = _selected(spec, q, k, lse, heads, rows)
         if lse is None:
             _, lse = engine.forward(prob, q, k, None)
-            return normalized(engine.probabilities(prob, q, k, lse))
+            sinks = prob.spec.sinks
+            sink_p = None if sinks is None else sink_probability(sinks, lse)[..., None]
+            return normalized(engine.probabilities(prob, q, k, lse), sink_p)
         return engine.probabilities(prob, q, k, lse)
 
     def stats(

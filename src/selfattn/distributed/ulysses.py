@@ -141,9 +141,10 @@ def ulysses_attention(
         if kw.get(name) is not None:
             t4 = kw[name].reshape((1,) * (4 - kw[name].dim()) + tuple(kw[name].shape))
             kw[name] = _heads(t4, 1, spec.Hq, rank, world)  # broadcastable to (B, Hq/W, N, N)
-    slopes = kw.get("alibi_slopes")
-    if slopes is not None:
-        kw["alibi_slopes"] = _heads(slopes, slopes.dim() - 1, spec.Hq, rank, world)
+    for name in ("alibi_slopes", "sinks"):  # per query head: (Hq,) or (B, Hq)
+        per_head = kw.get(name)
+        if per_head is not None:
+            kw[name] = _heads(per_head, per_head.dim() - 1, spec.Hq, rank, world)
     return_lse = kw.pop("return_lse", False)
 
     qh = _AllToAll.apply(q, group, world, True).index_select(2, order)  # (B, Hq/W, N, D)

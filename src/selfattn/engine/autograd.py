@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..first_order import first_order
+from ..sinks import sink_grad
 from .backward import backward
 from .forward import forward
 from .problem import Problem, acc_dtype
@@ -19,7 +20,7 @@ __all__ = ["attention"]
 
 class _EngineFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prob: Problem, q, k, v, bias, alibi):  # type: ignore[override]
+    def forward(ctx, prob: Problem, q, k, v, bias, alibi, sinks):  # type: ignore[override]
         acc_t = acc_dtype(q.dtype)
         b, h, m, _ = q.shape
         exact = torch.empty(b, h, m, v.shape[-1], dtype=acc_t, device=q.device)
@@ -29,6 +30,7 @@ class _EngineFunction(torch.autograd.Function):
         ctx.need = (
             bias is not None and bias.requires_grad,
             alibi is not None and alibi.requires_grad,
+            sinks is not None and sinks.requires_grad,
         )
         ctx.dtypes = (None if bias is None else bias.dtype, None if alibi is None else alibi.dtype)
         return exact.to(q.dtype), lse.float()
@@ -56,8 +58,12 @@ class _EngineFunction(torch.autograd.Function):
         if dalibi is not None:
             dalibi = dalibi.to(ctx.dtypes[1])
         spec = ctx.prob.spec
-        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi)
-        return (None, *first_order("tiled", (q, k, v, spec.bias, spec.alibi_slopes), grads))
+        dsinks = None
+        if ctx.need[2]:  # from out and lse alone (selfattn.sinks)
+            dsinks = sink_grad(spec.sinks, exact, lse, dout, dlse)
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi, dsinks)
+        anchors = (q, k, v, spec.bias, spec.alibi_slopes, spec.sinks)
+        return (None, *first_order("tiled", anchors, grads))
 
 
 def attention(
@@ -66,6 +72,7 @@ def attention(
     """``(out, lse)`` of the problem: out (B, Hq, Nq, Dv) in q's dtype, lse float32 (B, Hq, Nq);
     recorded for autograd when ``requires_grad``."""
     if requires_grad:
-        return _EngineFunction.apply(prob, q, k, v, prob.spec.bias, prob.spec.alibi_slopes)
+        spec = prob.spec
+        return _EngineFunction.apply(prob, q, k, v, spec.bias, spec.alibi_slopes, spec.sinks)
     out, lse = forward(prob, q, k, v)
     return out, lse.float()

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..rules import key_spans
+from ..sinks import sink_rows
 from .problem import BLOCK_N, Problem, acc_dtype
 from .threads import Rect, head_slices, run_jobs, split
 from .tiles import Scores, bad_values, dropout_scale, key_matrix, kv_matrix, query_block
@@ -109,10 +110,13 @@ def _forward_part(
         qb = query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
         # full chunks first: after one of them every row has seen a key
         spans = sorted(key_spans(spec, i0, i1, BLOCK_N), key=lambda span: not span[2])
-        if not spans:  # no row of the block sees any key
+        if not spans:  # no row of the block sees any key: out 0, lse -inf (or the sink)
             if out is not None:
                 out[:, :, i0:i1] = 0
-            lse[:, :, i0:i1] = -math.inf
+            if spec.sinks is None:
+                lse[:, :, i0:i1] = -math.inf
+            else:
+                lse[:, :, i0:i1] = spec.sinks.to(acc_t).view(1, h, 1)
             continue
         frozen = False
         m_i = l_i = acc = None
@@ -151,6 +155,14 @@ def _forward_part(
                     acc.add_(bad_values(p[..., cols], seen, v_raw[:, j0 + cols]))
             if c == 0 and static_ok and len(spans) > 1:
                 frozen = _freeze(prob, qb, knorm, m_i, spans, d)
+        if spec.sinks is not None:  # the sink: one more logit of every row, with no value
+            sink = sink_rows(spec.sinks, b, hkv, g, m, acc_t)  # (B*Hkv, G*m, 1)
+            m_new = torch.maximum(m_i, sink)  # a sink of -inf leaves the row as it is
+            alpha = torch.exp(m_i - m_new)
+            l_i = l_i.mul(alpha).add_(torch.exp(sink - m_new))
+            m_i = m_new
+            if acc is not None:
+                acc.mul_(alpha)
         # every visible row has l_i >= 1 (its maximum contributes exp2(0)), empty rows have 0
         if acc is not None:
             acc.div_(l_i.clamp(min=1.0))

@@ -181,8 +181,7 @@ def attention_forward(
         sliding_window: the model's window; already in the mask when there is one, applied as
             ``window=(sliding_window - 1, 0)`` when there is none.
         s_aux: (Hq,) learned attention-sink logits (GPT-OSS): an extra logit per head in every
-            softmax whose value is dropped, i.e. the output is scaled by
-            ``sigmoid(lse - s_aux[h])``; exact, through the lse.
+            softmax, with no value; passed straight through as ``sinks=`` (gets its gradient).
         backend: the :func:`selfattn.attention` backend.
         kwargs: ``output_attentions`` (return the probabilities), ``position_bias`` (an additive
             bias, T5-style); the rest is ignored.
@@ -205,23 +204,30 @@ def attention_forward(
         position_bias=kwargs.get("position_bias"),
     )
     want_weights = bool(kwargs.get("output_attentions", False))
-    need_lse = want_weights or s_aux is not None
+    if s_aux is not None:  # GPT-OSS's sinks are selfattn's: the kernels take them as they are
+        rules["sinks"] = s_aux
     result = attention(
-        query, key, value, **rules, dropout_p=float(dropout), return_lse=need_lse, backend=backend
+        query,
+        key,
+        value,
+        **rules,
+        dropout_p=float(dropout),
+        return_lse=want_weights,
+        backend=backend,
     )
-    out, lse = result if need_lse else (result, None)
-    sink = None
-    if s_aux is not None:
-        # softmax over [scores, sink] = softmax(scores) * Z / (Z + e^sink) = p * sigmoid(lse - sink)
-        sink = torch.sigmoid(lse - s_aux.float().reshape(1, -1, 1))  # (B, Hq, Nq)
-        out = (out.float() * sink[..., None]).to(out.dtype)
+    out, lse = result if want_weights else (result, None)
     weights = None
     if want_weights:
-        weights = attention_weights(query.detach(), key.detach(), **rules, lse=lse.detach())
-        if sink is not None:
-            weights = weights * sink.detach()[..., None]
+        weights = attention_weights(
+            query.detach(), key.detach(), **_detached(rules), lse=lse.detach()
+        )
         weights = weights.to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _detached(rules: dict[str, Any]) -> dict[str, Any]:
+    """The rules with their tensors detached (the weights carry no gradient)."""
+    return {n: x.detach() if isinstance(x, torch.Tensor) else x for n, x in rules.items()}
 
 
 def mask_builder(*args: Any, **kwargs: Any) -> torch.Tensor | None:

@@ -49,8 +49,8 @@ FROM_SPEC: dict[str, tuple[str, ...]] = {
     "scale": ("scale",),
     "dropout_p": ("dropout_p",),
 }
-# spec fields of rules the engine does not take, and why (none today)
-DECLINED: dict[str, str] = {}
+# spec fields of rules the engine does not take, and why
+DECLINED: dict[str, str] = {"sinks": "sinks are not in its kernels yet"}
 # what a call adds: the position of row 0, dropout's seed words, and where the call's rows sit in
 # the dropout numbering of a larger call (0: the call is the whole)
 CALL_FIELDS = ("start", "seed0", "seed1", "drop_hq", "drop_nq", "drop_b0", "drop_h0", "drop_r0")
