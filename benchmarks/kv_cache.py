@@ -1,125 +1,192 @@
-"""SmolLM2 decode step after a long context: selfattn's in-place ``make_cache()`` against
-transformers' ``DynamicCache`` (which concatenates every layer's whole cache at every step), with
-``sdpa`` and with ``selfattn`` attention, one thread (issue 18: target >= 1.8x faster at 4k and 8k).
+"""SmolLM2 decode step after a long context through each cache, one thread (issue 18):
+selfattn's in-place ``make_cache()`` against transformers' ``DynamicCache`` (which concatenates
+every layer's whole cache at every step; target >= 1.8x faster at 4k and 8k), and the quantized
+``make_cache(bits=8)`` / ``make_cache(bits=4, rotate=True)`` against ``DynamicCache`` and against
+transformers' ``QuantizedCache(backend="quanto")`` (which dequantizes the whole cache in every
+layer at every step; target: faster than ``make_cache()``, >= 3x faster than ``QuantizedCache``).
 
-For each context length the prompt (CPython's own ``pydoc_data/topics.py``, which ships with
-every Python) is prefilled once, in chunks, into a ``DynamicCache``; a ``make_cache()`` cache is
-filled with the same keys and values. Then, round after round, every (attention, cache) pair runs
-one timed decode step (one token, batch 1) interleaved with the others, and the cache is cropped
-back by that token, so every timed step sees the same length. Figures are medians over the rounds;
-``speedup`` is DynamicCache's time over make_cache's with the same attention, and
-``speedup_vs_dynamic_cache_sdpa`` is the time of transformers' default (DynamicCache, sdpa) over
-make_cache's. Writes benchmarks/results/kv_cache.json.
+For each context length the prompt (CPython's own ``pydoc_data/topics.py``) is prefilled once,
+in chunks, into a ``DynamicCache``; every other cache is filled with the same keys and values
+(each layer's ``update`` with the whole context: quantized caches quantize it). Then, round after
+round, every (attention, cache) pair of ``--pairs`` runs one timed decode step (one token, batch
+1), interleaved with the others, and the cache is put back as it was before the step (each
+layer's state restored), so every timed step sees the same length. For ``QuantizedCache`` that
+step is its steady state: dequantize everything, concatenate the few float tokens it keeps
+(its re-quantization every 128 tokens is not timed). Figures are medians over the rounds.
+``vs_dynamic_sdpa`` is the time of transformers' default (DynamicCache, sdpa) over the row's;
+``vs_make_cache`` the time of ``make_cache`` with the same attention over the row's;
+``vs_quanto`` the time of ``QuantizedCache(quanto, 4)`` (sdpa) over the row's. ``logit_gap`` is
+the largest difference of the step's logits from DynamicCache's with the same attention (float
+caches must agree to 1e-3; quantized ones show what rounding did). Writes the top level of
+benchmarks/results/kv_cache.json (other sections of the file, e.g. the kernel-level one, kept).
 
-    python benchmarks/kv_cache.py                 # contexts 4096 and 8192 (minutes on 1 core)
+    python benchmarks/kv_cache.py                 # contexts 4096 and 8192 (many minutes on 1 core)
     python benchmarks/kv_cache.py --quick         # contexts 512 and 1024, a smoke run
-    python benchmarks/kv_cache.py --contexts 2048 --rounds 9
+    python benchmarks/kv_cache.py --contexts 2048 --rounds 9 --pairs sdpa:DynamicCache selfattn:make_cache
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# kv_common.py sits beside this file (appended: the folder's names must shadow nothing)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+from kv_common import CACHE_LABELS, load_model, new_cache, run_meta, text_ids, write_results
 
-from selfattn.bench.machine import cpu_info
 from selfattn.testing import torch_threads
 
 RESULTS = Path(__file__).parent / "results" / "kv_cache.json"
-ATTENTION = ("sdpa", "selfattn")
-CACHES = ("DynamicCache", "make_cache")
+#: (attention, cache) pairs timed by default: transformers' default and its quantized cache on
+#: sdpa, the in-place cache on both, the quantized in-place caches on selfattn (which reads them)
+PAIRS = (
+    ("sdpa", "DynamicCache"),
+    ("selfattn", "DynamicCache"),
+    ("sdpa", "make_cache"),
+    ("selfattn", "make_cache"),
+    ("selfattn", "make_cache(bits=8)"),
+    ("selfattn", "make_cache(bits=4, rotate=True)"),
+    ("sdpa", "QuantizedCache(quanto, 4)"),
+    ("sdpa", "QuantizedCache(quanto, 2)"),
+)
 PREFILL_CHUNK = 512
-
-
-def context_ids(tok: Any, n: int) -> torch.Tensor:
-    """The first ``n`` tokens (1, n) of CPython's ``pydoc_data/topics.py``."""
-    import pydoc_data.topics as topics
-
-    text = Path(topics.__file__).read_text(encoding="utf-8")
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :n]
-    if ids.shape[1] < n:
-        raise ValueError(f"pydoc_data/topics.py gives {ids.shape[1]} tokens, fewer than {n}")
-    return ids
+FLOAT_CACHES = ("DynamicCache", "make_cache")
 
 
 def prefill(model: Any, ids: torch.Tensor) -> Any:
     """A ``DynamicCache`` holding ``ids``, filled ``PREFILL_CHUNK`` tokens at a time."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model, "DynamicCache")
     for i in range(0, ids.shape[1], PREFILL_CHUNK):
         model(input_ids=ids[:, i : i + PREFILL_CHUNK], cache=cache, use_cache=True)
     return cache
 
 
-def in_place_copy(model: Any, dynamic: Any) -> Any:
-    """A ``make_cache()`` cache holding the same keys and values as ``dynamic``."""
-    from selfattn.integrations.transformers import make_cache
-
-    cache = make_cache(model)
+def filled_like(model: Any, label: str, dynamic: Any) -> Any:
+    """A cache of kind ``label`` holding the keys and values of ``dynamic``."""
+    if label == "DynamicCache":
+        return dynamic
+    cache = new_cache(model, label)
     for ours, theirs in zip(cache.layers, dynamic.layers):
         ours.update(theirs.keys, theirs.values)
     return cache
 
 
+def snapshot(cache: Any) -> list[dict[str, Any]]:
+    """Each layer's attributes (shallow): every cache here replaces or writes past its held
+    tokens on a step, never rewrites them, so restoring these undoes the step."""
+    return [dict(layer.__dict__) for layer in cache.layers]
+
+
+def restore(cache: Any, saved: list[dict[str, Any]]) -> None:
+    for layer, state in zip(cache.layers, saved):
+        layer.__dict__.clear()
+        layer.__dict__.update(state)
+
+
 def decode_step(model: Any, cache: Any, token: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Seconds and logits (1, 1, vocab) of one decode step of ``token`` (1, 1) over ``cache``;
-    the cache is cropped back afterwards, so it holds what it held before."""
+    the cache is restored afterwards, so it holds what it held before."""
+    saved = snapshot(cache)
     t0 = time.perf_counter()
     logits = model(input_ids=token, cache=cache, use_cache=True).logits
     seconds = time.perf_counter() - t0
-    cache.crop(-1)
+    restore(cache, saved)
     return seconds, logits
 
 
-def measure(model: Any, tok: Any, context: int, rounds: int) -> list[dict[str, Any]]:
-    """One row per attention implementation: median step times of both caches."""
-    ids = context_ids(tok, context + 1)
-    caches = {"DynamicCache": prefill(model, ids[:, :context])}
-    caches["make_cache"] = in_place_copy(model, caches["DynamicCache"])
-    for cache in caches.values():
+def measure(
+    model: Any, tok: Any, context: int, rounds: int, pairs: list[tuple[str, str]]
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One row per (attention, cache) pair that runs; ``skipped`` says why the others did not
+    (not built yet, a package missing)."""
+    ids = text_ids(tok, context + 1)
+    dynamic = prefill(model, ids[:, :context])
+    caches, skipped = {}, {}
+    for label in dict.fromkeys(c for _, c in pairs):
+        try:
+            caches[label] = filled_like(model, label, dynamic)
+        except (NotImplementedError, ImportError) as exc:
+            skipped[label] = f"{type(exc).__name__}: {exc}"
+            print(f"{label:<34} skipped: {skipped[label]}", flush=True)
+    pairs = [(a, c) for a, c in pairs if c in caches]
+    for label, cache in caches.items():
         if cache.get_seq_length() != context:
-            raise RuntimeError(f"the cache holds {cache.get_seq_length()} tokens, not {context}")
+            raise RuntimeError(f"{label} holds {cache.get_seq_length()} tokens, not {context}")
     token = ids[:, context:]
-    times: dict[tuple[str, str], list[float]] = {(a, c): [] for a in ATTENTION for c in CACHES}
+    times: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
+    gaps: dict[tuple[str, str], float] = dict.fromkeys(pairs, 0.0)
     for r in range(rounds + 1):  # round 0 warms up and is dropped
-        for attn in ATTENTION:
+        ref: dict[str, torch.Tensor] = {}
+        for attn in dict.fromkeys(a for a, _ in pairs):
             model.set_attn_implementation(attn)
-            logits = {}
-            for name in CACHES:
-                seconds, logits[name] = decode_step(model, caches[name], token)
+            ref[attn] = decode_step(model, dynamic, token)[1]  # what every cache should give
+            for pair in (p for p in pairs if p[0] == attn):
+                seconds, logits = decode_step(model, caches[pair[1]], token)
                 if r:
-                    times[(attn, name)].append(seconds)
-            # both caches must compute the same step, or the comparison means nothing
-            gap = (logits["DynamicCache"] - logits["make_cache"]).abs().max().item()
-            if gap > 1e-3:
-                raise RuntimeError(f"{attn}: the caches' logits differ by {gap:.3g}")
-    ms = {key: round(1000 * statistics.median(t), 2) for key, t in times.items()}
-    today = ms[("sdpa", "DynamicCache")]  # what transformers users run by default
+                    times[pair].append(seconds)
+                gaps[pair] = max(gaps[pair], (logits - ref[attn]).abs().max().item())
+                if pair[1] in FLOAT_CACHES and gaps[pair] > 1e-3:
+                    # a float cache that computes another step makes the comparison meaningless
+                    raise RuntimeError(
+                        f"{pair}: logits differ from DynamicCache's by {gaps[pair]:.3g}"
+                    )
+    ms = {p: 1000 * statistics.median(t) for p, t in times.items()}
     rows = []
-    for attn in ATTENTION:
-        ours = ms[(attn, "make_cache")]
-        rows.append(
-            {
-                "context": context,
-                "attention": attn,
-                "dynamic_cache_ms": ms[(attn, "DynamicCache")],
-                "make_cache_ms": ours,
-                "speedup": round(ms[(attn, "DynamicCache")] / ours, 2),
-                "speedup_vs_dynamic_cache_sdpa": round(today / ours, 2),
-                "rounds": rounds,
-            }
+    for attn, label in pairs:
+        t = ms[(attn, label)]
+        row = {"context": context, "attention": attn, "cache": label, "ms": round(t, 2)}
+        for key, base in (
+            ("vs_dynamic_sdpa", ("sdpa", "DynamicCache")),
+            ("vs_make_cache", (attn, "make_cache")),
+            ("vs_quanto", ("sdpa", "QuantizedCache(quanto, 4)")),
+        ):
+            if base in ms:
+                row[key] = round(ms[base] / t, 2)
+        row["logit_gap"] = float(f"{gaps[(attn, label)]:.3g}")
+        row["rounds"] = rounds
+        rows.append(row)
+    return rows, skipped
+
+
+def table(result: dict[str, Any]) -> str:
+    """The README's table: step time of each (attention, cache) and its ratios."""
+    meta = result["meta"]
+    lines = [
+        f"SmolLM2-135M-Instruct (fp32) decode step, batch 1, {meta['torch_threads']} thread(s), "
+        f"median of {result['rows'][0]['rounds']} steps; a ratio is the other's time over the "
+        "row's (above 1: the row is faster).",
+        "",
+        "| context | attention | cache | step ms | vs DynamicCache (sdpa) | vs make_cache | "
+        "vs QuantizedCache (quanto 4-bit) |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        cells = [
+            f"{r[k]:.2f}x" if k in r else ""
+            for k in ("vs_dynamic_sdpa", "vs_make_cache", "vs_quanto")
+        ]
+        lines.append(
+            f"| {r['context']} | `{r['attention']}` | `{r['cache']}` | {r['ms']:.1f} | "
+            + " | ".join(cells)
+            + " |"
         )
-    return rows
+    return "\n".join(lines)
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    attn, sep, label = text.partition(":")
+    if not sep or label not in CACHE_LABELS:
+        raise argparse.ArgumentTypeError(
+            f"a pair is attention:cache with cache one of {', '.join(CACHE_LABELS)}; got {text!r}"
+        )
+    return attn, label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,47 +194,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="contexts 512 and 1024, 5 rounds")
+    parser.add_argument(
+        "--pairs", type=parse_pair, nargs="+", default=list(PAIRS), help="attention:cache ..."
+    )
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.contexts, args.rounds = [512, 1024], 5
-    if args.rounds < 1 or any(c < 1 for c in args.contexts):
-        parser.error("--rounds and --contexts must be positive")
-
-    import transformers
-
-    import selfattn.integrations.transformers as sa_hf
-    from selfattn.pretrained import smollm2
-
-    sa_hf.register()
-    model, tok = smollm2.load("selfattn")
-    load_before = os.getloadavg()[0]  # a busy machine inflates (and blurs) every figure
-    rows = []
-    with torch_threads(1), torch.inference_mode():
+    if args.rounds < 1 or args.threads < 1 or any(c < 1 for c in args.contexts):
+        parser.error("--rounds, --threads and --contexts must be positive")
+    model, tok = load_model("smollm2", "selfattn")
+    rows, skipped = [], {}
+    with torch_threads(args.threads), torch.inference_mode():
         for context in args.contexts:
-            for row in measure(model, tok, context, args.rounds):
+            more, why = measure(model, tok, context, args.rounds, args.pairs)
+            skipped.update(why)
+            for row in more:
                 rows.append(row)
+                ratios = "  ".join(
+                    f"{k} {row[k]:.2f}x"
+                    for k in ("vs_dynamic_sdpa", "vs_make_cache", "vs_quanto")
+                    if k in row
+                )
                 print(
-                    f"context {row['context']:>6}  {row['attention']:<8}  DynamicCache "
-                    f"{row['dynamic_cache_ms']:8.1f} ms  make_cache {row['make_cache_ms']:8.1f} ms"
-                    f"  {row['speedup']:.2f}x ({row['speedup_vs_dynamic_cache_sdpa']:.2f}x vs "
-                    "DynamicCache+sdpa)",
+                    f"context {row['context']:>6}  {row['attention']:<8}  {row['cache']:<32}"
+                    f"{row['ms']:8.1f} ms  {ratios}  gap {row['logit_gap']:.2g}",
                     flush=True,
                 )
-    meta = {
-        "what": "SmolLM2-135M-Instruct (fp32) decode step, batch 1, after `context` tokens",
-        "machine": platform.processor() or platform.machine(),
-        "cpu": cpu_info(),
-        "torch_threads": 1,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "quick": bool(args.quick),
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    meta = run_meta(
+        "SmolLM2-135M-Instruct (fp32) decode step, batch 1, after `context` tokens",
+        args.threads,
+        Path(__file__).name,
+        argv,
+        quick=bool(args.quick),
+        skipped=skipped,
+    )
+    write_results(args.out, rows, meta)
     print(f"wrote {args.out}")
     return 0
 

