@@ -14,6 +14,7 @@ import torch
 
 from . import _compile, _rng, checks
 from .backends import BACKENDS, available, candidates, preferred, refusals, select
+from .forward_mode import has_tangents
 from .quant import QuantizedKV, rotated_like, standin, unwrap, unwrap_call, unwrap_label
 from .spec import AttentionSpec, validate, validate_call
 
@@ -133,6 +134,8 @@ def attention(
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
         return _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
     spec = validate_call(q, k, v, rules, return_lse)
+    if has_tangents(q, k, v, bias, alibi_slopes):  # backends without a JVP rule decline
+        spec = replace(spec, tangents=True)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     out, lse = chosen.run(spec, q, k, v, seed)
@@ -156,6 +159,8 @@ def quantized_call(
     spec = validate_call(q, standin(k), standin(v), rules, return_lse)
     # recorded so that backends can tell (and explain) what they were given
     spec = replace(spec, quantized=unwrap_label(k, v))
+    if has_tangents(q, rules["bias"], rules["alibi_slopes"]):  # QuantizedKV carry no tangent
+        spec = replace(spec, tangents=True)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     if getattr(chosen, "reads_quantized", False):

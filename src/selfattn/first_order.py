@@ -22,8 +22,13 @@ __all__ = ["ADVICE", "first_order", "message"]
 ADVICE = "use backend='math' for second derivatives"
 
 
-def message(backend: str, advice: str = ADVICE) -> str:
-    """The error for a second derivative asked of ``backend``."""
+def message(backend: str, advice: str = ADVICE, order: int = 2) -> str:
+    """The error for a derivative of ``order`` (2: double backward) asked of ``backend``."""
+    if order > 2:
+        return (
+            f"selfattn: backend {backend!r} differentiates attention twice, not {order} times "
+            f"(create_graph=True on its double backward); {advice}"
+        )
     return (
         f"selfattn: backend {backend!r} does not support double backward (create_graph=True "
         f"followed by a second derivative) yet; {advice}"
@@ -48,6 +53,7 @@ def first_order(
     anchors: Sequence[torch.Tensor | None],
     grads: Sequence[Any],
     advice: str = ADVICE,
+    order: int = 2,
 ) -> tuple:
     """``grads`` as they are, or (under ``create_graph=True``) attached to a refusing node.
 
@@ -57,6 +63,8 @@ def first_order(
             the refusing node into the graph.
         grads: what the Function's backward returns (tensors or None), computed without grad.
         advice: what the message suggests instead.
+        order: the derivative refused (2: double backward; 3 for a backend that differentiates
+            twice).
     """
     if not torch.is_grad_enabled():
         return tuple(grads)
@@ -64,7 +72,9 @@ def first_order(
     slots = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     if not live or not slots:
         return tuple(grads)
-    wrapped = _Refuse.apply(message(backend, advice), len(live), *live, *(grads[i] for i in slots))
+    wrapped = _Refuse.apply(
+        message(backend, advice, order), len(live), *live, *(grads[i] for i in slots)
+    )
     out = list(grads)
     for i, g in zip(slots, wrapped):
         out[i] = g

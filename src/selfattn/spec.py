@@ -88,6 +88,7 @@ class AttentionSpec:
     start: int = 0
     qpos: torch.Tensor | None = field(default=None)
     quantized: str = ""  # "" or which of k/v arrived as a QuantizedKV, e.g. "k int8, v int4"
+    tangents: bool = False  # some input carries a forward-mode tangent (forward_ad, torch.func.jvp)
 
     @property
     def group(self) -> int:

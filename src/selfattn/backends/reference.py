@@ -38,6 +38,8 @@ class ReferenceBackend:
             reasons.append("aligns query rows bottom-right only (this part starts elsewhere)")
         if spec.requires_grad:
             reasons.append("has no autograd (inputs require grad)")
+        if spec.tangents:
+            reasons.append("has no forward-mode (JVP) rule, and the inputs carry tangents")
         return reasons
 
     def run(self, spec, q, k, v, seed):

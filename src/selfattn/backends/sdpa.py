@@ -49,6 +49,8 @@ class SdpaBackend:
             reasons.append("this torch has no enable_gqa for GQA")
         if min(spec.Nq, spec.Nk, spec.B, spec.Hq) == 0:
             reasons.append("empty inputs")
+        if spec.tangents:
+            reasons.append("has no forward-mode (JVP) rule, and the inputs carry tangents")
         return reasons
 
     def run(self, spec, q, k, v, seed):

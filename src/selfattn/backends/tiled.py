@@ -1,7 +1,8 @@
 """``tiled``: the torch-op engine (``selfattn.engine``, FlashAttention-2 in torch) as a backend.
 
 Every rule, any device torch runs on (built for the CPU), O(N) memory, autograd by
-recomputation. It offers every hook: ring blocks, the custom op's backward, exact weights and statistics.
+recomputation, differentiable twice and in forward mode (``torch.func.jvp``, ``forward_ad``). It
+offers every hook: ring blocks, the custom op's backward, exact weights and statistics.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import engine
+from ..forward_mode import transformed
 from ..rules import normalized
 from ..sinks import sink_probability
 from ..spec import AttentionSpec
@@ -35,7 +37,8 @@ class TiledBackend:
         v: torch.Tensor,
         seed: tuple[int, int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return engine.attention(engine.Problem.of(spec, seed), q, k, v, spec.requires_grad)
+        record = spec.requires_grad or spec.tangents or transformed()
+        return engine.attention(engine.Problem.of(spec, seed), q, k, v, record)
 
     def forward(
         self,

@@ -9,7 +9,11 @@ Its internal API, used by the ``tiled`` backend, ring attention and the custom o
 - :func:`statistics` (``stats.py``): column sums/maxima, row entropies and top-k of the
   probabilities, tile by tile from the lse (``attention_stats``).
 - :func:`backward` (``backward.py``): gradients by recomputation from the lse.
-- :func:`attention` (``autograd.py``): forward with autograd when the inputs need it.
+- :func:`attention` (``autograd.py``): forward with autograd when the inputs need it;
+  differentiable twice and in forward mode.
+- :func:`jvp` (``tangent.py``): the output's and lse's tangents in one pass over tiles.
+- :func:`double_backward` (``hessian.py``): the VJP of the first-order backward, tile by tile;
+  :func:`differentiable_backward` (``second_order.py``) wraps any first-order backward with it.
 - ``tiles.py``: operand matrices, the reusable score workspace, dropout tiles.
 - ``threads.py``: splitting one call across CPU threads by heads or by row bands.
 
@@ -20,11 +24,14 @@ the GEMMs, the running maximum is frozen after the first chunk when a Cauchy-Sch
 allows, masks are cached additive tiles, and tiles live in one reusable workspace.
 """
 
-from .autograd import attention
+from .autograd import attention, vmap_slices, with_inputs
 from .backward import Grads, backward
 from .forward import forward, probabilities
+from .hessian import double_backward
 from .problem import BLOCK_N, ROWS_PER_TILE, Dropout, Problem, acc_dtype, all_finite, bad_keys
+from .second_order import differentiable_backward
 from .stats import statistics
+from .tangent import jvp
 from .tiles import bad_values
 
 __all__ = [
@@ -39,7 +46,12 @@ __all__ = [
     "backward",
     "bad_keys",
     "bad_values",
+    "differentiable_backward",
+    "double_backward",
     "forward",
+    "jvp",
     "probabilities",
     "statistics",
+    "vmap_slices",
+    "with_inputs",
 ]

@@ -15,7 +15,7 @@ from .problem import BLOCK_N, Problem, acc_dtype
 from .threads import Rect, head_slices, run_jobs, split
 from .tiles import Scores, dropout_scale, key_matrix, query_block
 
-__all__ = ["Grads", "backward"]
+__all__ = ["Grads", "accumulate_dbias", "backward"]
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -186,7 +186,7 @@ def _backward_part(
                 dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_v)  # dV += P^T dO
             ds = dp.mul_(p)  # dS = P * (dP - D), natural-log units
             if dbias is not None:
-                _accumulate_dbias(dbias, ds, prob, i0, i1, j0, j1)
+                accumulate_dbias(dbias, ds, prob, i0, i1, j0, j1)
             if dalibi is not None:
                 dist = alibi_distance(spec, i0, i1, j0, j1, ds.device, ds.dtype)
                 per_head = (ds.view(b, hkv * g, m, j1 - j0) * dist).sum((2, 3))  # (B, Hq)
@@ -207,7 +207,7 @@ def _bias_index(dbias: torch.Tensor, rect: Rect, g: int) -> tuple[slice, ...]:
     )
 
 
-def _accumulate_dbias(
+def accumulate_dbias(
     dbias: torch.Tensor, ds: torch.Tensor, prob: Problem, i0: int, i1: int, j0: int, j1: int
 ) -> None:
     """Add the tile's dS into dbias, summed over the dims the bias broadcasts along."""

@@ -9,11 +9,13 @@ Python: the spec is already validated, and the tensors go to the extension as th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ...first_order import first_order
+from ... import engine
+from ...forward_mode import transformed
 from ...quant import rotated_like, standin, unwrap_call
 from ...rules import normalized
 from ...spec import AttentionSpec
@@ -26,40 +28,88 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class _NativeFunction(torch.autograd.Function):
-    """Autograd: saves q, k, v, out and lse; the backward kernels recompute P from the lse."""
+    """Autograd: saves q, k, v, out and lse; the backward kernels recompute P from the lse.
+
+    Returns ``out`` and ``lse`` as the kernels give them (the caller casts): being the node's
+    own outputs, they carry its graph into a double backward, whose second-order terms are the
+    torch-op engine's tile-by-tile VJP (``engine.second_order``); forward mode is the engine's
+    tangent pass from this node's ``out`` and ``lse`` (``engine.jvp``).
+    """
 
     @staticmethod
-    def forward(ctx, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
-        ext = build.load()
-        call = record(spec, seed)
+    def forward(spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
+        spec = _with_inputs(spec, bias, alibi)
         need = (bias is not None and bias.requires_grad, alibi is not None and alibi.requires_grad)
         out_acc = q.dtype in _HALF and (need[0] or need[1])
         # 16-bit inputs: D = rowsum(dO * O) from the rounded output would cost the bias and ALiBi
         # gradients three digits, so the output is also kept in float32 for the backward
-        out, lse = ext.forward(q, k, v, call, True, out_acc)
-        ctx.spec, ctx.call, ctx.need = spec, call, need
-        ctx.save_for_backward(q, k, v, out, lse)
+        return tuple(build.load().forward(q, k, v, record(spec, seed), True, out_acc))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, seed, q, k, v, bias, alibi = inputs
+        out, lse = output
+        ctx.spec, ctx.seed = _with_inputs(spec, bias, alibi), seed
+        ctx.call = record(ctx.spec, seed)
+        ctx.need = (
+            bias is not None and bias.requires_grad,
+            alibi is not None and alibi.requires_grad,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, bias, alibi)
+        ctx.save_for_forward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
-        return out.to(q.dtype), lse.float()
 
     @staticmethod
     def backward(ctx, dout, dlse):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, bias, alibi = ctx.saved_tensors
+        spec, call, need = ctx.spec, ctx.call, ctx.need
         if dout is None:
             dout = torch.zeros(out.shape, dtype=q.dtype)
-        dlse = torch.empty(0) if dlse is None else dlse
-        with torch.no_grad():  # create_graph=True: first-order gradients, refused below
+
+        def first(q, k, v, out, lse, dout, dlse):
+            dlse = torch.empty(0) if dlse is None else dlse
             dq, dk, dv, dbias, dalibi = build.load().backward(
-                dout, q, k, v, out, lse, dlse, ctx.call, *ctx.need
+                dout, q, k, v, out, lse, dlse, call, *need
             )
-            spec = ctx.spec
             if dbias is not None:
-                dbias = dbias.reshape(spec.bias.shape).to(spec.bias.dtype)
+                dbias = dbias.reshape(spec.bias.shape)
             if dalibi is not None:
-                dalibi = dalibi.reshape(spec.alibi_slopes.shape).to(spec.alibi_slopes.dtype)
-        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi)
-        anchors = (q, k, v, spec.bias, spec.alibi_slopes)
-        return (None, None, *first_order("native", anchors, grads))
+                dalibi = dalibi.reshape(spec.alibi_slopes.shape)
+            return dq, dk, dv, dbias, dalibi
+
+        prob = engine.Problem.of(spec, ctx.seed)
+        tensors = (q, k, v, out, lse, dout, dlse, bias, alibi)
+        dq, dk, dv, dbias, dalibi = engine.differentiable_backward(
+            first, "native", prob, need, tensors
+        )
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        if dalibi is not None:
+            dalibi = dalibi.to(alibi.dtype)
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi
+
+    @staticmethod
+    def jvp(ctx, _spec, _seed, tq, tk, tv, tbias, talibi):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        prob = engine.Problem.of(ctx.spec, ctx.seed)
+        tout, tlse = engine.jvp(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
+        return tout.to(out.dtype), tlse.to(lse.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
+        tensors = (q, k, v, bias, alibi)
+        outs = [
+            _NativeFunction.apply(spec, seed, *engine.vmap_slices(tensors, in_dims[2:], i))
+            for i in range(info.batch_size)
+        ]
+        return (torch.stack([o for o, _ in outs]), torch.stack([x for _, x in outs])), (0, 0)
+
+
+def _with_inputs(spec: AttentionSpec, bias, alibi) -> AttentionSpec:
+    """``spec`` reading the bias and slopes the node was given (see ``engine.with_inputs``)."""
+    if spec.bias is bias and spec.alibi_slopes is alibi:
+        return spec
+    return replace(spec, bias=bias, alibi_slopes=alibi)
 
 
 class NativeBackend:
@@ -103,8 +153,9 @@ class NativeBackend:
         v: torch.Tensor,
         seed: tuple[int, int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if spec.requires_grad:
-            return _NativeFunction.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
+        if spec.requires_grad or spec.tangents or transformed():
+            out, lse = _NativeFunction.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
+            return out.to(q.dtype), lse.float()
         out, lse = build.load().forward(q, k, v, record(spec, seed), True, False)
         return out, lse if lse.dtype == torch.float32 else lse.float()  # float32 (docs/api.md)
 
@@ -118,7 +169,7 @@ class NativeBackend:
         rotate q (rotated keys) and the output (rotated values) themselves. A call that needs a
         gradient (of q or a rule) goes through the dequantized values instead: the backward
         kernels read K and V several times."""
-        if spec.requires_grad:
+        if spec.requires_grad or spec.tangents or transformed():
             q, k, v, _, rotate_out = unwrap_call(q, k, v)
             out, lse = self.run(spec, q, k, v, seed)
             return (rotated_like(out) if rotate_out else out), lse

@@ -61,6 +61,8 @@ class TritonBackend:
             reasons.append(
                 f"runs on CUDA tensors, got {spec.device} (TRITON_INTERPRET=1 runs CPU tensors)"
             )
+        if spec.tangents:
+            reasons.append("has no forward-mode (JVP) rule, and the inputs carry tangents")
         return reasons
 
     def run(

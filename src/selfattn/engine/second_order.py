@@ -1,0 +1,110 @@
+"""A first-order backward that autograd can differentiate again (double backward).
+
+``tiled`` and ``native`` keep their own first-order kernels: under ``create_graph=True`` their
+autograd backward runs them through :class:`BackwardFunction`, whose own backward is the
+engine's tile-by-tile VJP (``hessian.double_backward``). Its inputs include the forward's
+``out`` and ``lse`` as saved by the forward's node, so autograd adds their dependence on q, k,
+v (a second first-order backward) by itself. Dropout declines: its second derivative is not
+written out, and a gradient silently lacking a term is never returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..first_order import first_order
+from .hessian import double_backward
+from .problem import Problem
+
+__all__ = ["DROPOUT_ADVICE", "HIGHER_ADVICE", "differentiable_backward"]
+
+HIGHER_ADVICE = "use backend='math' for third and higher derivatives"
+
+DROPOUT_ADVICE = (
+    "second derivatives under dropout are not written out; use dropout_p=0 or backend='math'"
+)
+
+# first(q, k, v, out, lse, dout, dlse) -> (dq, dk, dv, dbias, dalibi), no autograd
+FirstOrder = Callable[..., Sequence[torch.Tensor | None]]
+
+
+class BackwardFunction(torch.autograd.Function):
+    """Forward: the first-order gradients ``first(...)``; backward: their VJP, tile by tile."""
+
+    @staticmethod
+    def forward(ctx, first, name, prob, need, q, k, v, out, lse, dout, dlse, bias, alibi):  # type: ignore[override]
+        with torch.no_grad():
+            grads = tuple(first(q, k, v, out, lse, dout, dlse))
+        ctx.prob, ctx.need, ctx.name = prob, need, name
+        ctx.has_dlse = dlse is not None
+        ctx.save_for_backward(q, k, v, out, lse, dout, dlse, bias, alibi)
+        ctx.set_materialize_grads(False)
+        return grads
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv, gbias, galibi):  # type: ignore[override]
+        q, k, v, out, lse, dout, dlse, bias, alibi = ctx.saved_tensors
+        with torch.no_grad():  # create_graph=True here: a third derivative, refused below
+            bars = double_backward(
+                ctx.prob,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                dout,
+                dlse,
+                gq,
+                gk,
+                gv,
+                gbias,
+                galibi,
+                need_bias=ctx.need[0],
+                need_alibi=ctx.need[1],
+            )
+        qb, kb, vb, dob, dlseb, ob, lseb, bb, ab = bars
+        typed = (
+            qb.to(q.dtype),
+            kb.to(k.dtype),
+            vb.to(v.dtype),
+            ob.to(out.dtype),
+            lseb.to(lse.dtype),
+            dob.to(dout.dtype),
+            None if dlseb is None or dlse is None else dlseb.to(dlse.dtype),
+            None if bb is None else bb.to(bias.dtype),
+            None if ab is None else ab.to(alibi.dtype),
+        )
+        anchors = (q, k, v, out, lse, dout, dlse, bias, alibi)
+        return (
+            None,
+            None,
+            None,
+            None,
+            *first_order(ctx.name, anchors, typed, HIGHER_ADVICE, order=3),
+        )
+
+
+def differentiable_backward(
+    first: FirstOrder,
+    name: str,
+    prob: Problem,
+    need: tuple[bool, bool],
+    tensors: tuple[Any, ...],
+) -> tuple:
+    """The first-order gradients ``(dq, dk, dv, dbias, dalibi)``, differentiable again when
+    autograd records (``create_graph=True``).
+
+    ``tensors`` = ``(q, k, v, out, lse, dout, dlse, bias, alibi)``: ``out`` and ``lse`` as the
+    forward's node saved them (so they carry its graph), dlse and bias/alibi possibly None.
+    """
+    q, k, v, out, lse, dout, dlse, bias, alibi = tensors
+    if not torch.is_grad_enabled():
+        return tuple(first(q, k, v, out, lse, dout, dlse))
+    if prob.dropout is not None:
+        with torch.no_grad():
+            grads = tuple(first(q, k, v, out, lse, dout, dlse))
+        return first_order(name, (q, k, v, bias, alibi), grads, DROPOUT_ADVICE)
+    return BackwardFunction.apply(first, name, prob, need, *tensors)

@@ -1,0 +1,153 @@
+"""Forward mode (JVP) of the engine: the output's and the lse's tangents in one pass over tiles.
+
+With the primal ``lse`` known, ``P = exp(S - lse)`` is exact tile by tile, and for tangents
+``dq, dk, dv`` (and ``dbias``, ``dalibi``) of the inputs (docs/derivatives.md)::
+
+    dS  = scale (dQ K^T + Q dK^T) * (1 - tanh^2) + dbias - dalibi * |i' - j|
+    c_i = sum_j P_ij dS_ij
+    T_i = sum_j P_ij (dv_j + dS_ij v_j)
+    d lse_i = c_i,   d out_i = T_i - out_i c_i
+
+(dropout multiplies ``P`` by its kept mask in ``T`` and ``out`` only). Memory is one tile and
+O(N) accumulators; the (N, N) scores never exist.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..rules import alibi_distance, heads5, key_spans
+from ..spec import AttentionSpec
+from .problem import BLOCK_N, Problem, acc_dtype
+from .tiles import Scores, dropout_scale, key_matrix, kv_matrix, query_block
+
+__all__ = ["block_rows", "jvp", "score_tangent", "tile_of"]
+
+
+def block_rows(t: torch.Tensor, i0: int, i1: int, hkv: int, acc: torch.dtype) -> torch.Tensor:
+    """Rows [i0, i1) of a (B, Hq, Nq, X) tensor as (B*Hkv, G*m, X) in ``acc`` (a copy when the
+    rows are not contiguous)."""
+    b, h, _, x = t.shape
+    return t[:, :, i0:i1].to(acc).reshape(b * hkv, (h // hkv) * (i1 - i0), x)
+
+
+def tile_of(
+    t: torch.Tensor, spec: AttentionSpec, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The tile of a bias-shaped (B|1, Hq|1, Nq|1, Nk|1) tensor ``t``, as (B|1, Hkv|1, G|1, m, n)."""
+    rows = slice(None) if t.shape[2] == 1 else slice(i0, i1)
+    cols = slice(None) if t.shape[3] == 1 else slice(j0, j1)
+    return heads5(t[:, :, rows, cols], spec.Hkv, spec.group).to(dtype)
+
+
+def jvp(
+    prob: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    tq: torch.Tensor | None,
+    tk: torch.Tensor | None,
+    tv: torch.Tensor | None,
+    tbias: torch.Tensor | None = None,
+    talibi: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tangents ``(d out, d lse)`` of the call given the primal ``out`` and ``lse``.
+
+    Args:
+        prob: the problem (its spec's bias and ALiBi slopes are the primal ones).
+        q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): the primal inputs.
+        out (B, Hq, Nq, Dv), lse (B, Hq, Nq): the forward's results (lse natural log, ``-inf``
+            for rows that see nothing).
+        tq, tk, tv: tangents shaped like q, k, v, or None for zero.
+        tbias: tangent of the bias, shaped like ``spec.bias``; talibi like the slopes; or None.
+
+    Returns:
+        ``(tout, tlse)``: (B, Hq, Nq, Dv) and (B, Hq, Nq), in the accumulation dtype.
+    """
+    spec = prob.spec
+    acc_t = acc_dtype(q.dtype)
+    b, h, m_total, _ = q.shape
+    hkv, g = spec.Hkv, spec.group
+    prob, k, v = prob.sanitize(k, v)
+    dv_dim = v.shape[-1]
+    kmat = key_matrix(k, acc_t)
+    vmat = kv_matrix(v, acc_t)
+    tkmat = kv_matrix(tk, acc_t) if tk is not None else None
+    tvmat = kv_matrix(tv, acc_t) if tv is not None else None
+    tout = torch.empty(b, h, m_total, dv_dim, dtype=acc_t, device=q.device)
+    tlse = torch.empty(b, h, m_total, dtype=acc_t, device=q.device)
+    lse2 = torch.where(torch.isneginf(lse), math.inf, lse.to(acc_t))  # +inf: p = 0
+    bm = prob.block_m()
+    scores = Scores(prob, g * bm, kmat, buffers=1)
+    for i0 in range(0, m_total, bm):
+        i1 = min(i0 + bm, m_total)
+        m = i1 - i0
+        qb = query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
+        lse_b = lse2[:, :, i0:i1].reshape(b * hkv, g * m, 1)
+        q_raw = block_rows(q, i0, i1, hkv, acc_t) if tkmat is not None else None
+        tq_b = block_rows(tq, i0, i1, hkv, acc_t) if tq is not None else None
+        c = torch.zeros(b * hkv, g * m, 1, dtype=acc_t, device=q.device)
+        tacc = torch.zeros(b * hkv, g * m, dv_dim, dtype=acc_t, device=q.device)
+        for j0, j1, full in key_spans(spec, i0, i1, BLOCK_N):
+            s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
+            p = torch.exp(s.sub_(lse_b), out=s)  # (B*Hkv, G*m, n)
+            ds = score_tangent(spec, q_raw, tq_b, kmat, tkmat, tbias, talibi, t, i0, i1, j0, j1)
+            pds = ds.mul_(p)  # P * dS
+            c.add_(pds.sum(-1, keepdim=True))
+            if prob.dropout is not None:
+                drop = dropout_scale(prob, i0, i1, j0, j1, p)
+                pds.mul_(drop)
+                p = p.mul_(drop)
+            tacc.baddbmm_(pds, vmat[:, j0:j1])  # sum_j P dS_j v_j
+            if tvmat is not None:
+                tacc.baddbmm_(p, tvmat[:, j0:j1])  # sum_j P dv_j
+        out_b = block_rows(out, i0, i1, hkv, acc_t)
+        tacc.sub_(out_b * c)
+        tout[:, :, i0:i1] = tacc.view(b, h, m, dv_dim)
+        tlse[:, :, i0:i1] = c.view(b, h, m)
+    return tout, tlse
+
+
+def score_tangent(
+    spec: AttentionSpec,
+    q_raw: torch.Tensor | None,
+    tq_b: torch.Tensor | None,
+    kmat: torch.Tensor,
+    tkmat: torch.Tensor | None,
+    tbias: torch.Tensor | None,
+    talibi: torch.Tensor | None,
+    t: torch.Tensor | None,
+    i0: int,
+    i1: int,
+    j0: int,
+    j1: int,
+) -> torch.Tensor:
+    """The scores' tangent on a tile, (B*Hkv, G*m, n), a fresh tensor.
+
+    ``q_raw`` (B*Hkv, G*m, D) unscaled query rows (needed with ``tkmat``), ``tq_b`` their
+    tangent; kmat (B*Hkv, Nk, D+1) from ``key_matrix``, ``tkmat`` (B*Hkv, Nk, D) the keys'
+    tangent; ``tbias`` bias-shaped, ``talibi`` slope-shaped; ``t`` the softcap's tanh of the
+    tile. Also the coefficient ``R`` of the double backward (docs/derivatives.md).
+    """
+    d = kmat.shape[-1] - 1
+    shape = (kmat.shape[0], spec.group * (i1 - i0), j1 - j0)
+    ds = torch.zeros(shape, dtype=kmat.dtype, device=kmat.device)
+    if tq_b is not None:
+        ds.baddbmm_(tq_b, kmat[:, j0:j1, :d].transpose(1, 2))  # dQ K^T
+    if tkmat is not None:
+        ds.baddbmm_(q_raw, tkmat[:, j0:j1].transpose(1, 2))  # Q dK^T
+    ds.mul_(spec.scale)
+    if t is not None:
+        ds.mul_(1.0 - t * t)  # through the softcap: d tanh = 1 - tanh^2
+    ds5 = ds.view(spec.B, spec.Hkv, spec.group, i1 - i0, j1 - j0)
+    if tbias is not None:
+        ds5.add_(tile_of(tbias, spec, i0, i1, j0, j1, ds.dtype))
+    if talibi is not None:
+        slopes = talibi.to(ds.dtype).reshape(-1, spec.Hkv, spec.group, 1, 1)
+        dist = alibi_distance(spec, i0, i1, j0, j1, ds.device, ds.dtype)
+        ds5.addcmul_(slopes, dist, value=-1.0)
+    return ds

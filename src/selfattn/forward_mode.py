@@ -1,0 +1,27 @@
+"""Whether a call carries forward-mode tangents or runs under a torch.func transform.
+
+``torch.autograd.forward_ad`` and ``torch.func.jvp`` both attach tangents at a forward-AD dual
+level; a backend without a forward-mode rule must decline such a call (docs/api.md) instead of
+returning an output whose tangent silently lacks its attention term. The checks cost one
+attribute read when no dual level is open, so the front door's hot path pays nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import forward_ad
+
+__all__ = ["has_tangents", "transformed"]
+
+
+def has_tangents(*tensors: torch.Tensor | None) -> bool:
+    """True when some tensor carries a forward-mode tangent (``forward_ad`` or ``torch.func.jvp``)."""
+    if getattr(forward_ad, "_current_level", -1) < 0:
+        return False  # no dual level open: no tensor can carry a tangent
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def transformed() -> bool:
+    """True inside a ``torch.func`` transform (vmap, jvp, grad, ...): the engines then run
+    through their ``autograd.Function``, whose vmap and jvp rules torch.func uses."""
+    return torch._C._functorch.maybe_current_level() is not None
