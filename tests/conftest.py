@@ -25,3 +25,14 @@ def one_thread():
 
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(autouse=True)
+def forget_auto_choices():
+    """``auto``'s remembered choices (``backends.AUTO_CHOICES``) start empty in every test: a
+    test may change what a backend accepts (monkeypatch) before it calls ``attention``."""
+    from selfattn.backends import forget_choices
+
+    forget_choices()
+    yield
+    forget_choices()

@@ -1,22 +1,34 @@
 """The front door: ``attention``, ``attention_weights``, ``explain``, ``available_backends``.
 
 Dispatch only: each call is validated in full (``spec.validate``) before any work, then handed
-to the backend that ``backends.select`` picks. While ``torch.compile`` traces, ``attention``
-becomes the ``selfattn::attention`` custom op (``_compile``), one opaque node.
+to the backend that ``backends.select`` picks. A plain call (no rule but ``causal`` and
+``scale``, no dropout, no gradient: a decode step) takes ``plain_call``, which checks the same
+in fewer steps and remembers ``auto``'s choice per call shape. While ``torch.compile`` traces,
+``attention`` becomes the ``selfattn::attention`` custom op (``_compile``), one opaque node.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from . import _compile, _rng, checks
-from .backends import BACKENDS, available, candidates, preferred, refusals, select
+from .backends import (
+    AUTO_CHOICES,
+    BACKENDS,
+    available,
+    candidates,
+    forget_choices,
+    preferred,
+    refusals,
+    select,
+)
 from .forward_mode import has_tangents
 from .quant import QuantizedKV, rotated_like, standin, unwrap, unwrap_call, unwrap_label
-from .spec import AttentionSpec, validate, validate_call
+from .spec import AttentionSpec, check_qkv, validate, validate_call
 
 __all__ = [
     "WEIGHTS_HOOKS",
@@ -29,6 +41,7 @@ __all__ = [
 ]
 
 WEIGHTS_HOOKS = ("weights",)  # the registry hook attention_weights uses
+CHOICES_KEPT = 256  # call shapes whose auto choice plain_call remembers (then it starts over)
 
 
 def check_backend(backend: Any) -> str:
@@ -116,6 +129,20 @@ def attention(
         UnsupportedInputs: the requested backend cannot run this valid call (message lists every
             backend considered and why it declined).
     """
+    if (  # no rule but causal and scale, no dropout: the fast path (None: it declines)
+        window is None
+        and mask is None
+        and bias is None
+        and alibi_slopes is None
+        and softcap is None
+        and segment_ids is None
+        and sinks is None
+        and type(dropout_p) is float
+        and not dropout_p
+    ):
+        got = plain_call(q, k, v, causal, scale, return_lse, backend)
+        if got is not None:
+            return got
     rules = {
         "causal": causal,
         "window": window,
@@ -171,6 +198,88 @@ def quantized_call(
         if rotate_out:
             out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
     return (out, lse) if return_lse else out
+
+
+def plain_call(
+    q: Any, k: Any, v: Any, causal: Any, scale: Any, return_lse: Any, backend: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`attention` for a call that uses no rule but ``causal`` and ``scale``, without
+    dropout or a gradient (a decode step, an inference prefill), or None to decline it.
+
+    A decode step over a short cache is a few microseconds of work, so this path checks in a
+    few comparisons what :func:`attention` would check, builds the spec ``validate_call``
+    builds (:func:`plain_spec`) and runs the backend ``select`` picks: the same result, bit
+    for bit. On the CPU, ``auto``'s (spec, backend) is remembered per call shape
+    (``backends.AUTO_CHOICES``), so a repeated shape (every layer of a decode step) costs one
+    dict lookup. It declines (the full path then runs, and raises what it raises) anything
+    unusual: a tensor subclass or a QuantizedKV, an argument of an unexpected type or a value
+    the full path would refuse, a gradient or a forward-mode tangent to carry, or tracing by
+    ``torch.compile``. The one
+    error it raises itself is that of ``check_qkv``, the full path's first check after the
+    backend's name.
+    """
+    tensor = torch.Tensor
+    if (
+        type(q) is not tensor
+        or type(k) is not tensor
+        or type(v) is not tensor
+        or (causal is not True and causal is not False)
+        or (return_lse is not True and return_lse is not False)
+        or type(backend) is not str
+    ):
+        return None
+    if scale is not None and not (type(scale) is float and abs(scale) < checks.F32_HIGH):
+        return None  # NaN, inf or beyond float32 (the full path says so), or not a float
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if torch.compiler.is_compiling() or has_tangents(q, k, v):  # the full path marks tangents
+        return None
+    key = None
+    if backend == "auto" and q.is_cpu and k.is_cpu and v.is_cpu:
+        # everything check_qkv and select read: shapes and dtypes (the device is the CPU)
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, causal, scale, return_lse)
+        got = AUTO_CHOICES.get(key)
+        if got is not None:
+            out, lse = got[1].run(got[0], q, k, v, None)
+            return (out, lse) if return_lse else out
+    elif backend != "auto" and backend not in BACKENDS:
+        return None
+    spec = plain_spec(q, k, v, causal, scale, return_lse)
+    chosen = select(spec, backend)
+    if key is not None:
+        if len(AUTO_CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
+            forget_choices()
+        AUTO_CHOICES[key] = (spec, chosen)
+    out, lse = chosen.run(spec, q, k, v, None)
+    return (out, lse) if return_lse else out
+
+
+def plain_spec(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+    return_lse: bool,
+) -> AttentionSpec:
+    """The spec ``validate_call`` gives a call of :func:`plain_call`'s kind (no gradient), from
+    ``check_qkv`` (which raises what the full path raises for q, k, v) and the rules' defaults."""
+    b, hq, nq, hkv, nk, d, dv = check_qkv(q, k, v, True)
+    return AttentionSpec(
+        b,
+        hq,
+        hkv,
+        nq,
+        nk,
+        d,
+        dv,
+        q.dtype,
+        q.device,
+        causal=causal,
+        scale=1.0 / math.sqrt(d) if scale is None else scale,
+        return_lse=return_lse,
+        start=nk - nq,
+    )
 
 
 def unrotated(got: Any, return_lse: bool) -> Any:

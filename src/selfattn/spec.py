@@ -29,6 +29,7 @@ __all__ = [
     "AttentionSpec",
     "Rule",
     "UnsupportedInputs",
+    "check_qkv",
     "validate",
     "validate_call",
 ]
@@ -479,7 +480,7 @@ def validate_call(
     if not KEYWORDS.issuperset(rules):
         unknown = ", ".join(sorted(set(rules) - KEYWORDS))
         raise TypeError(f"unexpected keyword argument(s): {unknown}")
-    b, hq, nq, hkv, nk, d, dv = _check_qkv(q, k, v, need_v)
+    b, hq, nq, hkv, nk, d, dv = check_qkv(q, k, v, need_v)
     call = None
     values = dict(_DEFAULTS)
     enabled = torch.is_grad_enabled()
@@ -515,7 +516,7 @@ def validate_call(
     )
 
 
-def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
+def check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
     """Types, dtypes, devices and shapes of q, k, v; returns (B, Hq, Nq, Hkv, Nk, D, Dv).
 
     The common case (everything fits) is checked in one pass of cheap comparisons; anything
@@ -548,7 +549,7 @@ def _check_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
 
 
 def _explain_qkv(q: Any, k: Any, v: Any, need_v: bool) -> tuple[int, ...]:
-    """The slow path of :func:`_check_qkv`: the first thing wrong, as a TypeError/ValueError."""
+    """The slow path of :func:`check_qkv`: the first thing wrong, as a TypeError/ValueError."""
     named = {"q": q, "k": k, "v": v} if need_v else {"q": q, "k": k}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):

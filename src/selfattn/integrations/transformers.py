@@ -191,6 +191,28 @@ def attention_forward(
         ``output_attentions`` is set, else None. Rows that see no key give 0 (eager gives the
         mean of the values there; such rows are padding).
     """
+    if (
+        attention_mask is None
+        and softcap is None
+        and s_aux is None
+        and not kwargs.get("output_attentions", False)
+        and kwargs.get("position_bias") is None
+    ):
+        # a decode step or a first prefill without padding: causality alone decides what is
+        # visible, and no key is cut (the rules call_rules would give, without building them)
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        nq, nk = query.shape[2], key.shape[2]
+        if not causal or (not 1 < nq < nk and (sliding_window is None or nk <= sliding_window)):
+            out = attention(
+                query,
+                key,
+                value,
+                causal=causal,
+                scale=scaling,
+                dropout_p=float(dropout),
+                backend=backend,
+            )
+            return out.transpose(1, 2).contiguous(), None
     key, value, rules = call_rules(
         module,
         query,
