@@ -193,9 +193,6 @@ def _tiny_llama():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        ({"bits": 8}, NotImplementedError, "bits=8 .* not implemented yet"),
-        ({"bits": 4, "rotate": True}, NotImplementedError, "bits=4"),
-        ({"budget": 512}, NotImplementedError, "budget=512 .* not implemented yet"),
         ({"bits": 3}, ValueError, "bits must be None, 8 or 4"),
         ({"bits": True}, ValueError, "bits must be"),
         ({"rotate": True}, ValueError, "needs bits"),

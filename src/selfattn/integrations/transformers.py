@@ -14,8 +14,8 @@ Example::
     out = model(**batch, output_attentions=True)  # exact weights from selfattn.attention_weights
 
 ``make_cache(model)`` gives a transformers ``Cache`` that writes keys and values in place (no
-per-step copy of the cache), for any attention implementation; see
-:mod:`selfattn.integrations.cache`.
+per-step copy of the cache), for any attention implementation, optionally quantized (``bits``)
+and held to a token budget by an eviction policy; see :mod:`selfattn.integrations.cache`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from typing import Any
 import torch
 
 from ..api import attention, attention_weights
+from ..quant import QuantizedKV
+from ..stats import attention_with_stats
+from . import scoring
 
 __all__ = [
     "NAME",
@@ -33,10 +36,12 @@ __all__ = [
     "make_cache",
     "mask_builder",
     "register",
+    "registered",
     "visibility",
 ]
 
 NAME = "selfattn"
+_NAMES: set[str] = set()  # the names register() gave selfattn's attention function
 
 
 def visibility(
@@ -131,8 +136,8 @@ def call_rules(
     if mask is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
         if causal and 1 < nq < nk:
-            key = key[:, :, :nq]
-            value = None if value is None else value[:, :, :nq]
+            key = _first(key, nq)
+            value = None if value is None else _first(value, nq)
             if bias is not None and bias.shape[-1] > 1:
                 bias = bias[..., :nq]
             nk = nq
@@ -147,6 +152,11 @@ def call_rules(
         "scale": scaling,
     }
     return key, value, rules
+
+
+def _first(x: torch.Tensor | QuantizedKV, n: int) -> torch.Tensor | QuantizedKV:
+    """The first ``n`` tokens (axis 2) of keys or values, float or quantized, as a view."""
+    return x.narrow(0, n) if isinstance(x, QuantizedKV) else x[:, :, :n]
 
 
 def attention_forward(
@@ -170,7 +180,10 @@ def attention_forward(
     Args:
         module: the calling attention module (read for ``is_causal`` when not passed).
         query: (B, Hq, Nq, D); key: (B, Hkv, Nk, D); value: (B, Hkv, Nk, Dv). GQA is handled by
-            :func:`selfattn.attention` itself: keys and values are never repeated.
+            :func:`selfattn.attention` itself: keys and values are never repeated. ``key`` and
+            ``value`` may be :class:`selfattn.QuantizedKV` (``make_cache(bits=...)``), read as
+            they are stored. Keys an evicting cache layer offered scores for
+            (:mod:`selfattn.integrations.scoring`) get them after the output is computed.
         attention_mask: what the registered mask builder made: a bool (B, 1, Nq, Nk) mask
             (True = visible), an additive float mask, or None when nothing beyond plain
             causality (``is_causal``) restricts the call.
@@ -191,8 +204,10 @@ def attention_forward(
         ``output_attentions`` is set, else None. Rows that see no key give 0 (eager gives the
         mean of the values there; such rows are padding).
     """
+    request = scoring.claim(key)  # an evicting cache layer asked for the scores of these keys
     if (
-        attention_mask is None
+        (request is None or request.rows is False)
+        and attention_mask is None
         and softcap is None
         and s_aux is None
         and not kwargs.get("output_attentions", False)
@@ -212,6 +227,8 @@ def attention_forward(
                 dropout_p=float(dropout),
                 backend=backend,
             )
+            if request is not None:
+                request.deliver(None)  # attention is done: the layer may evict now
             return out.transpose(1, 2).contiguous(), None
     key, value, rules = call_rules(
         module,
@@ -228,22 +245,41 @@ def attention_forward(
     want_weights = bool(kwargs.get("output_attentions", False))
     if s_aux is not None:  # GPT-OSS's sinks are selfattn's: the kernels take them as they are
         rules["sinks"] = s_aux
-    result = attention(
-        query,
-        key,
-        value,
-        **rules,
-        dropout_p=float(dropout),
-        return_lse=want_weights,
-        backend=backend,
-    )
-    out, lse = result if want_weights else (result, None)
+    rows = False if request is None else request.rows
+    stats = None
+    if rows is False:
+        result = attention(
+            query,
+            key,
+            value,
+            **rules,
+            dropout_p=float(dropout),
+            return_lse=want_weights,
+            backend=backend,
+        )
+        out, lse = result if want_weights else (result, None)
+    else:  # the output and the layer's column sums in one call (one pass for a decode step)
+        out, lse, stats = attention_with_stats(
+            query,
+            key,
+            value,
+            **rules,
+            dropout_p=float(dropout),
+            col_sum=True,
+            rows=rows,
+            return_lse=True,
+            backend=backend,
+        )
     weights = None
     if want_weights:
         weights = attention_weights(
             query.detach(), key.detach(), **_detached(rules), lse=lse.detach()
         )
         weights = weights.to(query.dtype)
+    if request is not None:  # last: the layer may evict (move tokens within its storage) now
+        request.deliver(
+            None if stats is None else scoring.group_sum(stats["col_sum"], key.shape[1])
+        )
     return out.transpose(1, 2).contiguous(), weights
 
 
@@ -328,6 +364,7 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
 
     selfattn_attention.__doc__ = attention_forward.__doc__
     AttentionInterface.register(name, selfattn_attention)
+    _NAMES.add(name)
     try:
         from transformers import AttentionMaskInterface
     except ImportError:
@@ -338,6 +375,11 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
     if AttentionMaskInterface is not None:
         AttentionMaskInterface.register(name, mask_builder)
     return name
+
+
+def registered() -> frozenset[str]:
+    """The names :func:`register` has registered selfattn's attention under (in this process)."""
+    return frozenset(_NAMES)
 
 
 def make_cache(
@@ -353,13 +395,14 @@ def make_cache(
 
     ``selfattn.integrations.cache.make_cache`` (imported here on first use, as it needs
     transformers); see its documentation. With the defaults it behaves exactly like
-    ``DynamicCache`` without copying the cache at each step; ``bits`` and ``budget`` (quantized
-    storage, eviction) raise ``NotImplementedError`` for now.
+    ``DynamicCache`` without copying the cache at each step; ``bits`` stores keys and values
+    quantized, ``budget`` holds every full-attention layer to that many tokens by ``policy``.
 
     Example::
 
-        cache = make_cache(model)
+        cache = make_cache(model, bits=8, budget=1024, policy="h2o")
         out = model.generate(**batch, past_key_values=cache, max_new_tokens=20)
+        cache.nbytes  # the cache's size in bytes
     """
     from . import cache
 
