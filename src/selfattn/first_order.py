@@ -54,6 +54,7 @@ def first_order(
     grads: Sequence[Any],
     advice: str = ADVICE,
     order: int = 2,
+    text: str | None = None,
 ) -> tuple:
     """``grads`` as they are, or (under ``create_graph=True``) attached to a refusing node.
 
@@ -65,6 +66,7 @@ def first_order(
         advice: what the message suggests instead.
         order: the derivative refused (2: double backward; 3 for a backend that differentiates
             twice).
+        text: the whole message instead (another derivative than a higher order).
     """
     if not torch.is_grad_enabled():
         return tuple(grads)
@@ -73,7 +75,7 @@ def first_order(
     if not live or not slots:
         return tuple(grads)
     wrapped = _Refuse.apply(
-        message(backend, advice, order), len(live), *live, *(grads[i] for i in slots)
+        text or message(backend, advice, order), len(live), *live, *(grads[i] for i in slots)
     )
     out = list(grads)
     for i, g in zip(slots, wrapped):

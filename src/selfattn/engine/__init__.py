@@ -29,7 +29,7 @@ from .backward import Grads, backward
 from .forward import forward, probabilities
 from .hessian import double_backward
 from .problem import BLOCK_N, ROWS_PER_TILE, Dropout, Problem, acc_dtype, all_finite, bad_keys
-from .second_order import differentiable_backward
+from .second_order import differentiable_backward, tangents_out
 from .stats import statistics
 from .tangent import jvp
 from .tiles import bad_values
@@ -52,6 +52,7 @@ __all__ = [
     "jvp",
     "probabilities",
     "statistics",
+    "tangents_out",
     "vmap_slices",
     "with_inputs",
 ]

@@ -19,7 +19,7 @@ from ..sinks import sink_grad, sink_probability
 from .backward import backward
 from .forward import forward
 from .problem import Problem, acc_dtype
-from .second_order import differentiable_backward
+from .second_order import differentiable_backward, tangents_out
 from .tangent import jvp
 
 __all__ = ["attention", "sink_tangent", "vmap_slices", "with_inputs"]
@@ -84,8 +84,12 @@ class _EngineFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, _prob, tq, tk, tv, tbias, talibi, tsinks):  # type: ignore[override]
         q, k, v, exact, lse, sinks = ctx.saved_tensors
-        tout, tlse = jvp(ctx.prob, q, k, v, exact, lse, tq, tk, tv, tbias, talibi)
-        return sink_tangent(sinks, tsinks, exact, lse, tout, tlse)
+        spec = ctx.prob.spec
+        with torch.no_grad():
+            tout, tlse = jvp(ctx.prob, q, k, v, exact, lse, tq, tk, tv, tbias, talibi)
+            tangents = sink_tangent(sinks, tsinks, exact, lse, tout, tlse)
+        anchors = (q, k, v, spec.bias, spec.alibi_slopes, sinks, tq, tk, tv, tbias, talibi, tsinks)
+        return tangents_out("tiled", anchors, tangents)
 
     @staticmethod
     def vmap(info, in_dims, prob, q, k, v, bias, alibi, sinks):  # type: ignore[override]

@@ -19,7 +19,7 @@ from ..first_order import first_order
 from .hessian import double_backward
 from .problem import Problem
 
-__all__ = ["DROPOUT_ADVICE", "HIGHER_ADVICE", "differentiable_backward"]
+__all__ = ["DROPOUT_ADVICE", "HIGHER_ADVICE", "differentiable_backward", "tangents_out"]
 
 HIGHER_ADVICE = "use backend='math' for third and higher derivatives"
 
@@ -108,3 +108,50 @@ def differentiable_backward(
             grads = tuple(first(q, k, v, out, lse, dout, dlse))
         return first_order(name, (q, k, v, bias, alibi), grads, DROPOUT_ADVICE)
     return BackwardFunction.apply(first, name, prob, need, *tensors)
+
+
+class _RefuseReverse(torch.autograd.Function):
+    """A zero scalar hanging from the anchors, whose backward raises ``text``.
+
+    Added to the tangents a node's ``jvp`` returns: under ``torch.func.jvp`` the jvp rule's
+    tensors are the transform's wrappers (they do not show ``requires_grad``), yet ops on them
+    are recorded for the reverse mode outside; this node is recorded the same way.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(text: str, *anchors: torch.Tensor):  # type: ignore[override]
+        return anchors[0].new_zeros(())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.text = inputs[0]
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise NotImplementedError(ctx.text)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # type: ignore[override]
+        return torch.zeros(())
+
+
+def tangents_out(name: str, anchors: Sequence[Any], tangents: tuple) -> tuple:
+    """The forward-mode tangents a node's ``jvp`` returns, refusing reverse mode through them.
+
+    The tangent pass is computed under no_grad; when reverse mode is recording, a gradient
+    through the tangent would silently lack every term, so the tangents then carry a node whose
+    backward raises. Consistency-model targets take the JVP's tangent under a stop-gradient
+    and never reach it; the primal output stays differentiable.
+    """
+    live = [a for a in anchors if isinstance(a, torch.Tensor)]
+    if not torch.is_grad_enabled() or not live:
+        return tangents
+    text = (
+        f"selfattn: backend {name!r} gives forward-mode tangents that are not differentiable "
+        "again (reverse mode over forward mode); detach them (a stop-gradient target) or use "
+        "backend='math'"
+    )
+    zero = _RefuseReverse.apply(text, *live)
+    return tuple(t + zero.to(t.dtype) for t in tangents)

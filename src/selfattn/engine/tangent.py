@@ -78,11 +78,12 @@ def jvp(
     vmat = kv_matrix(v, acc_t)
     tkmat = kv_matrix(tk, acc_t) if tk is not None else None
     tvmat = kv_matrix(tv, acc_t) if tv is not None else None
-    tout = torch.empty(b, h, m_total, dv_dim, dtype=acc_t, device=q.device)
-    tlse = torch.empty(b, h, m_total, dtype=acc_t, device=q.device)
     lse2 = torch.where(torch.isneginf(lse), math.inf, lse.to(acc_t))  # +inf: p = 0
     bm = prob.block_m()
     scores = Scores(prob, g * bm, kmat, buffers=1)
+    # Tangent-carrying tensors are built out of place: under torch.func.jacfwd (vmap over
+    # jvp) they are batched while the primal tiles are not, and an in-place op would mix them.
+    touts, tlses = [], []
     for i0 in range(0, m_total, bm):
         i1 = min(i0 + bm, m_total)
         m = i1 - i0
@@ -96,20 +97,22 @@ def jvp(
             s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
             p = torch.exp(s.sub_(lse_b), out=s)  # (B*Hkv, G*m, n)
             ds = score_tangent(spec, q_raw, tq_b, kmat, tkmat, tbias, talibi, t, i0, i1, j0, j1)
-            pds = ds.mul_(p)  # P * dS
-            c.add_(pds.sum(-1, keepdim=True))
+            pds = ds * p  # P * dS
+            c = c + pds.sum(-1, keepdim=True)
             if prob.dropout is not None:
                 drop = dropout_scale(prob, i0, i1, j0, j1, p)
-                pds.mul_(drop)
+                pds = pds * drop
                 p = p.mul_(drop)
-            tacc.baddbmm_(pds, vmat[:, j0:j1])  # sum_j P dS_j v_j
+            tacc = tacc + torch.bmm(pds, vmat[:, j0:j1])  # sum_j P dS_j v_j
             if tvmat is not None:
-                tacc.baddbmm_(p, tvmat[:, j0:j1])  # sum_j P dv_j
+                tacc = tacc + torch.bmm(p, tvmat[:, j0:j1])  # sum_j P dv_j
         out_b = block_rows(out, i0, i1, hkv, acc_t)
-        tacc.sub_(out_b * c)
-        tout[:, :, i0:i1] = tacc.view(b, h, m, dv_dim)
-        tlse[:, :, i0:i1] = c.view(b, h, m)
-    return tout, tlse
+        touts.append((tacc - out_b * c).view(b, h, m, dv_dim))
+        tlses.append(c.view(b, h, m))
+    if not touts:  # no query rows
+        z = torch.zeros(b, h, 0, dv_dim, dtype=acc_t, device=q.device)
+        return z, z[..., 0]
+    return torch.cat(touts, 2), torch.cat(tlses, 2)
 
 
 def score_tangent(
@@ -134,20 +137,24 @@ def score_tangent(
     tile. Also the coefficient ``R`` of the double backward (docs/derivatives.md).
     """
     d = kmat.shape[-1] - 1
-    shape = (kmat.shape[0], spec.group * (i1 - i0), j1 - j0)
-    ds = torch.zeros(shape, dtype=kmat.dtype, device=kmat.device)
+    ds = None
     if tq_b is not None:
-        ds.baddbmm_(tq_b, kmat[:, j0:j1, :d].transpose(1, 2))  # dQ K^T
+        ds = torch.bmm(tq_b, kmat[:, j0:j1, :d].transpose(1, 2))  # dQ K^T
     if tkmat is not None:
-        ds.baddbmm_(q_raw, tkmat[:, j0:j1].transpose(1, 2))  # Q dK^T
-    ds.mul_(spec.scale)
-    if t is not None:
-        ds.mul_(1.0 - t * t)  # through the softcap: d tanh = 1 - tanh^2
-    ds5 = ds.view(spec.B, spec.Hkv, spec.group, i1 - i0, j1 - j0)
+        qdk = torch.bmm(q_raw, tkmat[:, j0:j1].transpose(1, 2))  # Q dK^T
+        ds = qdk if ds is None else ds + qdk
+    if ds is None:
+        shape = (kmat.shape[0], spec.group * (i1 - i0), j1 - j0)
+        ds = torch.zeros(shape, dtype=kmat.dtype, device=kmat.device)
+    else:
+        ds = ds * spec.scale
+        if t is not None:
+            ds = ds * (1.0 - t * t)  # through the softcap: d tanh = 1 - tanh^2
+    five = (spec.B, spec.Hkv, spec.group, i1 - i0, j1 - j0)
     if tbias is not None:
-        ds5.add_(tile_of(tbias, spec, i0, i1, j0, j1, ds.dtype))
+        ds = (ds.view(five) + tile_of(tbias, spec, i0, i1, j0, j1, ds.dtype)).reshape(ds.shape)
     if talibi is not None:
         slopes = talibi.to(ds.dtype).reshape(-1, spec.Hkv, spec.group, 1, 1)
         dist = alibi_distance(spec, i0, i1, j0, j1, ds.device, ds.dtype)
-        ds5.addcmul_(slopes, dist, value=-1.0)
+        ds = (ds.view(five) - slopes * dist).reshape(ds.shape)
     return ds

@@ -92,8 +92,10 @@ class _NativeFunction(torch.autograd.Function):
     def jvp(ctx, _spec, _seed, tq, tk, tv, tbias, talibi):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         prob = engine.Problem.of(ctx.spec, ctx.seed)
-        tout, tlse = engine.jvp(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
-        return tout.to(out.dtype), tlse.to(lse.dtype)
+        with torch.no_grad():
+            tout, tlse = engine.jvp(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
+        anchors = (q, k, v, ctx.spec.bias, ctx.spec.alibi_slopes, tq, tk, tv, tbias, talibi)
+        return engine.tangents_out("native", anchors, (tout.to(out.dtype), tlse.to(lse.dtype)))
 
     @staticmethod
     def vmap(info, in_dims, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
