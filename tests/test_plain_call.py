@@ -267,3 +267,36 @@ def test_a_forward_mode_tangent_takes_the_full_path(monkeypatch):
     plus = selfattn.attention(q + eps * t, k, v, causal=True)
     minus = selfattn.attention(q - eps * t, k, v, causal=True)
     torch.testing.assert_close(tangent, (plus - minus) / (2 * eps), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nq, nk", [(1, 1), (1, 9), (3, 9), (9, 9), (9, 3), (4, 4), (2, 1)])
+@pytest.mark.parametrize("shift", [0, -1, 1, 5])
+def test_sdpa_takes_a_causal_call_exactly_where_nothing_is_hidden_or_it_is_square(nq, nk, shift):
+    """sdpa's causal test without ``rules.bounds`` (the small-call path) accepts the calls the
+    bounds accept: every row sees every key, or a square call from position 0 (torch's
+    top-left causality); rows elsewhere (a ring block's ``start``) are declined."""
+    from dataclasses import replace
+
+    from selfattn.rules import bounds
+
+    q, k, v = make_qkv(1, 2, 2, nq, nk, 8)
+    spec = validate(q, k, v, causal=True)
+    spec = replace(spec, start=spec.start + shift)
+    _, _, full_lo, full_hi = bounds(spec, 0, nq)
+    everything = full_lo == 0 and full_hi == nk
+    expect = everything or (nq == nk and spec.start == 0)
+    assert (backends.refusals(spec, "sdpa") == []) == expect
+    if expect:
+        got = BACKENDS["sdpa"].run(spec, q, k, v, None)[0]
+        want = BACKENDS["math"].run(spec, q, k, v, None)[0]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_sdpa_keeps_nan_in_hidden_value_rows_away_from_causal_rows():
+    """The cheaper finiteness test before a causal SDPA call still finds NaN and inf."""
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 8)
+    for bad in (float("nan"), float("inf")):
+        v2 = v.clone()
+        v2[0, 0, 5, 0] = bad  # only row 5 sees key 5
+        out = selfattn.attention(q, k, v2, causal=True, backend="sdpa")
+        assert out[0, 0, :5].isfinite().all()

@@ -71,6 +71,12 @@ def _is_causal(spec: AttentionSpec) -> bool | None:
         return False
     if spec.Nq == 0 or spec.Nk == 0:
         return False
+    if spec.window is None and spec.qpos is None:
+        # causal alone, rows at start .. start + Nq - 1 (every small call through auto: no
+        # bounds needed): nothing is hidden when row 0 sees the last key
+        if spec.start >= spec.Nk - 1:
+            return False
+        return True if spec.Nq == spec.Nk and spec.start == 0 else None
     _, _, full_lo, full_hi = bounds(spec, 0, spec.Nq)
     if full_lo == 0 and full_hi == spec.Nk:
         return False  # nothing hidden from these rows (e.g. one query at the end of the cache)

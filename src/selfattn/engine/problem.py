@@ -7,6 +7,7 @@ dropout mask the whole would) and which keys hold NaN/inf (padding garbage to ke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -146,8 +147,10 @@ class Problem:
 def all_finite(*tensors: torch.Tensor | None) -> bool:
     """True when no tensor holds NaN/inf: one cheap sum each, the exact check only if it overflows."""
     for t in tensors:
-        if t is None or bool(torch.isfinite(t.sum())):
-            continue  # a finite sum means every entry is finite
+        # a finite sum means every entry is finite (read as a Python float: torch.isfinite is
+        # several ops, and this runs before every small causal SDPA call)
+        if t is None or math.isfinite(float(t.sum())):
+            continue
         if not bool(torch.isfinite(t).all()):
             return False
     return True
