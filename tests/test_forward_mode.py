@@ -255,3 +255,20 @@ def test_reverse_mode_through_a_tangent_declines_clearly(backend):
         tout = forward_ad.unpack_dual(out).tangent
     with pytest.raises(NotImplementedError, match=f"backend '{backend}'.*not differentiable"):
         tout.sum().backward()
+
+
+def test_a_tangent_on_the_sinks_alone_reaches_the_output():
+    """forward_ad with only the sinks dual (q, k, v plain, no grad): the call must still go
+    through the node's JVP rule, not the no-autograd path that would drop the tangent."""
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 4, dtype=torch.float64, seed=13)
+    sinks, ts = torch.randn(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+
+    def tangent(name):
+        with forward_ad.dual_level():
+            s = forward_ad.make_dual(sinks, ts)
+            out = selfattn.attention(q, k, v, causal=True, sinks=s, backend=name)
+            return forward_ad.unpack_dual(out).tangent
+
+    want = tangent("math")
+    assert want.abs().max().item() > 0.01
+    assert (tangent("tiled") - want).abs().max().item() < 1e-10

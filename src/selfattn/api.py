@@ -161,7 +161,7 @@ def attention(
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
         return _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
     spec = validate_call(q, k, v, rules, return_lse)
-    if has_tangents(q, k, v, bias, alibi_slopes):  # backends without a JVP rule decline
+    if has_tangents(q, k, v, bias, alibi_slopes, sinks):  # backends without a JVP rule decline
         spec = replace(spec, tangents=True)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
@@ -186,7 +186,7 @@ def quantized_call(
     spec = validate_call(q, standin(k), standin(v), rules, return_lse)
     # recorded so that backends can tell (and explain) what they were given
     spec = replace(spec, quantized=unwrap_label(k, v))
-    if has_tangents(q, rules["bias"], rules["alibi_slopes"]):  # QuantizedKV carry no tangent
+    if has_tangents(q, rules["bias"], rules["alibi_slopes"], rules["sinks"]):  # QuantizedKV: none
         spec = replace(spec, tangents=True)
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
