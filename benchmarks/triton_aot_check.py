@@ -37,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from selfattn.backends.triton import configs, host, kernels  # noqa: E402
+from selfattn.quant import quantize_kv  # noqa: E402
 from selfattn.spec import validate  # noqa: E402
 
 
@@ -157,9 +158,12 @@ def scenarios(quick: bool):
 
     n = 1024  # lengths only change integer specialisations, not the code
 
-    def fwd(kw, shape=(2, 16, 16, n, n, 128), dtype=bf16, tma=False, seed=None):
+    def fwd(kw, shape=(2, 16, 16, n, n, 128), dtype=bf16, tma=False, seed=None, bits=(0, 0)):
         q, k, v = qkv(*shape, dtype=dtype)
         spec = validate(q, k, v, **kw)
+        # quantized keys/values (the kernels read codes and scales; never through TMA)
+        k = quantize_kv(k, bits=bits[0]) if bits[0] else k
+        v = quantize_kv(v, bits=bits[1]) if bits[1] else v
 
         def run():
             old = host.DECODE_MODE
@@ -216,6 +220,12 @@ def scenarios(quick: bool):
     yield "fwd bf16 D256", fwd({}, shape=(1, 8, 8, n, n, 256))
     yield "decode bf16 GQA 32->8", fwd({}, shape=(1, 32, 8, 1, 16384, 128))
     yield "decode bf16 GQA TMA", fwd({}, shape=(1, 32, 8, 1, 16384, 128), tma=True)
+    yield "decode bf16 GQA int8", fwd({}, shape=(1, 32, 8, 1, 16384, 128), bits=(8, 8))
+    yield "decode bf16 GQA int4", fwd({}, shape=(1, 32, 8, 1, 16384, 128), bits=(4, 4))
+    yield "fwd bf16 D128 causal int8", fwd({"causal": True}, bits=(8, 8))
+    yield "fwd fp16 D64 causal int4", fwd(
+        {"causal": True}, shape=(4, 32, 32, 2048, 2048, 64), dtype=torch.float16, bits=(4, 4)
+    )
     bias = torch.zeros(1, 16, n, n).requires_grad_(True)
     yield "bwd bf16 D128 bias grad", bwd({"bias": bias}, need_bias=True)
     yield "bwd bf16 D128 every rule", bwd(everything, seed=(1, 2))

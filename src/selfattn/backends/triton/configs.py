@@ -20,6 +20,7 @@ __all__ = [
     "F32",
     "FLAG_KEYS",
     "FWD",
+    "QUANT_KEYS",
     "REG_BUDGET",
     "SMEM_BUDGET",
     "TABLES",
@@ -204,11 +205,14 @@ def unique_configs(kind: str, hook: Callable[[dict], None] | None = None) -> lis
     return [config(c, pre_hook=hook) for c in seen]
 
 
+# how the forward kernels read quantized keys and values (prepare.kv_operands)
+QUANT_KEYS = ["K_BITS", "V_BITS", "K_GROUP", "V_GROUP"]
+
 # kernel -> (kind of its tables, autotune keys besides the common ones, outputs the autotuner
 # zeroes between trials because the kernel accumulates into them)
 AUTOTUNED: dict[str, tuple[str, list[str], list[str] | None]] = {
-    "attn_fwd": ("fwd", ["USE_TMA"], None),
-    "attn_decode": ("decode", ["USE_TMA", "BLOCK_M"], None),
+    "attn_fwd": ("fwd", ["USE_TMA", *QUANT_KEYS], None),
+    "attn_decode": ("decode", ["USE_TMA", "BLOCK_M", *QUANT_KEYS], None),
     "bwd_dkdv": ("dkdv", [], None),
     "bwd_dq": ("dq", ["NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"], ["DB", "DA"]),
 }

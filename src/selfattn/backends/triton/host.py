@@ -14,9 +14,10 @@ import torch
 import triton
 
 from ...first_order import first_order
+from ...quant import QuantizedKV, rotated_like
 from ...spec import AttentionSpec
 from . import configs, interp, interpreting, kernels
-from .prepare import Call, prepare
+from .prepare import Call, kv_operands, prepare
 from .tma import descriptor_args, distrust, set_block_shapes, use_tma
 
 __all__ = [
@@ -115,7 +116,8 @@ def forward(
     if spec.Nk == 0:
         return out.zero_(), lse.fill_(-math.inf)
     call = prepare(spec, q, seed)
-    with_tma = use_tma(k, v, forward) if tma is None else tma
+    quant = type(k) is QuantizedKV or type(v) is QuantizedKV
+    with_tma = False if quant else use_tma(k, v, forward) if tma is None else tma
     run = _run_decode if use_decode(spec) else _run_rows
     try:
         run(call, q, k, v, out, lse, with_tma, tune)
@@ -138,10 +140,11 @@ def forward(
 def _run_rows(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     """The forward kernel: one program per tile of query rows of each head."""
     spec = call.spec
-    args = [q, k, v, out, lse, *call.args_rules, call.qrng]
+    k, v, scales, scale_strides, qconsts = kv_operands(k, v, q)
+    args = [q, k, v, out, lse, *call.args_rules, call.qrng, *scales]
     args += [*q.stride(), *k.stride(), *v.stride(), *out.stride(), *call.strides_rules]
-    args += [*call.scalars, *call.scale_args, *call.drop_args]
-    consts = dict(call.consts, REVERSE=spec.causal, **descriptor_args(k, v, tma))
+    args += [*scale_strides, *call.scalars, *call.scale_args, *call.drop_args]
+    consts = dict(call.consts, REVERSE=spec.causal, **qconsts, **descriptor_args(k, v, tma))
 
     def grid(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
@@ -168,11 +171,12 @@ def _run_decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     rows = spec.B * spec.Hq * nq
     opart = torch.empty(rows, n_splits, spec.Dv, dtype=torch.float32, device=q.device)
     lpart = torch.empty(rows, n_splits, 2, dtype=torch.float32, device=q.device)  # (m, l)
-    args = [q, k, v, opart, lpart, *call.args_rules, call.qrng]
-    args += [*q.stride(), *k.stride(), *v.stride(), *call.strides_rules]
+    k, v, scales, scale_strides, qconsts = kv_operands(k, v, q)
+    args = [q, k, v, opart, lpart, *call.args_rules, call.qrng, *scales]
+    args += [*q.stride(), *k.stride(), *v.stride(), *call.strides_rules, *scale_strides]
     args += [*call.scalars, *call.scale_args, *call.drop_args]
     args += [split_len, n_splits, heads_per_prog, n_hchunks]
-    consts = dict(call.consts, BLOCK_M=block_m, **descriptor_args(k, v, tma))
+    consts = dict(call.consts, BLOCK_M=block_m, **qconsts, **descriptor_args(k, v, tma))
 
     def grid(meta):
         return (n_splits, progs)
@@ -277,7 +281,9 @@ def backward(
 
 class TritonAttention(torch.autograd.Function):
     """Autograd for the fused kernels: saves q, k, v, out and lse; the backward kernels
-    recompute the probabilities from the lse (FlashAttention-2)."""
+    recompute the probabilities from the lse (FlashAttention-2). A :class:`QuantizedKV` k or
+    v (no gradient) is kept as it is and dequantized, in the basis of its codes, for the
+    backward kernels only."""
 
     @staticmethod
     def forward(ctx, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
@@ -285,13 +291,20 @@ class TritonAttention(torch.autograd.Function):
         ctx.spec, ctx.seed = spec, seed
         ctx.need_bias = bias is not None and bias.requires_grad
         ctx.need_alibi = alibi is not None and alibi.requires_grad
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.quantized = [t if type(t) is QuantizedKV else None for t in (k, v)]
+        k_saved, v_saved = (q.new_empty(0) if type(t) is QuantizedKV else t for t in (k, v))
+        ctx.save_for_backward(q, k_saved, v_saved, out, lse)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
+        kq, vq = ctx.quantized
+        if kq is not None:
+            k = kq.dequantize(rotated=True)
+        if vq is not None:
+            v = vq.dequantize(rotated=True)
         spec = ctx.spec
         with torch.no_grad():  # create_graph=True: first-order gradients, refused below
             dq, dk, dv, dbias, dalibi = backward(
@@ -301,17 +314,39 @@ class TritonAttention(torch.autograd.Function):
             dbias = dbias.to(spec.bias.dtype)
         if dalibi is not None:
             dalibi = dalibi.to(spec.alibi_slopes.dtype)
+        if kq is not None:
+            dk = None  # a QuantizedKV gets no gradient
+        if vq is not None:
+            dv = None
         anchors = (q, k, v, spec.bias, spec.alibi_slopes)
         return (None, None, *first_order("triton", anchors, (dq, dk, dv, dbias, dalibi)))
 
 
 def attention(
-    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Seed
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
+    v: torch.Tensor | QuantizedKV,
+    seed: Seed,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend's entry: autograd when the spec needs it, plain kernels otherwise."""
+    """The backend's entry: autograd when the spec needs it, plain kernels otherwise.
+
+    ``k`` and ``v`` may be :class:`QuantizedKV`: the kernels read their codes (never a
+    dequantized copy). Rotated codes stay rotated: q is rotated for rotated keys (scores
+    ``q . (H r) = (H q) . r``) and the output for rotated values (``sum p (H r) = H sum p r``).
+    """
+    rotate_out = False
+    if type(k) is QuantizedKV or type(v) is QuantizedKV:
+        if type(k) is QuantizedKV and k.rotate:
+            q = rotated_like(q)  # (B, Hq, Nq, D), differentiable
+        rotate_out = type(v) is QuantizedKV and v.rotate
     if spec.requires_grad:
-        return TritonAttention.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
-    return forward(spec, q, k, v, seed)
+        out, lse = TritonAttention.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
+    else:
+        out, lse = forward(spec, q, k, v, seed)
+    if rotate_out:
+        out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------

@@ -161,11 +161,52 @@ def _zero_bad(x):
 
 
 @triton.jit
+def _load_codes(
+    rows, srows, ok, stride_d, stride_sd, D, f_base,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """A (R, BLOCK_D) tile of quantized keys or values, dequantized in registers to ``f_base``'s
+    dtype exactly as ``QuantizedKV.dequantize(rotated=True)`` does (float32 code * scale, then
+    rounded once), so a kernel reading the codes sees the same operands as one reading the
+    dequantized copy.
+
+    ``rows`` (R,) point at each row's first code byte, ``srows`` at its first float32 scale
+    (one per ``GROUP`` channels). 8 bits: int8 codes; 4 bits: uint8 bytes holding
+    ``code + 8`` of the even channel in the low nibble, of the odd one in the high nibble
+    (``selfattn.quant``). Masked entries read code 0 and scale 0, i.e. zero.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    if BITS == 8:
+        cptrs = rows[:, None] + offs_d[None, :] * stride_d
+    else:  # two channels per byte: each byte is read for both (the second read hits L1)
+        cptrs = rows[:, None] + (offs_d // 2)[None, :] * stride_d
+    sptrs = srows[:, None] + (offs_d // GROUP)[None, :] * stride_sd
+    if MASKED:
+        m = ok[:, None] & (offs_d < D)[None, :]
+        c = tl.load(cptrs, mask=m, other=0)
+        sc = tl.load(sptrs, mask=m, other=0.0)
+    elif EVEN_D:
+        c = tl.load(cptrs)
+        sc = tl.load(sptrs)
+    else:
+        m = (offs_d < D)[None, :]
+        c = tl.load(cptrs, mask=m, other=0)
+        sc = tl.load(sptrs, mask=m, other=0.0)
+    if BITS == 4:
+        c = ((c.to(tl.int32) >> ((offs_d % 2) * 4)[None, :]) & 15) - 8
+    x = c.to(tl.float32) * sc
+    return x.to(f_base.dtype.element_ty)
+
+
+@triton.jit
 def _load_kv(
     k_base, v_base, desc_k, desc_v, kv_b, kv_h, start_n, offs_n,
     stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, CLEAN: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ks_base, vs_base, stride_ksn, stride_ksd, stride_vsn, stride_vsd, f_base,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """The key and value tiles of keys ``offs_n`` (from ``start_n``), and which keys are bad.
 
@@ -173,19 +214,44 @@ def _load_kv(
     (B, Hkv, Nk, D); rows past Nk and columns past D read as zero). With ``CLEAN``, non-finite
     entries are zeroed and ``bad_k`` / ``bad_v`` mark the keys whose k / v row held one (see
     the module docstring).
+
+    ``K_BITS`` / ``V_BITS`` (8 or 4; 0 for float tensors) read quantized codes from
+    ``k_base`` / ``v_base`` and their scales from ``ks_base`` / ``vs_base`` (``_load_codes``;
+    never through TMA), dequantized to ``f_base``'s dtype. A quantized value row has no float
+    row for ``_bad_values`` to re-read, so a non-finite one (a NaN scale) is treated as a bad
+    key: the rows that see it are NaN in every column.
     """
     if USE_TMA:
         k = desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
     else:
         col_ok = offs_n < Nk
-        k = _load_tile(k_base + offs_n * stride_kn, col_ok, stride_kd, D, BLOCK_D, MASKED, EVEN_D)
-        v = _load_tile(v_base + offs_n * stride_vn, col_ok, stride_vd, DV, BLOCK_DV, MASKED, EVEN_D)
+        if K_BITS == 0:
+            k = _load_tile(
+                k_base + offs_n * stride_kn, col_ok, stride_kd, D, BLOCK_D, MASKED, EVEN_D
+            )
+        else:
+            k = _load_codes(
+                k_base + offs_n * stride_kn, ks_base + offs_n * stride_ksn, col_ok, stride_kd,
+                stride_ksd, D, f_base, K_BITS, K_GROUP, BLOCK_D, MASKED, EVEN_D,
+            )  # fmt: skip
+        if V_BITS == 0:
+            v = _load_tile(
+                v_base + offs_n * stride_vn, col_ok, stride_vd, DV, BLOCK_DV, MASKED, EVEN_D
+            )
+        else:
+            v = _load_codes(
+                v_base + offs_n * stride_vn, vs_base + offs_n * stride_vsn, col_ok, stride_vd,
+                stride_vsd, DV, f_base, V_BITS, V_GROUP, BLOCK_DV, MASKED, EVEN_D,
+            )  # fmt: skip
     bad_k = offs_n  # unused without CLEAN
     bad_v = offs_n
     if CLEAN:
         k, bad_k = _zero_bad(k)
         v, bad_v = _zero_bad(v)
+        if V_BITS != 0:  # no float row to re-read: poison the key instead (see above)
+            bad_k = bad_k | bad_v
+            bad_v = offs_n < 0
     if UPCAST:  # the interpreter cannot multiply bfloat16 (triton-lang/triton#11584)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -321,6 +387,8 @@ def _fix_bad_values(
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ks_base, vs_base, stride_ksn, stride_ksd, stride_vsn, stride_vsd, f_base,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """Add back to ``acc`` the non-finite values that cleaned tiles zeroed (``_bad_values``)
     over the keys ``[start, end)``, after the online softmax: the probabilities are relative to
@@ -338,6 +406,7 @@ def _fix_bad_values(
             k_base, v_base, k_base, v_base, 0, 0, start_n, offs_n,  # no TMA here
             stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
             True, EVEN_D, True, UPCAST, False, FIX_N, BLOCK_D, BLOCK_DV,
+            ks_base, vs_base, stride_ksn, stride_ksd, stride_vsn, stride_vsd, f_base, K_BITS, V_BITS, K_GROUP, V_GROUP,
         )  # fmt: skip
         if tl.max(bad_v.to(tl.int32), 0) > 0:
             s, _t = _row_scores(
@@ -569,6 +638,8 @@ def _fwd_inner(
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
     PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ks_base, vs_base, stride_ksn, stride_ksd, stride_vsn, stride_vsd, f_base,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """One stretch of key tiles ``[start, end)`` of the online softmax (rows x keys). ``flag``
     (int32) becomes 1 when a row saw a value that a cleaned tile zeroed (``_fix_bad_values``)."""
@@ -580,6 +651,7 @@ def _fwd_inner(
             k_base, v_base, desc_k, desc_v, kv_b, kv_h, start_n, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
             MASKED, EVEN_D, CLEAN and APPLY, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
+            ks_base, vs_base, stride_ksn, stride_ksd, stride_vsn, stride_vsd, f_base, K_BITS, V_BITS, K_GROUP, V_GROUP,
         )  # fmt: skip
         s, _t = _row_scores(
             q, k, bad_k, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope, mask_rows,
@@ -599,7 +671,7 @@ def _fwd_inner(
             keep = _keep(hr[:, None], _col_hash(offs_n, seed1)[None, :], thresh)
             p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None]
-        p = p.to(v_base.dtype.element_ty)  # P in the dtype of V, as FlashAttention does
+        p = p.to(f_base.dtype.element_ty)  # P in the dtype of V, as FlashAttention does
         if UPCAST:
             p = p.to(tl.float32)
         acc = tl.dot(p, v, acc, input_precision=PREC)
@@ -609,7 +681,7 @@ def _fwd_inner(
 
 @triton.jit
 def _attend(
-    Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V,
+    Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V, KS, VS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -617,6 +689,7 @@ def _attend(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_sb, stride_sh,
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    stride_ksb, stride_ksh, stride_ksn, stride_ksd, stride_vsb, stride_vsh, stride_vsn, stride_vsd,
     b, h, hk, i, row_ok, p_lo, p_hi, k_lo, k_hi,
     B, H, Nq, Nk, D, DV, OFF,
     qk_scale, cap, win_left, win_right,
@@ -626,6 +699,7 @@ def _attend(
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
     PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """The online softmax of a tile of query rows (see ``_row_tile``) over the keys of key/value
     head ``hk`` in ``[k_lo, k_hi)``: ``acc`` (BLOCK_M, BLOCK_DV) unnormalised, the row sums
@@ -644,6 +718,8 @@ def _attend(
     kv_b = b.to(tl.int32)  # TMA coordinates
     kv_h = hk.to(tl.int32)
     kvid_base = KVIDS + b * stride_kvidb
+    ks_base = KS + b * stride_ksb + hk * stride_ksh  # scales of quantized keys/values (K_BITS)
+    vs_base = VS + b * stride_vsb + hk * stride_vsh
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_FLOOR
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -657,6 +733,8 @@ def _attend(
             stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap, win_left, win_right,
             phase != 1, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
             SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV,
+            ks_base, vs_base, stride_ksn, stride_ksd, stride_vsn, stride_vsd, Q, K_BITS, V_BITS,
+            K_GROUP, V_GROUP,
         )  # fmt: skip
     if CLEAN:  # noqa: SIM102 (compile-time test, then a run-time one)
         if flag > 0:  # rare: a value row some row may not see holds NaN/inf
@@ -665,14 +743,16 @@ def _attend(
                 Nk, D, DV, pos, row_ok, bias_rows, stride_biasn, slope, mask_rows, stride_maskn,
                 qid, kvid_base, stride_kvidn, hr, s1, th, drop_scale, qk_scale, cap, win_left,
                 win_right, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI, HAS_MASK, HAS_SEG,
-                SOFTCAP, DROPOUT, PREC, EVEN_D, UPCAST, BLOCK_D, BLOCK_DV,
+                SOFTCAP, DROPOUT, PREC, EVEN_D, UPCAST, BLOCK_D, BLOCK_DV, ks_base, vs_base,
+                stride_ksn, stride_ksd, stride_vsn, stride_vsd, Q, K_BITS, V_BITS, K_GROUP,
+                V_GROUP,
             )  # fmt: skip
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
 def attn_fwd(
-    Q, K, V, O, LSE, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG,
+    Q, K, V, O, LSE, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, KS, VS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -681,6 +761,7 @@ def attn_fwd(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_sb, stride_sh,
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    stride_ksb, stride_ksh, stride_ksn, stride_ksd, stride_vsb, stride_vsh, stride_vsn, stride_vsd,
     B, H, G, Nq, Nk, D, DV, OFF,
     qk_scale, cap, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
@@ -692,6 +773,7 @@ def attn_fwd(
     PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """One program = ``BLOCK_M`` query rows of one (batch, query head); grid (M tiles, B * Hq).
 
@@ -708,16 +790,18 @@ def attn_fwd(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Nq
     acc, l_i, m_i = _attend(
-        Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V,
+        Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V, KS, VS,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_biasb, stride_biash, stride_biasm,
         stride_biasn, stride_maskb, stride_maskh, stride_maskm, stride_maskn, stride_sb,
         stride_sh, stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+        stride_ksb, stride_ksh, stride_ksn, stride_ksd, stride_vsb, stride_vsh, stride_vsn,
+        stride_vsd,
         b, h, h // G, offs_m, row_ok, m0 + OFF, tl.minimum(m0 + BLOCK_M, Nq) - 1 + OFF, 0, Nk,
         B, H, Nq, Nk, D, DV, OFF, qk_scale, cap, win_left, win_right,
         seed0, seed1, thresh, drop_scale, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI,
         HAS_MASK, HAS_SEG, SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, K_BITS, V_BITS, K_GROUP, V_GROUP,
     )  # fmt: skip
 
     # every visible row has l_i >= 1 (its maximum contributes exp2(0)); empty rows have 0
@@ -737,7 +821,7 @@ def attn_fwd(
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
 def attn_decode(
-    Q, K, V, OPART, LPART, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG,
+    Q, K, V, OPART, LPART, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, KS, VS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -745,6 +829,7 @@ def attn_decode(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_sb, stride_sh,
     stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+    stride_ksb, stride_ksh, stride_ksn, stride_ksd, stride_vsb, stride_vsh, stride_vsn, stride_vsd,
     B, H, G, Nq, Nk, D, DV, OFF,
     qk_scale, cap, win_left, win_right,
     seed0, seed1, thresh, drop_scale,
@@ -756,6 +841,7 @@ def attn_decode(
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CLEAN: tl.constexpr,
     PREC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """One program = one split of the keys x (several query heads x all Nq rows) of one key/value
     head; grid (splits, B * Hkv * head chunks). Row ``r`` of the tile is query ``r % Nq`` of head
@@ -779,16 +865,18 @@ def attn_decode(
     h = hk * G + tl.minimum(gh, G - 1).to(tl.int64)  # (BLOCK_M,)
     k_start = split * split_len  # this program's share of the keys
     acc, l_i, m_i = _attend(
-        Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V,
+        Q, K, V, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, DESC_K, DESC_V, KS, VS,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_biasb, stride_biash, stride_biasm,
         stride_biasn, stride_maskb, stride_maskh, stride_maskm, stride_maskn, stride_sb,
         stride_sh, stride_qidb, stride_qidm, stride_kvidb, stride_kvidn,
+        stride_ksb, stride_ksh, stride_ksn, stride_ksd, stride_vsb, stride_vsh, stride_vsn,
+        stride_vsd,
         b, h, hk, i, row_ok, OFF, Nq - 1 + OFF, k_start, tl.minimum(k_start + split_len, Nk),
         B, H, Nq, Nk, D, DV, OFF, qk_scale, cap, win_left, win_right,
         seed0, seed1, thresh, drop_scale, CAUSAL, HAS_LEFT, HAS_RIGHT, HAS_BIAS, HAS_ALIBI,
         HAS_MASK, HAS_SEG, SOFTCAP, DROPOUT, CLEAN, PREC, EVEN_D, UPCAST, USE_TMA,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, K_BITS, V_BITS, K_GROUP, V_GROUP,
     )  # fmt: skip
 
     row_g = (b * H + h) * Nq + i  # (BLOCK_M,) global row id
@@ -990,6 +1078,7 @@ def bwd_dkdv(
         k_base, v_base, k_base, v_base, 0, 0, n0, offs_n,  # no TMA here
         stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
         True, EVEN_D, CLEAN, UPCAST, False, BLOCK_N, BLOCK_D, BLOCK_DV,
+        k_base, v_base, 0, 0, 0, 0, k_base, 0, 0, 1, 1,  # float keys and values
     )  # fmt: skip
     bad = bad_k | bad_v  # the rows that see a bad k or v row get NaN gradients
 
@@ -1069,6 +1158,7 @@ def _dq_inner(
             k_base, v_base, k_base, v_base, 0, 0, start_n, offs_n,  # no TMA here
             stride_kn, stride_kd, stride_vn, stride_vd, Nk, D, DV,
             MASKED, EVEN_D, CLEAN and APPLY, UPCAST, False, BLOCK_N, BLOCK_D, BLOCK_DV,
+            k_base, v_base, 0, 0, 0, 0, k_base, 0, 0, 1, 1,  # float keys and values
         )  # fmt: skip
         s, t = _row_scores(  # a bad value row poisons the scores here: NaN gradients
             q, k, bad_k | bad_v, offs_n, pos, row_ok, Nk, bias_rows, stride_bias_n, slope, mask_rows,

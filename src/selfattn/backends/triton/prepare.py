@@ -9,11 +9,12 @@ import torch
 import triton
 
 from ... import _rng
+from ...quant import QuantizedKV
 from ...rules import bounds
 from ...spec import AttentionSpec
 from . import interpreting
 
-__all__ = ["Call", "broadcast_strides", "match_ranges", "may_hide", "prepare"]
+__all__ = ["Call", "broadcast_strides", "kv_operands", "match_ranges", "may_hide", "prepare"]
 
 
 def broadcast_strides(t: torch.Tensor | None, n: int) -> list[int]:
@@ -159,3 +160,31 @@ def prepare(
         drop_args=drop_args,
         consts=consts,
     )
+
+
+def kv_operands(
+    k: torch.Tensor | QuantizedKV, v: torch.Tensor | QuantizedKV, dummy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list, list, dict]:
+    """What the forward kernels take for keys and values that may be :class:`QuantizedKV`.
+
+    Returns ``(k, v, [KS, VS], scale strides (8), consts)``: a quantized operand becomes its
+    codes (int8 (B, Hkv, N, D), or uint8 (B, Hkv, N, D / 2) for 4 bits) and its float32
+    scales (B, Hkv, N, D / group), read in the basis the codes encode (rotation is the
+    caller's: ``host.attention``); a float tensor stays itself, with ``dummy`` for its scales
+    and zero strides. ``consts`` holds ``K_BITS``, ``V_BITS`` (0 for float) and the groups.
+    """
+    scales, strides = [], []
+    consts: dict = {}
+    ops = []
+    for name, t in (("K", k), ("V", v)):
+        if type(t) is QuantizedKV:
+            ops.append(t.codes)
+            scales.append(t.scales)
+            strides += list(t.scales.stride())
+            consts[f"{name}_BITS"], consts[f"{name}_GROUP"] = t.bits, t.group_size
+        else:
+            ops.append(t)
+            scales.append(dummy)
+            strides += [0, 0, 0, 0]
+            consts[f"{name}_BITS"], consts[f"{name}_GROUP"] = 0, 1
+    return ops[0], ops[1], scales, strides, consts

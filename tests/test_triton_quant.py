@@ -1,0 +1,170 @@
+"""The ``triton`` kernels reading a :class:`selfattn.QuantizedKV` (int8, 4-bit, rotation): the
+forward and split-K decode kernels dequantize the codes in registers, and the result equals
+attention on ``dequantize()`` (bitwise for unrotated codes, whose operands are identical;
+within float32 rounding with rotation, where q and the output are rotated instead).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) and, where there is one, on a CUDA GPU.
+Shapes are small and odd (D = 40 pads to 64 columns; 67 keys span three 32-key tiles).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import selfattn
+from helpers import make_qkv, max_err, to_np
+from selfattn.backends.triton import TritonBackend, host, interp
+from selfattn.quant import QuantizedKV, quantize_kv
+from selfattn.spec import validate
+from test_triton import INTERPRET_BLOCKS, rules, to
+
+DEVICES = [
+    pytest.param("interpret", marks=pytest.mark.interpret, id="interp"),
+    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def dev(request, monkeypatch) -> torch.device:
+    if request.param == "interpret":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        for kind, blocks in INTERPRET_BLOCKS.items():
+            monkeypatch.setitem(interp.INTERPRET_BLOCKS, kind, blocks)
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return torch.device("cuda")
+
+
+def on(x, dev):
+    """A tensor or QuantizedKV on ``dev``."""
+    if type(x) is QuantizedKV:
+        return QuantizedKV(
+            x.codes.to(dev), x.scales.to(dev), bits=x.bits, group_size=x.group_size,
+            rotate=x.rotate, dtype=x.dtype,
+        )  # fmt: skip
+    return x.to(dev)
+
+
+def deq(x):
+    return x.dequantize() if type(x) is QuantizedKV else x
+
+
+def run_quantized(q, k, v, dev, **kw):
+    """The triton backend handed the QuantizedKV itself (the kernels read its codes)."""
+    q, k, v = on(q, dev), on(k, dev), on(v, dev)
+    kw = to(kw, dev)
+    spec = validate(q, deq(k), deq(v), return_lse=True, **kw)
+    return TritonBackend().run(spec, q, k, v, None)
+
+
+def run_dequantized(q, k, v, dev, **kw):
+    q, k, v = on(q, dev), on(deq(k), dev), on(deq(v), dev)
+    return selfattn.attention(q, k, v, backend="triton", return_lse=True, **to(kw, dev))
+
+
+def check(dev, shape, rule, kbits, vbits, rotate, dtype=torch.float32):
+    b, hq, hkv, nq, nk, d, dv = shape
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dv, dtype=dtype, seed=3)
+    kq = quantize_kv(k, bits=kbits, rotate=rotate) if kbits else k
+    vq = quantize_kv(v, bits=vbits, rotate=rotate) if vbits else v
+    kw = rules(rule, b, hq, nq, nk, dtype)
+    out, lse = run_quantized(q, kq, vq, dev, **kw)
+    want, want_lse = run_dequantized(q, kq, vq, dev, **kw)
+    assert out.dtype == dtype and out.shape == (b, hq, nq, dv)
+    # Triton's interpreter truncates float32 -> bfloat16 where torch (and the GPU) round to
+    # nearest: there the dequantized keys may differ from dequantize()'s in the last bit
+    exact = not rotate and not (dev.type == "cpu" and dtype == torch.bfloat16)
+    if exact:  # the same operands reach the same tiles: the same bits
+        assert torch.equal(out, want) and torch.equal(lse, want_lse), rule
+        return
+    # rotation moves where float32 rounds (q and the output are rotated instead)
+    tol = 2e-6 if dtype == torch.float32 else 2e-2 if dtype == torch.bfloat16 else 2e-3
+    assert max_err(out, to_np(want.float())) < tol * max(1.0, float(want.abs().max()))
+    fin = torch.isfinite(want_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    lse_tol = 1e-5 if dtype == torch.float32 else tol
+    assert max_err(lse[fin], to_np(want_lse[fin])) < lse_tol * max(1.0, float(want_lse.abs().max()))
+
+
+SHAPE = (1, 4, 2, 37, 67, 40, 32)  # GQA 4 -> 2, D 40 (padded), Dv 32
+
+
+@pytest.mark.parametrize("rule", ["none", "causal", "window", "mask", "segments", "combo"])
+@pytest.mark.parametrize(
+    "kbits, vbits, rotate",
+    [(8, 8, False), (4, 4, False), (4, 4, True), (8, 0, True), (0, 4, True)],
+    ids=["int8", "int4", "int4-rot", "k8-rot", "v4-rot"],
+)
+def test_quantized_forward_equals_dequantized(dev, rule, kbits, vbits, rotate, monkeypatch):
+    monkeypatch.setattr(host, "DECODE_MODE", "never")
+    check(dev, SHAPE, rule, kbits, vbits, rotate)
+
+
+@pytest.mark.parametrize("rule", ["none", "causal", "combo"])
+@pytest.mark.parametrize(
+    "kbits, vbits, rotate", [(8, 8, False), (4, 4, True), (4, 8, False)], ids=["int8", "int4-rot", "k4v8"]
+)
+def test_quantized_decode_equals_dequantized(dev, rule, kbits, vbits, rotate, monkeypatch):
+    """The split-K decode kernel (GQA 6 -> 2, three splits) reads the codes too."""
+    monkeypatch.setattr(host, "DECODE_MODE", "always")
+    monkeypatch.setitem(interp.INTERPRET_BLOCKS, "decode_splits", 3)
+    check(dev, (2, 6, 2, 3, 150, 40, 32), rule, kbits, vbits, rotate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rot"])
+def test_quantized_half_dtypes(dev, dtype, rotate, monkeypatch):
+    """Codes are dequantized to the float dtype the QuantizedKV records, as dequantize() does."""
+    monkeypatch.setattr(host, "DECODE_MODE", "never")
+    check(dev, (1, 2, 1, 37, 67, 64, 64), "causal", 8, 4, rotate, dtype)
+
+
+def test_quantized_view_of_a_longer_store(dev, monkeypatch):
+    """A cache hands attention a narrowed view of preallocated codes: strides, not a copy."""
+    monkeypatch.setattr(host, "DECODE_MODE", "always")
+    _, k, v = make_qkv(1, 2, 2, 1, 200, 64, seed=5)
+    q = make_qkv(1, 4, 2, 2, 120, 64, seed=6)[0]
+    kq = quantize_kv(k, bits=4).narrow(0, 120)
+    vq = quantize_kv(v, bits=8).narrow(0, 120)
+    out, lse = run_quantized(q, kq, vq, dev, causal=True)
+    want, want_lse = run_dequantized(q, kq, vq, dev, causal=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rot"])
+def test_quantized_gradient_of_q(dev, rotate, monkeypatch):
+    """q gets its gradient through quantized keys and values (dequantized for the backward
+    kernels only); the QuantizedKV gets none."""
+    monkeypatch.setattr(host, "DECODE_MODE", "never")
+    q, k, v = make_qkv(1, 4, 2, 37, 67, 32, seed=8)
+    kq, vq = quantize_kv(k, bits=8, rotate=rotate), quantize_kv(v, bits=4, rotate=rotate)
+    dout = torch.randn(1, 4, 37, 32, generator=torch.Generator().manual_seed(9)).to(dev)
+    qq = q.to(dev).requires_grad_(True)
+    spec = validate(qq, deq(kq).to(dev), deq(vq).to(dev), causal=True)
+    out, _ = TritonBackend().run(spec, qq, on(kq, dev), on(vq, dev), None)
+    (got,) = torch.autograd.grad((out * dout).sum(), [qq])
+    qm = q.to(dev).requires_grad_(True)
+    ref = selfattn.attention(qm, deq(kq).to(dev), deq(vq).to(dev), causal=True, backend="math")
+    (want,) = torch.autograd.grad((ref * dout).sum(), [qm])
+    assert max_err(got, to_np(want)) < 1e-5 * max(1.0, float(want.abs().max()))
+
+
+def test_quantized_nan_scale_poisons_only_rows_that_see_its_key(dev, monkeypatch):
+    """A NaN scale (quantize_kv of a NaN value) is treated as a bad key by a kernel reading
+    codes: rows that see it are NaN, rows the rules hide it from are untouched."""
+    monkeypatch.setattr(host, "DECODE_MODE", "never")
+    q, k, v = make_qkv(1, 2, 2, 37, 67, 32, seed=10)
+    kq, vq = quantize_kv(k, bits=8), quantize_kv(v, bits=8)
+    vq.scales[0, 0, 50, 0] = float("nan")  # key 50 of head 0; causal: rows 20.. see it
+    kq.scales[0, 1, 60, 0] = float("nan")  # key 60 of head 1: rows 30.. see it
+    out, lse = run_quantized(q, kq, vq, dev, causal=True)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isfinite(out[0, 0, :20]).all() and out[0, 0, 20:].isnan().all()
+    assert torch.isfinite(lse[0, 0, :20]).all() and lse[0, 0, 20:].isnan().all()  # a bad key
+    assert torch.isfinite(out[0, 1, :30]).all() and out[0, 1, 30:].isnan().all()
+    assert lse[0, 1, 30:].isnan().all()
