@@ -223,8 +223,9 @@ def scenarios(quick: bool):
     yield "decode bf16 GQA int8", fwd({}, shape=(1, 32, 8, 1, 16384, 128), bits=(8, 8))
     yield "decode bf16 GQA int4", fwd({}, shape=(1, 32, 8, 1, 16384, 128), bits=(4, 4))
     yield "fwd bf16 D128 causal int8", fwd({"causal": True}, bits=(8, 8))
-    yield "fwd fp16 D64 causal int4", fwd(
-        {"causal": True}, shape=(4, 32, 32, 2048, 2048, 64), dtype=torch.float16, bits=(4, 4)
+    yield (
+        "fwd fp16 D64 causal int4",
+        fwd({"causal": True}, shape=(4, 32, 32, 2048, 2048, 64), dtype=torch.float16, bits=(4, 4)),
     )
     bias = torch.zeros(1, 16, n, n).requires_grad_(True)
     yield "bwd bf16 D128 bias grad", bwd({"bias": bias}, need_bias=True)

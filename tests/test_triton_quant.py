@@ -59,7 +59,7 @@ def run_quantized(q, k, v, dev, **kw):
     q, k, v = on(q, dev), on(k, dev), on(v, dev)
     kw = to(kw, dev)
     spec = validate(q, deq(k), deq(v), return_lse=True, **kw)
-    return TritonBackend().run(spec, q, k, v, None)
+    return TritonBackend().run_quantized(spec, q, k, v, None)
 
 
 def run_dequantized(q, k, v, dev, **kw):
@@ -94,26 +94,51 @@ def check(dev, shape, rule, kbits, vbits, rotate, dtype=torch.float32):
 SHAPE = (1, 4, 2, 37, 67, 40, 32)  # GQA 4 -> 2, D 40 (padded), Dv 32
 
 
-@pytest.mark.parametrize("rule", ["none", "causal", "window", "mask", "segments", "combo"])
-@pytest.mark.parametrize(
-    "kbits, vbits, rotate",
-    [(8, 8, False), (4, 4, False), (4, 4, True), (8, 0, True), (0, 4, True)],
-    ids=["int8", "int4", "int4-rot", "k8-rot", "v4-rot"],
-)
-def test_quantized_forward_equals_dequantized(dev, rule, kbits, vbits, rotate, monkeypatch):
+CONFIGS = {  # (k bits, v bits, rotate); 0 bits: a float tensor
+    "int8": (8, 8, False),
+    "int4": (4, 4, False),
+    "int4-rot": (4, 4, True),
+    "k8-rot": (8, 0, True),
+    "v4-rot": (0, 4, True),
+    "k4v8": (4, 8, False),
+}
+FORWARD = [
+    ("int8", "none"), ("int8", "causal"), ("int8", "mask"), ("int8", "combo"),
+    ("int4", "window"), ("int4", "segments"), ("int4", "combo"),
+    ("int4-rot", "causal"), ("int4-rot", "combo"), ("k8-rot", "mask"), ("v4-rot", "causal"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config, rule", FORWARD, ids=[f"{c}-{r}" for c, r in FORWARD])
+def test_quantized_forward_equals_dequantized(dev, config, rule, monkeypatch):
     monkeypatch.setattr(host, "DECODE_MODE", "never")
-    check(dev, SHAPE, rule, kbits, vbits, rotate)
+    check(dev, SHAPE, rule, *CONFIGS[config])
 
 
-@pytest.mark.parametrize("rule", ["none", "causal", "combo"])
-@pytest.mark.parametrize(
-    "kbits, vbits, rotate", [(8, 8, False), (4, 4, True), (4, 8, False)], ids=["int8", "int4-rot", "k4v8"]
-)
-def test_quantized_decode_equals_dequantized(dev, rule, kbits, vbits, rotate, monkeypatch):
+DECODE = [("int8", "none"), ("int8", "combo"), ("int4-rot", "causal"), ("k4v8", "window")]
+
+
+@pytest.mark.parametrize("config, rule", DECODE, ids=[f"{c}-{r}" for c, r in DECODE])
+def test_quantized_decode_equals_dequantized(dev, config, rule, monkeypatch):
     """The split-K decode kernel (GQA 6 -> 2, three splits) reads the codes too."""
     monkeypatch.setattr(host, "DECODE_MODE", "always")
     monkeypatch.setitem(interp.INTERPRET_BLOCKS, "decode_splits", 3)
-    check(dev, (2, 6, 2, 3, 150, 40, 32), rule, kbits, vbits, rotate)
+    check(dev, (2, 6, 2, 3, 150, 40, 32), rule, *CONFIGS[config])
+
+
+@pytest.mark.parametrize(
+    "bits, group", [(8, 20), (8, 8), (4, 4), (4, 10)], ids=["8g20", "8g8", "4g4", "4g10"]
+)
+def test_quantized_group_sizes(dev, bits, group, monkeypatch):
+    """Scales per row (the defaults), per power-of-two group (broadcast) and per odd group
+    (gathered per element) all dequantize as dequantize() does."""
+    monkeypatch.setattr(host, "DECODE_MODE", "never")
+    q, k, v = make_qkv(1, 2, 1, 37, 67, 40, seed=4)
+    kq = quantize_kv(k, bits=bits, group_size=group)
+    vq = quantize_kv(v, bits=bits, group_size=group)
+    out, lse = run_quantized(q, kq, vq, dev, causal=True)
+    want, want_lse = run_dequantized(q, kq, vq, dev, causal=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -146,7 +171,7 @@ def test_quantized_gradient_of_q(dev, rotate, monkeypatch):
     dout = torch.randn(1, 4, 37, 32, generator=torch.Generator().manual_seed(9)).to(dev)
     qq = q.to(dev).requires_grad_(True)
     spec = validate(qq, deq(kq).to(dev), deq(vq).to(dev), causal=True)
-    out, _ = TritonBackend().run(spec, qq, on(kq, dev), on(vq, dev), None)
+    out, _ = TritonBackend().run_quantized(spec, qq, on(kq, dev), on(vq, dev), None)
     (got,) = torch.autograd.grad((out * dout).sum(), [qq])
     qm = q.to(dev).requires_grad_(True)
     ref = selfattn.attention(qm, deq(kq).to(dev), deq(vq).to(dev), causal=True, backend="math")

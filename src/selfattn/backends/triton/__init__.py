@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ...quant import QuantizedKV
 from ...spec import AttentionSpec
 
 __all__ = ["MAX_HEAD_DIM", "TritonBackend", "interpreting"]
@@ -77,6 +78,26 @@ class TritonBackend:
 
         return host.attention(spec, q, k, v, seed)
 
+    # the front door hands it QuantizedKV operands as they are (``run_quantized``)
+    reads_quantized = True
+
+    def run_quantized(
+        self,
+        spec: AttentionSpec,
+        q: torch.Tensor,
+        k: torch.Tensor | QuantizedKV,
+        v: torch.Tensor | QuantizedKV,
+        seed: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``run`` with ``k`` and/or ``v`` a ``QuantizedKV`` (``spec`` validated on stand-ins of
+        the dequantized shape): the forward and decode kernels read the codes and scales in
+        place and dequantize them in registers; q is rotated for rotated keys and the output
+        for rotated values (``host.attention``). A gradient of q (or a rule) runs the backward
+        kernels on a dequantized copy made then."""
+        from . import host
+
+        return host.attention(spec, q, k, v, seed)
+
     def forward(self, spec, q, k, v, seed):
         """The forward kernels (decode or row tiles), no autograd; out in q's dtype."""
         from . import host
@@ -94,3 +115,32 @@ class TritonBackend:
         from . import host
 
         return host.weights(spec, q, k, lse, heads, rows)
+
+    def stats(
+        self,
+        spec: AttentionSpec,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        lse: torch.Tensor | None,
+        heads: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        *,
+        col_sum: bool,
+        col_max: bool,
+        entropy: bool,
+        topk: int,
+    ) -> dict[str, torch.Tensor]:
+        """``attention_stats``: column sums and maxima and row entropies from the probabilities
+        kernel, reducing each tile of ``exp(s - lse)`` in registers (never storing it). Top-k
+        has no Triton kernel: it comes from ``tiled``'s statistics (torch ops on the same
+        device, tile by tile from the lse)."""
+        from ..tiled import TiledBackend
+        from . import host
+
+        got = host.stats(
+            spec, q, k, lse, heads, rows, col_sum=col_sum, col_max=col_max, entropy=entropy
+        )
+        if topk:
+            none = {"col_sum": False, "col_max": False, "entropy": False}
+            got.update(TiledBackend().stats(spec, q, k, lse, heads, rows, topk=topk, **none))
+        return got

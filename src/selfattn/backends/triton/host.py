@@ -27,6 +27,7 @@ __all__ = [
     "attention",
     "backward",
     "forward",
+    "stats",
     "use_decode",
     "weights",
 ]
@@ -369,28 +370,92 @@ def weights(
     it for the selected rows only. Selection happens inside the kernel (row and head index
     vectors), so q, k and the rule tensors are never gathered.
     """
-    dev = q.device
+    heads, rows = _selection(spec, q.device, head_idx, row_idx)
+    probs = torch.zeros(
+        spec.B, heads.numel(), rows.numel(), spec.Nk, dtype=torch.float32, device=q.device
+    )
+    if probs.numel():
+        _probs(spec, q, k, lse, heads, rows, probs, {"WRITE_P": True})
+    return probs
+
+
+@interp.interpretable
+def stats(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    head_idx: torch.Tensor | None,
+    row_idx: torch.Tensor | None,
+    *,
+    col_sum: bool,
+    col_max: bool,
+    entropy: bool,
+) -> dict[str, torch.Tensor]:
+    """``attention_stats``'s column sums and maxima (B, H', Nk) and row entropies (B, H', Nq')
+    of the selected heads and rows, float32: the probabilities kernel reduces each tile instead
+    of storing it (``lse`` recomputed for the selected rows when None). Only the keys asked for.
+    """
+    heads, rows = _selection(spec, q.device, head_idx, row_idx)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    b, hs, m = spec.B, heads.numel(), rows.numel()
+    got = {}
+    if col_sum:
+        got["col_sum"] = torch.zeros(b, hs, spec.Nk, **f32)
+    if col_max:
+        got["col_max"] = torch.zeros(b, hs, spec.Nk, **f32)
+    if entropy:
+        got["entropy"] = torch.zeros(b, hs, m, **f32)
+    if got and b * hs * m * spec.Nk:
+        dummy = next(iter(got.values()))
+        outs = [got.get(name, dummy) for name in ("col_sum", "col_max", "entropy")]
+        flags = {"WRITE_P": False, "COL_SUM": col_sum, "COL_MAX": col_max, "ENTROPY": entropy}
+        _probs(spec, q, k, lse, heads, rows, dummy, flags, outs)
+    return got
+
+
+def _selection(
+    spec: AttentionSpec,
+    dev: torch.device,
+    head_idx: torch.Tensor | None,
+    row_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected heads and rows as int32 index vectors on ``dev`` (all when None)."""
     heads = torch.arange(spec.Hq, device=dev) if head_idx is None else head_idx.to(dev)
     rows = torch.arange(spec.Nq, device=dev) if row_idx is None else row_idx.to(dev)
-    heads, rows = heads.to(torch.int32), rows.to(torch.int32)
+    return heads.to(torch.int32), rows.to(torch.int32)
+
+
+def _probs(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    heads: torch.Tensor,
+    rows: torch.Tensor,
+    probs: torch.Tensor,
+    flags: dict[str, bool],
+    outs: list[torch.Tensor] | None = None,
+) -> None:
+    """Launch ``attn_probs``: ``probs`` (B, H', Nq', Nk) written with ``WRITE_P``, ``outs``
+    (col_sum, col_max, entropy; contiguous) reduced into with the stats flags."""
     hs, m = heads.numel(), rows.numel()
-    probs = torch.zeros(spec.B, hs, m, spec.Nk, dtype=torch.float32, device=dev)
-    if probs.numel() == 0:
-        return probs
     call = prepare(spec, q, None)
     lse_t = lse if lse is not None else probs
     lse_strides = list(lse.stride()) if lse is not None else [0, 0, 0]
     # the call's flags but DROPOUT and EVEN_D, which the probabilities kernel does not take
     consts = {n: call.consts[n] for n in configs.FLAG_KEYS if n not in ("DROPOUT", "EVEN_D")}
     consts["BLOCK_D"] = call.consts["BLOCK_D"]
+    consts.update({"COL_SUM": False, "COL_MAX": False, "ENTROPY": False}, **flags)
     if interpreting():
         (bm, bn), launch = interp.INTERPRET_BLOCKS["probs"], {}
     else:
         (bm, bn), launch = (64, 64), {"num_warps": 4, "num_stages": 2}
     b, hq, g, nq, nk, d, _, off = call.scalars
-    args = [q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng]
-    args += [*q.stride(), *k.stride(), *probs.stride(), *lse_strides, *call.strides_rules]
+    outs = outs if outs is not None else [probs] * 3
+    args = [q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng, *outs]
+    p_strides = list(probs.stride()) if flags["WRITE_P"] else [0, 0, 0, 0]
+    args += [*q.stride(), *k.stride(), *p_strides, *lse_strides, *call.strides_rules]
     args += [b, hq, g, nq, nk, d, off, m, hs, *call.scale_args]
     consts.update(HAS_LSE=lse is not None, BLOCK_M=bm, BLOCK_N=bn, **launch)
     kernels.attn_probs[(triton.cdiv(m, bm), spec.B * hs)](*args, **consts)
-    return probs

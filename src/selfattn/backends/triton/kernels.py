@@ -15,7 +15,8 @@ Kernels, top to bottom:
   ``bwd_preprocess``  ``delta_i = rowsum(dO_i * O_i) - dlse_i`` and the lse (+inf where empty).
   ``bwd_dkdv``        per key tile: dK, dV, summed over the query heads of its group (no atomics).
   ``bwd_dq``          per query tile: dQ, and the gradients of ``bias`` and ALiBi slopes.
-  ``attn_probs``      the softmax probabilities of chosen rows and heads (``attention_weights``).
+  ``attn_probs``      the softmax probabilities of chosen rows and heads (``attention_weights``),
+                      or their column sums / maxima and row entropies (``attention_stats``).
 Each kernel stands after its inner loop (``_fwd_inner``, ``_dkdv_inner``, ``_dq_inner``,
 ``_probs_tile``); ``_attend``, the body of both forward kernels, comes before ``attn_fwd``. What
 several kernels share comes first: tile loads and stores, the K/V tile of a loop step
@@ -39,6 +40,13 @@ In the forward a non-finite ``v[j, c]`` leaves the scores alone: ``_bad_values``
 to column ``c`` of the rows that see key ``j`` (NaN, or +-inf as ``p * v`` says), so it never
 touches other columns or the lse (docs/api.md; as ``engine.tiles.bad_values``). The backward
 treats a bad value row like a bad key: the gradients of the rows that see it are NaN.
+
+Quantized keys and values (``selfattn.QuantizedKV``). With ``K_BITS`` / ``V_BITS`` (8 or 4;
+0 for float tensors, which compiles the plain kernels unchanged) the forward and decode kernels
+read int8 codes, or 4-bit codes two per byte, and their float32 group scales, and dequantize
+each tile in registers (``_load_codes``) to exactly the values ``dequantize(rotated=True)``
+gives; the host rotates q and the output for rotated codes. The backward kernels take float
+tensors (the host dequantizes for them).
 
 Dropout uses the counter-based hash of ``selfattn._rng`` in uint32 arithmetic, so every backend
 draws the same mask for the same seed and backward regenerates it.
@@ -163,39 +171,63 @@ def _zero_bad(x):
 @triton.jit
 def _load_codes(
     rows, srows, ok, stride_d, stride_sd, D, f_base,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    """A (R, BLOCK_D) tile of quantized keys or values, dequantized in registers to ``f_base``'s
-    dtype exactly as ``QuantizedKV.dequantize(rotated=True)`` does (float32 code * scale, then
-    rounded once), so a kernel reading the codes sees the same operands as one reading the
-    dequantized copy.
+    """A (BLOCK_R, BLOCK_D) tile of quantized keys or values, dequantized in registers to
+    ``f_base``'s dtype exactly as ``QuantizedKV.dequantize(rotated=True)`` does (float32
+    code * scale, then rounded once), so a kernel reading the codes sees the same operands as
+    one reading the dequantized copy.
 
-    ``rows`` (R,) point at each row's first code byte, ``srows`` at its first float32 scale
-    (one per ``GROUP`` channels). 8 bits: int8 codes; 4 bits: uint8 bytes holding
-    ``code + 8`` of the even channel in the low nibble, of the odd one in the high nibble
-    (``selfattn.quant``). Masked entries read code 0 and scale 0, i.e. zero.
+    ``rows`` (BLOCK_R,) point at each row's first code byte, ``srows`` at its first float32
+    scale. 8 bits: int8 codes; 4 bits: uint8 bytes holding ``code + 8`` of the even channel in
+    the low nibble, of the odd one in the high nibble (``selfattn.quant``): a byte is read once
+    and its two nibbles interleaved. ``GROUP`` channels share a scale; 0 means one scale for the
+    whole row (the 8-bit default): one load per row. A power-of-two group loads (rows, groups)
+    scales and broadcasts them; any other group gathers a scale per element. Masked entries
+    read code 0 and scale 0, i.e. zero.
     """
     offs_d = tl.arange(0, BLOCK_D)
+    if MASKED:  # noqa: SIM108 (a compile-time branch, as in _load_tile)
+        row_m = ok
+    else:
+        row_m = ok | True
     if BITS == 8:
         cptrs = rows[:, None] + offs_d[None, :] * stride_d
-    else:  # two channels per byte: each byte is read for both (the second read hits L1)
-        cptrs = rows[:, None] + (offs_d // 2)[None, :] * stride_d
-    sptrs = srows[:, None] + (offs_d // GROUP)[None, :] * stride_sd
-    if MASKED:
-        m = ok[:, None] & (offs_d < D)[None, :]
-        c = tl.load(cptrs, mask=m, other=0)
-        sc = tl.load(sptrs, mask=m, other=0.0)
-    elif EVEN_D:
-        c = tl.load(cptrs)
-        sc = tl.load(sptrs)
+        if MASKED or not EVEN_D:
+            c = tl.load(cptrs, mask=row_m[:, None] & (offs_d < D)[None, :], other=0)
+        else:
+            c = tl.load(cptrs)
+        c = c.to(tl.float32)
     else:
-        m = (offs_d < D)[None, :]
-        c = tl.load(cptrs, mask=m, other=0)
-        sc = tl.load(sptrs, mask=m, other=0.0)
-    if BITS == 4:
-        c = ((c.to(tl.int32) >> ((offs_d % 2) * 4)[None, :]) & 15) - 8
-    x = c.to(tl.float32) * sc
+        HALF: tl.constexpr = BLOCK_D // 2
+        offs_h = tl.arange(0, HALF)
+        bptrs = rows[:, None] + offs_h[None, :] * stride_d
+        if MASKED or not EVEN_D:
+            byte = tl.load(bptrs, mask=row_m[:, None] & (offs_h * 2 < D)[None, :], other=136)
+        else:
+            byte = tl.load(bptrs)
+        byte = byte.to(tl.int32)  # 136 = 0x88: codes 0 and 0 where masked
+        lo = (byte & 15) - 8
+        hi = (byte >> 4) - 8
+        c = tl.join(lo, hi).reshape(BLOCK_R, BLOCK_D).to(tl.float32)  # channels 2i, 2i + 1
+    if GROUP == 0:  # one scale per row
+        if MASKED:  # noqa: SIM108 (a compile-time branch)
+            sc = tl.load(srows, mask=ok, other=0.0)
+        else:
+            sc = tl.load(srows)
+        x = c * sc[:, None]
+    elif (GROUP & (GROUP - 1)) == 0:  # power-of-two groups: (rows, groups) scales, broadcast
+        NG: tl.constexpr = BLOCK_D // GROUP
+        offs_g = tl.arange(0, NG)
+        gm = row_m[:, None] & (offs_g * GROUP < D)[None, :]
+        sc = tl.load(srows[:, None] + offs_g[None, :] * stride_sd, mask=gm, other=0.0)
+        x = (c.reshape(BLOCK_R, NG, GROUP) * sc[:, :, None]).reshape(BLOCK_R, BLOCK_D)
+    else:  # a scale per element
+        sm = row_m[:, None] & (offs_d < D)[None, :]
+        sptrs = srows[:, None] + (offs_d // GROUP)[None, :] * stride_sd
+        sc = tl.load(sptrs, mask=sm, other=0.0)
+        x = c * sc
     return x.to(f_base.dtype.element_ty)
 
 
@@ -233,7 +265,7 @@ def _load_kv(
         else:
             k = _load_codes(
                 k_base + offs_n * stride_kn, ks_base + offs_n * stride_ksn, col_ok, stride_kd,
-                stride_ksd, D, f_base, K_BITS, K_GROUP, BLOCK_D, MASKED, EVEN_D,
+                stride_ksd, D, f_base, K_BITS, K_GROUP, BLOCK_N, BLOCK_D, MASKED, EVEN_D,
             )  # fmt: skip
         if V_BITS == 0:
             v = _load_tile(
@@ -242,7 +274,7 @@ def _load_kv(
         else:
             v = _load_codes(
                 v_base + offs_n * stride_vn, vs_base + offs_n * stride_vsn, col_ok, stride_vd,
-                stride_vsd, DV, f_base, V_BITS, V_GROUP, BLOCK_DV, MASKED, EVEN_D,
+                stride_vsd, DV, f_base, V_BITS, V_GROUP, BLOCK_N, BLOCK_DV, MASKED, EVEN_D,
             )  # fmt: skip
     bad_k = offs_n  # unused without CLEAN
     bad_v = offs_n
@@ -1322,7 +1354,7 @@ def _probs_tile(
 
 @triton.jit(do_not_specialize=["OFF", "win_left", "win_right"])
 def attn_probs(
-    Q, K, P, LSE, ROWS, HEADS, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG,
+    Q, K, P, LSE, ROWS, HEADS, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, CS, CM, ENT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_pb, stride_ph, stride_pm, stride_pn,
@@ -1338,12 +1370,19 @@ def attn_probs(
     HAS_SEG: tl.constexpr, SOFTCAP: tl.constexpr, CLEAN: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, HAS_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_P: tl.constexpr, COL_SUM: tl.constexpr, COL_MAX: tl.constexpr, ENTROPY: tl.constexpr,
 ):  # fmt: skip
     """Softmax probabilities ``exp(s - lse)`` of selected rows and heads, written tile by tile
     into ``P`` (B, HS, M, Nk) float32 (zero-initialised by the host; tiles the rules leave
     empty are not visited). ``ROWS`` (M,) and ``HEADS`` (HS,) map the selection to query rows
     and heads. Without ``HAS_LSE`` a first pass over the keys computes the lse.
     Grid (M tiles, B * HS).
+
+    ``attention_stats`` runs the same kernel with ``WRITE_P`` off and reduces each tile of
+    probabilities instead of storing it: ``COL_SUM`` / ``COL_MAX`` add the tile's column sums /
+    maxima into ``CS`` / ``CM`` (B, HS, Nk) (zero-initialised; atomically, since every tile of
+    rows adds to the same keys), ``ENTROPY`` keeps ``-sum p log p`` (``log p = s - lse``) per
+    row and writes ``ENT`` (B, HS, M).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -1390,6 +1429,8 @@ def attn_probs(
         lse_p = m_i + tl.math.log2(l_i) * LN2
     lse_p = tl.where(lse_p == float("-inf"), float("inf"), lse_p)  # rows that see nothing: p = 0
     p_base = P + b * stride_pb + hs * stride_ph + offs_r[:, None] * stride_pm
+    col_base = (b * HS + hs) * Nk
+    ent = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(a, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         s = _probs_tile(
@@ -1399,6 +1440,16 @@ def attn_probs(
             HAS_SEG, SOFTCAP, CLEAN, PREC, UPCAST, BLOCK_D,
         )  # fmt: skip
         p = tl.math.exp2((s - lse_p[:, None]) * LOG2E)
-        tl.store(
-            p_base + offs_n[None, :] * stride_pn, p, mask=row_ok[:, None] & (offs_n < Nk)[None, :]
-        )
+        if WRITE_P:
+            tl.store(
+                p_base + offs_n[None, :] * stride_pn, p,
+                mask=row_ok[:, None] & (offs_n < Nk)[None, :],
+            )  # fmt: skip
+        if COL_SUM:
+            tl.atomic_add(CS + col_base + offs_n, tl.sum(p, 0), mask=offs_n < Nk)
+        if COL_MAX:  # p >= 0: a float maximum any order gives the same
+            tl.atomic_max(CM + col_base + offs_n, tl.max(p, 0), mask=offs_n < Nk)
+        if ENTROPY:  # hidden and underflowed keys (p = 0) add nothing
+            ent += tl.sum(tl.where(p > 0.0, -p * (s - lse_p[:, None]), 0.0), 1)
+    if ENTROPY:
+        tl.store(ENT + (b * HS + hs) * M + offs_r, ent, mask=row_ok)

@@ -171,7 +171,8 @@ def kv_operands(
     codes (int8 (B, Hkv, N, D), or uint8 (B, Hkv, N, D / 2) for 4 bits) and its float32
     scales (B, Hkv, N, D / group), read in the basis the codes encode (rotation is the
     caller's: ``host.attention``); a float tensor stays itself, with ``dummy`` for its scales
-    and zero strides. ``consts`` holds ``K_BITS``, ``V_BITS`` (0 for float) and the groups.
+    and zero strides. ``consts`` holds ``K_BITS``, ``V_BITS`` (0 for float) and the groups
+    (``K_GROUP``, ``V_GROUP``: channels per scale, 0 when one scale covers the row).
     """
     scales, strides = [], []
     consts: dict = {}
@@ -181,7 +182,9 @@ def kv_operands(
             ops.append(t.codes)
             scales.append(t.scales)
             strides += list(t.scales.stride())
-            consts[f"{name}_BITS"], consts[f"{name}_GROUP"] = t.bits, t.group_size
+            # group 0: one scale for the whole row (one load per row in the kernel)
+            group = 0 if t.group_size == t.shape[-1] else t.group_size
+            consts[f"{name}_BITS"], consts[f"{name}_GROUP"] = t.bits, group
         else:
             ops.append(t)
             scales.append(dummy)

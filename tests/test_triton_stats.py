@@ -1,0 +1,105 @@
+"""``selfattn.attention_stats`` on ``triton``: the probabilities kernel reduces each tile of
+``exp(s - lse)`` into column sums, column maxima and row entropies (top-k comes from
+``tiled``), held to the float64 specification (``ref_stats``) for every rule, GQA, selected
+heads and rows, a given lse or a recomputed one.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) and, where there is one, on a CUDA GPU.
+37 rows over 67 keys in 32 x 32 tiles: several row tiles add into the same keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import selfattn
+from helpers import make_qkv, ref_stats, to_np
+from selfattn.backends.triton import interp
+from test_triton import INTERPRET_BLOCKS, rules, to
+
+DEVICES = [
+    pytest.param("interpret", marks=pytest.mark.interpret, id="interp"),
+    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+]
+ALL = {"col_sum": True, "col_max": True, "entropy": True, "topk": 3}
+
+
+@pytest.fixture(params=DEVICES)
+def dev(request, monkeypatch) -> torch.device:
+    if request.param == "interpret":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        for kind, blocks in INTERPRET_BLOCKS.items():
+            monkeypatch.setitem(interp.INTERPRET_BLOCKS, kind, blocks)
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return torch.device("cuda")
+
+
+def check(dev, shape, rule, heads=None, rows=None, given_lse=False, want=ALL):
+    b, hq, hkv, nq, nk, d = shape
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=21)
+    kw = rules(rule, b, hq, nq, nk, torch.float32)
+    lse = None
+    if given_lse:
+        _, lse = selfattn.attention(
+            q.to(dev), k.to(dev), v.to(dev), backend="triton", return_lse=True, **to(kw, dev)
+        )
+    got = selfattn.attention_stats(
+        q.to(dev), k.to(dev), backend="triton", lse=lse, heads=heads, rows=rows,
+        **to(kw, dev), **want,
+    )  # fmt: skip
+    ref = ref_stats(q, k, heads=heads, rows=rows, **kw, **want)
+    assert set(got) == set(ref)
+    for name, r in ref.items():
+        g = to_np(got[name])
+        assert g.shape == r.shape, name
+        if name == "topk_index":
+            continue  # near-ties may order differently in float32; topk_p is checked
+        scale = max(1.0, float(np.abs(r).max(initial=0.0)))
+        tol = 1e-5 * (nk if name == "entropy" else nq if name == "col_sum" else 1)
+        assert np.abs(g - r).max(initial=0.0) <= tol * scale, f"{rule} {name}"
+        assert got[name].dtype == torch.float32
+
+
+SHAPE = (2, 4, 2, 37, 67, 40)  # GQA 4 -> 2, padded head dim
+
+
+@pytest.mark.parametrize(
+    "rule", ["none", "causal", "window", "mask", "bias", "alibi_b", "softcap", "segments", "combo"]
+)
+def test_stats_match_spec(dev, rule):
+    check(dev, SHAPE, rule)
+
+
+@pytest.mark.parametrize("given_lse", [False, True], ids=["recomputed_lse", "given_lse"])
+def test_stats_selected_heads_and_rows(dev, given_lse):
+    check(dev, SHAPE, "causal", heads=[3, 0], rows=[36, 1, 2, 20, 33], given_lse=given_lse)
+    check(dev, SHAPE, "combo2", heads=[1], rows=list(range(5, 37)), given_lse=given_lse)
+
+
+def test_stats_only_what_is_asked(dev):
+    check(dev, SHAPE, "mask", want={"col_sum": False, "col_max": True, "entropy": False, "topk": 0})
+    check(
+        dev, SHAPE, "window", want={"col_sum": True, "col_max": False, "entropy": True, "topk": 0}
+    )
+
+
+def test_stats_decode_rows_over_long_keys(dev):
+    """A decode step's statistics (H2O's column sums): few rows, many key tiles."""
+    check(dev, (1, 6, 2, 2, 300, 64), "window_causal")
+
+
+def test_stats_rows_that_see_nothing_are_zero(dev):
+    q, k, _ = make_qkv(1, 2, 2, 5, 9, 32, seed=22)
+    mask = torch.ones(5, 9, dtype=torch.bool)
+    mask[2] = False
+    got = selfattn.attention_stats(
+        q.to(dev), k.to(dev), mask=mask.to(dev), backend="triton", col_max=True, entropy=True
+    )
+    assert torch.isfinite(got["entropy"]).all() and (got["entropy"][:, :, 2] == 0).all()
+    assert torch.isfinite(got["col_sum"]).all()
