@@ -27,8 +27,8 @@ def test_hooks_each_backend_offers():
     offered = {
         name: {h for h in HOOKS if getattr(b, h, None) is not None} for name, b in BACKENDS.items()
     }
-    assert offered["tiled"] == {"forward", "backward", "weights"}
-    assert offered["triton"] == {"forward", "backward", "weights"}
+    assert offered["tiled"] == {"forward", "backward", "weights", "stats"}
+    assert offered["triton"] == {"forward", "backward", "weights", "stats"}
     assert offered["math"] == {"backward"}
     assert offered["sdpa"] == set()
     assert offered["reference"] == set()
