@@ -193,3 +193,20 @@ def test_quantized_nan_scale_poisons_only_rows_that_see_its_key(dev, monkeypatch
     assert torch.isfinite(lse[0, 0, :20]).all() and lse[0, 0, 20:].isnan().all()  # a bad key
     assert torch.isfinite(out[0, 1, :30]).all() and out[0, 1, 30:].isnan().all()
     assert lse[0, 1, 30:].isnan().all()
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rot"])
+def test_front_door_hands_triton_the_codes(dev, rotate, monkeypatch):
+    """``selfattn.attention(q, QuantizedKV, QuantizedKV, backend="triton")`` never dequantizes:
+    the kernels read the codes (dequantize() raises here) and give the dequantized result."""
+    monkeypatch.setattr(host, "DECODE_MODE", "always")
+    q, k, v = make_qkv(1, 4, 2, 3, 90, 32, seed=12)
+    kq, vq = quantize_kv(k, bits=4, rotate=rotate), quantize_kv(v, bits=8, rotate=rotate)
+    want = selfattn.attention(q, kq.dequantize(), vq.dequantize(), causal=True, backend="math")
+
+    def refuse(self, *, rotated=False):
+        raise AssertionError("dequantize() called on the triton path")
+
+    monkeypatch.setattr(QuantizedKV, "dequantize", refuse)
+    got = selfattn.attention(q.to(dev), on(kq, dev), on(vq, dev), causal=True, backend="triton")
+    assert max_err(got, to_np(want)) < 2e-6
