@@ -32,7 +32,7 @@ def test_hooks_each_backend_offers():
     assert offered["math"] == {"backward"}
     assert offered["sdpa"] == set()
     assert offered["reference"] == set()
-    assert offered["native"] == {"forward", "backward", "weights"}
+    assert offered["native"] == {"forward", "backward", "weights", "stats", "forward_stats"}
 
 
 def test_a_missing_hook_is_a_named_refusal():

@@ -40,7 +40,7 @@ def rules(name: str, nq: int = NQ, nk: int = NK, b: int = B, hq: int = HQ) -> di
         return {"window": (90, 4)}
     if name == "mask":
         m = torch.rand(b, hq, nq, nk, generator=g) < 0.5
-        m[:, :, 3] = False  # a row with no visible key
+        m[:, :, min(3, nq - 1)] = False  # a row with no visible key
         return {"mask": m}
     if name == "bias":
         return {"bias": torch.randn(b, 1, nq, nk, generator=g)}
@@ -204,7 +204,8 @@ def test_topk_beyond_the_visible_keys_pads(backend):
     q, k, _ = make_qkv(1, 2, 2, 4, 4, 8, seed=64)
     st = selfattn.attention_stats(q, k, causal=True, col_sum=False, topk=6, backend=backend)
     assert st["topk_index"][0, 0, 0].tolist() == [0, -1, -1, -1, -1, -1]
-    assert st["topk_p"][0, 0, 0].tolist() == [1.0, 0, 0, 0, 0, 0]
+    assert st["topk_p"][0, 0, 0].tolist() == pytest.approx([1.0, 0, 0, 0, 0, 0], abs=1e-6)
+    assert (st["topk_p"][0, 0, 0, 1:] == 0).all()
     check(st, ref_stats(q, k, causal=True, col_sum=False, topk=6), f"{backend} pad")
 
 
@@ -293,3 +294,134 @@ def test_attention_with_stats_keeps_autograd_and_dropout():
     out.sum().backward()
     assert q.grad is not None and not st["col_sum"].requires_grad
     check(st, ref_stats(q, k, causal=True), "stats before dropout")
+
+
+# --- the fused pass: attention_with_stats on native (a decode step's own kernel pass) ---------
+
+DEC_B, DEC_HQ, DEC_HKV, DEC_NK = 2, 9, 3, 2500  # several split-K chunks per kv head
+needs_native = pytest.mark.skipif("native" not in STATS_BACKENDS, reason="native unavailable")
+
+
+def spy_forward_stats(monkeypatch) -> list:
+    """Count the calls of native's forward_stats hook (the real one runs)."""
+    native = selfattn.backends.BACKENDS["native"]
+    real, calls = native.forward_stats, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "forward_stats", counted)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("nq", [1, 3])
+@pytest.mark.parametrize("rule", RULES)
+def test_decode_pass_stats_equal_spec(monkeypatch, rule, nq):
+    q, k, v = make_qkv(DEC_B, DEC_HQ, DEC_HKV, nq, DEC_NK, 32, seed=71)
+    kw = rules(rule, nq=nq, nk=DEC_NK, b=DEC_B, hq=DEC_HQ)
+    calls = spy_forward_stats(monkeypatch)
+    out, lse, st = selfattn.attention_with_stats(
+        q, k, v, return_lse=True, backend="native", **kw, **ALL
+    )
+    assert len(calls) == 1
+    want_out, want_lse = selfattn.attention(q, k, v, return_lse=True, backend="native", **kw)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    check(st, ref_stats(q, k, **kw, **ALL), f"decode {rule} Nq={nq}", ref_weights(q, k, **kw))
+
+
+@needs_native
+def test_decode_pass_keeps_padding_garbage_out(monkeypatch):
+    """NaN in hidden keys and values (the careful retry of a chunk) stays out of the stats."""
+    q, k, v = make_qkv(1, 4, 2, 1, 1500, 32, seed=72)
+    mask = torch.ones(1, 4, 1, 1500, dtype=torch.bool)
+    mask[..., 1200:1300] = False
+    k[:, :, 1200:1300] = float("nan")
+    v[:, :, 1250] = float("inf")
+    calls = spy_forward_stats(monkeypatch)
+    out, st = selfattn.attention_with_stats(q, k, v, mask=mask, backend="native", **ALL)
+    assert len(calls) == 1 and torch.isfinite(out).all()
+    ref = ref_stats(q, torch.where(mask[0, :2, 0, :, None], k, 0.0), mask=mask, **ALL)
+    check(st, ref, "padding garbage")
+
+
+@needs_native
+def test_decode_pass_rows_that_see_nothing(monkeypatch):
+    q, k, v = make_qkv(1, 4, 1, 2, 600, 16, seed=73)
+    ids = (torch.tensor([[-1, 0]]), torch.zeros(1, 600, dtype=torch.long))  # row 0 is padding
+    calls = spy_forward_stats(monkeypatch)
+    out, st = selfattn.attention_with_stats(q, k, v, segment_ids=ids, backend="native", **ALL)
+    assert len(calls) == 1 and (out[:, :, 0] == 0).all()
+    assert (st["entropy"][:, :, 0] == 0).all() and (st["topk_index"][:, :, 0] == -1).all()
+    check(st, ref_stats(q, k, segment_ids=ids, **ALL), "decode padding row")
+
+
+@needs_native
+def test_fused_selected_heads_and_the_fallbacks(monkeypatch):
+    """heads are picked after the fused pass; rows, gradients and dropout take the two calls."""
+    q, k, v = make_qkv(1, 6, 2, 2, 700, 16, seed=74)
+    calls = spy_forward_stats(monkeypatch)
+    _, st = selfattn.attention_with_stats(q, k, v, heads=[4, 1], causal=True, backend="native")
+    assert len(calls) == 1
+    check(st, ref_stats(q, k, heads=[4, 1], causal=True), "fused heads")
+    _, st = selfattn.attention_with_stats(q, k, v, rows=[1], causal=True, backend="native")
+    q.requires_grad_(True)
+    _, st2 = selfattn.attention_with_stats(q, k, v, causal=True, backend="native")
+    assert len(calls) == 1
+    check(st, ref_stats(q, k, rows=[1], causal=True), "rows fallback")
+    check(st2, ref_stats(q, k, causal=True), "grad fallback")
+
+
+@needs_native
+@pytest.mark.parametrize("nq", [1, 40])
+def test_native_stats_are_the_same_for_any_thread_count(nq):
+    """Key parts depend on the shape alone and combine in order: bitwise the same results."""
+    from selfattn.testing import torch_threads
+
+    q, k, v = make_qkv(1, 4, 2, nq, 3000, 32, seed=75)
+    got = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            st = selfattn.attention_stats(q, k, causal=True, backend="native", **ALL)
+            _, fused = selfattn.attention_with_stats(q, k, v, causal=True, backend="native", **ALL)
+        got.append((st, fused))
+    for key in got[0][0]:
+        assert torch.equal(got[0][0][key], got[1][0][key]), key
+        assert torch.equal(got[0][1][key], got[1][1][key]), key
+
+
+def _isas() -> list[str]:
+    """The compiled instruction sets this CPU runs (SELFATTN_NATIVE_ISA), native permitting."""
+    if "native" not in STATS_BACKENDS:
+        return []
+    import os
+
+    ext, found = selfattn.backends.native.load(), []
+    old = os.environ.get("SELFATTN_NATIVE_ISA")
+    for isa in ("avx512", "avx2", "neon", "generic"):
+        os.environ["SELFATTN_NATIVE_ISA"] = isa
+        try:
+            ext.isa()
+            found.append(isa)
+        except RuntimeError:
+            pass
+    if old is None:
+        os.environ.pop("SELFATTN_NATIVE_ISA", None)
+    else:
+        os.environ["SELFATTN_NATIVE_ISA"] = old
+    return found
+
+
+@pytest.mark.parametrize("nq", [2, 40])
+@pytest.mark.parametrize("isa", _isas())
+def test_native_stats_on_each_instruction_set(monkeypatch, isa, nq):
+    monkeypatch.setenv("SELFATTN_NATIVE_ISA", isa)
+    q, k, v = make_qkv(DEC_B, DEC_HQ, DEC_HKV, nq, 1100, 32, seed=76)
+    kw = rules("combo", nq=nq, nk=1100, b=DEC_B, hq=DEC_HQ)
+    p, want = ref_weights(q, k, **kw), ref_stats(q, k, **kw, **ALL)
+    st = selfattn.attention_stats(q, k, backend="native", **kw, **ALL)
+    check(st, want, f"{isa} stats Nq={nq}", p)
+    _, fused = selfattn.attention_with_stats(q, k, v, backend="native", **kw, **ALL)
+    check(fused, want, f"{isa} fused Nq={nq}", p)

@@ -19,7 +19,7 @@ import torch
 from .api import attention, check_backend, check_lse, selection
 from .backends import BACKENDS, select
 from .quant import QuantizedKV, unwrap_call
-from .spec import validate
+from .spec import validate, validate_call
 
 __all__ = ["STATS_HOOKS", "attention_stats", "attention_with_stats", "check_wanted"]
 
@@ -138,11 +138,14 @@ def attention_with_stats(
 ):
     """``attention(q, k, v, **rules)`` and ``attention_stats`` of the same call, in one go.
 
-    For a decode step on ``native`` (few query rows, no gradient, no dropout) the statistics
-    come out of the decode kernel's own pass: it keeps each key's score while it computes the
-    output and normalises them by the final lse, so an eviction cache pays little for them.
-    Any other call runs :func:`selfattn.attention` and then :func:`attention_stats` from its
-    lse. The statistics are those of the probabilities before dropout.
+    Where the backend ``attention`` picks offers a ``forward_stats`` hook (``native``), a call
+    without gradient, dropout or ``rows`` runs in one pass of it: for a decode step (few query
+    rows) the statistics come out of the decode kernel's own pass (it keeps each key's score
+    while it computes the output and normalises them by the final lse), so an eviction cache
+    pays little for them; other calls get the statistics pass right after the forward, in the
+    same C++ call. Any other call runs :func:`selfattn.attention` and then
+    :func:`attention_stats` from its lse. The statistics are those of the probabilities before
+    dropout.
 
     Args:
         q, k, v, rules (``causal``, ``window``, ``mask``, ``bias``, ``alibi_slopes``,
@@ -158,6 +161,11 @@ def attention_with_stats(
     """
     want = check_wanted(col_sum, col_max, entropy, topk)
     backend = check_backend(backend)
+    if rows is None and type(k) is not QuantizedKV and type(v) is not QuantizedKV:
+        fused = _fused(q, k, v, rules, heads, want, backend)
+        if fused is not None:
+            out, lse, stats = fused
+            return (out, lse, stats) if return_lse else (out, stats)
     out, lse = attention(q, k, v, return_lse=True, backend=backend, **rules)
     rules.pop("dropout_p", None)
     # the named backend computes the statistics too where it has the hook
@@ -166,3 +174,24 @@ def attention_with_stats(
         q, k, lse=lse.detach(), heads=heads, rows=rows, backend=stats_backend, **rules, **want
     )
     return (out, lse, stats) if return_lse else (out, stats)
+
+
+def _fused(
+    q: Any, k: Any, v: Any, rules: dict[str, Any], heads: Any, want: dict[str, Any], backend: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
+    """``(out, lse, stats)`` from one pass of the ``forward_stats`` hook of the backend that
+    ``attention`` would pick, or None where it has none or the call needs autograd or dropout
+    (the caller then runs the two apart). All heads are computed and ``heads`` picked after."""
+    spec = validate_call(q, k, v, rules)
+    if spec.requires_grad or spec.dropout_p > 0 or torch.compiler.is_compiling():
+        return None
+    chosen = select(spec, backend)
+    hook = getattr(chosen, "forward_stats", None)
+    if hook is None:
+        return None
+    head_idx = selection(heads, spec.Hq, "heads", q.device)
+    with torch.no_grad():
+        out, lse, stats = hook(spec, q, k, v, **want)
+    if head_idx is not None:
+        stats = {key: t.index_select(1, head_idx) for key, t in stats.items()}
+    return out, lse, stats

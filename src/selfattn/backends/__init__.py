@@ -16,6 +16,8 @@ hooks a path needs:
 - ``stats(spec, q, k, lse, heads, rows, *, col_sum, col_max, entropy, topk)`` -> the dict of
   ``attention_stats`` (``selfattn.stats``): reductions of the probabilities block by block from
   the lse (recomputed when None), for the selected heads and rows (int64 indices or None).
+- ``forward_stats(spec, q, k, v, *, col_sum, col_max, entropy, topk)`` -> ``(out, lse, dict)``
+  in one pass, for a call without gradient or dropout (``attention_with_stats``).
 - ``prefer(spec) -> (name, why) | None``, asked by ``auto`` only, after the backend accepted the
   call: another backend to run instead where that one accepts it too (``native``: SDPA for
   calls below a measured size, ``native/choice.py``).
@@ -54,7 +56,7 @@ __all__ = [
     "select",
 ]
 
-HOOKS = ("forward", "backward", "weights", "stats")
+HOOKS = ("forward", "backward", "weights", "stats", "forward_stats")
 
 
 class Backend(Protocol):

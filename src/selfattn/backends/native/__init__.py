@@ -33,6 +33,16 @@ dv, dbias, dalibi)``
 ``probabilities(q, k, lse, call) -> (B, Hq, Nq, Nk) float32``
     exp(s - lse) under the call's rules, zero where a key is hidden (dropout fields ignored:
     the probabilities are before dropout).
+``stats(q, k, lse, call, col_sum, col_max, entropy, topk) -> (col_sum, col_max, entropy,
+topk_p, topk_index)``
+    ``attention_stats``' reductions of exp(s - lse) (dropout ignored): col_sum / col_max float32
+    (B, Hq, Nk), entropy (B, Hq, Nq), topk_p (B, Hq, Nq, topk) float32 and topk_index int64
+    (-1 / 0 where a row sees fewer keys); None where not asked (topk 0: no top-k).
+``forward_stats(q, k, v, call, col_sum, col_max, entropy, topk) -> (out, lse, col_sum, col_max,
+entropy, topk_p, topk_index)``
+    ``forward`` (out in q's dtype; no dropout) and the statistics of the same call: a decode
+    step computes them in its own pass from the scores it kept, any other call in a statistics
+    pass after the forward.
 ``bounds(call, nq, nk, block) -> int64 (ceil(nq / block), 4)``
     per block of rows under the call's start / causal / left / right: lo, hi (keys some row may
     see), full_lo, full_hi (keys every row sees), the formulas of ``rules.bounds`` /

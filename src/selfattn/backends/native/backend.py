@@ -9,6 +9,7 @@ Python: the spec is already validated, and the tensors go to the extension as th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Any
 
@@ -215,6 +216,69 @@ class NativeBackend:
         if not pieces:  # no rows asked for
             return torch.zeros(spec.B, spec.Hq, 0, spec.Nk, dtype=torch.float32)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
+
+    def stats(self, spec, q, k, lse, heads, rows, *, col_sum, col_max, entropy, topk):
+        """``attention_stats`` of the selected heads and rows from the statistics kernel
+        (``csrc/stats.h``), one contiguous run of rows at a time as in ``weights`` (column
+        statistics add up over the runs, row statistics follow the runs' order); the lse of a
+        run is recomputed (lse-only forward) when not given."""
+        if heads is not None:
+            q = q.index_select(1, heads)
+            k = k.index_select(1, heads // spec.group)  # one key head per selected query head
+            lse = None if lse is None else lse.index_select(1, heads)
+            spec = spec.select(heads, None)
+        ext = build.load()
+        runs = [(0, spec.Nq)] if rows is None else _runs(rows.tolist())
+        want = (col_sum, col_max, entropy, topk)
+        pieces = []
+        for r0, r1 in runs:
+            call = record(spec.part(0, spec.B, 0, spec.Hkv, r0, r1))
+            qr = q[:, :, r0:r1]
+            if lse is None:
+                _, lse_r = ext.forward(qr, k, k[..., :0], call, False, False)
+            else:
+                lse_r = lse[:, :, r0:r1]
+            pieces.append(ext.stats(qr, k, lse_r, call, *want))
+        if not pieces:  # no rows asked for: what an empty run gives
+            pieces.append(
+                ext.stats(
+                    q[:, :, :0],
+                    k,
+                    q.new_zeros(spec.B, spec.Hq, 0),
+                    record(spec.part(0, spec.B, 0, spec.Hkv, 0, 0)),
+                    *want,
+                )
+            )
+        return _gathered(pieces)
+
+    def forward_stats(self, spec, q, k, v, *, col_sum, col_max, entropy, topk):
+        """``(out, lse, stats)`` of a call without gradient or dropout in one C++ call: a decode
+        step computes the statistics in its own pass (``csrc/decode.h``), any other call in a
+        statistics pass after the forward."""
+        got = build.load().forward_stats(q, k, v, record(spec), col_sum, col_max, entropy, topk)
+        out, lse = got[0], got[1]
+        return out, lse if lse.dtype == torch.float32 else lse.float(), _gathered([got[2:]])
+
+
+_STATS_KEYS = ("col_sum", "col_max", "entropy", "topk_p", "topk_index")
+
+
+def _gathered(pieces: list[tuple]) -> dict[str, torch.Tensor]:
+    """The statistics dict of the runs' kernel results ``(col_sum, col_max, entropy, topk_p,
+    topk_index)`` (None where not asked): columns summed / maxed over the runs, rows
+    concatenated in the runs' order."""
+    got = {}
+    for i, key in enumerate(_STATS_KEYS):
+        parts = [p[i] for p in pieces]
+        if parts[0] is None:
+            continue
+        if key == "col_sum":
+            got[key] = functools.reduce(torch.add, parts)
+        elif key == "col_max":
+            got[key] = functools.reduce(torch.maximum, parts)
+        else:
+            got[key] = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    return got
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:

@@ -472,6 +472,91 @@ at::Tensor probabilities(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return probs;
 }
 
+// The statistics outputs asked for, allocated (zero; top-k indices -1: what a row that sees
+// nothing gets) and pointed to by P; None where not asked.
+struct StatsOut {
+  OptT col_sum, col_max, entropy, topk_p, topk_index;
+};
+StatsOut stats_outputs(Params& P, const at::Tensor& q, bool col_sum, bool col_max, bool entropy,
+                       int64_t topk) {
+  TORCH_CHECK(topk >= 0, "selfattn native: topk must be >= 0, got ", topk);
+  auto f32 = q.options().dtype(at::kFloat);
+  StatsOut o;
+  if (col_sum) {
+    o.col_sum = at::zeros({P.B, P.Hq, P.Nk}, f32);
+    P.col_sum = o.col_sum->data_ptr<float>();
+  }
+  if (col_max) {
+    o.col_max = at::zeros({P.B, P.Hq, P.Nk}, f32);
+    P.col_max = o.col_max->data_ptr<float>();
+  }
+  if (entropy) {
+    o.entropy = at::zeros({P.B, P.Hq, P.Nq}, f32);
+    P.entropy = o.entropy->data_ptr<float>();
+  }
+  if (topk > 0) {
+    o.topk_p = at::zeros({P.B, P.Hq, P.Nq, topk}, f32);
+    o.topk_index = at::full({P.B, P.Hq, P.Nq, topk}, -1, q.options().dtype(at::kLong));
+    P.topk_p = o.topk_p->data_ptr<float>();
+    P.topk_index = o.topk_index->data_ptr<int64_t>();
+  }
+  P.topk = topk;
+  return o;
+}
+using StatsTuple = std::tuple<OptT, OptT, OptT, OptT, OptT>;
+StatsTuple as_tuple(const StatsOut& o) {
+  return {o.col_sum, o.col_max, o.entropy, o.topk_p, o.topk_index};
+}
+
+// attention_stats' reductions of P = exp(s - lse) for every row of q (B, Hq, Nq, D) against k
+// under the call's rules (dropout ignored, as for probabilities): (col_sum, col_max, entropy,
+// topk_p, topk_index), None where not asked.
+StatsTuple stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, const Call& call,
+                 bool col_sum, bool col_max, bool entropy, int64_t topk) {
+  Params P;
+  std::vector<at::Tensor> keep;
+  at::Tensor no_v = k.narrow(3, 0, 0);  // the values are never read
+  Call rules = call;
+  rules.dropout_p = 0.0;
+  rules.drop_hq = rules.drop_nq = rules.drop_b0 = rules.drop_h0 = rules.drop_r0 = 0;
+  fill(P, keep, q, k, no_v, rules);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == P.B && lse.size(1) == P.Hq && lse.size(2) == P.Nq,
+              "selfattn native: lse must be (B, Hq, Nq)");
+  TORCH_CHECK(at::isFloatingType(lse.scalar_type()), "selfattn native: lse must be float");
+  StatsOut o = stats_outputs(P, q, col_sum, col_max, entropy, topk);
+  P.need_out = false;
+  P.lse_in = view_of(lse);
+  if (P.B * P.Hq * P.Nq > 0 && P.Nk > 0) engine_for(P.dt).stats(P, kPool);
+  return as_tuple(o);
+}
+
+// forward (out in q's dtype, lse) and the statistics of the same call: a decode step computes
+// them in its own pass, any other call in a statistics pass after the forward.
+std::tuple<at::Tensor, at::Tensor, OptT, OptT, OptT, OptT, OptT> forward_stats(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Call& call, bool col_sum,
+    bool col_max, bool entropy, int64_t topk) {
+  Params P;
+  std::vector<at::Tensor> keep;
+  fill(P, keep, q, k, v, call);
+  TORCH_CHECK(P.dropout_p == 0, "selfattn native: forward_stats takes no dropout");
+  P.out_dt = P.dt;
+  at::Tensor out = at::empty({P.B, P.Hq, P.Nq, P.Dv}, q.options());
+  at::Tensor lse = at::empty({P.B, P.Hq, P.Nq}, q.options().dtype(acc_type(q.scalar_type())));
+  StatsOut o = stats_outputs(P, q, col_sum, col_max, entropy, topk);
+  P.need_out = true;
+  P.out = out.data_ptr();
+  P.lse = lse.data_ptr();
+  if (P.B * P.Hq * P.Nq > 0) {
+    if (P.Nk == 0) {
+      out.zero_();
+      lse.fill_(-INFINITY);
+    } else {
+      engine_for(P.dt).forward(P, kPool);
+    }
+  }
+  return {out, lse, o.col_sum, o.col_max, o.entropy, o.topk_p, o.topk_index};
+}
+
 // The key bounds of each block of `block` rows of an (nq, nk) call under the record's causal /
 // window rules (its start, causal, left, right).
 at::Tensor bounds(const Call& call, int64_t nq, int64_t nk, int64_t block) {
@@ -532,6 +617,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return probabilities(q, k, lse, c);
       },
       py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("call"));
+  m.def(
+      "stats",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, py::handle call,
+         bool col_sum, bool col_max, bool entropy, int64_t topk) {
+        const Call c = read_call(call);
+        py::gil_scoped_release nogil;
+        return stats(q, k, lse, c, col_sum, col_max, entropy, topk);
+      },
+      py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("call"), py::arg("col_sum"),
+      py::arg("col_max"), py::arg("entropy"), py::arg("topk"));
+  m.def(
+      "forward_stats",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, py::handle call,
+         bool col_sum, bool col_max, bool entropy, int64_t topk) {
+        const Call c = read_call(call);
+        py::gil_scoped_release nogil;
+        return forward_stats(q, k, v, c, col_sum, col_max, entropy, topk);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("call"), py::arg("col_sum"),
+      py::arg("col_max"), py::arg("entropy"), py::arg("topk"));
   m.def(
       "bounds",
       [](py::handle call, int64_t nq, int64_t nk, int64_t block) {

@@ -68,6 +68,16 @@ struct Params {
   int64_t bias_shape[4] = {1, 1, 1, 1};
   void* dalibi = nullptr;    // contiguous (alibi_b, Hq), acc dtype
   int64_t alibi_b = 1;
+  // attention statistics, contiguous float32 outputs (null / topk 0: not asked for): col_sum and
+  // col_max (B, Hq, Nk) and entropy (B, Hq, Nq) written whole, topk_p / topk_index (B, Hq, Nq,
+  // topk). The stats entry point reads lse_in; a decode forward with any of them set writes them
+  // from its own pass and its own lse (decode.h).
+  float* col_sum = nullptr;
+  float* col_max = nullptr;
+  float* entropy = nullptr;
+  float* topk_p = nullptr;
+  int64_t* topk_index = nullptr;
+  int64_t topk = 0;
 };
 
 // The thread pool, provided by the bindings (torch's intra-op pool).
@@ -83,6 +93,7 @@ struct Engine {
   void (*forward)(const Params&, const Pool&);
   void (*backward)(const Params&, const Pool&);
   void (*probabilities)(const Params&, const Pool&);
+  void (*stats)(const Params&, const Pool&);
 };
 
 // The compiled engines, each defined in its kernels_<isa>.cpp; which exist depends on the

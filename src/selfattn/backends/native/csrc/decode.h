@@ -14,6 +14,11 @@
 // with the chunk's keys copied and bad rows zeroed, exactly as the packed path does: a bad key
 // row makes its visible scores NaN, a bad value row is added back to the rows that see it, in its
 // non-finite columns only (forward.h, add_bad_values).
+//
+// Statistics in the same pass (a decode step of an eviction cache, attention_with_stats): with
+// any of Params' statistics outputs set, each chunk also keeps its tile's scores per key (the
+// scores are in cache then), and after the combine gives the final lse, each kv head's rows are
+// reduced from them as stats.h does from a recomputed tile: p = exp(s - lse).
 #pragma once
 #include <cmath>
 
@@ -21,6 +26,7 @@
 #include "microkernel.h"
 #include "pack.h"
 #include "plan.h"
+#include "stats.h"
 
 namespace selfattn {
 namespace SA_NS {
@@ -36,6 +42,9 @@ struct Decode {
   bool direct_k, direct_v;
   // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
   T *pm, *plsum, *pacc;
+  // with statistics: every row's scores per key (units, R, LK), -inf where hidden; else null
+  T* sk = nullptr;
+  int64_t LK = 0;
 
   static bool applies(const Params& p) { return p.G * p.Nq <= 16 && p.Nq <= MR; }
 
@@ -170,6 +179,9 @@ struct Decode {
       l[r] = T(0);
     }
     if (P.need_out) zero_bytes(acc, sizeof(T) * R * Dvp);
+    if (sk)  // the chunk's keys start hidden; attempt() writes the tiles it computes
+      for (int64_t r = 0; r < R; r++)
+        for (int64_t j = t0 * PW; j < t1 * PW; j++) sk[(u * R + r) * LK + j] = T(-INFINITY);
     if (tmin >= tmax) return;
     if (!attempt(pans, b, kvh, tmin, tmax, t0, false, m, l, acc, sc))
       attempt(pans, b, kvh, tmin, tmax, t0, true, m, l, acc, sc);
@@ -250,6 +262,9 @@ struct Decode {
       }
     }
     const int64_t n = (tmax - tmin) * PW;
+    if (sk)  // keep the scores before softmax_row turns them into exp(s - m)
+      for (int64_t r = 0; r < R; r++)
+        std::memcpy(sk + ((b * P.Hkv + kvh) * R + r) * LK + jb, S + r * LDD, sizeof(T) * n);
     const int nbad = any_bad && P.need_out
                          ? find_bad_values<T>(bad, jb, je, S, LDD, int(R), sc.vkeys.p, sc.vseen.p)
                          : 0;
@@ -349,6 +364,35 @@ struct Decode {
                      empty ? T(0) : T(1) / lsum);
     }
   }
+
+  // The statistics of unit u's rows from the kept scores and the final lse (after combine):
+  // its query heads' columns are its own, so units run in parallel without sharing a column.
+  void stats(int64_t u, T* cs, T* cm, T* lp, int64_t* ix) const {
+    const int64_t b = u / P.Hkv, kvh = u % P.Hkv, K = P.topk;
+    const T* lse = static_cast<const T*>(P.lse);
+    for (int64_t g = 0; g < P.G; g++) {
+      const int64_t bh = b * P.Hq + kvh * P.G + g;
+      if (cs) zero_bytes(cs, sizeof(T) * LK);
+      if (cm) zero_bytes(cm, sizeof(T) * LK);
+      for (int64_t i = 0; i < P.Nq; i++) {
+        const int64_t r = g * P.Nq + i, row = bh * P.Nq + i;
+        for (int64_t o = 0; o < K; o++) {
+          lp[o] = T(-INFINITY);
+          ix[o] = -1;
+        }
+        T e = 0;
+        if (lse[row] != T(-INFINITY))
+          e = stats_row<V>(sk + (u * R + r) * LK, LK, lse[row], cs, cm, P.entropy != nullptr, lp,
+                           ix, K, 0);
+        if (P.entropy) P.entropy[row] = float(e);
+        if (K > 0) topk_store(lp, ix, K, P.topk_p + row * K, P.topk_index + row * K);
+      }
+      for (int64_t j = 0; j < P.Nk; j++) {
+        if (cs) P.col_sum[bh * P.Nk + j] = float(cs[j]);
+        if (cm) P.col_max[bh * P.Nk + j] = float(cm[j]);
+      }
+    }
+  }
 };
 
 template <class V>
@@ -363,6 +407,10 @@ static void forward_decode(const Params& P, const Pool& pool) {
   dc.pm = pm.p;
   dc.plsum = pls.p;
   dc.pacc = pacc.p;
+  const bool with_stats = wants_stats(P);
+  dc.LK = pl.ntiles * DC::PW;
+  Buf<T> sk(with_stats ? units * dc.R * dc.LK : 0);
+  dc.sk = with_stats ? sk.p : nullptr;
   // cost: bytes of K and V an item reads; below ~512 KB in all a call runs in one thread
   Buf<double> cost(n);
   for (int64_t x = 0; x < n; x++)
@@ -380,6 +428,14 @@ static void forward_decode(const Params& P, const Pool& pool) {
     comb(0, units);
   else
     parallel(pool, units, comb);
+  if (!with_stats) return;
+  auto st = [&](int64_t u0, int64_t u1) {
+    Buf<T> cs(P.col_sum ? dc.LK : 0), cm(P.col_max ? dc.LK : 0), lp(P.topk);
+    Buf<int64_t> ix(P.topk);
+    for (int64_t u = u0; u < u1; u++)
+      dc.stats(u, P.col_sum ? cs.p : nullptr, P.col_max ? cm.p : nullptr, lp.p, ix.p);
+  };
+  parallel(pool, units, st, units * dc.R * dc.LK < (int64_t(1) << 15));
 }
 
 }  // namespace SA_NS

@@ -1,20 +1,35 @@
-// The engine entry points, generic over the vector type V; each kernels_<isa>.cpp instantiates
+// The engine entry points (forward, backward, probabilities, statistics), generic over the
+// vector type V; each kernels_<isa>.cpp instantiates
 // them inside its own namespace (SA_NS).
 #pragma once
 #include "backward.h"
 #include "decode.h"
 #include "forward.h"
 #include "probs.h"
+#include "stats.h"
 
 namespace selfattn {
 namespace SA_NS {
 
+// With statistics asked for (Params' col_sum ... topk), a decode step computes them in its own
+// pass; any other call runs the statistics pass after the forward, from the lse it wrote.
 template <class V>
 static void forward(const Params& P, const Pool& pool) {
-  if (Decode<V>::applies(P))
+  using T = typename V::T;
+  if (Decode<V>::applies(P)) {
     forward_decode<V>(P, pool);
-  else
-    forward_prefill<V>(P, pool);
+    return;
+  }
+  forward_prefill<V>(P, pool);
+  if (!wants_stats(P)) return;
+  Params S = P;
+  S.lse_in.p = P.lse;  // (B, Hq, Nq) contiguous, in the accumulation dtype
+  S.lse_in.dt = sizeof(T) == 4 ? DT::F32 : DT::F64;
+  S.lse_in.s[0] = P.Hq * P.Nq;
+  S.lse_in.s[1] = P.Nq;
+  S.lse_in.s[2] = 1;
+  S.lse_in.s[3] = 0;
+  statistics<V>(S, pool);
 }
 
 template <class V>

@@ -11,8 +11,10 @@ using VD = GV<double, 8, 4>;
 }  // namespace generic
 extern const Engine engine_generic_f32 = {"generic", &generic::forward<generic::VF>,
                                           &generic::backward<generic::VF>,
-                                          &generic::probabilities<generic::VF>};
+                                          &generic::probabilities<generic::VF>,
+                                          &generic::statistics<generic::VF>};
 extern const Engine engine_generic_f64 = {"generic", &generic::forward<generic::VD>,
                                           &generic::backward<generic::VD>,
-                                          &generic::probabilities<generic::VD>};
+                                          &generic::probabilities<generic::VD>,
+                                          &generic::statistics<generic::VD>};
 }  // namespace selfattn

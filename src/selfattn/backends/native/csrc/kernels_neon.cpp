@@ -6,5 +6,6 @@
 
 namespace selfattn {
 extern const Engine engine_neon = {"neon", &neon::forward<neon::V>, &neon::backward<neon::V>,
-                                   &neon::probabilities<neon::V>};
+                                   &neon::probabilities<neon::V>,
+                                   &neon::statistics<neon::V>};
 }  // namespace selfattn
