@@ -122,6 +122,27 @@ def test_stats_equal_spec_and_weights(backend, rule, given_lse):
     check(mine, from_weights(w, ALL["topk"]), f"{backend} {rule} vs attention_weights")
 
 
+@pytest.mark.parametrize("rule", ["none", "mask", "combo"])
+@pytest.mark.parametrize("backend", ["auto", *STATS_BACKENDS])
+def test_sinks(backend, rule):
+    """With sinks a row's probabilities sum to less than 1; the statistics are theirs."""
+    q, k, v, kw = case(rule)
+    kw = {**kw, "sinks": torch.linspace(-1.0, 2.0, HQ)}
+    try:
+        st = selfattn.attention_stats(q, k, backend=backend, **kw, **ALL)
+    except selfattn.UnsupportedInputs as exc:
+        pytest.skip(f"{backend} declines sinks: {exc.reasons.get(backend)}")
+    p = ref_weights(q, k, **kw)
+    check(st, ref_stats(q, k, **kw, **ALL), f"{backend} sinks {rule}", p)
+    _, lse = selfattn.attention(q, k, v, return_lse=True, **kw)
+    given = selfattn.attention_stats(q, k, lse=lse, backend=backend, **kw, **ALL)
+    check(given, ref_stats(q, k, **kw, **ALL), f"{backend} sinks given lse {rule}", p)
+    assert (st["col_sum"].sum(-1) < NQ).all()  # the sinks took their share
+    out, st2 = selfattn.attention_with_stats(q, k, v, **kw, **ALL)
+    torch.testing.assert_close(out, selfattn.attention(q, k, v, **kw))
+    check(st2, ref_stats(q, k, **kw, **ALL), f"with_stats sinks {rule}", p)
+
+
 SELECTIONS = {
     "heads_list_unordered": {"heads": [3, 0, 2]},
     "heads_int": {"heads": 1},
@@ -356,6 +377,25 @@ def test_decode_pass_rows_that_see_nothing(monkeypatch):
     assert len(calls) == 1 and (out[:, :, 0] == 0).all()
     assert (st["entropy"][:, :, 0] == 0).all() and (st["topk_index"][:, :, 0] == -1).all()
     check(st, ref_stats(q, k, segment_ids=ids, **ALL), "decode padding row")
+
+
+@needs_native
+@pytest.mark.parametrize("nq", [1, 40])
+@pytest.mark.parametrize("bits, rotate", [(8, False), (4, True)])
+def test_fused_pass_reads_quantized_keys_and_values(monkeypatch, bits, rotate, nq):
+    """A QuantizedKV cache goes to native's forward_stats as codes: the statistics are those of
+    its dequantize(), the output that of attention on it."""
+    q, k, v = make_qkv(1, 6, 2, nq, 1500, 64, seed=77)
+    qk = selfattn.quantize_kv(k, bits=bits, rotate=rotate)
+    qv = selfattn.quantize_kv(v, bits=bits, rotate=rotate)
+    calls = spy_forward_stats(monkeypatch)
+    out, st = selfattn.attention_with_stats(q, qk, qv, causal=True, backend="native", **ALL)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, selfattn.attention(q, qk, qv, causal=True, backend="native"))
+    kd = qk.dequantize()
+    check(st, ref_stats(q, kd, causal=True, **ALL), f"bits={bits}", ref_weights(q, kd, causal=True))
+    alone = selfattn.attention_stats(q, qk, causal=True, backend="native", **ALL)
+    check(alone, ref_stats(q, kd, causal=True, **ALL), "stats", ref_weights(q, kd, causal=True))
 
 
 @needs_native

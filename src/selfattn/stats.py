@@ -18,7 +18,8 @@ import torch
 
 from .api import attention, check_backend, check_lse, selection
 from .backends import BACKENDS, select
-from .quant import QuantizedKV, unwrap_call
+from .forward_mode import has_tangents
+from .quant import QuantizedKV, standin, unwrap_call, unwrap_label
 from .spec import validate, validate_call
 
 __all__ = ["STATS_HOOKS", "attention_stats", "attention_with_stats", "check_wanted"]
@@ -53,6 +54,7 @@ def attention_stats(
     lse: torch.Tensor | None = None,
     heads: Any = None,
     rows: Any = None,
+    sinks: torch.Tensor | None = None,
     col_sum: bool = True,
     col_max: bool = False,
     entropy: bool = False,
@@ -69,7 +71,11 @@ def attention_stats(
         q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D) (or a :class:`selfattn.QuantizedKV`, read as its
             ``dequantize()``); the rules as in :func:`selfattn.attention`.
         lse: (B, Hq, Nq) natural-log lse from ``attention(..., return_lse=True)``; recomputed
-            (for the selected heads and rows only) when None.
+            (for the selected heads and rows only) when None. With ``sinks``, the lse that
+            ``attention(..., sinks=sinks, return_lse=True)`` returns.
+        sinks: (Hq,) one logit per query head without a value (as in ``attention``): the
+            probabilities of a row then sum to ``1 - exp(sinks[h] - lse)``, and the statistics
+            are those of these probabilities (the sink's own share is in none of them).
         heads: query heads (index sequence, slice or int); all when None. H' = how many.
         rows: query rows; all when None. Nq' = how many.
         col_sum: ``"col_sum"`` (B, H', Nk): the sum of ``p`` over the selected rows (the mass
@@ -107,6 +113,7 @@ def attention_stats(
         softcap=softcap,
         segment_ids=segment_ids,
         scale=scale,
+        sinks=sinks,
     )
     if quantized:
         spec = replace(spec, quantized=quantized)
@@ -161,7 +168,7 @@ def attention_with_stats(
     """
     want = check_wanted(col_sum, col_max, entropy, topk)
     backend = check_backend(backend)
-    if rows is None and type(k) is not QuantizedKV and type(v) is not QuantizedKV:
+    if rows is None:
         fused = _fused(q, k, v, rules, heads, want, backend)
         if fused is not None:
             out, lse, stats = fused
@@ -180,14 +187,21 @@ def _fused(
     q: Any, k: Any, v: Any, rules: dict[str, Any], heads: Any, want: dict[str, Any], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
     """``(out, lse, stats)`` from one pass of the ``forward_stats`` hook of the backend that
-    ``attention`` would pick, or None where it has none or the call needs autograd or dropout
-    (the caller then runs the two apart). All heads are computed and ``heads`` picked after."""
-    spec = validate_call(q, k, v, rules)
-    if spec.requires_grad or spec.dropout_p > 0 or torch.compiler.is_compiling():
+    ``attention`` would pick, or None where it has none or the call needs autograd, forward-mode
+    tangents or dropout (the caller then runs the two apart). A ``QuantizedKV`` goes to a
+    backend that reads the codes itself (``reads_quantized``) as it is, validated with
+    stand-ins as ``attention`` does. All heads are computed and ``heads`` picked after."""
+    if torch.compiler.is_compiling():
         return None
+    quantized = unwrap_label(k, v) if QuantizedKV in (type(k), type(v)) else ""
+    spec = validate_call(q, standin(k), standin(v), rules)
+    if spec.requires_grad or spec.dropout_p > 0 or has_tangents(q, k, v, *_graded(rules)):
+        return None
+    if quantized:
+        spec = replace(spec, quantized=quantized)
     chosen = select(spec, backend)
     hook = getattr(chosen, "forward_stats", None)
-    if hook is None:
+    if hook is None or (quantized and not getattr(chosen, "reads_quantized", False)):
         return None
     head_idx = selection(heads, spec.Hq, "heads", q.device)
     with torch.no_grad():
@@ -195,3 +209,8 @@ def _fused(
     if head_idx is not None:
         stats = {key: t.index_select(1, head_idx) for key, t in stats.items()}
     return out, lse, stats
+
+
+def _graded(rules: dict[str, Any]) -> tuple[Any, Any]:
+    """The rule tensors that may carry forward-mode tangents (bias, ALiBi slopes)."""
+    return rules.get("bias"), rules.get("alibi_slopes")

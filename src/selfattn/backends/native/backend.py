@@ -254,8 +254,11 @@ class NativeBackend:
     def forward_stats(self, spec, q, k, v, *, col_sum, col_max, entropy, topk):
         """``(out, lse, stats)`` of a call without gradient or dropout in one C++ call: a decode
         step computes the statistics in its own pass (``csrc/decode.h``), any other call in a
-        statistics pass after the forward."""
-        got = build.load().forward_stats(q, k, v, record(spec), col_sum, col_max, entropy, topk)
+        statistics pass after the forward. ``k`` / ``v`` may be ``QuantizedKV`` (the spec
+        validated with stand-ins): their codes are read in place, as in ``run_quantized``."""
+        call = record(spec, None, k, v)
+        want = (col_sum, col_max, entropy, topk)
+        got = build.load().forward_stats(q, standin(k), standin(v), call, *want)
         out, lse = got[0], got[1]
         return out, lse if lse.dtype == torch.float32 else lse.float(), _gathered([got[2:]])
 

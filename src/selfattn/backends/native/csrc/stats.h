@@ -148,6 +148,7 @@ struct Stats {
         }
         if (r < pn.nreal) {
           load_q_row<V>(P.q, b, h, row0 + r, P.D, Dp, pl.qscale, dst);
+          if (P.k.rotate) hadamard_row(dst, P.D);  // rotated keys: q . (H k) = (H q) . k
           const View& ls = P.lse_in;
           lse[r] = T(load_scalar(ls.p, ls.dt, b * ls.s[0] + h * ls.s[1] + (row0 + r) * ls.s[2]));
           any |= lse[r] != T(-INFINITY);
