@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import kv
 from .console import UsageError, out_dir
 from .threads import CpuWatch
 
@@ -73,6 +74,7 @@ def add_parser(sub: Any) -> None:
         "chosen again for each reply; 1 is steadier if busy)"
     )
     s.add_argument("--threads", type=_positive, metavar="T", help=threads)
+    kv.add_arguments(s)
     s.set_defaults(func=cmd_chat)
 
 
@@ -170,8 +172,10 @@ def generate_reply(
     max_new_tokens: int = 200,
     write: Callable[[str], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    cache_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Greedy reply to ``messages`` with transformers' ``generate`` (KV cache), streamed.
+    """Greedy reply to ``messages`` with transformers' ``generate`` and selfattn's in-place KV
+    cache (:func:`selfattn.integrations.transformers.make_cache`), streamed.
 
     Args:
         model, tokenizer: a causal LM and its tokenizer.
@@ -179,10 +183,13 @@ def generate_reply(
         max_new_tokens: the most tokens generated.
         write: called with each piece of text as soon as it is decoded (None: silent).
         stop: asked after each token; True ends the reply there (None: never).
+        cache_options: ``make_cache``'s keyword arguments (bits, rotate, budget, policy,
+            sink_tokens); None: the plain in-place cache.
 
     Returns:
         ``{"reply", "prompt_ids" (N,), "reply_ids" (T,), "tokens", "seconds",
-        "first_token_s", "tokens_per_s", "finish_reason"}``; the ids are 1-D tensors, the reply
+        "first_token_s", "tokens_per_s", "finish_reason", "kv_cache_bytes"}``
+        (``kv_cache_bytes``: the cache's size at the end of the reply); the ids are 1-D tensors, the reply
         ends at the model's end-of-turn token (which is counted but not shown).
         ``finish_reason`` is "stop" (the model ended its turn), "length" (cut at
         ``max_new_tokens``) or "interrupted" (``stop()`` became true).
@@ -190,6 +197,9 @@ def generate_reply(
     import torch
     from transformers import StoppingCriteriaList
 
+    from selfattn.integrations.transformers import make_cache
+
+    cache = make_cache(model, **(cache_options or {}))
     ids = chat_ids(tok, messages)
     times: list[float] = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -202,6 +212,7 @@ def generate_reply(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
+            cache=cache,
             streamer=_streamer(tok, write, times),
             **extra,
         )
@@ -223,6 +234,7 @@ def generate_reply(
         "first_token_s": (times[0] - t0) if times else seconds,
         "tokens_per_s": n / seconds if seconds > 0 else 0.0,
         "finish_reason": finish,
+        "kv_cache_bytes": int(cache.nbytes),
     }
 
 
@@ -377,6 +389,7 @@ class _Chat:
         self.args, self.status, self.watch = args, status, watch
         self.model, self.tok, self.label = loaded
         self.cap = torch.get_num_threads()  # torch's default (OMP_NUM_THREADS, physical cores)
+        self.kv = kv.options(args)
 
     def turn(self, messages: list, show: Path | None, ctrl_c: _CtrlC | None = None) -> dict:
         """One reply: streamed (or as JSON), the markers and speed line, the pictures.
@@ -398,6 +411,7 @@ class _Chat:
                 max_new_tokens=args.max_new_tokens,
                 write=None if args.json else _write,
                 stop=None if ctrl_c is None else (lambda: ctrl_c.pressed),
+                cache_options=self.kv,
             )
         except KeyboardInterrupt:
             if not args.json:
@@ -420,6 +434,8 @@ class _Chat:
             "finish_reason": finish,
             "truncated": finish != "stop",
             "threads": threads,
+            "kv_cache_bytes": r["kv_cache_bytes"],
+            "kv_cache": kv.describe(self.kv),
         }
         if show is not None and r["tokens"]:
             from selfattn.viz import write_pictures
@@ -448,7 +464,8 @@ class _Chat:
         speed = (
             f"{_n(r['tokens'], 'token')} in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} "
             f"tokens/s (prompt {record['prompt_tokens']} tokens, first token after "
-            f"{r['first_token_s']:.2f} s; attn={args.attn}, {_n(threads, 'thread')})"
+            f"{r['first_token_s']:.2f} s; attn={args.attn}, {_n(threads, 'thread')}); KV cache "
+            f"{r['kv_cache_bytes']:,} bytes ({kv.describe(self.kv)})"
         )
         self.status.print(f"[dim]{speed}[/]", soft_wrap=True)
         if "show" in record:
@@ -517,6 +534,7 @@ def cmd_chat(args: argparse.Namespace, con: Any) -> int:
     quiet_transformers()
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("PROMPT is empty")
+    kv.options(args)  # bad KV-cache options end here, before the model loads
     show = out_dir(args.show) if args.show else None
     status = Console(stderr=True, highlight=False)  # stdout carries the replies only
     watch = CpuWatch()  # the first reply's threads: from the CPU others use while we load

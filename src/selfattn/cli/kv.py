@@ -1,0 +1,93 @@
+"""``selfattn chat``'s KV-cache options: ``--kv-bits``, ``--kv-rotate``, ``--kv-budget``,
+``--kv-policy``, ``--kv-sinks``, turned into the keyword arguments of
+:func:`selfattn.integrations.transformers.make_cache` (checked before the model loads)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .console import UsageError
+
+__all__ = ["POLICIES", "SCORED", "add_arguments", "describe", "options"]
+
+#: ``make_cache``'s policies (selfattn.integrations.evict.POLICIES; kept here so that the parser
+#: does not import transformers), and those that need selfattn's attention for their scores
+POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
+SCORED = ("h2o", "tova", "snapkv")
+
+
+def _count(text: str, least: int) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {n}")
+    return n
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    """Add the KV-cache options to the ``chat`` parser ``s``."""
+    g = s.add_argument_group("KV cache (selfattn's in-place cache; its size is printed per reply)")
+    bits = "store keys and values quantized, 8 or 4 bits (needs --attn selfattn)"
+    g.add_argument("--kv-bits", type=int, choices=(8, 4), metavar="{8,4}", help=bits)
+    rotate = "Walsh-Hadamard rotation before quantizing (with --kv-bits; advised at 4 bits)"
+    g.add_argument("--kv-rotate", action="store_true", help=rotate)
+    budget = "keep at most N tokens in each full-attention layer, evicting by --kv-policy"
+    g.add_argument("--kv-budget", type=lambda t: _count(t, 1), metavar="N", help=budget)
+    policy = (
+        f"what --kv-budget evicts: {', '.join(POLICIES)} (default h2o; "
+        f"{', '.join(SCORED)} need --attn selfattn)"
+    )
+    g.add_argument("--kv-policy", choices=POLICIES, metavar="P", help=policy)
+    sinks = "tokens the sink policy always keeps (default 4)"
+    g.add_argument("--kv-sinks", type=lambda t: _count(t, 0), metavar="S", help=sinks)
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """``make_cache``'s keyword arguments from the parsed options.
+
+    Raises:
+        UsageError: options that need another (``--kv-rotate`` without ``--kv-bits``,
+            ``--kv-policy`` or ``--kv-sinks`` without ``--kv-budget``, ``--kv-sinks`` with
+            another policy), or ``--kv-bits`` / a scored policy with ``--attn`` other than
+            selfattn.
+    """
+    if args.kv_rotate and args.kv_bits is None:
+        raise UsageError("--kv-rotate rotates quantized keys and values: it needs --kv-bits")
+    if args.kv_budget is None:
+        for name, value in (("--kv-policy", args.kv_policy), ("--kv-sinks", args.kv_sinks)):
+            if value is not None:
+                raise UsageError(f"{name} says what --kv-budget evicts: it needs --kv-budget N")
+    policy = args.kv_policy or "h2o"
+    if args.kv_sinks is not None and policy != "sink":
+        raise UsageError(f"--kv-sinks is for --kv-policy sink, not {policy}")
+    attn = getattr(args, "attn", "selfattn")
+    if args.kv_bits is not None and attn != "selfattn":
+        raise UsageError(f"--kv-bits needs --attn selfattn (the {attn} attention cannot read it)")
+    if args.kv_budget is not None and policy in SCORED and attn != "selfattn":
+        raise UsageError(
+            f"--kv-policy {policy} scores tokens with selfattn's kernels: it needs --attn "
+            f"selfattn (window and sink work with {attn})"
+        )
+    out: dict[str, Any] = {}
+    if args.kv_bits is not None:
+        out.update(bits=args.kv_bits, rotate=bool(args.kv_rotate))
+    if args.kv_budget is not None:
+        out.update(budget=args.kv_budget, policy=policy)
+        if args.kv_sinks is not None:
+            out["sink_tokens"] = args.kv_sinks
+    return out
+
+
+def describe(opts: dict[str, Any]) -> str:
+    """A few words for the status line: ``"int8+rotation, budget 1024 h2o"`` or ``"float"``."""
+    parts = []
+    if "bits" in opts:
+        parts.append(f"int{opts['bits']}" + ("+rotation" if opts.get("rotate") else ""))
+    else:
+        parts.append("float")
+    if "budget" in opts:
+        parts.append(f"budget {opts['budget']} {opts['policy']}")
+    return ", ".join(parts)

@@ -1,0 +1,76 @@
+"""``selfattn chat --kv-bits --kv-rotate --kv-budget --kv-policy --kv-sinks``: the chat runs on
+``make_cache`` (also without them: the in-place float cache) and reports the cache's size in bytes
+with each reply; bad values end with one line and exit status 2 before the model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from selfattn.cli import kv, main
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--kv-bits", "3"], "invalid choice: 3"),
+        (["--kv-bits", "eight"], "invalid int value"),
+        (["--kv-budget", "0"], "expected an integer >= 1, got 0"),
+        (["--kv-budget", "12", "--kv-policy", "lru"], "invalid choice: 'lru'"),
+        (["--kv-budget", "12", "--kv-policy", "sink", "--kv-sinks", "-1"], ">= 0, got -1"),
+        (["--kv-rotate"], "--kv-rotate .* needs --kv-bits"),
+        (["--kv-policy", "sink"], "--kv-policy .* needs --kv-budget N"),
+        (["--kv-budget", "9", "--kv-sinks", "2"], "--kv-sinks is for --kv-policy sink, not h2o"),
+        (["--kv-bits", "8", "--attn", "sdpa"], "--kv-bits needs --attn selfattn"),
+        (["--kv-budget", "9", "--attn", "eager"], "--kv-policy h2o .* needs --attn selfattn"),
+    ],
+)
+def test_chat_bad_kv_options_end_with_one_line_and_status_2(capsys, argv, message):
+    import re
+
+    assert main(["chat", "hi", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("selfattn chat"), err
+    assert re.search(message, err[0]), err[0]
+
+
+def test_chat_kv_policies_are_make_cache_policies():
+    from selfattn.integrations.evict import POLICIES, SCORED
+
+    assert kv.POLICIES == POLICIES and kv.SCORED == SCORED
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder():
+    from selfattn.pretrained import smollm2
+
+    try:
+        return smollm2.folder()
+    except ValueError as exc:  # the message is the pip command
+        pytest.skip(str(exc))
+
+
+def _chat(*argv):
+    env = {**os.environ, "TERM": "dumb", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "selfattn", "chat", "--threads", "1", "--json", *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_chat_reports_the_kv_cache_size_plain_and_quantized_with_a_budget(smollm2_folder):
+    """The prompt (about 30 tokens with the template) is past a budget of 16: int8 keys and
+    values held to 16 tokens per layer take less than the plain float cache."""
+    question = ("What is the capital of France?", "--max-new-tokens", "3")
+    plain = _chat(*question)
+    small = _chat(*question, "--kv-bits", "8", "--kv-budget", "16", "--kv-policy", "h2o")
+    assert plain["kv_cache"] == "float" and small["kv_cache"] == "int8, budget 16 h2o"
+    assert plain["reply"] == "The capital of" and small["tokens"] == 3
+    assert 0 < small["kv_cache_bytes"] < plain["kv_cache_bytes"]
+    assert small["prompt_tokens"] > 16
