@@ -28,8 +28,8 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def forget_auto_choices():
-    """``auto``'s remembered choices (``backends.AUTO_CHOICES``) start empty in every test: a
+def forget_backend_choices():
+    """The backends' remembered choices (``backends.CHOICES``) start empty in every test: a
     test may change what a backend accepts (monkeypatch) before it calls ``attention``."""
     from selfattn.backends import forget_choices
 

@@ -18,7 +18,7 @@ import selfattn
 import selfattn.integrations.transformers as sa_hf
 from helpers import make_qkv
 from selfattn import api, backends
-from selfattn.backends import AUTO_CHOICES, BACKENDS, select
+from selfattn.backends import BACKENDS, CHOICES, select
 from selfattn.quant import quantize_kv
 from selfattn.spec import validate
 
@@ -99,16 +99,26 @@ def test_auto_remembers_the_choice_select_makes_per_shape():
     prefill = make_qkv(1, 8, 8, 16, 16, 64)  # below native's measured small-call size
     for q, k, v in (decode, prefill):
         selfattn.attention(q, k, v, causal=True)
-        (spec, chosen), *_ = [x for key, x in AUTO_CHOICES.items() if key[0] == q.shape]
+        (spec, chosen), *_ = [x for key, x in CHOICES.items() if key[1] == q.shape]
         same_spec(spec, validate(q, k, v, causal=True))
         assert chosen is select(validate(q, k, v, causal=True), "auto")
-    assert len(AUTO_CHOICES) == 2
+    assert len(CHOICES) == 2
+
+
+def test_a_named_backend_is_remembered_only_where_it_accepts_the_call():
+    q, k, v = make_qkv(1, 4, 2, 1, 40, 16)
+    selfattn.attention(q, k, v, causal=True, backend="sdpa")
+    assert [key[0] for key in CHOICES] == ["sdpa"]
+    for _ in range(2):  # refused each time, with select's message; nothing remembered
+        with pytest.raises(selfattn.UnsupportedInputs, match="does not return the lse"):
+            selfattn.attention(q, k, v, causal=True, return_lse=True, backend="sdpa")
+    assert len(CHOICES) == 1
 
 
 def test_register_forgets_the_remembered_choices(monkeypatch):
     q, k, v = make_qkv(1, 4, 2, 1, 40, 16)
     selfattn.attention(q, k, v, causal=True)
-    assert AUTO_CHOICES
+    assert CHOICES
     first = backends.candidates(q.device)[0]
     monkeypatch.setitem(BACKENDS, first, BACKENDS[first])  # restored afterwards
     calls = []
@@ -127,7 +137,7 @@ def test_register_forgets_the_remembered_choices(monkeypatch):
             return BACKENDS["reference"].run(spec, q, k, v, seed)
 
     backends.register(Spy())
-    assert not AUTO_CHOICES
+    assert not CHOICES
     selfattn.attention(q, k, v, causal=True)
     assert len(calls) == 1  # the new backend runs it, not the remembered one
 
@@ -136,7 +146,7 @@ def test_remembered_choices_are_bounded():
     for nk in range(1, api.CHOICES_KEPT + 10):  # one new shape per decode step
         q, k, v = make_qkv(1, 2, 1, 1, nk, 4)
         selfattn.attention(q, k, v, causal=True)
-        assert 0 < len(AUTO_CHOICES) <= api.CHOICES_KEPT
+        assert 0 < len(CHOICES) <= api.CHOICES_KEPT
 
 
 # a value for each keyword of attention that the fast path must hand to the full path

@@ -3,7 +3,7 @@
 Dispatch only: each call is validated in full (``spec.validate``) before any work, then handed
 to the backend that ``backends.select`` picks. A plain call (no rule but ``causal`` and
 ``scale``, no dropout, no gradient: a decode step) takes ``plain_call``, which checks the same
-in fewer steps and remembers ``auto``'s choice per call shape. While ``torch.compile`` traces,
+in fewer steps and remembers the backend's choice per call shape. While ``torch.compile`` traces,
 ``attention`` becomes the ``selfattn::attention`` custom op (``_compile``), one opaque node.
 """
 
@@ -17,8 +17,8 @@ import torch
 
 from . import _compile, _rng, checks
 from .backends import (
-    AUTO_CHOICES,
     BACKENDS,
+    CHOICES,
     available,
     candidates,
     forget_choices,
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 WEIGHTS_HOOKS = ("weights",)  # the registry hook attention_weights uses
-CHOICES_KEPT = 256  # call shapes whose auto choice plain_call remembers (then it starts over)
+CHOICES_KEPT = 256  # call shapes whose choice plain_call remembers (then it starts over)
 
 
 def check_backend(backend: Any) -> str:
@@ -209,14 +209,13 @@ def plain_call(
     A decode step over a short cache is a few microseconds of work, so this path checks in a
     few comparisons what :func:`attention` would check, builds the spec ``validate_call``
     builds (:func:`plain_spec`) and runs the backend ``select`` picks: the same result, bit
-    for bit. On the CPU, ``auto``'s (spec, backend) is remembered per call shape
-    (``backends.AUTO_CHOICES``), so a repeated shape (every layer of a decode step) costs one
-    dict lookup. It declines (the full path then runs, and raises what it raises) anything
+    for bit. On the CPU the (spec, backend) pair is remembered per backend name and call shape
+    (``backends.CHOICES``), so a repeated shape (every layer of a decode step) costs one dict
+    lookup. It declines (the full path then runs, and raises what it raises) anything
     unusual: a tensor subclass or a QuantizedKV, an argument of an unexpected type or a value
     the full path would refuse, a gradient or a forward-mode tangent to carry, or tracing by
-    ``torch.compile``. The one
-    error it raises itself is that of ``check_qkv``, the full path's first check after the
-    backend's name.
+    ``torch.compile``. The errors it raises itself are those of ``check_qkv`` (the full path's
+    first check after the backend's name) and ``select``'s, for the same spec.
     """
     tensor = torch.Tensor
     if (
@@ -235,21 +234,22 @@ def plain_call(
     if torch.compiler.is_compiling() or has_tangents(q, k, v):  # the full path marks tangents
         return None
     key = None
-    if backend == "auto" and q.is_cpu and k.is_cpu and v.is_cpu:
+    if q.is_cpu and k.is_cpu and v.is_cpu:
         # everything check_qkv and select read: shapes and dtypes (the device is the CPU)
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, causal, scale, return_lse)
-        got = AUTO_CHOICES.get(key)
+        key = (backend, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype)
+        key += (causal, scale, return_lse)
+        got = CHOICES.get(key)
         if got is not None:
             out, lse = got[1].run(got[0], q, k, v, None)
             return (out, lse) if return_lse else out
-    elif backend != "auto" and backend not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         return None
     spec = plain_spec(q, k, v, causal, scale, return_lse)
     chosen = select(spec, backend)
     if key is not None:
-        if len(AUTO_CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
+        if len(CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
             forget_choices()
-        AUTO_CHOICES[key] = (spec, chosen)
+        CHOICES[key] = (spec, chosen)
     out, lse = chosen.run(spec, q, k, v, None)
     return (out, lse) if return_lse else out
 

@@ -42,8 +42,8 @@ from .tiled import TiledBackend
 from .triton import TritonBackend  # imports no triton itself: unavailable() says what is missing
 
 __all__ = [
-    "AUTO_CHOICES",
     "BACKENDS",
+    "CHOICES",
     "HOOKS",
     "PRIORITY",
     "Backend",
@@ -83,16 +83,17 @@ class Backend(Protocol):
 BACKENDS: dict[str, Backend] = {}
 
 
-# ``auto``'s choice for plain calls (no rule but causal and scale, no gradient), remembered per
-# call shape by the front door's fast path (``api.plain_call``): (spec, backend) by a key of the
-# shapes, dtypes and rules. A choice depends on the registry only, so ``register`` forgets them
-# all; whoever changes what a backend accepts in another way calls ``forget_choices``.
-AUTO_CHOICES: dict[tuple, tuple[AttentionSpec, Backend]] = {}
+# The backend ``select`` picks for plain calls (no rule but causal and scale, no gradient),
+# remembered by the front door's fast path (``api.plain_call``): (spec, backend) by a key of the
+# backend's name ("auto" or a name), the shapes, dtypes and rules. A choice depends on the
+# registry only, so ``register`` forgets them all; whoever changes what a backend accepts in
+# another way calls ``forget_choices``.
+CHOICES: dict[tuple, tuple[AttentionSpec, Backend]] = {}
 
 
 def forget_choices() -> None:
-    """Forget ``auto``'s remembered choices (``AUTO_CHOICES``)."""
-    AUTO_CHOICES.clear()
+    """Forget the remembered choices (``CHOICES``)."""
+    CHOICES.clear()
 
 
 def register(backend: Backend) -> None:
