@@ -335,3 +335,19 @@ def test_gemma3_270m_budget_evicts_only_the_global_layers():
         assert held == (32 if isinstance(layer, BudgetLayer) else n)
     assert cache.get_seq_length() == n
     assert isinstance(cache, InPlaceCache)
+
+
+def test_budget_layer_beam_reordering_moves_tokens_positions_and_scores_together():
+    """The per-slot positions and H2O scores follow the beams as the keys do."""
+    g = torch.Generator().manual_seed(4)
+    layer = BudgetLayer(5, "h2o", chunk=4)
+    k, v = _kv(9, b=3, seed=2)
+    _attend(layer, torch.randn(3, 4, 9, 8, generator=g), k, v)
+    before = (layer.keys.clone(), layer.positions.clone(), layer.scores.clone())
+    beams = torch.tensor([2, 0, 0])
+    layer.reorder_cache(beams)
+    assert torch.equal(layer.keys, before[0][beams])
+    assert torch.equal(layer.positions[:, :, :5], before[1][beams][:, :, :5])
+    assert torch.equal(layer.scores[:, :, :5], before[2][beams][:, :, :5])
+    layer.batch_repeat_interleave(2)
+    assert layer.keys.shape[0] == 6 and torch.equal(layer.positions[1], layer.positions[0])

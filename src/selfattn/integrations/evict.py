@@ -40,9 +40,9 @@ from typing import Any
 import torch
 
 from . import kv_store, scoring
-from .kv_layers import CHUNK, InPlaceLayer, round_up
+from .kv_layers import CHUNK, InPlaceLayer
 
-__all__ = ["POLICIES", "SCORED", "SNAP_KERNEL", "SNAP_WINDOW", "BudgetLayer"]
+__all__ = ["POLICIES", "SCORED", "SLACK", "SNAP_KERNEL", "SNAP_WINDOW", "BudgetLayer"]
 
 #: the eviction policies ``make_cache(budget=...)`` takes
 POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
@@ -51,6 +51,8 @@ SCORED = ("h2o", "tova", "snapkv")
 #: SnapKV: the last prompt queries that score the keys, and the max-pooling width
 SNAP_WINDOW = 32
 SNAP_KERNEL = 7
+#: free slots an evicting layer keeps after its budget (decode steps and small chunks fit)
+SLACK = 64
 _BIG = 1e30  # priorities above every score: kept; below: evicted first
 
 
@@ -106,8 +108,9 @@ class BudgetLayer(InPlaceLayer):
 
     @property
     def usual_capacity(self) -> int:
-        """The storage between prefills: the budget and ``chunk`` free slots (rounded)."""
-        return round_up(self.budget + self.chunk - 1, self.chunk)
+        """The storage between prefills: the budget and ``min(chunk, SLACK)`` free slots (a
+        call with more new tokens grows it for that call; the kept tokens move back after)."""
+        return self.budget + min(self.chunk, SLACK)
 
     @property
     def nbytes(self) -> int:
@@ -117,7 +120,7 @@ class BudgetLayer(InPlaceLayer):
         return super().nbytes + extra
 
     def _new_capacity(self, needed: int) -> int:
-        return max(self.usual_capacity, round_up(needed, self.chunk))
+        return max(self.usual_capacity, needed)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
