@@ -137,6 +137,9 @@ def measure(
                     raise RuntimeError(
                         f"{pair}: logits differ from DynamicCache's by {gaps[pair]:.3g}"
                     )
+    for label, cache in {"DynamicCache": dynamic, **caches}.items():
+        if cache.get_seq_length() != context:  # every step must have been undone
+            raise RuntimeError(f"{label} holds {cache.get_seq_length()} tokens after the steps")
     ms = {p: 1000 * statistics.median(t) for p, t in times.items()}
     rows = []
     for attn, label in pairs:
@@ -159,7 +162,7 @@ def table(result: dict[str, Any]) -> str:
     """The README's table: step time of each (attention, cache) and its ratios."""
     meta = result["meta"]
     lines = [
-        f"SmolLM2-135M-Instruct (fp32) decode step, batch 1, {meta['torch_threads']} thread(s), "
+        f"SmolLM2-135M-Instruct (fp32) decode step, batch 1, torch threads: {meta['torch_threads']}, "
         f"median of {result['rows'][0]['rounds']} steps; a ratio is the other's time over the "
         "row's (above 1: the row is faster).",
         "",

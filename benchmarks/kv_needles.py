@@ -84,9 +84,16 @@ def prompts(
     return out
 
 
-def answer(model: Any, ids: list[int], cache: Any, prefill_chunk: int | None) -> tuple[str, int]:
-    """Greedy decoding of up to :data:`NEW_TOKENS` tokens after prefilling ``ids``; returns the
-    new ids and the most tokens a layer held after the prefill."""
+def tok_has_digit(ids: list[int], tokenizer: Any) -> bool:
+    return any(c.isdigit() for c in tokenizer.decode(ids))
+
+
+def answer(
+    model: Any, tokenizer: Any, ids: list[int], cache: Any, prefill_chunk: int | None
+) -> tuple[list[int], int]:
+    """Greedy decoding of up to :data:`NEW_TOKENS` tokens after prefilling ``ids``, stopping once
+    a number was followed by something else; returns the new ids and the most tokens a layer
+    held after the prefill."""
     x = torch.tensor([ids])
     step = prefill_chunk or x.shape[1]
     for start in range(0, x.shape[1], step):
@@ -100,6 +107,8 @@ def answer(model: Any, ids: list[int], cache: Any, prefill_chunk: int | None) ->
         if token in eos:
             break
         new.append(token)
+        if not tok_has_digit(new[-1:], tokenizer) and first_number(tokenizer.decode(new)):
+            break  # the number is complete: the rest of the sentence is not scored
         logits = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits
     return new, held
 
@@ -126,7 +135,7 @@ def measure(
         try:
             for case in cases:
                 cache = budget_cache(model, None if policy is None else budget, policy)
-                new, held = answer(model, case["ids"], cache, prefill_chunk)
+                new, held = answer(model, tok, case["ids"], cache, prefill_chunk)
                 most = max(most, held)
                 text = tok.decode(new)
                 found.append(

@@ -4,10 +4,12 @@ Walsh-Hadamard rotation within +2%, plain 4-bit reported).
 
 The text (CPython's ``pydoc_data/topics.py``) is fed the way a quantized cache is used: in chunks
 of ``--chunk`` tokens through ``model(input_ids=chunk, cache=cache)``, so every chunk attends over
-the past as the cache stores it (quantized) and over itself. The first chunk has no past, so its
-tokens score the same with every cache; the perplexity is over all tokens 1..N-1 (``ppl``) and
-over the tokens after the first chunk (``ppl_past``, where the cache matters). ``vs_fp32`` is the
-relative change of ``ppl`` against ``make_cache`` (float32 storage) with the same attention.
+the past as the cache stores it (quantized) and over itself (``make_cache(bits=)`` quantizes a
+chunk's keys and values before its attention reads them; ``QuantizedCache`` hands the current
+chunk over in float and quantizes it afterwards). The perplexity is over all tokens 1..N-1
+(``ppl``) and over the tokens after the first chunk (``ppl_past``: those that also read a past).
+``vs_fp32`` is the relative change against ``make_cache`` (float32 storage) with the same
+attention.
 Writes benchmarks/results/kv_perplexity.json.
 
     python benchmarks/kv_perplexity.py                       # 4096 tokens, chunks of 512, 2 threads
@@ -96,8 +98,8 @@ def table(result: dict[str, Any]) -> str:
     meta = result["meta"]
     head = (
         f"SmolLM2-135M-Instruct, {meta['tokens']} tokens of pydoc text fed in chunks of "
-        f"{meta['chunk']}, attention `{meta['attention']}`, {meta['torch_threads']} threads; "
-        "`past` = the tokens after the first chunk (those that read the cache)."
+        f"{meta['chunk']}, attention `{meta['attention']}`, torch threads: {meta['torch_threads']}; "
+        "`past` = the tokens after the first chunk (those that also read a past)."
     )
     lines = [
         head,

@@ -49,6 +49,7 @@ RESULTS = (
     "benchmarks/results/train_gpt_ring.json",
     "benchmarks/results/train_gpt_ring_float64.json",
     "docs/bench.json",
+    "benchmarks/results/kv_perplexity.json",
 )
 #: the KV-cache benchmarks (issue 18): results file stem -> the script whose ``table()`` prints it
 KV_TABLES = {

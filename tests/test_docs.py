@@ -102,7 +102,9 @@ def test_every_results_file_records_its_cpu(rel):
 def test_the_readme_shows_each_benchmark_through_its_results_file():
     text = (ROOT / "README.md").read_text()
     blocks = {(m["kind"], m["src"]) for m in RT.BLOCK.finditer(text)}
-    for src in ("benchmarks/results/cpu.json", "benchmarks/results/models.json", "docs/bench.json"):
+    kv = ("kv_perplexity",)
+    srcs = ("benchmarks/results/cpu.json", "benchmarks/results/models.json", "docs/bench.json")
+    for src in (*srcs, *(f"benchmarks/results/{name}.json" for name in kv)):
         assert ("table", src) in blocks, f"README.md has no generated table from {src}"
     assert ("summary", "benchmarks/results/cpu.json") in blocks
 
