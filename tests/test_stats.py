@@ -9,6 +9,7 @@ several row tiles and key blocks of the tiled engine (Nk=600 > BLOCK_N).
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -465,3 +466,19 @@ def test_native_stats_on_each_instruction_set(monkeypatch, isa, nq):
     check(st, want, f"{isa} stats Nq={nq}", p)
     _, fused = selfattn.attention_with_stats(q, k, v, backend="native", **kw, **ALL)
     check(fused, want, f"{isa} fused Nq={nq}", p)
+
+
+@pytest.mark.parametrize("nq", [1, 40])
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_a_given_lse_is_used_as_it_is(backend, nq):
+    """lse + log 2 halves every probability (a decode-sized call on native reads it in the
+    decode kernel's statistics pass, a larger one in the statistics kernel)."""
+    q, k, v = make_qkv(1, 4, 2, nq, 900, 32, seed=78)
+    _, lse = selfattn.attention(q, k, v, return_lse=True, causal=True)
+    st = selfattn.attention_stats(q, k, lse=lse, causal=True, backend=backend, **ALL)
+    half = selfattn.attention_stats(
+        q, k, lse=lse + math.log(2.0), causal=True, backend=backend, **ALL
+    )
+    torch.testing.assert_close(half["col_sum"], st["col_sum"] / 2, rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(half["topk_p"], st["topk_p"] / 2, rtol=2e-6, atol=1e-9)
+    assert torch.equal(half["topk_index"], st["topk_index"])

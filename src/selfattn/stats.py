@@ -194,7 +194,7 @@ def _fused(
     if torch.compiler.is_compiling():
         return None
     quantized = unwrap_label(k, v) if QuantizedKV in (type(k), type(v)) else ""
-    spec = validate_call(q, standin(k), standin(v), rules)
+    spec = validate_call(q, standin(k), standin(v), rules, True)  # as attention(return_lse=True)
     if spec.requires_grad or spec.dropout_p > 0 or has_tangents(q, k, v, *_graded(rules)):
         return None
     if quantized:

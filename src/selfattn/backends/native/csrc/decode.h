@@ -365,11 +365,13 @@ struct Decode {
     }
   }
 
-  // The statistics of unit u's rows from the kept scores and the final lse (after combine):
-  // its query heads' columns are its own, so units run in parallel without sharing a column.
+  // The statistics of unit u's rows from the kept scores and the final lse (after combine), or
+  // the lse the caller gave (Params::lse_in, attention_stats on a decode-sized call): its query
+  // heads' columns are its own, so units run in parallel without sharing a column.
   void stats(int64_t u, T* cs, T* cm, T* lp, int64_t* ix) const {
     const int64_t b = u / P.Hkv, kvh = u % P.Hkv, K = P.topk;
-    const T* lse = static_cast<const T*>(P.lse);
+    const T* own = static_cast<const T*>(P.lse);
+    const View& given = P.lse_in;
     for (int64_t g = 0; g < P.G; g++) {
       const int64_t bh = b * P.Hq + kvh * P.G + g;
       if (cs) zero_bytes(cs, sizeof(T) * LK);
@@ -380,10 +382,14 @@ struct Decode {
           lp[o] = T(-INFINITY);
           ix[o] = -1;
         }
+        const T l = given.p ? T(load_scalar(given.p, given.dt,
+                                            b * given.s[0] + (bh - b * P.Hq) * given.s[1] +
+                                                i * given.s[2]))
+                            : own[row];
         T e = 0;
-        if (lse[row] != T(-INFINITY))
-          e = stats_row<V>(sk + (u * R + r) * LK, LK, lse[row], cs, cm, P.entropy != nullptr, lp,
-                           ix, K, 0);
+        if (l != T(-INFINITY))
+          e = stats_row<V>(sk + (u * R + r) * LK, LK, l, cs, cm, P.entropy != nullptr, lp, ix, K,
+                           0);
         if (P.entropy) P.entropy[row] = float(e);
         if (K > 0) topk_store(lp, ix, K, P.topk_p + row * K, P.topk_index + row * K);
       }

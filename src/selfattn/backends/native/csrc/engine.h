@@ -32,6 +32,23 @@ static void forward(const Params& P, const Pool& pool) {
   statistics<V>(S, pool);
 }
 
+// attention_stats from a given lse (Params::lse_in): a decode-sized call runs the split-K decode
+// pass without values (its statistics pass reads lse_in), any other the tiled statistics pass.
+template <class V>
+static void stats(const Params& P, const Pool& pool) {
+  using T = typename V::T;
+  if (!Decode<V>::applies(P)) {
+    statistics<V>(P, pool);
+    return;
+  }
+  Params D = P;
+  Buf<T> lse(P.B * P.Hq * P.Nq);  // the pass's own lse, unused: the given one normalises
+  D.lse = lse.p;
+  D.need_out = false;
+  D.out = nullptr;
+  forward_decode<V>(D, pool);
+}
+
 template <class V>
 static void backward(const Params& P, const Pool& pool) {
   backward_all<V>(P, pool);

@@ -12,9 +12,9 @@ using VD = GV<double, 8, 4>;
 extern const Engine engine_generic_f32 = {"generic", &generic::forward<generic::VF>,
                                           &generic::backward<generic::VF>,
                                           &generic::probabilities<generic::VF>,
-                                          &generic::statistics<generic::VF>};
+                                          &generic::stats<generic::VF>};
 extern const Engine engine_generic_f64 = {"generic", &generic::forward<generic::VD>,
                                           &generic::backward<generic::VD>,
                                           &generic::probabilities<generic::VD>,
-                                          &generic::statistics<generic::VD>};
+                                          &generic::stats<generic::VD>};
 }  // namespace selfattn

@@ -7,5 +7,5 @@
 namespace selfattn {
 extern const Engine engine_neon = {"neon", &neon::forward<neon::V>, &neon::backward<neon::V>,
                                    &neon::probabilities<neon::V>,
-                                   &neon::statistics<neon::V>};
+                                   &neon::stats<neon::V>};
 }  // namespace selfattn

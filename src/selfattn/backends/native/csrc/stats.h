@@ -13,7 +13,8 @@
 // in index order with the earlier part first on ties.
 //
 // The decode pass (decode.h) feeds the same row function from the scores it kept while it
-// computed the output, normalised by the final lse.
+// computed the output, normalised by the final lse (or by a given one: engine.h's stats entry
+// runs a decode-sized call through it without values).
 #pragma once
 #include <cmath>
 #include <limits>
