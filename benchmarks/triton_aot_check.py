@@ -181,9 +181,11 @@ def scenarios(quick: bool):
         out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=dtype)
         lse = torch.zeros(q.shape[:3])
 
+        rows = torch.zeros(lse.numel()) if spec.sinks is not None else None
+
         def run():
             host.backward(
-                spec, seed, q, k, v, out, lse, torch.ones_like(out), None, need_bias, False
+                spec, seed, q, k, v, out, lse, torch.ones_like(out), None, need_bias, False, rows
             )
 
         return run
@@ -222,6 +224,10 @@ def scenarios(quick: bool):
     yield "decode bf16 GQA TMA", fwd({}, shape=(1, 32, 8, 1, 16384, 128), tma=True)
     yield "decode bf16 GQA int8", fwd({}, shape=(1, 32, 8, 1, 16384, 128), bits=(8, 8))
     yield "decode bf16 GQA int4", fwd({}, shape=(1, 32, 8, 1, 16384, 128), bits=(4, 4))
+    sinks = torch.zeros(16)
+    yield "fwd bf16 D128 causal sinks", fwd({"causal": True, "sinks": sinks})
+    yield "decode bf16 GQA sinks", fwd({"sinks": torch.zeros(32)}, shape=(1, 32, 8, 1, 16384, 128))
+    yield "bwd bf16 D128 causal sinks", bwd({"causal": True, "sinks": sinks})
     yield "fwd bf16 D128 causal int8", fwd({"causal": True}, bits=(8, 8))
     yield (
         "fwd fp16 D64 causal int4",

@@ -56,8 +56,6 @@ class TritonBackend:
             reasons.append(f"head dims up to {MAX_HEAD_DIM}, got D={spec.D}, Dv={spec.Dv}")
         if spec.qpos is not None:
             reasons.append("selects rows inside the probabilities kernel, not as a part")
-        if spec.sinks is not None:
-            reasons.append("sinks are not in its kernels yet")
         if spec.device.type != "cuda" and not interpreting():
             reasons.append(
                 f"runs on CUDA tensors, got {spec.device} (TRITON_INTERPRET=1 runs CPU tensors)"

@@ -211,7 +211,7 @@ QUANT_KEYS = ["K_BITS", "V_BITS", "K_GROUP", "V_GROUP"]
 # kernel -> (kind of its tables, autotune keys besides the common ones, outputs the autotuner
 # zeroes between trials because the kernel accumulates into them)
 AUTOTUNED: dict[str, tuple[str, list[str], list[str] | None]] = {
-    "attn_fwd": ("fwd", ["USE_TMA", *QUANT_KEYS], None),
+    "attn_fwd": ("fwd", ["USE_TMA", "HAS_SINKS", *QUANT_KEYS], None),
     "attn_decode": ("decode", ["USE_TMA", "BLOCK_M", *QUANT_KEYS], None),
     "bwd_dkdv": ("dkdv", [], None),
     "bwd_dq": ("dq", ["NEED_DB", "DB_ROWS", "DB_COLS", "NEED_DA"], ["DB", "DA"]),

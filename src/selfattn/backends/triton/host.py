@@ -15,9 +15,10 @@ import triton
 
 from ...first_order import first_order
 from ...quant import QuantizedKV, rotated_like
+from ...sinks import sink_probability
 from ...spec import AttentionSpec
 from . import configs, interp, interpreting, kernels
-from .prepare import Call, kv_operands, prepare
+from .prepare import Call, kv_operands, prepare, sink_args
 from .tma import descriptor_args, distrust, set_block_shapes, use_tma
 
 __all__ = [
@@ -114,7 +115,9 @@ def forward(
     lse = torch.empty(spec.B, spec.Hq, spec.Nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    if spec.Nk == 0:
+    if spec.Nk == 0:  # nothing to see: output 0, lse -inf (or the sink: its logit alone)
+        if spec.sinks is not None:
+            return out.zero_(), lse.copy_(spec.sinks.float().view(1, -1, 1).expand_as(lse))
         return out.zero_(), lse.fill_(-math.inf)
     call = prepare(spec, q, seed)
     quant = type(k) is QuantizedKV or type(v) is QuantizedKV
@@ -142,10 +145,12 @@ def _run_rows(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
     """The forward kernel: one program per tile of query rows of each head."""
     spec = call.spec
     k, v, scales, scale_strides, qconsts = kv_operands(k, v, q)
-    args = [q, k, v, out, lse, *call.args_rules, call.qrng, *scales]
+    sinks, sconsts = sink_args(spec, q)
+    args = [q, k, v, out, lse, *call.args_rules, call.qrng, *scales, *sinks]
     args += [*q.stride(), *k.stride(), *v.stride(), *out.stride(), *call.strides_rules]
     args += [*scale_strides, *call.scalars, *call.scale_args, *call.drop_args]
-    consts = dict(call.consts, REVERSE=spec.causal, **qconsts, **descriptor_args(k, v, tma))
+    consts = dict(call.consts, REVERSE=spec.causal, **qconsts, **sconsts)
+    consts.update(descriptor_args(k, v, tma))
 
     def grid(meta):
         return (triton.cdiv(spec.Nq, meta["BLOCK_M"]), spec.B * spec.Hq)
@@ -183,9 +188,11 @@ def _run_decode(call: Call, q, k, v, out, lse, tma: bool, tune: bool) -> None:
         return (n_splits, progs)
 
     _launch("attn_decode", grid, args, consts, tune)
-    args = [opart, lpart, out, lse, *out.stride(), spec.Hq, nq, spec.Dv, n_splits]
+    sinks, sconsts = sink_args(spec, q)  # the sink joins in the combine only
+    args = [opart, lpart, out, lse, *sinks, *out.stride(), spec.Hq, nq, spec.Dv, n_splits]
     block_s = max(2, triton.next_power_of_2(n_splits))
-    kernels.decode_combine[(rows,)](*args, BLOCK_S=block_s, BLOCK_DV=call.consts["BLOCK_DV"])
+    bdv = call.consts["BLOCK_DV"]
+    kernels.decode_combine[(rows,)](*args, BLOCK_S=block_s, BLOCK_DV=bdv, **sconsts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,9 +213,14 @@ def backward(
     dlse: torch.Tensor | None,
     need_dbias: bool,
     need_dalibi: bool,
+    dsink_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, dbias, dalibi)``; dq/dk/dv in the inputs' dtypes, dbias shaped
-    like ``spec.bias`` and dalibi like ``spec.alibi_slopes`` (float32; None when not asked for)."""
+    like ``spec.bias`` and dalibi like ``spec.alibi_slopes`` (float32; None when not asked for).
+
+    ``dsink_rows`` (B * Hq * Nq,) float32, given with sinks: each row's share of the sinks'
+    gradient is written there (the caller sums it per head); rows that are never run (an
+    empty call) keep what it held."""
     dev = q.device
     dq = torch.zeros(q.shape, dtype=q.dtype, device=dev)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=dev)
@@ -219,6 +231,10 @@ def backward(
     if need_dalibi:
         dalibi = torch.zeros(spec.alibi_slopes.shape, dtype=torch.float32, device=dev)
     if min(spec.B, spec.Hq, spec.Nq, spec.Nk) == 0:
+        if dsink_rows is not None and dlse is not None and spec.Nk == 0:
+            # every row is the sink alone: p_sink = 1 (0 for a -inf sink), delta = -dlse
+            p_sink = sink_probability(spec.sinks, lse.float())
+            dsink_rows.copy_((p_sink * dlse.float()).reshape(-1))
         return dq, dk, dv, dbias, dalibi
     if dout is None:
         dout = torch.zeros_like(out)
@@ -228,9 +244,13 @@ def backward(
     lse_p = torch.empty(rows, dtype=torch.float32, device=dev)
     dlse_c = dlse.float().contiguous() if dlse is not None else delta
     pre_m = 64 if not interpreting() else 16
-    args = [out, dout, lse.contiguous(), dlse_c, delta, lse_p, *out.stride(), *dout.stride()]
-    args += [spec.Hq, spec.Nq, spec.Dv]
+    sinks, sconsts = sink_args(spec, q)
+    sconsts["HAS_SINKS"] = sconsts["HAS_SINKS"] and dsink_rows is not None
+    dsink = dsink_rows if dsink_rows is not None else delta
+    args = [out, dout, lse.contiguous(), dlse_c, delta, lse_p, sinks[0], dsink]
+    args += [*out.stride(), *dout.stride(), spec.Hq, spec.Nq, spec.Dv, sinks[1]]
     consts = {"HAS_DLSE": dlse is not None, "BLOCK_M": pre_m, "BLOCK_DV": call.consts["BLOCK_DV"]}
+    consts.update(sconsts)
     kernels.bwd_preprocess[(triton.cdiv(spec.Nq, pre_m), spec.B * spec.Hq)](*args, **consts)
 
     # dK, dV: one program per key tile of each key/value head
@@ -287,11 +307,12 @@ class TritonAttention(torch.autograd.Function):
     backward kernels only."""
 
     @staticmethod
-    def forward(ctx, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
+    def forward(ctx, spec, seed, q, k, v, bias, alibi, sinks):  # type: ignore[override]
         out, lse = forward(spec, q, k, v, seed)
         ctx.spec, ctx.seed = spec, seed
         ctx.need_bias = bias is not None and bias.requires_grad
         ctx.need_alibi = alibi is not None and alibi.requires_grad
+        ctx.need_sinks = sinks is not None and sinks.requires_grad
         ctx.quantized = [t if type(t) is QuantizedKV else None for t in (k, v)]
         k_saved, v_saved = (q.new_empty(0) if type(t) is QuantizedKV else t for t in (k, v))
         ctx.save_for_backward(q, k_saved, v_saved, out, lse)
@@ -307,10 +328,15 @@ class TritonAttention(torch.autograd.Function):
         if vq is not None:
             v = vq.dequantize(rotated=True)
         spec = ctx.spec
+        rows = torch.zeros(lse.numel(), dtype=torch.float32, device=lse.device)
         with torch.no_grad():  # create_graph=True: first-order gradients, refused below
             dq, dk, dv, dbias, dalibi = backward(
-                spec, ctx.seed, q, k, v, out, lse, dout, dlse, ctx.need_bias, ctx.need_alibi
-            )
+                spec, ctx.seed, q, k, v, out, lse, dout, dlse, ctx.need_bias, ctx.need_alibi,
+                rows if ctx.need_sinks else None,
+            )  # fmt: skip
+        dsinks = None
+        if ctx.need_sinks:  # each row's -p_sink * delta from the preprocess kernel, per head
+            dsinks = rows.view(lse.shape).sum((0, 2)).to(spec.sinks.dtype)
         if dbias is not None:
             dbias = dbias.to(spec.bias.dtype)
         if dalibi is not None:
@@ -319,8 +345,9 @@ class TritonAttention(torch.autograd.Function):
             dk = None  # a QuantizedKV gets no gradient
         if vq is not None:
             dv = None
-        anchors = (q, k, v, spec.bias, spec.alibi_slopes)
-        return (None, None, *first_order("triton", anchors, (dq, dk, dv, dbias, dalibi)))
+        anchors = (q, k, v, spec.bias, spec.alibi_slopes, spec.sinks)
+        grads = (dq, dk, dv, dbias, dalibi, dsinks)
+        return (None, None, *first_order("triton", anchors, grads))
 
 
 def attention(
@@ -342,7 +369,9 @@ def attention(
             q = rotated_like(q)  # (B, Hq, Nq, D), differentiable
         rotate_out = type(v) is QuantizedKV and v.rotate
     if spec.requires_grad:
-        out, lse = TritonAttention.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
+        out, lse = TritonAttention.apply(
+            spec, seed, q, k, v, spec.bias, spec.alibi_slopes, spec.sinks
+        )
     else:
         out, lse = forward(spec, q, k, v, seed)
     if rotate_out:
@@ -453,7 +482,9 @@ def _probs(
         (bm, bn), launch = (64, 64), {"num_warps": 4, "num_stages": 2}
     b, hq, g, nq, nk, d, _, off = call.scalars
     outs = outs if outs is not None else [probs] * 3
-    args = [q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng, *outs]
+    sinks, sconsts = sink_args(spec, q)
+    consts.update(sconsts)
+    args = [q, k, probs, lse_t, rows, heads, *call.args_rules, call.qrng, *outs, *sinks]
     p_strides = list(probs.stride()) if flags["WRITE_P"] else [0, 0, 0, 0]
     args += [*q.stride(), *k.stride(), *p_strides, *lse_strides, *call.strides_rules]
     args += [b, hq, g, nq, nk, d, off, m, hs, *call.scale_args]

@@ -457,6 +457,18 @@ def _fix_bad_values(
     return acc
 
 
+@triton.jit
+def _add_sink(m_i, l_i, sink):
+    """Fold the sink logit (one per row, natural log) into the row maxima and sums: the sink
+    is one more logit with no value (docs/api.md, step 6). Returns ``(m, l, alpha)``; the
+    caller scales its accumulated output by ``alpha``. A ``-inf`` sink changes nothing; a row
+    that saw no key gets ``m = sink``, ``l = 1`` (output 0, lse ``sink``)."""
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.math.exp2((m_i - m_new) * LOG2E)
+    l_new = l_i * alpha + tl.math.exp2((sink - m_new) * LOG2E)
+    return m_new, l_new, alpha
+
+
 # --------------------------------------------------------------------------------------------
 # Which tiles a program visits
 # --------------------------------------------------------------------------------------------
@@ -784,7 +796,7 @@ def _attend(
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "thresh", "OFF", "win_left", "win_right"])
 def attn_fwd(
-    Q, K, V, O, LSE, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, KS, VS,
+    Q, K, V, O, LSE, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, KS, VS, SINKS, stride_sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -806,6 +818,7 @@ def attn_fwd(
     REVERSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """One program = ``BLOCK_M`` query rows of one (batch, query head); grid (M tiles, B * Hq).
 
@@ -836,6 +849,10 @@ def attn_fwd(
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, K_BITS, V_BITS, K_GROUP, V_GROUP,
     )  # fmt: skip
 
+    if HAS_SINKS:  # one more logit per row, with no value (in the epilogue only)
+        sink = tl.load(SINKS + h * stride_sinks).to(tl.float32)
+        m_i, l_i, alpha = _add_sink(m_i, l_i, sink)
+        acc = acc * alpha[:, None]
     # every visible row has l_i >= 1 (its maximum contributes exp2(0)); empty rows have 0
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     _store_tile(
@@ -921,13 +938,14 @@ def attn_decode(
 
 @triton.jit
 def decode_combine(
-    OPART, LPART, O, LSE,
+    OPART, LPART, O, LSE, SINKS, stride_sinks,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Nq, DV, n_splits,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """Merge the splits of one row by their maxima and sums; grid (B * Hq * Nq,). Empty rows
-    give 0, -inf."""
+    give 0, -inf. With ``HAS_SINKS`` the head's sink joins as one more split with no value
+    (the split kernel itself never sees it)."""
     row = tl.program_id(0).to(tl.int64)
     i = row % Nq
     bh = row // Nq
@@ -942,6 +960,10 @@ def decode_combine(
     m = tl.max(m_s, 0)
     w = l_s * tl.math.exp2((m_s - m) * LOG2E)  # 0 for splits that saw nothing
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h * stride_sinks).to(tl.float32)
+        m, total, alpha = _add_sink(m, total, sink)
+        w = w * alpha
     o = _load_tile(OPART + (row * n_splits + offs_s) * DV, s_ok, 1, DV, BLOCK_DV, True, False)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(
@@ -959,14 +981,20 @@ def decode_combine(
 
 @triton.jit
 def bwd_preprocess(
-    O, DO, LSE, DLSE, DELTA, LSE_P,
+    O, DO, LSE, DLSE, DELTA, LSE_P, SINKS, DSINK,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Nq, DV,
+    H, Nq, DV, stride_sinks,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """``delta = rowsum(dO * O) - dlse`` and ``lse_p``, the lse with +inf for rows that see
-    nothing (so that ``exp(s - lse_p)`` is 0 there); grid (M tiles, B * Hq)."""
+    nothing (so that ``exp(s - lse_p)`` is 0 there); grid (M tiles, B * Hq).
+
+    With ``HAS_SINKS`` also each row's share of the sink's gradient, ``-p_sink * delta`` with
+    ``p_sink = exp(sink - lse)`` (0 where the sink takes nothing), into ``DSINK`` (B * Hq * Nq):
+    the host sums it over batch and rows (docs/api.md; ``selfattn.sinks``). The sink changes
+    neither ``delta`` nor the dQ/dK/dV kernels: its logit carries no value."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -986,6 +1014,11 @@ def bwd_preprocess(
         delta -= tl.load(DLSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
     lse = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0)
     lse_p = tl.where(lse == float("-inf"), float("inf"), lse)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h * stride_sinks).to(tl.float32)
+        p_sink = tl.where(sink == float("-inf"), 0.0, tl.math.exp2((sink - lse) * LOG2E))
+        term = tl.where(p_sink > 0.0, -p_sink * delta, 0.0)
+        tl.store(DSINK + bh * Nq + offs_m, term, mask=row_ok)
     tl.store(DELTA + bh * Nq + offs_m, delta, mask=row_ok)
     tl.store(LSE_P + bh * Nq + offs_m, lse_p, mask=row_ok)
 
@@ -1354,7 +1387,8 @@ def _probs_tile(
 
 @triton.jit(do_not_specialize=["OFF", "win_left", "win_right"])
 def attn_probs(
-    Q, K, P, LSE, ROWS, HEADS, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, CS, CM, ENT,
+    Q, K, P, LSE, ROWS, HEADS, BIAS, SLOPES, MASK, QIDS, KVIDS, QRNG, CS, CM, ENT, SINKS,
+    stride_sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_pb, stride_ph, stride_pm, stride_pn,
@@ -1371,6 +1405,7 @@ def attn_probs(
     UPCAST: tl.constexpr, HAS_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_P: tl.constexpr, COL_SUM: tl.constexpr, COL_MAX: tl.constexpr, ENTROPY: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """Softmax probabilities ``exp(s - lse)`` of selected rows and heads, written tile by tile
     into ``P`` (B, HS, M, Nk) float32 (zero-initialised by the host; tiles the rules leave
@@ -1426,6 +1461,9 @@ def attn_probs(
             p = tl.math.exp2((s - m_new[:, None]) * LOG2E)
             l_i = l_i * tl.math.exp2((m_i - m_new) * LOG2E) + tl.sum(p, 1)
             m_i = m_new
+        if HAS_SINKS:  # the sink's logit joins the lse (it takes its share of each row)
+            sink = tl.load(SINKS + h * stride_sinks).to(tl.float32)
+            m_i, l_i, _alpha = _add_sink(m_i, l_i, sink)
         lse_p = m_i + tl.math.log2(l_i) * LN2
     lse_p = tl.where(lse_p == float("-inf"), float("inf"), lse_p)  # rows that see nothing: p = 0
     p_base = P + b * stride_pb + hs * stride_ph + offs_r[:, None] * stride_pm

@@ -14,7 +14,15 @@ from ...rules import bounds
 from ...spec import AttentionSpec
 from . import interpreting
 
-__all__ = ["Call", "broadcast_strides", "kv_operands", "match_ranges", "may_hide", "prepare"]
+__all__ = [
+    "Call",
+    "broadcast_strides",
+    "kv_operands",
+    "match_ranges",
+    "may_hide",
+    "prepare",
+    "sink_args",
+]
 
 
 def broadcast_strides(t: torch.Tensor | None, n: int) -> list[int]:
@@ -191,3 +199,12 @@ def kv_operands(
             strides += [0, 0, 0, 0]
             consts[f"{name}_BITS"], consts[f"{name}_GROUP"] = 0, 1
     return ops[0], ops[1], scales, strides, consts
+
+
+def sink_args(spec: AttentionSpec, dummy: torch.Tensor) -> tuple[list, dict]:
+    """``[SINKS, stride_sinks]`` and ``{"HAS_SINKS": ...}`` for the kernels that fold the sinks
+    (forward epilogue, decode combine, backward preprocess, probabilities); ``dummy`` (never
+    read) when the call has none."""
+    if spec.sinks is None:
+        return [dummy, 0], {"HAS_SINKS": False}
+    return [spec.sinks, spec.sinks.stride(0)], {"HAS_SINKS": True}
