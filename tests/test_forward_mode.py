@@ -272,3 +272,19 @@ def test_a_tangent_on_the_sinks_alone_reaches_the_output():
     want = tangent("math")
     assert want.abs().max().item() > 0.01
     assert (tangent("tiled") - want).abs().max().item() < 1e-10
+
+
+def test_meanflow_example_runs(tmp_path):
+    """examples/train_meanflow.py: a JVP of the whole transformer each step (tiny budget; the
+    committed curve comes from the full run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "train_meanflow.py"
+    spec = importlib.util.spec_from_file_location("_example_meanflow", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.train(3, tmp_path, batch_size=8, embed_dim=16, num_layers=1, num_heads=2)
+    assert len(res["train_curve"]) == 3
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in res["train_curve"])
+    assert (tmp_path / "meanflow_results.json").exists()
