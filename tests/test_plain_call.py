@@ -74,11 +74,12 @@ def test_plain_spec_is_the_spec_validate_builds(shape, dtype):
         same_spec(api.plain_spec(q, k, v, causal, scale, return_lse), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fast_path_gives_the_full_paths_result_bit_for_bit(monkeypatch, backend, shape):
+def test_fast_path_gives_the_full_paths_result_bit_for_bit(monkeypatch, backend, shape, dtype):
     seen = spy_plain(monkeypatch)
-    q, k, v = make_qkv(*shape)
+    q, k, v = make_qkv(*shape, dtype=dtype)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # any strides, as a model hands them over
     for causal, scale, return_lse in PLAIN:
         spec = validate(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
@@ -90,7 +91,7 @@ def test_fast_path_gives_the_full_paths_result_bit_for_bit(monkeypatch, backend,
             )
             want = full_path(q, k, v, causal, scale, return_lse, backend)
             for a, b in zip(got, want) if return_lse else [(got, want)]:
-                assert torch.equal(a, b)
+                assert torch.equal(a, b) and a.dtype == b.dtype
             assert seen.pop() is True
 
 
@@ -99,7 +100,7 @@ def test_auto_remembers_the_choice_select_makes_per_shape():
     prefill = make_qkv(1, 8, 8, 16, 16, 64)  # below native's measured small-call size
     for q, k, v in (decode, prefill):
         selfattn.attention(q, k, v, causal=True)
-        (spec, chosen), *_ = [x for key, x in CHOICES.items() if key[1] == q.shape]
+        (spec, chosen, _), *_ = [x for key, x in CHOICES.items() if key[1] == q.shape]
         same_spec(spec, validate(q, k, v, causal=True))
         assert chosen is select(validate(q, k, v, causal=True), "auto")
     assert len(CHOICES) == 2
@@ -310,3 +311,15 @@ def test_sdpa_keeps_nan_in_hidden_value_rows_away_from_causal_rows():
         v2[0, 0, 5, 0] = bad  # only row 5 sees key 5
         out = selfattn.attention(q, k, v2, causal=True, backend="sdpa")
         assert out[0, 0, :5].isfinite().all()
+
+
+def test_under_torch_func_vmap_the_fast_path_declines(monkeypatch):
+    """Inside a torch.func transform the backend's own ``run`` decides how to run (its
+    autograd Function's vmap rule): the fast path hands such a call to the full path."""
+    seen = spy_plain(monkeypatch)
+    q, k, v = (t.reshape(3, 1, *t.shape[1:]) for t in make_qkv(3, 2, 1, 1, 5, 8))
+    got = torch.func.vmap(lambda a, b, c: selfattn.attention(a, b, c, causal=True))(q, k, v)
+    assert seen and not any(seen)
+    for i in range(3):
+        want = selfattn.attention(q[i], k[i], v[i], causal=True)
+        torch.testing.assert_close(got[i], want, atol=1e-6, rtol=1e-5)

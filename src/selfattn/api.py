@@ -26,7 +26,7 @@ from .backends import (
     refusals,
     select,
 )
-from .forward_mode import has_tangents
+from .forward_mode import has_tangents, transformed
 from .quant import QuantizedKV, rotated_like, standin, unwrap, unwrap_call, unwrap_label
 from .spec import AttentionSpec, check_qkv, validate, validate_call
 
@@ -209,12 +209,12 @@ def plain_call(
     A decode step over a short cache is a few microseconds of work, so this path checks in a
     few comparisons what :func:`attention` would check, builds the spec ``validate_call``
     builds (:func:`plain_spec`) and runs the backend ``select`` picks: the same result, bit
-    for bit. On the CPU the (spec, backend) pair is remembered per backend name and call shape
-    (``backends.CHOICES``), so a repeated shape (every layer of a decode step) costs one dict
-    lookup. It declines (the full path then runs, and raises what it raises) anything
+    for bit. On the CPU the choice is remembered per backend name and call shape
+    (``backends.CHOICES``) with the backend's prepared ``plain`` run (its call record built
+    once), so a repeated shape (every layer of a decode step) costs one dict lookup. It declines (the full path then runs, and raises what it raises) anything
     unusual: a tensor subclass or a QuantizedKV, an argument of an unexpected type or a value
-    the full path would refuse, a gradient or a forward-mode tangent to carry, or tracing by
-    ``torch.compile``. The errors it raises itself are those of ``check_qkv`` (the full path's
+    the full path would refuse, a gradient or a forward-mode tangent to carry, a torch.func
+    transform, or tracing by ``torch.compile``. The errors it raises itself are those of ``check_qkv`` (the full path's
     first check after the backend's name) and ``select``'s, for the same spec.
     """
     tensor = torch.Tensor
@@ -231,8 +231,8 @@ def plain_call(
         return None  # NaN, inf or beyond float32 (the full path says so), or not a float
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    if torch.compiler.is_compiling() or has_tangents(q, k, v):  # the full path marks tangents
-        return None
+    if torch.compiler.is_compiling() or has_tangents(q, k, v) or transformed():
+        return None  # the full path marks tangents; under torch.func a backend's run decides
     key = None
     if q.is_cpu and k.is_cpu and v.is_cpu:
         # everything check_qkv and select read: shapes and dtypes (the device is the CPU)
@@ -240,18 +240,27 @@ def plain_call(
         key += (causal, scale, return_lse)
         got = CHOICES.get(key)
         if got is not None:
-            out, lse = got[1].run(got[0], q, k, v, None)
+            out, lse = got[2](q, k, v)
             return (out, lse) if return_lse else out
     if backend != "auto" and backend not in BACKENDS:
         return None
     spec = plain_spec(q, k, v, causal, scale, return_lse)
     chosen = select(spec, backend)
-    if key is not None:
-        if len(CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
-            forget_choices()
-        CHOICES[key] = (spec, chosen)
-    out, lse = chosen.run(spec, q, k, v, None)
+    if key is None:
+        out, lse = chosen.run(spec, q, k, v, None)
+        return (out, lse) if return_lse else out
+    prepare = getattr(chosen, "plain", None)
+    run = prepare(spec) if prepare is not None else runner(chosen, spec)
+    if len(CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
+        forget_choices()
+    CHOICES[key] = (spec, chosen, run)
+    out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
+
+
+def runner(backend: Any, spec: AttentionSpec) -> Any:
+    """``run(q, k, v)``: ``backend.run`` for ``spec`` (a backend without a ``plain`` hook)."""
+    return lambda q, k, v: backend.run(spec, q, k, v, None)
 
 
 def plain_spec(

@@ -21,6 +21,10 @@ hooks a path needs:
 - ``prefer(spec) -> (name, why) | None``, asked by ``auto`` only, after the backend accepted the
   call: another backend to run instead where that one accepts it too (``native``: SDPA for
   calls below a measured size, ``native/choice.py``).
+- ``plain(spec) -> run(q, k, v) -> (out, lse)``, asked by the front door's fast path
+  (``api.plain_call``) once per remembered choice: ``run`` does what ``run(spec, q, k, v,
+  None)`` does for a plain call (no rule but causal and scale, no gradient, tangent or
+  torch.func transform) on inputs of the spec's shapes, with its per-call setup done once.
 
 A new backend is one module with a class like those below, registered here with its place in
 ``PRIORITY``.
@@ -29,6 +33,7 @@ A new backend is one module with a class like those below, registered here with 
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -84,11 +89,12 @@ BACKENDS: dict[str, Backend] = {}
 
 
 # The backend ``select`` picks for plain calls (no rule but causal and scale, no gradient),
-# remembered by the front door's fast path (``api.plain_call``): (spec, backend) by a key of the
-# backend's name ("auto" or a name), the shapes, dtypes and rules. A choice depends on the
+# remembered by the front door's fast path (``api.plain_call``): (spec, backend, run) by a key of
+# the backend's name ("auto" or a name), the shapes, dtypes and rules; ``run(q, k, v)`` is the
+# backend's ``plain`` hook, or its ``run`` for the spec. A choice depends on the
 # registry only, so ``register`` forgets them all; whoever changes what a backend accepts in
 # another way calls ``forget_choices``.
-CHOICES: dict[tuple, tuple[AttentionSpec, Backend]] = {}
+CHOICES: dict[tuple, tuple[AttentionSpec, Backend, Callable]] = {}
 
 
 def forget_choices() -> None:

@@ -10,6 +10,8 @@ step, Nq = 1 at the end of the cache, sees every key under ``causal``), run as p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 
 from .. import engine
@@ -63,6 +65,16 @@ class SdpaBackend:
         kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale, **kwargs)
         return out, None
+
+    def plain(self, spec: AttentionSpec) -> Callable:
+        """``run(q, k, v)`` for the front door's fast path: torch's call with its arguments
+        decided once (a causal one still checks k and v for NaN/inf each time, as ``run``)."""
+        if _is_causal(spec):
+            return lambda q, k, v: self.run(spec, q, k, v, None)
+        sdpa, scale = F.scaled_dot_product_attention, spec.scale
+        if spec.Hq != spec.Hkv:
+            return lambda q, k, v: (sdpa(q, k, v, scale=scale, enable_gqa=True), None)
+        return lambda q, k, v: (sdpa(q, k, v, scale=scale), None)
 
 
 def _is_causal(spec: AttentionSpec) -> bool | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..api import attention, attention_weights
+from ..api import attention, attention_weights, plain_call
 from ..quant import QuantizedKV
 from ..stats import attention_with_stats
 from . import scoring
@@ -218,15 +218,20 @@ def attention_forward(
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
         nq, nk = query.shape[2], key.shape[2]
         if not causal or (not 1 < nq < nk and (sliding_window is None or nk <= sliding_window)):
-            out = attention(
-                query,
-                key,
-                value,
-                causal=causal,
-                scale=scaling,
-                dropout_p=float(dropout),
-                backend=backend,
+            # without dropout, attention's own fast path, entered directly (None: it declined)
+            out = (
+                None if dropout else plain_call(query, key, value, causal, scaling, False, backend)
             )
+            if out is None:
+                out = attention(
+                    query,
+                    key,
+                    value,
+                    causal=causal,
+                    scale=scaling,
+                    dropout_p=float(dropout),
+                    backend=backend,
+                )
             if request is not None:
                 request.deliver(None)  # attention is done: the layer may evict now
             return out.transpose(1, 2).contiguous(), None

@@ -10,6 +10,7 @@ Python: the spec is already validated, and the tensors go to the extension as th
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -161,6 +162,19 @@ class NativeBackend:
             return out.to(q.dtype), lse.float()
         out, lse = build.load().forward(q, k, v, record(spec, seed), True, False)
         return out, lse if lse.dtype == torch.float32 else lse.float()  # float32 (docs/api.md)
+
+    def plain(self, spec: AttentionSpec) -> Callable:
+        """``run(q, k, v)`` for the front door's fast path: this plain spec's forward (no
+        gradient, tangent or transform, no dropout), with the call record built once."""
+        forward, call = build.load().forward, record(spec)
+        if spec.dtype != torch.float64:
+            return lambda q, k, v: forward(q, k, v, call, True, False)
+
+        def run64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+            out, lse = forward(q, k, v, call, True, False)
+            return out, lse.float()  # float32 (docs/api.md)
+
+        return run64
 
     reads_quantized = True  # the front door hands it QuantizedKV operands as they are
 
