@@ -267,7 +267,7 @@ def test_gpt_oss_sinks_pass_straight_through_forward_and_backward():
         return logits.detach(), got
 
     want_logits, want = grads(ref)
-    for backend in ("tiled", "math"):
+    for backend in ("tiled", "math", "native"):
         if backend not in selfattn.available_backends():
             continue
         sa_hf.register(f"selfattn_{backend}", backend=backend)

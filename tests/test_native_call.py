@@ -50,7 +50,7 @@ def test_every_rule_field_is_in_the_record_or_declined():
             )
     assert not set(FROM_SPEC) & set(DECLINED)
     assert set(FROM_SPEC) <= {f for rule in RULES for f in rule.fields}  # no stale entries
-    assert [r.keyword for r in REFUSED] == ["sinks"]  # every rule but sinks (next) runs natively
+    assert REFUSED == ()  # every rule runs natively today
 
 
 def test_a_rule_missing_from_the_record_is_refused_not_ignored(monkeypatch):
@@ -58,8 +58,8 @@ def test_a_rule_missing_from_the_record_is_refused_not_ignored(monkeypatch):
     that use it, and ``auto`` picks another backend; calls without it still run natively."""
     softcap = next(rule for rule in RULES if rule.keyword == "softcap")
     without = {f: names for f, names in FROM_SPEC.items() if f != "softcap"}
-    assert refused_rules(without, {}) == (softcap, *REFUSED)
-    assert refused_rules(FROM_SPEC, {"softcap": "not yet"}) == (softcap, *REFUSED)
+    assert refused_rules(without, {}) == (softcap,)
+    assert refused_rules(FROM_SPEC, {"softcap": "not yet"}) == (softcap,)
     monkeypatch.setattr(native_backend, "REFUSED", (softcap,))
     q, k, v = make_qkv(1, 2, 1, 5, 8, 16)
     reasons = native_backend.NativeBackend().check(validate(q, k, v, softcap=2.0))
@@ -83,12 +83,13 @@ def test_record_carries_every_rule_by_name():
         q, k, v, causal=True, window=(5, 3), mask=torch.rand(2, 1, 6, 9, generator=g) > 0.5,
         bias=torch.randn(4, 6, 9, generator=g), alibi_slopes=torch.rand(4, generator=g),
         softcap=2.5, segment_ids=(ids[:, :6], ids), scale=0.3, dropout_p=0.25,
+        sinks=torch.randn(4, generator=g),
     )  # fmt: skip
     call = record(spec, (7, 9))
     assert isinstance(call, tuple) and len(call) == len(FIELDS)
     assert call.causal is True and (call.left, call.right) == (5, 3)
     assert call.mask is spec.mask and call.bias is spec.bias and call.alibi is spec.alibi_slopes
-    assert call.q_ids is spec.q_ids and call.kv_ids is spec.kv_ids
+    assert call.q_ids is spec.q_ids and call.kv_ids is spec.kv_ids and call.sinks is spec.sinks
     assert (call.softcap, call.scale, call.dropout_p) == (2.5, 0.3, 0.25)
     assert (call.start, call.seed0, call.seed1) == (3, 7, 9)
     assert (call.drop_hq, call.drop_nq, call.drop_b0, call.drop_h0, call.drop_r0) == (0,) * 5
@@ -99,7 +100,7 @@ def test_record_carries_every_rule_by_name():
         "causal": False,
         "left": -1,
         "right": -1,
-        **dict.fromkeys(("mask", "bias", "alibi", "q_ids", "kv_ids")),
+        **dict.fromkeys(("mask", "bias", "alibi", "q_ids", "kv_ids", "sinks")),
         "softcap": 0.0,
         "scale": 0.25,
         "dropout_p": 0.0,

@@ -31,8 +31,8 @@ from helpers import (
 from selfattn import reference
 from selfattn._compile import attention_op
 
-BACKENDS = ["reference", "math", "tiled", "auto"]
-GRAD_BACKENDS = ["math", "tiled", "auto"]
+BACKENDS = ["reference", "math", "tiled", "native", "auto"]
+GRAD_BACKENDS = ["math", "tiled", "native", "auto"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,12 +216,13 @@ def test_dropout_with_sinks_agrees_across_backends():
     q, k, v = make_qkv(1, 4, 2, 33, 70, 16, seed=97)
     sinks = sinks_for(4)
     outs = {}
-    for backend in ("math", "tiled"):
+    for backend in ("math", "tiled", "native"):
         torch.manual_seed(5)
         outs[backend] = selfattn.attention(
             q, k, v, causal=True, sinks=sinks, dropout_p=0.3, backend=backend
         )
     assert (outs["math"] - outs["tiled"]).abs().max() < 1e-5
+    assert (outs["math"] - outs["native"]).abs().max() < 1e-5
 
 
 # -- gradients -----------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def test_gradients_match_float64(case, backend):
             assert err <= tol, f"{backend} {name} d{label}: {err:.3g} > {tol:.3g}"
 
 
-@pytest.mark.parametrize("backend", ["math", "tiled"])
+@pytest.mark.parametrize("backend", ["math", "tiled", "native"])
 def test_gradcheck_float64_with_sinks(backend):
     q, k, v = make_qkv(1, 4, 2, 6, 9, 8, dtype=torch.float64, seed=101, requires_grad=True)
     sinks = torch.tensor([0.3, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
@@ -298,7 +299,7 @@ def test_gradcheck_float64_with_sinks(backend):
     assert torch.autograd.gradcheck(op, (q, k, v, sinks), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["math", "tiled"])
+@pytest.mark.parametrize("backend", ["math", "tiled", "native"])
 def test_empty_rows_gradients_with_sinks(backend):
     """An empty row's lse is its sink: d lse / d sink = 1 there, and nothing reaches q, k, v."""
     q, k, v = make_qkv(1, 2, 1, 4, 6, 8, seed=104, requires_grad=True)

@@ -1,6 +1,6 @@
 // The driver's cases: odd shapes (1, 17, 97, 113, 130 rows / keys; head dims 5, 40, 64, 80;
 // Dv != D; GQA), every rule alone and all together, the decode path (few rows over up to 600
-// keys, several chunks), 16-bit and float64 inputs, strided views, and the edges: Nq == 0,
+// keys, several chunks), 16-bit and float64 inputs, strided views, sinks, and the edges: Nq == 0,
 // Nk == 0, Dv == 0, rows that see nothing, window sides near INT64_MAX, a non-finite key.
 // Shapes stay small: the driver also runs under sanitizers and under qemu.
 #pragma once
@@ -29,6 +29,7 @@ struct Spec {
   int alibi_b = 0;  // 0: none, 1: (Hq,), B: (B, Hq)
   double softcap = 0, dropout_p = 0;
   bool ids = false, dlse = false, strided = false, lse_only = false, nan_key = false;
+  bool sinks = false;  // per head: random, one far above the scores (8), one -inf
   bool backward = true, dbias = true, dalibi = true;
   DT dt = DT::F32, out_dt = DT::F32;
   DT bias_dt = DT::F32;
@@ -128,6 +129,12 @@ inline Problem make_problem(const Spec& s) {
     p.drop_b0 = 1;
     p.drop_h0 = 2;
     p.drop_r0 = 3;
+  }
+  if (s.sinks) {
+    p.sinks.resize(s.Hq);
+    for (int64_t h = 0; h < s.Hq; h++) p.sinks[h] = 1.5 * rng.normal();
+    if (s.Hq > 1) p.sinks[1] = 8.0;
+    if (s.Hq > 3) p.sinks[3] = -INFINITY;
   }
   p.dout = Tensor(DT::F32, s.B, s.Hq, s.Nq, s.Dv);
   fill_normal(p.dout, rng, 1.0);
@@ -261,6 +268,22 @@ inline std::vector<Spec> all_specs() {
   });
   add("float64 decode", [](Spec& s) {
     s.Hq = 2; s.Nq = 1; s.Nk = 600; s.dt = s.out_dt = DT::F64; s.mask = MASK_FULL;
+  });
+  // ---- sinks (one logit per head with no value) ----
+  add("sinks GQA mask empty rows", [](Spec& s) {
+    s.B = 2; s.Hq = 4; s.Hkv = 2; s.Nq = 33; s.Nk = 97; s.mask = MASK_FULL; s.sinks = true;
+    s.dlse = true;
+  });
+  add("sinks decode window", [](Spec& s) {
+    s.Hq = 6; s.Hkv = 2; s.Nq = 1; s.Nk = 600; s.D = s.Dv = 64; s.left = 200; s.sinks = true;
+  });
+  add("sinks float64 rules", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 1; s.Nq = 40; s.Nk = 97; s.dt = s.out_dt = DT::F64; s.causal = true;
+    s.bias = BIAS_HEADS; s.alibi_b = 1; s.softcap = 20; s.sinks = true; s.dlse = true;
+  });
+  add("sinks window past the keys", [](Spec& s) {  // rows that see nothing: lse = the sink
+    s.Hq = 2; s.Nq = 17; s.Nk = 97; s.left = 3; s.right = 3; s.start_set = true; s.start = 90;
+    s.sinks = true;
   });
   // ---- edges ----
   add("Nq 0", [](Spec& s) { s.Hq = 2; s.Nq = 0; s.Nk = 97; });

@@ -104,6 +104,7 @@ Params params_of(const Problem& pb) {
     P.kv_ids.s[1] = pb.Nk == 1 ? 0 : 1;
   }
   P.dropout_p = pb.dropout_p;
+  P.sinks = pb.sinks.empty() ? nullptr : pb.sinks.data();
   P.seed0 = pb.seed0;
   P.seed1 = pb.seed1;
   P.drop_hq = pb.drop_hq > 0 ? pb.drop_hq : pb.Hq;

@@ -50,6 +50,7 @@ struct Problem {
   Tensor mask, bias;       // broadcastable (B, Hq, Nq, Nk), empty: none
   Tensor alibi;            // (alibi_b, Hq) as a 4-D (1, 1, alibi_b, Hq) tensor, empty: none
   std::vector<int64_t> q_ids, kv_ids;  // (B, Nq), (B, Nk), empty: none
+  std::vector<double> sinks;  // (Hq,) one logit per query head with no value, empty: none
   Tensor dout;             // (B, Hq, Nq, Dv)
   std::vector<double> dlse;  // (B, Hq, Nq), empty: none
 
@@ -163,8 +164,11 @@ inline Result run_reference(const Problem& P, bool with_backward) {
           for (int64_t c = 0; c < P.Dv; c++) R.out[r * P.Dv + c] = NAN;
           continue;
         }
-        if (m == -INFINITY) continue;  // sees nothing: out 0, lse -inf
-        double l = 0;
+        // the sink: one more logit of the row, with no value (docs/api.md step 6)
+        const double sink = P.sinks.empty() ? -INFINITY : P.sinks[h];
+        m = sink > m ? sink : m;
+        if (m == -INFINITY) continue;  // sees nothing (and no sink): out 0, lse -inf
+        double l = sink == -INFINITY ? 0 : std::exp(sink - m);
         for (int64_t j = 0; j < P.Nk; j++)
           if (R.vis[r * P.Nk + j]) l += std::exp(s[j] - m);
         const double lse = m + std::log(l);

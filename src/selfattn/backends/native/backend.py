@@ -20,6 +20,7 @@ from ... import engine
 from ...forward_mode import transformed
 from ...quant import rotated_like, standin, unwrap_call
 from ...rules import normalized
+from ...sinks import sink_grad, sink_probability
 from ...spec import AttentionSpec
 from . import build, choice
 from .call import REFUSED, record
@@ -39,31 +40,28 @@ class _NativeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
-        spec = _with_inputs(spec, bias, alibi)
-        need = (bias is not None and bias.requires_grad, alibi is not None and alibi.requires_grad)
-        out_acc = q.dtype in _HALF and (need[0] or need[1])
+    def forward(spec, seed, q, k, v, bias, alibi, sinks):  # type: ignore[override]
+        spec = _with_inputs(spec, bias, alibi, sinks)
+        need = [t is not None and t.requires_grad for t in (bias, alibi, sinks)]
+        out_acc = q.dtype in _HALF and any(need)
         # 16-bit inputs: D = rowsum(dO * O) from the rounded output would cost the bias and ALiBi
         # gradients three digits, so the output is also kept in float32 for the backward
         return tuple(build.load().forward(q, k, v, record(spec, seed), True, out_acc))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        spec, seed, q, k, v, bias, alibi = inputs
+        spec, seed, q, k, v, bias, alibi, sinks = inputs
         out, lse = output
-        ctx.spec, ctx.seed = _with_inputs(spec, bias, alibi), seed
+        ctx.spec, ctx.seed = _with_inputs(spec, bias, alibi, sinks), seed
         ctx.call = record(ctx.spec, seed)
-        ctx.need = (
-            bias is not None and bias.requires_grad,
-            alibi is not None and alibi.requires_grad,
-        )
-        ctx.save_for_backward(q, k, v, out, lse, bias, alibi)
-        ctx.save_for_forward(q, k, v, out, lse)
+        ctx.need = tuple(t is not None and t.requires_grad for t in (bias, alibi, sinks))
+        ctx.save_for_backward(q, k, v, out, lse, bias, alibi, sinks)
+        ctx.save_for_forward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, dout, dlse):  # type: ignore[override]
-        q, k, v, out, lse, bias, alibi = ctx.saved_tensors
+        q, k, v, out, lse, bias, alibi, sinks = ctx.saved_tensors
         spec, call, need = ctx.spec, ctx.call, ctx.need
         if dout is None:
             dout = torch.zeros(out.shape, dtype=q.dtype)
@@ -71,7 +69,7 @@ class _NativeFunction(torch.autograd.Function):
         def first(q, k, v, out, lse, dout, dlse):
             dlse = torch.empty(0) if dlse is None else dlse
             dq, dk, dv, dbias, dalibi = build.load().backward(
-                dout, q, k, v, out, lse, dlse, call, *need
+                dout, q, k, v, out, lse, dlse, call, *need[:2]
             )
             if dbias is not None:
                 dbias = dbias.reshape(spec.bias.shape)
@@ -88,20 +86,26 @@ class _NativeFunction(torch.autograd.Function):
             dbias = dbias.to(bias.dtype)
         if dalibi is not None:
             dalibi = dalibi.to(alibi.dtype)
-        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi
+        dsinks = None
+        if need[2]:  # from out and lse alone, in torch ops: autograd differentiates it again
+            dsinks = sink_grad(sinks, out, lse, dout, dlse)
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi, dsinks)
+        return None, None, *grads
 
     @staticmethod
-    def jvp(ctx, _spec, _seed, tq, tk, tv, tbias, talibi):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
+    def jvp(ctx, _spec, _seed, tq, tk, tv, tbias, talibi, tsinks):  # type: ignore[override]
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         prob = engine.Problem.of(ctx.spec, ctx.seed)
         with torch.no_grad():
             tout, tlse = engine.jvp(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
-        anchors = (q, k, v, ctx.spec.bias, ctx.spec.alibi_slopes, tq, tk, tv, tbias, talibi)
+            tout, tlse = engine.sink_tangent(sinks, tsinks, out, lse, tout, tlse)
+        spec = ctx.spec
+        anchors = (q, k, v, spec.bias, spec.alibi_slopes, sinks, tq, tk, tv, tbias, talibi, tsinks)
         return engine.tangents_out("native", anchors, (tout.to(out.dtype), tlse.to(lse.dtype)))
 
     @staticmethod
-    def vmap(info, in_dims, spec, seed, q, k, v, bias, alibi):  # type: ignore[override]
-        tensors = (q, k, v, bias, alibi)
+    def vmap(info, in_dims, spec, seed, q, k, v, bias, alibi, sinks):  # type: ignore[override]
+        tensors = (q, k, v, bias, alibi, sinks)
         outs = [
             _NativeFunction.apply(spec, seed, *engine.vmap_slices(tensors, in_dims[2:], i))
             for i in range(info.batch_size)
@@ -109,11 +113,11 @@ class _NativeFunction(torch.autograd.Function):
         return (torch.stack([o for o, _ in outs]), torch.stack([x for _, x in outs])), (0, 0)
 
 
-def _with_inputs(spec: AttentionSpec, bias, alibi) -> AttentionSpec:
-    """``spec`` reading the bias and slopes the node was given (see ``engine.with_inputs``)."""
-    if spec.bias is bias and spec.alibi_slopes is alibi:
+def _with_inputs(spec: AttentionSpec, bias, alibi, sinks) -> AttentionSpec:
+    """``spec`` reading the bias, slopes and sinks the node was given (``engine.with_inputs``)."""
+    if spec.bias is bias and spec.alibi_slopes is alibi and spec.sinks is sinks:
         return spec
-    return replace(spec, bias=bias, alibi_slopes=alibi)
+    return replace(spec, bias=bias, alibi_slopes=alibi, sinks=sinks)
 
 
 class NativeBackend:
@@ -158,7 +162,8 @@ class NativeBackend:
         seed: tuple[int, int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if spec.requires_grad or spec.tangents or transformed():
-            out, lse = _NativeFunction.apply(spec, seed, q, k, v, spec.bias, spec.alibi_slopes)
+            args = (spec.bias, spec.alibi_slopes, spec.sinks)
+            out, lse = _NativeFunction.apply(spec, seed, q, k, v, *args)
             return out.to(q.dtype), lse.float()
         out, lse = build.load().forward(q, k, v, record(spec, seed), True, False)
         return out, lse if lse.dtype == torch.float32 else lse.float()  # float32 (docs/api.md)
@@ -224,7 +229,9 @@ class NativeBackend:
             qr = q[:, :, r0:r1]
             if lse is None:
                 _, lse_r = ext.forward(qr, k, k[..., :0], call, False, False)
-                pieces.append(normalized(ext.probabilities(qr, k, lse_r, call)))
+                p = ext.probabilities(qr, k, lse_r, call)
+                sink_p = None if part.sinks is None else sink_probability(part.sinks, lse_r)
+                pieces.append(normalized(p, None if sink_p is None else sink_p[..., None]))
             else:
                 pieces.append(ext.probabilities(qr, k, lse[:, :, r0:r1], call))
         if not pieces:  # no rows asked for

@@ -48,9 +48,10 @@ FROM_SPEC: dict[str, tuple[str, ...]] = {
     "kv_ids": ("kv_ids",),
     "scale": ("scale",),
     "dropout_p": ("dropout_p",),
+    "sinks": ("sinks",),  # None: no sink
 }
-# spec fields of rules the engine does not take, and why
-DECLINED: dict[str, str] = {"sinks": "sinks are not in its kernels yet"}
+# spec fields of rules the engine does not take, and why (none today)
+DECLINED: dict[str, str] = {}
 # what a call adds: the position of row 0, dropout's seed words, and where the call's rows sit in
 # the dropout numbering of a larger call (0: the call is the whole)
 CALL_FIELDS = ("start", "seed0", "seed1", "drop_hq", "drop_nq", "drop_b0", "drop_h0", "drop_r0")
@@ -129,6 +130,7 @@ def record(
             spec.kv_ids,
             spec.scale,
             spec.dropout_p,
+            spec.sinks,
             spec.start,
             seed0,
             seed1,

@@ -135,6 +135,7 @@ at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDoubl
   X(OptT, kv_ids)               \
   X(double, scale)              \
   X(double, dropout_p)          \
+  X(OptT, sinks)                \
   X(int64_t, start)             \
   X(int64_t, seed0)             \
   X(int64_t, seed1)             \
@@ -338,6 +339,14 @@ void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const a
   }
   TORCH_CHECK(c.dropout_p >= 0 && c.dropout_p < 1, "selfattn native: dropout_p=", c.dropout_p);
   P.dropout_p = c.dropout_p;
+  if (c.sinks) {  // (Hq,) any float dtype, read as float64 (Hq numbers)
+    TORCH_CHECK(at::isFloatingType(c.sinks->scalar_type()) && c.sinks->dim() == 1 &&
+                    c.sinks->size(0) == P.Hq,
+                "selfattn native: sinks must be a float tensor of shape (Hq,) = (", P.Hq,
+                ",), got ", c.sinks->sizes());
+    keep.push_back(c.sinks->detach().to(at::kDouble).contiguous());
+    P.sinks = keep.back().data_ptr<double>();
+  }
   P.seed0 = uint32_t(uint64_t(c.seed0));
   P.seed1 = uint32_t(uint64_t(c.seed1));
   P.drop_hq = c.drop_hq > 0 ? c.drop_hq : P.Hq;
@@ -377,7 +386,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   if (P.B * P.Hq * P.Nq > 0) {
     if (P.Nk == 0) {
       if (need_out) out.zero_();
-      lse.fill_(-INFINITY);
+      if (call.sinks)  // no key at all: the lse is the sink (docs/api.md, step 6)
+        lse.copy_(call.sinks->detach().to(lse.scalar_type()).view({1, P.Hq, 1}).expand_as(lse));
+      else
+        lse.fill_(-INFINITY);
     } else {
       engine_for(P.dt).forward(P, kPool);
     }

@@ -48,6 +48,7 @@ struct Params {
   View alibi;           // any float dtype, s[0] batch (0 when broadcast), s[1] head
   View q_ids, kv_ids;   // int64, s[0] batch, s[1] position
   double dropout_p = 0.0;
+  const double* sinks = nullptr;  // (Hq,) one logit per query head with no value; null: none
   uint32_t seed0 = 0, seed1 = 0;
   int64_t drop_hq = 0, drop_nq = 0, drop_b0 = 0, drop_h0 = 0, drop_r0 = 0;
   bool need_out = true;

@@ -356,12 +356,13 @@ struct Decode {
         }
       }
       const int64_t bh = b * P.Hq + h;
+      const T keep = P.sinks ? add_sink(T(P.sinks[h]), M, lsum) : T(1);
       const bool empty = lsum == T(0);
       lse[bh * P.Nq + i] = empty ? T(-INFINITY) : T(M + std::log(lsum));
       if (P.need_out && P.v.rotate) hadamard_row(o.p, P.Dv);  // sum p (H v) = H (sum p v)
       if (P.need_out)
         store_out<T>(P.out, P.out_dt, (bh * P.Nq + i) * P.Dv, o.p, P.Dv,
-                     empty ? T(0) : T(1) / lsum);
+                     empty ? T(0) : keep / lsum);
     }
   }
 

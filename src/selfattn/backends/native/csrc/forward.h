@@ -127,6 +127,23 @@ static inline void add_bad_values(const Params& P, int64_t b, int64_t kvh, const
   }
 }
 
+// The attention sink of a row (docs/api.md step 6): one more logit with no value joins the row's
+// running maximum m and sum l (l = sum of exp(s - m), natural log units). Returns the factor
+// exp(m_old - m_new) by which the row's unnormalised output must be scaled. A sink of -inf
+// changes nothing; one far above the scores leaves l = 1 and the factor 0 (no overflow).
+template <class T>
+static inline T add_sink(T sink, T& m, T& l) {
+  if (sink == T(-INFINITY)) return T(1);
+  if (sink > m) {  // a row that saw no key too (m = -inf)
+    const T a = m == T(-INFINITY) ? T(0) : T(std::exp2((m - sink) * T(LOG2E)));
+    l = l * a + T(1);
+    m = sink;
+    return a;
+  }
+  l += T(std::exp2((sink - m) * T(LOG2E)));
+  return T(1);
+}
+
 template <class V>
 struct Forward {
   using T = typename V::T;
@@ -258,13 +275,14 @@ struct Forward {
     T* lse = static_cast<T*>(P.lse);
     for (int64_t r = 0; r < rows; r++) {
       int64_t row = i0 + r, bh = b * P.Hq + h;
-      T l = sc.l[r];
+      T l = sc.l[r], m = sc.m[r];
+      const T keep = P.sinks ? add_sink(T(P.sinks[h]), m, l) : T(1);
       bool empty = l == T(0);
-      lse[bh * P.Nq + row] = empty ? T(-INFINITY) : T(sc.m[r] + std::log(l));
+      lse[bh * P.Nq + row] = empty ? T(-INFINITY) : T(m + std::log(l));
       if (P.need_out && P.v.rotate) hadamard_row(sc.o.p + r * pl.Dvp, P.Dv);  // H (sum p v)
       if (P.need_out)
         store_out<T>(P.out, P.out_dt, (bh * P.Nq + row) * P.Dv, sc.o.p + r * pl.Dvp, P.Dv,
-                     empty ? T(0) : T(1) / l);
+                     empty ? T(0) : keep / l);
     }
   }
 };
