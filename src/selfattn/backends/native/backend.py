@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ... import engine
+from ...engine.autograd import sink_tangent
 from ...forward_mode import transformed
 from ...quant import rotated_like, standin, unwrap_call
 from ...rules import normalized
@@ -98,7 +99,7 @@ class _NativeFunction(torch.autograd.Function):
         prob = engine.Problem.of(ctx.spec, ctx.seed)
         with torch.no_grad():
             tout, tlse = engine.jvp(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
-            tout, tlse = engine.sink_tangent(sinks, tsinks, out, lse, tout, tlse)
+            tout, tlse = sink_tangent(sinks, tsinks, out, lse, tout, tlse)
         spec = ctx.spec
         anchors = (q, k, v, spec.bias, spec.alibi_slopes, sinks, tq, tk, tv, tbias, talibi, tsinks)
         return engine.tangents_out("native", anchors, (tout.to(out.dtype), tlse.to(lse.dtype)))
