@@ -56,12 +56,13 @@ def smollm2_folder():
         pytest.skip(str(exc))
 
 
-def _chat(*argv):
+def _chat(*argv, stdin=None):
     env = {**os.environ, "TERM": "dumb", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "selfattn", "chat", "--threads", "1", "--json", *argv]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    replies = [json.loads(line) for line in res.stdout.splitlines()]
+    return replies if stdin is not None else replies[0]
 
 
 def test_chat_reports_the_kv_cache_size_plain_and_quantized_with_a_budget(smollm2_folder):
@@ -74,3 +75,16 @@ def test_chat_reports_the_kv_cache_size_plain_and_quantized_with_a_budget(smollm
     assert plain["reply"] == "The capital of" and small["tokens"] == 3
     assert 0 < small["kv_cache_bytes"] < plain["kv_cache_bytes"]
     assert small["prompt_tokens"] > 16
+
+
+def test_chat_keeps_one_budget_cache_across_turns_past_the_budget(smollm2_folder):
+    """Three turns on a 24-token sink budget: the second turn prefills only its own tokens (the
+    conversation's cache is reused past its budget); /reset starts a fresh cache."""
+    stdin = "Name a colour.\nAnd another one?\n/reset\nName a fruit.\n"
+    opts = ("--max-new-tokens", "6", "--kv-budget", "24", "--kv-policy", "sink")
+    first, second, third = _chat(*opts, stdin=stdin)
+    assert first["prefill_tokens"] == first["prompt_tokens"] > 24
+    assert second["prompt_tokens"] > first["prompt_tokens"] + first["tokens"]
+    assert 0 < second["prefill_tokens"] < second["prompt_tokens"] - first["prompt_tokens"]
+    assert third["prefill_tokens"] == third["prompt_tokens"]  # /reset: a fresh cache
+    assert second["kv_cache"] == "float, budget 24 sink"

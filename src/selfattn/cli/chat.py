@@ -173,6 +173,7 @@ def generate_reply(
     write: Callable[[str], None] | None = None,
     stop: Callable[[], bool] | None = None,
     cache_options: dict[str, Any] | None = None,
+    session: kv.Session | None = None,
 ) -> dict[str, Any]:
     """Greedy reply to ``messages`` with transformers' ``generate`` and selfattn's in-place KV
     cache (:func:`selfattn.integrations.transformers.make_cache`), streamed.
@@ -185,11 +186,14 @@ def generate_reply(
         stop: asked after each token; True ends the reply there (None: never).
         cache_options: ``make_cache``'s keyword arguments (bits, rotate, budget, policy,
             sink_tokens); None: the plain in-place cache.
+        session: a conversation's cache, reused when the prompt extends what it holds (its
+            options then win over ``cache_options``); None: a fresh cache for this reply.
 
     Returns:
         ``{"reply", "prompt_ids" (N,), "reply_ids" (T,), "tokens", "seconds",
-        "first_token_s", "tokens_per_s", "finish_reason", "kv_cache_bytes"}``
-        (``kv_cache_bytes``: the cache's size at the end of the reply); the ids are 1-D tensors, the reply
+        "first_token_s", "tokens_per_s", "finish_reason", "kv_cache_bytes", "prefill_tokens"}``
+        (``kv_cache_bytes``: the cache's size at the end of the reply; ``prefill_tokens``: the
+        prompt tokens run this turn, the others being in the conversation's cache); the ids are 1-D tensors, the reply
         ends at the model's end-of-turn token (which is counted but not shown).
         ``finish_reason`` is "stop" (the model ended its turn), "length" (cut at
         ``max_new_tokens``) or "interrupted" (``stop()`` became true).
@@ -199,8 +203,12 @@ def generate_reply(
 
     from selfattn.integrations.transformers import make_cache
 
-    cache = make_cache(model, **(cache_options or {}))
     ids = chat_ids(tok, messages)
+    if session is None:
+        cache = make_cache(model, **(cache_options or {}))
+    else:
+        cache = session.cache_for(ids)
+    prefill = int(ids.shape[1] - cache.get_seq_length())  # the rest is in the cache already
     times: list[float] = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     extra = {} if stop is None else {"stopping_criteria": StoppingCriteriaList([_stopper(stop)])}
@@ -217,6 +225,8 @@ def generate_reply(
             **extra,
         )
     seconds = time.perf_counter() - t0
+    if session is not None:
+        session.remember(out)
     reply_ids = out[0, ids.shape[1] :]
     n = int(reply_ids.numel())
     if n and int(reply_ids[-1]) in _eos_ids(model, tok):
@@ -235,6 +245,7 @@ def generate_reply(
         "tokens_per_s": n / seconds if seconds > 0 else 0.0,
         "finish_reason": finish,
         "kv_cache_bytes": int(cache.nbytes),
+        "prefill_tokens": prefill,
     }
 
 
@@ -390,6 +401,7 @@ class _Chat:
         self.model, self.tok, self.label = loaded
         self.cap = torch.get_num_threads()  # torch's default (OMP_NUM_THREADS, physical cores)
         self.kv = kv.options(args)
+        self.session = kv.Session(self.model, self.kv)  # the conversation's cache
 
     def turn(self, messages: list, show: Path | None, ctrl_c: _CtrlC | None = None) -> dict:
         """One reply: streamed (or as JSON), the markers and speed line, the pictures.
@@ -411,7 +423,7 @@ class _Chat:
                 max_new_tokens=args.max_new_tokens,
                 write=None if args.json else _write,
                 stop=None if ctrl_c is None else (lambda: ctrl_c.pressed),
-                cache_options=self.kv,
+                session=self.session,
             )
         except KeyboardInterrupt:
             if not args.json:
@@ -435,6 +447,7 @@ class _Chat:
             "truncated": finish != "stop",
             "threads": threads,
             "kv_cache_bytes": r["kv_cache_bytes"],
+            "prefill_tokens": r["prefill_tokens"],
             "kv_cache": kv.describe(self.kv),
         }
         if show is not None and r["tokens"]:
@@ -496,6 +509,7 @@ class _Chat:
                 break
             if line.lower() in RESET:
                 messages = list(base)
+                self.session.reset()
                 self.status.print("[conversation cleared]", style="dim", markup=False)
                 continue
             turns += 1

@@ -9,7 +9,7 @@ from typing import Any
 
 from .console import UsageError
 
-__all__ = ["POLICIES", "SCORED", "add_arguments", "describe", "options"]
+__all__ = ["POLICIES", "SCORED", "Session", "add_arguments", "describe", "options"]
 
 #: ``make_cache``'s policies (selfattn.integrations.evict.POLICIES; kept here so that the parser
 #: does not import transformers), and those that need selfattn's attention for their scores
@@ -91,3 +91,40 @@ def describe(opts: dict[str, Any]) -> str:
     if "budget" in opts:
         parts.append(f"budget {opts['budget']} {opts['policy']}")
     return ", ".join(parts)
+
+
+class Session:
+    """One conversation's KV cache, reused from turn to turn.
+
+    A turn's prompt is the whole conversation (the chat template over every message); when it
+    begins with exactly the tokens the cache already holds (the previous prompt and reply, as
+    generated), the cache is reused and ``generate`` prefills only the new turn, which is how a
+    budget cache runs a chat past its budget. Otherwise (the reply re-tokenizes differently, or
+    the conversation was reset) a fresh ``make_cache`` is made.
+    """
+
+    def __init__(self, model: Any, cache_options: dict[str, Any]) -> None:
+        self.model, self.options = model, dict(cache_options)
+        self.cache: Any = None
+        self.tokens: Any = None  # (T,) every token of the previous turn's output
+
+    def cache_for(self, ids: Any) -> Any:
+        """The cache for prompt ``ids`` (1, N): the conversation's, or a fresh one."""
+        import torch
+
+        from selfattn.integrations.transformers import make_cache
+
+        if self.cache is not None and self.tokens is not None:
+            held = self.cache.get_seq_length()
+            if 0 < held < ids.shape[1] and torch.equal(ids[0, :held], self.tokens[:held]):
+                return self.cache
+        self.cache, self.tokens = make_cache(self.model, **self.options), None
+        return self.cache
+
+    def remember(self, out: Any) -> None:
+        """The output (1, T) of the turn that used the cache."""
+        self.tokens = out[0]
+
+    def reset(self) -> None:
+        """Forget the conversation (the next turn starts a fresh cache)."""
+        self.cache = self.tokens = None
