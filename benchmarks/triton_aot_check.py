@@ -190,13 +190,16 @@ def scenarios(quick: bool):
 
         return run
 
-    def probs(kw, shape=(2, 16, 16, n, n, 128), dtype=bf16, lse=False):
+    def probs(kw, shape=(2, 16, 16, n, n, 128), dtype=bf16, lse=False, stats=False):
         q, k, _ = qkv(*shape, dtype=dtype)
         spec = validate(q, k, None, need_v=False, **kw)
         given = torch.zeros(q.shape[:3]) if lse else None
 
         def run():
-            host.weights(spec, q, k, given, None, None)
+            if stats:  # attention_stats: the same kernel reducing its tiles
+                host.stats(spec, q, k, given, None, None, col_sum=True, col_max=True, entropy=True)
+            else:
+                host.weights(spec, q, k, given, None, None)
 
         return run
 
@@ -240,6 +243,8 @@ def scenarios(quick: bool):
     yield "weights bf16 D128 causal lse", probs({"causal": True}, lse=True)
     no_dropout = {name: val for name, val in everything.items() if name != "dropout_p"}
     yield "weights bf16 D128 every rule", probs(no_dropout)
+    yield "stats bf16 D128 causal lse", probs({"causal": True}, lse=True, stats=True)
+    yield "stats bf16 D128 sinks", probs({"causal": True, "sinks": sinks}, stats=True)
 
 
 def main(argv=None) -> int:

@@ -101,3 +101,26 @@ def test_stats_rows_that_see_nothing_are_zero(dev):
     )
     assert torch.isfinite(got["entropy"]).all() and (got["entropy"][:, :, 2] == 0).all()
     assert torch.isfinite(got["col_sum"]).all()
+
+
+@pytest.mark.parametrize("given_lse", [False, True], ids=["recomputed_lse", "given_lse"])
+def test_stats_with_sinks(dev, given_lse):
+    """With sinks the probabilities are the keys' share only; a recomputed lse takes the sink
+    in (the probabilities kernel folds it after its lse pass)."""
+    q, k, v = make_qkv(1, 4, 2, 37, 67, 32, seed=23)
+    sinks = torch.tensor([0.5, 3.0, -2.0, float("-inf")])
+    lse = None
+    if given_lse:
+        _, lse = selfattn.attention(
+            q.to(dev), k.to(dev), v.to(dev), sinks=sinks.to(dev), causal=True,
+            return_lse=True, backend="triton",
+        )  # fmt: skip
+    want = {"col_sum": True, "col_max": True, "entropy": True, "topk": 2}
+    got = selfattn.attention_stats(
+        q.to(dev), k.to(dev), sinks=sinks.to(dev), causal=True, lse=lse, backend="triton", **want
+    )
+    ref = ref_stats(q, k, sinks=sinks, causal=True, **want)
+    for name in ("col_sum", "col_max", "entropy", "topk_p"):
+        r = ref[name]
+        err = np.abs(to_np(got[name]) - r).max()
+        assert err <= 1e-5 * max(1.0, float(np.abs(r).max())) * (67 if name != "col_max" else 1)
