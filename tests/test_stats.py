@@ -482,3 +482,28 @@ def test_a_given_lse_is_used_as_it_is(backend, nq):
     torch.testing.assert_close(half["col_sum"], st["col_sum"] / 2, rtol=2e-6, atol=1e-9)
     torch.testing.assert_close(half["topk_p"], st["topk_p"] / 2, rtol=2e-6, atol=1e-9)
     assert torch.equal(half["topk_index"], st["topk_index"])
+
+
+@pytest.mark.parametrize("nq, nk", [(3, 0), (0, 5)])
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_empty_rows_or_keys(backend, nq, nk):
+    """No key: every row sees nothing (entropy 0, top-k -1); no row: every column sum is 0."""
+    q, k, v = make_qkv(1, 2, 1, nq, nk, 8, seed=79)
+    st = selfattn.attention_stats(q, k, backend=backend, **ALL)
+    check(st, ref_stats(q, k, **ALL), f"{backend} Nq={nq} Nk={nk}")
+    out, fused = selfattn.attention_with_stats(q, k, v, backend=backend, **ALL)
+    assert out.shape == (1, 2, nq, 8) and (out == 0).all()
+    check(fused, ref_stats(q, k, **ALL), f"{backend} with_stats Nq={nq} Nk={nk}")
+
+
+@needs_native
+def test_a_repeated_decode_shape_reuses_its_choice(monkeypatch):
+    """Every decode step of a cache has the same plain shape: the second call takes the
+    remembered (spec, backend) and still gives the statistics of its own inputs."""
+    calls = spy_forward_stats(monkeypatch)
+    for seed in (80, 81):
+        q, k, v = make_qkv(1, 6, 2, 1, 300, 16, seed=seed)
+        out, st = selfattn.attention_with_stats(q, k, v, causal=True, **ALL)
+        torch.testing.assert_close(out, selfattn.attention(q, k, v, causal=True))
+        check(st, ref_stats(q, k, causal=True, **ALL), f"seed {seed}")
+    assert len(calls) == 2 and calls[0] is calls[1]  # the same spec object

@@ -11,16 +11,17 @@ one decode pass where it can (``native.stats``), any other call is ``attention``
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .api import attention, check_backend, check_lse, selection
-from .backends import BACKENDS, select
+from .api import CHOICES_KEPT, attention, check_backend, check_lse, selection
+from .backends import BACKENDS, CHOICES, forget_choices, select
 from .forward_mode import has_tangents
 from .quant import QuantizedKV, standin, unwrap_call, unwrap_label
-from .spec import validate, validate_call
+from .spec import AttentionSpec, validate, validate_call
 
 __all__ = ["STATS_HOOKS", "attention_stats", "attention_with_stats", "check_wanted"]
 
@@ -193,16 +194,20 @@ def _fused(
     stand-ins as ``attention`` does. All heads are computed and ``heads`` picked after."""
     if torch.compiler.is_compiling():
         return None
-    quantized = unwrap_label(k, v) if QuantizedKV in (type(k), type(v)) else ""
-    spec = validate_call(q, standin(k), standin(v), rules, True)  # as attention(return_lse=True)
-    if spec.requires_grad or spec.dropout_p > 0 or has_tangents(q, k, v, *_graded(rules)):
+    key = _plain_key(q, k, v, rules, backend)
+    got = CHOICES.get(key) if key is not None else None
+    if got is None:
+        got = _choose(q, k, v, rules, backend)
+        if got is None:
+            return None
+        if key is not None:
+            if len(CHOICES) >= CHOICES_KEPT:  # as attention's fast path: start over
+                forget_choices()
+            CHOICES[key] = got
+    spec, chosen = got
+    if chosen is None:
         return None
-    if quantized:
-        spec = replace(spec, quantized=quantized)
-    chosen = select(spec, backend)
-    hook = getattr(chosen, "forward_stats", None)
-    if hook is None or (quantized and not getattr(chosen, "reads_quantized", False)):
-        return None
+    hook = chosen.forward_stats
     head_idx = selection(heads, spec.Hq, "heads", q.device)
     with torch.no_grad():
         out, lse, stats = hook(spec, q, k, v, **want)
@@ -214,3 +219,60 @@ def _fused(
 def _graded(rules: dict[str, Any]) -> tuple[Any, Any]:
     """The rule tensors that may carry forward-mode tangents (bias, ALiBi slopes)."""
     return rules.get("bias"), rules.get("alibi_slopes")
+
+
+def _choose(
+    q: Any, k: Any, v: Any, rules: dict[str, Any], backend: str
+) -> tuple[AttentionSpec, Any] | None:
+    """``(spec, backend)`` for a fused pass (backend None where the one ``attention`` would
+    pick has no ``forward_stats`` hook, or cannot read a ``QuantizedKV`` given), or None where
+    the call needs autograd, forward-mode tangents or dropout."""
+    quantized = unwrap_label(k, v) if QuantizedKV in (type(k), type(v)) else ""
+    spec = validate_call(q, standin(k), standin(v), rules, True)  # as attention(return_lse=True)
+    if spec.requires_grad or spec.dropout_p > 0 or has_tangents(q, k, v, *_graded(rules)):
+        return None
+    if quantized:
+        spec = replace(spec, quantized=quantized)
+    chosen = select(spec, backend)
+    if getattr(chosen, "forward_stats", None) is None:
+        return spec, None
+    if quantized and not getattr(chosen, "reads_quantized", False):
+        return spec, None
+    return spec, chosen
+
+
+def _plain_key(q: Any, k: Any, v: Any, rules: dict[str, Any], backend: str) -> tuple | None:
+    """The key under which ``backends.CHOICES`` remembers the fused pass's (spec, backend) for a
+    plain call (CPU tensors, no rule but ``causal`` and a float ``scale``, no dropout, nothing to
+    differentiate: every decode step of a cache), or None for any other call (chosen afresh)."""
+    tensor = torch.Tensor
+    if type(q) is not tensor or type(k) is not tensor or type(v) is not tensor:
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return None
+    causal, scale = rules.get("causal", False), rules.get("scale")
+    if causal is not True and causal is not False:
+        return None
+    if scale is not None and not (type(scale) is float and math.isfinite(scale)):
+        return None
+    for name, value in rules.items():
+        plain = name in ("causal", "scale") or value is None
+        plain = plain or (name == "dropout_p" and type(value) in (int, float) and value == 0.0)
+        if not plain:
+            return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if has_tangents(q, k, v):
+        return None
+    return (
+        "with_stats",
+        backend,
+        q.shape,
+        k.shape,
+        v.shape,
+        q.dtype,
+        k.dtype,
+        v.dtype,
+        causal,
+        scale,
+    )

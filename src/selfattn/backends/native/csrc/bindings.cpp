@@ -484,10 +484,16 @@ at::Tensor probabilities(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return probs;
 }
 
-// The statistics outputs asked for, allocated (zero; top-k indices -1: what a row that sees
-// nothing gets) and pointed to by P; None where not asked.
+// The statistics outputs asked for, allocated and pointed to by P; None where not asked. The
+// engines write every element; a call they do not run (no rows or no keys) gets what a row
+// that sees nothing gets: zeros, top-k indices -1 (`seen_nothing`).
 struct StatsOut {
   OptT col_sum, col_max, entropy, topk_p, topk_index;
+  void seen_nothing() {
+    for (OptT* t : {&col_sum, &col_max, &entropy, &topk_p})
+      if (*t) (*t)->zero_();
+    if (topk_index) topk_index->fill_(-1);
+  }
 };
 StatsOut stats_outputs(Params& P, const at::Tensor& q, bool col_sum, bool col_max, bool entropy,
                        int64_t topk) {
@@ -495,20 +501,20 @@ StatsOut stats_outputs(Params& P, const at::Tensor& q, bool col_sum, bool col_ma
   auto f32 = q.options().dtype(at::kFloat);
   StatsOut o;
   if (col_sum) {
-    o.col_sum = at::zeros({P.B, P.Hq, P.Nk}, f32);
+    o.col_sum = at::empty({P.B, P.Hq, P.Nk}, f32);
     P.col_sum = o.col_sum->data_ptr<float>();
   }
   if (col_max) {
-    o.col_max = at::zeros({P.B, P.Hq, P.Nk}, f32);
+    o.col_max = at::empty({P.B, P.Hq, P.Nk}, f32);
     P.col_max = o.col_max->data_ptr<float>();
   }
   if (entropy) {
-    o.entropy = at::zeros({P.B, P.Hq, P.Nq}, f32);
+    o.entropy = at::empty({P.B, P.Hq, P.Nq}, f32);
     P.entropy = o.entropy->data_ptr<float>();
   }
   if (topk > 0) {
-    o.topk_p = at::zeros({P.B, P.Hq, P.Nq, topk}, f32);
-    o.topk_index = at::full({P.B, P.Hq, P.Nq, topk}, -1, q.options().dtype(at::kLong));
+    o.topk_p = at::empty({P.B, P.Hq, P.Nq, topk}, f32);
+    o.topk_index = at::empty({P.B, P.Hq, P.Nq, topk}, q.options().dtype(at::kLong));
     P.topk_p = o.topk_p->data_ptr<float>();
     P.topk_index = o.topk_index->data_ptr<int64_t>();
   }
@@ -538,7 +544,10 @@ StatsTuple stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse
   StatsOut o = stats_outputs(P, q, col_sum, col_max, entropy, topk);
   P.need_out = false;
   P.lse_in = view_of(lse);
-  if (P.B * P.Hq * P.Nq > 0 && P.Nk > 0) engine_for(P.dt).stats(P, kPool);
+  if (P.B * P.Hq * P.Nq > 0 && P.Nk > 0)
+    engine_for(P.dt).stats(P, kPool);
+  else
+    o.seen_nothing();
   return as_tuple(o);
 }
 
@@ -558,13 +567,12 @@ std::tuple<at::Tensor, at::Tensor, OptT, OptT, OptT, OptT, OptT> forward_stats(
   P.need_out = true;
   P.out = out.data_ptr();
   P.lse = lse.data_ptr();
-  if (P.B * P.Hq * P.Nq > 0) {
-    if (P.Nk == 0) {
-      out.zero_();
-      lse.fill_(-INFINITY);
-    } else {
-      engine_for(P.dt).forward(P, kPool);
-    }
+  if (P.B * P.Hq * P.Nq > 0 && P.Nk > 0) {
+    engine_for(P.dt).forward(P, kPool);
+  } else {
+    out.zero_();
+    lse.fill_(-INFINITY);
+    o.seen_nothing();
   }
   return {out, lse, o.col_sum, o.col_max, o.entropy, o.topk_p, o.topk_index};
 }

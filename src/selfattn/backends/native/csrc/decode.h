@@ -20,6 +20,7 @@
 // scores are in cache then), and after the combine gives the final lse, each kv head's rows are
 // reduced from them as stats.h does from a recomputed tile: p = exp(s - lse).
 #pragma once
+#include <algorithm>
 #include <cmath>
 
 #include "forward.h"
@@ -179,9 +180,14 @@ struct Decode {
       l[r] = T(0);
     }
     if (P.need_out) zero_bytes(acc, sizeof(T) * R * Dvp);
-    if (sk)  // the chunk's keys start hidden; attempt() writes the tiles it computes
-      for (int64_t r = 0; r < R; r++)
-        for (int64_t j = t0 * PW; j < t1 * PW; j++) sk[(u * R + r) * LK + j] = T(-INFINITY);
+    if (sk) {  // keys of the chunk outside the tiles attempt() writes are hidden
+      const int64_t a = tmin < tmax ? tmin * PW : t1 * PW, e = tmin < tmax ? tmax * PW : t1 * PW;
+      for (int64_t r = 0; r < R; r++) {
+        T* row = sk + (u * R + r) * LK;
+        std::fill(row + t0 * PW, row + a, T(-INFINITY));
+        std::fill(row + e, row + t1 * PW, T(-INFINITY));
+      }
+    }
     if (tmin >= tmax) return;
     if (!attempt(pans, b, kvh, tmin, tmax, t0, false, m, l, acc, sc))
       attempt(pans, b, kvh, tmin, tmax, t0, true, m, l, acc, sc);
@@ -394,10 +400,8 @@ struct Decode {
         if (P.entropy) P.entropy[row] = float(e);
         if (K > 0) topk_store(lp, ix, K, P.topk_p + row * K, P.topk_index + row * K);
       }
-      for (int64_t j = 0; j < P.Nk; j++) {
-        if (cs) P.col_sum[bh * P.Nk + j] = float(cs[j]);
-        if (cm) P.col_max[bh * P.Nk + j] = float(cm[j]);
-      }
+      if (cs) store_floats(P.col_sum + bh * P.Nk, cs, P.Nk);
+      if (cm) store_floats(P.col_max + bh * P.Nk, cm, P.Nk);
     }
   }
 };

@@ -17,6 +17,7 @@
 // runs a decode-sized call through it without values).
 #pragma once
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "microkernel.h"
@@ -90,6 +91,16 @@ static inline void topk_merge(T* alp, int64_t* aix, const T* blp, const int64_t*
   for (int64_t o = 0; o < k; o++) {
     alp[o] = tlp[o];
     aix[o] = tix[o];
+  }
+}
+
+// dst[0:n] = src[0:n] as float32 (a copy when T is float).
+template <class T>
+static inline void store_floats(float* dst, const T* src, int64_t n) {
+  if (sizeof(T) == sizeof(float)) {
+    std::memcpy(dst, src, sizeof(float) * size_t(n));
+  } else {
+    for (int64_t c = 0; c < n; c++) dst[c] = float(src[c]);
   }
 }
 
@@ -190,10 +201,8 @@ struct Stats {
       }
     }
     const int64_t j0 = ta * PW, jn = imin(P.Nk, tb * PW) - j0;
-    for (int64_t c = 0; c < jn; c++) {
-      if (cs) P.col_sum[bh * P.Nk + j0 + c] = float(cs[c]);
-      if (cm) P.col_max[bh * P.Nk + j0 + c] = float(cm[c]);
-    }
+    if (cs) store_floats(P.col_sum + bh * P.Nk + j0, cs, jn);
+    if (cm) store_floats(P.col_max + bh * P.Nk + j0, cm, jn);
   }
 
   // Rows [x0, x1) of B * Hq * Nq: the parts' entropies summed and top-k lists merged, in order.
