@@ -310,9 +310,10 @@ def test_smollm2_generates_two_turns_past_the_budget(smol, kwargs):
         assert torch.equal(out[:, :same], ref[:, :same])
 
 
-def test_gemma3_270m_budget_evicts_only_the_global_layers():
-    """Gemma-3-270M with budget 32 on a 60-token prompt: the sliding layers (window 512) keep
-    every token; the global layers hold 32."""
+@pytest.mark.parametrize("policy", ["sink", "h2o"])
+def test_gemma3_270m_budget_evicts_only_the_global_layers(policy):
+    """Gemma-3-270M (int8) with budget 32 on a 60-token prompt: the sliding layers (window 512)
+    keep every token; the global layers hold 32 (h2o: scored through selfattn's attention)."""
     from selfattn.pretrained import gemma3
 
     try:
@@ -322,7 +323,7 @@ def test_gemma3_270m_budget_evicts_only_the_global_layers():
     model, tok = gemma3.load("selfattn")
     text = "The quick brown fox jumps over the lazy dog. " * 6
     ids = tok(text, return_tensors="pt")["input_ids"][:, :60]
-    cache = sa_hf.make_cache(model, budget=32, policy="sink", bits=8)
+    cache = sa_hf.make_cache(model, budget=32, policy=policy, bits=8)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
@@ -333,6 +334,9 @@ def test_gemma3_270m_budget_evicts_only_the_global_layers():
     assert BudgetLayer in kinds and WindowLayer in kinds
     for layer, held in zip(cache.layers, cache.tokens_held):
         assert held == (32 if isinstance(layer, BudgetLayer) else n)
+        if isinstance(layer, BudgetLayer):
+            assert not layer.waiting  # every call's attention handed its scores back
+            assert (policy == "h2o") == bool(layer.scores[:, :, :32].gt(0).all())
     assert cache.get_seq_length() == n
     assert isinstance(cache, InPlaceCache)
 
