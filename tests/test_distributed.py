@@ -400,7 +400,7 @@ def shard_unshard(rank, world):
 ULYSSES = {
     "causal_gqa_lse": dict(kw={"causal": True, "return_lse": True}),
     "window_segments_softcap": dict(kw={"window": (4, 2), "softcap": 5.0}, seg=True),
-    "bias_alibi_mask": dict(kw={}, bias=True),
+    "bias_alibi_sinks_mask": dict(kw={}, bias=True),
 }
 
 
@@ -417,6 +417,7 @@ def _ulysses_case(world, layout, name, seed):
     if case.get("bias"):
         bias = torch.randn(b, hq, n, n, generator=g, dtype=torch.float64)
         slopes = torch.rand(hq, generator=g, dtype=torch.float64)
+        sinks = torch.randn(hq, generator=g, dtype=torch.float64)  # split by head like slopes
         mask = torch.rand(n, n, generator=g) < 0.8
         full_kw.update(mask=mask)
         kw.update(mask=mask)
@@ -428,6 +429,7 @@ def _ulysses_case(world, layout, name, seed):
         extra = {
             "bias": bias.clone().requires_grad_(),
             "alibi_slopes": slopes.clone().requires_grad_(),
+            "sinks": sinks.clone().requires_grad_(),
         }
     res = selfattn.attention(*leaves, segment_ids=seg, **full_kw, **extra)
     out = res[0] if isinstance(res, tuple) else res
@@ -440,6 +442,7 @@ def _ulysses_case(world, layout, name, seed):
         mine = {
             "bias": bias.clone().requires_grad_(),
             "alibi_slopes": slopes.clone().requires_grad_(),
+            "sinks": sinks.clone().requires_grad_(),
         }
     seg_part = None if seg is None else sd.shard(seg, dim=1, layout=layout)
     sd.EXCHANGES.clear()

@@ -312,6 +312,28 @@ def test_empty_rows_gradients_with_sinks(backend):
     assert torch.equal(ds, torch.full((2,), 4.0))
 
 
+def test_sinks_under_torch_compile_match_eager():
+    """The custom op carries the sinks (its schema comes from RULES) and their gradient."""
+    q, k, v = make_qkv(1, 4, 2, 9, 13, 16, seed=105)
+    sinks = sinks_for(4).clamp(min=-30.0)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, sinks)]
+        out = fn(*leaves)
+        return [out.detach(), *torch.autograd.grad(out.square().sum(), leaves)]
+
+    def call(q, k, v, s):
+        return selfattn.attention(q, k, v, causal=True, sinks=s)
+
+    torch._dynamo.reset()
+    try:
+        got = run(torch.compile(call, fullgraph=True, backend="eager"))
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(got, run(call)):
+        assert (a - b).abs().max() < 1e-5
+
+
 # -- declining, validation, layers ---------------------------------------------------------------
 
 

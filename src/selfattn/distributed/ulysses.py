@@ -81,12 +81,13 @@ def ulysses_attention(
         q: (B, Hq, n, D), k: (B, Hkv, n, D), v: (B, Hkv, n, Dv): this rank's shards.
         group: the process group (default: the world).
         layout: how the sequence was sharded (``"zigzag"`` or ``"contiguous"``).
-        **attention_kwargs: any keyword of :func:`selfattn.attention`. ``mask``, ``bias`` and
-            ``alibi_slopes`` describe the *whole* problem (every rank passes the same, e.g.
-            bias (B, Hq, N, N)); each rank uses its heads. ``segment_ids`` is this rank's shard
-            (B, n) or a pair of shards. ``bias``/``alibi_slopes`` gradients cover only this
-            rank's heads: all-reduce (sum) them as for any replicated parameter. Dropout masks
-            differ from a single-process run's (the heads are numbered per rank).
+        **attention_kwargs: any keyword of :func:`selfattn.attention`. ``mask``, ``bias``,
+            ``alibi_slopes`` and ``sinks`` describe the *whole* problem (every rank passes the
+            same, e.g. bias (B, Hq, N, N)); each rank uses its heads. ``segment_ids`` is this
+            rank's shard (B, n) or a pair of shards. ``bias``/``alibi_slopes``/``sinks``
+            gradients cover only this rank's heads: all-reduce (sum) them as for any replicated
+            parameter. Dropout masks differ from a single-process run's (the heads are numbered
+            per rank).
 
     Returns:
         ``out`` (B, Hq, n, Dv), or ``(out, lse)`` with ``return_lse=True``.
