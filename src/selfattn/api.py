@@ -184,10 +184,11 @@ def quantized_call(
         got = _compile.attention_op(q, k, v, return_lse=return_lse, backend=backend, **rules)
         return unrotated(got, return_lse) if rotate_out else got
     spec = validate_call(q, standin(k), standin(v), rules, return_lse)
-    # recorded so that backends can tell (and explain) what they were given
-    spec = replace(spec, quantized=unwrap_label(k, v))
+    # recorded so that backends can tell (and explain) what they were given; the spec was
+    # made by this call (dataclasses.replace would cost a fifth of a short decode step)
+    spec.quantized = unwrap_label(k, v)
     if has_tangents(q, rules["bias"], rules["alibi_slopes"], rules["sinks"]):  # QuantizedKV: none
-        spec = replace(spec, tangents=True)
+        spec.tangents = True
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
     if getattr(chosen, "reads_quantized", False):

@@ -36,7 +36,58 @@ struct Spec {
   double amp = 1.0;
   int pool_mode = 0;
   uint64_t seed = 1;
+  int kbits = 0, vbits = 0;  // quantized k / v (8 or 4; 0: plain)
+  bool rotate = false;       // ... with Walsh-Hadamard-rotated codes
 };
+
+// Random codes and scales for t (B, H, N, X) at `bits`, with groups of the default size (the
+// whole row for 8 bits, gcd(X, 32) for 4), and t set to the values they stand for: code *
+// scale, rotated back (an orthonormal block Walsh-Hadamard transform, in double) when rotated.
+inline Quantized quantize_random(Tensor& t, int bits, bool rotate, Rng& rng) {
+  Quantized qz;
+  const int64_t B = t.shape[0], H = t.shape[1], N = t.shape[2], X = t.shape[3];
+  int64_t g = X;
+  if (bits == 4)
+    for (g = 32; X % g; g /= 2) {
+    }
+  qz.bits = bits;
+  qz.group = g;
+  qz.rotate = rotate;
+  const int64_t row = bits == 8 ? X : X / 2, qmax = bits == 8 ? 127 : 7;
+  qz.codes.assign(size_t(B * H * N * row), 0);
+  qz.scales.assign(size_t(B * H * N * (X / g)), 0.0f);
+  std::vector<double> r(static_cast<size_t>(X), 0.0);
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t h = 0; h < H; h++)
+      for (int64_t j = 0; j < N; j++) {
+        const int64_t x = (b * H + h) * N + j;
+        for (int64_t k = 0; k < X / g; k++)
+          qz.scales[size_t(x * (X / g) + k)] = float((0.2 + rng.uniform()) / double(qmax));
+        for (int64_t d = 0; d < X; d++) {
+          const int64_t c = rng.below(2 * qmax + 1) - qmax;
+          if (bits == 8) {
+            qz.codes[size_t(x * row + d)] = uint8_t(int8_t(c));
+          } else {
+            uint8_t& byte = qz.codes[size_t(x * row + d / 2)];
+            byte = uint8_t(byte | (uint8_t(c + 8) << (d % 2 ? 4 : 0)));
+          }
+          r[size_t(d)] = double(c) * double(qz.scales[size_t(x * (X / g) + d / g)]);
+        }
+        if (rotate) {
+          const int64_t blk = X & -X;
+          for (int64_t s = 1; s < blk; s *= 2)
+            for (int64_t i = 0; i < X; i++)
+              if ((i % (2 * s)) < s) {
+                const double a = r[size_t(i)], c = r[size_t(i + s)];
+                r[size_t(i)] = a + c;
+                r[size_t(i + s)] = a - c;
+              }
+          for (double& y : r) y /= std::sqrt(double(blk));
+        }
+        for (int64_t d = 0; d < X; d++) t.set(b, h, j, d, r[size_t(d)]);
+      }
+  return qz;
+}
 
 inline Problem make_problem(const Spec& s) {
   Rng rng(s.seed * 1000003 + std::hash<std::string>()(s.name));
@@ -62,6 +113,8 @@ inline Problem make_problem(const Spec& s) {
   fill_normal(p.q, rng, s.amp);
   fill_normal(p.k, rng, s.amp);
   fill_normal(p.v, rng, 1.0);
+  if (s.kbits) p.kq = quantize_random(p.k, s.kbits, s.rotate, rng);
+  if (s.vbits) p.vq = quantize_random(p.v, s.vbits, s.rotate, rng);
   if (s.nan_key && s.Nk > 0) {  // key Nk / 2 of kv head 0 not finite: seen by later rows only
     const int64_t j = s.Nk / 2;
     p.k.set(0, 0, j, 0, NAN);
@@ -284,6 +337,28 @@ inline std::vector<Spec> all_specs() {
   add("sinks window past the keys", [](Spec& s) {  // rows that see nothing: lse = the sink
     s.Hq = 2; s.Nq = 17; s.Nk = 97; s.left = 3; s.right = 3; s.start_set = true; s.start = 90;
     s.sinks = true;
+  });
+  // ---- quantized keys and values, read from their codes (small: also under qemu) ----
+  add("q8 decode G3", [](Spec& s) {
+    s.Hq = 6; s.Hkv = 2; s.Nq = 1; s.Nk = 600; s.D = s.Dv = 64; s.causal = true;
+    s.kbits = s.vbits = 8; s.backward = false;
+  });
+  add("q4 rotated decode rules D40 Dv80", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = 3; s.Nk = 300; s.D = 40; s.Dv = 80; s.causal = true;
+    s.left = 200; s.mask = MASK_FULL; s.bias = BIAS_FULL; s.alibi_b = 2; s.softcap = 10;
+    s.kbits = s.vbits = 4; s.rotate = true; s.backward = false;
+  });
+  add("q8 rotated k, plain v, prefill", [](Spec& s) {
+    s.Hq = 2; s.Hkv = 1; s.Nq = s.Nk = 97; s.D = s.Dv = 64; s.causal = true; s.kbits = 8;
+    s.rotate = true; s.backward = false;
+  });
+  add("q4 v, plain k, prefill ids", [](Spec& s) {
+    s.B = 2; s.Nq = 97; s.Nk = 113; s.D = 40; s.Dv = 64; s.ids = true; s.vbits = 4;
+    s.backward = false;
+  });
+  add("q4 rotated float64 decode", [](Spec& s) {
+    s.Hq = 2; s.Nq = 1; s.Nk = 130; s.dt = s.out_dt = DT::F64; s.kbits = 4; s.vbits = 8;
+    s.rotate = true; s.backward = false;
   });
   // ---- edges ----
   add("Nq 0", [](Spec& s) { s.Hq = 2; s.Nq = 0; s.Nk = 97; });

@@ -64,6 +64,27 @@ std::vector<Isa> available_isas() {
 
 DT acc_of(DT dt) { return dt == DT::F64 ? DT::F64 : DT::F32; }
 
+// The quantized view of codes (B, H, N, X) (common.h's View), as bindings.cpp's quant_view.
+View quant_view(const Quantized& qz, const Tensor& like) {
+  const int64_t H = like.shape[1], N = like.shape[2], X = like.shape[3];
+  const int64_t row = qz.bits == 8 ? X : X / 2, ng = X / qz.group;
+  View v;
+  v.p = qz.codes.data();
+  v.dt = qz.bits == 8 ? DT::Q8 : DT::Q4;
+  v.s[0] = H * N * row;
+  v.s[1] = N * row;
+  v.s[2] = row;
+  v.s[3] = 1;
+  v.scales = qz.scales.data();
+  v.ss[0] = H * N * ng;
+  v.ss[1] = N * ng;
+  v.ss[2] = ng;
+  v.ss[3] = 1;
+  v.group = qz.group;
+  v.rotate = qz.rotate;
+  return v;
+}
+
 // Params for (P), as bindings.cpp's fill(): shapes, inputs, rules
 Params params_of(const Problem& pb) {
   Params P;
@@ -79,6 +100,8 @@ Params params_of(const Problem& pb) {
   P.q = pb.q.view();
   P.k = pb.k.view();
   P.v = pb.v.view();
+  if (pb.kq.bits) P.k = quant_view(pb.kq, pb.k);
+  if (pb.vq.bits) P.v = quant_view(pb.vq, pb.v);
   P.scale = pb.scale;
   P.softcap = pb.softcap;
   P.causal = pb.causal;
@@ -147,7 +170,7 @@ void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
   {
     er.probs = Tensor(DT::F32, pb.B, pb.Hq, pb.Nq, pb.Nk);
     Params Q = params_of(pb);
-    Q.v = pb.k.view();  // as the bindings: k narrowed to no columns, never read
+    Q.v = Q.k;  // as the bindings: k narrowed to no columns, never read
     Q.Dv = 0;
     Q.dropout_p = 0;
     Q.need_out = false;

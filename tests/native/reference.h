@@ -37,6 +37,19 @@ inline bool dropout_keep(uint64_t seed0, uint64_t seed1, uint64_t row, uint64_t 
   return mix32(hr ^ hc) >= thr;
 }
 
+// Quantized storage of k or v (a QuantizedKV): codes (B, H, N, X) int8 or (B, H, N, X / 2)
+// packed 4-bit (code + 8, the even channel low), float32 scales (B, H, N, X / group), both
+// contiguous; rotate: the codes are of the Walsh-Hadamard-rotated rows. bits 0: not quantized.
+// The Problem's float tensor then holds the values they stand for (rotated back), which the
+// reference reads; the engine reads the codes (driver.cpp, params_of).
+struct Quantized {
+  int bits = 0;
+  int64_t group = 0;
+  bool rotate = false;
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;
+};
+
 // One attention call: shapes, rules and inputs (the engine's Params are built from this).
 struct Problem {
   int64_t B = 1, Hq = 1, Hkv = 1, Nq = 1, Nk = 1, D = 16, Dv = 16;
@@ -47,6 +60,7 @@ struct Problem {
   uint32_t seed0 = 0, seed1 = 0;
   int64_t drop_hq = 0, drop_nq = 0, drop_b0 = 0, drop_h0 = 0, drop_r0 = 0;
   Tensor q, k, v;          // (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
+  Quantized kq, vq;        // k / v as codes (bits 0: read as the tensors above)
   Tensor mask, bias;       // broadcastable (B, Hq, Nq, Nk), empty: none
   Tensor alibi;            // (alibi_b, Hq) as a 4-D (1, 1, alibi_b, Hq) tensor, empty: none
   std::vector<int64_t> q_ids, kv_ids;  // (B, Nq), (B, Nk), empty: none

@@ -22,6 +22,8 @@ inline int64_t dt_size(DT dt) {
     case DT::F16:
     case DT::BF16: return 2;
     case DT::U8: return 1;
+    case DT::Q8:
+    case DT::Q4: break;  // codes live in a Quantized (reference.h), never in a Tensor
   }
   return 0;
 }
@@ -90,6 +92,8 @@ struct Tensor {
       case DT::BF16: { uint16_t h; std::memcpy(&h, p, 2); return decode_bf16(h); }
       case DT::U8: return p[0];
       case DT::I64: { int64_t i; std::memcpy(&i, p, 8); return double(i); }
+      case DT::Q8:
+      case DT::Q4: break;
     }
     return 0;
   }
@@ -109,6 +113,8 @@ struct Tensor {
       }
       case DT::U8: p[0] = x != 0; break;
       case DT::I64: { int64_t i = int64_t(x); std::memcpy(p, &i, 8); break; }
+      case DT::Q8:
+      case DT::Q4: break;
     }
   }
   // the engine's view: strides of the storage, 0 along size-1 (broadcast) dims

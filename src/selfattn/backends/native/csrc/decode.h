@@ -19,6 +19,10 @@
 // any of Params' statistics outputs set, each chunk also keeps its tile's scores per key (the
 // scores are in cache then), and after the combine gives the final lse, each kv head's rows are
 // reduced from them as stats.h does from a recomputed tile: p = exp(s - lse).
+//
+// Quantized K or V (a QuantizedKV, common.h's Q8 / Q4 views) are read in place: each tile of PW
+// keys is dequantized from its codes into an L1-resident tile (quant.h, dequant_tile) just
+// before its scores or its P V product, so a chunk streams only the code bytes and scales.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -40,7 +44,7 @@ struct Decode {
   const Plan<V>& pl;
   const Params& P;
   int64_t R, CK, KS, LDD, nc;  // KS: keys a chunk may hold (CK, or Nk rounded up if fewer)
-  bool direct_k, direct_v;
+  bool direct_k, direct_v, tile_k, tile_v;  // tile_*: quantized, dequantized a tile at a time
   // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
   T *pm, *plsum, *pacc;
   // with statistics: every row's scores per key (units, R, LK), -inf where hidden; else null
@@ -62,16 +66,19 @@ struct Decode {
     nc = cdiv(p.Nk, CK);
     direct_k = sizeof(T) == 4 && p.k.dt == DT::F32 && p.k.s[3] == 1 && p.D % W == 0;
     direct_v = sizeof(T) == 4 && p.v.dt == DT::F32 && p.v.s[3] == 1 && p.Dv % W == 0;
+    tile_k = quantized(p.k.dt);
+    tile_v = quantized(p.v.dt);
   }
 
   struct Scratch {
-    Buf<T> q, s, kc, vc, kp, vrow;
+    Buf<T> q, s, kc, vc, kp, vrow, kt, vt;
     Buf<uint8_t> bad, cls;
     Buf<int64_t> vkeys;
     Buf<uint32_t> vseen;
     Scratch(const Decode& d)
         : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.KS * d.pl.Dp), vc(d.KS * d.pl.Dvp),
-          kp(d.P.D * PW), vrow(d.pl.Dvp), bad(d.KS), cls(d.P.G * (d.CK / PW)), vkeys(d.KS),
+          kp(d.P.D * PW), vrow(d.pl.Dvp), kt(d.tile_k ? PW * d.pl.Dp : 0),
+          vt(d.tile_v ? PW * d.pl.Dvp : 0), bad(d.KS), cls(d.P.G * (d.CK / PW)), vkeys(d.KS),
           vseen(d.KS) {}
   };
 
@@ -202,7 +209,12 @@ struct Decode {
     int64_t ldk, nd;
     const uint8_t* bad = nullptr;
     bool any_bad = false;
-    if (direct_k && !careful) {
+    const bool qk = tile_k && !careful, qv = tile_v && !careful;
+    if (qk) {  // each tile dequantized into sc.kt below: kbase is where its key jb would sit
+      kbase = sc.kt.p;
+      ldk = Dp;
+      nd = Dp / W;
+    } else if (direct_k && !careful) {
       kbase = static_cast<const T*>(P.k.p) + b * P.k.s[0] + kvh * P.k.s[1] + jb * P.k.s[2];
       ldk = P.k.s[2];
       nd = P.D / W;
@@ -230,6 +242,8 @@ struct Decode {
     if (P.need_out) {
       if (careful) {
         vbase = sc.vc.p;
+      } else if (qv) {
+        vbase = nullptr;  // each tile dequantized into sc.vt after the softmax
       } else if (direct_v) {
         vbase = static_cast<const T*>(P.v.p) + b * P.v.s[0] + kvh * P.v.s[1] + jb * P.v.s[2];
         ldv = P.v.s[2];
@@ -245,10 +259,23 @@ struct Decode {
       const int64_t col = (t - tmin) * PW;
       const bool tb = any_bad && tile_bad(bad, t);
       const bool panels = panel_scores() && P.D % W == 0;
+      // the tile's keys: key j at kt + (j - jb) * ldk (a quantized tile: dequantized here)
+      const T* kt = kbase;
+      if (qk) {
+        // codes stream from memory: ask for the keys two tiles ahead and this tile's values
+        // (read after the chunk's softmax, from cache by then)
+        if (t + 2 < tmax) prefetch_codes(P.k, b, kvh, (t + 2) * PW, P.Nk);
+        if (t == tmin) prefetch_codes(P.k, b, kvh, (t + 1) * PW, P.Nk);
+        if (qv && P.need_out) prefetch_codes(P.v, b, kvh, t * PW, P.Nk);
+        dequant_tile<V>(P.k, b, kvh, t * PW, nvalid, P.D, Dp, sc.kt.p);
+        kt = sc.kt.p - (t * PW - jb) * ldk;
+      }
       if (panels) {  // every row at once; rows of heads that see nothing are overwritten below
-        prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
-        Packed<V>::panel_tile(kbase - jb * ldk, ldk, t * PW, P.Nk, P.D, sc.kp.p);
+        if (!qk) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
+        Packed<V>::panel_tile(kt - jb * ldk, ldk, t * PW, P.Nk, P.D, sc.kp.p);
         gemm<V, STORE>(R, 2, P.D, sc.q.p, Dp, 1, sc.kp.p, PW, S + col, LDD, nullptr);
+      } else if (qk) {  // the same: a dequantized tile is read once per pair of rows, not head
+        dots(sc.q.p, R, Dp, nd, kt + (t * PW - jb) * ldk, ldk, nvalid, S + col, LDD);
       }
       for (int64_t g = 0; g < P.G; g++) {
         const uint8_t cls = sc.cls[g * (CK / PW) + t - t0];
@@ -258,10 +285,9 @@ struct Decode {
             for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
           continue;
         }
-        if (!panels) {
+        if (!panels && !qk) {
           if (g == 0) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
-          dots(sc.q.p + g * Nq * Dp, Nq, Dp, nd, kbase + (t * PW - jb) * ldk, ldk, nvalid, st,
-               LDD);
+          dots(sc.q.p + g * Nq * Dp, Nq, Dp, nd, kt + (t * PW - jb) * ldk, ldk, nvalid, st, LDD);
         }
         if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tb)
           pl.epilogue(st, LDD, pans[g], t, cls, tb ? bad : nullptr, nullptr);
@@ -284,7 +310,22 @@ struct Decode {
             for (int64_t c = 0; c < n; c += W)
               V::dropout(V::load(s + c), hr, jb + c, P.seed1, pl.thr, pl.keep_scale).store(s + c);
           }
-      gemm<V, STORE>(R, Dvp / W, nkeys, S, LDD, 1, vbase, ldv, acc, Dvp, nullptr);
+      if (qv && vector_codes<V>(P.v, P.Dv)) {  // P V with the values converted in registers
+        pv_codes<V, ColBlock<V>::value>(R, S, LDD, P.v, b, kvh, jb, nkeys, P.Dv, acc, Dvp);
+      } else if (qv) {  // P V a tile at a time, each tile of values dequantized from its codes
+        for (int64_t t = tmin; t < tmax; t++) {
+          const int64_t kk = imin(PW, je - t * PW);
+          if (!qk && t + 1 < tmax) prefetch_codes(P.v, b, kvh, (t + 1) * PW, P.Nk);
+          dequant_tile<V>(P.v, b, kvh, t * PW, kk, P.Dv, Dvp, sc.vt.p);
+          const T* st = S + (t - tmin) * PW;
+          if (t == tmin)
+            gemm<V, STORE>(R, Dvp / W, kk, st, LDD, 1, sc.vt.p, Dvp, acc, Dvp, nullptr);
+          else
+            gemm<V, ADD>(R, Dvp / W, kk, st, LDD, 1, sc.vt.p, Dvp, acc, Dvp, nullptr);
+        }
+      } else {
+        gemm<V, STORE>(R, Dvp / W, nkeys, S, LDD, 1, vbase, ldv, acc, Dvp, nullptr);
+      }
       if (nbad)
         add_bad_values<V>(P, b, kvh, sc.vkeys.p, sc.vseen.p, nbad, S, LDD, jb, int(R), acc, Dvp,
                           sc.vrow.p, Dvp);

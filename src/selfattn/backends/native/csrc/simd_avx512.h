@@ -24,6 +24,20 @@ struct V {
   static V load_f16(const uint16_t* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
+  // W int8 codes as floats (quant.h)
+  static V load_i8(const int8_t* p) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))};
+  }
+  // W 4-bit codes from W / 2 bytes (code + 8, the even channel in the low nibble) as floats:
+  // each byte widened to 16 bits, its high nibble moved to the high byte, then bytes to lanes
+  static V load_u4(const uint8_t* p) {
+    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    w = _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(0x0F)),
+                     _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0xF0)), 4));
+    __m512i c = _mm512_sub_epi32(_mm512_cvtepu8_epi32(w), _mm512_set1_epi32(8));
+    return {_mm512_cvtepi32_ps(c)};
+  }
   static V set1(float x) { return {_mm512_set1_ps(x)}; }
   static V zero() { return {_mm512_setzero_ps()}; }
   friend V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }

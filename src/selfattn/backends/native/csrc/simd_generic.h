@@ -32,6 +32,17 @@ struct GV {
     for (int i = 0; i < W; i++) r.v[i] = T(f16_to_float(p[i]));
     return r;
   }
+  // W int8 codes; W 4-bit codes from W / 2 bytes (code + 8, even channel low) (quant.h)
+  static GV load_i8(const int8_t* p) {
+    GV r;
+    for (int i = 0; i < W; i++) r.v[i] = T(p[i]);
+    return r;
+  }
+  static GV load_u4(const uint8_t* p) {
+    GV r;
+    for (int i = 0; i < W; i++) r.v[i] = T(int(i % 2 ? p[i / 2] >> 4 : p[i / 2] & 15) - 8);
+    return r;
+  }
   void store(T* p) const {
     for (int i = 0; i < W; i++) p[i] = v[i];
   }

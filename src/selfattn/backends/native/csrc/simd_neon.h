@@ -114,6 +114,18 @@ struct V {
     return {vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16))};
   }
   static V load_f16(const uint16_t* p) { return {vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))}; }
+  // W int8 codes as floats (quant.h)
+  static V load_i8(const int8_t* p) {
+    int32_t four;
+    __builtin_memcpy(&four, p, 4);
+    int16x8_t h = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four)));
+    return {vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)))};
+  }
+  // W 4-bit codes from W / 2 bytes (code + 8, the even channel in the low nibble) as floats
+  static V load_u4(const uint8_t* p) {
+    const int32_t c[4] = {(p[0] & 15) - 8, (p[0] >> 4) - 8, (p[1] & 15) - 8, (p[1] >> 4) - 8};
+    return {vcvtq_f32_s32(vld1q_s32(c))};
+  }
   static V set1(float x) { return {vdupq_n_f32(x)}; }
   static V zero() { return {vdupq_n_f32(0.0f)}; }
   friend V fmadd(V a, V b, V c) { return {vfmaq_f32(c.v, a.v, b.v)}; }
