@@ -72,17 +72,20 @@ def _rules(name, b, hq, nq, nk):
             )
         },
         "scale": {"scale": 0.2},
+        "sinks": {"sinks": torch.randn(hq, generator=g)},
         "all": {
             "causal": True,
             "window": (40, 0),
             "bias": torch.randn(b, hq, nq, nk, generator=g),
             "alibi_slopes": torch.rand(hq, generator=g) * 0.3,
             "softcap": 3.0,
+            "sinks": torch.randn(hq, generator=g),
         },
     }[name]
 
 
-RULES = ["none", "causal", "window", "mask", "bias", "alibi", "softcap", "segments", "scale", "all"]
+RULES = ["none", "causal", "window", "mask", "bias", "alibi", "softcap", "segments", "scale"]
+RULES += ["sinks", "all"]
 
 
 @pytest.mark.parametrize("rule", RULES)
