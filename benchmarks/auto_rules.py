@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu_label(cpu), flush=True)
     rows = []
     print(
-        "| shape | threads | work | torch SDPA | sdpa | native | auto | native / sdpa | auto / torch |"
+        "| shape | threads | work | torch SDPA | sdpa | native | auto | native / sdpa "
+        "| auto / torch |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for s in shapes():

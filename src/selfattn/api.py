@@ -212,11 +212,13 @@ def plain_call(
     builds (:func:`plain_spec`) and runs the backend ``select`` picks: the same result, bit
     for bit. On the CPU the choice is remembered per backend name and call shape
     (``backends.CHOICES``) with the backend's prepared ``plain`` run (its call record built
-    once), so a repeated shape (every layer of a decode step) costs one dict lookup. It declines (the full path then runs, and raises what it raises) anything
-    unusual: a tensor subclass or a QuantizedKV, an argument of an unexpected type or a value
-    the full path would refuse, a gradient or a forward-mode tangent to carry, a torch.func
-    transform, or tracing by ``torch.compile``. The errors it raises itself are those of ``check_qkv`` (the full path's
-    first check after the backend's name) and ``select``'s, for the same spec.
+    once), so a repeated shape (every layer of a decode step) costs one dict lookup.
+
+    It declines (the full path then runs, and raises what it raises) anything unusual: a
+    tensor subclass or a QuantizedKV, an argument of an unexpected type or a value the full
+    path would refuse, a gradient or a forward-mode tangent to carry, a torch.func transform,
+    or tracing by ``torch.compile``. The errors it raises itself are those of ``check_qkv``
+    (the full path's first check after the backend's name) and ``select``'s, for the same spec.
     """
     tensor = torch.Tensor
     if (
