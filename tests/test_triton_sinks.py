@@ -161,3 +161,30 @@ def test_sinks_with_no_keys_at_all(dev):
     dlse = torch.tensor([1.0, 2.0, 4.0], device=dev)
     (ds,) = torch.autograd.grad((lse[0, 0] * dlse).sum(), [sinks])
     assert ds.tolist() == [7.0, 0.0]
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["rows", "decode"])
+def test_sinks_with_quantized_keys_and_values(dev, decode, monkeypatch):
+    """Sinks and codes read in the kernels together: the same as math on dequantize()."""
+    from selfattn.quant import quantize_kv
+
+    monkeypatch.setattr(host, "DECODE_MODE", "always" if decode else "never")
+    q, k, v = make_qkv(1, 6, 2, 3 if decode else 37, 90, 32, seed=36)
+    kq, vq = quantize_kv(k, bits=8), quantize_kv(v, bits=4, rotate=True)
+    sinks = some_sinks(6)
+    want, want_lse = selfattn.attention(
+        q, kq.dequantize(), vq.dequantize(), sinks=sinks, causal=True, return_lse=True,
+        backend="math",
+    )  # fmt: skip
+    kd, vd = (
+        type(t)(t.codes.to(dev), t.scales.to(dev), bits=t.bits, group_size=t.group_size,
+                rotate=t.rotate, dtype=t.dtype)
+        for t in (kq, vq)
+    )  # fmt: skip
+    out, lse = selfattn.attention(
+        q.to(dev), kd, vd, sinks=sinks.to(dev), causal=True, return_lse=True, backend="triton"
+    )
+    assert max_err(out.cpu(), to_np(want)) < 2e-6
+    fin = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), fin)
+    assert max_err(lse.cpu()[fin], to_np(want_lse[fin])) < 1e-5
