@@ -507,3 +507,19 @@ def test_a_repeated_decode_shape_reuses_its_choice(monkeypatch):
         torch.testing.assert_close(out, selfattn.attention(q, k, v, causal=True))
         check(st, ref_stats(q, k, causal=True, **ALL), f"seed {seed}")
     assert len(calls) == 2 and calls[0] is calls[1]  # the same spec object
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_with_stats_over_no_key_gives_the_sinks_lse(backend):
+    """Nk = 0 with sinks: output 0, lse = sinks[h] (docs/api.md step 6), statistics empty."""
+    q, k, v = make_qkv(1, 2, 1, 3, 0, 8, seed=82)
+    sinks = torch.tensor([0.5, -1.0])
+    try:
+        out, lse, st = selfattn.attention_with_stats(
+            q, k, v, sinks=sinks, return_lse=True, backend=backend, **ALL
+        )
+    except selfattn.UnsupportedInputs as exc:
+        pytest.skip(f"{backend} declines sinks: {exc.reasons.get(backend)}")
+    assert (out == 0).all()
+    torch.testing.assert_close(lse, sinks.view(1, 2, 1).expand(1, 2, 3))
+    check(st, ref_stats(q, k, sinks=sinks, **ALL), f"{backend} no key, sinks")

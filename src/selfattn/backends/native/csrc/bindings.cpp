@@ -567,11 +567,15 @@ std::tuple<at::Tensor, at::Tensor, OptT, OptT, OptT, OptT, OptT> forward_stats(
   P.need_out = true;
   P.out = out.data_ptr();
   P.lse = lse.data_ptr();
-  if (P.B * P.Hq * P.Nq > 0 && P.Nk > 0) {
+  const bool rows = P.B * P.Hq * P.Nq > 0;
+  if (rows && P.Nk > 0) {
     engine_for(P.dt).forward(P, kPool);
   } else {
     out.zero_();
-    lse.fill_(-INFINITY);
+    if (rows && call.sinks)  // no key at all: the lse is the sink, as in forward
+      lse.copy_(call.sinks->detach().to(lse.scalar_type()).view({1, P.Hq, 1}).expand_as(lse));
+    else
+      lse.fill_(-INFINITY);
     o.seen_nothing();
   }
   return {out, lse, o.col_sum, o.col_max, o.entropy, o.topk_p, o.topk_index};
