@@ -323,6 +323,8 @@ def _error_cases():
         "bias shape": lambda: A(q, k, v, bias=torch.ones(3, 4)),
         "alibi": lambda: A(q, k, v, alibi_slopes=torch.ones(4)),
         "softcap": lambda: A(q, k, v, softcap=1e-300),
+        "sinks dtype": lambda: A(q, k, v, sinks=torch.ones(6, dtype=torch.long)),
+        "sinks shape": lambda: A(q, k, v, sinks=torch.ones(4)),
         "one segment tensor": lambda: A(q, k, v, segment_ids=torch.zeros(2, 3, dtype=torch.long)),
         "segments float": lambda: A(q, k[:, :, :3], v[:, :, :3], segment_ids=torch.zeros(2, 3)),
         "segment pair of 1": lambda: A(q, k, v, segment_ids=(torch.zeros(2, 3, dtype=torch.long),)),
