@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine (sized for an H200, under 8 minutes):
-#   1. the `gpu` tests of tests/test_triton.py: every interpreter case natively on the GPU plus
-#      the GPU-only tests (large shapes, fp32 exactness, long-cache decode, weights), with one
+#   1. the `gpu` tests of tests/test_triton.py (and test_triton_quant/stats/sinks.py): every
+#      interpreter case natively on the GPU plus the GPU-only tests (large shapes, fp32
+#      exactness, long-cache decode, quantized long-cache decode, weights), with one
 #      heuristic tile per kernel (compile time is what costs here, not speed);
 #   2. benchmarks/gpu.py: triton vs SDPA (flash, efficient, cuDNN) and compiled FlexAttention,
 #      autotuned, under a time budget; JSON + markdown table.
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_run}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-TEST_S="${TEST_S:-170}"
+TEST_S="${TEST_S:-210}"
 BENCH_S="${BENCH_S:-260}"
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -33,6 +34,7 @@ par=()
 if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 8); fi
 echo "== tests (limit ${TEST_S}s)"
 SELFATTN_TRITON_AUTOTUNE=0 timeout "$TEST_S" "$PY" -m pytest -q -m gpu tests/test_triton.py \
+  tests/test_triton_quant.py tests/test_triton_stats.py tests/test_triton_sinks.py \
   "${par[@]}" -p no:cacheprovider --durations=15 -rfE > "$OUT/pytest.txt" 2>&1
 test_rc=$?
 tail -n 40 "$OUT/pytest.txt"
