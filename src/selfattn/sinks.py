@@ -8,7 +8,9 @@ Jacobian's diagonal term, unchanged by a logit whose value is 0),
 
     dsinks[h] = -sum over batch b and rows i of p_sink[b, h, i] * D[b, h, i],
 
-so every backend's backward hook stays as it is and :func:`sink_grad` supplies this one.
+so every backend's backward hook stays as it is and :func:`sink_grad` supplies this one. It is
+one pass over O and dO (a few percent of a backward), written in torch ops so that autograd
+differentiates it again (double backward, ``create_graph=True``); a fused kernel would not.
 """
 
 from __future__ import annotations
