@@ -23,6 +23,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +127,13 @@ def measure(
     budget: int,
     policies: list[str],
     prefill_chunk: int | None,
+    save: Callable[[list[dict[str, Any]], dict[str, str]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """One row per policy (and the full cache): accuracy over ``cases`` and each case's answer."""
+    """One row per policy (and the full cache, ``"full"`` in ``policies`` or not): accuracy over
+    ``cases`` and each case's answer; ``save(rows, skipped)`` runs after each row (a long run
+    keeps what it finished)."""
     rows, skipped = [], {}
-    for policy in [None, *policies]:
+    for policy in [None, *(p for p in policies if p != "full")]:
         name = policy or "full"
         found, t0, most = [], time.perf_counter(), 0
         try:
@@ -141,6 +145,7 @@ def measure(
                 found.append(
                     [case["depth"], case["city"], text, first_number(text) == str(case["number"])]
                 )
+                print(f"{name:>6}  depth {case['depth']:.0%} {case['city']}: {text!r}", flush=True)
         except NotImplementedError as exc:
             skipped[name] = str(exc)
             print(f"{name:>6}  skipped: {exc}", flush=True)
@@ -161,6 +166,8 @@ def measure(
             }
         )
         print(f"{name:>6}  {hits}/{len(found)} found  (held <= {most})", flush=True)
+        if save is not None:
+            save(rows, skipped)
     full = next((r for r in rows if r["policy"] == "full"), None)
     for r in rows:
         if full is not None and full["accuracy"] > 0:
@@ -216,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     needles = list(NEEDLES[: args.needles])
     model, tok = load_model(args.model, args.attention)
     cases = prompts(tok, args.context, depths, needles)
-    with torch_threads(args.threads), torch.inference_mode():
-        rows, skipped = measure(model, tok, cases, args.budget, args.policies, args.prefill_chunk)
     meta = run_meta(
         f"{MODEL_NAMES[args.model]} (fp32) needle retrieval in pydoc_data/topics.py with "
         "make_cache(budget=, policy=)",
@@ -230,10 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         depths=depths,
         needles=[f"The special magic number for {c} is {n}." for c, n in needles],
         prefill_chunk=args.prefill_chunk,
+        policies=args.policies,
         attention=args.attention,
-        skipped=skipped,
     )
-    write_results(out, rows, meta)
+
+    def save(rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
+        write_results(out, rows, {**meta, "skipped": skipped})
+
+    with torch_threads(args.threads), torch.inference_mode():
+        rows, skipped = measure(
+            model, tok, cases, args.budget, args.policies, args.prefill_chunk, save
+        )
+    save(rows, skipped)
     print(f"wrote {out}")
     return 0
 

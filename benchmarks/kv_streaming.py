@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,16 @@ def run_one(
 
 
 def measure(
-    model: Any, ids: torch.Tensor, chunk: int, budgets: list[int], policies: list[str]
+    model: Any,
+    ids: torch.Tensor,
+    chunk: int,
+    budgets: list[int],
+    policies: list[str],
+    save: Callable[[list[dict[str, Any]], dict[str, str]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The full cache, then every (budget, policy); ``skipped`` names the policies that raised
-    ``NotImplementedError`` (not built yet)."""
+    ``NotImplementedError`` (not built yet); ``save(rows, skipped)`` runs after each row (a long
+    run keeps what it finished)."""
     full = run_one(model, ids, chunk, None, None)
     print(f"full cache          ppl {full['ppl']:.4f}  ({full['seconds']} s)", flush=True)
     rows, skipped = [], {}
@@ -104,10 +111,16 @@ def measure(
                 f"held <= {row['max_held']}  ({row['seconds']} s)",
                 flush=True,
             )
-    full["vs_full_pct"] = 0.0
-    for r in (full, *rows):
-        del r["nll"]
-    return [full, *rows], skipped
+            if save is not None:
+                save(written(full, rows), skipped)
+    return written(full, rows), skipped
+
+
+def written(full: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as the results file holds them (without the per-token losses)."""
+    return [
+        {k: v for k, v in r.items() if k != "nll"} for r in ({**full, "vs_full_pct": 0.0}, *rows)
+    ]
 
 
 def table(result: dict[str, Any]) -> str:
@@ -156,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens must be >= 2; --chunk, --threads and --budgets >= 1")
     model, tok = load_model("smollm2", args.attention)
     ids = text_ids(tok, args.tokens)
-    with torch_threads(args.threads), torch.inference_mode():
-        rows, skipped = measure(model, ids, args.chunk, args.budgets, args.policies)
     meta = run_meta(
         "SmolLM2-135M-Instruct (fp32) streaming perplexity over pydoc_data/topics.py with "
         "make_cache(budget=, policy=)",
@@ -168,9 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         chunk=args.chunk,
         budgets=args.budgets,
         attention=args.attention,
-        skipped=skipped,
     )
-    write_results(args.out, rows, meta)
+
+    def save(rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
+        write_results(args.out, rows, {**meta, "skipped": skipped})
+
+    with torch_threads(args.threads), torch.inference_mode():
+        rows, skipped = measure(model, ids, args.chunk, args.budgets, args.policies, save)
+    save(rows, skipped)
     print(f"wrote {args.out}")
     return 0
 

@@ -79,7 +79,7 @@ def test_kv_streaming_runs_end_to_end(smol, tmp_path):
     assert full["policy"] == "full" and full["max_held"] == 64
     for r in budgeted:
         assert r["max_held"] <= 32 and math.isfinite(r["ppl"])
-    assert len(budgeted) + len(result["meta"]["skipped"]) == 2
+    assert [r["policy"] for r in budgeted] == ["window", "sink"] and not result["meta"]["skipped"]
     assert "| policy | budget 32 |" in bench("kv_streaming").table(result)
 
 
@@ -89,6 +89,8 @@ def test_kv_needles_runs_end_to_end(smol, tmp_path):
     full = result["rows"][0]
     assert full["policy"] == "full" and full["cases"] == 2 and full["max_held"] == 160
     assert [a[0] for a in full["answers"]] == [0.0, 1.0]
+    sink = result["rows"][1]
+    assert sink["policy"] == "sink" and sink["budget"] == 64 and sink["max_held"] <= 64
     assert "| full cache | " in bench("kv_needles").table(result)
 
 
