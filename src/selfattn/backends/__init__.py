@@ -33,7 +33,6 @@ A new backend is one module with a class like those below, registered here with 
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -91,10 +90,11 @@ BACKENDS: dict[str, Backend] = {}
 # The backend ``select`` picks for plain calls (no rule but causal and scale, no gradient),
 # remembered by the front door's fast path (``api.plain_call``): (spec, backend, run) by a key of
 # the backend's name ("auto" or a name), the shapes, dtypes and rules; ``run(q, k, v)`` is the
-# backend's ``plain`` hook, or its ``run`` for the spec. A choice depends on the
+# backend's ``plain`` hook, or its ``run`` for the spec. ``attention_with_stats`` keeps its own
+# (spec, backend) pairs here under keys that start with "with_stats". A choice depends on the
 # registry only, so ``register`` forgets them all; whoever changes what a backend accepts in
 # another way calls ``forget_choices``.
-CHOICES: dict[tuple, tuple[AttentionSpec, Backend, Callable]] = {}
+CHOICES: dict[tuple, tuple] = {}
 
 
 def forget_choices() -> None:
