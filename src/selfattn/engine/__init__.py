@@ -24,7 +24,7 @@ the GEMMs, the running maximum is frozen after the first chunk when a Cauchy-Sch
 allows, masks are cached additive tiles, and tiles live in one reusable workspace.
 """
 
-from .autograd import attention, vmap_slices, with_inputs
+from .autograd import attention, tangent_pass, vmap_slices, with_inputs
 from .backward import Grads, backward
 from .forward import forward, probabilities
 from .hessian import double_backward
@@ -52,6 +52,7 @@ __all__ = [
     "jvp",
     "probabilities",
     "statistics",
+    "tangent_pass",
     "tangents_out",
     "vmap_slices",
     "with_inputs",

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from ..forward_mode import plain_operands
 from ..sinks import sink_grad, sink_probability
 from .backward import backward
 from .forward import forward
@@ -22,7 +23,7 @@ from .problem import Problem, acc_dtype
 from .second_order import differentiable_backward, tangents_out
 from .tangent import jvp
 
-__all__ = ["attention", "sink_tangent", "vmap_slices", "with_inputs"]
+__all__ = ["attention", "sink_tangent", "tangent_pass", "vmap_slices", "with_inputs"]
 
 
 def with_inputs(
@@ -42,6 +43,10 @@ def with_inputs(
 class _EngineFunction(torch.autograd.Function):
     @staticmethod
     def forward(prob: Problem, q, k, v, bias, alibi, sinks):  # type: ignore[override]
+        # under forward_ad the inputs may be duals, which the worker threads would see as such
+        plain = plain_operands(q, k, v, bias, alibi, sinks)
+        if plain is not None:
+            q, k, v, bias, alibi, sinks = plain
         prob = with_inputs(prob, bias, alibi, sinks)
         b, h, m, _ = q.shape
         exact = torch.empty(b, h, m, v.shape[-1], dtype=acc_dtype(q.dtype), device=q.device)
@@ -86,7 +91,7 @@ class _EngineFunction(torch.autograd.Function):
         q, k, v, exact, lse, sinks = ctx.saved_tensors
         spec = ctx.prob.spec
         with torch.no_grad():
-            tout, tlse = jvp(ctx.prob, q, k, v, exact, lse, tq, tk, tv, tbias, talibi)
+            tout, tlse = tangent_pass(ctx.prob, q, k, v, exact, lse, tq, tk, tv, tbias, talibi)
             tangents = sink_tangent(sinks, tsinks, exact, lse, tout, tlse)
         anchors = (q, k, v, spec.bias, spec.alibi_slopes, sinks, tq, tk, tv, tbias, talibi, tsinks)
         return tangents_out("tiled", anchors, tangents)
@@ -99,6 +104,18 @@ class _EngineFunction(torch.autograd.Function):
             for i in range(info.batch_size)
         ]
         return (torch.stack([o for o, _ in outs]), torch.stack([x for _, x in outs])), (0, 0)
+
+
+def tangent_pass(prob: Problem, *tensors: torch.Tensor | None) -> tuple:
+    """:func:`tangent.jvp` on ``(q, k, v, out, lse, tq, tk, tv, tbias, talibi)``: on the
+    engine's worker threads when torch.func's wrappers can be taken off (plain
+    ``torch.func.jvp``, ``forward_ad``), else as given in this thread (``jacfwd``)."""
+    plain = plain_operands(*tensors)
+    if plain is None:
+        return jvp(prob, *tensors)
+    spec = prob.spec
+    bias, alibi, sinks = plain_operands(spec.bias, spec.alibi_slopes, spec.sinks)
+    return jvp(with_inputs(prob, bias, alibi, sinks), *plain, threads=True)
 
 
 def sink_tangent(

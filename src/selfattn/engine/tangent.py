@@ -15,12 +15,14 @@ O(N) accumulators; the (N, N) scores never exist.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from ..rules import alibi_distance, heads5, key_spans
 from ..spec import AttentionSpec
 from .problem import BLOCK_N, Problem, acc_dtype
+from .threads import Rect, head_slices, run_jobs, split
 from .tiles import Scores, dropout_scale, key_matrix, kv_matrix, query_block
 
 __all__ = ["block_rows", "jvp", "score_tangent", "tile_of"]
@@ -54,6 +56,7 @@ def jvp(
     tv: torch.Tensor | None,
     tbias: torch.Tensor | None = None,
     talibi: torch.Tensor | None = None,
+    threads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tangents ``(d out, d lse)`` of the call given the primal ``out`` and ``lse``.
 
@@ -64,10 +67,63 @@ def jvp(
             for rows that see nothing).
         tq, tk, tv: tangents shaped like q, k, v, or None for zero.
         tbias: tangent of the bias, shaped like ``spec.bias``; talibi like the slopes; or None.
+        threads: the tensors are plain (no torch.func wrappers): split the call across the
+            engine's worker threads (``threads.split``), each part with single-threaded ops.
 
     Returns:
         ``(tout, tlse)``: (B, Hq, Nq, Dv) and (B, Hq, Nq), in the accumulation dtype.
     """
+    plan = split(prob, k.shape[2]) if threads and q.device.type == "cpu" else None
+    if plan is None:
+        return _jvp_part(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
+    spec, g = prob.spec, prob.spec.group
+    b, h, m_total, _ = q.shape
+    acc_t = acc_dtype(q.dtype)
+    tout = torch.empty(b, h, m_total, v.shape[-1], dtype=acc_t, device=q.device)
+    tlse = torch.empty(b, h, m_total, dtype=acc_t, device=q.device)
+    # the tangents of the bias and slopes cut like the primal ones: a spec holding them
+    tspec = replace(spec, bias=tbias, alibi_slopes=talibi)
+
+    def job(rects: list[Rect]) -> None:
+        with torch.no_grad():
+            for rect in rects:
+                bs, hs, ks, rs = head_slices(rect, g)
+                part, tpart = prob.part(*rect), tspec.part(*rect)
+                to, tl = _jvp_part(
+                    part,
+                    q[bs, hs, rs],
+                    k[bs, ks],
+                    v[bs, ks],
+                    out[bs, hs, rs],
+                    lse[bs, hs, rs],
+                    None if tq is None else tq[bs, hs, rs],
+                    None if tk is None else tk[bs, ks],
+                    None if tv is None else tv[bs, ks],
+                    tpart.bias,
+                    tpart.alibi_slopes,
+                )
+                tout[bs, hs, rs] = to
+                tlse[bs, hs, rs] = tl
+
+    run_jobs(job, plan[0])
+    return tout, tlse
+
+
+def _jvp_part(
+    prob: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    tq: torch.Tensor | None,
+    tk: torch.Tensor | None,
+    tv: torch.Tensor | None,
+    tbias: torch.Tensor | None = None,
+    talibi: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`jvp` of one (sub-)problem in the calling thread; its tangent tensors may be
+    torch.func's wrappers (batched under ``jacfwd``), so they are built out of place."""
     spec = prob.spec
     acc_t = acc_dtype(q.dtype)
     b, h, m_total, _ = q.shape

@@ -98,7 +98,7 @@ class _NativeFunction(torch.autograd.Function):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         prob = engine.Problem.of(ctx.spec, ctx.seed)
         with torch.no_grad():
-            tout, tlse = engine.jvp(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
+            tout, tlse = engine.tangent_pass(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
             tout, tlse = sink_tangent(sinks, tsinks, out, lse, tout, tlse)
         spec = ctx.spec
         anchors = (q, k, v, spec.bias, spec.alibi_slopes, sinks, tq, tk, tv, tbias, talibi, tsinks)
