@@ -15,7 +15,7 @@ from .problem import BLOCK_N, Problem, acc_dtype
 from .threads import Rect, head_slices, run_jobs, split
 from .tiles import Scores, dropout_scale, key_matrix, query_block
 
-__all__ = ["Grads", "accumulate_dbias", "backward"]
+__all__ = ["Grads", "accumulate_dbias", "backward", "bias_index"]
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -118,7 +118,7 @@ def backward(
                 dv += kv[1]
             for rect, db, da in grads:
                 if db is not None:
-                    dbias[_bias_index(dbias, rect, g)] += db
+                    dbias[bias_index(dbias, rect, g)] += db
                 if da is not None:
                     bs, hs, _, _ = head_slices(rect, g)
                     dalibi[bs if dalibi.shape[0] > 1 else slice(None), hs] += da
@@ -198,7 +198,7 @@ def _backward_part(
         dq[:, :, i0:i1] = dqb.view(b, h, m, d)
 
 
-def _bias_index(dbias: torch.Tensor, rect: Rect, g: int) -> tuple[slice, ...]:
+def bias_index(dbias: torch.Tensor, rect: Rect, g: int) -> tuple[slice, ...]:
     """Where a part's bias slice sits in the full (broadcast) bias."""
     b0, b1, kh0, kh1, r0, r1 = rect
     ranges = ((b0, b1), (kh0 * g, kh1 * g), (r0, r1))

@@ -21,13 +21,15 @@ with ``r = rowsum(P R)``. Every term is a tile product; one pass, O(N) memory be
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from ..rules import alibi_distance, key_spans
-from .backward import accumulate_dbias
+from .backward import accumulate_dbias, bias_index
 from .problem import BLOCK_N, Problem, acc_dtype
 from .tangent import block_rows, score_tangent
+from .threads import Rect, head_slices, run_jobs, split
 from .tiles import Scores, key_matrix, kv_matrix, query_block
 
 __all__ = ["HessianGrads", "double_backward"]
@@ -52,6 +54,7 @@ def double_backward(
     galibi: torch.Tensor | None,
     need_bias: bool = False,
     need_alibi: bool = False,
+    threads: bool = False,
 ) -> HessianGrads:
     """The VJP of the first-order backward.
 
@@ -62,11 +65,95 @@ def double_backward(
         gq, gk, gv: cotangents of dq, dk, dv (None for zero); gbias shaped like ``spec.bias``,
             galibi like the slopes (cotangents of dbias, dalibi), or None.
         need_bias, need_alibi: whether to return the bias / slope gradients.
+        threads: the tensors are plain (no torch.func wrappers): split the call across the
+            engine's worker threads (``threads.split``), summing what parts share.
 
     Returns:
         ``(q, k, v, dout, dlse, out, lse, bias, alibi)`` gradients in the accumulation dtype
         (dlse's None when ``dlse`` is None; bias/alibi None unless asked for).
     """
+    args = (q, k, v, out, lse, dout, dlse, gq, gk, gv)
+    plan = split(prob, k.shape[2]) if threads and q.device.type == "cpu" else None
+    if plan is None:
+        return _double_part(prob, *args, gbias, galibi, need_bias, need_alibi)
+    spec, g = prob.spec, prob.spec.group
+    # the cotangents of dbias and dalibi cut like the primal bias and slopes: a spec holding them
+    gspec = replace(spec, bias=gbias, alibi_slopes=galibi)
+
+    def job(rects: list[Rect]) -> list:
+        done = []
+        with torch.no_grad():
+            for rect in rects:
+                bs, hs, ks, rs = head_slices(rect, g)
+                rows = (bs, hs, rs)
+                cut = [
+                    None if t is None else t[(bs, ks) if i in (1, 2, 8, 9) else rows]
+                    for i, t in enumerate(args)
+                ]
+                gpart = gspec.part(*rect)
+                part = prob.part(*rect)
+                got = _double_part(
+                    part, *cut, gpart.bias, gpart.alibi_slopes, need_bias, need_alibi
+                )
+                done.append((rect, got))
+        return done
+
+    results = [r for done in run_jobs(job, plan[0]) for r in done]
+    return _gather(prob, q, k, v, dlse, results, need_bias, need_alibi)
+
+
+def _gather(prob: Problem, q, k, v, dlse, results: list, need_bias: bool, need_alibi: bool):
+    """The parts' results in whole-call tensors: rows written, shared key/value heads, bias
+    and slopes summed (in this thread, so nothing races)."""
+    spec, g = prob.spec, prob.spec.group
+    acc_t = acc_dtype(q.dtype)
+    b, h, m_total, d = q.shape
+    dv_dim = v.shape[-1]
+    new = {"device": q.device, "dtype": acc_t}
+    qbar = torch.empty(b, h, m_total, d, **new)
+    kbar = torch.zeros(k.shape, **new)
+    vbar = torch.zeros(v.shape, **new)
+    dobar = torch.empty(b, h, m_total, dv_dim, **new)
+    obar = torch.empty(b, h, m_total, dv_dim, **new)
+    rbar = torch.empty(b, h, m_total, **new)
+    lsebar = torch.empty(b, h, m_total, **new)
+    bbar = torch.zeros(spec.bias.shape, **new) if need_bias else None
+    abar = torch.zeros(spec.alibi_slopes.shape, **new) if need_alibi else None
+    for rect, (qb, kb, vb, dob, rb, ob, lb, bb, ab) in results:
+        bs, hs, ks, rs = head_slices(rect, g)
+        qbar[bs, hs, rs] = qb
+        kbar[bs, ks] += kb
+        vbar[bs, ks] += vb
+        dobar[bs, hs, rs] = dob
+        obar[bs, hs, rs] = ob
+        lsebar[bs, hs, rs] = lb
+        if rb is not None:
+            rbar[bs, hs, rs] = rb
+        if bb is not None:
+            bbar[bias_index(bbar, rect, g)] += bb
+        if ab is not None:
+            abar[bs if abar.shape[0] > 1 else slice(None), hs] += ab
+    return (qbar, kbar, vbar, dobar, rbar if dlse is not None else None, obar, lsebar, bbar, abar)
+
+
+def _double_part(
+    prob: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    gq: torch.Tensor | None,
+    gk: torch.Tensor | None,
+    gv: torch.Tensor | None,
+    gbias: torch.Tensor | None,
+    galibi: torch.Tensor | None,
+    need_bias: bool,
+    need_alibi: bool,
+) -> HessianGrads:
+    """:func:`double_backward` of one (sub-)problem in the calling thread."""
     spec = prob.spec
     acc_t = acc_dtype(q.dtype)
     b, h, m_total, d = q.shape

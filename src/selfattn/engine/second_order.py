@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..first_order import first_order
+from ..forward_mode import plain_operands
 from .hessian import double_backward
 from .problem import Problem
 
@@ -47,23 +48,15 @@ class BackwardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq, gk, gv, gbias, galibi):  # type: ignore[override]
         q, k, v, out, lse, dout, dlse, bias, alibi = ctx.saved_tensors
+        tensors = (q, k, v, out, lse, dout, dlse, gq, gk, gv, gbias, galibi)
+        plain = plain_operands(*tensors)  # None under a torch.func transform: this thread
         with torch.no_grad():  # create_graph=True here: a third derivative, refused below
             bars = double_backward(
                 ctx.prob,
-                q,
-                k,
-                v,
-                out,
-                lse,
-                dout,
-                dlse,
-                gq,
-                gk,
-                gv,
-                gbias,
-                galibi,
+                *(tensors if plain is None else plain),
                 need_bias=ctx.need[0],
                 need_alibi=ctx.need[1],
+                threads=plain is not None,
             )
         qb, kb, vb, dob, dlseb, ob, lseb, bb, ab = bars
         typed = (
