@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import engine
 from ..rules import bounds
@@ -69,10 +70,17 @@ class SdpaBackend:
     def plain(self, spec: AttentionSpec) -> Callable:
         """``run(q, k, v)`` for the front door's fast path: torch's call with its arguments
         decided once (a causal one still checks k and v for NaN/inf each time, as ``run``)."""
-        if _is_causal(spec):
-            return lambda q, k, v: self.run(spec, q, k, v, None)
         sdpa, scale = F.scaled_dot_product_attention, spec.scale
-        if spec.Hq != spec.Hkv:
+        kwargs = {"enable_gqa": True} if spec.Hq != spec.Hkv else {}
+        if _is_causal(spec):
+
+            def run_causal(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, None]:
+                if not engine.all_finite(k, v):
+                    return self.run(spec, q, k, v, None)  # the engine keeps hidden NaN away
+                return sdpa(q, k, v, is_causal=True, scale=scale, **kwargs), None
+
+            return run_causal
+        if kwargs:
             return lambda q, k, v: (sdpa(q, k, v, scale=scale, enable_gqa=True), None)
         return lambda q, k, v: (sdpa(q, k, v, scale=scale), None)
 
