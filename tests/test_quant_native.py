@@ -254,3 +254,17 @@ def test_bad_layouts_are_value_errors_before_work():
     out, lse = ext.forward(q, standin(kq), v, call, True, False)
     with pytest.raises(ValueError, match="no backward through quantized"):
         ext.backward(out, q, standin(kq), v, out, lse, torch.empty(0), call, False, False)
+
+
+@pytest.mark.parametrize("nq", [1, 40])
+def test_a_non_finite_scale_poisons_what_the_dequantized_values_would(nq):
+    """A scale of inf (a quantized inf) makes its row non-finite: its key turns the scores of the
+    rows that see it NaN, its value row the output columns it reaches, as on dequantize()."""
+    q, k, v = _qkv(1, 2, 1, nq, 90, 64, seed=12)
+    kq, vq = quantize_kv(k), quantize_kv(v, bits=4)
+    kq.scales[0, 0, 30] = float("inf")
+    vq.scales[0, 0, 60, 1] = float("inf")
+    got = selfattn.attention(q, kq, vq, causal=True, backend="native")
+    want = selfattn.attention(q, kq.dequantize(), vq.dequantize(), causal=True, backend="native")
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), **TOL)

@@ -6,6 +6,11 @@
 // the MR x KC score panel into a buffer that stays in L1 (QK^T micro-kernel, epilogue, row max,
 // exp2, row sum, all on that buffer), then O += P V with O's rescaling folded into the PV
 // micro-kernel's load of O. Tiles the rules leave empty are never touched.
+//
+// Quantized K or V (a QuantizedKV) are never packed whole: each item dequantizes the chunk of
+// CT tiles it is about to read into the same packed layouts, in its own scratch (pack_chunk), so
+// no dequantized copy of the cache exists at any time (the dequantizing is O(keys * D) against
+// the chunk's O(BM * keys * D) products).
 #pragma once
 #include <cmath>
 
@@ -153,16 +158,68 @@ struct Forward {
   const Plan<V>& pl;
   const Params& P;
   const Packed<V>& pk;
+  bool chunked = false;  // quantized K or V: packed a chunk at a time by each item (pack_chunk)
 
   struct Scratch {
-    Buf<T> q, o, m, l, al, s, vrow;
-    Buf<uint8_t> cls;
+    Buf<T> q, o, m, l, al, s, vrow, ktc, vrc, rowk;
+    Buf<uint8_t> cls, badc;
     Buf<int64_t> vkeys;
     Buf<uint32_t> vseen;
-    explicit Scratch(const Plan<V>& pl)
+    explicit Scratch(const Plan<V>& pl, bool chunked = false)
         : q(BM * pl.Dp), o(BM * pl.Dvp), m(BM), l(BM), al(MR), s(MR * LDS), vrow(pl.Dvp),
-          cls(CT), vkeys(KC), vseen(KC) {}
+          ktc(chunked ? CT * pl.P.D * PW : 0), vrc(chunked ? CT * PW * pl.Dvp : 0),
+          rowk(chunked ? PW * pl.Dp : 0), cls(CT), badc(chunked ? CT * PW : 0), vkeys(KC),
+          vseen(KC) {}
   };
+
+  // Tiles [c0, c1) of unit (b, kvh) into the item's scratch, in the layouts of Packed: K as
+  // [tile][d][PW] panels (sc.ktc), V as rows of Dvp (sc.vrc), quantized rows dequantized from
+  // their codes, others converted; a non-finite row zeroed and flagged as Packed does (sc.badc,
+  // key c0 * PW first). Returns whether any row was flagged.
+  bool pack_chunk(int64_t b, int64_t kvh, int64_t c0, int64_t c1, Scratch& sc) const {
+    const int64_t D = P.D, Dv = P.Dv, Dp = pl.Dp, Dvp = pl.Dvp;
+    bool any = false;
+    for (int64_t t = c0; t < c1; t++) {
+      const int64_t j0 = t * PW, n = imin(PW, P.Nk - j0);
+      uint8_t* flag = sc.badc.p + (t - c0) * PW;
+      T* rows = sc.rowk.p;  // the tile's key rows, then transposed into its panel
+      if (quantized(P.k.dt)) dequant_tile<V>(P.k, b, kvh, j0, n, D, Dp, rows);
+      for (int64_t c = 0; c < PW; c++) {
+        flag[c] = 0;
+        T* row = rows + c * Dp;
+        if (c < n && !quantized(P.k.dt)) load_row<V>(P.k, b, kvh, j0 + c, D, Dp, row);
+        if (c >= n) {
+          zero_bytes(row, sizeof(T) * Dp);
+        } else if (!all_finite(row, D)) {
+          zero_bytes(row, sizeof(T) * Dp);
+          flag[c] = 1;
+        }
+      }
+      T* kp = sc.ktc.p + (t - c0) * D * PW;
+      if (D % W == 0) {
+        Packed<V>::panel_tile(rows, Dp, 0, PW, D, kp);
+      } else {
+        for (int64_t c = 0; c < PW; c++)
+          for (int64_t d = 0; d < D; d++) kp[d * PW + c] = rows[c * Dp + d];
+      }
+      if (P.need_out) {
+        T* vp = sc.vrc.p + (t - c0) * PW * Dvp;
+        if (quantized(P.v.dt)) dequant_tile<V>(P.v, b, kvh, j0, n, Dv, Dvp, vp);
+        for (int64_t c = 0; c < PW; c++) {
+          T* row = vp + c * Dvp;
+          if (c < n && !quantized(P.v.dt)) load_row<V>(P.v, b, kvh, j0 + c, Dv, Dvp, row);
+          if (c >= n) {
+            zero_bytes(row, sizeof(T) * Dvp);
+          } else if (!all_finite(row, Dv)) {
+            zero_bytes(row, sizeof(T) * Dvp);
+            flag[c] |= 2;
+          }
+        }
+      }
+      for (int64_t c = 0; c < PW; c++) any |= flag[c] != 0;
+    }
+    return any;
+  }
 
   int64_t blocks() const { return cdiv(P.Nq, BM); }
 
@@ -181,9 +238,9 @@ struct Forward {
     const int64_t i0 = qb * BM, i1 = imin(P.Nq, i0 + BM), rows = i1 - i0;
     const int64_t npan = cdiv(rows, MR), Dp = pl.Dp, Dvp = pl.Dvp, D = P.D;
     const bool need_out = P.need_out;
-    const T* kt = pk.kt + slot * pk.kt_n;
-    const T* vr = pk.vr ? pk.vr + slot * pk.vr_n : nullptr;
-    const uint8_t* bad = pk.bad_of(slot);
+    const T* kt = chunked ? nullptr : pk.kt + slot * pk.kt_n;
+    const T* vr = chunked || !pk.vr ? nullptr : pk.vr + slot * pk.vr_n;
+    const uint8_t* bad = chunked ? nullptr : pk.bad_of(slot);
 
     for (int64_t r = 0; r < npan * MR; r++) {
       T* dst = sc.q.p + r * Dp;
@@ -205,6 +262,12 @@ struct Forward {
       const int64_t tb0 = bb.lo / PW, tb1 = cdiv(bb.hi, PW);
       for (int64_t c0 = tb0; c0 < tb1; c0 += CT) {
         const int64_t c1 = imin(c0 + CT, tb1);
+        if (chunked) {  // this chunk's tiles, indexed as in the whole unit's packing
+          const bool any = pack_chunk(b, kvh, c0, c1, sc);
+          kt = sc.ktc.p - c0 * D * PW;
+          vr = P.need_out ? sc.vrc.p - c0 * PW * Dvp : nullptr;
+          bad = any ? sc.badc.p - c0 * PW : nullptr;
+        }
         for (int64_t p = 0; p < npan; p++) {
           const auto& pn = pans[p];
           int64_t t_lo, t_hi;
@@ -300,22 +363,23 @@ static void forward_prefill(const Params& P, const Pool& pool) {
   // Each wave packs its units and computes them right away: a wave whose packed K/V fit in a
   // quarter of the L3 is read back from cache, not from memory (N=16384 windows: +20%).
   const int64_t budget = int64_t(8) << 20;
-  const int64_t wave = imax(1, imin(units, budget / unit_bytes));
+  const bool chunked = quantized(P.k.dt) || quantized(P.v.dt);
+  const int64_t wave = chunked ? units : imax(1, imin(units, budget / unit_bytes));
   Packed<V> pk;
-  pk.alloc(pl, wave, true, false, false, P.need_out);
-  F fw{pl, P, pk};
+  if (!chunked) pk.alloc(pl, wave, true, false, false, P.need_out);
+  F fw{pl, P, pk, chunked};
   const int64_t nb = fw.blocks();
   Buf<double> qcost(nb);
   for (int64_t qb = 0; qb < nb; qb++) qcost[qb] = fw.cost(qb);
   for (int64_t u0 = 0; u0 < units; u0 += wave) {
     const int64_t u1 = imin(units, u0 + wave);
-    pk.pack_units(pl, pool, u0, u1);
+    if (!chunked) pk.pack_units(pl, pool, u0, u1);
     // items in (unit, block, head-of-group) order: neighbours share K/V in cache
     const int64_t n = (u1 - u0) * nb * P.G;
     Buf<double> cost(n);
     for (int64_t x = 0; x < n; x++) cost[x] = qcost[(x / P.G) % nb];
     auto run = [&](int64_t x0, int64_t x1) {
-      typename F::Scratch sc(pl);
+      typename F::Scratch sc(pl, chunked);
       for (int64_t x = x0; x < x1; x++) {
         int64_t g = x % P.G, qb = (x / P.G) % nb, slot = x / (P.G * nb);
         fw.item(slot, u0 + slot, g, qb, sc);
