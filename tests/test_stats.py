@@ -499,7 +499,7 @@ def test_empty_rows_or_keys(backend, nq, nk):
 @needs_native
 def test_a_repeated_decode_shape_reuses_its_choice(monkeypatch):
     """Every decode step of a cache has the same plain shape: the second call takes the
-    remembered (spec, backend) and still gives the statistics of its own inputs."""
+    remembered (spec, backend, hook) and still gives the statistics of its own inputs."""
     calls = spy_forward_stats(monkeypatch)
     for seed in (80, 81):
         q, k, v = make_qkv(1, 6, 2, 1, 300, 16, seed=seed)

@@ -204,10 +204,9 @@ def _fused(
             if len(CHOICES) >= CHOICES_KEPT:  # as attention's fast path: start over
                 forget_choices()
             CHOICES[key] = got
-    spec, chosen = got
-    if chosen is None:
+    spec, _, hook = got
+    if hook is None:
         return None
-    hook = chosen.forward_stats
     head_idx = selection(heads, spec.Hq, "heads", q.device)
     with torch.no_grad():
         out, lse, stats = hook(spec, q, k, v, **want)
@@ -223,10 +222,10 @@ def _graded(rules: dict[str, Any]) -> tuple[Any, Any]:
 
 def _choose(
     q: Any, k: Any, v: Any, rules: dict[str, Any], backend: str
-) -> tuple[AttentionSpec, Any] | None:
-    """``(spec, backend)`` for a fused pass (backend None where the one ``attention`` would
-    pick has no ``forward_stats`` hook, or cannot read a ``QuantizedKV`` given), or None where
-    the call needs autograd, forward-mode tangents or dropout."""
+) -> tuple[AttentionSpec, Any, Any] | None:
+    """``(spec, backend, hook)`` for a fused pass, ``hook`` the backend's ``forward_stats``
+    (None where the one ``attention`` would pick has none, or cannot read a ``QuantizedKV``
+    given), or None where the call needs autograd, forward-mode tangents or dropout."""
     quantized = unwrap_label(k, v) if QuantizedKV in (type(k), type(v)) else ""
     spec = validate_call(q, standin(k), standin(v), rules, True)  # as attention(return_lse=True)
     if spec.requires_grad or spec.dropout_p > 0 or has_tangents(q, k, v, *_graded(rules)):
@@ -234,17 +233,17 @@ def _choose(
     if quantized:
         spec = replace(spec, quantized=quantized)
     chosen = select(spec, backend)
-    if getattr(chosen, "forward_stats", None) is None:
-        return spec, None
+    hook = getattr(chosen, "forward_stats", None)
     if quantized and not getattr(chosen, "reads_quantized", False):
-        return spec, None
-    return spec, chosen
+        hook = None
+    return spec, chosen, hook
 
 
 def _plain_key(q: Any, k: Any, v: Any, rules: dict[str, Any], backend: str) -> tuple | None:
-    """The key under which ``backends.CHOICES`` remembers the fused pass's (spec, backend) for a
-    plain call (CPU tensors, no rule but ``causal`` and a float ``scale``, no dropout, nothing to
-    differentiate: every decode step of a cache), or None for any other call (chosen afresh)."""
+    """The key under which ``backends.CHOICES`` remembers the fused pass's (spec, backend, hook)
+    for a plain call (CPU tensors, no rule but ``causal`` and a float ``scale``, no dropout,
+    nothing to differentiate: every decode step of a cache), or None for any other call (chosen
+    afresh). Its keys start with "with_stats"; attention's start with a backend name."""
     tensor = torch.Tensor
     if type(q) is not tensor or type(k) is not tensor or type(v) is not tensor:
         return None

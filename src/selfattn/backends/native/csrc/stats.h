@@ -4,7 +4,7 @@
 // Work item: one query head of one batch row and one part of its keys (a run of tiles). The
 // item walks every panel of MR rows over its part's tiles, computing each tile's scores as
 // probs.h does (packed K, the QK micro-kernel, the plan's epilogue), then log p = s - lse and
-// p = exp(log p). The columns of its part belong to the item alone (accumulated in scratch and
+// p = exp(log p), the tile's column sums over the panel's rows kept in registers. The columns of its part belong to the item alone (accumulated in scratch and
 // written once: no two threads touch one column), while a row's entropy and top-k are partial
 // per part, kept per (part, row) and combined in part order afterwards, so the result does not
 // depend on which thread ran what. The top-k keeps keys by log p (a visible key whose p
@@ -71,6 +71,38 @@ static inline typename V::T stats_row(const typename V::T* s, int64_t n, typenam
     }
   }
   return entropy ? -ent.hsum() : T(0);
+}
+
+// One score tile of a panel: rows r < nreal (row stride 2W), keys j0 .. j0 + 2W - 1, s natural-
+// log scores (-inf where hidden), lse per row (-inf: the row sees nothing and is skipped). The
+// columns' sums and maxima over the rows are accumulated in registers and added into cs / cm
+// once (either may be null); ent[r] accumulates row r's sum of p log p as a vector; keys enter
+// row r's top-k list lp / ix + r * k in index order.
+template <class V>
+static inline void stats_tile(const typename V::T* st, int nreal, const typename V::T* lse,
+                              typename V::T* cs, typename V::T* cm, V* ent, bool entropy,
+                              typename V::T* lp, int64_t* ix, int64_t k, int64_t j0) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const V l2e = V::set1(T(LOG2E)), lowest = V::set1(std::numeric_limits<T>::lowest());
+  alignas(64) T tmp[W];
+  for (int v = 0; v < 2; v++) {
+    V acc = V::zero(), mx = V::zero();
+    for (int r = 0; r < nreal; r++) {
+      if (lse[r] == T(-INFINITY)) continue;
+      const V x = V::load(st + r * 2 * W + v * W) - V::set1(lse[r]);  // log p
+      const V p = V::exp2(x * l2e);
+      acc = acc + p;
+      mx = max_nan_b(p, mx);
+      if (entropy) ent[r] = fmadd(p, max_nan_b(x, lowest), ent[r]);  // hidden: 0 * lowest
+      if (k > 0 && max_nan_b(x, lowest).hmax() > lp[r * k + k - 1]) {
+        x.store(tmp);
+        for (int w = 0; w < W; w++) topk_insert(lp + r * k, ix + r * k, k, tmp[w], j0 + v * W + w);
+      }
+    }
+    if (cs) (V::load(cs + v * W) + acc).store(cs + v * W);
+    if (cm) max_nan_b(mx, V::load(cm + v * W)).store(cm + v * W);
+  }
 }
 
 // Merge top-k list b into a (both highest first, every key of a below every key of b): a keeps
@@ -149,11 +181,12 @@ struct Stats {
     for (int64_t panel = 0; panel * MR < P.Nq; panel++) {
       const int64_t row0 = panel * MR;
       const auto pn = pl.panel(b, h, row0);
-      T lse[MR], ent[MR];
+      T lse[MR];
+      V ent[MR];
       bool any = false;
       for (int r = 0; r < MR; r++) {
         T* dst = sc.q.p + r * Dp;
-        ent[r] = T(0);
+        ent[r] = V::zero();
         for (int64_t o = 0; o < K; o++) {
           sc.lp[r * K + o] = T(-INFINITY);
           sc.ix[r * K + o] = -1;
@@ -184,16 +217,12 @@ struct Stats {
         if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || bad_tile)
           pl.epilogue(st, PW, pn, t, cls, bad_tile ? bad : nullptr, nullptr);
         const int64_t off = (t - ta) * PW;
-        for (int r = 0; r < int(pn.nreal); r++) {
-          if (lse[r] == T(-INFINITY)) continue;  // sees nothing: p = 0 everywhere
-          ent[r] += stats_row<V>(st + r * PW, PW, lse[r], cs ? cs + off : nullptr,
-                                 cm ? cm + off : nullptr, P.entropy != nullptr, sc.lp.p + r * K,
-                                 sc.ix.p + r * K, K, t * PW);
-        }
+        stats_tile<V>(st, int(pn.nreal), lse, cs ? cs + off : nullptr, cm ? cm + off : nullptr,
+                      ent, P.entropy != nullptr, sc.lp.p, sc.ix.p, K, t * PW);
       }
       for (int r = 0; r < int(pn.nreal); r++) {
         const int64_t row = bh * P.Nq + row0 + r;
-        if (P.entropy) ent_part[part * rows_all + row] = ent[r];
+        if (P.entropy) ent_part[part * rows_all + row] = -ent[r].hsum();
         for (int64_t o = 0; o < K; o++) {
           top_lp[(part * rows_all + row) * K + o] = sc.lp[r * K + o];
           top_ix[(part * rows_all + row) * K + o] = sc.ix[r * K + o];
