@@ -147,4 +147,5 @@ def tangents_out(name: str, anchors: Sequence[Any], tangents: tuple) -> tuple:
         "backend='math'"
     )
     zero = _RefuseReverse.apply(text, *live)
-    return tuple(t + zero.to(t.dtype) for t in tangents)
+    # in place: the tangents are this pass's own tensors, and a copy would cost one output
+    return tuple(t.add_(zero.to(t.dtype)) for t in tangents)
