@@ -395,8 +395,22 @@ def test_fused_pass_reads_quantized_keys_and_values(monkeypatch, bits, rotate, n
     torch.testing.assert_close(out, selfattn.attention(q, qk, qv, causal=True, backend="native"))
     kd = qk.dequantize()
     check(st, ref_stats(q, kd, causal=True, **ALL), f"bits={bits}", ref_weights(q, kd, causal=True))
-    alone = selfattn.attention_stats(q, qk, causal=True, backend="native", **ALL)
-    check(alone, ref_stats(q, kd, causal=True, **ALL), "stats", ref_weights(q, kd, causal=True))
+    native = selfattn.backends.BACKENDS["native"]
+    real, got_k = native.stats, []
+
+    def spy(spec, q, k, *args, **kwargs):
+        got_k.append(type(k))
+        return real(spec, q, k, *args, **kwargs)
+
+    monkeypatch.setattr(native, "stats", spy)
+    p = ref_weights(q, kd, causal=True)
+    for lse in (None, selfattn.attention(q, qk, qv, causal=True, return_lse=True)[1]):
+        alone = selfattn.attention_stats(q, qk, lse=lse, causal=True, backend="native", **ALL)
+        check(alone, ref_stats(q, kd, causal=True, **ALL), "stats from the codes", p)
+    picked = selfattn.attention_stats(q, qk, heads=[5, 0], causal=True, backend="native", **ALL)
+    want = ref_stats(q, kd, heads=[5, 0], causal=True, **ALL)
+    check(picked, want, "heads: dequantized", p[:, [5, 0]])
+    assert got_k == [selfattn.QuantizedKV, selfattn.QuantizedKV, torch.Tensor]
 
 
 @needs_native

@@ -70,7 +70,8 @@ def attention_stats(
 
     Args:
         q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D) (or a :class:`selfattn.QuantizedKV`, read as its
-            ``dequantize()``); the rules as in :func:`selfattn.attention`.
+            ``dequantize()``: ``native`` reads its codes in place unless ``heads`` are given,
+            other backends dequantize it first); the rules as in :func:`selfattn.attention`.
         lse: (B, Hq, Nq) natural-log lse from ``attention(..., return_lse=True)``; recomputed
             (for the selected heads and rows only) when None. With ``sinks``, the lse that
             ``attention(..., sinks=sinks, return_lse=True)`` returns.
@@ -100,10 +101,10 @@ def attention_stats(
     """
     want = check_wanted(col_sum, col_max, entropy, topk)
     backend = check_backend(backend)
-    q, k, _, quantized, _ = unwrap_call(q, k, None)  # rotated keys: q rotated instead
+    codes = k if type(k) is QuantizedKV else None
     spec = validate(
         q,
-        k,
+        standin(k),  # a QuantizedKV: validated as its dequantized shape, no values made
         None,
         need_v=False,
         causal=causal,
@@ -116,12 +117,16 @@ def attention_stats(
         scale=scale,
         sinks=sinks,
     )
-    if quantized:
-        spec = replace(spec, quantized=quantized)
+    if codes is not None:
+        spec = replace(spec, quantized=unwrap_label(codes, None))
     head_idx = selection(heads, spec.Hq, "heads", q.device)
     row_idx = selection(rows, spec.Nq, "rows", q.device)
     check_lse(lse, spec)
     chosen = select(spec, backend, need=STATS_HOOKS)
+    in_place = getattr(chosen, "stats_reads_quantized", False)
+    if codes is not None and (head_idx is not None or not in_place):
+        # a backend whose stats hook reads the codes gets them as they are (all heads)
+        q, k, _, _, _ = unwrap_call(q, codes, None)  # rotated keys: q rotated instead
     with torch.no_grad():
         return chosen.stats(spec, q, k, lse, head_idx, row_idx, **want)
 

@@ -19,7 +19,7 @@ import torch
 from ... import engine
 from ...engine.autograd import sink_tangent
 from ...forward_mode import transformed
-from ...quant import rotated_like, standin, unwrap_call
+from ...quant import QuantizedKV, rotated_like, standin, unwrap_call
 from ...rules import normalized
 from ...sinks import sink_grad, sink_probability
 from ...spec import AttentionSpec
@@ -239,11 +239,16 @@ class NativeBackend:
             return torch.zeros(spec.B, spec.Hq, 0, spec.Nk, dtype=torch.float32)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
 
+    stats_reads_quantized = True  # attention_stats hands its stats hook a QuantizedKV k as is
+
     def stats(self, spec, q, k, lse, heads, rows, *, col_sum, col_max, entropy, topk):
         """``attention_stats`` of the selected heads and rows from the statistics kernel
         (``csrc/stats.h``), one contiguous run of rows at a time as in ``weights`` (column
         statistics add up over the runs, row statistics follow the runs' order); the lse of a
-        run is recomputed (lse-only forward) when not given."""
+        run is recomputed (lse-only forward) when not given. ``k`` may be a ``QuantizedKV``
+        (``heads`` None): the kernels read its codes in place."""
+        codes = k if isinstance(k, QuantizedKV) else None
+        k = standin(k)  # (B, Hkv, Nk, D) of no memory for codes, else k itself
         if heads is not None:
             q = q.index_select(1, heads)
             k = k.index_select(1, heads // spec.group)  # one key head per selected query head
@@ -254,7 +259,7 @@ class NativeBackend:
         want = (col_sum, col_max, entropy, topk)
         pieces = []
         for r0, r1 in runs:
-            call = record(spec.part(0, spec.B, 0, spec.Hkv, r0, r1))
+            call = record(spec.part(0, spec.B, 0, spec.Hkv, r0, r1), None, codes)
             qr = q[:, :, r0:r1]
             if lse is None:
                 _, lse_r = ext.forward(qr, k, k[..., :0], call, False, False)
@@ -267,7 +272,7 @@ class NativeBackend:
                     q[:, :, :0],
                     k,
                     q.new_zeros(spec.B, spec.Hq, 0),
-                    record(spec.part(0, spec.B, 0, spec.Hkv, 0, 0)),
+                    record(spec.part(0, spec.B, 0, spec.Hkv, 0, 0), None, codes),
                     *want,
                 )
             )
