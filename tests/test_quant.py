@@ -17,7 +17,8 @@ from selfattn.quant import hadamard, pack4, rotate_heads, unpack4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 4: 7}  # the largest code
+LOWEST = {8: -127, 4: -8}  # the smallest
 FORMATS = [(8, False), (8, True), (4, False), (4, True)]
 
 
@@ -44,30 +45,57 @@ def test_error_is_at_most_half_a_scale_per_element(bits, rotate, dtype):
     assert qx.shape == x.shape and qx.scales.dtype == torch.float32
     g = qx.group_size
     codes = _unpacked(qx)
-    assert int(codes.abs().max()) <= QMAX[bits]
+    assert int(codes.max()) <= QMAX[bits] and int(codes.min()) >= LOWEST[bits]
     # the bound holds in the basis that was rounded: rotated when rotate=True
     ref = x.double()
     if rotate:
         ref = rotate_heads(ref)
-    approx = codes.double() * qx.scales.double().repeat_interleave(g, dim=-1)
-    half = qx.scales.double().repeat_interleave(g, dim=-1) / 2
+    scale = qx.scales.double().repeat_interleave(g, dim=-1)
+    approx = codes.double() * scale
+    half = scale.abs() / 2
     # up to the float32 rounding of x / scale (a tie may round either way)
     rounding = codes.double().abs() * half * 2**-22
-    assert bool(((ref - approx).abs() <= half + rounding + 1e-12).all())
-    # and the scale is max|x| / qmax of its group (float32-rounded)
-    gmax = ref.reshape(*ref.shape[:-1], -1, g).abs().amax(-1)
+    err = (ref - approx).abs()
+    # 4 bits: elements clamped to code 7 (the sign opposite to the group's largest, beyond
+    # 7.5 steps) are within one step; nothing else may exceed half a step
+    clamped = (codes == 7) & (ref / scale > 7.5) if bits == 4 else torch.zeros_like(err).bool()
+    assert bool((err <= torch.where(clamped, 2 * half, half) + rounding + 1e-12).all())
+    # the scale: max|x| / 127 of its group at 8 bits; at 4 bits -m / 8 with m the group's
+    # element of largest magnitude, signed (float32-rounded), so m is exactly code -8
+    grouped = ref.reshape(*ref.shape[:-1], -1, g)
+    big = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    want = grouped.abs().amax(-1) / 127 if bits == 8 else big / -8
     rtol = 1e-5 if rotate else 1e-7  # rotated in float32 there, in float64 here
-    torch.testing.assert_close(
-        qx.scales.double(), (gmax / QMAX[bits]).float().double(), rtol=rtol, atol=0
-    )
+    torch.testing.assert_close(qx.scales.double(), want.float().double(), rtol=rtol, atol=0)
     # dequantize returns x's dtype, un-rotated: close to x within the bound (rotation is
     # orthonormal, so the error's norm per token is the same in both bases)
     dq = qx.dequantize()
     assert dq.dtype == dtype and dq.shape == x.shape
     err = (dq.double() - x.double()).norm(dim=-1)
-    bound = half.norm(dim=-1)
+    bound = torch.where(clamped, 2 * half, half).norm(dim=-1)
     slack = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
     assert bool((err <= bound + slack * x.double().norm(dim=-1) + 1e-12).all())
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_4bit_uses_all_16_codes_with_a_step_of_max_over_8(rotate):
+    """4-bit codes span [-8, 7] (the old quantizer stopped at [-7, 7], a step of max|x| / 7):
+    the element of largest magnitude is code -8, exact up to float32 rounding, whatever its
+    sign, and the squared error is below what a symmetric [-7, 7] grid gives."""
+    x = _x(shape=(4, 3, 50, 64), outliers=False)
+    x[0] *= -1.0  # largest elements of both signs
+    qx = quantize_kv(x, bits=4, rotate=rotate)
+    codes = unpack4(qx.codes).reshape(4, 3, 50, 2, 32)
+    assert bool((codes.min(-1).values == -8).all())  # every group's largest element is -8
+    assert bool((qx.scales > 0).any()) and bool((qx.scales < 0).any())
+    y = rotate_heads(x) if rotate else x
+    grouped = y.reshape(4, 3, 50, 2, 32)
+    big = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(-8 * qx.scales, big, rtol=1e-6, atol=0)
+    err = (qx.dequantize(rotated=True) - y).pow(2).sum()
+    old_step = grouped.abs().amax(-1, keepdim=True) / 7
+    old = ((grouped / old_step).round().clamp(-7, 7) * old_step - grouped).pow(2).sum()
+    assert err < 0.9 * old
 
 
 def test_default_groups_and_nbytes():

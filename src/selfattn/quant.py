@@ -5,9 +5,12 @@ scale per group of ``group_size`` channels, so a cache that appends a token neve
 codes of older ones. Codes:
 
 - 8 bits: int8 in ``[-127, 127]``, ``scale = max|x| / 127`` over the group.
-- 4 bits: ``[-7, 7]``, ``scale = max|x| / 7``, stored two per byte (uint8) as ``code + 8``
-  (offset binary), the even channel in the low nibble. ``-8`` (nibble 0) is a valid code that
-  ``quantize_kv`` never produces (keeping the range symmetric).
+- 4 bits: all 16 codes ``[-8, 7]``: ``scale = m / -8`` where ``m`` is the group's element of
+  largest magnitude (with its sign; the scale is negative when ``m`` is positive), so ``m`` is
+  code ``-8`` exactly and the step is ``max|x| / 8``. Stored two per byte (uint8) as
+  ``code + 8`` (offset binary), the even channel in the low nibble; a value is always
+  ``code * scale``. Elements of the sign opposite to ``m`` and magnitude above ``7.5 |scale|``
+  clamp to code 7 (error up to ``|scale|``); every other element is within ``|scale| / 2``.
 
 ``rotate=True`` first multiplies the head dimension by a fixed orthonormal Walsh-Hadamard
 matrix (block-diagonal: blocks of the largest power of two dividing D, so D=64 is one block of
@@ -29,7 +32,7 @@ __all__ = ["BITS", "QuantizedKV", "hadamard", "pack4", "quantize_kv", "standin",
 
 BITS = (8, 4)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-QMAX = {8: 127, 4: 7}  # symmetric code range [-QMAX, QMAX]
+QMAX = {8: 127, 4: 7}  # the largest code; the smallest is -127 (8 bits) or -8 (4 bits)
 _HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 _STANDINS: dict[tuple, torch.Tensor] = {}  # recent stand-ins, by codes shape, bits, dtype, device
 
@@ -232,15 +235,17 @@ def quantize_kv(
 
     Args:
         x: float (float16, bfloat16, float32, float64) (B, Hkv, N, D), finite.
-        bits: 8 (int8 codes, scale = max|x| / 127) or 4 (codes in [-7, 7], scale = max|x| / 7,
-            packed two per byte).
+        bits: 8 (int8 codes in [-127, 127], scale = max|x| / 127) or 4 (codes in [-8, 7],
+            scale = m / -8 with m the group's signed element of largest magnitude, packed two
+            per byte; see the module docstring).
         group_size: channels sharing one float32 scale; must divide D. Default: D for 8 bits,
             gcd(D, 32) for 4 bits.
         rotate: multiply the head dimension by the block Walsh-Hadamard matrix first (D even).
 
     Returns:
         A :class:`QuantizedKV`; ``.dequantize()`` gives back x's dtype, each element of the
-        (rotated) vector within half its group's scale of the input.
+        (rotated) vector within half its group's ``|scale|`` of the input (4 bits: those
+        clamped to code 7 within one ``|scale|``).
 
     Raises:
         TypeError: x not a float tensor; bits, group_size or rotate of a wrong type.
@@ -276,11 +281,18 @@ def quantize_kv(
         if rotate:
             y = rotate_heads(y)
         y = y.reshape(b, h, n, d // g, g)  # (B, Hkv, N, groups, g)
-        qmax = QMAX[bits]
-        # stored as float32: round it first so the codes are rounded against the stored scale
-        scale = (y.abs().amax(dim=-1) / qmax).to(torch.float32)  # (B, Hkv, N, groups)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).to(work)  # zero groups: 0
-        codes = torch.round(y / safe.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
+        if bits == 8:
+            # stored as float32: round it first so the codes are rounded against the stored scale
+            scale = (y.abs().amax(dim=-1) / 127).to(torch.float32)  # (B, Hkv, N, groups)
+            lo = -127
+        else:
+            # all 16 codes: the element of largest magnitude m maps to -8 (scale = m / -8, of
+            # either sign), so the step is max|x| / 8 rather than / 7
+            big = y.gather(-1, y.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            scale = (big / -8).to(torch.float32)  # (B, Hkv, N, groups)
+            lo = -8
+        safe = torch.where(scale != 0, scale, torch.ones_like(scale)).to(work)  # zero groups: 0
+        codes = torch.round(y / safe.unsqueeze(-1)).clamp_(lo, QMAX[bits]).to(torch.int8)
         codes = codes.reshape(b, h, n, d)
         if bits == 4:
             codes = pack4(codes)
