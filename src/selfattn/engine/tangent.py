@@ -19,13 +19,13 @@ from dataclasses import replace
 
 import torch
 
-from ..rules import alibi_distance, heads5, key_spans
+from ..rules import alibi_distance, heads5, key_spans, max_span
 from ..spec import AttentionSpec
 from .problem import BLOCK_N, Problem, acc_dtype
 from .threads import Rect, head_slices, run_jobs, split
 from .tiles import Scores, dropout_scale, key_matrix, kv_matrix, query_block
 
-__all__ = ["block_rows", "jvp", "score_tangent", "tile_of"]
+__all__ = ["block_rows", "jvp", "jvp_into", "score_tangent", "tile_of"]
 
 
 def block_rows(t: torch.Tensor, i0: int, i1: int, hkv: int, acc: torch.dtype) -> torch.Tensor:
@@ -68,19 +68,24 @@ def jvp(
         tq, tk, tv: tangents shaped like q, k, v, or None for zero.
         tbias: tangent of the bias, shaped like ``spec.bias``; talibi like the slopes; or None.
         threads: the tensors are plain (no torch.func wrappers): split the call across the
-            engine's worker threads (``threads.split``), each part with single-threaded ops.
+            engine's worker threads (``threads.split``), each part with single-threaded ops
+            written in place into the preallocated results (:func:`jvp_into`).
 
     Returns:
         ``(tout, tlse)``: (B, Hq, Nq, Dv) and (B, Hq, Nq), in the accumulation dtype.
     """
-    plan = split(prob, k.shape[2]) if threads and q.device.type == "cpu" else None
-    if plan is None:
+    if not threads:  # torch.func's wrappers: out of place
         return _jvp_part(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
     spec, g = prob.spec, prob.spec.group
     b, h, m_total, _ = q.shape
     acc_t = acc_dtype(q.dtype)
     tout = torch.empty(b, h, m_total, v.shape[-1], dtype=acc_t, device=q.device)
     tlse = torch.empty(b, h, m_total, dtype=acc_t, device=q.device)
+    plan = split(prob, k.shape[2]) if q.device.type == "cpu" else None
+    if plan is None:
+        with torch.no_grad():
+            jvp_into(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi, tout, tlse)
+        return tout, tlse
     # the tangents of the bias and slopes cut like the primal ones: a spec holding them
     tspec = replace(spec, bias=tbias, alibi_slopes=talibi)
 
@@ -89,7 +94,7 @@ def jvp(
             for rect in rects:
                 bs, hs, ks, rs = head_slices(rect, g)
                 part, tpart = prob.part(*rect), tspec.part(*rect)
-                to, tl = _jvp_part(
+                jvp_into(
                     part,
                     q[bs, hs, rs],
                     k[bs, ks],
@@ -101,12 +106,104 @@ def jvp(
                     None if tv is None else tv[bs, ks],
                     tpart.bias,
                     tpart.alibi_slopes,
+                    tout[bs, hs, rs],  # written in place: no per-part result to copy
+                    tlse[bs, hs, rs],
                 )
-                tout[bs, hs, rs] = to
-                tlse[bs, hs, rs] = tl
 
     run_jobs(job, plan[0])
     return tout, tlse
+
+
+def jvp_into(
+    prob: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    tq: torch.Tensor | None,
+    tk: torch.Tensor | None,
+    tv: torch.Tensor | None,
+    tbias: torch.Tensor | None,
+    talibi: torch.Tensor | None,
+    tout: torch.Tensor,
+    tlse: torch.Tensor,
+) -> None:
+    """:func:`jvp` of one (sub-)problem on plain tensors, written into ``tout`` (B, Hq, Nq, Dv)
+    and ``tlse`` (B, Hq, Nq) (views allowed), in the calling thread.
+
+    Lean where :func:`_jvp_part` cannot be (it must stay out of place for torch.func's batched
+    wrappers): the score tangent and the tangent accumulator are updated in place in
+    preallocated tiles (``baddbmm_``), and each row block lands in ``tout`` as it is done, so
+    the memory beyond the results is a few tiles and this part's key matrix.
+    """
+    spec = prob.spec
+    acc_t = acc_dtype(q.dtype)
+    b, h, m_total, _ = q.shape
+    hkv, g = spec.Hkv, spec.group
+    prob, k, v = prob.sanitize(k, v)
+    d, dv_dim = k.shape[-1], v.shape[-1]
+    kmat = key_matrix(k, acc_t)  # (B*Hkv, Nk, D+1)
+    vmat = kv_matrix(v, acc_t)
+    tkmat = kv_matrix(tk, acc_t) if tk is not None else None
+    tvmat = kv_matrix(tv, acc_t) if tv is not None else None
+    bm = prob.block_m()
+    scores = Scores(prob, g * bm, kmat, buffers=1)
+    bh, rows_max = b * hkv, g * min(bm, m_total)
+    span = min(max_span(BLOCK_N), kmat.shape[1])
+    ds_buf = torch.empty(bh * rows_max * span, dtype=acc_t, device=q.device)
+    acc_buf = torch.empty(bh * rows_max * dv_dim, dtype=acc_t, device=q.device)
+    c_buf = torch.empty(bh * rows_max, dtype=acc_t, device=q.device)
+    five_of = (spec.B, hkv, g)
+    for i0 in range(0, m_total, bm):
+        i1 = min(i0 + bm, m_total)
+        m = i1 - i0
+        rows = g * m
+        qb = query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
+        lse_b = lse[:, :, i0:i1].to(acc_t).reshape(bh, rows, 1)
+        lse_b = lse_b.masked_fill(torch.isneginf(lse_b), math.inf)  # +inf: p = 0
+        q_raw = block_rows(q, i0, i1, hkv, acc_t) if tkmat is not None else None
+        tq_b = block_rows(tq, i0, i1, hkv, acc_t) if tq is not None else None
+        c = c_buf[: bh * rows].view(bh, rows, 1).zero_()
+        tacc = acc_buf[: bh * rows * dv_dim].view(bh, rows, dv_dim).zero_()
+        for j0, j1, full in key_spans(spec, i0, i1, BLOCK_N):
+            n = j1 - j0
+            s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
+            p = torch.exp(s.sub_(lse_b), out=s)  # (B*Hkv, G*m, n)
+            ds = ds_buf[: bh * rows * n].view(bh, rows, n)
+            if tq_b is not None:  # dQ K^T, then + Q dK^T into the same tile
+                torch.bmm(tq_b, kmat[:, j0:j1, :d].transpose(1, 2), out=ds)
+                if tkmat is not None:
+                    ds.baddbmm_(q_raw, tkmat[:, j0:j1].transpose(1, 2))
+            elif tkmat is not None:
+                torch.bmm(q_raw, tkmat[:, j0:j1].transpose(1, 2), out=ds)
+            else:
+                ds.zero_()
+            if tq_b is not None or tkmat is not None:
+                ds.mul_(spec.scale)
+                if t is not None:  # through the softcap: d tanh = 1 - tanh^2
+                    ds.mul_(t.mul_(t).neg_().add_(1.0))
+            ds5 = ds.view(*five_of, m, n)
+            if tbias is not None:
+                ds5.add_(tile_of(tbias, spec, i0, i1, j0, j1, acc_t))
+            if talibi is not None:
+                slopes = talibi.to(acc_t).reshape(-1, hkv, g, 1, 1)
+                ds5.addcmul_(
+                    slopes, alibi_distance(spec, i0, i1, j0, j1, ds.device, acc_t), value=-1.0
+                )
+            pds = ds.mul_(p)  # P * dS, in place
+            c.add_(pds.sum(-1, keepdim=True))
+            if prob.dropout is not None:
+                drop = dropout_scale(prob, i0, i1, j0, j1, p)
+                pds.mul_(drop)
+                p.mul_(drop)
+            tacc.baddbmm_(pds, vmat[:, j0:j1])  # sum_j P dS_j v_j
+            if tvmat is not None:
+                tacc.baddbmm_(p, tvmat[:, j0:j1])  # sum_j P dv_j
+        out_b = block_rows(out, i0, i1, hkv, acc_t)
+        tacc.addcmul_(out_b, c, value=-1.0)  # T - out c
+        tout[:, :, i0:i1] = tacc.view(b, h, m, dv_dim)
+        tlse[:, :, i0:i1] = c.view(b, h, m)
 
 
 def _jvp_part(
