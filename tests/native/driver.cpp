@@ -1,13 +1,15 @@
 // The native engine's own test driver: no torch, no Python. It links the engine objects of this
 // build's architecture (x86: generic + AVX2 + AVX-512 where the CPU has them; aarch64: generic +
 // NEON), builds Params by hand the way bindings.cpp does, and checks forward (prefill and
-// decode), backward and probabilities against the scalar double reference of reference.h, on odd
+// decode), backward, probabilities and statistics against the scalar double reference of reference.h, on odd
 // shapes and every rule. Run by `make check-native`, `make check-sanitize` (ASan + UBSan) and
 // `make check-arm` (cross-compiled, under qemu-aarch64).
 //
 //     driver [--list] [isa ...]     (isa: generic, avx2, avx512, neon; default: all this CPU has)
 //
 // Prints one line per failing check and 'N passed, N failed'; exits 1 on any failure.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -142,6 +144,64 @@ struct EngineRun {
   Tensor out, lse, probs, dq, dk, dv, dbias, dalibi;
 };
 
+// ---- attention_stats from the same lse: reductions of the engine's own probabilities (the
+// statistics kernel, or the decode pass for a decode-sized call, recomputes the same tiles) ----
+void check_stats(const Engine& eng, Params Q, const Problem& pb, const Tensor& probs,
+                 Checker& ck) {
+  const int64_t rows = pb.B * pb.Hq * pb.Nq, K = 3;
+  std::vector<float> cs(pb.B * pb.Hq * pb.Nk, -1.f), cm(cs.size(), -1.f), ent(rows, -1.f);
+  std::vector<float> tp(rows * K, -1.f);
+  std::vector<int64_t> ti(rows * K, -2);
+  Q.probs = nullptr;
+  Q.col_sum = cs.data();
+  Q.col_max = cm.data();
+  Q.entropy = ent.data();
+  Q.topk_p = tp.data();
+  Q.topk_index = ti.data();
+  Q.topk = K;
+  if (rows == 0 || pb.Nk == 0) return;  // the bindings fill these without the engine
+  eng.stats(Q, kPool);
+  // p = exp(s - lse): a score rounded differently (the decode pass's dot products are not the
+  // micro-kernel's) moves p by |s - lse| ulps of float32, hence the |log p| in each magnitude;
+  // then vector vs scalar exp2 and float32 sums over a few hundred terms
+  const double eps = 0x1.0p-19;
+  auto mag = [](double p) { return p > 0 ? p * (4 + std::fabs(std::log(p))) : 0.0; };
+  Checker::Check c(ck, "stats");
+  for (int64_t bh = 0; bh < pb.B * pb.Hq; bh++)
+    for (int64_t j = 0; j < pb.Nk; j++) {
+      double sum = 0, sum_mag = 0, mx = 0;
+      for (int64_t i = 0; i < pb.Nq; i++) {
+        const double p = probs.get((bh * pb.Nq + i) * pb.Nk + j);
+        sum += p;
+        sum_mag += mag(p);
+        mx = p > mx ? p : mx;
+      }
+      c.entry(bh * pb.Nk + j, cs[bh * pb.Nk + j], sum, eps * sum_mag + 1e-37);
+      c.entry(bh * pb.Nk + j, cm[bh * pb.Nk + j], mx, eps * mag(mx) + 1e-37);
+    }
+  for (int64_t r = 0; r < rows; r++) {
+    double e = 0, emag = 0;
+    std::vector<double> sorted;
+    for (int64_t j = 0; j < pb.Nk; j++) {
+      const double p = probs.get(r * pb.Nk + j);
+      if (p > 0) {
+        e -= p * std::log(p);
+        emag += p * (std::fabs(std::log(p)) + 1) * (4 + std::fabs(std::log(p)));
+        sorted.push_back(p);
+      }
+    }
+    c.entry(r, ent[r], e, eps * emag + 1e-30);
+    std::sort(sorted.rbegin(), sorted.rend());
+    for (int64_t o = 0; o < K; o++) {
+      const int64_t j = ti[r * K + o];
+      const double want = o < int64_t(sorted.size()) ? sorted[o] : 0.0;
+      const double got = j < 0 ? 0.0 : probs.get(r * pb.Nk + j);  // the probability it picked
+      c.entry(r * K + o, tp[r * K + o], want, eps * mag(want) + 1e-37);
+      c.entry(r * K + o, got, want, eps * mag(want) + 1e-37);
+    }
+  }
+}
+
 void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
   Problem pb = make_problem(spec);
   const bool f64 = spec.dt == DT::F64;
@@ -182,6 +242,7 @@ void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
     Q.probs = const_cast<void*>(er.probs.view().p);
     eng.probabilities(Q, kPool);
     ck.compare_probs(pb, ref, bud, er.probs, er.lse);
+    if (!spec.nan_key) check_stats(eng, Q, pb, er.probs, ck);
   }
   if (!backward) return;
 
