@@ -164,7 +164,9 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"SmolLM2-135M-Instruct (fp32) decode step, batch 1, torch threads: {meta['torch_threads']}, "
         f"median of {result['rows'][0]['rounds']} steps; a ratio is the other's time over the "
-        "row's (above 1: the row is faster).",
+        "row's (above 1: the row is faster); load average at the start "
+        f"{meta['load_average_1min']}"
+        + (" (`--quick`: a smoke run)." if meta.get("quick") else "."),
         "",
         "| context | attention | cache | step ms | vs DynamicCache (sdpa) | vs make_cache | "
         "vs QuantizedCache (quanto 4-bit) |",

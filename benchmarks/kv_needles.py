@@ -182,7 +182,12 @@ def table(result: dict[str, Any]) -> str:
     how = "one call" if meta["prefill_chunk"] is None else f"chunks of {meta['prefill_chunk']}"
     lines = [
         f"{meta['model_name']}, context {meta['context']} tokens (prefilled in {how}), budget "
-        f"{meta['budget']}, {len(meta['needles'])} needles x {len(depths)} depths, greedy answer.",
+        f"{meta['budget']}, needles: {len(meta['needles'])} x depths: {len(depths)}, greedy answer"
+        + (
+            f"; policies run: {', '.join(meta['policies'])}."
+            if set(meta.get("policies", POLICIES)) != set(POLICIES)
+            else "."
+        ),
         "",
         "| cache | found | accuracy | vs full cache | by depth (0% .. 100%) |",
         "| --- | ---: | ---: | ---: | --- |",

@@ -50,6 +50,10 @@ RESULTS = (
     "benchmarks/results/train_gpt_ring_float64.json",
     "docs/bench.json",
     "benchmarks/results/kv_perplexity.json",
+    "benchmarks/results/kv_streaming.json",
+    "benchmarks/results/kv_needles_smollm2.json",
+    "benchmarks/results/kv_needles_gemma3.json",
+    "benchmarks/results/kv_cache.json",
 )
 #: the KV-cache benchmarks (issue 18): results file stem -> the script whose ``table()`` prints it
 KV_TABLES = {

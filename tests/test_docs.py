@@ -102,7 +102,7 @@ def test_every_results_file_records_its_cpu(rel):
 def test_the_readme_shows_each_benchmark_through_its_results_file():
     text = (ROOT / "README.md").read_text()
     blocks = {(m["kind"], m["src"]) for m in RT.BLOCK.finditer(text)}
-    kv = ("kv_perplexity",)
+    kv = ("kv_cache", "kv_perplexity", "kv_streaming", "kv_needles_smollm2", "kv_needles_gemma3")
     srcs = ("benchmarks/results/cpu.json", "benchmarks/results/models.json", "docs/bench.json")
     for src in (*srcs, *(f"benchmarks/results/{name}.json" for name in kv)):
         assert ("table", src) in blocks, f"README.md has no generated table from {src}"
