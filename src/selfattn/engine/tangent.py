@@ -35,6 +35,17 @@ def block_rows(t: torch.Tensor, i0: int, i1: int, hkv: int, acc: torch.dtype) ->
     return t[:, :, i0:i1].to(acc).reshape(b * hkv, (h // hkv) * (i1 - i0), x)
 
 
+def scaled_rows(
+    t: torch.Tensor, i0: int, i1: int, hkv: int, acc: torch.dtype, scale: float
+) -> torch.Tensor:
+    """:func:`block_rows` times ``scale``, always a fresh tensor (B*Hkv, G*m, X)."""
+    b, h, _, x = t.shape
+    rows = t[:, :, i0:i1].reshape(b * hkv, (h // hkv) * (i1 - i0), x)
+    if rows.dtype == acc:
+        return torch.mul(rows, scale)
+    return rows.to(acc).mul_(scale)
+
+
 def tile_of(
     t: torch.Tensor, spec: AttentionSpec, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -155,6 +166,7 @@ def jvp_into(
     acc_buf = torch.empty(bh * rows_max * dv_dim, dtype=acc_t, device=q.device)
     c_buf = torch.empty(bh * rows_max, dtype=acc_t, device=q.device)
     five_of = (spec.B, hkv, g)
+    in_gemm = spec.softcap is None  # a softcap's tanh comes between the GEMM and the shift
     for i0 in range(0, m_total, bm):
         i1 = min(i0 + bm, m_total)
         m = i1 - i0
@@ -162,14 +174,19 @@ def jvp_into(
         qb = query_block(q, i0, i1, hkv, prob.qscale)  # (B*Hkv, G*m, D+1)
         lse_b = lse[:, :, i0:i1].to(acc_t).reshape(bh, rows, 1)
         lse_b = lse_b.masked_fill(torch.isneginf(lse_b), math.inf)  # +inf: p = 0
-        q_raw = block_rows(q, i0, i1, hkv, acc_t) if tkmat is not None else None
-        tq_b = block_rows(tq, i0, i1, hkv, acc_t) if tq is not None else None
+        if in_gemm:  # q's shift column holds -lse: the scores GEMM gives S - lse
+            qb[..., d : d + 1].copy_(lse_b).neg_()
+        # the query side of dS, scaled here (a block of rows) rather than each (m, n) tile
+        q_raw = scaled_rows(q, i0, i1, hkv, acc_t, spec.scale) if tkmat is not None else None
+        tq_b = scaled_rows(tq, i0, i1, hkv, acc_t, spec.scale) if tq is not None else None
         c = c_buf[: bh * rows].view(bh, rows, 1).zero_()
         tacc = acc_buf[: bh * rows * dv_dim].view(bh, rows, dv_dim).zero_()
         for j0, j1, full in key_spans(spec, i0, i1, BLOCK_N):
             n = j1 - j0
             s, t = scores(qb, i0, i1, j0, j1, full, keep_tanh=True)
-            p = torch.exp(s.sub_(lse_b), out=s)  # (B*Hkv, G*m, n)
+            if not in_gemm:
+                s.sub_(lse_b)
+            p = s.exp_()  # (B*Hkv, G*m, n)
             ds = ds_buf[: bh * rows * n].view(bh, rows, n)
             if tq_b is not None:  # dQ K^T, then + Q dK^T into the same tile
                 torch.bmm(tq_b, kmat[:, j0:j1, :d].transpose(1, 2), out=ds)
@@ -179,10 +196,8 @@ def jvp_into(
                 torch.bmm(q_raw, tkmat[:, j0:j1].transpose(1, 2), out=ds)
             else:
                 ds.zero_()
-            if tq_b is not None or tkmat is not None:
-                ds.mul_(spec.scale)
-                if t is not None:  # through the softcap: d tanh = 1 - tanh^2
-                    ds.mul_(t.mul_(t).neg_().add_(1.0))
+            if t is not None and (tq_b is not None or tkmat is not None):
+                ds.mul_(t.mul_(t).neg_().add_(1.0))  # through the softcap: d tanh = 1 - tanh^2
             ds5 = ds.view(*five_of, m, n)
             if tbias is not None:
                 ds5.add_(tile_of(tbias, spec, i0, i1, j0, j1, acc_t))
