@@ -8,6 +8,7 @@ files and README tables use one spelling:
 - ``DynamicCache``: transformers' default (concatenates each layer's cache at every step);
 - ``make_cache``: selfattn's in-place cache, float storage, every token kept;
 - ``make_cache(bits=8)``, ``make_cache(bits=4)``, ``make_cache(bits=4, rotate=True)``: quantized;
+- ``make_cache(bits=(8, 4), rotate=True)``: int8 keys, 4-bit values (both rotated);
 - ``QuantizedCache(quanto, 4)`` / ``(quanto, 2)``: transformers' quantized cache on optimum-quanto
   (it dequantizes the whole cache in every layer at every step);
 - ``make_cache(budget=B, policy=P)``: eviction to ``B`` tokens (see :func:`budget_cache`).
@@ -38,6 +39,7 @@ CACHE_LABELS = (
     "make_cache(bits=8)",
     "make_cache(bits=4)",
     "make_cache(bits=4, rotate=True)",
+    "make_cache(bits=(8, 4), rotate=True)",
     "QuantizedCache(quanto, 4)",
     "QuantizedCache(quanto, 2)",
 )
@@ -100,6 +102,8 @@ def new_cache(model: Any, label: str) -> Any:
         return make_cache(model, bits=4)
     if label == "make_cache(bits=4, rotate=True)":
         return make_cache(model, bits=4, rotate=True)
+    if label == "make_cache(bits=(8, 4), rotate=True)":
+        return make_cache(model, bits=(8, 4), rotate=True)
     if label.startswith("QuantizedCache(quanto, "):
         bits = int(label.removeprefix("QuantizedCache(quanto, ").rstrip(")"))
         return QuantizedCache(backend="quanto", config=model.config, nbits=bits)

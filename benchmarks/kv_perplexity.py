@@ -49,6 +49,7 @@ DEFAULT_CACHES = (
     "make_cache(bits=8)",
     "make_cache(bits=4)",
     "make_cache(bits=4, rotate=True)",
+    "make_cache(bits=(8, 4), rotate=True)",
     "QuantizedCache(quanto, 4)",
 )
 #: issue 18's targets: the most ``ppl`` may grow over the float32 cache's, in percent

@@ -19,8 +19,12 @@ from selfattn.cli import kv, main
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--kv-bits", "3"], "invalid choice: 3"),
-        (["--kv-bits", "eight"], "invalid int value"),
+        (["--kv-bits", "3"], "expected 8, 4 or KEY_BITS,VALUE_BITS such as 8,4; got '3'"),
+        (["--kv-bits", "eight"], "expected 8, 4 or KEY_BITS,VALUE_BITS .*got 'eight'"),
+        (["--kv-bits", "8,3"], "expected 8, 4 or KEY_BITS,VALUE_BITS .*got '8,3'"),
+        (["--kv-bits", "8,4,4"], "expected 8, 4 or KEY_BITS,VALUE_BITS .*got '8,4,4'"),
+        (["--kv-bits", "8,"], "expected 8, 4 or KEY_BITS,VALUE_BITS .*got '8,'"),
+        (["--kv-bits", "8,4", "--attn", "sdpa"], "--kv-bits needs --attn selfattn"),
         (["--kv-budget", "0"], "expected an integer >= 1, got 0"),
         (["--kv-budget", "12", "--kv-policy", "lru"], "invalid choice: 'lru'"),
         (["--kv-budget", "12", "--kv-policy", "sink", "--kv-sinks", "-1"], ">= 0, got -1"),
@@ -75,6 +79,20 @@ def test_chat_reports_the_kv_cache_size_plain_and_quantized_with_a_budget(smollm
     assert plain["reply"] == "The capital of" and small["tokens"] == 3
     assert 0 < small["kv_cache_bytes"] < plain["kv_cache_bytes"]
     assert small["prompt_tokens"] > 16
+
+
+def test_chat_kv_bits_pair_stores_int8_keys_and_4bit_values(smollm2_folder):
+    """``--kv-bits 8,4``: make_cache(bits=(8, 4)); the cache is smaller than int8 for both
+    sides and larger than 4 bits for both, and the reply is the plain cache's."""
+    question = ("What is the capital of France?", "--max-new-tokens", "3")
+    sizes = {}
+    for bits in ("8", "8,4", "4"):
+        out = _chat(*question, "--kv-bits", bits, "--kv-rotate")
+        sizes[bits] = out["kv_cache_bytes"]
+        if bits == "8,4":
+            assert out["kv_cache"] == "int8 keys, int4 values+rotation"
+            assert out["reply"] == "The capital of"
+    assert sizes["4"] < sizes["8,4"] < sizes["8"], sizes
 
 
 def test_chat_keeps_one_budget_cache_across_turns_past_the_budget(smollm2_folder):

@@ -7,6 +7,8 @@ for every rule and every CPU backend (``native`` reads the codes in place: test_
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -384,6 +386,53 @@ def test_quantized_cache_bad_arguments(kwargs, exc, match):
 def test_quantized_cache_odd_head_dim_for_4_bits():
     with pytest.raises(ValueError, match="D=5"):
         KVCache(1, 4, 2, 5, bits=4)
+
+
+@pytest.mark.parametrize("kbits,vbits", [(8, 4), (4, 8), (8, None), (None, 4)])
+def test_quantized_cache_keys_and_values_of_different_bits(kbits, vbits):
+    """bits=(key_bits, value_bits): each side stored as quantize_kv makes it (None: floats), the
+    storage counts each side's own bytes, and reorder moves both."""
+    cache = KVCache(2, 10, 3, 16, value_dim=32, bits=(kbits, vbits), rotate=True)
+    assert (cache.key_bits, cache.value_bits) == (kbits, vbits)
+    k1, v1 = _x((2, 3, 4, 16), seed=1), _x((2, 3, 4, 32), seed=2)
+    k2, v2 = _x((2, 3, 1, 16), seed=3), _x((2, 3, 1, 32), seed=4)
+    cache.append(k1, v1)
+    ka, va = cache.append(k2, v2)
+    nbytes = 0
+    for got, new, b, d in ((ka, (k1, k2), kbits, 16), (va, (v1, v2), vbits, 32)):
+        x = torch.cat(new, 2)
+        if b is None:
+            assert isinstance(got, torch.Tensor) and torch.equal(got, x)
+            nbytes += 2 * 3 * 10 * d * 4
+            continue
+        want = quantize_kv(x, bits=b, rotate=True)
+        assert isinstance(got, QuantizedKV) and got.bits == b
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        nbytes += 2 * 3 * 10 * (d * b // 8 + 4 * (d // want.group_size))
+    assert cache.nbytes == nbytes
+    q = _x((2, 6, 1, 16), seed=7)
+    deq = [t.dequantize() if isinstance(t, QuantizedKV) else t for t in (ka, va)]
+    torch.testing.assert_close(
+        selfattn.attention(q, ka, va), selfattn.attention(q, *deq), atol=1e-5, rtol=1e-5
+    )
+    keys = deq[0].clone()
+    cache.reorder(torch.tensor([1, 1]))
+    got = cache.keys.dequantize() if kbits else cache.keys
+    assert torch.equal(got, keys[[1, 1]])
+
+
+@pytest.mark.parametrize("bits", [(8,), (8, 4, 4), (8, 2), (3, 4), (True, 4), (8, "4"), []])
+def test_quantized_cache_bad_bits_pair_names_it(bits):
+    with pytest.raises(ValueError, match=re.escape(f"bits={bits!r}")):
+        KVCache(1, 4, 2, 8, bits=bits)
+
+
+def test_quantized_cache_float_pair_is_a_float_cache():
+    """bits=(None, None) stores floats, as bits=None, and refuses rotate as bits=None does."""
+    cache = KVCache(1, 4, 2, 8, bits=(None, None))
+    assert cache.bits is None and isinstance(cache.k, torch.Tensor)
+    with pytest.raises(ValueError, match="needs bits"):
+        KVCache(1, 4, 2, 8, bits=(None, None), rotate=True)
 
 
 @pytest.mark.parametrize("bits,rotate", FORMATS)

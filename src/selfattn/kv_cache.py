@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .quant import QuantizedKV, quantize_kv
+from .quant import QuantizedKV, kv_bits, quantize_kv
 
 __all__ = ["KVCache"]
 
@@ -25,7 +25,9 @@ class KVCache:
     With ``bits=8`` or ``4``, ``append`` quantizes each new token (:func:`selfattn.quantize_kv`
     with its default groups, ``rotate`` as given) into preallocated codes and scales, and the
     views it returns are :class:`selfattn.QuantizedKV` (which :func:`selfattn.attention`
-    accepts); older tokens are never re-quantized.
+    accepts); older tokens are never re-quantized. ``bits=(key_bits, value_bits)`` stores the two
+    apart, each 8, 4 or None (float): ``(8, 4)`` keeps int8 keys, where 4 bits cost most of the
+    accuracy, with 4-bit values.
 
     Args:
         batch_size: B.
@@ -35,8 +37,10 @@ class KVCache:
         dtype: storage dtype (the dtype of the keys and values appended).
         device: storage device.
         value_dim: Dv of the values, ``head_dim`` by default.
-        bits: None (store floats), 8 or 4 (store quantized codes and float32 scales).
-        rotate: with ``bits``, Walsh-Hadamard-rotate the head dimension before quantizing.
+        bits: None (store floats), 8 or 4 (store quantized codes and float32 scales), or a pair
+            ``(key_bits, value_bits)`` of 8, 4 or None.
+        rotate: with ``bits``, Walsh-Hadamard-rotate the head dimension before quantizing (the
+            quantized sides only).
 
     Example::
 
@@ -54,7 +58,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         value_dim: int | None = None,
-        bits: int | None = None,
+        bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
     ) -> None:
         dims = {
@@ -68,17 +72,20 @@ class KVCache:
             checks.integer(name, x)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if bits is not None and not isinstance(bits, (tuple, list)):
+            checks.integer("bits", bits)  # a str, float or bool: TypeError, as quantize_kv
+        sides = kv_bits(bits)  # (key_bits, value_bits), each 8, 4 or None
+        if sides == (None, None):
+            bits = None
         if bits is None and rotate is not False:
             raise ValueError(f"rotate={rotate!r} needs bits=8 or 4 (it rotates before quantizing)")
         # a one-token quantization checks bits, rotate and the head dims before any allocation
-        probes = (
-            [
-                quantize_kv(torch.zeros(1, 1, 1, d, dtype=dtype), bits=bits, rotate=rotate)
-                for d in (head_dim, dims["value_dim"])
-            ]
-            if bits is not None
-            else []
-        )
+        probes = [
+            None
+            if b is None
+            else quantize_kv(torch.zeros(1, 1, 1, d, dtype=dtype), bits=b, rotate=rotate)
+            for b, d in zip(sides, (head_dim, dims["value_dim"]))
+        ]
         self.batch_size = int(batch_size)
         self.max_len = int(max_len)
         self.num_kv_heads = int(num_kv_heads)
@@ -96,24 +103,24 @@ class KVCache:
                     f"{name}; no machine can hold that"
                 )
         self.bits = bits
+        self.key_bits, self.value_bits = sides
         self.rotate = rotate
         self.k: torch.Tensor | QuantizedKV
         self.v: torch.Tensor | QuantizedKV
-        if bits is None:
-            self.k = torch.zeros(*shape, self.head_dim, dtype=dtype, device=device)  # (B,Hkv,L,D)
-            self.v = torch.zeros(*shape, self.value_dim, dtype=dtype, device=device)  # (..., Dv)
-        else:
-            self.k, self.v = (
-                QuantizedKV(
-                    torch.zeros(*shape, p.codes.shape[3], dtype=p.codes.dtype, device=device),
-                    torch.zeros(*shape, p.scales.shape[3], dtype=torch.float32, device=device),
-                    bits=bits,
-                    group_size=p.group_size,
-                    rotate=rotate,
-                    dtype=dtype,
-                )
-                for p in probes
+        # keys (B, Hkv, L, D) and values (B, Hkv, L, Dv): floats, or codes and scales
+        self.k, self.v = (
+            torch.zeros(*shape, d, dtype=dtype, device=device)
+            if p is None
+            else QuantizedKV(
+                torch.zeros(*shape, p.codes.shape[3], dtype=p.codes.dtype, device=device),
+                torch.zeros(*shape, p.scales.shape[3], dtype=torch.float32, device=device),
+                bits=p.bits,
+                group_size=p.group_size,
+                rotate=rotate,
+                dtype=dtype,
             )
+            for p, d in zip(probes, (self.head_dim, self.value_dim))
+        )
         self._dtype = dtype
         self._len = 0
 
@@ -173,7 +180,8 @@ class KVCache:
         Returns:
             ``(k_all, v_all)``: views (B, Hkv, len + n, D) and (B, Hkv, len + n, Dv). They alias
             the cache: a later ``append`` or ``reorder`` changes what they show beyond ``len``.
-            With ``bits``, both are :class:`selfattn.QuantizedKV` views of the stored codes.
+            With ``bits``, each quantized side is a :class:`selfattn.QuantizedKV` view of the
+            stored codes.
 
         Raises:
             TypeError: non-tensor input or a dtype other than the cache's.
@@ -211,16 +219,15 @@ class KVCache:
                 f"KVCache overflow: holds {self._len} tokens, appending {n} would make {end} "
                 f"> max_len={self.max_len}; nothing was written"
             )
-        if isinstance(self.k, QuantizedKV) and isinstance(self.v, QuantizedKV):
-            for store, new in ((self.k, k), (self.v, v)):
+        for store, new in ((self.k, k), (self.v, v)):
+            if isinstance(store, QuantizedKV):
                 qx = quantize_kv(
                     new, bits=store.bits, group_size=store.group_size, rotate=self.rotate
                 )
                 store.codes[:, :, self._len : end] = qx.codes
                 store.scales[:, :, self._len : end] = qx.scales
-        else:
-            self.k[:, :, self._len : end] = k
-            self.v[:, :, self._len : end] = v
+            else:
+                store[:, :, self._len : end] = new
         self._len = end
         return self.keys, self.values
 
@@ -258,8 +265,8 @@ class KVCache:
         idx = index.to(device=self.device, dtype=torch.long)
         n = self._len
         # index_select makes a copy first, so overlapping moves (a permutation) are safe
-        stores = [self.k, self.v]
-        if isinstance(self.k, QuantizedKV) and isinstance(self.v, QuantizedKV):
-            stores = [self.k.codes, self.k.scales, self.v.codes, self.v.scales]
+        stores = []
+        for x in (self.k, self.v):
+            stores += [x.codes, x.scales] if isinstance(x, QuantizedKV) else [x]
         for t in stores:
             t[:, :, :n] = t[:, :, :n].index_select(0, idx)

@@ -28,13 +28,46 @@ import torch
 
 from . import checks
 
-__all__ = ["BITS", "QuantizedKV", "hadamard", "pack4", "quantize_kv", "standin", "unpack4"]
+__all__ = [
+    "BITS",
+    "QuantizedKV",
+    "hadamard",
+    "kv_bits",
+    "pack4",
+    "quantize_kv",
+    "standin",
+    "unpack4",
+]
 
 BITS = (8, 4)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 QMAX = {8: 127, 4: 7}  # the largest code; the smallest is -127 (8 bits) or -8 (4 bits)
 _HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 _STANDINS: dict[tuple, torch.Tensor] = {}  # recent stand-ins, by codes shape, bits, dtype, device
+
+
+def kv_bits(bits: Any) -> tuple[int | None, int | None]:
+    """A cache's ``bits`` as ``(key_bits, value_bits)``, each 8, 4 or None (stored as floats).
+
+    ``bits`` is None (float keys and values), 8 or 4 (both sides), or a pair
+    ``(key_bits, value_bits)`` so that keys and values may differ: 4-bit keys cost most of the
+    accuracy of a 4-bit cache, so ``(8, 4)`` keeps int8 keys with 4-bit values (llama.cpp's
+    ``-ctk q8_0 -ctv q4_0``). ``(None, None)`` is the same as None.
+
+    Raises:
+        ValueError: anything else (a bool, 2, 3, a pair of another length or with a bad side),
+            naming the value.
+    """
+    sides = tuple(bits) if isinstance(bits, (tuple, list)) else (bits, bits)
+    if len(sides) != 2 or any(
+        b is not None and (isinstance(b, bool) or not isinstance(b, int) or b not in BITS)
+        for b in sides
+    ):
+        raise ValueError(
+            "bits must be None, 8 or 4, or a pair (key_bits, value_bits) of 8, 4 or None; "
+            f"got bits={bits!r}"
+        )
+    return sides[0], sides[1]
 
 
 def default_group(bits: int, d: int) -> int:

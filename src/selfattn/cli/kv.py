@@ -27,11 +27,25 @@ def _count(text: str, least: int) -> int:
     return n
 
 
+def _bits(text: str) -> int | tuple[int, int]:
+    """``--kv-bits``: ``8`` or ``4`` (keys and values), or ``K,V`` such as ``8,4`` (apart)."""
+    sides = text.split(",")
+    if len(sides) in (1, 2) and all(x.strip() in ("8", "4") for x in sides):
+        bits = tuple(int(x) for x in sides)
+        return bits[0] if len(bits) == 1 else (bits[0], bits[1])
+    raise argparse.ArgumentTypeError(
+        f"expected 8, 4 or KEY_BITS,VALUE_BITS such as 8,4; got {text!r}"
+    )
+
+
 def add_arguments(s: argparse.ArgumentParser) -> None:
     """Add the KV-cache options to the ``chat`` parser ``s``."""
     g = s.add_argument_group("KV cache (selfattn's in-place cache; its size is printed per reply)")
-    bits = "store keys and values quantized, 8 or 4 bits (needs --attn selfattn)"
-    g.add_argument("--kv-bits", type=int, choices=(8, 4), metavar="{8,4}", help=bits)
+    bits = (
+        "store keys and values quantized, 8 or 4 bits, or K,V bits apart such as 8,4 "
+        "(int8 keys, 4-bit values) (needs --attn selfattn)"
+    )
+    g.add_argument("--kv-bits", type=_bits, metavar="8|4|K,V", help=bits)
     rotate = "Walsh-Hadamard rotation before quantizing (with --kv-bits; advised at 4 bits)"
     g.add_argument("--kv-rotate", action="store_true", help=rotate)
     budget = "keep at most N tokens in each full-attention layer, evicting by --kv-policy"
@@ -85,7 +99,9 @@ def describe(opts: dict[str, Any]) -> str:
     """A few words for the status line: ``"int8+rotation, budget 1024 h2o"`` or ``"float"``."""
     parts = []
     if "bits" in opts:
-        parts.append(f"int{opts['bits']}" + ("+rotation" if opts.get("rotate") else ""))
+        b = opts["bits"]
+        kind = f"int{b}" if isinstance(b, int) else f"int{b[0]} keys, int{b[1]} values"
+        parts.append(kind + ("+rotation" if opts.get("rotate") else ""))
     else:
         parts.append("float")
     if "budget" in opts:

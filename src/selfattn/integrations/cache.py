@@ -14,7 +14,8 @@ model's config, as ``DynamicCache(config=...)`` chooses ``DynamicLayer`` /
 - transformers' ``DummyLayer`` for layers that keep no cache.
 
 With ``bits`` every layer stores int8 or 4-bit codes (:mod:`selfattn.integrations.kv_store`) and
-hands attention a :class:`selfattn.QuantizedKV`. This module imports transformers;
+hands attention a :class:`selfattn.QuantizedKV`; a pair ``(key_bits, value_bits)`` sets the two
+sides apart (e.g. ``(8, 4)``: int8 keys, 4-bit values). This module imports transformers;
 :func:`selfattn.integrations.transformers.make_cache` imports it on first use.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..quant import kv_bits
 from .evict import POLICIES, SCORED, BudgetLayer
 from .kv_layers import CHUNK, GrowingLayer, InPlaceLayer, WindowLayer
 
@@ -55,7 +57,8 @@ class InPlaceCache(Cache):
     Args:
         config: the model's config (its decoder's text config is read).
         chunk: tokens the storage grows by at least (a sliding layer's free slots).
-        bits, rotate: quantized storage (8 or 4 bits, optional Walsh-Hadamard rotation).
+        bits, rotate: quantized storage (8 or 4 bits, or a pair ``(key_bits, value_bits)`` of
+            8, 4 or None; optional Walsh-Hadamard rotation of the quantized sides).
         budget, policy, sink_tokens: eviction of the full-attention layers (see
             :mod:`selfattn.integrations.evict`).
 
@@ -69,7 +72,7 @@ class InPlaceCache(Cache):
         config: Any,
         *,
         chunk: int = CHUNK,
-        bits: int | None = None,
+        bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
         budget: int | None = None,
         policy: str = "h2o",
@@ -99,6 +102,7 @@ class InPlaceCache(Cache):
             )
         super().__init__(layers=layers)
         self.bits, self.rotate, self.budget, self.policy = bits, rotate, budget, policy
+        self.key_bits, self.value_bits = kv_bits(bits)
 
     @property
     def nbytes(self) -> int:
@@ -116,7 +120,7 @@ class InPlaceCache(Cache):
 def make_cache(
     model: Any,
     *,
-    bits: int | None = None,
+    bits: int | tuple[int | None, int | None] | None = None,
     rotate: bool = False,
     budget: int | None = None,
     policy: str = "h2o",
@@ -136,7 +140,9 @@ def make_cache(
     - ``bits=8`` or ``4`` (``rotate``: Walsh-Hadamard rotation first): keys and values are stored
       quantized per token (:func:`selfattn.quantize_kv`), written in place, and attention gets a
       :class:`selfattn.QuantizedKV` view that selfattn reads directly; needs
-      ``attn_implementation="selfattn"``.
+      ``attn_implementation="selfattn"``. ``bits=(key_bits, value_bits)`` quantizes the two
+      apart, each 8, 4 or None (kept float): ``(8, 4)`` keeps int8 keys, where 4 bits cost most
+      of the accuracy, with 4-bit values (as llama.cpp's ``-ctk q8_0 -ctv q4_0``).
     - ``budget`` (tokens): every full-attention layer holds at most ``budget`` tokens between
       calls (plus the current call's new tokens while attending), evicting by ``policy``:
       ``"window"`` (the most recent), ``"sink"`` (the first ``sink_tokens`` and the most recent),
@@ -148,8 +154,8 @@ def make_cache(
 
     Args:
         model: a decoder-only transformers model (or its config).
-        bits: None (float storage), 8 or 4.
-        rotate: a Walsh-Hadamard rotation for quantized storage; only with ``bits``.
+        bits: None (float storage), 8, 4, or a pair ``(key_bits, value_bits)`` of 8, 4 or None.
+        rotate: a Walsh-Hadamard rotation of the quantized sides; only with ``bits``.
         budget: None (keep every token) or a positive int.
         policy: the eviction policy for ``budget``, one of :data:`POLICIES`.
         sink_tokens: the first tokens the ``"sink"`` policy always keeps (>= 0).
@@ -167,8 +173,9 @@ def make_cache(
         raise TypeError(
             f"make_cache needs a transformers model (or its config), got {type(model).__name__}"
         )
-    if bits is not None and (isinstance(bits, bool) or bits not in (8, 4)):
-        raise ValueError(f"bits must be None, 8 or 4, got {bits!r}")
+    key_bits, value_bits = kv_bits(bits)
+    if key_bits is None and value_bits is None:
+        bits = None  # (None, None): float storage, as bits=None
     if not isinstance(rotate, bool):
         raise TypeError(f"rotate must be a bool, got {type(rotate).__name__}")
     if rotate and bits is None:
@@ -188,7 +195,7 @@ def make_cache(
         )
     needs = []
     if bits is not None:
-        needs.append(f"bits={bits} (attention reads the quantized keys and values)")
+        needs.append(f"bits={bits!r} (attention reads the quantized keys and values)")
     if budget is not None and policy in SCORED:
         needs.append(f"policy={policy!r} (scores from selfattn's kernels)")
     impl = _implementation(config)

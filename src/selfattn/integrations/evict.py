@@ -77,7 +77,7 @@ class BudgetLayer(InPlaceLayer):
         *,
         sink_tokens: int = 4,
         chunk: int = CHUNK,
-        bits: int | None = None,
+        bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
         **kwargs: Any,
     ) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..quant import kv_bits
 from . import kv_store
 
 try:
@@ -51,25 +52,32 @@ def round_up(n: int, chunk: int) -> int:
 
 class InPlaceLayer(CacheLayerMixin):
     """Storage for (B, Hkv, capacity, D) keys and (B, Hkv, capacity, Dv) values, float or
-    quantized (``bits``); the tokens held are ``[start, end)`` of it, and ``self.keys`` /
-    ``self.values`` are views of exactly those (tensors, or :class:`selfattn.QuantizedKV` over
-    views of the codes and scales when ``bits`` is set)."""
+    quantized (``bits``: 8 or 4 for both, or a pair ``(key_bits, value_bits)`` of 8, 4 or None,
+    see :func:`selfattn.quant.kv_bits`); the tokens held are ``[start, end)`` of it, and
+    ``self.keys`` / ``self.values`` are views of exactly those (tensors, or
+    :class:`selfattn.QuantizedKV` over views of the codes and scales for a quantized side)."""
 
     is_compileable = False  # shapes change every step, like DynamicLayer
     is_croppable = True
 
     def __init__(
-        self, chunk: int = CHUNK, *, bits: int | None = None, rotate: bool = False, **kwargs: Any
+        self,
+        chunk: int = CHUNK,
+        *,
+        bits: int | tuple[int | None, int | None] | None = None,
+        rotate: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be a positive int (tokens), got {chunk!r}")
-        if bits is not None and (isinstance(bits, bool) or bits not in (8, 4)):
-            raise ValueError(f"bits must be None, 8 or 4, got {bits!r}")
+        self.key_bits, self.value_bits = kv_bits(bits)
         self.chunk = chunk
         self.bits = bits
         self.rotate = bool(rotate)
-        self.codec: kv_store.Codec = kv_store.FloatCodec()
+        # one codec per side: keys and values may be stored at different widths
+        self.kcodec: kv_store.Codec = kv_store.FloatCodec()
+        self.vcodec: kv_store.Codec = kv_store.FloatCodec()
         self.kparts: kv_store.Parts | None = None  # (B, Hkv, capacity, C) each
         self.vparts: kv_store.Parts | None = None
         self.start = 0
@@ -104,28 +112,32 @@ class InPlaceLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Empty storage shaped like the first keys and values (B, Hkv, 0, D)."""
         self.device = key_states.device
-        if self.bits is not None:
-            if key_states.dtype != value_states.dtype:
-                raise TypeError(
-                    f"quantized storage needs keys and values of one dtype, got "
-                    f"{key_states.dtype} and {value_states.dtype}"
-                )
-            self.codec = kv_store.QuantCodec(self.bits, self.rotate, key_states.dtype)
-        self.kparts = kv_store.empty_like(self.codec.encode(key_states[:, :, :0]), 0)
-        self.vparts = kv_store.empty_like(self.codec.encode(value_states[:, :, :0]), 0)
+        quantized = self.key_bits is not None or self.value_bits is not None
+        if quantized and key_states.dtype != value_states.dtype:
+            raise TypeError(
+                f"quantized storage needs keys and values of one dtype, got "
+                f"{key_states.dtype} and {value_states.dtype}"
+            )
+        dtype = key_states.dtype
+        self.kcodec, self.vcodec = (
+            kv_store.FloatCodec() if b is None else kv_store.QuantCodec(b, self.rotate, dtype)
+            for b in (self.key_bits, self.value_bits)
+        )
+        self.kparts = kv_store.empty_like(self.kcodec.encode(key_states[:, :, :0]), 0)
+        self.vparts = kv_store.empty_like(self.vcodec.encode(value_states[:, :, :0]), 0)
         self.start = self.end = 0
         self.is_initialized = True
         self._refresh()
 
     def _refresh(self) -> None:
         """Point ``keys`` / ``values`` at the tokens held (views, no copy)."""
-        self.keys = self.codec.view(self.kparts, self.start, self.end)
-        self.values = self.codec.view(self.vparts, self.start, self.end)
+        self.keys = self.kcodec.view(self.kparts, self.start, self.end)
+        self.values = self.vcodec.view(self.vparts, self.start, self.end)
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """New keys (B, Hkv, n, D) and values (B, Hkv, n, Dv) that fit the storage."""
         bk = self.kparts[0]
-        d, dv = self.codec.dim(self.kparts), self.codec.dim(self.vparts)
+        d, dv = self.kcodec.dim(self.kparts), self.vcodec.dim(self.vparts)
         if (
             key_states.dim() != 4
             or value_states.dim() != 4
@@ -144,7 +156,7 @@ class InPlaceLayer(CacheLayerMixin):
                 f"{type(self).__name__} lives on {bk.device}; got keys on {key_states.device}, "
                 f"values on {value_states.device}"
             )
-        kd, vd = self.codec.dtype(self.kparts), self.codec.dtype(self.vparts)
+        kd, vd = self.kcodec.dtype(self.kparts), self.vcodec.dtype(self.vparts)
         if key_states.dtype != kd or value_states.dtype != vd:
             raise TypeError(
                 f"{type(self).__name__} holds {kd} keys and {vd} values; got "
@@ -183,8 +195,8 @@ class InPlaceLayer(CacheLayerMixin):
         """Copy ``n`` new tokens into ``[end, end + n)`` (room was made), quantizing them
         first for quantized storage."""
         n = key_states.shape[2]
-        kv_store.write(self.kparts, self.codec.encode(key_states), self.end)
-        kv_store.write(self.vparts, self.codec.encode(value_states), self.end)
+        kv_store.write(self.kparts, self.kcodec.encode(key_states), self.end)
+        kv_store.write(self.vparts, self.vcodec.encode(value_states), self.end)
         self.end += n
 
     def get_max_length(self) -> int:
@@ -310,7 +322,7 @@ class WindowLayer(InPlaceLayer):
         sliding_window: int,
         chunk: int = CHUNK,
         *,
-        bits: int | None = None,
+        bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -351,8 +363,8 @@ class WindowLayer(InPlaceLayer):
         if self.record_past:
             first = max(self.start, self.end - (self.sliding_window - 1 + n))
         # views of the storage as it is now: moving the kept tokens below leaves them valid
-        keys = self.codec.view(self.kparts, first, self.end)
-        values = self.codec.view(self.vparts, first, self.end)
+        keys = self.kcodec.view(self.kparts, first, self.end)
+        values = self.vcodec.view(self.vparts, first, self.end)
         if not self.record_past:
             self.start = max(self.start, self.end - (self.sliding_window - 1))
             if self.capacity > self.usual_capacity:  # after a long prefill: give it back

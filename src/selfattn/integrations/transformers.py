@@ -390,7 +390,7 @@ def registered() -> frozenset[str]:
 def make_cache(
     model: Any,
     *,
-    bits: int | None = None,
+    bits: int | tuple[int | None, int | None] | None = None,
     rotate: bool = False,
     budget: int | None = None,
     policy: str = "h2o",
@@ -401,7 +401,7 @@ def make_cache(
     ``selfattn.integrations.cache.make_cache`` (imported here on first use, as it needs
     transformers); see its documentation. With the defaults it behaves exactly like
     ``DynamicCache`` without copying the cache at each step; ``bits`` stores keys and values
-    quantized, ``budget`` holds every full-attention layer to that many tokens by ``policy``.
+    quantized (a pair ``(key_bits, value_bits)``, e.g. ``(8, 4)``, sets them apart), ``budget`` holds every full-attention layer to that many tokens by ``policy``.
 
     Example::
 
