@@ -12,11 +12,12 @@ SmolLM2-135M has it: 9 query heads, 3 kv heads, D=64): selfattn's ``attention_fo
 transformers' own ``sdpa_attention_forward``, the per-layer cost behind the SmolLM2 decode row
 of ``benchmarks/models.py``.
 
-The thresholds (``threshold_work``, per kind of call of ``choice.call_kind``, in multiply-adds
-B*Hq*Nq*Nk*(D+Dv) of ``choice.call_work``): one more than the work of the largest shape of that
-kind on which native through selfattn was more than 3% slower than SDPA through selfattn at
-every thread count (0 when there is none), so ``auto`` sends every call of that kind up to that
-size to SDPA.
+The thresholds (``threshold_work``, per kind of call of ``choice.call_kind`` and per thread
+count of ``choice.thread_bucket`` ("1"; "2+" measured at 2), in multiply-adds B*Hq*Nq*Nk*(D+Dv)
+of ``choice.call_work``): one more than the work of the largest shape of that kind on which
+native through selfattn was more than 3% slower than SDPA through selfattn at that thread count
+(0 when there is none), so ``auto`` sends every call of that kind up to that size to SDPA when
+it runs at that many threads.
 ``SMALL_CALL_WORK`` in ``native/choice.py`` must equal them (a test checks), so after a new
 measurement, copy them there.
 
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import selfattn
-from selfattn.backends.native.choice import SMALL_CALL_WORK, call_kind
+from selfattn.backends.native.choice import SMALL_CALL_WORK, call_kind, thread_bucket
 from selfattn.bench.machine import cpu_info, cpu_label
 from selfattn.testing import torch_threads
 
@@ -129,14 +130,9 @@ def timed(methods: dict, threads: int, rounds: int) -> dict[str, float]:
 
 
 def threshold(rows: list[dict]) -> int:
-    """One more than the work of the largest shape native was slower on at every thread count
-    it was measured at (0: none), so every call up to that size goes to SDPA."""
-    slower: dict[tuple, bool] = {}
-    for r in rows:
-        key = tuple(sorted(r["shape"].items()))
-        slow = r["times"]["native"] > SLOWER * r["times"]["sdpa"]
-        slower[key] = slower.get(key, True) and slow
-    works = [work(dict(key)) for key, slow in slower.items() if slow]
+    """One more than the work of the largest shape native was slower on (0: none), so every
+    call up to that size goes to SDPA. ``rows``: one kind of call at one thread count."""
+    works = [r["work"] for r in rows if r["times"]["native"] > SLOWER * r["times"]["sdpa"]]
     return max(works) + 1 if works else 0
 
 
@@ -195,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"target: {target['case']}: worst {target['worst']:.2f} (<= {target['limit']})")
     found = {
-        kind: threshold([r for r in rows if r["kind"] == kind]) for kind in ("decode", "prefill")
+        kind: {
+            bucket: threshold(
+                [r for r in rows if r["kind"] == kind and thread_bucket(r["threads"]) == bucket]
+            )
+            for bucket in sorted({thread_bucket(t) for t in args.threads})
+        }
+        for kind in ("decode", "prefill")
     }
     print(f"threshold_work = {found} (native/choice.py SMALL_CALL_WORK = {SMALL_CALL_WORK})")
     result = {

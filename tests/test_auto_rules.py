@@ -32,11 +32,11 @@ def test_auto_keeps_native_above_the_small_call_size(monkeypatch):
     work = choice.call_work(spec)
     assert work == 1 * 9 * 1 * 40 * 128
     assert choice.call_kind(1, 9, 3) == "decode" and choice.call_kind(16, 8, 8) == "prefill"
-    monkeypatch.setitem(choice.SMALL_CALL_WORK, "decode", work)
-    assert select(spec, "auto").name == "native"  # not below the threshold
-    monkeypatch.setitem(choice.SMALL_CALL_WORK, "prefill", work + 1)
+    monkeypatch.setitem(choice.SMALL_CALL_WORK, "decode", {"1": work, "2+": work + 1})
+    assert select(spec, "auto").name == "native"  # not below the threshold (one thread)
+    monkeypatch.setitem(choice.SMALL_CALL_WORK, "prefill", {"1": work + 1, "2+": work + 1})
     assert select(spec, "auto").name == "native"  # the other kind's threshold
-    monkeypatch.setitem(choice.SMALL_CALL_WORK, "decode", work + 1)
+    monkeypatch.setitem(choice.SMALL_CALL_WORK, "decode", {"1": work + 1, "2+": 0})
     assert select(spec, "auto").name == "sdpa"
     assert select(spec, "native").name == "native"
     assert "auto prefers sdpa: a decode call this small" in selfattn.explain(
@@ -48,11 +48,28 @@ def test_auto_sends_a_measured_small_prefill_to_sdpa_and_gets_the_same_answer():
     # on x86, B1 H8 16x16 ran 1.66x slower through native than through SDPA (auto_rules.json)
     q, k, v = make_qkv(1, 8, 8, 16, 16, 64)
     spec = validate(q, k, v)
-    expect = "sdpa" if choice.SMALL_CALL_WORK["prefill"] > choice.call_work(spec) else "native"
+    limit = choice.SMALL_CALL_WORK["prefill"]["1"]  # the one_thread fixture
+    expect = "sdpa" if limit > choice.call_work(spec) else "native"
     assert select(spec, "auto").name == expect
     torch.testing.assert_close(
         selfattn.attention(q, k, v), selfattn.attention(q, k, v, backend="native")
     )
+
+
+def test_auto_takes_the_threshold_of_the_thread_count_it_runs_at(monkeypatch):
+    """Measured: a 64x64 prefill (B1 H8 D64) ran 1.23x slower through native at two threads and
+    0.91x at one (auto_rules.json), so the thresholds are kept per thread count."""
+    monkeypatch.setattr(backends, "ARM_MACHINES", ())
+    spec = validate(*make_qkv(1, 8, 8, 64, 64, 64))
+    work = choice.call_work(spec)
+    monkeypatch.setitem(choice.SMALL_CALL_WORK, "prefill", {"1": 0, "2+": work + 1})
+    assert choice.thread_bucket(1) == "1" and choice.thread_bucket(2) == choice.thread_bucket(16)
+    assert select(spec, "auto").name == "native"  # one thread (fixture)
+    torch.set_num_threads(2)
+    try:
+        assert select(spec, "auto").name == "sdpa"
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_small_call_size_is_the_one_benchmarks_measured():

@@ -238,9 +238,10 @@ def plain_call(
         return None  # the full path marks tangents; under torch.func a backend's run decides
     key = None
     if q.is_cpu and k.is_cpu and v.is_cpu:
-        # everything check_qkv and select read: shapes and dtypes (the device is the CPU)
+        # everything check_qkv and select read: shapes and dtypes (the device is the CPU), and
+        # the thread count (auto's measured rules depend on it: native.choice.thread_bucket)
         key = (backend, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype)
-        key += (causal, scale, return_lse)
+        key += (causal, scale, return_lse, torch.get_num_threads())
         got = CHOICES.get(key)
         if got is not None:
             out, lse = got[2](q, k, v)

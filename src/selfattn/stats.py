@@ -270,6 +270,7 @@ def _plain_key(q: Any, k: Any, v: Any, rules: dict[str, Any], backend: str) -> t
         return None
     return (
         "with_stats",
+        torch.get_num_threads(),  # auto's measured rules depend on it
         backend,
         q.shape,
         k.shape,

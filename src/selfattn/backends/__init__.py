@@ -89,7 +89,8 @@ BACKENDS: dict[str, Backend] = {}
 
 # The backend ``select`` picks for plain calls (no rule but causal and scale, no gradient),
 # remembered by the front door's fast path (``api.plain_call``): (spec, backend, run) by a key of
-# the backend's name ("auto" or a name), the shapes, dtypes and rules; ``run(q, k, v)`` is the
+# the backend's name ("auto" or a name), the shapes, dtypes, rules and torch's thread count (auto's
+# measured rules depend on it); ``run(q, k, v)`` is the
 # backend's ``plain`` hook, or its ``run`` for the spec. ``attention_with_stats`` keeps its own
 # (spec, backend) pairs here under keys that start with "with_stats". A choice depends on the
 # registry only, so ``register`` forgets them all; whoever changes what a backend accepts in

@@ -6,12 +6,13 @@ that also accepts the call (with the hooks the path needs), that backend runs it
 
 (On ARM, ``auto`` tries ``sdpa`` before native anyway: ``backends.ARM_CPU``.)
 
-- Small calls: below ``SMALL_CALL_WORK[kind]`` multiply-adds (``call_work``) ``auto``
-  prefers ``sdpa``, per kind of call (``call_kind``: "decode", few query rows per kv head, which
+- Small calls: below ``SMALL_CALL_WORK[kind][threads]`` multiply-adds (``call_work``) ``auto``
+  prefers ``sdpa``, per thread count (``thread_bucket``: "1", or "2+" for two threads or more,
+  measured at two: native's threads cost more than they bring on a small prefill) and per kind of call (``call_kind``: "decode", few query rows per kv head, which
   native runs with its split-K decode kernel; "prefill", the rest). The thresholds are measured
   by ``benchmarks/auto_rules.py`` (both backends called through ``selfattn.attention``, which is
-  what ``auto`` chooses between, interleaved, medians, 1 and 2 threads): per kind, one more
-  than the work of the largest shape native was slower on. ``benchmarks/results/auto_rules.json`` holds the
+  what ``auto`` chooses between, interleaved, medians, 1 and 2 threads): per kind and thread
+  count, one more than the work of the largest shape native was slower on. ``benchmarks/results/auto_rules.json`` holds the
   measurement; a test checks that these constants are the ones it found.
 - bfloat16 on a CPU with bf16 dot products (``amx_bf16`` or ``avx512_bf16`` in its flags):
   torch's SDPA runs oneDNN's bf16 kernels there while native converts to float32 and computes
@@ -29,11 +30,27 @@ import torch
 
 from ...spec import AttentionSpec
 
-__all__ = ["SMALL_CALL_WORK", "bf16_dot_products", "call_kind", "call_work", "prefer"]
+__all__ = [
+    "SMALL_CALL_WORK",
+    "bf16_dot_products",
+    "call_kind",
+    "call_work",
+    "prefer",
+    "thread_bucket",
+]
 
 # benchmarks/results/auto_rules.json "threshold_work" (0: native was slower on no call of that
-# kind; prefill: B1 H8 16x16 D64 ran 1.66x slower through native, 1 thread)
-SMALL_CALL_WORK = {"decode": 0, "prefill": 262145}
+# kind at that thread count; prefill at 2 threads: B1 H8 64x64 D64 ran 1.23x slower through native)
+SMALL_CALL_WORK = {
+    "decode": {"1": 0, "2+": 0},
+    "prefill": {"1": 262145, "2+": 4194305},
+}
+
+
+def thread_bucket(threads: int) -> str:
+    """The measured thread count a call's threshold is taken from: "1", or "2+" (two or more
+    threads: measured at two)."""
+    return "1" if threads <= 1 else "2+"
 
 
 def call_work(spec: AttentionSpec) -> int:
@@ -68,8 +85,12 @@ def prefer(spec: AttentionSpec) -> tuple[str, str] | None:
         why = "bfloat16 on a CPU with bf16 dot products ran faster through SDPA's oneDNN kernels"
         return "sdpa", why + " (benchmarks/results/cpu.json)"
     kind = call_kind(spec.Nq, spec.Hq, spec.Hkv)
-    limit = SMALL_CALL_WORK[kind]
+    threads = thread_bucket(torch.get_num_threads())
+    limit = SMALL_CALL_WORK[kind][threads]
     if limit > 0 and call_work(spec) < limit:
-        why = f"a {kind} call this small ({call_work(spec)} < {limit} multiply-adds) ran faster "
+        why = (
+            f"a {kind} call this small ({call_work(spec)} < {limit} multiply-adds, "
+            f"{threads} thread(s)) ran faster "
+        )
         return "sdpa", why + "through SDPA (benchmarks/results/auto_rules.json)"
     return None
