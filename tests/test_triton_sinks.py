@@ -16,29 +16,14 @@ import torch
 pytest.importorskip("triton")
 
 import selfattn
+import test_triton
 from helpers import ERR_FLOOR, gen, make_qkv, max_err, to_np
 from selfattn.backends import BACKENDS
 from selfattn.backends.triton import host, interp
 from selfattn.spec import validate
-from test_triton import INTERPRET_BLOCKS, rules, to
+from test_triton import rules, to
 
-DEVICES = [
-    pytest.param("interpret", marks=pytest.mark.interpret, id="interp"),
-    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def dev(request, monkeypatch) -> torch.device:
-    if request.param == "interpret":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        for kind, blocks in INTERPRET_BLOCKS.items():
-            monkeypatch.setitem(interp.INTERPRET_BLOCKS, kind, blocks)
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device("cuda")
+dev = test_triton.dev  # the fixture: the interpreter on CPU tensors, or the GPU
 
 
 def some_sinks(hq: int) -> torch.Tensor:

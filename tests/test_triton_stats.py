@@ -16,28 +16,12 @@ import torch
 pytest.importorskip("triton")
 
 import selfattn
+import test_triton
 from helpers import make_qkv, ref_stats, to_np
-from selfattn.backends.triton import interp
-from test_triton import INTERPRET_BLOCKS, rules, to
+from test_triton import rules, to
 
-DEVICES = [
-    pytest.param("interpret", marks=pytest.mark.interpret, id="interp"),
-    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
-]
 ALL = {"col_sum": True, "col_max": True, "entropy": True, "topk": 3}
-
-
-@pytest.fixture(params=DEVICES)
-def dev(request, monkeypatch) -> torch.device:
-    if request.param == "interpret":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        for kind, blocks in INTERPRET_BLOCKS.items():
-            monkeypatch.setitem(interp.INTERPRET_BLOCKS, kind, blocks)
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device("cuda")
+dev = test_triton.dev  # the fixture: the interpreter on CPU tensors, or the GPU
 
 
 def check(dev, shape, rule, heads=None, rows=None, given_lse=False, want=ALL):
