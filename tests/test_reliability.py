@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -419,3 +420,17 @@ def test_weights_large_scores_within_twice_plain(backend):
         got = selfattn.backends.BACKENDS[backend].weights(spec, q, k, None, None, None)
         worst = max(worst, np.abs(to_np(got) - expect).max() / plain)
     assert worst <= 2.0, worst
+
+
+@pytest.mark.parametrize("backend", ["math", "tiled"])
+def test_nonfinite_check_does_not_warn_on_inputs_that_require_grad(backend):
+    """The finite check before a masked call read ``float(t.sum())`` of inputs that require
+    grad, which torch warns about ("Converting a tensor with requires_grad=True to a scalar");
+    it reads the detached sum now, and the gradient is unchanged."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g, requires_grad=True) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = selfattn.attention(q, k, v, causal=True, window=(4, 0), backend=backend)
+        out.sum().backward()
+    assert q.grad is not None and bool(torch.isfinite(q.grad).all())

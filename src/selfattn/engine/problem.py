@@ -149,7 +149,7 @@ def all_finite(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         # a finite sum means every entry is finite (read as a Python float: torch.isfinite is
         # several ops, and this runs before every small causal SDPA call)
-        if t is None or math.isfinite(float(t.sum())):
+        if t is None or math.isfinite(float(t.detach().sum())):
             continue
         if not bool(torch.isfinite(t).all()):
             return False
