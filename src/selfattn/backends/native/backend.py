@@ -25,6 +25,7 @@ from ...sinks import sink_grad, sink_probability
 from ...spec import AttentionSpec
 from . import build, choice
 from .call import REFUSED, record
+from .tangents import fused_pass
 
 __all__ = ["NativeBackend"]
 
@@ -36,12 +37,17 @@ class _NativeFunction(torch.autograd.Function):
 
     Returns ``out`` and ``lse`` as the kernels give them (the caller casts): being the node's
     own outputs, they carry its graph into a double backward, whose second-order terms are the
-    torch-op engine's tile-by-tile VJP (``engine.second_order``); forward mode is the engine's
-    tangent pass from this node's ``out`` and ``lse`` (``engine.jvp``).
+    torch-op engine's tile-by-tile VJP (``engine.second_order``). Forward mode: ``fused`` holds
+    out, lse and their tangents from the one-pass C++ kernel (``tangents.fused_pass``), which
+    the forward and ``jvp`` return; where it is None (the kernel declined, or vmap / grad
+    transforms), ``jvp`` is the engine's tangent pass from this node's ``out`` and ``lse``
+    (``engine.jvp``).
     """
 
     @staticmethod
-    def forward(spec, seed, q, k, v, bias, alibi, sinks):  # type: ignore[override]
+    def forward(spec, seed, fused, q, k, v, bias, alibi, sinks):  # type: ignore[override]
+        if fused is not None:
+            return fused.out, fused.lse
         spec = _with_inputs(spec, bias, alibi, sinks)
         need = [t is not None and t.requires_grad for t in (bias, alibi, sinks)]
         out_acc = q.dtype in _HALF and any(need)
@@ -51,9 +57,9 @@ class _NativeFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        spec, seed, q, k, v, bias, alibi, sinks = inputs
+        spec, seed, fused, q, k, v, bias, alibi, sinks = inputs
         out, lse = output
-        ctx.spec, ctx.seed = _with_inputs(spec, bias, alibi, sinks), seed
+        ctx.spec, ctx.seed, ctx.fused = _with_inputs(spec, bias, alibi, sinks), seed, fused
         ctx.call = record(ctx.spec, seed)
         ctx.need = tuple(t is not None and t.requires_grad for t in (bias, alibi, sinks))
         ctx.save_for_backward(q, k, v, out, lse, bias, alibi, sinks)
@@ -91,24 +97,28 @@ class _NativeFunction(torch.autograd.Function):
         if need[2]:  # from out and lse alone, in torch ops: autograd differentiates it again
             dsinks = sink_grad(sinks, out, lse, dout, dlse)
         grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dalibi, dsinks)
-        return None, None, *grads
+        return None, None, None, *grads
 
     @staticmethod
-    def jvp(ctx, _spec, _seed, tq, tk, tv, tbias, talibi, tsinks):  # type: ignore[override]
+    def jvp(ctx, _spec, _seed, _fused, tq, tk, tv, tbias, talibi, tsinks):  # type: ignore[override]
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        prob = engine.Problem.of(ctx.spec, ctx.seed)
+        fused, ctx.fused = ctx.fused, None  # the node keeps no tangent alive
         with torch.no_grad():
-            tout, tlse = engine.tangent_pass(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
+            if fused is not None:  # computed with out and lse in the fused pass
+                tout, tlse = fused.tout.clone(), fused.tlse.clone()
+            else:
+                prob = engine.Problem.of(ctx.spec, ctx.seed)
+                tout, tlse = engine.tangent_pass(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)
             tout, tlse = sink_tangent(sinks, tsinks, out, lse, tout, tlse)
         spec = ctx.spec
         anchors = (q, k, v, spec.bias, spec.alibi_slopes, sinks, tq, tk, tv, tbias, talibi, tsinks)
         return engine.tangents_out("native", anchors, (tout.to(out.dtype), tlse.to(lse.dtype)))
 
     @staticmethod
-    def vmap(info, in_dims, spec, seed, q, k, v, bias, alibi, sinks):  # type: ignore[override]
+    def vmap(info, in_dims, spec, seed, fused, q, k, v, bias, alibi, sinks):  # type: ignore[override]
         tensors = (q, k, v, bias, alibi, sinks)
         outs = [
-            _NativeFunction.apply(spec, seed, *engine.vmap_slices(tensors, in_dims[2:], i))
+            _NativeFunction.apply(spec, seed, None, *engine.vmap_slices(tensors, in_dims[3:], i))
             for i in range(info.batch_size)
         ]
         return (torch.stack([o for o, _ in outs]), torch.stack([x for _, x in outs])), (0, 0)
@@ -164,7 +174,9 @@ class NativeBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if spec.requires_grad or spec.tangents or transformed():
             args = (spec.bias, spec.alibi_slopes, spec.sinks)
-            out, lse = _NativeFunction.apply(spec, seed, q, k, v, *args)
+            # forward mode: out, lse and tangents in one fused pass where the kernel takes it
+            fused = fused_pass(spec, seed, q, k, v) if spec.tangents else None
+            out, lse = _NativeFunction.apply(spec, seed, fused, q, k, v, *args)
             return out.to(q.dtype), lse.float()
         out, lse = build.load().forward(q, k, v, record(spec, seed), True, False)
         return out, lse if lse.dtype == torch.float32 else lse.float()  # float32 (docs/api.md)

@@ -459,6 +459,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT> backward(
   return {dq, dk, dv, dbias, dalibi};
 }
 
+// Forward mode in one pass (jvp.h): (out, lse, tout, tlse) of the call and the tangents tq, tk,
+// tv (shaped like q, k, v), tbias (like the bias) and talibi (like the slopes), None for zero;
+// out in q's dtype (the accumulation dtype with out_acc), the rest in the accumulation dtype.
+// None when the engine declines (a non-finite row of k, v, tk or tv).
+using JvpResult = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>>;
+JvpResult jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& tq,
+              const OptT& tk, const OptT& tv, const OptT& tbias, const OptT& talibi,
+              const Call& call, bool out_acc) {
+  TORCH_CHECK_VALUE(!call.k_codes && !call.v_codes,
+                    "selfattn native: no forward mode through quantized keys or values");
+  Params P;
+  std::vector<at::Tensor> keep;
+  fill(P, keep, q, k, v, call);
+  auto tangent = [&](const OptT& t, const at::Tensor& like, const char* name) -> View {
+    if (!t) return View{};
+    TORCH_CHECK_VALUE(t->sizes() == like.sizes() && at::isFloatingType(t->scalar_type()) &&
+                          t->device().is_cpu(),
+                      "selfattn native: the tangent of ", name, " must be a float CPU tensor of ",
+                      "shape ", like.sizes(), ", got ", t->scalar_type(), " ", t->sizes());
+    return view_of(*t);
+  };
+  P.tq = tangent(tq, q, "q");
+  P.tk = tangent(tk, k, "k");
+  P.tv = tangent(tv, v, "v");
+  if (tbias) {
+    TORCH_CHECK_VALUE(call.bias && tbias->sizes() == call.bias->sizes() &&
+                          at::isFloatingType(tbias->scalar_type()),
+                      "selfattn native: the tangent of the bias must be a float tensor shaped ",
+                      "like the bias");
+    keep.push_back(tbias->expand({P.B, P.Hq, P.Nq, P.Nk}));
+    P.tbias = view_of(keep.back());
+  }
+  if (talibi) {
+    TORCH_CHECK_VALUE(call.alibi && talibi->sizes() == call.alibi->sizes() &&
+                          at::isFloatingType(talibi->scalar_type()),
+                      "selfattn native: the tangent of the slopes must be a float tensor shaped ",
+                      "like the slopes");
+    keep.push_back(talibi->expand({P.B, P.Hq}));
+    P.talibi = view_of(keep.back());
+  }
+  auto acc = q.options().dtype(acc_type(q.scalar_type()));
+  auto out_opts = out_acc ? acc : q.options();
+  P.out_dt = dt_of(out_opts.dtype().toScalarType());
+  at::Tensor out = at::empty({P.B, P.Hq, P.Nq, P.Dv}, out_opts);
+  at::Tensor lse = at::empty({P.B, P.Hq, P.Nq}, acc);
+  at::Tensor tout = at::empty({P.B, P.Hq, P.Nq, P.Dv}, acc);
+  at::Tensor tlse = at::empty({P.B, P.Hq, P.Nq}, acc);
+  P.need_out = true;
+  P.out = out.data_ptr();
+  P.lse = lse.data_ptr();
+  P.tout = tout.data_ptr();
+  P.tlse = tlse.data_ptr();
+  if (P.B * P.Hq * P.Nq > 0) {
+    if (P.Nk == 0) {  // no key: out and every tangent 0 (a sink's own tangent is the caller's)
+      out.zero_();
+      tout.zero_();
+      tlse.zero_();
+      if (call.sinks)
+        lse.copy_(call.sinks->detach().to(lse.scalar_type()).view({1, P.Hq, 1}).expand_as(lse));
+      else
+        lse.fill_(-INFINITY);
+    } else if (!engine_for(P.dt).jvp(P, kPool)) {
+      return std::nullopt;
+    }
+  }
+  return std::make_tuple(out, lse, tout, tlse);
+}
+
 // P = exp(s - lse) for every row of q (B, Hq, Nq, D) against k, under the call's rules (its
 // dropout fields are ignored: probabilities are before dropout); float32 (B, Hq, Nq, Nk), zero
 // where a key is hidden or the row's lse is -inf.
@@ -633,6 +701,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
       py::arg("dlse"), py::arg("call"), py::arg("need_dbias") = false,
       py::arg("need_dalibi") = false);
+  m.def(
+      "jvp",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& tq,
+         const OptT& tk, const OptT& tv, const OptT& tbias, const OptT& talibi, py::handle call,
+         bool out_acc) {
+        const Call c = read_call(call);
+        py::gil_scoped_release nogil;
+        return jvp(q, k, v, tq, tk, tv, tbias, talibi, c, out_acc);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tq"), py::arg("tk"), py::arg("tv"),
+      py::arg("tbias"), py::arg("talibi"), py::arg("call"), py::arg("out_acc") = false);
   m.def(
       "probabilities",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, py::handle call) {

@@ -79,6 +79,12 @@ struct Params {
   float* topk_p = nullptr;
   int64_t* topk_index = nullptr;
   int64_t topk = 0;
+  // forward mode (jvp.h): tangents of q, k, v (shaped like them), of the bias (broadcastable
+  // (B, Hq, Nq, Nk)) and of the slopes (as alibi); p == nullptr: zero. Outputs tout (B, Hq, Nq,
+  // Dv) and tlse (B, Hq, Nq), contiguous in the accumulation dtype, besides out and lse.
+  View tq, tk, tv, tbias, talibi;
+  void* tout = nullptr;
+  void* tlse = nullptr;
 };
 
 // The thread pool, provided by the bindings (torch's intra-op pool).
@@ -95,6 +101,7 @@ struct Engine {
   void (*backward)(const Params&, const Pool&);
   void (*probabilities)(const Params&, const Pool&);
   void (*stats)(const Params&, const Pool&);
+  bool (*jvp)(const Params&, const Pool&);  // false: declined (a non-finite k / v row)
 };
 
 // The compiled engines, each defined in its kernels_<isa>.cpp; which exist depends on the

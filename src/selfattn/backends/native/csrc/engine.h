@@ -1,10 +1,11 @@
-// The engine entry points (forward, backward, probabilities, statistics), generic over the
+// The engine entry points (forward, backward, probabilities, statistics, forward mode), generic over the
 // vector type V; each kernels_<isa>.cpp instantiates
 // them inside its own namespace (SA_NS).
 #pragma once
 #include "backward.h"
 #include "decode.h"
 #include "forward.h"
+#include "jvp.h"
 #include "probs.h"
 #include "stats.h"
 
@@ -47,6 +48,12 @@ static void stats(const Params& P, const Pool& pool) {
   D.need_out = false;
   D.out = nullptr;
   forward_decode<V>(D, pool);
+}
+
+// Forward mode: out, lse and their tangents in one pass (jvp.h); false if declined.
+template <class V>
+static bool jvp(const Params& P, const Pool& pool) {
+  return jvp_prefill<V>(P, pool);
 }
 
 template <class V>

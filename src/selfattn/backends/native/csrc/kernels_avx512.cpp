@@ -8,5 +8,6 @@ namespace selfattn {
 extern const Engine engine_avx512 = {"avx512", &avx512::forward<avx512::V>,
                                      &avx512::backward<avx512::V>,
                                      &avx512::probabilities<avx512::V>,
-                                     &avx512::stats<avx512::V>};
+                                     &avx512::stats<avx512::V>,
+                                     &avx512::jvp<avx512::V>};
 }  // namespace selfattn

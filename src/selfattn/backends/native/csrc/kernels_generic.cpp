@@ -12,9 +12,11 @@ using VD = GV<double, 8, 4>;
 extern const Engine engine_generic_f32 = {"generic", &generic::forward<generic::VF>,
                                           &generic::backward<generic::VF>,
                                           &generic::probabilities<generic::VF>,
-                                          &generic::stats<generic::VF>};
+                                          &generic::stats<generic::VF>,
+                                          &generic::jvp<generic::VF>};
 extern const Engine engine_generic_f64 = {"generic", &generic::forward<generic::VD>,
                                           &generic::backward<generic::VD>,
                                           &generic::probabilities<generic::VD>,
-                                          &generic::stats<generic::VD>};
+                                          &generic::stats<generic::VD>,
+                                          &generic::jvp<generic::VD>};
 }  // namespace selfattn

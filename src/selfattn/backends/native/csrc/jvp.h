@@ -1,0 +1,343 @@
+// Forward mode (JVP) in one fused pass: out, lse and their tangents from q, k, v and the
+// tangents dq, dk, dv (dbias, dalibi), with no primal lse beforehand (docs/derivatives.md).
+//
+// The forward's online softmax (forward.h) carries three more accumulators per row, rescaled
+// with O whenever the row maximum moves. Per tile, with S the scores and p = exp(S - m):
+//
+//     dS = scale (dQ K^T + Q dK^T) * (1 - tanh^2) + dbias - dalibi |i' - j|
+//     O = sum p v,   T = sum p (dv + dS v),   c = sum p dS,   l = sum p
+//     out = O / l,   d lse = c / l,   d out = T / l - out * d lse
+//
+// dS is one micro-kernel product of width 2D: the query rows are kept as [q | dq] and each
+// key tile is packed as one panel [dK^T; K^T], so S reads its lower half and dS the whole.
+// T takes two P V-shaped products (X = p * dS against V, p against dV). Work items, tiles,
+// chunks and waves are the forward's; K, dK, V and dV are packed per (batch, kv head) unit.
+// A non-finite row of k, v, dk or dv declines the call (the caller then takes the torch-op
+// tangent pass, whose semantics for such rows are the forward's): the pass returns false.
+#pragma once
+#include <cmath>
+
+#include "forward.h"
+
+namespace selfattn {
+namespace SA_NS {
+
+template <class V>
+struct Jvp {
+  using T = typename V::T;
+  static constexpr int W = V::W, MR = V::MR, PW = 2 * W, NP = 8, BM = NP * MR;
+  static constexpr int CT = 256 / PW, KC = CT * PW, LDS = KC + W;
+
+  const Plan<V>& pl;
+  const Params& P;
+  bool tq, tk, tv, tbias, talibi;
+  int64_t Dq2;   // row stride of the query buffer: q at [0, D), dq at [D, 2D)
+  int64_t kpt;   // elements of one tile's panel: [dK^T (D rows, with tk); K^T (D rows)] x PW
+  int64_t koff;  // where K^T starts within it
+  T dmul;        // d score / d (scaled q.k) beyond 1 - tanh^2: the softcap unless divided
+
+  // per unit slot of the current wave
+  Buf<T> kp_buf, vr_buf, dvr_buf;
+  int64_t kp_n = 0, vr_n = 0;
+
+  Jvp(const Plan<V>& plan, const Params& p) : pl(plan), P(p) {
+    tq = P.tq.p != nullptr;
+    tk = P.tk.p != nullptr;
+    tv = P.tv.p != nullptr;
+    tbias = P.tbias.p != nullptr;
+    talibi = P.talibi.p != nullptr;
+    Dq2 = cdiv(P.D + pl.Dp, W) * W;
+    kpt = (tk ? 2 : 1) * P.D * PW;
+    koff = tk ? P.D * PW : 0;
+    dmul = pl.softcap && !pl.cap_div ? pl.cap : T(1);
+  }
+
+  struct Scratch {
+    Buf<T> q, o, t, m, l, c, al, s, ds, th, row;
+    explicit Scratch(const Jvp& j)
+        : q(BM * j.Dq2), o(BM * j.pl.Dvp), t(BM * j.pl.Dvp), m(BM), l(BM), c(BM), al(MR),
+          s(MR * LDS), ds(MR * LDS), th(j.pl.softcap ? MR * LDS : 0), row(j.pl.Dvp + 1) {}
+  };
+
+  int64_t unit_elems() const { return pl.ntiles * (kpt + PW * pl.Dvp * (tv ? 2 : 1)); }
+
+  void alloc(int64_t units) {
+    kp_n = pl.ntiles * kpt;
+    vr_n = pl.ntiles * PW * pl.Dvp;
+    kp_buf.alloc(units * kp_n);
+    vr_buf.alloc(units * vr_n);
+    dvr_buf.alloc(tv ? units * vr_n : 0);
+  }
+
+  // Tiles [t0, t1) of unit u into slot `slot`; false if a row of k, v, dk or dv is not finite.
+  bool pack(int64_t u, int64_t slot, int64_t t0, int64_t t1, T* krow) {
+    const int64_t b = u / P.Hkv, h = u % P.Hkv, D = P.D, Dp = pl.Dp, Dvp = pl.Dvp;
+    bool ok = true;
+    for (int64_t t = t0; t < t1; t++) {
+      T* panel = kp_buf.p + slot * kp_n + t * kpt;
+      for (int c = 0; c < PW; c++) {
+        const int64_t j = t * PW + c;
+        T* vrow = vr_buf.p + slot * vr_n + j * Dvp;
+        T* dvrow = tv ? dvr_buf.p + slot * vr_n + j * Dvp : nullptr;
+        if (j >= P.Nk) {
+          for (int64_t d = 0; d < D; d++) panel[koff + d * PW + c] = T(0);
+          if (tk)
+            for (int64_t d = 0; d < D; d++) panel[d * PW + c] = T(0);
+          zero_bytes(vrow, sizeof(T) * Dvp);
+          if (dvrow) zero_bytes(dvrow, sizeof(T) * Dvp);
+          continue;
+        }
+        ok &= load_row<V>(P.k, b, h, j, D, Dp, krow);
+        for (int64_t d = 0; d < D; d++) panel[koff + d * PW + c] = krow[d];
+        if (tk) {
+          ok &= load_row<V>(P.tk, b, h, j, D, Dp, krow);
+          for (int64_t d = 0; d < D; d++) panel[d * PW + c] = krow[d];
+        }
+        ok &= load_row<V>(P.v, b, h, j, P.Dv, Dvp, vrow);
+        if (dvrow) ok &= load_row<V>(P.tv, b, h, j, P.Dv, Dvp, dvrow);
+      }
+    }
+    return ok;
+  }
+
+  int64_t blocks() const { return cdiv(P.Nq, BM); }
+
+  double cost(int64_t qb) const {
+    double c = 64.0 * BM;
+    for (int64_t r0 = qb * BM; r0 < imin(P.Nq, qb * BM + BM); r0 += MR) {
+      int64_t nr = imin(MR, P.Nq - r0);
+      Bounds kb = key_bounds(P.start + r0, P.start + r0 + nr - 1, P.Nk, P.causal, P.left, P.right);
+      c += double(kb.hi - kb.lo) * MR;
+    }
+    return c;
+  }
+
+  void item(int64_t slot, int64_t u, int64_t g, int64_t qb, Scratch& sc) const {
+    const int64_t b = u / P.Hkv, kvh = u % P.Hkv, h = kvh * P.G + g;
+    const int64_t i0 = qb * BM, i1 = imin(P.Nq, i0 + BM), rows = i1 - i0;
+    const int64_t npan = cdiv(rows, MR), D = P.D, Dp = pl.Dp;
+    for (int64_t r = 0; r < npan * MR; r++) {
+      T* dst = sc.q.p + r * Dq2;
+      for (int64_t d = 0; d < Dq2; d++) dst[d] = T(0);
+      if (i0 + r < P.Nq) {
+        // q, then dq over q's zero padding [D, Dp): both scaled as the forward scales q
+        load_q_row<V>(P.q, b, h, i0 + r, D, Dp, pl.qscale, dst);
+        if (tq) load_q_row<V>(P.tq, b, h, i0 + r, D, Dp, pl.qscale, dst + D);
+      }
+      sc.m[r] = T(-INFINITY);
+      sc.l[r] = T(0);
+      sc.c[r] = T(0);
+    }
+    sc.o.zero(npan * MR * pl.Dvp);
+    sc.t.zero(npan * MR * pl.Dvp);
+    Bounds bb = key_bounds(P.start + i0, P.start + i1 - 1, P.Nk, P.causal, P.left, P.right);
+    if (bb.hi > bb.lo) {
+      typename Plan<V>::Panel pans[NP];
+      for (int64_t p = 0; p < npan; p++) pans[p] = pl.panel(b, h, i0 + p * MR);
+      const int64_t tb0 = bb.lo / PW, tb1 = cdiv(bb.hi, PW);
+      uint8_t cls[CT];
+      for (int64_t c0 = tb0; c0 < tb1; c0 += CT) {
+        const int64_t c1 = imin(c0 + CT, tb1);
+        for (int64_t p = 0; p < npan; p++) {
+          const auto& pn = pans[p];
+          int64_t t_lo, t_hi;
+          pl.tile_range(pn, t_lo, t_hi);
+          t_lo = imax(t_lo, c0);
+          t_hi = imin(t_hi, c1);
+          for (int64_t t = t_lo; t < t_hi; t++) cls[t - c0] = pl.tile_class(pn, t);
+          while (t_lo < t_hi && cls[t_lo - c0] == EMPTY) t_lo++;
+          while (t_hi > t_lo && cls[t_hi - 1 - c0] == EMPTY) t_hi--;
+          if (t_lo >= t_hi) continue;
+          panel_chunk(slot, pn, p, t_lo, t_hi, cls, c0, sc);
+        }
+      }
+    }
+    finish(b, h, i0, rows, sc);
+  }
+
+  // The scores' tangent of tile t for the panel's rows (real rows get the rule terms).
+  void score_tangent(const T* qp, const T* panel, const typename Plan<V>::Panel& pn, int64_t t,
+                     const T* th, T* dt) const {
+    const int64_t D = P.D;
+    if (tq && tk)  // [q | dq] . [dk; k] = q.dk + dq.k
+      mk<V, MR, 2, STORE>(2 * D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
+    else if (tq)
+      mk<V, MR, 2, STORE>(D, qp + D, Dq2, 1, panel + koff, PW, dt, LDS, nullptr);
+    else if (tk)
+      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
+    else
+      for (int r = 0; r < MR; r++)
+        for (int c = 0; c < PW; c++) dt[r * LDS + c] = T(0);
+    const int nreal = int(pn.nreal);
+    if (th && (tq || tk)) {  // through the softcap: d (cap tanh x) = cap (1 - tanh^2) dx
+      const V one = V::set1(T(1)), mul = V::set1(dmul);
+      for (int r = 0; r < nreal; r++)
+        for (int v = 0; v < 2; v++) {
+          V x = V::load(th + r * LDS + v * W);
+          T* d = dt + r * LDS + v * W;
+          (V::load(d) * ((one - x * x) * mul)).store(d);
+        }
+    }
+    const int64_t j0 = t * PW;
+    if (tbias) {
+      const View& bv = P.tbias;
+      const int64_t jn = imin(PW, P.Nk - j0);
+      for (int r = 0; r < nreal; r++) {
+        const int64_t off = pn.b * bv.s[0] + pn.h * bv.s[1] + (pn.row0 + r) * bv.s[2] + j0 * bv.s[3];
+        T* d = dt + r * LDS;
+        for (int64_t c = 0; c < jn; c++) d[c] += T(load_scalar(bv.p, bv.dt, off + c * bv.s[3]));
+      }
+    }
+    if (talibi) {
+      const View& a = P.talibi;
+      const V ns = V::set1(-T(load_scalar(a.p, a.dt, pn.b * a.s[0] + pn.h * a.s[1])));
+      for (int r = 0; r < nreal; r++) {
+        const int64_t pos = P.start + pn.row0 + r;
+        for (int v = 0; v < 2; v++) {
+          T* d = dt + r * LDS + v * W;
+          fmadd(V::distance(pos, j0 + v * W), ns, V::load(d)).store(d);
+        }
+      }
+    }
+  }
+
+  void panel_chunk(int64_t slot, const typename Plan<V>::Panel& pn, int64_t p, int64_t t_lo,
+                   int64_t t_hi, const uint8_t* cls, int64_t c0, Scratch& sc) const {
+    const int64_t D = P.D, Dvp = pl.Dvp;
+    const T* qp = sc.q.p + p * MR * Dq2;
+    const T* kp = kp_buf.p + slot * kp_n;
+    T* S = sc.s.p;
+    T* DS = sc.ds.p;
+    for (int64_t t = t_lo; t < t_hi; t++) {
+      T* st = S + (t - t_lo) * PW;
+      T* dt = DS + (t - t_lo) * PW;
+      const uint8_t ct = cls[t - c0];
+      if (ct == EMPTY) {
+        for (int r = 0; r < MR; r++)
+          for (int c = 0; c < PW; c++) {
+            st[r * LDS + c] = T(-INFINITY);
+            dt[r * LDS + c] = T(0);
+          }
+        continue;
+      }
+      const T* panel = kp + t * kpt;
+      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, panel + koff, PW, st, LDS, nullptr);
+      T* th = pl.softcap ? sc.th.p + (t - t_lo) * PW : nullptr;
+      if (ct == PARTIAL || pl.softcap || pl.bias || pl.alibi)
+        pl.epilogue(st, LDS, pn, t, ct, nullptr, th);
+      score_tangent(qp, panel, pn, t, th, dt);
+    }
+    const int64_t n = (t_hi - t_lo) * PW;
+    T* m = sc.m.p + p * MR;
+    T* l = sc.l.p + p * MR;
+    T* c = sc.c.p + p * MR;
+    for (int r = 0; r < MR; r++) {
+      const T al = softmax_row<V>(S + r * LDS, n, m[r], l[r]);
+      sc.al[r] = al;
+      // X = p * dS in place of dS; c = al c + sum X (before dropout: d lse sees every key)
+      T* s = S + r * LDS;
+      T* x = DS + r * LDS;
+      V sum = V::zero();
+      for (int64_t k = 0; k < n; k += W) {
+        V xv = V::load(s + k) * V::load(x + k);
+        xv.store(x + k);
+        sum = sum + xv;
+      }
+      c[r] = c[r] * al + sum.hsum();
+    }
+    if (pl.dropout) {
+      const T inv = pl.keep_scale;
+      for (int r = 0; r < int(pn.nreal); r++) {
+        uint32_t hr = pl.drop_row(pn.b, pn.h, pn.row0 + r);
+        T* s = S + r * LDS;
+        T* x = DS + r * LDS;
+        for (int64_t k = 0; k < n; k += W) {
+          V::dropout(V::load(s + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(s + k);
+          V::dropout(V::load(x + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(x + k);
+        }
+      }
+    }
+    const T* vr = vr_buf.p + slot * vr_n + t_lo * PW * Dvp;
+    T* o = sc.o.p + p * MR * Dvp;
+    T* ta = sc.t.p + p * MR * Dvp;
+    gemm<V, SCALE>(MR, Dvp / W, n, S, LDS, 1, vr, Dvp, o, Dvp, sc.al.p);   // O = al O + P V
+    gemm<V, SCALE>(MR, Dvp / W, n, DS, LDS, 1, vr, Dvp, ta, Dvp, sc.al.p);  // T = al T + X V
+    if (tv)  // T += P dV
+      gemm<V, ADD>(MR, Dvp / W, n, S, LDS, 1, dvr_buf.p + slot * vr_n + t_lo * PW * Dvp, Dvp, ta,
+                   Dvp, nullptr);
+  }
+
+  // Normalise and write out, lse and the tangents for the block's rows.
+  void finish(int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& sc) const {
+    T* lse = static_cast<T*>(P.lse);
+    T* tout = static_cast<T*>(P.tout);
+    T* tlse = static_cast<T*>(P.tlse);
+    const int64_t Dv = P.Dv, Dvp = pl.Dvp;
+    for (int64_t r = 0; r < rows; r++) {
+      const int64_t row = i0 + r, bh = b * P.Hq + h, at = bh * P.Nq + row;
+      T l = sc.l[r], m = sc.m[r];
+      // a sink rescales O, T and c alike (it has no value and no tangent here: the caller
+      // adds the sink's own tangent from out and lse)
+      const T keep = P.sinks ? add_sink(T(P.sinks[h]), m, l) : T(1);
+      const bool empty = l == T(0);
+      const T inv = empty ? T(0) : keep / l;
+      lse[at] = empty ? T(-INFINITY) : T(m + std::log(l));
+      const T dl = sc.c[r] * inv;
+      tlse[at] = dl;
+      const T* o = sc.o.p + r * Dvp;
+      const T* ta = sc.t.p + r * Dvp;
+      T* dst = tout + at * Dv;
+      for (int64_t d = 0; d < Dv; d++) dst[d] = ta[d] * inv - o[d] * inv * dl;
+      store_out<T>(P.out, P.out_dt, at * Dv, o, Dv, inv);
+    }
+  }
+};
+
+// The whole pass: waves of (batch, kv head) units, each packed then computed. False (nothing
+// usable written) when a row of k, v, dk or dv is not finite.
+template <class V>
+static bool jvp_prefill(const Params& P, const Pool& pool) {
+  using J = Jvp<V>;
+  Plan<V> pl(P, pool);
+  J jv(pl, P);
+  const int64_t units = P.B * P.Hkv;
+  const int64_t unit_bytes = jv.unit_elems() * int64_t(sizeof(typename V::T)) + 1;
+  const int64_t budget = int64_t(8) << 20;  // as the forward's waves
+  const int64_t wave = imax(1, imin(units, budget / unit_bytes));
+  jv.alloc(wave);
+  const int64_t nb = jv.blocks();
+  Buf<double> qcost(nb);
+  for (int64_t qb = 0; qb < nb; qb++) qcost[qb] = jv.cost(qb);
+  for (int64_t u0 = 0; u0 < units; u0 += wave) {
+    const int64_t u1 = imin(units, u0 + wave);
+    {  // pack the wave: items of 16 tiles
+      const int64_t TG = 16, groups = cdiv(pl.ntiles, TG), n = (u1 - u0) * groups;
+      Buf<uint8_t> ok(n);
+      auto body = [&](int64_t x0, int64_t x1) {
+        Buf<typename V::T> krow(pl.Dp);
+        for (int64_t x = x0; x < x1; x++) {
+          const int64_t slot = x / groups, g = x % groups;
+          ok[x] = jv.pack(u0 + slot, slot, g * TG, imin(pl.ntiles, g * TG + TG), krow.p);
+        }
+      };
+      parallel(pool, n, body, (u1 - u0) * pl.ntiles * (2 * V::W) * (P.D + P.Dv) < (int64_t(1) << 17));
+      for (int64_t x = 0; x < n; x++)
+        if (!ok[x]) return false;
+    }
+    const int64_t n = (u1 - u0) * nb * P.G;
+    Buf<double> cost(n);
+    for (int64_t x = 0; x < n; x++) cost[x] = qcost[(x / P.G) % nb];
+    auto run = [&](int64_t x0, int64_t x1) {
+      typename J::Scratch sc(jv);
+      for (int64_t x = x0; x < x1; x++) {
+        int64_t g = x % P.G, qb = (x / P.G) % nb, slot = x / (P.G * nb);
+        jv.item(slot, u0 + slot, g, qb, sc);
+      }
+    };
+    run_balanced(pool, cost.p, n, run, 1e7 / double(2 * (3 * P.D + 3 * P.Dv)));
+  }
+  return true;
+}
+
+}  // namespace SA_NS
+}  // namespace selfattn
