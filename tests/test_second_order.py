@@ -219,3 +219,50 @@ def test_double_backward_on_the_worker_threads_matches_math(backend, heads):
     want = penalty("math")
     for a, b in zip(got, want):
         assert (a - b).abs().max().item() < 1e-9 * (1 + b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["plain", "mask", "softcap", "everything"])
+@pytest.mark.parametrize("split", [False, True], ids=["one_thread", "worker_threads"])
+def test_gradient_penalty_with_a_constant_dout_matches_math(backend, rule, split):
+    """The benchmark's gradient penalty: dO a constant (no dO gradient is computed) and the
+    forward's own backward of the out and lse gradients folded into the same pass; every
+    input's second derivative (bias and slopes included) equals math's, GQA, split or not."""
+    from helpers import tiled_split, torch_threads
+
+    _skip_native(backend)
+    n = 40
+
+    def penalty(name):
+        q, k, v = _inputs(4, 2, n, n, 8, 8, seed=4)
+        kw, extra = _rules(rule, n, n, 4)
+        leaves = [q, k, v, *extra.values()]
+        out = selfattn.attention(q, k, v, backend=name, **kw, **extra)
+        do = torch.randn(out.shape, generator=gen(14), dtype=out.dtype)
+        first = torch.autograd.grad(out, leaves, do, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in first), leaves)
+
+    with torch_threads(2 if split else 1), tiled_split():
+        got = penalty(backend)
+    want = penalty("math")
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() < 1e-9 * (1 + b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_folded_forward_backward_adds_to_other_uses_of_out_and_lse(backend):
+    """The forward's backward of the out and lse gradients runs inside the double backward;
+    a loss that also uses out and lse directly still gets their own first-order terms."""
+    _skip_native(backend)
+    n = 12
+
+    def total(name):
+        q, k, v = _inputs(2, 1, n, n, seed=5)
+        out, lse = selfattn.attention(q, k, v, causal=True, backend=name, return_lse=True)
+        do = torch.randn(out.shape, generator=gen(15), dtype=out.dtype)
+        first = torch.autograd.grad(out, (q, k, v), do, create_graph=True)
+        loss = sum((g * g).sum() for g in first) + (out * do).sum() + lse.double().sum()
+        return torch.autograd.grad(loss, (q, k, v))
+
+    for a, b in zip(total(backend), total("math")):
+        assert (a - b).abs().max().item() < 1e-9 * (1 + b.abs().max().item())

@@ -59,6 +59,7 @@ class _EngineFunction(torch.autograd.Function):
         ctx.prob = with_inputs(prob, bias, alibi, sinks)
         ctx.save_for_backward(q, k, v, exact, lse, bias, alibi, sinks)
         ctx.save_for_forward(q, k, v, exact, lse, sinks)
+        ctx.set_materialize_grads(False)  # an unused out or lse: None, no tensor of zeros
         ctx.need = (
             bias is not None and bias.requires_grad,
             alibi is not None and alibi.requires_grad,
@@ -69,6 +70,8 @@ class _EngineFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, exact, lse, bias, alibi, sinks = ctx.saved_tensors
         prob, need = ctx.prob, ctx.need
+        if dout is None and dlse is None:  # e.g. a double backward folded this node's share
+            return (None,) * 7
 
         def first(q, k, v, out, lse, dout, dlse):
             return backward(prob, q, k, v, out, lse, dout, dlse, need[0], need[1])

@@ -50,6 +50,12 @@ class BackwardFunction(torch.autograd.Function):
         q, k, v, out, lse, dout, dlse, bias, alibi = ctx.saved_tensors
         tensors = (q, k, v, out, lse, dout, dlse, gq, gk, gv, gbias, galibi)
         plain = plain_operands(*tensors)  # None under a torch.func transform: this thread
+        wants = ctx.needs_input_grad  # (first, name, prob, need, q, k, v, out, lse, dout, ...)
+        # The forward's node would turn the out and lse gradients into a first-order backward
+        # of its own (a whole second pass over the tiles): fold it into this one instead when
+        # that backward is all the node does with them (no sink gradient), off torch.func.
+        sink_grad = len(ctx.need) > 2 and ctx.need[2]
+        fold = (wants[7] or wants[8]) and not sink_grad and plain is not None
         with torch.no_grad():  # create_graph=True here: a third derivative, refused below
             bars = double_backward(
                 ctx.prob,
@@ -57,18 +63,24 @@ class BackwardFunction(torch.autograd.Function):
                 need_bias=ctx.need[0],
                 need_alibi=ctx.need[1],
                 threads=plain is not None,
+                need_dout=wants[9],
+                fold=fold,
             )
         qb, kb, vb, dob, dlseb, ob, lseb, bb, ab = bars
-        typed = (
-            qb.to(q.dtype),
-            kb.to(k.dtype),
-            vb.to(v.dtype),
-            ob.to(out.dtype),
-            lseb.to(lse.dtype),
-            dob.to(dout.dtype),
-            None if dlseb is None or dlse is None else dlseb.to(dlse.dtype),
-            None if bb is None else bb.to(bias.dtype),
-            None if ab is None else ab.to(alibi.dtype),
+
+        def typed(bar: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+            return None if bar is None or like is None else bar.to(like.dtype)
+
+        grads = (
+            typed(qb, q),
+            typed(kb, k),
+            typed(vb, v),
+            typed(ob, out),
+            typed(lseb, lse),
+            typed(dob, dout),
+            typed(dlseb, dlse),
+            typed(bb, bias),
+            typed(ab, alibi),
         )
         anchors = (q, k, v, out, lse, dout, dlse, bias, alibi)
         return (
@@ -76,7 +88,7 @@ class BackwardFunction(torch.autograd.Function):
             None,
             None,
             None,
-            *first_order(ctx.name, anchors, typed, HIGHER_ADVICE, order=3),
+            *first_order(ctx.name, anchors, grads, HIGHER_ADVICE, order=3),
         )
 
 
@@ -84,7 +96,7 @@ def differentiable_backward(
     first: FirstOrder,
     name: str,
     prob: Problem,
-    need: tuple[bool, bool],
+    need: tuple[bool, ...],
     tensors: tuple[Any, ...],
 ) -> tuple:
     """The first-order gradients ``(dq, dk, dv, dbias, dalibi)``, differentiable again when

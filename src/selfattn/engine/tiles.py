@@ -110,15 +110,18 @@ class Scores:
         full: bool,
         buf: int = 0,
         keep_tanh: bool = False,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores of rows [i0, i1) x keys [j0, j1), invisible ones -inf.
 
-        Returns ``(s, t)``: s (B*Hkv, G*m, n), a view of workspace ``buf``, and with
-        ``keep_tanh`` the softcap's tanh (for its derivative), else None.
+        Returns ``(s, t)``: s (B*Hkv, G*m, n), a view of workspace ``buf`` (or ``out``, a
+        contiguous tensor of that shape, when given), and with ``keep_tanh`` the softcap's tanh
+        (for its derivative), else None.
         """
         spec, bad = self.spec, self.prob.bad
         b, hkv, g, m, n = spec.B, spec.Hkv, spec.group, i1 - i0, j1 - j0
-        s = torch.bmm(qb, self.kmat[:, j0:j1].transpose(1, 2), out=self.buffer(buf, g * m, n))
+        dest = self.buffer(buf, g * m, n) if out is None else out
+        s = torch.bmm(qb, self.kmat[:, j0:j1].transpose(1, 2), out=dest)
         s5 = s.view(b, hkv, g, m, n)
         t = None
         if spec.softcap is not None:
