@@ -71,7 +71,7 @@ class _NativeFunction(torch.autograd.Function):
         q, k, v, out, lse, bias, alibi, sinks = ctx.saved_tensors
         spec, call, need = ctx.spec, ctx.call, ctx.need
         if dout is None and dlse is None:  # e.g. a double backward folded this node's share
-            return (None,) * 8
+            return (None,) * 9  # spec, seed, fused, q, k, v, bias, alibi, sinks
         if dout is None:
             dout = torch.zeros(out.shape, dtype=q.dtype)
 
