@@ -38,40 +38,51 @@ struct Spec {
   uint64_t seed = 1;
   int kbits = 0, vbits = 0;  // quantized k / v (8 or 4; 0: plain)
   bool rotate = false;       // ... with Walsh-Hadamard-rotated codes
+  int64_t group = 0;         // channels per scale (0: the default)
+  int64_t qpad = 0;          // code bytes and scales past each row (a strided cache view)
 };
 
 // Random codes and scales for t (B, H, N, X) at `bits`, with groups of the default size (the
 // whole row for 8 bits, gcd(X, 32) for 4), and t set to the values they stand for: code *
 // scale, rotated back (an orthonormal block Walsh-Hadamard transform, in double) when rotated.
-inline Quantized quantize_random(Tensor& t, int bits, bool rotate, Rng& rng) {
+// `group` (0: default) overrides the group size; `pad` leaves that many unused code bytes and
+// scales (random) after each row, as a view of a larger cache has.
+inline Quantized quantize_random(Tensor& t, int bits, bool rotate, Rng& rng, int64_t group = 0,
+                                 int64_t pad = 0) {
   Quantized qz;
   const int64_t B = t.shape[0], H = t.shape[1], N = t.shape[2], X = t.shape[3];
   int64_t g = X;
   if (bits == 4)
     for (g = 32; X % g; g /= 2) {
     }
+  if (group) g = group;
   qz.bits = bits;
   qz.group = g;
   qz.rotate = rotate;
-  const int64_t row = bits == 8 ? X : X / 2, qmax = bits == 8 ? 127 : 7;
+  qz.pad = pad;
+  const int64_t row = (bits == 8 ? X : X / 2) + pad, qmax = bits == 8 ? 127 : 7;
+  const int64_t srow = X / g + pad;
   qz.codes.assign(size_t(B * H * N * row), 0);
-  qz.scales.assign(size_t(B * H * N * (X / g)), 0.0f);
+  qz.scales.assign(size_t(B * H * N * srow), 0.0f);
+  for (auto& c : qz.codes) c = uint8_t(rng.below(256));  // padding: garbage the kernels skip
+  for (auto& x : qz.scales) x = float(rng.uniform() * 1e30);
   std::vector<double> r(static_cast<size_t>(X), 0.0);
   for (int64_t b = 0; b < B; b++)
     for (int64_t h = 0; h < H; h++)
       for (int64_t j = 0; j < N; j++) {
         const int64_t x = (b * H + h) * N + j;
         for (int64_t k = 0; k < X / g; k++)
-          qz.scales[size_t(x * (X / g) + k)] = float((0.2 + rng.uniform()) / double(qmax));
+          qz.scales[size_t(x * srow + k)] = float((0.2 + rng.uniform()) / double(qmax));
         for (int64_t d = 0; d < X; d++) {
           const int64_t c = rng.below(2 * qmax + 1) - qmax;
           if (bits == 8) {
             qz.codes[size_t(x * row + d)] = uint8_t(int8_t(c));
           } else {
             uint8_t& byte = qz.codes[size_t(x * row + d / 2)];
+            if (d % 2 == 0) byte = 0;
             byte = uint8_t(byte | (uint8_t(c + 8) << (d % 2 ? 4 : 0)));
           }
-          r[size_t(d)] = double(c) * double(qz.scales[size_t(x * (X / g) + d / g)]);
+          r[size_t(d)] = double(c) * double(qz.scales[size_t(x * srow + d / g)]);
         }
         if (rotate) {
           const int64_t blk = X & -X;
@@ -113,8 +124,8 @@ inline Problem make_problem(const Spec& s) {
   fill_normal(p.q, rng, s.amp);
   fill_normal(p.k, rng, s.amp);
   fill_normal(p.v, rng, 1.0);
-  if (s.kbits) p.kq = quantize_random(p.k, s.kbits, s.rotate, rng);
-  if (s.vbits) p.vq = quantize_random(p.v, s.vbits, s.rotate, rng);
+  if (s.kbits) p.kq = quantize_random(p.k, s.kbits, s.rotate, rng, s.group, s.qpad);
+  if (s.vbits) p.vq = quantize_random(p.v, s.vbits, s.rotate, rng, s.group, s.qpad);
   if (s.nan_key && s.Nk > 0) {  // key Nk / 2 of kv head 0 not finite: seen by later rows only
     const int64_t j = s.Nk / 2;
     p.k.set(0, 0, j, 0, NAN);
@@ -201,7 +212,7 @@ inline Problem make_problem(const Spec& s) {
 inline std::vector<Spec> all_specs() {
   const int64_t M = INT64_MAX;
   std::vector<Spec> v;
-  auto add = [&](const char* name, auto&& tweak) {
+  auto add = [&](const std::string& name, auto&& tweak) {
     Spec s;
     s.name = name;
     tweak(s);
@@ -359,6 +370,36 @@ inline std::vector<Spec> all_specs() {
   add("q4 rotated float64 decode", [](Spec& s) {
     s.Hq = 2; s.Nq = 1; s.Nk = 130; s.dt = s.out_dt = DT::F64; s.kbits = 4; s.vbits = 8;
     s.rotate = true; s.backward = false;
+  });
+  // decode read straight from the codes (quant.h's direct_codes: D a multiple of 2W, groups of
+  // whole vectors): every format, R = G * Nq of 1..4 and past it, odd key counts across split-K
+  // chunks, a scale per row (folded into the scores / probabilities) or per group, padded rows
+  const int64_t nks[] = {1, 97, 257, 1023, 1025};
+  for (int bits : {8, 4})
+    for (int64_t nk : nks)
+      add("q" + std::to_string(bits) + " codes decode G3 Nk " + std::to_string(nk), [=](Spec& s) {
+        s.Hq = 3; s.Nq = 1; s.Nk = nk; s.D = s.Dv = 64; s.causal = true; s.kbits = s.vbits = bits;
+        s.rotate = bits == 4; s.backward = false;
+      });
+  add("q8 codes decode groups of 16, R 4, padded rows", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 2; s.Nq = 2; s.Nk = 301; s.D = s.Dv = 64; s.kbits = s.vbits = 8;
+    s.group = 16; s.qpad = 3; s.bias = BIAS_FULL; s.backward = false;
+  });
+  add("q4 codes decode one group per row, R 2, padded rows", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Nq = 1; s.Nk = 555; s.D = s.Dv = 128; s.kbits = s.vbits = 4;
+    s.group = 128; s.qpad = 5; s.left = 300; s.backward = false;
+  });
+  add("q4 codes decode R 1 D32, q8 v groups of 8", [](Spec& s) {
+    s.Nq = 1; s.Nk = 1025; s.D = 32; s.Dv = 32; s.kbits = 4; s.vbits = 8; s.group = 8;
+    s.rotate = true; s.sinks = true; s.backward = false;
+  });
+  add("q4 codes decode R 6 (panels), float64", [](Spec& s) {
+    s.Hq = 6; s.Hkv = 2; s.Nq = 2; s.Nk = 257; s.D = s.Dv = 64; s.kbits = s.vbits = 4;
+    s.dt = s.out_dt = DT::F64; s.causal = true; s.backward = false;
+  });
+  add("q8 codes decode dropout", [](Spec& s) {
+    s.Hq = 3; s.Nq = 1; s.Nk = 400; s.D = s.Dv = 64; s.kbits = s.vbits = 8; s.dropout_p = 0.3;
+    s.backward = false;
   });
   // ---- edges ----
   add("Nq 0", [](Spec& s) { s.Hq = 2; s.Nq = 0; s.Nk = 97; });

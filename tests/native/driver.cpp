@@ -69,7 +69,7 @@ DT acc_of(DT dt) { return dt == DT::F64 ? DT::F64 : DT::F32; }
 // The quantized view of codes (B, H, N, X) (common.h's View), as bindings.cpp's quant_view.
 View quant_view(const Quantized& qz, const Tensor& like) {
   const int64_t H = like.shape[1], N = like.shape[2], X = like.shape[3];
-  const int64_t row = qz.bits == 8 ? X : X / 2, ng = X / qz.group;
+  const int64_t row = (qz.bits == 8 ? X : X / 2) + qz.pad, ng = X / qz.group + qz.pad;
   View v;
   v.p = qz.codes.data();
   v.dt = qz.bits == 8 ? DT::Q8 : DT::Q4;

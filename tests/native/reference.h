@@ -46,6 +46,7 @@ struct Quantized {
   int bits = 0;
   int64_t group = 0;
   bool rotate = false;
+  int64_t pad = 0;  // extra code bytes and scales after each row (a narrowed cache's view)
   std::vector<uint8_t> codes;
   std::vector<float> scales;
 };

@@ -20,9 +20,12 @@
 // scores are in cache then), and after the combine gives the final lse, each kv head's rows are
 // reduced from them as stats.h does from a recomputed tile: p = exp(s - lse).
 //
-// Quantized K or V (a QuantizedKV, common.h's Q8 / Q4 views) are read in place: each tile of PW
-// keys is dequantized from its codes into an L1-resident tile (quant.h, dequant_tile) just
-// before its scores or its P V product, so a chunk streams only the code bytes and scales.
+// Quantized K or V (a QuantizedKV, common.h's Q8 / Q4 views) are read in place, so a chunk
+// streams only the code bytes and scales. Where quant.h's direct_codes holds (unit stride,
+// groups of whole vectors; keys: R <= 4) the scores and the P V product read the codes straight
+// into registers (qk_codes, pv_codes: each key's codes converted once for all R rows, a row's
+// single scale applied to its scores or folded into its probabilities); otherwise each tile of
+// PW keys is dequantized into an L1-resident tile (dequant_tile) before the float kernels.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -45,6 +48,7 @@ struct Decode {
   const Params& P;
   int64_t R, CK, KS, LDD, nc;  // KS: keys a chunk may hold (CK, or Nk rounded up if fewer)
   bool direct_k, direct_v, tile_k, tile_v;  // tile_*: quantized, dequantized a tile at a time
+  bool code_k, code_v;  // quantized and read from the codes in registers (quant.h), no tile
   // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
   T *pm, *plsum, *pacc;
   // with statistics: every row's scores per key (units, R, LK), -inf where hidden; else null
@@ -68,18 +72,20 @@ struct Decode {
     direct_v = sizeof(T) == 4 && p.v.dt == DT::F32 && p.v.s[3] == 1 && p.Dv % W == 0;
     tile_k = quantized(p.k.dt);
     tile_v = quantized(p.v.dt);
+    code_k = tile_k && R <= 4 && direct_codes<V>(p.k, p.D);
+    code_v = tile_v && direct_codes<V>(p.v, p.Dv);
   }
 
   struct Scratch {
-    Buf<T> q, s, kc, vc, kp, vrow, kt, vt;
+    Buf<T> q, s, kc, vc, kp, vrow, kt, vt, qo;
     Buf<uint8_t> bad, cls;
     Buf<int64_t> vkeys;
     Buf<uint32_t> vseen;
     Scratch(const Decode& d)
         : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.KS * d.pl.Dp), vc(d.KS * d.pl.Dvp),
           kp(d.P.D * PW), vrow(d.pl.Dvp), kt(d.tile_k ? PW * d.pl.Dp : 0),
-          vt(d.tile_v ? PW * d.pl.Dvp : 0), bad(d.KS), cls(d.P.G * (d.CK / PW)), vkeys(d.KS),
-          vseen(d.KS) {}
+          vt(d.tile_v ? PW * d.pl.Dvp : 0), qo(d.code_k ? d.R * d.pl.Dp : 0), bad(d.KS),
+          cls(d.P.G * (d.CK / PW)), vkeys(d.KS), vseen(d.KS) {}
   };
 
   // Beyond a few rows the dot products would load every key row once per row: transposing the
@@ -163,6 +169,11 @@ struct Decode {
         T* dst = sc.q.p + (g * Nq + i) * Dp;
         load_q_row<V>(P.q, b, kvh * P.G + g, i, P.D, Dp, pl.qscale, dst);
         if (P.k.rotate) hadamard_row(dst, P.D);  // rotated keys: q . (H k) = (H q) . k
+        // the rows the code dot products read: Q4 codes come as even, odd channels per block
+        if (code_k && P.k.dt == DT::Q4)
+          q4_order<T, W>(dst, sc.qo.p + (g * Nq + i) * Dp, P.D);
+        else if (code_k)
+          std::memcpy(sc.qo.p + (g * Nq + i) * Dp, dst, sizeof(T) * Dp);
       }
     typename Plan<V>::Panel pans[16];
     int64_t tmin = t1, tmax = t0;
@@ -267,13 +278,17 @@ struct Decode {
         if (t + 2 < tmax) prefetch_codes(P.k, b, kvh, (t + 2) * PW, P.Nk);
         if (t == tmin) prefetch_codes(P.k, b, kvh, (t + 1) * PW, P.Nk);
         if (qv && P.need_out) prefetch_codes(P.v, b, kvh, t * PW, P.Nk);
-        dequant_tile<V>(P.k, b, kvh, t * PW, nvalid, P.D, Dp, sc.kt.p);
-        kt = sc.kt.p - (t * PW - jb) * ldk;
+        if (!code_k) {
+          dequant_tile<V>(P.k, b, kvh, t * PW, nvalid, P.D, Dp, sc.kt.p);
+          kt = sc.kt.p - (t * PW - jb) * ldk;
+        }
       }
       if (panels) {  // every row at once; rows of heads that see nothing are overwritten below
         if (!qk) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
         Packed<V>::panel_tile(kt - jb * ldk, ldk, t * PW, P.Nk, P.D, sc.kp.p);
         gemm<V, STORE>(R, 2, P.D, sc.q.p, Dp, 1, sc.kp.p, PW, S + col, LDD, nullptr);
+      } else if (qk && code_k) {  // every row at once, each key's codes converted once
+        qk_codes<V>(R, sc.qo.p, Dp, P.k, b, kvh, t * PW, nvalid, P.D, S + col, LDD);
       } else if (qk) {  // the same: a dequantized tile is read once per pair of rows, not head
         dots(sc.q.p, R, Dp, nd, kt + (t * PW - jb) * ldk, ldk, nvalid, S + col, LDD);
       }
@@ -310,8 +325,10 @@ struct Decode {
             for (int64_t c = 0; c < n; c += W)
               V::dropout(V::load(s + c), hr, jb + c, P.seed1, pl.thr, pl.keep_scale).store(s + c);
           }
-      if (qv && vector_codes<V>(P.v, P.Dv)) {  // P V with the values converted in registers
-        pv_codes<V, ColBlock<V>::value>(R, S, LDD, P.v, b, kvh, jb, nkeys, P.Dv, acc, Dvp);
+      if (qv && code_v) {  // P V with the values converted in registers
+        pv_codes<V>(R, S, LDD, P.v, b, kvh, jb, nkeys, P.Dv, acc, Dvp);
+        if (P.v.dt == DT::Q4)
+          for (int64_t r = 0; r < R; r++) q4_unorder<T, W>(acc + r * Dvp, P.Dv);
       } else if (qv) {  // P V a tile at a time, each tile of values dequantized from its codes
         for (int64_t t = tmin; t < tmax; t++) {
           const int64_t kk = imin(PW, je - t * PW);

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "microkernel.h"
 #include "util.h"
 
 namespace selfattn {
@@ -101,92 +102,197 @@ static inline void dequant_tile(const View& t, int64_t b, int64_t h, int64_t j0,
   }
 }
 
-// Whether rows of a quantized view can be read a vector of W codes at a time: unit stride, and
-// every vector inside one scale group (group a multiple of W; 4-bit: whole bytes).
+// Whether the decode kernels below can read rows of a quantized view straight from their codes:
+// unit stride, and every vector inside one scale group (Q8: W codes; Q4: W bytes = 2W codes).
 template <class V>
-static inline bool vector_codes(const View& t, int64_t X) {
-  return t.s[3] == 1 && X % V::W == 0 && t.group % V::W == 0 && (t.dt == DT::Q8 || V::W % 2 == 0);
+static inline bool direct_codes(const View& t, int64_t X) {
+  constexpr int W = V::W;
+  if (t.s[3] != 1 || X == 0) return false;
+  if (t.dt == DT::Q8) return X % W == 0 && t.group % W == 0;
+  return t.dt == DT::Q4 && X % (2 * W) == 0 && t.group % (2 * W) == 0;
 }
 
-// O[i][0:NB*W] (= or +=) sum_k A[i * lda + k] * value(k)[0:NB*W] for i < RB, k < n: the P V
-// product of RB rows over n consecutive quantized value rows, each row's NB vectors converted
-// from its codes in registers (and times its scales) once for all RB rows. `codes` points at
-// the first row's first code of the block, `cs` bytes apart per row; `sc` at the scale of that
-// code, `ss` apart per row, `sg` per group of `g` channels.
-template <class V, int RB, int NB, bool Q4>
-static inline void pv_codes_tile(const typename V::T* A, int64_t lda, int64_t n, const uint8_t* codes,
-                                 int64_t cs, const float* sc, int64_t ss, int64_t sg, int64_t g,
-                                 typename V::T* O, int64_t ldo, bool add) {
+// Q4 reads (V::u4_pair) give each block of 2W channels as its W even channels, then its W odd
+// ones: q rows are put in that order before the key dot products (q4_order), and P V rows come
+// out in it (q4_unorder puts them back).
+template <class T, int W>
+static inline void q4_order(const T* src, T* dst, int64_t X) {
+  for (int64_t b0 = 0; b0 < X; b0 += 2 * W)
+    for (int e = 0; e < W; e++) {
+      dst[b0 + e] = src[b0 + 2 * e];
+      dst[b0 + W + e] = src[b0 + 2 * e + 1];
+    }
+}
+template <class T, int W>
+static inline void q4_unorder(T* x, int64_t X) {
+  T tmp[2 * W];
+  for (int64_t b0 = 0; b0 < X; b0 += 2 * W) {
+    for (int e = 0; e < W; e++) {
+      tmp[2 * e] = x[b0 + e];
+      tmp[2 * e + 1] = x[b0 + W + e];
+    }
+    for (int e = 0; e < 2 * W; e++) x[b0 + e] = tmp[e];
+  }
+}
+
+// Vectors c0 .. c0 + n - 1 of one code row as floats (n even for Q4, c0 too), each times its
+// group's scale when SCALE (else the bare codes: the caller applies the scale once per key).
+template <class V, bool Q4, bool SCALE>
+static inline void code_vectors(const uint8_t* row, const float* sc, int64_t sg, int64_t g,
+                                int64_t c0, int n, V* x) {
   using T = typename V::T;
+  constexpr int W = V::W;
+  if (Q4) {
+    for (int c = 0; c < n; c += 2) {
+      const T s = SCALE ? T(sc[(((c0 + c) * W) / g) * sg]) : T(1);
+      V::u4_pair(row + (c0 + c) * (W / 2), s, x[c], x[c + 1]);
+    }
+  } else {
+    for (int c = 0; c < n; c++) {
+      const V v = V::load_i8(reinterpret_cast<const int8_t*>(row) + (c0 + c) * W);
+      x[c] = SCALE ? v * V::set1(T(sc[(((c0 + c) * W) / g) * sg])) : v;
+    }
+  }
+}
+
+// S[r][0:2W] = q_r . k_j for the RB rows of q (ldq apart; Q4: in q4_order) and the keys j <
+// nvalid of a tile of 2W keys read from their codes (0 past nvalid): each key's nv vectors are
+// converted once for all RB rows, and W keys' partial-sum vectors reduce by one tree per row.
+// Without SCALE the key has one scale group and its scale multiplies the W reduced scores.
+template <class V, int RB, bool Q4, bool SCALE>
+static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uint8_t* codes,
+                          int64_t cs, const float* sc, int64_t ss, int64_t sg, int64_t g,
+                          int nvalid, typename V::T* S, int64_t lds) {
+  using T = typename V::T;
+  constexpr int W = V::W, STEP = Q4 ? 2 : 1;
+  for (int h0 = 0; h0 < 2 * W; h0 += W) {
+    V p[RB][W];
+    T s[W];
+    for (int jj = 0; jj < W; jj++) {
+      const int key = h0 + jj;
+      V a[RB];
+      for (int r = 0; r < RB; r++) a[r] = V::zero();
+      if (key < nvalid) {
+        const uint8_t* row = codes + key * cs;
+        const float* sr = sc + key * ss;
+        for (int c = 0; c < nv; c += STEP) {
+          V x[STEP];
+          code_vectors<V, Q4, SCALE>(row, sr, sg, g, c, STEP, x);
+          for (int u = 0; u < STEP; u++)
+            for (int r = 0; r < RB; r++) a[r] = fmadd(V::load(q + r * ldq + (c + u) * W), x[u], a[r]);
+        }
+      }
+      s[jj] = key < nvalid ? T(sc[key * ss]) : T(0);
+      for (int r = 0; r < RB; r++) p[r][jj] = a[r];
+    }
+    for (int r = 0; r < RB; r++) {
+      V res = V::reduce_lanes(p[r]);
+      if (!SCALE) res = res * V::load(s);
+      res.store(S + r * lds + h0);
+    }
+  }
+}
+
+// The scores of R <= 4 rows against one tile of keys (qk_codes_tile for the view's format).
+template <class V>
+static inline void qk_codes(int64_t R, const typename V::T* q, int64_t ldq, const View& t,
+                            int64_t b, int64_t h, int64_t j0, int nvalid, int64_t X,
+                            typename V::T* S, int64_t lds) {
+  const uint8_t* c = static_cast<const uint8_t*>(t.p) + b * t.s[0] + h * t.s[1] + j0 * t.s[2];
+  const float* sc = t.scales + b * t.ss[0] + h * t.ss[1] + j0 * t.ss[2];
+  const int64_t cs = t.s[2], ss = t.ss[2], sg = t.ss[3], g = t.group;
+  const int nv = int(X / V::W);
+  const int mode = int(R) * 4 + (t.dt == DT::Q4 ? 2 : 0) + (g == X ? 0 : 1);
+#define SA_QK(RB, Q4, SC)                                                                   \
+  case RB * 4 + (Q4 ? 2 : 0) + (SC ? 1 : 0):                                                \
+    return qk_codes_tile<V, RB, Q4, SC>(q, ldq, nv, c, cs, sc, ss, sg, g, nvalid, S, lds);
+  switch (mode) {
+    SA_QK(1, false, false) SA_QK(1, false, true) SA_QK(1, true, false) SA_QK(1, true, true)
+    SA_QK(2, false, false) SA_QK(2, false, true) SA_QK(2, true, false) SA_QK(2, true, true)
+    SA_QK(3, false, false) SA_QK(3, false, true) SA_QK(3, true, false) SA_QK(3, true, true)
+    SA_QK(4, false, false) SA_QK(4, false, true) SA_QK(4, true, false) SA_QK(4, true, true)
+    default: break;
+  }
+#undef SA_QK
+}
+
+// O[i][c0*W : (c0+NB)*W] = sum_k A[i * lda + k] * value(k) over n value rows read from their
+// codes (cs bytes apart; scales ss apart per row, sg per group of g): each row's NB vectors are
+// converted once for all RB rows. Without SCALE the rows have one group each and A already holds
+// p * scale (pv_codes folds it in), so the codes go straight into the FMAs.
+template <class V, int RB, int NB, bool Q4, bool SCALE>
+static void pv_codes_tile(const typename V::T* A, int64_t lda, int64_t n, const uint8_t* codes,
+                          int64_t cs, const float* sc, int64_t ss, int64_t sg, int64_t g,
+                          int64_t c0, typename V::T* O, int64_t ldo) {
   constexpr int W = V::W;
   V acc[RB][NB];
   for (int i = 0; i < RB; i++)
-    for (int c = 0; c < NB; c++) acc[i][c] = add ? V::load(O + i * ldo + c * W) : V::zero();
-  int64_t goff[NB];  // scale offset of each vector (its group)
-  for (int c = 0; c < NB; c++) goff[c] = ((c * W) / g) * sg;
+    for (int c = 0; c < NB; c++) acc[i][c] = V::zero();
   for (int64_t k = 0; k < n; k++) {
-    const uint8_t* cr = codes + k * cs;
-    const float* sr = sc + k * ss;
-    V bv[NB];
-    for (int c = 0; c < NB; c++) {
-      const V x = Q4 ? V::load_u4(cr + c * (W / 2))
-                     : V::load_i8(reinterpret_cast<const int8_t*>(cr) + c * W);
-      bv[c] = x * V::set1(T(sr[goff[c]]));
-    }
+    V x[NB];
+    code_vectors<V, Q4, SCALE>(codes + k * cs, sc + k * ss, sg, g, c0, NB, x);
     for (int i = 0; i < RB; i++) {
       const V a = V::set1(A[i * lda + k]);
-      for (int c = 0; c < NB; c++) acc[i][c] = fmadd(a, bv[c], acc[i][c]);
+      for (int c = 0; c < NB; c++) acc[i][c] = fmadd(a, x[c], acc[i][c]);
     }
   }
   for (int i = 0; i < RB; i++)
-    for (int c = 0; c < NB; c++) acc[i][c].store(O + i * ldo + c * W);
+    for (int c = 0; c < NB; c++) acc[i][c].store(O + i * ldo + (c0 + c) * W);
 }
 
-// One block of rb (1..4) rows and NB vectors of pv_codes: the register tile fixed at compile time.
-template <class V, int NB>
-static inline void pv_codes_rows(int rb, bool q4, const typename V::T* A, int64_t lda, int64_t n,
+template <class V, int NB, bool Q4, bool SCALE>
+static inline void pv_codes_rows(int rb, const typename V::T* A, int64_t lda, int64_t n,
                                  const uint8_t* codes, int64_t cs, const float* sc, int64_t ss,
-                                 int64_t sg, int64_t g, typename V::T* O, int64_t ldo) {
-  switch (rb * 2 + (q4 ? 1 : 0)) {
-    case 2: return pv_codes_tile<V, 1, NB, false>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
-    case 3: return pv_codes_tile<V, 1, NB, true>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
-    case 4: return pv_codes_tile<V, 2, NB, false>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
-    case 5: return pv_codes_tile<V, 2, NB, true>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
-    case 6: return pv_codes_tile<V, 3, NB, false>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
-    case 7: return pv_codes_tile<V, 3, NB, true>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
-    case 8: return pv_codes_tile<V, 4, NB, false>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
-    default: return pv_codes_tile<V, 4, NB, true>(A, lda, n, codes, cs, sc, ss, sg, g, O, ldo, false);
+                                 int64_t sg, int64_t g, int64_t c0, typename V::T* O, int64_t ldo) {
+  switch (rb) {
+    case 1: return pv_codes_tile<V, 1, NB, Q4, SCALE>(A, lda, n, codes, cs, sc, ss, sg, g, c0, O, ldo);
+    case 2: return pv_codes_tile<V, 2, NB, Q4, SCALE>(A, lda, n, codes, cs, sc, ss, sg, g, c0, O, ldo);
+    case 3: return pv_codes_tile<V, 3, NB, Q4, SCALE>(A, lda, n, codes, cs, sc, ss, sg, g, c0, O, ldo);
+    default: return pv_codes_tile<V, 4, NB, Q4, SCALE>(A, lda, n, codes, cs, sc, ss, sg, g, c0, O, ldo);
+  }
+}
+
+template <class V, bool Q4, bool SCALE>
+static inline void pv_codes_fmt(int64_t R, const typename V::T* A, int64_t lda, int64_t n,
+                                const uint8_t* codes, int64_t cs, const float* sc, int64_t ss,
+                                int64_t sg, int64_t g, int64_t nv, typename V::T* O, int64_t ldo) {
+  constexpr int NB = ColBlock<V>::value, TAIL = Q4 ? 2 : 1;
+  static_assert(!Q4 || NB % 2 == 0, "Q4 column blocks hold whole pairs of vectors");
+  for (int64_t c0 = 0; c0 < nv;) {
+    const bool whole = c0 + NB <= nv;
+    for (int64_t i0 = 0; i0 < R; i0 += 4) {
+      const int rb = int(imin(4, R - i0));
+      if (whole)
+        pv_codes_rows<V, NB, Q4, SCALE>(rb, A + i0 * lda, lda, n, codes, cs, sc, ss, sg, g, c0,
+                                        O + i0 * ldo, ldo);
+      else
+        pv_codes_rows<V, TAIL, Q4, SCALE>(rb, A + i0 * lda, lda, n, codes, cs, sc, ss, sg, g,
+                                          c0, O + i0 * ldo, ldo);
+    }
+    c0 += whole ? NB : TAIL;
   }
 }
 
 // O (R x X, ldo) = A (R x n, lda) times value rows [j0, j0 + n) of the quantized view t at
-// (b, h), read from their codes in registers (vector_codes(t, X) must hold): row blocks of up to
-// 4, column blocks of up to NB vectors.
-template <class V, int NB>
-static inline void pv_codes(int64_t R, const typename V::T* A, int64_t lda, const View& t,
-                            int64_t b, int64_t h, int64_t j0, int64_t n, int64_t X,
-                            typename V::T* O, int64_t ldo) {
-  constexpr int W = V::W;
-  const bool q4 = t.dt == DT::Q4;
-  const int64_t cs = t.s[2], ss = t.ss[2], sg = t.ss[3], g = t.group;
-  const uint8_t* c0 = static_cast<const uint8_t*>(t.p) + b * t.s[0] + h * t.s[1] + j0 * cs;
-  const float* s0 = t.scales + b * t.ss[0] + h * t.ss[1] + j0 * ss;
-  for (int64_t d0 = 0; d0 < X; d0 += NB * W) {
-    const int nb = int(imin(NB, (X - d0) / W));
-    const uint8_t* cd = c0 + (q4 ? d0 / 2 : d0);
-    const float* sd = s0 + (d0 / g) * sg;
-    for (int64_t i0 = 0; i0 < R; i0 += 4) {
-      const int rb = int(imin(4, R - i0));
-      const typename V::T* a = A + i0 * lda;
-      typename V::T* o = O + i0 * ldo + d0;
-      if (nb == NB)
-        pv_codes_rows<V, NB>(rb, q4, a, lda, n, cd, cs, sd, ss, sg, g, o, ldo);
-      else  // the last, narrower block: one vector at a time
-        for (int c = 0; c < nb; c++)
-          pv_codes_rows<V, 1>(rb, q4, a, lda, n, cd + (q4 ? c * W / 2 : c * W), cs,
-                              sd + ((c * W) / g) * sg, ss, sg, g, o + c * W, ldo);
-    }
-  }
+// (b, h), read from their codes in registers (direct_codes(t, X) must hold). With one scale
+// group per row, A's rows are multiplied by the rows' scales first (in place). Q4: O's rows in
+// q4_order (the caller puts them back).
+template <class V>
+static inline void pv_codes(int64_t R, typename V::T* A, int64_t lda, const View& t, int64_t b,
+                            int64_t h, int64_t j0, int64_t n, int64_t X, typename V::T* O,
+                            int64_t ldo) {
+  using T = typename V::T;
+  const uint8_t* c = static_cast<const uint8_t*>(t.p) + b * t.s[0] + h * t.s[1] + j0 * t.s[2];
+  const float* sc = t.scales + b * t.ss[0] + h * t.ss[1] + j0 * t.ss[2];
+  const int64_t cs = t.s[2], ss = t.ss[2], sg = t.ss[3], g = t.group, nv = X / V::W;
+  const bool fold = g == X, q4 = t.dt == DT::Q4;
+  if (fold)  // p_j * s_j once per row and key instead of a multiply per code vector
+    for (int64_t r = 0; r < R; r++)
+      for (int64_t k = 0; k < n; k++) A[r * lda + k] *= T(sc[k * ss]);
+  if (q4 && fold) return pv_codes_fmt<V, true, false>(R, A, lda, n, c, cs, sc, ss, sg, g, nv, O, ldo);
+  if (q4) return pv_codes_fmt<V, true, true>(R, A, lda, n, c, cs, sc, ss, sg, g, nv, O, ldo);
+  if (fold) return pv_codes_fmt<V, false, false>(R, A, lda, n, c, cs, sc, ss, sg, g, nv, O, ldo);
+  pv_codes_fmt<V, false, true>(R, A, lda, n, c, cs, sc, ss, sg, g, nv, O, ldo);
 }
 
 // Ask for the code bytes and scales of rows [j0, j0 + 32) (those below nk) of a quantized view:

@@ -41,6 +41,15 @@ struct V {
     __m256i c = _mm256_sub_epi32(_mm256_cvtepu8_epi32(w), _mm256_set1_epi32(8));
     return {_mm256_cvtepi32_ps(c)};
   }
+  // 2W 4-bit codes from W bytes times s: even channels (low nibbles) in `even`, odd in `odd`
+  static void u4_pair(const uint8_t* p, float s, V& even, V& odd) {
+    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i eight = _mm256_set1_epi32(8);
+    const __m256i lo = _mm256_sub_epi32(_mm256_and_si256(x, _mm256_set1_epi32(15)), eight);
+    const __m256i hi = _mm256_sub_epi32(_mm256_srli_epi32(x, 4), eight);
+    even.v = _mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(s));
+    odd.v = _mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(s));
+  }
   static V set1(float x) { return {_mm256_set1_ps(x)}; }
   static V zero() { return {_mm256_setzero_ps()}; }
   friend V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }

@@ -38,6 +38,17 @@ struct V {
     __m512i c = _mm512_sub_epi32(_mm512_cvtepu8_epi32(w), _mm512_set1_epi32(8));
     return {_mm512_cvtepi32_ps(c)};
   }
+  // 2W 4-bit codes from W bytes times s: the even channels (low nibbles) in `even`, the odd in
+  // `odd`. Each nibble indexes a 16-entry table of s * (code - 8) with vpermps (which reads only
+  // an index's low 4 bits): one widening, one shift and two permutes per 32 codes, and the
+  // products are the ones dequantizing computes (code * scale, one rounding).
+  static void u4_pair(const uint8_t* p, float s, V& even, V& odd) {
+    const __m512 tbl = _mm512_mul_ps(
+        _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_ps(s));
+    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    even.v = _mm512_permutexvar_ps(x, tbl);
+    odd.v = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), tbl);
+  }
   static V set1(float x) { return {_mm512_set1_ps(x)}; }
   static V zero() { return {_mm512_setzero_ps()}; }
   friend V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }

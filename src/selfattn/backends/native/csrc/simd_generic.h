@@ -43,6 +43,13 @@ struct GV {
     for (int i = 0; i < W; i++) r.v[i] = T(int(i % 2 ? p[i / 2] >> 4 : p[i / 2] & 15) - 8);
     return r;
   }
+  // 2W 4-bit codes from W bytes times s: even channels (low nibbles) in `even`, odd in `odd`
+  static void u4_pair(const uint8_t* p, T s, GV& even, GV& odd) {
+    for (int i = 0; i < W; i++) {
+      even.v[i] = T(int(p[i] & 15) - 8) * s;
+      odd.v[i] = T(int(p[i] >> 4) - 8) * s;
+    }
+  }
   void store(T* p) const {
     for (int i = 0; i < W; i++) p[i] = v[i];
   }

@@ -126,6 +126,17 @@ struct V {
     const int32_t c[4] = {(p[0] & 15) - 8, (p[0] >> 4) - 8, (p[1] & 15) - 8, (p[1] >> 4) - 8};
     return {vcvtq_f32_s32(vld1q_s32(c))};
   }
+  // 2W 4-bit codes from W bytes times s: even channels (low nibbles) in `even`, odd in `odd`
+  static void u4_pair(const uint8_t* p, float s, V& even, V& odd) {
+    uint32_t four;
+    __builtin_memcpy(&four, p, 4);
+    const uint32x4_t w = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(four)))));
+    const int32x4_t eight = vdupq_n_s32(8);
+    const int32x4_t lo = vsubq_s32(vreinterpretq_s32_u32(vandq_u32(w, vdupq_n_u32(15))), eight);
+    const int32x4_t hi = vsubq_s32(vreinterpretq_s32_u32(vshrq_n_u32(w, 4)), eight);
+    even.v = vmulq_n_f32(vcvtq_f32_s32(lo), s);
+    odd.v = vmulq_n_f32(vcvtq_f32_s32(hi), s);
+  }
   static V set1(float x) { return {vdupq_n_f32(x)}; }
   static V zero() { return {vdupq_n_f32(0.0f)}; }
   friend V fmadd(V a, V b, V c) { return {vfmaq_f32(c.v, a.v, b.v)}; }
