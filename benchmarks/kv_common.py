@@ -7,7 +7,10 @@ files and README tables use one spelling:
 
 - ``DynamicCache``: transformers' default (concatenates each layer's cache at every step);
 - ``make_cache``: selfattn's in-place cache, float storage, every token kept;
-- ``make_cache(bits=8)``, ``make_cache(bits=4)``, ``make_cache(bits=4, rotate=True)``: quantized;
+- ``make_cache(bits=8)``, ``make_cache(bits=4)``, ``make_cache(bits=4, rotate=True)``: quantized,
+  with make_cache's default float window (``residual=128``: the newest tokens stay float);
+- the same with ``residual=0`` (every token quantized at once, as before the window existed) or
+  ``residual=128`` spelled out;
 - ``make_cache(bits=(8, 4), rotate=True)``: int8 keys, 4-bit values (both rotated);
 - ``QuantizedCache(quanto, 4)`` / ``(quanto, 2)``: transformers' quantized cache on optimum-quanto
   (it dequantizes the whole cache in every layer at every step);
@@ -37,9 +40,14 @@ CACHE_LABELS = (
     "DynamicCache",
     "make_cache",
     "make_cache(bits=8)",
+    "make_cache(bits=8, residual=0)",
     "make_cache(bits=4)",
+    "make_cache(bits=4, residual=0)",
     "make_cache(bits=4, rotate=True)",
+    "make_cache(bits=4, rotate=True, residual=0)",
+    "make_cache(bits=4, rotate=True, residual=128)",
     "make_cache(bits=(8, 4), rotate=True)",
+    "make_cache(bits=(8, 4), rotate=True, residual=0)",
     "QuantizedCache(quanto, 4)",
     "QuantizedCache(quanto, 2)",
 )
@@ -96,14 +104,13 @@ def new_cache(model: Any, label: str) -> Any:
         return DynamicCache(config=model.config)
     if label == "make_cache":
         return make_cache(model)
-    if label == "make_cache(bits=8)":
-        return make_cache(model, bits=8)
-    if label == "make_cache(bits=4)":
-        return make_cache(model, bits=4)
-    if label == "make_cache(bits=4, rotate=True)":
-        return make_cache(model, bits=4, rotate=True)
-    if label == "make_cache(bits=(8, 4), rotate=True)":
-        return make_cache(model, bits=(8, 4), rotate=True)
+    if label.startswith("make_cache(") and label in CACHE_LABELS:
+        # the label is the call: its keywords are literals (bits, rotate, residual)
+        import ast
+
+        call = ast.parse(label, mode="eval").body
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        return make_cache(model, **kwargs)
     if label.startswith("QuantizedCache(quanto, "):
         bits = int(label.removeprefix("QuantizedCache(quanto, ").rstrip(")"))
         return QuantizedCache(backend="quanto", config=model.config, nbits=bits)

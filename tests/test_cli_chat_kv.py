@@ -1,6 +1,7 @@
-"""``selfattn chat --kv-bits --kv-rotate --kv-budget --kv-policy --kv-sinks``: the chat runs on
-``make_cache`` (also without them: the in-place float cache) and reports the cache's size in bytes
-with each reply; bad values end with one line and exit status 2 before the model loads."""
+"""``selfattn chat --kv-bits --kv-rotate --kv-residual --kv-budget --kv-policy --kv-sinks``: the
+chat runs on ``make_cache`` (also without them: the in-place float cache) and reports the cache's
+size in bytes with each reply; bad values end with one line and exit status 2 before the model
+loads."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from selfattn.cli import kv, main
         (["--kv-budget", "12", "--kv-policy", "lru"], "invalid choice: 'lru'"),
         (["--kv-budget", "12", "--kv-policy", "sink", "--kv-sinks", "-1"], ">= 0, got -1"),
         (["--kv-rotate"], "--kv-rotate .* needs --kv-bits"),
+        (["--kv-residual", "64"], "--kv-residual .* needs --kv-bits"),
+        (["--kv-bits", "4", "--kv-residual", "-1"], "expected an integer >= 0, got -1"),
+        (["--kv-bits", "4", "--kv-residual", "many"], "expected an integer, got 'many'"),
         (["--kv-policy", "sink"], "--kv-policy .* needs --kv-budget N"),
         (["--kv-budget", "9", "--kv-sinks", "2"], "--kv-sinks is for --kv-policy sink, not h2o"),
         (["--kv-bits", "8", "--attn", "sdpa"], "--kv-bits needs --attn selfattn"),
@@ -83,14 +87,16 @@ def test_chat_reports_the_kv_cache_size_plain_and_quantized_with_a_budget(smollm
 
 def test_chat_kv_bits_pair_stores_int8_keys_and_4bit_values(smollm2_folder):
     """``--kv-bits 8,4``: make_cache(bits=(8, 4)); the cache is smaller than int8 for both
-    sides and larger than 4 bits for both, and the reply is the plain cache's."""
-    question = ("What is the capital of France?", "--max-new-tokens", "3")
+    sides and larger than 4 bits for both, and the reply is the plain cache's. (``--kv-residual
+    0``: every token quantized at once; make_cache's default window of 128 float tokens would
+    hold this whole short chat.)"""
+    question = ("What is the capital of France?", "--max-new-tokens", "3", "--kv-residual", "0")
     sizes = {}
     for bits in ("8", "8,4", "4"):
         out = _chat(*question, "--kv-bits", bits, "--kv-rotate")
         sizes[bits] = out["kv_cache_bytes"]
         if bits == "8,4":
-            assert out["kv_cache"] == "int8 keys, int4 values+rotation"
+            assert out["kv_cache"] == "int8 keys, int4 values+rotation, residual 0"
             assert out["reply"] == "The capital of"
     assert sizes["4"] < sizes["8,4"] < sizes["8"], sizes
 

@@ -94,13 +94,13 @@ def test_make_cache_pair_nbytes_count_each_side():
     model = _tiny_llama()
     sizes = {}
     for bits in (None, (8, 4), (None, None)):
-        cache = sa_hf.make_cache(model, bits=bits)
+        cache = sa_hf.make_cache(model, bits=bits, residual=0)  # every token quantized at once
         with torch.no_grad():
             model(input_ids=ids, cache=cache, use_cache=True)
         sizes[bits] = cache.nbytes
     assert sizes[(8, 4)] * 64 == sizes[None] * 20
     assert sizes[(None, None)] == sizes[None]
-    cache = sa_hf.make_cache(model, bits=(8, 4), rotate=True)
+    cache = sa_hf.make_cache(model, bits=(8, 4), rotate=True, residual=0)
     assert (cache.key_bits, cache.value_bits) == (8, 4) and cache.bits == (8, 4)
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)
@@ -160,7 +160,8 @@ def test_smollm2_pair_cache_equals_dynamic_cache_over_the_same_fake_quantization
     ids = tok(["Once upon a time, in a land far away, there lived"], return_tensors="pt")
     ids = ids["input_ids"]
     layers = model.config.num_hidden_layers
-    seq, got = _logits(model, ids, sa_hf.make_cache(model, bits=(8, 4), rotate=True))
+    cache = sa_hf.make_cache(model, bits=(8, 4), rotate=True, residual=0)  # no float window
+    seq, got = _logits(model, ids, cache)
     ref_seq, ref = _logits(model, ids, Cache(layers=[_FakeQuantLayer(8, 4) for _ in range(layers)]))
     _, int8 = _logits(model, ids, Cache(layers=[_FakeQuantLayer(8, 8) for _ in range(layers)]))
     assert torch.equal(seq, ref_seq)

@@ -74,7 +74,7 @@ def test_quantized_storage_is_a_quarter_of_float_and_needs_selfattn_attention():
     model = _tiny_llama()
     sizes = {}
     for bits in (None, 8, 4):
-        cache = sa_hf.make_cache(model, bits=bits)
+        cache = sa_hf.make_cache(model, bits=bits, residual=0)  # every token quantized at once
         with torch.no_grad():
             model(input_ids=ids, cache=cache, use_cache=True)
         sizes[bits] = sum(x.nbytes for x in cache.layers)
@@ -288,8 +288,8 @@ def _turns(model, tok, cache, max_new_tokens=12):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"bits": 8},
-        {"bits": 4, "rotate": True},
+        {"bits": 8, "residual": 0},
+        {"bits": 4, "rotate": True, "residual": 0},
         {"budget": 16, "policy": "h2o"},
         {"bits": 8, "budget": 16, "policy": "snapkv"},
     ],

@@ -27,6 +27,7 @@ from .backends import (
     select,
 )
 from .forward_mode import has_tangents, transformed
+from .kv_residual import ResidualKV, residual_call
 from .quant import QuantizedKV, rotated_like, standin, unwrap, unwrap_call, unwrap_label
 from .spec import AttentionSpec, check_qkv, validate, validate_call
 
@@ -93,7 +94,9 @@ def attention(
             must be q's): the result is that of their ``dequantize()`` up to float32 rounding;
             they get no gradient. ``native`` reads their codes in place (no dequantized copy);
             the other backends get them dequantized (rotated codes stay rotated: q, or the
-            output, is rotated instead).
+            output, is rotated instead). They may also be :class:`selfattn.kv_residual.ResidualKV`
+            (older tokens, then a float window: a cache's residual window), read as one call per
+            part merged exactly through the lse.
         causal: key ``j`` visible to query ``i`` only when ``j <= i'``.
         window: ``(left, right)``: visible only when ``i' - left <= j <= i' + right``; None on a
             side is unbounded. ``(w, 0)`` is a causal sliding window of ``w + 1`` keys.
@@ -156,6 +159,8 @@ def attention(
         "sinks": sinks,
     }
     backend = check_backend(backend)
+    if type(k) is ResidualKV or type(v) is ResidualKV:  # older tokens, then a float window
+        return residual_call(q, k, v, rules, return_lse, backend)
     if type(k) is QuantizedKV or type(v) is QuantizedKV:
         return quantized_call(q, k, v, rules, return_lse, backend)
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (no graph break)
@@ -310,6 +315,7 @@ def explain(
 ) -> str:
     """Which backend ``auto`` would pick for this call, and why each other one declined."""
     backend = check_backend(kwargs.pop("backend", "auto"))
+    k, v = (x.dequantize() if type(x) is ResidualKV else x for x in (k, v))
     k, v, quantized = unwrap(k, v)
     spec = validate(q, k, v, **kwargs)
     if quantized:
@@ -407,6 +413,8 @@ def attention_weights(
         float32 (B, len(heads), len(rows), Nk); rows with no visible key are 0. With ``sinks``
         (Hq,) a row sums to ``1 - exp(sinks[h] - lse)``: the sink's share is not returned.
     """
+    if type(k) is ResidualKV:  # a cache's [quantized | float window]: read as one tensor
+        k = k.dequantize()
     q, k, _, quantized, _ = unwrap_call(q, k, None)  # rotated keys: q rotated instead
     spec = validate(
         q,

@@ -3,7 +3,9 @@
 During generation each step adds one token; keeping every earlier key and value means a step
 costs O(N) instead of recomputing the whole prefix. Because :func:`selfattn.attention` aligns
 causal masks bottom-right, attending ``Nq`` new queries over the ``Nk`` cached keys is exact.
-With ``bits`` the cache stores codes and scales (``selfattn.quant``) instead of floats.
+With ``bits`` the cache stores codes and scales (``selfattn.quant``) instead of floats, and
+with ``residual`` it keeps its newest tokens in float until newer ones push them out
+(``selfattn.kv_residual``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from __future__ import annotations
 import torch
 
 from . import checks
+from .kv_residual import ResidualKV
 from .quant import QuantizedKV, kv_bits, quantize_kv
 
-__all__ = ["KVCache"]
+__all__ = ["FLUSH", "KVCache"]
+
+#: tokens a residual window gathers beyond ``residual`` before its oldest are quantized at once
+FLUSH = 32
 
 
 class KVCache:
@@ -29,6 +35,20 @@ class KVCache:
     apart, each 8, 4 or None (float): ``(8, 4)`` keeps int8 keys, where 4 bits cost most of the
     accuracy, with 4-bit values.
 
+    With ``residual=R`` (and ``bits``) the newest tokens stay in float, as KIVI and transformers'
+    ``QuantizedCache(residual_length=)`` keep them: ``append`` writes new tokens into a float
+    window, and once the window holds more than ``R + FLUSH`` tokens (``FLUSH`` = 32) the next
+    ``append`` quantizes all but its newest ``R`` in one chunk into the quantized storage, in
+    place, and slides those ``R`` to the window's front (a copy of ``R`` tokens per ``FLUSH``
+    steps, never of the cache). Every token is quantized exactly once, when it leaves the window,
+    so appending never re-quantizes older tokens. The window holds at most ``R + FLUSH`` tokens
+    plus the newest ``append``'s (a chunk's own keys are always float: a prefill chunk attends
+    its own tokens unquantized). ``keys`` / ``values`` (and ``append``'s result) are then
+    :class:`selfattn.kv_residual.ResidualKV` views ``[quantized | window]`` that
+    :func:`selfattn.attention` reads exactly (one call per part, merged through their lse).
+    ``residual=0`` (the default, as the quantized ``KVCache`` always was: every appended token
+    quantized at once) gives exactly that behaviour; ``make_cache`` defaults to 128 instead.
+
     Args:
         batch_size: B.
         max_len: the most tokens the cache can hold.
@@ -41,6 +61,7 @@ class KVCache:
             ``(key_bits, value_bits)`` of 8, 4 or None.
         rotate: with ``bits``, Walsh-Hadamard-rotate the head dimension before quantizing (the
             quantized sides only).
+        residual: with ``bits``, the newest tokens kept in float (an int >= 0; 0: none).
 
     Example::
 
@@ -60,6 +81,7 @@ class KVCache:
         value_dim: int | None = None,
         bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
+        residual: int = 0,
     ) -> None:
         dims = {
             "batch_size": batch_size,
@@ -79,6 +101,12 @@ class KVCache:
             bits = None
         if bits is None and rotate is not False:
             raise ValueError(f"rotate={rotate!r} needs bits=8 or 4 (it rotates before quantizing)")
+        residual = checks.integer("residual", residual, minimum=0)
+        if bits is None and residual:
+            raise ValueError(
+                f"residual={residual} keeps the newest tokens in float before quantizing them; "
+                "it needs bits=8 or 4"
+            )
         # a one-token quantization checks bits, rotate and the head dims before any allocation
         probes = [
             None
@@ -123,6 +151,17 @@ class KVCache:
         )
         self._dtype = dtype
         self._len = 0
+        self.residual = residual
+        # the float window (residual > 0): tokens [_qlen, _len) at slots [0, _len - _qlen)
+        self._qlen = 0
+        self.k_window: torch.Tensor | None = None  # (B, Hkv, window capacity, D)
+        self.v_window: torch.Tensor | None = None  # (B, Hkv, window capacity, Dv)
+        if residual:
+            cap = min(residual + FLUSH, self.max_len)
+            self.k_window, self.v_window = (
+                torch.zeros(*shape[:2], cap, d, dtype=dtype, device=device)
+                for d in (self.head_dim, self.value_dim)
+            )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -135,10 +174,12 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the preallocated storage (keys and values; codes and scales when quantized)."""
+        """Bytes of the preallocated storage (keys and values; codes and scales when quantized;
+        the float window's buffers with ``residual``)."""
         return sum(
             t.nbytes if isinstance(t, QuantizedKV) else t.numel() * t.element_size()
-            for t in (self.k, self.v)
+            for t in (self.k, self.v, self.k_window, self.v_window)
+            if t is not None
         )
 
     def __len__(self) -> int:
@@ -151,22 +192,34 @@ class KVCache:
             f"Hkv={self.num_kv_heads}, D={self.head_dim}, Dv={self.value_dim}, "
             f"{self.dtype}, {self.device}"
             + ("" if self.bits is None else f", bits={self.bits}, rotate={self.rotate}")
+            + (f", residual={self.residual}" if self.residual else "")
             + ")"
         )
 
     @property
-    def keys(self) -> torch.Tensor | QuantizedKV:
-        """The filled keys, a view (B, Hkv, len, D) (a QuantizedKV view with ``bits``)."""
-        if isinstance(self.k, QuantizedKV):
-            return self.k.narrow(0, self._len)
-        return self.k[:, :, : self._len]
+    def keys(self) -> torch.Tensor | QuantizedKV | ResidualKV:
+        """The filled keys, a view (B, Hkv, len, D) (a QuantizedKV view with ``bits``; a
+        ResidualKV ``[quantized | float window]`` with ``residual``)."""
+        return self._view(self.k, self.k_window)
 
     @property
-    def values(self) -> torch.Tensor | QuantizedKV:
-        """The filled values, a view (B, Hkv, len, Dv) (a QuantizedKV view with ``bits``)."""
-        if isinstance(self.v, QuantizedKV):
-            return self.v.narrow(0, self._len)
-        return self.v[:, :, : self._len]
+    def values(self) -> torch.Tensor | QuantizedKV | ResidualKV:
+        """The filled values, a view (B, Hkv, len, Dv) (as :attr:`keys`)."""
+        return self._view(self.v, self.v_window)
+
+    @property
+    def window_len(self) -> int:
+        """Tokens the float window holds now (0 without ``residual``)."""
+        return self._len - self._qlen if self.residual else 0
+
+    def _view(
+        self, store: torch.Tensor | QuantizedKV, window: torch.Tensor | None
+    ) -> torch.Tensor | QuantizedKV | ResidualKV:
+        n = self._len if window is None else self._qlen
+        head = store.narrow(0, n) if isinstance(store, QuantizedKV) else store[:, :, :n]
+        if window is None:
+            return head
+        return ResidualKV(head, window[:, :, : self._len - self._qlen])
 
     def append(
         self, k: torch.Tensor, v: torch.Tensor
@@ -219,21 +272,54 @@ class KVCache:
                 f"KVCache overflow: holds {self._len} tokens, appending {n} would make {end} "
                 f"> max_len={self.max_len}; nothing was written"
             )
+        if self.residual:
+            self._append_window(k, v)
+            return self.keys, self.values
         for store, new in ((self.k, k), (self.v, v)):
-            if isinstance(store, QuantizedKV):
-                qx = quantize_kv(
-                    new, bits=store.bits, group_size=store.group_size, rotate=self.rotate
-                )
-                store.codes[:, :, self._len : end] = qx.codes
-                store.scales[:, :, self._len : end] = qx.scales
-            else:
-                store[:, :, self._len : end] = new
+            self._store(store, new, self._len)
         self._len = end
         return self.keys, self.values
 
+    def _store(self, store: torch.Tensor | QuantizedKV, new: torch.Tensor, at: int) -> None:
+        """Write ``new`` (B, Hkv, n, D) into tokens ``[at, at + n)`` of the main storage,
+        quantizing it for a quantized side."""
+        n = new.shape[2]
+        if isinstance(store, QuantizedKV):
+            qx = quantize_kv(new, bits=store.bits, group_size=store.group_size, rotate=self.rotate)
+            store.codes[:, :, at : at + n] = qx.codes
+            store.scales[:, :, at : at + n] = qx.scales
+        else:
+            store[:, :, at : at + n] = new
+
+    def _append_window(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``append`` with a float window: flush its oldest tokens when the new ones would take
+        it past ``residual + FLUSH`` (keeping the newest ``residual``), then write the new ones
+        after what it holds (its buffers grow for a chunk longer than they are, and shrink back
+        to ``residual + FLUSH`` tokens afterwards)."""
+        n, held, keep = k.shape[2], self._len - self._qlen, self.residual
+        if held + n > keep + FLUSH and held > keep:
+            out = held - keep  # the oldest tokens leave the window, quantized once, in place
+            for store, win in ((self.k, self.k_window), (self.v, self.v_window)):
+                self._store(store, win[:, :, :out], self._qlen)
+                win[:, :, :keep] = win[:, :, out:held].clone()  # slide the newest to the front
+            self._qlen += out
+            held = keep
+        usual = min(keep + FLUSH, self.max_len)
+        cap = max(usual, held + n)  # a long chunk: room for it and what is held
+        if cap != self.k_window.shape[2]:
+            # grown for a long chunk, or given back once a flush left a small window
+            for name in ("k_window", "v_window"):
+                old = getattr(self, name)
+                new = old.new_zeros((*old.shape[:2], cap, old.shape[3]))
+                new[:, :, :held] = old[:, :, :held]
+                setattr(self, name, new)
+        self.k_window[:, :, held : held + n] = k
+        self.v_window[:, :, held : held + n] = v
+        self._len += n
+
     def reset(self) -> None:
         """Forget every token (the buffers are kept and overwritten by later appends)."""
-        self._len = 0
+        self._len = self._qlen = 0
 
     def crop(self, length: int) -> None:
         """Keep only the first ``length`` tokens (e.g. to undo rejected speculative tokens)."""
@@ -241,6 +327,7 @@ class KVCache:
         if not 0 <= length <= self._len:
             raise ValueError(f"crop length must be in [0, {self._len}], got {length}")
         self._len = int(length)
+        self._qlen = min(self._qlen, self._len)  # the window keeps what it held below length
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder (or repeat) the batch rows in place: row ``b`` becomes old row ``index[b]``.
@@ -268,5 +355,10 @@ class KVCache:
         stores = []
         for x in (self.k, self.v):
             stores += [x.codes, x.scales] if isinstance(x, QuantizedKV) else [x]
+        if self.residual:
+            n = self._qlen
+            w = self._len - self._qlen
+            for t in (self.k_window, self.v_window):
+                t[:, :, :w] = t[:, :, :w].index_select(0, idx)
         for t in stores:
             t[:, :, :n] = t[:, :, :n].index_select(0, idx)

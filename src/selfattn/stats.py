@@ -20,6 +20,7 @@ import torch
 from .api import CHOICES_KEPT, attention, check_backend, check_lse, selection
 from .backends import BACKENDS, CHOICES, forget_choices, select
 from .forward_mode import has_tangents
+from .kv_residual import ResidualKV
 from .quant import QuantizedKV, standin, unwrap_call, unwrap_label
 from .spec import AttentionSpec, validate, validate_call
 
@@ -101,6 +102,8 @@ def attention_stats(
     """
     want = check_wanted(col_sum, col_max, entropy, topk)
     backend = check_backend(backend)
+    if type(k) is ResidualKV:  # a cache's [quantized | float window]: read as one tensor
+        k = k.dequantize()
     codes = k if type(k) is QuantizedKV else None
     spec = validate(
         q,
@@ -174,7 +177,7 @@ def attention_with_stats(
     """
     want = check_wanted(col_sum, col_max, entropy, topk)
     backend = check_backend(backend)
-    if rows is None:
+    if rows is None and ResidualKV not in (type(k), type(v)):  # a ResidualKV: two calls below
         fused = _fused(q, k, v, rules, heads, want, backend)
         if fused is not None:
             out, lse, stats = fused

@@ -1,5 +1,5 @@
-"""``selfattn chat``'s KV-cache options: ``--kv-bits``, ``--kv-rotate``, ``--kv-budget``,
-``--kv-policy``, ``--kv-sinks``, turned into the keyword arguments of
+"""``selfattn chat``'s KV-cache options: ``--kv-bits``, ``--kv-rotate``, ``--kv-residual``,
+``--kv-budget``, ``--kv-policy``, ``--kv-sinks``, turned into the keyword arguments of
 :func:`selfattn.integrations.transformers.make_cache` (checked before the model loads)."""
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-bits", type=_bits, metavar="8|4|K,V", help=bits)
     rotate = "Walsh-Hadamard rotation before quantizing (with --kv-bits; advised at 4 bits)"
     g.add_argument("--kv-rotate", action="store_true", help=rotate)
+    residual = (
+        "with --kv-bits: the newest N tokens of each layer stay float until newer ones push "
+        "them out (default 128, as transformers' QuantizedCache; 0: quantize every token at once)"
+    )
+    g.add_argument("--kv-residual", type=lambda t: _count(t, 0), metavar="N", help=residual)
     budget = "keep at most N tokens in each full-attention layer, evicting by --kv-policy"
     g.add_argument("--kv-budget", type=lambda t: _count(t, 1), metavar="N", help=budget)
     policy = (
@@ -63,13 +68,17 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     """``make_cache``'s keyword arguments from the parsed options.
 
     Raises:
-        UsageError: options that need another (``--kv-rotate`` without ``--kv-bits``,
+        UsageError: options that need another (``--kv-rotate`` or ``--kv-residual`` without
+            ``--kv-bits``,
             ``--kv-policy`` or ``--kv-sinks`` without ``--kv-budget``, ``--kv-sinks`` with
             another policy), or ``--kv-bits`` / a scored policy with ``--attn`` other than
             selfattn.
     """
     if args.kv_rotate and args.kv_bits is None:
         raise UsageError("--kv-rotate rotates quantized keys and values: it needs --kv-bits")
+    residual = getattr(args, "kv_residual", None)
+    if residual is not None and args.kv_bits is None:
+        raise UsageError("--kv-residual delays quantizing the newest tokens: it needs --kv-bits")
     if args.kv_budget is None:
         for name, value in (("--kv-policy", args.kv_policy), ("--kv-sinks", args.kv_sinks)):
             if value is not None:
@@ -88,6 +97,8 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if args.kv_bits is not None:
         out.update(bits=args.kv_bits, rotate=bool(args.kv_rotate))
+        if residual is not None:
+            out["residual"] = residual
     if args.kv_budget is not None:
         out.update(budget=args.kv_budget, policy=policy)
         if args.kv_sinks is not None:
@@ -102,6 +113,8 @@ def describe(opts: dict[str, Any]) -> str:
         b = opts["bits"]
         kind = f"int{b}" if isinstance(b, int) else f"int{b[0]} keys, int{b[1]} values"
         parts.append(kind + ("+rotation" if opts.get("rotate") else ""))
+        if "residual" in opts:  # given: make_cache's default (128) is not spelled out
+            parts.append(f"residual {opts['residual']}")
     else:
         parts.append("float")
     if "budget" in opts:

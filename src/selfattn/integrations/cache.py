@@ -15,7 +15,9 @@ model's config, as ``DynamicCache(config=...)`` chooses ``DynamicLayer`` /
 
 With ``bits`` every layer stores int8 or 4-bit codes (:mod:`selfattn.integrations.kv_store`) and
 hands attention a :class:`selfattn.QuantizedKV`; a pair ``(key_bits, value_bits)`` sets the two
-sides apart (e.g. ``(8, 4)``: int8 keys, 4-bit values). This module imports transformers;
+sides apart (e.g. ``(8, 4)``: int8 keys, 4-bit values), and ``residual`` (128 by default, as
+transformers' ``QuantizedCache(residual_length=128)``) keeps each layer's newest tokens in float
+until newer ones push them out (see :mod:`selfattn.integrations.kv_layers`). This module imports transformers;
 :func:`selfattn.integrations.transformers.make_cache` imports it on first use.
 """
 
@@ -26,6 +28,9 @@ from typing import Any
 from ..quant import kv_bits
 from .evict import POLICIES, SCORED, BudgetLayer
 from .kv_layers import CHUNK, GrowingLayer, InPlaceLayer, WindowLayer
+
+#: make_cache's float window with ``bits`` (transformers' QuantizedCache: residual_length=128)
+RESIDUAL = 128
 
 try:
     from transformers.cache_utils import Cache, DummyLayer, get_layer_types_and_kwargs
@@ -39,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed transf
 __all__ = [
     "CHUNK",
     "POLICIES",
+    "RESIDUAL",
     "BudgetLayer",
     "GrowingLayer",
     "InPlaceCache",
@@ -61,6 +67,9 @@ class InPlaceCache(Cache):
             8, 4 or None; optional Walsh-Hadamard rotation of the quantized sides).
         budget, policy, sink_tokens: eviction of the full-attention layers (see
             :mod:`selfattn.integrations.evict`).
+        residual: with ``bits``, the newest tokens each layer keeps in float (0: none). An
+            evicting layer (``budget``) quantizes every token at once all the same: it evicts
+            per key head, which one float window shared by every head cannot follow.
 
     Raises:
         ValueError: the model has layers of a kind these layers cannot hold (linear attention,
@@ -77,19 +86,21 @@ class InPlaceCache(Cache):
         budget: int | None = None,
         policy: str = "h2o",
         sink_tokens: int = 4,
+        residual: int = 0,
     ) -> None:
         decoder = config.get_text_config(decoder=True)
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(decoder)
         store = {"chunk": chunk, "bits": bits, "rotate": rotate}
+        windowed = {**store, "residual": residual}
         layers: list[Any] = []
         unsupported = []
         for i, (kind, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
             if kind == "full_attention" and budget is not None:
                 layers.append(BudgetLayer(budget, policy, sink_tokens=sink_tokens, **store))
             elif kind == "full_attention":
-                layers.append(GrowingLayer(**store))
+                layers.append(GrowingLayer(**windowed))
             elif kind in ("sliding_attention", "chunked_attention"):
-                layers.append(WindowLayer(int(kwargs["sliding_window"]), **store))
+                layers.append(WindowLayer(int(kwargs["sliding_window"]), **windowed))
             elif kind == "dummy":
                 layers.append(DummyLayer())
             else:
@@ -103,18 +114,20 @@ class InPlaceCache(Cache):
         super().__init__(layers=layers)
         self.bits, self.rotate, self.budget, self.policy = bits, rotate, budget, policy
         self.key_bits, self.value_bits = kv_bits(bits)
+        self.residual = residual
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every layer's storage (keys, values, their scales, and an evicting layer's
-        positions and scores), as allocated: the capacity, not only the tokens held."""
+        """Bytes of every layer's storage (keys, values, their scales, the float windows' buffers,
+        and an evicting layer's positions and scores), as allocated: the capacity, not only the
+        tokens held."""
         return sum(getattr(x, "nbytes", 0) for x in self.layers)
 
     @property
     def tokens_held(self) -> list[int]:
         """Tokens each layer holds now (a sliding layer its window, an evicting layer at most
         its budget between calls); 0 for layers that keep none."""
-        return [x.end - x.start if isinstance(x, InPlaceLayer) else 0 for x in self.layers]
+        return [x.held if isinstance(x, InPlaceLayer) else 0 for x in self.layers]
 
 
 def make_cache(
@@ -125,6 +138,7 @@ def make_cache(
     budget: int | None = None,
     policy: str = "h2o",
     sink_tokens: int = 4,
+    residual: int | None = None,
 ) -> InPlaceCache:
     """A transformers ``Cache`` for ``model`` whose layers write keys and values in place.
 
@@ -143,6 +157,14 @@ def make_cache(
       ``attn_implementation="selfattn"``. ``bits=(key_bits, value_bits)`` quantizes the two
       apart, each 8, 4 or None (kept float): ``(8, 4)`` keeps int8 keys, where 4 bits cost most
       of the accuracy, with 4-bit values (as llama.cpp's ``-ctk q8_0 -ctv q4_0``).
+    - ``residual`` (with ``bits``; default 128, as transformers' ``QuantizedCache``
+      ``residual_length``): each layer keeps its newest tokens in float and quantizes them, in
+      chunks of ``FLUSH`` (32) tokens, once ``residual + FLUSH`` are waiting (each token is
+      quantized once; a call's own tokens are always float). Attention reads
+      ``[quantized | float window]`` exactly (two calls merged through their lse). SmolLM2's
+      4096-token perplexity with 4-bit + rotation: +4.0% over the float cache without it,
+      about +0.4% with 128 (benchmarks/results/kv_perplexity.json). ``residual=0`` quantizes
+      every token at once. Not in evicting layers (``budget``: they quantize at once).
     - ``budget`` (tokens): every full-attention layer holds at most ``budget`` tokens between
       calls (plus the current call's new tokens while attending), evicting by ``policy``:
       ``"window"`` (the most recent), ``"sink"`` (the first ``sink_tokens`` and the most recent),
@@ -159,6 +181,8 @@ def make_cache(
         budget: None (keep every token) or a positive int.
         policy: the eviction policy for ``budget``, one of :data:`POLICIES`.
         sink_tokens: the first tokens the ``"sink"`` policy always keeps (>= 0).
+        residual: tokens kept in float before quantizing (an int >= 0, only with ``bits``);
+            None: 128 with ``bits``, 0 without.
 
     Returns:
         An :class:`InPlaceCache` with one layer per model layer; ``.nbytes`` is its size.
@@ -188,6 +212,17 @@ def make_cache(
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    if residual is None:
+        residual = 0 if bits is None else RESIDUAL
+    if isinstance(residual, bool) or not isinstance(residual, int):
+        raise TypeError(f"residual must be an int (tokens) or None, got {residual!r}")
+    if residual < 0:
+        raise ValueError(f"residual must be >= 0 (tokens), got {residual}")
+    if residual and bits is None:
+        raise ValueError(
+            f"residual={residual} keeps the newest tokens in float before quantizing them; "
+            "it needs bits=8 or 4"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
             "make_cache serves decoder-only models; this model is an encoder-decoder "
@@ -206,7 +241,13 @@ def make_cache(
             '"selfattn") or model.set_attn_implementation("selfattn"))'
         )
     return InPlaceCache(
-        config, bits=bits, rotate=rotate, budget=budget, policy=policy, sink_tokens=sink_tokens
+        config,
+        bits=bits,
+        rotate=rotate,
+        budget=budget,
+        policy=policy,
+        sink_tokens=sink_tokens,
+        residual=residual,
     )
 
 

@@ -15,6 +15,14 @@ and scales (``bits``, see :mod:`selfattn.integrations.kv_store`), whose view is 
   are kept in a buffer with ``chunk`` free slots after them; when those are used up the kept
   tokens are moved to the front of a fresh buffer (once per ``chunk`` steps, not per step).
 
+With ``residual=R`` and quantized storage, a layer keeps its newest tokens in a float *window*
+(KIVI; transformers' ``QuantizedCache(residual_length=)``): new tokens are written there, and
+once it holds more than ``R + FLUSH`` tokens the next call quantizes all but its newest ``R``
+in one chunk into the quantized storage (each token quantized once, when it leaves the window;
+nothing older is re-quantized) and slides those ``R`` to the window's front (a copy of ``R``
+tokens per ``FLUSH`` steps). Attention gets a :class:`selfattn.kv_residual.ResidualKV`
+``[quantized | window]``, read exactly; a call's own tokens are always in the window.
+
 Their behaviour (lengths, masks, ``crop``, ``reorder_cache``, the batch operations) mirrors
 ``DynamicLayer`` and ``DynamicSlidingWindowLayer``, so ``generate()`` gives the same tokens.
 This module imports transformers.
@@ -27,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..kv_cache import FLUSH
+from ..kv_residual import ResidualKV
 from ..quant import kv_bits
 from . import kv_store
 
@@ -39,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed transf
         "pip install -U 'transformers>=5'"
     ) from exc
 
-__all__ = ["CHUNK", "GrowingLayer", "InPlaceLayer", "WindowLayer", "round_up"]
+__all__ = ["CHUNK", "FLUSH", "GrowingLayer", "InPlaceLayer", "WindowLayer", "round_up"]
 
 #: tokens a layer's storage grows by at least (and a sliding layer's free slots)
 CHUNK = 256
@@ -55,7 +65,11 @@ class InPlaceLayer(CacheLayerMixin):
     quantized (``bits``: 8 or 4 for both, or a pair ``(key_bits, value_bits)`` of 8, 4 or None,
     see :func:`selfattn.quant.kv_bits`); the tokens held are ``[start, end)`` of it, and
     ``self.keys`` / ``self.values`` are views of exactly those (tensors, or
-    :class:`selfattn.QuantizedKV` over views of the codes and scales for a quantized side)."""
+    :class:`selfattn.QuantizedKV` over views of the codes and scales for a quantized side).
+
+    With ``residual`` > 0 and a quantized side, the newest tokens are held in float buffers
+    (B, Hkv, window capacity, D) at slots ``[wstart, wend)`` after those (see the module
+    docstring), and ``keys`` / ``values`` are :class:`selfattn.kv_residual.ResidualKV`."""
 
     is_compileable = False  # shapes change every step, like DynamicLayer
     is_croppable = True
@@ -66,12 +80,23 @@ class InPlaceLayer(CacheLayerMixin):
         *,
         bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
+        residual: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be a positive int (tokens), got {chunk!r}")
+        if isinstance(residual, bool) or not isinstance(residual, int):
+            raise TypeError(f"residual must be an int (tokens), got {residual!r}")
+        if residual < 0:
+            raise ValueError(f"residual must be >= 0 (tokens), got {residual}")
         self.key_bits, self.value_bits = kv_bits(bits)
+        # a float window only delays quantizing: float storage has none
+        quantized = self.key_bits is not None or self.value_bits is not None
+        self.residual = residual if quantized else 0
+        self.kwin: torch.Tensor | None = None  # (B, Hkv, window capacity, D) float
+        self.vwin: torch.Tensor | None = None
+        self.wstart = self.wend = 0
         self.chunk = chunk
         self.bits = bits
         self.rotate = bool(rotate)
@@ -85,9 +110,14 @@ class InPlaceLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         bits = "" if self.bits is None else f", bits={self.bits}"
-        return (
-            f"{type(self).__name__}(tokens={self.end - self.start}, capacity={self.capacity}{bits})"
-        )
+        if self.residual:
+            bits += f", residual={self.residual}"
+        return f"{type(self).__name__}(tokens={self.held}, capacity={self.capacity}{bits})"
+
+    @property
+    def held(self) -> int:
+        """Tokens held: the main storage's ``[start, end)`` and the float window's."""
+        return self.end - self.start + self.wend - self.wstart
 
     @property
     def buffer_k(self) -> torch.Tensor | None:
@@ -106,8 +136,10 @@ class InPlaceLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the keys' and values' storage (its capacity, codes and scales included)."""
-        return kv_store.nbytes(self.kparts) + kv_store.nbytes(self.vparts)
+        """Bytes of the keys' and values' storage (its capacity, codes and scales included, and
+        the float window's buffers)."""
+        win = sum(t.numel() * t.element_size() for t in (self.kwin, self.vwin) if t is not None)
+        return kv_store.nbytes(self.kparts) + kv_store.nbytes(self.vparts) + win
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Empty storage shaped like the first keys and values (B, Hkv, 0, D)."""
@@ -126,13 +158,82 @@ class InPlaceLayer(CacheLayerMixin):
         self.kparts = kv_store.empty_like(self.kcodec.encode(key_states[:, :, :0]), 0)
         self.vparts = kv_store.empty_like(self.vcodec.encode(value_states[:, :, :0]), 0)
         self.start = self.end = 0
+        if self.residual:
+            cap = self.residual + FLUSH
+            self.kwin = key_states.new_zeros((*key_states.shape[:2], cap, key_states.shape[3]))
+            self.vwin = value_states.new_zeros(
+                (*value_states.shape[:2], cap, value_states.shape[3])
+            )
+        self.wstart = self.wend = 0
         self.is_initialized = True
         self._refresh()
 
     def _refresh(self) -> None:
         """Point ``keys`` / ``values`` at the tokens held (views, no copy)."""
-        self.keys = self.kcodec.view(self.kparts, self.start, self.end)
-        self.values = self.vcodec.view(self.vparts, self.start, self.end)
+        self.keys, self.values = self._views(0)
+
+    def _views(self, skip: int) -> tuple[Any, Any]:
+        """Views of the tokens held but the first ``skip``: (B, Hkv, held - skip, D) keys and
+        values (a ResidualKV ``[main | window]`` with a float window)."""
+        a = min(self.start + skip, self.end)
+        keys = self.kcodec.view(self.kparts, a, self.end)
+        values = self.vcodec.view(self.vparts, a, self.end)
+        if not self.residual:
+            return keys, values
+        w = self.wstart + max(0, skip - (self.end - self.start))
+        return (
+            ResidualKV(keys, self.kwin[:, :, w : self.wend]),
+            ResidualKV(values, self.vwin[:, :, w : self.wend]),
+        )
+
+    def _drop_oldest(self, count: int) -> None:
+        """Forget the ``count`` oldest tokens held (the main storage's first, then the
+        window's)."""
+        from_main = min(count, self.end - self.start)
+        self.start += from_main
+        self.wstart += count - from_main
+
+    def _drop_newest(self, count: int) -> None:
+        """Forget the ``count`` newest tokens held (the window's first, then the main's)."""
+        from_win = min(count, self.wend - self.wstart)
+        self.wend -= from_win
+        self.end = max(self.start, self.end - (count - from_win))
+
+    def _put(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Add ``n`` new tokens after those held: into the main storage, or, with a float
+        window, into the window after flushing its oldest tokens (all but the newest
+        ``residual``) into the main storage once it would hold more than ``residual + FLUSH``."""
+        if not self.residual:
+            self._make_room(key_states.shape[2])
+            self._write(key_states, value_states)
+            return
+        n, keep = key_states.shape[2], self.residual
+        held = self.wend - self.wstart
+        if held + n > keep + FLUSH and held > keep:
+            out = held - keep  # quantized once, as they leave the window
+            a = self.wstart
+            self._make_room(out)
+            self._write(self.kwin[:, :, a : a + out], self.vwin[:, :, a : a + out])
+            self.wstart += out
+            held = keep
+        cap = max(keep + FLUSH, held + n)
+        if cap != self.kwin.shape[2] or self.wend + n > cap:
+            # a fresh buffer (grown for a long chunk, or back to the usual size) or a slide of
+            # what is held to the front (once per FLUSH steps: at most residual tokens)
+            for name in ("kwin", "vwin"):
+                old = getattr(self, name)
+                kept = old[:, :, self.wstart : self.wend]
+                new = (
+                    old
+                    if cap == old.shape[2]
+                    else old.new_empty((*old.shape[:2], cap, old.shape[3]))
+                )
+                new[:, :, :held] = kept.clone() if new is old else kept
+                setattr(self, name, new)
+            self.wstart, self.wend = 0, held
+        self.kwin[:, :, self.wend : self.wend + n] = key_states
+        self.vwin[:, :, self.wend : self.wend + n] = value_states
+        self.wend += n
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """New keys (B, Hkv, n, D) and values (B, Hkv, n, Dv) that fit the storage."""
@@ -189,6 +290,9 @@ class InPlaceLayer(CacheLayerMixin):
             moved.append(new)
         self.kparts, self.vparts = moved
         self.start, self.end = 0, self.end - self.start
+        if index is not None and self.kwin is not None:  # the window follows the batch rows
+            self.kwin = self.kwin.index_select(0, index)
+            self.vwin = self.vwin.index_select(0, index)
         self._refresh()
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -205,8 +309,9 @@ class InPlaceLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Forget everything and drop the storage (as ``DynamicLayer.reset``)."""
         self.kparts = self.vparts = None
+        self.kwin = self.vwin = None
         self.keys = self.values = None
-        self.start = self.end = 0
+        self.start = self.end = self.wstart = self.wend = 0
         self.is_initialized = False
         if hasattr(self, "cumulative_length"):
             self.cumulative_length = 0
@@ -215,12 +320,20 @@ class InPlaceLayer(CacheLayerMixin):
         if self.is_initialized:
             self.kparts = tuple(p.to("cpu", non_blocking=True) for p in self.kparts)
             self.vparts = tuple(p.to("cpu", non_blocking=True) for p in self.vparts)
+            if self.kwin is not None:
+                self.kwin, self.vwin = (
+                    t.to("cpu", non_blocking=True) for t in (self.kwin, self.vwin)
+                )
             self._refresh()
 
     def prefetch(self) -> None:
         if self.is_initialized and self.kparts[0].device != self.device:
             self.kparts = tuple(p.to(self.device, non_blocking=True) for p in self.kparts)
             self.vparts = tuple(p.to(self.device, non_blocking=True) for p in self.vparts)
+            if self.kwin is not None:
+                self.kwin, self.vwin = (
+                    t.to(self.device, non_blocking=True) for t in (self.kwin, self.vwin)
+                )
             self._refresh()
 
     def _select_rows(self, index: torch.Tensor) -> None:
@@ -236,6 +349,11 @@ class InPlaceLayer(CacheLayerMixin):
             for p in (*self.kparts, *self.vparts):
                 held = p[:, :, self.start : self.end]
                 held.copy_(held.index_select(0, index))
+            if self.kwin is not None:
+                for t in (self.kwin, self.vwin):
+                    held = t[:, :, self.wstart : self.wend]
+                    held.copy_(held.index_select(0, index))
+            self._refresh()
         else:
             self._move(self.capacity, index)
 
@@ -278,8 +396,7 @@ class GrowingLayer(InPlaceLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check(key_states, value_states)
-        self._make_room(key_states.shape[2])
-        self._write(key_states, value_states)
+        self._put(key_states, value_states)
         self._refresh()
         return self.keys, self.values
 
@@ -288,7 +405,7 @@ class GrowingLayer(InPlaceLayer):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.end - self.start if self.is_initialized else 0
+        return self.held if self.is_initialized else 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a negative int, as ``DynamicLayer.crop``)."""
@@ -299,7 +416,7 @@ class GrowingLayer(InPlaceLayer):
             )
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self.end = max(self.start, self.end + tokens_to_remove)
+        self._drop_newest(-tokens_to_remove)
         self._refresh()
 
 
@@ -324,9 +441,10 @@ class WindowLayer(InPlaceLayer):
         *,
         bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
+        residual: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(chunk=chunk, bits=bits, rotate=rotate)
+        super().__init__(chunk=chunk, bits=bits, rotate=rotate, residual=residual)
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
             raise TypeError(f"sliding_window must be an int, got {sliding_window!r}")
         if sliding_window < 1:
@@ -357,16 +475,14 @@ class WindowLayer(InPlaceLayer):
         self._check(key_states, value_states)
         n = key_states.shape[2]
         self.cumulative_length += n
-        self._make_room(n)
-        self._write(key_states, value_states)
-        first = self.start
+        self._put(key_states, value_states)
+        skip = 0
         if self.record_past:
-            first = max(self.start, self.end - (self.sliding_window - 1 + n))
+            skip = max(0, self.held - (self.sliding_window - 1 + n))
         # views of the storage as it is now: moving the kept tokens below leaves them valid
-        keys = self.kcodec.view(self.kparts, first, self.end)
-        values = self.vcodec.view(self.vparts, first, self.end)
+        keys, values = self._views(skip)
         if not self.record_past:
-            self.start = max(self.start, self.end - (self.sliding_window - 1))
+            self._drop_oldest(max(0, self.held - (self.sliding_window - 1)))
             if self.capacity > self.usual_capacity:  # after a long prefill: give it back
                 self._move(self.usual_capacity)
         self._refresh()
@@ -408,8 +524,8 @@ class WindowLayer(InPlaceLayer):
                     "a full sliding-window layer is cropped by a negative number of tokens to "
                     f"remove, got {tokens_to_remove}"
                 )
-            self.end = max(self.start, self.end + tokens_to_remove)
-            self.start = max(self.start, self.end - (w - 1))
+            self._drop_newest(-tokens_to_remove)
+            self._drop_oldest(max(0, self.held - (w - 1)))
             self.cumulative_length += tokens_to_remove
             self._refresh()
             return
@@ -420,6 +536,6 @@ class WindowLayer(InPlaceLayer):
             )
         if not self.is_initialized:
             return
-        self.end = max(self.start, self.end + tokens_to_remove)
+        self._drop_newest(-tokens_to_remove)
         self._refresh()
-        self.cumulative_length = self.end - self.start
+        self.cumulative_length = self.held

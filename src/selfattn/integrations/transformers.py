@@ -395,13 +395,16 @@ def make_cache(
     budget: int | None = None,
     policy: str = "h2o",
     sink_tokens: int = 4,
+    residual: int | None = None,
 ) -> Any:
     """A transformers ``Cache`` for ``model`` that writes keys and values in place.
 
     ``selfattn.integrations.cache.make_cache`` (imported here on first use, as it needs
     transformers); see its documentation. With the defaults it behaves exactly like
     ``DynamicCache`` without copying the cache at each step; ``bits`` stores keys and values
-    quantized (a pair ``(key_bits, value_bits)``, e.g. ``(8, 4)``, sets them apart), ``budget`` holds every full-attention layer to that many tokens by ``policy``.
+    quantized (a pair ``(key_bits, value_bits)``, e.g. ``(8, 4)``, sets them apart) with the
+    newest ``residual`` tokens (128 by default) kept in float, ``budget`` holds every
+    full-attention layer to that many tokens by ``policy``.
 
     Example::
 
@@ -412,5 +415,11 @@ def make_cache(
     from . import cache
 
     return cache.make_cache(
-        model, bits=bits, rotate=rotate, budget=budget, policy=policy, sink_tokens=sink_tokens
+        model,
+        bits=bits,
+        rotate=rotate,
+        budget=budget,
+        policy=policy,
+        sink_tokens=sink_tokens,
+        residual=residual,
     )

@@ -1,0 +1,273 @@
+"""Keys and values held in two parts: older tokens (usually quantized) then a float window.
+
+A quantized cache with a *residual window* (KIVI; transformers' ``QuantizedCache(residual_length=)``)
+keeps its most recent tokens in float and quantizes them only once newer ones push them out. What
+attention then reads is :class:`ResidualKV`: an older part (a :class:`selfattn.QuantizedKV`, or a
+tensor) followed along the token axis by a float window, both views of the cache's storage.
+
+:func:`residual_call` is :func:`selfattn.attention` over such keys and values, exactly: one call
+over each part, merged through their log-sum-exps. With ``L = logaddexp(lse_a, lse_b)`` the
+output is ``exp(lse_a - L) * out_a + exp(lse_b - L) * out_b``; that is the softmax over the
+concatenation, not an approximation. Positions stay those of the concatenation (bottom-right
+aligned over all ``Nk`` keys): the window's call keeps every rule as it is (the window is the
+last keys, where the alignment sits), and the older part's call shifts ``causal`` and ``window``
+by the window's length (an explicit mask where the shift would leave a negative window side) and
+turns ALiBi into the equivalent bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .quant import QuantizedKV, standin
+
+__all__ = ["ResidualKV", "residual_call", "split_at"]
+
+
+class ResidualKV:
+    """Keys or values (B, Hkv, Nh + Nw, D): ``head`` (B, Hkv, Nh, D), a :class:`QuantizedKV` or
+    a tensor, followed by ``window`` (B, Hkv, Nw, D), a float tensor of the same dtype.
+
+    Both are usually views of a cache's storage (no copy). :func:`selfattn.attention` accepts it
+    for ``k`` and/or ``v`` (a tensor or ``QuantizedKV`` on the other side is split at the same
+    token): the result equals ``attention`` over :meth:`dequantize` up to float32 rounding.
+    Gradients reach the window (a tensor head too), never a ``QuantizedKV`` head.
+    """
+
+    __slots__ = ("head", "window")
+
+    def __init__(self, head: QuantizedKV | torch.Tensor, window: torch.Tensor) -> None:
+        if not isinstance(head, (QuantizedKV, torch.Tensor)):
+            raise TypeError(f"head must be a QuantizedKV or a tensor, got {type(head).__name__}")
+        if not isinstance(window, torch.Tensor) or not window.is_floating_point():
+            got = window.dtype if isinstance(window, torch.Tensor) else type(window).__name__
+            raise TypeError(f"window must be a float tensor, got {got}")
+        hs = tuple(head.shape)
+        ws = tuple(window.shape)
+        if len(hs) != 4 or len(ws) != 4 or hs[:2] != ws[:2] or hs[3] != ws[3]:
+            raise ValueError(
+                f"head (B, Hkv, Nh, D) and window (B, Hkv, Nw, D) must agree in B, Hkv and D; "
+                f"got head {hs}, window {ws}"
+            )
+        if head.dtype != window.dtype or head.device != window.device:
+            raise ValueError(
+                f"head ({head.dtype}, {head.device}) and window ({window.dtype}, "
+                f"{window.device}) must share one dtype and device"
+            )
+        self.head = head
+        self.window = window
+
+    @property
+    def shape(self) -> torch.Size:
+        """(B, Hkv, Nh + Nw, D)."""
+        b, h, n, d = self.window.shape
+        return torch.Size((b, h, self.head.shape[2] + n, d))
+
+    @property
+    def split(self) -> int:
+        """Nh: the tokens of the older part (the window starts there)."""
+        return int(self.head.shape[2])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.window.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.window.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both parts' tokens (codes and scales for a quantized head)."""
+        head = (
+            self.head.nbytes
+            if isinstance(self.head, QuantizedKV)
+            else self.head.numel() * self.head.element_size()
+        )
+        return head + self.window.numel() * self.window.element_size()
+
+    @property
+    def requires_grad(self) -> bool:
+        return bool(self.window.requires_grad or self.head.requires_grad)
+
+    def dim(self) -> int:
+        return 4
+
+    def detach(self) -> ResidualKV:
+        return ResidualKV(self.head.detach(), self.window.detach())
+
+    def __repr__(self) -> str:
+        kind = "QuantizedKV" if isinstance(self.head, QuantizedKV) else "tensor"
+        return (
+            f"ResidualKV(shape={tuple(self.shape)}, head={kind} of {self.split} tokens, "
+            f"window={self.window.shape[2]} tokens, dtype={self.dtype}, device={self.device})"
+        )
+
+    def narrow(self, start: int, length: int) -> ResidualKV | QuantizedKV | torch.Tensor:
+        """Tokens ``[start, start + length)`` (views): a ResidualKV when they span both parts,
+        else the one part's view."""
+        n = self.shape[2]
+        if (
+            isinstance(start, bool)
+            or isinstance(length, bool)
+            or not isinstance(start, int)
+            or not isinstance(length, int)
+            or start < 0
+            or length < 0
+            or start + length > n
+        ):
+            raise ValueError(f"narrow({start!r}, {length!r}) must lie within the {n} tokens")
+        m, end = self.split, start + length
+        if end <= m:
+            return narrowed(self.head, start, length)
+        if start >= m:
+            return self.window[:, :, start - m : end - m]
+        return ResidualKV(narrowed(self.head, start, m - start), self.window[:, :, : end - m])
+
+    def dequantize(self) -> torch.Tensor:
+        """The concatenation (B, Hkv, Nh + Nw, D) in ``dtype`` (a copy)."""
+        head = self.head.dequantize() if isinstance(self.head, QuantizedKV) else self.head
+        return torch.cat([head, self.window], dim=2)
+
+
+def narrowed(x: QuantizedKV | torch.Tensor, start: int, length: int) -> Any:
+    """Tokens ``[start, start + length)`` (axis 2) of a tensor or a QuantizedKV, as a view."""
+    return (
+        x.narrow(start, length) if isinstance(x, QuantizedKV) else x[:, :, start : start + length]
+    )
+
+
+def split_at(x: Any, m: int) -> tuple[Any, Any]:
+    """``(older, window)``: a ResidualKV's parts, or a tensor / QuantizedKV cut at token ``m``."""
+    if isinstance(x, ResidualKV):
+        return x.head, x.window
+    n = x.shape[2]
+    return narrowed(x, 0, m), narrowed(x, m, n - m)
+
+
+def stand_in(x: Any) -> Any:
+    """A memory-less tensor of ``x``'s full shape, dtype and device for validation (a
+    ResidualKV or QuantizedKV); anything else unchanged."""
+    if isinstance(x, ResidualKV):
+        return torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)
+    return standin(x)
+
+
+def residual_call(
+    q: torch.Tensor, k: Any, v: Any, rules: dict[str, Any], return_lse: bool, backend: str
+) -> Any:
+    """:func:`selfattn.attention` with ``k`` and/or ``v`` a :class:`ResidualKV` (``rules``: its
+    keywords but ``return_lse`` and ``backend``).
+
+    The call is validated over the full shapes first; then one call reads the older part, one
+    the window, and the two are merged through their lse (see the module docstring).
+
+    Raises:
+        ValueError: a ResidualKV on both sides whose parts split at different tokens, and what
+            :func:`selfattn.attention` raises for the full call.
+    """
+    from .api import attention  # the front door; imported here: it dispatches to this module
+    from .spec import validate_call
+
+    splits = {x.split for x in (k, v) if isinstance(x, ResidualKV)}
+    if len(splits) != 1:
+        raise ValueError(
+            f"k and v are ResidualKV split at different tokens ({sorted(splits)}); a cache's "
+            "keys and values split at the same token"
+        )
+    validate_call(q, stand_in(k), stand_in(v), rules, return_lse)
+    m = splits.pop()
+    nq, nk = q.shape[2], k.shape[2]
+    w = nk - m
+    k_old, k_new = split_at(k, m)
+    v_old, v_new = split_at(v, m)
+    if m == 0 or w == 0:  # one part: the call as it is, on that part
+        kk, vv = (k_new, v_new) if m == 0 else (k_old, v_old)
+        return attention(q, kk, vv, **rules, return_lse=return_lse, backend=backend)
+    new_rules = window_rules(rules, m, nq, nk)
+    old_rules = older_rules(rules, m, nq, nk, q)
+    out_b, lse_b = attention(q, k_new, v_new, **new_rules, return_lse=True, backend=backend)
+    out_a, lse_a = attention(q, k_old, v_old, **old_rules, return_lse=True, backend=backend)
+    lse = torch.logaddexp(lse_a, lse_b)  # (B, Hq, Nq) float32; -inf where both are
+    # rows that see no key: both weights exp(-inf - 0) = 0, so the row stays 0 (never NaN)
+    base = torch.where(lse == float("-inf"), 0.0, lse)
+    wa = torch.exp(lse_a - base).unsqueeze(-1)  # (B, Hq, Nq, 1)
+    wb = torch.exp(lse_b - base).unsqueeze(-1)
+    out = (wa * out_a.float() + wb * out_b.float()).to(q.dtype)  # (B, Hq, Nq, Dv)
+    return (out, lse) if return_lse else out
+
+
+def cut_keys(x: Any, lo: int, hi: int, nk: int) -> Any:
+    """Keys ``[lo, hi)`` of a mask or bias broadcastable to (..., Nk) (kept when broadcast)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != nk or nk == 1:
+        return x
+    return x[..., lo:hi]
+
+
+def cut_segments(seg: Any, lo: int, hi: int, nq: int, nk: int) -> Any:
+    """``segment_ids`` for keys ``[lo, hi)``: always a pair ``(q_ids, kv_ids)``."""
+    if seg is None:
+        return None
+    if isinstance(seg, (tuple, list)):
+        return (seg[0], seg[1][:, lo:hi])
+    return (seg, seg[:, lo:hi])  # one (B, N) tensor: Nq == Nk, the queries' ids are the keys'
+
+
+def window_rules(rules: dict[str, Any], m: int, nq: int, nk: int) -> dict[str, Any]:
+    """The rules of the window's call (keys ``[m, Nk)``): bottom-right alignment is unchanged,
+    so only the per-key tensors are cut."""
+    out = dict(rules)
+    out["mask"] = cut_keys(rules.get("mask"), m, nk, nk)
+    out["bias"] = cut_keys(rules.get("bias"), m, nk, nk)
+    out["segment_ids"] = cut_segments(rules.get("segment_ids"), m, nk, nq, nk)
+    return out
+
+
+def older_rules(rules: dict[str, Any], m: int, nq: int, nk: int, q: torch.Tensor) -> dict[str, Any]:
+    """The rules of the older part's call (keys ``[0, m)``, aligned at ``m`` instead of ``Nk``:
+    its row ``i`` sits ``Nk - m`` before the true ``i'``). The sink is counted once, in the
+    window's call."""
+    w = nk - m
+    out = dict(rules)
+    out["sinks"] = None
+    out["mask"] = cut_keys(rules.get("mask"), 0, m, nk)
+    bias = cut_keys(rules.get("bias"), 0, m, nk)
+    out["segment_ids"] = cut_segments(rules.get("segment_ids"), 0, m, nq, nk)
+    rows = torch.arange(nk - nq, nk, device=q.device).unsqueeze(-1)  # (Nq, 1): i'
+    cols = torch.arange(m, device=q.device)  # (m,): j
+    slopes = rules.get("alibi_slopes")
+    if slopes is not None:  # -slope * |i' - j|, with the true i'
+        dist = (rows - cols).abs().to(torch.float32)  # (Nq, m)
+        s = slopes.to(torch.float32)
+        s = s[:, None, None] if s.dim() == 1 else s[:, :, None, None]  # (Hq|B,Hq, 1, 1)
+        alibi = (-s * dist).to(q.dtype)  # (Hq, Nq, m) or (B, Hq, Nq, m)
+        bias = alibi if bias is None else bias + alibi
+        out["alibi_slopes"] = None
+    out["bias"] = bias
+    causal = bool(rules.get("causal"))
+    win = rules.get("window")
+    left, right = (None, None) if win is None else win
+    if not causal and left is None and right is None:
+        return out
+    # true visibility: i' - left <= j <= i' + right (causal: right <= 0); in the call's frame
+    # i'' = i' - w, so the sides become (left - w, right + w)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    new_left = None if left is None else left - w
+    new_right = None if right is None else right + w
+    out["causal"] = False
+    if new_left is None or new_left >= 0:
+        out["window"] = (new_left, new_right)
+        return out
+    # a left side below zero has no window form: the same visibility as an explicit mask
+    vis = torch.ones(nq, m, dtype=torch.bool, device=q.device)
+    if left is not None:
+        vis &= cols >= rows - left
+    if right is not None:
+        vis &= cols <= rows + right
+    mask = out["mask"]
+    out["mask"] = vis if mask is None else mask & vis
+    out["window"] = None
+    return out
