@@ -31,6 +31,7 @@ struct Spec {
   bool ids = false, dlse = false, strided = false, lse_only = false, nan_key = false;
   bool sinks = false;  // per head: random, one far above the scores (8), one -inf
   bool backward = true, dbias = true, dalibi = true;
+  int tangents = 7;  // forward mode: tangents of q (1), k (2), v (4); the bias and slopes' too
   DT dt = DT::F32, out_dt = DT::F32;
   DT bias_dt = DT::F32;
   double amp = 1.0;
@@ -205,6 +206,28 @@ inline Problem make_problem(const Spec& s) {
   if (s.dlse) {
     p.dlse.resize(s.B * s.Hq * s.Nq);
     for (double& x : p.dlse) x = rng.normal();
+  }
+  // forward mode's tangents, drawn last (the draws above stay those of every other check)
+  if (s.tangents & 1) {
+    p.tq = Tensor(s.dt, s.B, s.Hq, s.Nq, s.D, order);
+    fill_normal(p.tq, rng, 1.0);
+  }
+  if (s.tangents & 2) {
+    p.tk = Tensor(s.dt, s.B, s.Hkv, s.Nk, s.D, order);
+    fill_normal(p.tk, rng, 1.0);
+  }
+  if (s.tangents & 4) {
+    p.tv = Tensor(s.dt, s.B, s.Hkv, s.Nk, s.Dv, order);
+    fill_normal(p.tv, rng, 1.0);
+  }
+  if (!p.bias.empty()) {
+    p.tbias = Tensor(s.bias_dt, p.bias.shape[0], p.bias.shape[1], p.bias.shape[2],
+                     p.bias.shape[3]);
+    fill_normal(p.tbias, rng, 1.0);
+  }
+  if (!p.alibi.empty()) {
+    p.talibi = Tensor(DT::F32, 1, 1, s.alibi_b, s.Hq);
+    fill_normal(p.talibi, rng, 0.1);
   }
   return p;
 }
@@ -400,6 +423,19 @@ inline std::vector<Spec> all_specs() {
   add("q8 codes decode dropout", [](Spec& s) {
     s.Hq = 3; s.Nq = 1; s.Nk = 400; s.D = s.Dv = 64; s.kbits = s.vbits = 8; s.dropout_p = 0.3;
     s.backward = false;
+  });
+  // ---- forward mode with tangents on some operands only (every case checks all three) ----
+  add("jvp tangent of q alone, causal", [](Spec& s) {
+    s.Hq = 2; s.Nq = 97; s.Nk = 113; s.causal = true; s.tangents = 1;
+  });
+  add("jvp tangent of k alone, GQA softcap", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 2; s.Nq = s.Nk = 97; s.softcap = 5; s.tangents = 2; s.pool_mode = 1;
+  });
+  add("jvp tangent of v alone, window", [](Spec& s) {
+    s.Nq = s.Nk = 130; s.left = 20; s.right = 3; s.tangents = 4;
+  });
+  add("jvp no tangent of q, k, v: bias and slopes", [](Spec& s) {
+    s.B = 2; s.Hq = 2; s.Nq = 33; s.Nk = 97; s.bias = BIAS_FULL; s.alibi_b = 2; s.tangents = 0;
   });
   // ---- edges ----
   add("Nq 0", [](Spec& s) { s.Hq = 2; s.Nq = 0; s.Nk = 97; });

@@ -1,7 +1,7 @@
 // The native engine's own test driver: no torch, no Python. It links the engine objects of this
 // build's architecture (x86: generic + AVX2 + AVX-512 where the CPU has them; aarch64: generic +
 // NEON), builds Params by hand the way bindings.cpp does, and checks forward (prefill and
-// decode), backward, probabilities and statistics against the scalar double reference of reference.h, on odd
+// decode), backward, probabilities, statistics and forward mode (JVP) against the scalar double reference of reference.h, on odd
 // shapes and every rule. Run by `make check-native`, `make check-sanitize` (ASan + UBSan) and
 // `make check-arm` (cross-compiled, under qemu-aarch64).
 //
@@ -202,6 +202,53 @@ void check_stats(const Engine& eng, Params Q, const Problem& pb, const Tensor& p
   }
 }
 
+// ---- forward mode: out, lse and their tangents in one pass (jvp.h), against the forward's
+// reference and run_reference_jvp. A non-finite key row declines the call (false) ----
+void check_jvp(const Engine& eng, const Spec& spec, const Problem& pb, const Result& ref,
+               const Budget& bud, Checker& ck) {
+  const DT acc = acc_of(spec.dt);
+  Tensor out(spec.out_dt, pb.B, pb.Hq, pb.Nq, pb.Dv), lse(acc, 1, pb.B, pb.Hq, pb.Nq);
+  Tensor tout(acc, pb.B, pb.Hq, pb.Nq, pb.Dv), tlse(acc, 1, pb.B, pb.Hq, pb.Nq);
+  Params P = params_of(pb);
+  P.out_dt = spec.out_dt;
+  P.out = const_cast<void*>(out.view().p);
+  P.lse = const_cast<void*>(lse.view().p);
+  P.tout = const_cast<void*>(tout.view().p);
+  P.tlse = const_cast<void*>(tlse.view().p);
+  if (!pb.tq.empty()) P.tq = pb.tq.view();
+  if (!pb.tk.empty()) P.tk = pb.tk.view();
+  if (!pb.tv.empty()) P.tv = pb.tv.view();
+  if (!pb.tbias.empty()) P.tbias = pb.tbias.view();
+  if (!pb.talibi.empty()) {  // as the slopes: s[0] batch (0 when broadcast), s[1] head
+    P.talibi.p = pb.talibi.data.data();
+    P.talibi.dt = pb.talibi.dt;
+    P.talibi.s[0] = pb.talibi.shape[2] == 1 ? 0 : pb.Hq;
+    P.talibi.s[1] = pb.Hq == 1 ? 0 : 1;
+  }
+  if (pb.B * pb.Hq * pb.Nq == 0 || pb.Nk == 0) return;  // the bindings fill these themselves
+  const bool took = eng.jvp(P, kPool);
+  {
+    Checker::Check c(ck, "jvp declines exactly a non-finite key");
+    c.entry(0, took ? 1 : 0, spec.nan_key ? 0 : 1, 0);
+  }
+  if (!took) return;
+  ck.compare_forward(pb, ref, bud, out, lse, true);  // the pass's own out and lse
+  const JvpResult J = run_reference_jvp(pb, ref, bud.u);
+  const double lambda = 8, u = bud.u;
+  Checker::Check co(ck, "jvp tout"), cl(ck, "jvp tlse");
+  for (int64_t r = 0; r < pb.B * pb.Hq * pb.Nq; r++) {
+    // p's error (the forward's row budget), dS's (a 2D-term dot product) and the sums over
+    // the row's keys, with a factor 2 of headroom
+    const double eps = 2 * (bud.row_eps[r] + 2 * (lambda * std::sqrt(2.0 * double(pb.D)) + 8) * u +
+                            2 * lambda * std::sqrt(double(ref.nvis[r])) * u);
+    cl.entry(r, tlse.get(r), J.tlse[r], eps * J.tlse_mag[r]);
+    for (int64_t x = 0; x < pb.Dv; x++) {
+      const int64_t e = r * pb.Dv + x;
+      co.entry(e, tout.get(e), J.tout[e], eps * J.tout_mag[e]);
+    }
+  }
+}
+
 void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
   Problem pb = make_problem(spec);
   const bool f64 = spec.dt == DT::F64;
@@ -244,6 +291,7 @@ void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
     ck.compare_probs(pb, ref, bud, er.probs, er.lse);
     if (!spec.nan_key) check_stats(eng, Q, pb, er.probs, ck);
   }
+  if (!spec.lse_only && !spec.kbits && !spec.vbits) check_jvp(eng, spec, pb, ref, bud, ck);
   if (!backward) return;
 
   // ---- backward from the engine's out and lse ----

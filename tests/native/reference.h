@@ -68,6 +68,8 @@ struct Problem {
   std::vector<double> sinks;  // (Hq,) one logit per query head with no value, empty: none
   Tensor dout;             // (B, Hq, Nq, Dv)
   std::vector<double> dlse;  // (B, Hq, Nq), empty: none
+  // forward mode: tangents shaped like q, k, v, the bias and the slopes; empty: zero
+  Tensor tq, tk, tv, tbias, talibi;
 
   int64_t G() const { return Hq / Hkv; }
   int64_t alibi_b() const { return alibi.shape[2]; }
@@ -282,6 +284,82 @@ inline Result run_reference(const Problem& P, bool with_backward) {
       }
     }
   return R;
+}
+
+// ---- forward mode (JVP) from the forward's results ----
+// With p = exp(s - lse) (the sink inside the lse), per visible key
+//     dS = scale (tq . k + q . tk) tanh' + tbias - tslope |pos - j|
+//     c = sum_j p dS,   T_c = sum_j p z (tv_jc + dS v_jc),   d out = T - out c,   d lse = c
+// and the magnitudes the rounding errors scale with (dS by its absolute sum dSm).
+struct JvpResult {
+  std::vector<double> tout, tout_mag;  // (B, Hq, Nq, Dv)
+  std::vector<double> tlse, tlse_mag;  // (B, Hq, Nq)
+};
+
+inline JvpResult run_reference_jvp(const Problem& P, const Result& R, double u) {
+  JvpResult J;
+  const int64_t rows = P.B * P.Hq * P.Nq;
+  J.tout.assign(rows * P.Dv, 0);
+  J.tout_mag.assign(rows * P.Dv, 0);
+  J.tlse.assign(rows, 0);
+  J.tlse_mag.assign(rows, 0);
+  std::vector<double> tacc(P.Dv), tmag(P.Dv);
+  for (int64_t b = 0; b < P.B; b++)
+    for (int64_t h = 0; h < P.Hq; h++) {
+      const int64_t kvh = h / P.G();
+      for (int64_t i = 0; i < P.Nq; i++) {
+        const int64_t r = (b * P.Hq + h) * P.Nq + i;
+        if (R.row_nan[r] || !std::isfinite(R.lse[r])) continue;
+        double c = 0, cm = 0;
+        for (int64_t x = 0; x < P.Dv; x++) tacc[x] = tmag[x] = 0;
+        for (int64_t j = 0; j < P.Nk; j++) {
+          if (!R.vis[r * P.Nk + j]) continue;
+          double dot = 0, tdot = 0, tabs = 0;
+          for (int64_t d = 0; d < P.D; d++) {
+            const double qd = P.q.at(b, h, i, d), kd = P.k.at(b, kvh, j, d);
+            dot += qd * kd;
+            const double a = P.tq.empty() ? 0 : P.tq.at(b, h, i, d) * kd;
+            const double e = P.tk.empty() ? 0 : qd * P.tk.at(b, kvh, j, d);
+            tdot += a + e;
+            tabs += std::fabs(a) + std::fabs(e);
+          }
+          double dtanh = 1, dtanh_mag = 1;
+          if (P.softcap > 0) {
+            const double t = std::tanh(P.scale * dot / P.softcap);
+            dtanh = 1 - t * t;
+            dtanh_mag = dtanh + 16 * u;  // from a rounded tanh: cancellation near 1
+          }
+          double ds = P.scale * tdot * dtanh, dsm = std::fabs(P.scale) * tabs * dtanh_mag;
+          if (!P.tbias.empty()) {
+            const double tb = P.tbias.at(b, h, i, j);
+            ds += tb;
+            dsm += std::fabs(tb);
+          }
+          if (!P.talibi.empty()) {
+            const double ta = P.talibi.at(0, 0, P.talibi.shape[2] == 1 ? 0 : b, h) *
+                              P.distance(i, j);
+            ds -= ta;
+            dsm += std::fabs(ta);
+          }
+          const double p = R.probs[r * P.Nk + j], z = P.keep(b, h, i, j);
+          c += p * ds;
+          cm += p * dsm;
+          for (int64_t x = 0; x < P.Dv; x++) {
+            const double vx = P.v.at(b, kvh, j, x);
+            const double tvx = P.tv.empty() ? 0 : P.tv.at(b, kvh, j, x);
+            tacc[x] += p * z * (tvx + ds * vx);
+            tmag[x] += p * std::fabs(z) * (std::fabs(tvx) + dsm * std::fabs(vx));
+          }
+        }
+        J.tlse[r] = c;
+        J.tlse_mag[r] = cm;
+        for (int64_t x = 0; x < P.Dv; x++) {
+          J.tout[r * P.Dv + x] = tacc[x] - R.out[r * P.Dv + x] * c;
+          J.tout_mag[r * P.Dv + x] = tmag[x] + R.out_mag[r * P.Dv + x] * cm;
+        }
+      }
+    }
+  return J;
 }
 
 }  // namespace drv

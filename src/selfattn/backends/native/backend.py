@@ -25,7 +25,7 @@ from ...sinks import sink_grad, sink_probability
 from ...spec import AttentionSpec
 from . import build, choice
 from .call import REFUSED, record
-from .tangents import fused_pass
+from .tangents import at_current_level, fused_pass
 
 __all__ = ["NativeBackend"]
 
@@ -107,7 +107,7 @@ class _NativeFunction(torch.autograd.Function):
         fused, ctx.fused = ctx.fused, None  # the node keeps no tangent alive
         with torch.no_grad():
             if fused is not None:  # computed with out and lse in the fused pass
-                tout, tlse = fused.tout.clone(), fused.tlse.clone()
+                tout, tlse = at_current_level(fused.tout), at_current_level(fused.tlse)
             else:
                 prob = engine.Problem.of(ctx.spec, ctx.seed)
                 tout, tlse = engine.tangent_pass(prob, q, k, v, out, lse, tq, tk, tv, tbias, talibi)

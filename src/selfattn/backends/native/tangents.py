@@ -23,7 +23,7 @@ from ...spec import AttentionSpec
 from . import build
 from .call import record
 
-__all__ = ["FusedJvp", "fused_pass", "split_dual"]
+__all__ = ["FusedJvp", "at_current_level", "fused_pass", "split_dual"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -56,6 +56,16 @@ def split_dual(x: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tenso
         return None, None
     primal, tangent = forward_ad.unpack_dual(x)
     return _plain(primal), _plain(tangent)
+
+
+def at_current_level(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a plain tensor) as a tensor of the active torch.func transform's level, without a
+    copy; as it is without one. The node's ``jvp`` returns the fused pass's tangents through
+    ``engine.tangents_out``, which may update them in place, and torch.func refuses in-place
+    updates of tensors from outside the transform."""
+    functorch = torch._C._functorch
+    level = functorch.maybe_current_level()
+    return t if level is None else functorch._wrap_for_grad(t, level)
 
 
 def _one_jvp_level() -> bool:
