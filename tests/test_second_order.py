@@ -224,13 +224,19 @@ def test_double_backward_on_the_worker_threads_matches_math(backend, heads):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rule", ["plain", "mask", "softcap", "everything"])
 @pytest.mark.parametrize("split", [False, True], ids=["one_thread", "worker_threads"])
-def test_gradient_penalty_with_a_constant_dout_matches_math(backend, rule, split):
+@pytest.mark.parametrize("max_keys", [8192, 8], ids=["folded", "unfolded"])
+def test_gradient_penalty_with_a_constant_dout_matches_math(
+    backend, rule, split, max_keys, monkeypatch
+):
     """The benchmark's gradient penalty: dO a constant (no dO gradient is computed) and the
-    forward's own backward of the out and lse gradients folded into the same pass; every
-    input's second derivative (bias and slopes included) equals math's, GQA, split or not."""
+    forward's own backward of the out and lse gradients folded into the same pass (or, past
+    ``FOLD_MAX_KEYS`` keys, through the forward's node); every input's second derivative (bias
+    and slopes included) equals math's, GQA, split or not."""
     from helpers import tiled_split, torch_threads
+    from selfattn.engine import hessian
 
     _skip_native(backend)
+    monkeypatch.setattr(hessian, "FOLD_MAX_KEYS", max_keys)
     n = 40
 
     def penalty(name):

@@ -45,10 +45,12 @@ __all__ = ["HessianGrads", "double_backward"]
 HessianGrads = tuple[torch.Tensor | None, ...]
 
 # With ``fold`` a block of rows keeps its tiles until its row sums are known: the rows of a
-# block are cut so that one of its tiles spans at most this many scores (several tiles are kept,
-# so a worker holds a few times this; O(N) for a fixed block), but no fewer than the minimum rows.
+# block are cut so that one of its tiles spans at most FOLD_BAND scores (several tiles are kept,
+# so a worker holds a few times this), but no fewer than FOLD_MIN_ROWS rows. Beyond FOLD_MAX_KEYS
+# keys such a band would outgrow the tiles of an unfolded pass: the pass does not fold then.
 FOLD_BAND = 1 << 20
 FOLD_MIN_ROWS = 32
+FOLD_MAX_KEYS = 8192
 
 
 def double_backward(
@@ -88,6 +90,7 @@ def double_backward(
             the same pass, and add it to the q, k, v, bias and slope gradients (the caller then
             passes nothing to the forward's node; only valid where that node's backward is the
             first-order backward of the same problem and nothing else, e.g. no sink gradient).
+            Declined (out's and lse's gradients returned) beyond ``FOLD_MAX_KEYS`` keys.
 
     Returns:
         ``(q, k, v, dout, dlse, out, lse, bias, alibi)`` gradients in the accumulation dtype
@@ -96,6 +99,7 @@ def double_backward(
     """
     args = (q, k, v, out, lse, dout, dlse, gq, gk, gv)
     plan = split(prob, k.shape[2]) if threads and q.device.type == "cpu" else None
+    fold = fold and k.shape[2] <= FOLD_MAX_KEYS
     flags = (need_bias, need_alibi, need_dout, fold)
     if plan is None:
         return _double_part(prob, *args, gbias, galibi, *flags)
