@@ -102,23 +102,27 @@ def test_growing_layer_window_equals_the_fake_quantized_schedule(bits, residual)
         assert ours.get_seq_length() == ref.get_seq_length()
 
 
+class _FakeResidualSlidingLayer(DynamicSlidingWindowLayer):
+    """``DynamicSlidingWindowLayer`` on the same schedule (tokens it drops leave the count)."""
+
+    def __init__(self, sliding_window, residual, kbits, vbits, rotate=True):
+        super().__init__(sliding_window)
+        self.schedule = _Schedule(residual, kbits, vbits, rotate)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[2]
+        self.schedule.flush(self, n)
+        before = self.keys.shape[2] if self.is_initialized else 0
+        out = super().update(key_states, value_states, *args, **kwargs)
+        dropped = before + n - self.keys.shape[2]  # the oldest left the sliding window
+        self.schedule.quantized = max(0, self.schedule.quantized - dropped)
+        return out
+
+
 @pytest.mark.parametrize("window", [3, 40, 70])
 def test_window_layer_with_a_float_window_equals_the_fake_quantized_sliding_layer(window):
-    class _Ref(DynamicSlidingWindowLayer):
-        def __init__(self):
-            super().__init__(window)
-            self.schedule = _Schedule(6, 4, 4, True)
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = key_states.shape[2]
-            self.schedule.flush(self, n)
-            before = self.keys.shape[2] if self.is_initialized else 0
-            out = super().update(key_states, value_states, *args, **kwargs)
-            dropped = before + n - self.keys.shape[2]  # the oldest left the sliding window
-            self.schedule.quantized = max(0, self.schedule.quantized - dropped)
-            return out
-
-    ours, ref = WindowLayer(window, chunk=3, bits=4, rotate=True, residual=6), _Ref()
+    ours = WindowLayer(window, chunk=3, bits=4, rotate=True, residual=6)
+    ref = _FakeResidualSlidingLayer(window, 6, 4, 4)
     for seed, n in enumerate([5, 1, 1, 90] + [1] * 50 + [20, 1]):
         k, v = _kv(n, seed=seed)
         got, want = ours.update(k, v), ref.update(k, v)
@@ -253,3 +257,34 @@ def test_smollm2_float_window_greedy_tokens_and_logits_equal_the_fake_quantized_
     assert all(x.keys.split > 0 and x.keys.window.shape[2] <= 4 + FLUSH for x in cache.layers)
     _, plain = _generate(model, ids, sa_hf.make_cache(model, bits=4, rotate=True, residual=0), 40)
     assert (plain - want).abs().max() > 20 * (got - want).abs().max()
+
+
+def test_gemma3_sliding_and_global_layers_with_a_float_window_equal_the_fake_schedule():
+    """Gemma-3-270M (int8, residual 4): its sliding layers (window 512) and global layers both
+    keep a float window; 40 greedy tokens after a 60-token prompt equal DynamicLayer /
+    DynamicSlidingWindowLayer fed the same quantize-then-dequantize schedule."""
+    from selfattn.pretrained import gemma3
+
+    try:
+        gemma3.stamp()
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    model, tok = gemma3.load("selfattn")
+    text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest. " * 4
+    ids = tok([text], return_tensors="pt")["input_ids"][:, :60]
+    cfg = model.config.get_text_config(decoder=True)
+    cache = sa_hf.make_cache(model, bits=8, residual=4)
+    assert {type(x) for x in cache.layers} == {GrowingLayer, WindowLayer}
+    ref = Cache(
+        layers=[
+            _FakeResidualSlidingLayer(cfg.sliding_window, 4, 8, 8, rotate=False)
+            if kind == "sliding_attention"
+            else _FakeResidualLayer(4, 8, 8, rotate=False)
+            for kind in cfg.layer_types
+        ]
+    )
+    seq, got = _generate(model, ids, cache, 40)
+    ref_seq, want = _generate(model, ids, ref, 40)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    assert all(x.keys.split > 0 for x in cache.layers)

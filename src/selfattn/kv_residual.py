@@ -190,13 +190,17 @@ def residual_call(
     old_rules = older_rules(rules, m, nq, nk, q)
     out_b, lse_b = attention(q, k_new, v_new, **new_rules, return_lse=True, backend=backend)
     out_a, lse_a = attention(q, k_old, v_old, **old_rules, return_lse=True, backend=backend)
-    lse = torch.logaddexp(lse_a, lse_b)  # (B, Hq, Nq) float32; -inf where both are
-    # rows that see no key: both weights exp(-inf - 0) = 0, so the row stays 0 (never NaN)
-    base = torch.where(lse == float("-inf"), 0.0, lse)
-    wa = torch.exp(lse_a - base).unsqueeze(-1)  # (B, Hq, Nq, 1)
-    wb = torch.exp(lse_b - base).unsqueeze(-1)
-    out = (wa * out_a.float() + wb * out_b.float()).to(q.dtype)  # (B, Hq, Nq, Dv)
-    return (out, lse) if return_lse else out
+    # the older part's share of each row, exp(lse_a - L) = sigmoid(lse_a - lse_b) (B, Hq, Nq):
+    # 0 or 1 where one side sees nothing; NaN where neither does (both outputs are 0 there)
+    share = torch.sigmoid(lse_a - lse_b).nan_to_num(0.0).unsqueeze(-1)
+    if q.dtype == torch.float32:
+        out = torch.lerp(out_b, out_a, share)  # (B, Hq, Nq, Dv)
+    else:
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.lerp(out_b.to(work), out_a.to(work), share.to(work)).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, torch.logaddexp(lse_a, lse_b)  # (B, Hq, Nq) float32; -inf where both are
 
 
 def cut_keys(x: Any, lo: int, hi: int, nk: int) -> Any:
@@ -213,6 +217,12 @@ def cut_segments(seg: Any, lo: int, hi: int, nq: int, nk: int) -> Any:
     if isinstance(seg, (tuple, list)):
         return (seg[0], seg[1][:, lo:hi])
     return (seg, seg[:, lo:hi])  # one (B, N) tensor: Nq == Nk, the queries' ids are the keys'
+
+
+def positions(nq: int, m: int, nk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true positions ``i'`` (Nq, 1) of the query rows and ``j`` (m,) of the older keys."""
+    rows = torch.arange(nk - nq, nk, device=device).unsqueeze(-1)
+    return rows, torch.arange(m, device=device)
 
 
 def window_rules(rules: dict[str, Any], m: int, nq: int, nk: int) -> dict[str, Any]:
@@ -235,10 +245,9 @@ def older_rules(rules: dict[str, Any], m: int, nq: int, nk: int, q: torch.Tensor
     out["mask"] = cut_keys(rules.get("mask"), 0, m, nk)
     bias = cut_keys(rules.get("bias"), 0, m, nk)
     out["segment_ids"] = cut_segments(rules.get("segment_ids"), 0, m, nq, nk)
-    rows = torch.arange(nk - nq, nk, device=q.device).unsqueeze(-1)  # (Nq, 1): i'
-    cols = torch.arange(m, device=q.device)  # (m,): j
     slopes = rules.get("alibi_slopes")
     if slopes is not None:  # -slope * |i' - j|, with the true i'
+        rows, cols = positions(nq, m, nk, q.device)
         dist = (rows - cols).abs().to(torch.float32)  # (Nq, m)
         s = slopes.to(torch.float32)
         s = s[:, None, None] if s.dim() == 1 else s[:, :, None, None]  # (Hq|B,Hq, 1, 1)
@@ -262,6 +271,7 @@ def older_rules(rules: dict[str, Any], m: int, nq: int, nk: int, q: torch.Tensor
         out["window"] = (new_left, new_right)
         return out
     # a left side below zero has no window form: the same visibility as an explicit mask
+    rows, cols = positions(nq, m, nk, q.device)
     vis = torch.ones(nq, m, dtype=torch.bool, device=q.device)
     if left is not None:
         vis &= cols >= rows - left
