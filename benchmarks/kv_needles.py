@@ -15,11 +15,16 @@ benchmarks/results/kv_needles_<model>.json.
     python benchmarks/kv_needles.py --model smollm2 --context 2048 --budget 512
     python benchmarks/kv_needles.py --model gemma3 --context 4096 --budget 1024
     python benchmarks/kv_needles.py --model smollm2 --context 512 --budget 128 --depths 3 --needles 1
+    python benchmarks/kv_needles.py --model gemma3 --depths 3 --needles 1 --policies window sink --keep
+
+``--keep`` runs only the policies named and keeps the results file's other rows (its full cache
+among them), refusing a file whose model, context, budget, depths, needles or prefill differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -128,12 +133,17 @@ def measure(
     policies: list[str],
     prefill_chunk: int | None,
     save: Callable[[list[dict[str, Any]], dict[str, str]], None] | None = None,
+    keep: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """One row per policy (and the full cache, ``"full"`` in ``policies`` or not): accuracy over
     ``cases`` and each case's answer; ``save(rows, skipped)`` runs after each row (a long run
-    keeps what it finished)."""
+    keeps what it finished). ``keep``: rows of an earlier run of the same cases; the full cache
+    then does not run again, and the kept rows of policies not run stay (in :data:`POLICIES`
+    order)."""
     rows, skipped = [], {}
-    for policy in [None, *(p for p in policies if p != "full")]:
+    run_full = keep is None
+    keep = keep or []
+    for policy in [None] * run_full + [p for p in policies if p != "full"]:
         name = policy or "full"
         found, t0, most = [], time.perf_counter(), 0
         try:
@@ -167,12 +177,38 @@ def measure(
         )
         print(f"{name:>6}  {hits}/{len(found)} found  (held <= {most})", flush=True)
         if save is not None:
-            save(rows, skipped)
+            save(merged(keep, rows), skipped)
+    rows = merged(keep, rows)
     full = next((r for r in rows if r["policy"] == "full"), None)
     for r in rows:
         if full is not None and full["accuracy"] > 0:
             r["vs_full"] = round(r["accuracy"] / full["accuracy"], 4)
     return rows, skipped
+
+
+def merged(keep: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` and the rows of ``keep`` whose policy ``rows`` lacks: the full cache first, then
+    the policies in :data:`POLICIES` order."""
+    ran = {r["policy"] for r in rows}
+    out = rows + [r for r in keep if r["policy"] not in ran]
+    order = ("full", *POLICIES)
+    return sorted(out, key=lambda r: order.index(r["policy"]))
+
+
+def kept_rows(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the results file ``path`` for ``--keep``, checked to be of the same cases.
+
+    Raises:
+        ValueError: no such file, or one whose cases differ (named).
+    """
+    if not path.exists():
+        raise ValueError(f"--keep: {path} does not exist")
+    old = json.loads(path.read_text())
+    same = ("model_name", "context", "budget", "depths", "needles", "prefill_chunk")
+    differ = [k for k in same if old["meta"].get(k) != meta[k]]
+    if differ:
+        raise ValueError(f"--keep: {path} holds other cases ({', '.join(differ)} differ)")
+    return [{k: v for k, v in r.items() if k != "vs_full"} for r in old["rows"]]
 
 
 def table(result: dict[str, Any]) -> str:
@@ -216,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="selfattn", help="attn_implementation")
     parser.add_argument("--out", type=Path, help="default: results/kv_needles_<model>.json")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the results file's rows of other policies"
+    )
     args = parser.parse_args(argv)
     context, budget = CONTEXTS[args.model]
     args.context, args.budget = args.context or context, args.budget or budget
@@ -226,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"kv_needles_{args.model}.json"
     depths = [round(i / (args.depths - 1), 4) for i in range(args.depths)]
     needles = list(NEEDLES[: args.needles])
-    model, tok = load_model(args.model, args.attention)
-    cases = prompts(tok, args.context, depths, needles)
     meta = run_meta(
         f"{MODEL_NAMES[args.model]} (fp32) needle retrieval in pydoc_data/topics.py with "
         "make_cache(budget=, policy=)",
@@ -243,13 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         policies=args.policies,
         attention=args.attention,
     )
+    keep = kept_rows(out, meta) if args.keep else None  # checked before the model loads
+    if keep is not None:
+        had = {r["policy"] for r in keep}
+        meta["policies"] = [p for p in POLICIES if p in args.policies or p in had]
+        meta["command"] += "  (rows of other policies kept from an earlier run)"
+    model, tok = load_model(args.model, args.attention)
+    cases = prompts(tok, args.context, depths, needles)
 
     def save(rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
         write_results(out, rows, {**meta, "skipped": skipped})
 
     with torch_threads(args.threads), torch.inference_mode():
         rows, skipped = measure(
-            model, tok, cases, args.budget, args.policies, args.prefill_chunk, save
+            model, tok, cases, args.budget, args.policies, args.prefill_chunk, save, keep
         )
     save(rows, skipped)
     print(f"wrote {out}")

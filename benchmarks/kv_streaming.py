@@ -3,16 +3,20 @@ budget, for every eviction policy of ``make_cache(budget=, policy=)`` against th
 (issue 18: at budget 1024 the best policy within +3% of the full cache; ``sink`` better than
 ``window``).
 
-The text (CPython's ``pydoc_data/topics.py``) is fed in chunks of ``--chunk`` tokens (default 32:
+The text (CPython's ``pydoc_data/topics.py``) is fed in chunks of ``--chunk`` tokens (default 64:
 token by token is 4096 model calls per run, too slow for ten runs on two shared cores); the cache
-evicts down to its budget as it fills, so each chunk attends over what the policy kept of the past
-and over itself. ``--chunk 1`` is the token-by-token run. ``ppl`` is over all tokens 1..N-1;
+evicts down to its budget right after each chunk's attention, so each chunk attends over what the
+policy kept of the past (at most the budget) and over itself causally: a chunk's first token sees
+``budget`` earlier tokens, its last ``budget + chunk - 1`` (every policy alike). The scores a
+policy ranks by come from the chunk's queries: ``h2o`` adds every row's column sums, ``tova``
+takes the chunk's last row, ``snapkv`` rescores with the chunk's last 32 rows. ``--chunk 1`` is the
+token-by-token run (StreamingLLM's evaluation: the cache at the budget at every step). ``ppl`` is over all tokens 1..N-1;
 ``ppl_evicted`` over the tokens predicted once the past no longer fits the budget (from position
 ``budget`` on), the part where a policy matters; ``vs_full`` compares each with the full cache fed
 the same way. ``max_held`` is the most tokens a layer held after a chunk (never above the
 budget). Writes benchmarks/results/kv_streaming.json.
 
-    python benchmarks/kv_streaming.py                                  # budgets 512 1024, chunk 32
+    python benchmarks/kv_streaming.py                                  # budgets 512 1024, chunk 64
     python benchmarks/kv_streaming.py --chunk 1 --budgets 1024 --policies sink h2o \\
         --out benchmarks/results/kv_streaming_tokens.json             # token by token
 """
@@ -158,7 +162,7 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--threads", type=int, default=2)

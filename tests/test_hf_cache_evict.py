@@ -131,7 +131,9 @@ def test_scored_policies_keep_what_an_fp64_oracle_of_their_rule_keeps(policy):
         score = p.sum((2, 3))  # mass received, summed over the group's heads and all queries
         recent = 3  # budget // 2
     elif policy == "tova":
-        score = p[:, :, :, -1].sum(2)  # the newest query, summed over the group's heads
+        # the newest query's probabilities, summed over all the layer's query heads (TOVA's mean
+        # over heads): one ranking for every key head
+        score = p[:, :, :, -1].sum((1, 2))[:, None].expand(1, 2, 10)
         recent = 0
     else:
         mass = p[:, :, :, -10:].sum((2, 3))  # all 10 queries observe (<= 32)
@@ -359,3 +361,24 @@ def test_budget_layer_beam_reordering_moves_tokens_positions_and_scores_together
     assert torch.equal(layer.scores[:, :, :5], before[2][beams][:, :, :5])
     layer.batch_repeat_interleave(2)
     assert layer.keys.shape[0] == 6 and torch.equal(layer.positions[1], layer.positions[0])
+
+
+def test_tova_ranks_by_the_mean_over_all_heads_not_per_key_head():
+    """TOVA (Oren et al. 2024; kvpress's TOVAPress) averages the newest query's probabilities over
+    every head of the layer and drops the same tokens from every key head. Ranked per key head
+    (the defect), head 0 kept its favourite and the newest key, [1, 3], instead of [1, 2]."""
+    layer = BudgetLayer(2, "tova", chunk=4)
+    d = 4
+    k = torch.zeros(1, 2, 4, d)
+    k[0, 0, 1, 0] = 4.0  # head 0 favours key 1
+    k[0, 1, 2, 0] = 8.0  # head 1 favours key 2, more strongly
+    v = torch.zeros(1, 2, 4, d)
+    q = torch.zeros(1, 2, 4, d)
+    q[..., 0] = 1.0
+    _attend(layer, q, k, v)
+    p = _oracle_probs(q, k)[0, :, -1]  # (Hq, Nk): the newest query's probabilities
+    mean = p.mean(0)
+    want = sorted(sorted(range(4), key=lambda i: (mean[i].item(), i))[-2:])
+    assert want == [1, 2] and _kept(layer) == [want, want]
+    per_head = sorted(sorted(range(4), key=lambda i: (p[0, i].item(), i))[-2:])
+    assert per_head == [1, 3]  # what ranking head 0 alone keeps

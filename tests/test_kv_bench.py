@@ -94,6 +94,18 @@ def test_kv_needles_runs_end_to_end(smol, tmp_path):
     assert "| full cache | " in bench("kv_needles").table(result)
 
 
+def test_kv_needles_keep_runs_only_the_named_policies_and_keeps_the_other_rows(smol, tmp_path):
+    args = ("--context", "160", "--budget", "64", "--depths", "2", "--needles", "1")
+    first = run("kv_needles", tmp_path, *args, "--policies", "sink")
+    again = run("kv_needles", tmp_path, *args, "--policies", "window", "--keep")
+    assert [r["policy"] for r in again["rows"]] == ["full", "window", "sink"]
+    assert again["rows"][0]["seconds"] == first["rows"][0]["seconds"]  # not run again
+    assert again["rows"][2]["answers"] == first["rows"][1]["answers"]
+    assert again["meta"]["policies"] == ["window", "sink"]
+    with pytest.raises(ValueError, match="budget differ"):
+        run("kv_needles", tmp_path, *args[:3], "48", *args[4:], "--policies", "window", "--keep")
+
+
 def test_kv_needles_first_number_ignores_separators():
     needles = bench("kv_needles")
     assert needles.first_number(" 52,918.") == "52918"

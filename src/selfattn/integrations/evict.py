@@ -16,8 +16,9 @@ Priorities (higher is kept; among equal priorities the older token goes first), 
 - ``h2o``: the attention mass the key received, summed over every query since it arrived and
   over the query heads of its group (Heavy-Hitter Oracle); the most recent ``budget // 2``
   tokens always kept.
-- ``tova``: the probability the newest query gives the key, summed over the group's heads
-  (the order of their mean).
+- ``tova``: the probability the newest query gives the key, averaged over all the layer's query
+  heads (TOVA's rule, as kvpress's ``TOVAPress``): one ranking, so every key head keeps the same
+  tokens.
 - ``snapkv``: at each prefill chunk (more than one new token), the mass from the chunk's last
   ``SNAP_WINDOW`` queries, max-pooled over ``SNAP_KERNEL`` neighbouring positions, the
   observation window itself always kept (its last ``budget // 2`` tokens at most); tokens added one at a time afterwards (generation)
@@ -219,7 +220,9 @@ class BudgetLayer(InPlaceLayer):
             if self.policy == "h2o":
                 self.scores[:, :, :held] += mass
             elif self.policy == "tova":
-                self.scores[:, :, :held] = mass  # summed over the group: ranks as the mean
+                # summed over every key head's group, i.e. over all the layer's query heads: the
+                # order of TOVA's mean over heads, one ranking shared by every key head
+                self.scores[:, :, :held] = mass.sum(1, keepdim=True)
             else:  # snapkv, on a prefill
                 self.scores[:, :, :held] = self._pooled(mass)
                 self.snap_end, self.snap_kept = (
