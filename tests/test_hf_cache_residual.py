@@ -288,3 +288,31 @@ def test_gemma3_sliding_and_global_layers_with_a_float_window_equal_the_fake_sch
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
     assert all(x.keys.split > 0 for x in cache.layers)
+
+
+def test_make_cache_with_a_budget_keeps_no_window_in_its_evicting_layers():
+    """An evicting layer evicts per key head, which one float window cannot follow: it quantizes
+    every token at once (as residual=0) and still holds its budget; generate() runs."""
+    from selfattn.integrations.evict import BudgetLayer
+
+    ids = torch.randint(1, 101, (1, 40), generator=torch.Generator().manual_seed(2))
+    model = _tiny_llama()
+    cache = sa_hf.make_cache(model, bits=8, budget=16, policy="h2o", residual=8)
+    assert all(type(x) is BudgetLayer and x.residual == 0 for x in cache.layers)
+    seq, _ = _generate(model, ids, cache, 5)
+    assert seq.shape[1] == 45 and cache.tokens_held == [16, 16]
+    assert all(type(x.keys) is selfattn.QuantizedKV for x in cache.layers)
+
+
+def test_tiny_llama_beam_search_with_a_float_window_equals_the_fake_quantized_schedule():
+    """Beam search reorders (and first repeats) the batch rows: the window follows them."""
+    ids = torch.randint(1, 101, (2, 30), generator=torch.Generator().manual_seed(3))
+    model = _tiny_llama()
+    kw = {"max_new_tokens": 30, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cache = sa_hf.make_cache(model, bits=4, rotate=True, residual=3)
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **kw)
+        ref = Cache(layers=[_FakeResidualLayer(3, 4, 4) for _ in range(2)])
+        want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=ref, **kw)
+    assert torch.equal(got, want)
+    assert all(x.keys.split > 0 for x in cache.layers)
