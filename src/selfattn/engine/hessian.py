@@ -124,12 +124,13 @@ def double_backward(
         return done
 
     results = [r for done in run_jobs(job, plan[0]) for r in done]
-    return _gather(prob, q, k, v, results)
+    return _gather(prob, q, k, v, results, shared=plan[1])
 
 
-def _gather(prob: Problem, q, k, v, results: list):
-    """The parts' results in whole-call tensors: rows written, shared key/value heads, bias
-    and slopes summed (in this thread, so nothing races)."""
+def _gather(prob: Problem, q, k, v, results: list, shared: bool):
+    """The parts' results in whole-call tensors: rows written, key/value heads written (summed
+    when parts share them: a row split), bias and slopes summed (in this thread, so nothing
+    races)."""
     spec, g = prob.spec, prob.spec.group
     acc_t = acc_dtype(q.dtype)
     b, h, m_total, d = q.shape
@@ -141,8 +142,8 @@ def _gather(prob: Problem, q, k, v, results: list):
         return None if first[i] is None else torch.empty(b, h, m_total, *tail, **new)
 
     qbar = torch.empty(b, h, m_total, d, **new)
-    kbar = torch.zeros(k.shape, **new)
-    vbar = torch.zeros(v.shape, **new)
+    kbar = torch.zeros(k.shape, **new) if shared else torch.empty(k.shape, **new)
+    vbar = torch.zeros(v.shape, **new) if shared else torch.empty(v.shape, **new)
     dobar, rbar = rows_like(3, dv_dim), rows_like(4)
     obar, lsebar = rows_like(5, dv_dim), rows_like(6)
     bbar = None if first[7] is None else torch.zeros(spec.bias.shape, **new)
@@ -150,8 +151,12 @@ def _gather(prob: Problem, q, k, v, results: list):
     for rect, (qb, kb, vb, dob, rb, ob, lb, bb, ab) in results:
         bs, hs, ks, rs = head_slices(rect, g)
         qbar[bs, hs, rs] = qb
-        kbar[bs, ks] += kb
-        vbar[bs, ks] += vb
+        if shared:
+            kbar[bs, ks] += kb
+            vbar[bs, ks] += vb
+        else:  # a split by heads: every key/value head belongs to one part
+            kbar[bs, ks] = kb
+            vbar[bs, ks] = vb
         for whole, got in ((dobar, dob), (rbar, rb), (obar, ob), (lsebar, lb)):
             if whole is not None:
                 whole[bs, hs, rs] = got
