@@ -35,6 +35,9 @@
 #include "pack.h"
 #include "plan.h"
 #include "stats.h"
+#ifndef SA_AHEAD
+#define SA_AHEAD 2
+#endif
 
 namespace selfattn {
 namespace SA_NS {
@@ -275,8 +278,10 @@ struct Decode {
       if (qk) {
         // codes stream from memory: ask for the keys two tiles ahead and this tile's values
         // (read after the chunk's softmax, from cache by then)
-        if (t + 2 < tmax) prefetch_codes(P.k, b, kvh, (t + 2) * PW, P.Nk);
-        if (t == tmin) prefetch_codes(P.k, b, kvh, (t + 1) * PW, P.Nk);
+        constexpr int AHEAD = SA_AHEAD;
+        if (t + AHEAD < tmax) prefetch_codes(P.k, b, kvh, (t + AHEAD) * PW, P.Nk);
+        if (t == tmin)
+          for (int a = 1; a < AHEAD && t + a < tmax; a++) prefetch_codes(P.k, b, kvh, (t + a) * PW, P.Nk);
         if (qv && P.need_out) prefetch_codes(P.v, b, kvh, t * PW, P.Nk);
         if (!code_k) {
           dequant_tile<V>(P.k, b, kvh, t * PW, nvalid, P.D, Dp, sc.kt.p);

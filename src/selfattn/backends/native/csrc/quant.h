@@ -9,6 +9,7 @@
 // dequantized tensor see the same numbers).
 #pragma once
 #include <cmath>
+#include <type_traits>
 
 #include "common.h"
 #include "microkernel.h"
@@ -155,33 +156,83 @@ static inline void code_vectors(const uint8_t* row, const float* sc, int64_t sg,
   }
 }
 
+// Whether V reduces partial-sum vectors a pair at a time (reduce_pair / reduce_pairs).
+template <class V, class = void>
+struct PairReduce : std::false_type {};
+template <class V>
+struct PairReduce<V, std::void_t<decltype(V::reduce_pair(V(), V()))>> : std::true_type {};
+
+// The dot products of RB rows with one key's codes (NV vectors; 0: nv at run time) as RB
+// partial-sum vectors.
+template <class V, int RB, int NV, bool Q4, bool SCALE>
+static inline void qk_key(const typename V::T* q, int64_t ldq, int nv, const uint8_t* row,
+                          const float* sr, int64_t sg, int64_t g, V* a) {
+  constexpr int W = V::W, STEP = Q4 ? 2 : 1;
+  const int n = NV ? NV : nv;
+  for (int r = 0; r < RB; r++) a[r] = V::zero();
+  for (int c = 0; c < n; c += STEP) {
+    V x[STEP];
+    code_vectors<V, Q4, SCALE>(row, sr, sg, g, c, STEP, x);
+    for (int u = 0; u < STEP; u++)
+      for (int r = 0; r < RB; r++) a[r] = fmadd(V::load(q + r * ldq + (c + u) * W), x[u], a[r]);
+  }
+}
+
 // S[r][0:2W] = q_r . k_j for the RB rows of q (ldq apart; Q4: in q4_order) and the keys j <
 // nvalid of a tile of 2W keys read from their codes (0 past nvalid): each key's nv vectors are
-// converted once for all RB rows, and W keys' partial-sum vectors reduce by one tree per row.
+// converted once for all RB rows, and W keys' partial-sum vectors reduce by one tree per row
+// (with PairReduce, its first level as each pair of keys is done: fewer live vectors).
 // Without SCALE the key has one scale group and its scale multiplies the W reduced scores.
-template <class V, int RB, bool Q4, bool SCALE>
+template <class V, int RB, int NV, bool Q4, bool SCALE>
 static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uint8_t* codes,
                           int64_t cs, const float* sc, int64_t ss, int64_t sg, int64_t g,
                           int nvalid, typename V::T* S, int64_t lds) {
   using T = typename V::T;
-  constexpr int W = V::W, STEP = Q4 ? 2 : 1;
-  for (int h0 = 0; h0 < 2 * W; h0 += W) {
+  constexpr int W = V::W;
+  if constexpr (PairReduce<V>::value) {  // keys two at a time, the tree's first level at once
+    for (int h0 = 0; h0 < 2 * W; h0 += W) {
+      if (h0 >= nvalid) {
+        for (int r = 0; r < RB; r++) V::zero().store(S + r * lds + h0);
+        continue;
+      }
+      V t[RB][W / 2];
+      T s[W];
+      for (int jj = 0; jj < W; jj += 2) {
+        V a[RB], b[RB];
+        const int key = h0 + jj;
+        if (key < nvalid) {
+          qk_key<V, RB, NV, Q4, SCALE>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
+        } else {
+          for (int r = 0; r < RB; r++) a[r] = V::zero();
+        }
+        if (key + 1 < nvalid) {
+          qk_key<V, RB, NV, Q4, SCALE>(q, ldq, nv, codes + (key + 1) * cs, sc + (key + 1) * ss,
+                                       sg, g, b);
+        } else {
+          for (int r = 0; r < RB; r++) b[r] = V::zero();
+        }
+        s[jj] = key < nvalid ? T(sc[key * ss]) : T(0);
+        s[jj + 1] = key + 1 < nvalid ? T(sc[(key + 1) * ss]) : T(0);
+        for (int r = 0; r < RB; r++) t[r][jj / 2] = V::reduce_pair(a[r], b[r]);
+      }
+      for (int r = 0; r < RB; r++) {
+        V res = V::reduce_pairs(t[r]);
+        if (!SCALE) res = res * V::load(s);
+        res.store(S + r * lds + h0);
+      }
+    }
+    return;
+  }
+  for (int h0 = 0; h0 < 2 * W; h0 += W) {  // W keys' vectors, then one tree per row
     V p[RB][W];
     T s[W];
     for (int jj = 0; jj < W; jj++) {
       const int key = h0 + jj;
       V a[RB];
-      for (int r = 0; r < RB; r++) a[r] = V::zero();
-      if (key < nvalid) {
-        const uint8_t* row = codes + key * cs;
-        const float* sr = sc + key * ss;
-        for (int c = 0; c < nv; c += STEP) {
-          V x[STEP];
-          code_vectors<V, Q4, SCALE>(row, sr, sg, g, c, STEP, x);
-          for (int u = 0; u < STEP; u++)
-            for (int r = 0; r < RB; r++) a[r] = fmadd(V::load(q + r * ldq + (c + u) * W), x[u], a[r]);
-        }
-      }
+      if (key < nvalid)
+        qk_key<V, RB, NV, Q4, SCALE>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
+      else
+        for (int r = 0; r < RB; r++) a[r] = V::zero();
       s[jj] = key < nvalid ? T(sc[key * ss]) : T(0);
       for (int r = 0; r < RB; r++) p[r][jj] = a[r];
     }
@@ -203,9 +254,11 @@ static inline void qk_codes(int64_t R, const typename V::T* q, int64_t ldq, cons
   const int64_t cs = t.s[2], ss = t.ss[2], sg = t.ss[3], g = t.group;
   const int nv = int(X / V::W);
   const int mode = int(R) * 4 + (t.dt == DT::Q4 ? 2 : 0) + (g == X ? 0 : 1);
-#define SA_QK(RB, Q4, SC)                                                                   \
-  case RB * 4 + (Q4 ? 2 : 0) + (SC ? 1 : 0):                                                \
-    return qk_codes_tile<V, RB, Q4, SC>(q, ldq, nv, c, cs, sc, ss, sg, g, nvalid, S, lds);
+#define SA_QK(RB, Q4, SC)                                                                  \
+  case RB * 4 + (Q4 ? 2 : 0) + (SC ? 1 : 0):                                               \
+    if (nv == 4)                                                                           \
+      return qk_codes_tile<V, RB, 4, Q4, SC>(q, ldq, nv, c, cs, sc, ss, sg, g, nvalid, S, lds); \
+    return qk_codes_tile<V, RB, 0, Q4, SC>(q, ldq, nv, c, cs, sc, ss, sg, g, nvalid, S, lds);
   switch (mode) {
     SA_QK(1, false, false) SA_QK(1, false, true) SA_QK(1, true, false) SA_QK(1, true, true)
     SA_QK(2, false, false) SA_QK(2, false, true) SA_QK(2, true, false) SA_QK(2, true, true)
@@ -287,8 +340,14 @@ static inline void pv_codes(int64_t R, typename V::T* A, int64_t lda, const View
   const int64_t cs = t.s[2], ss = t.ss[2], sg = t.ss[3], g = t.group, nv = X / V::W;
   const bool fold = g == X, q4 = t.dt == DT::Q4;
   if (fold)  // p_j * s_j once per row and key instead of a multiply per code vector
-    for (int64_t r = 0; r < R; r++)
-      for (int64_t k = 0; k < n; k++) A[r * lda + k] *= T(sc[k * ss]);
+    for (int64_t r = 0; r < R; r++) {
+      T* a = A + r * lda;
+      int64_t k = 0;
+      if constexpr (std::is_same<T, float>::value)  // the scales of consecutive keys, W at a time
+        if (ss == 1)
+          for (; k + V::W <= n; k += V::W) (V::load(a + k) * V::load(sc + k)).store(a + k);
+      for (; k < n; k++) a[k] *= T(sc[k * ss]);
+    }
   if (q4 && fold) return pv_codes_fmt<V, true, false>(R, A, lda, n, c, cs, sc, ss, sg, g, nv, O, ldo);
   if (q4) return pv_codes_fmt<V, true, true>(R, A, lda, n, c, cs, sc, ss, sg, g, nv, O, ldo);
   if (fold) return pv_codes_fmt<V, false, false>(R, A, lda, n, c, cs, sc, ss, sg, g, nv, O, ldo);

@@ -95,10 +95,18 @@ struct V {
 
   // lane i of the result = sum of the lanes of p[i], i < 16 (a transpose and add tree)
   static V reduce16(const V* p) {
+    V t[8];
+    for (int i = 0; i < 8; i++) t[i] = reduce_pair(p[2 * i], p[2 * i + 1]);
+    return reduce_pairs(t);
+  }
+  // the tree's first level, for callers that reduce vectors as they come: pairs of p[2i],
+  // p[2i + 1] (reduce_pair), then reduce_pairs of the 8 gives reduce16(p)
+  static V reduce_pair(V a, V b) {
+    return {_mm512_add_ps(_mm512_unpacklo_ps(a.v, b.v), _mm512_unpackhi_ps(a.v, b.v))};
+  }
+  static V reduce_pairs(const V* tv) {
     __m512 t[8], u[4], w[2];
-    for (int i = 0; i < 8; i++)
-      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i].v, p[2 * i + 1].v),
-                           _mm512_unpackhi_ps(p[2 * i].v, p[2 * i + 1].v));
+    for (int i = 0; i < 8; i++) t[i] = tv[i].v;
     for (int i = 0; i < 4; i++) {
       __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
       u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
