@@ -11,7 +11,10 @@
 // dS is one micro-kernel product of width 2D: the query rows are kept as [q | dq] and each
 // key tile is packed as one panel [dK^T; K^T], so S reads its lower half and dS the whole.
 // T takes two P V-shaped products (X = p * dS against V, p against dV). Work items, tiles,
-// chunks and waves are the forward's; K, dK, V and dV are packed per (batch, kv head) unit.
+// chunks and waves are the forward's; K and dK are packed per (batch, kv head) unit, V and dV
+// too unless they are read in place (same dtype as the compute, unit inner stride, Dv a
+// multiple of W: then only the last, partial tile of keys is copied, zero-padded), which keeps
+// the pass's memory beyond its results to the K panels (docs/derivatives.md, Measured).
 // A non-finite row of k, v, dk or dv declines the call (the caller then takes the torch-op
 // tangent pass, whose semantics for such rows are the forward's): the pass returns false.
 #pragma once
@@ -36,9 +39,12 @@ struct Jvp {
   int64_t koff;  // where K^T starts within it
   T dmul;        // d score / d (scaled q.k) beyond 1 - tanh^2: the softcap unless divided
 
-  // per unit slot of the current wave
+  // per unit slot of the current wave: K panels; V / dV rows (all tiles, or with vdirect the
+  // last partial tile alone, the others read from the tensors in place)
   Buf<T> kp_buf, vr_buf, dvr_buf;
   int64_t kp_n = 0, vr_n = 0;
+  bool vdirect;
+  int64_t tf;  // tiles of PW whole keys: [0, tf) read in place under vdirect
 
   Jvp(const Plan<V>& plan, const Params& p) : pl(plan), P(p) {
     tq = P.tq.p != nullptr;
@@ -50,6 +56,17 @@ struct Jvp {
     kpt = (tk ? 2 : 1) * P.D * PW;
     koff = tk ? P.D * PW : 0;
     dmul = pl.softcap && !pl.cap_div ? pl.cap : T(1);
+    const DT same = sizeof(T) == 4 ? DT::F32 : DT::F64;
+    auto inplace = [&](const View& x) {
+      return x.dt == same && x.s[3] == 1 && P.Dv % W == 0 && P.Dv > 0;
+    };
+    vdirect = inplace(P.v) && (!tv || inplace(P.tv));
+    tf = vdirect ? P.Nk / PW : 0;
+  }
+
+  // rows of V (or dV) of unit (b, kvh) in place, row stride ld
+  const T* rows_of(const View& x, int64_t b, int64_t kvh) const {
+    return static_cast<const T*>(x.p) + b * x.s[0] + kvh * x.s[1];
   }
 
   struct Scratch {
@@ -59,11 +76,13 @@ struct Jvp {
           s(MR * LDS), ds(MR * LDS), th(j.pl.softcap ? MR * LDS : 0), row(j.pl.Dvp + 1) {}
   };
 
-  int64_t unit_elems() const { return pl.ntiles * (kpt + PW * pl.Dvp * (tv ? 2 : 1)); }
+  int64_t unit_elems() const {
+    return pl.ntiles * kpt + (pl.ntiles - tf) * PW * pl.Dvp * (tv ? 2 : 1);
+  }
 
   void alloc(int64_t units) {
     kp_n = pl.ntiles * kpt;
-    vr_n = pl.ntiles * PW * pl.Dvp;
+    vr_n = (pl.ntiles - tf) * PW * pl.Dvp;
     kp_buf.alloc(units * kp_n);
     vr_buf.alloc(units * vr_n);
     dvr_buf.alloc(tv ? units * vr_n : 0);
@@ -77,13 +96,14 @@ struct Jvp {
       T* panel = kp_buf.p + slot * kp_n + t * kpt;
       for (int c = 0; c < PW; c++) {
         const int64_t j = t * PW + c;
-        T* vrow = vr_buf.p + slot * vr_n + j * Dvp;
-        T* dvrow = tv ? dvr_buf.p + slot * vr_n + j * Dvp : nullptr;
+        const int64_t jr = j - tf * PW;  // row in the packed V / dV (tiles from tf on)
+        T* vrow = t >= tf ? vr_buf.p + slot * vr_n + jr * Dvp : nullptr;
+        T* dvrow = tv && t >= tf ? dvr_buf.p + slot * vr_n + jr * Dvp : nullptr;
         if (j >= P.Nk) {
           for (int64_t d = 0; d < D; d++) panel[koff + d * PW + c] = T(0);
           if (tk)
             for (int64_t d = 0; d < D; d++) panel[d * PW + c] = T(0);
-          zero_bytes(vrow, sizeof(T) * Dvp);
+          if (vrow) zero_bytes(vrow, sizeof(T) * Dvp);
           if (dvrow) zero_bytes(dvrow, sizeof(T) * Dvp);
           continue;
         }
@@ -93,8 +113,13 @@ struct Jvp {
           ok &= load_row<V>(P.tk, b, h, j, D, Dp, krow);
           for (int64_t d = 0; d < D; d++) panel[d * PW + c] = krow[d];
         }
-        ok &= load_row<V>(P.v, b, h, j, P.Dv, Dvp, vrow);
-        if (dvrow) ok &= load_row<V>(P.tv, b, h, j, P.Dv, Dvp, dvrow);
+        if (vrow) {
+          ok &= load_row<V>(P.v, b, h, j, P.Dv, Dvp, vrow);
+          if (dvrow) ok &= load_row<V>(P.tv, b, h, j, P.Dv, Dvp, dvrow);
+        } else {  // read in place: only checked
+          ok &= all_finite(rows_of(P.v, b, h) + j * P.v.s[2], P.Dv);
+          if (tv) ok &= all_finite(rows_of(P.tv, b, h) + j * P.tv.s[2], P.Dv);
+        }
       }
     }
     return ok;
@@ -257,14 +282,41 @@ struct Jvp {
         }
       }
     }
-    const T* vr = vr_buf.p + slot * vr_n + t_lo * PW * Dvp;
     T* o = sc.o.p + p * MR * Dvp;
     T* ta = sc.t.p + p * MR * Dvp;
-    gemm<V, SCALE>(MR, Dvp / W, n, S, LDS, 1, vr, Dvp, o, Dvp, sc.al.p);   // O = al O + P V
-    gemm<V, SCALE>(MR, Dvp / W, n, DS, LDS, 1, vr, Dvp, ta, Dvp, sc.al.p);  // T = al T + X V
-    if (tv)  // T += P dV
-      gemm<V, ADD>(MR, Dvp / W, n, S, LDS, 1, dvr_buf.p + slot * vr_n + t_lo * PW * Dvp, Dvp, ta,
-                   Dvp, nullptr);
+    const int64_t kvh = pn.h / P.G;
+    values(S, t_lo, t_hi, slot, pn.b, kvh, false, o, sc.al.p);   // O = al O + P V
+    values(DS, t_lo, t_hi, slot, pn.b, kvh, false, ta, sc.al.p);  // T = al T + X V
+    if (tv) values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, nullptr);  // T += P dV
+  }
+
+  // C = al C + A V (al null: C += A V) for the keys of tiles [t_lo, t_hi), A the panel's
+  // (MR x keys) buffer; V or (dv) dV, packed or read in place (then the partial last tile
+  // from its packed copy, in a second product).
+  void values(const T* A, int64_t t_lo, int64_t t_hi, int64_t slot, int64_t b, int64_t kvh,
+              bool dv, T* C, const T* al) const {
+    const int64_t Dvp = pl.Dvp, nv = Dvp / W;
+    const T* packed = (dv ? dvr_buf.p : vr_buf.p) + slot * vr_n;
+    int64_t t0 = t_lo;
+    if (vdirect && t_lo < tf) {
+      const View& x = dv ? P.tv : P.v;
+      const int64_t tm = imin(t_hi, tf), n = (tm - t_lo) * PW;
+      const T* B = rows_of(x, b, kvh) + t_lo * PW * x.s[2];
+      if (al)
+        gemm<V, SCALE>(MR, nv, n, A, LDS, 1, B, x.s[2], C, Dvp, al);
+      else
+        gemm<V, ADD>(MR, nv, n, A, LDS, 1, B, x.s[2], C, Dvp, nullptr);
+      if (tm == t_hi) return;
+      t0 = tm;
+      al = nullptr;  // scaled already: the rest adds
+    }
+    const int64_t n = (t_hi - t0) * PW;
+    const T* B = packed + (t0 - tf) * PW * Dvp;
+    const T* A0 = A + (t0 - t_lo) * PW;
+    if (al)
+      gemm<V, SCALE>(MR, nv, n, A0, LDS, 1, B, Dvp, C, Dvp, al);
+    else
+      gemm<V, ADD>(MR, nv, n, A0, LDS, 1, B, Dvp, C, Dvp, nullptr);
   }
 
   // Normalise and write out, lse and the tangents for the block's rows.
@@ -302,7 +354,10 @@ static bool jvp_prefill(const Params& P, const Pool& pool) {
   J jv(pl, P);
   const int64_t units = P.B * P.Hkv;
   const int64_t unit_bytes = jv.unit_elems() * int64_t(sizeof(typename V::T)) + 1;
-  const int64_t budget = int64_t(8) << 20;  // as the forward's waves
+  // half the forward's wave budget: a unit's work is three times the forward's, so a wave of
+  // fewer units loses little cache reuse, and the pass's memory beyond its two results stays
+  // under the forward's (docs/derivatives.md, Measured)
+  const int64_t budget = int64_t(4) << 20;
   const int64_t wave = imax(1, imin(units, budget / unit_bytes));
   jv.alloc(wave);
   const int64_t nb = jv.blocks();
