@@ -195,8 +195,9 @@ def merged(keep: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[
     return sorted(out, key=lambda r: order.index(r["policy"]))
 
 
-def kept_rows(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of the results file ``path`` for ``--keep``, checked to be of the same cases.
+def kept_rows(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """The rows of the results file ``path`` for ``--keep``, checked to be of the same cases,
+    and the date of that file's run.
 
     Raises:
         ValueError: no such file, or one whose cases differ (named).
@@ -208,7 +209,9 @@ def kept_rows(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     differ = [k for k in same if old["meta"].get(k) != meta[k]]
     if differ:
         raise ValueError(f"--keep: {path} holds other cases ({', '.join(differ)} differ)")
-    return [{k: v for k, v in r.items() if k != "vs_full"} for r in old["rows"]]
+    return [{k: v for k, v in r.items() if k != "vs_full"} for r in old["rows"]], old["meta"][
+        "date"
+    ]
 
 
 def table(result: dict[str, Any]) -> str:
@@ -223,6 +226,13 @@ def table(result: dict[str, Any]) -> str:
             f"; policies run: {', '.join(meta['policies'])}."
             if set(meta.get("policies", POLICIES)) != set(POLICIES)
             else "."
+        )
+        + (
+            f" Rows kept from an earlier run ({meta['kept']['date']}): "
+            + ", ".join("full cache" if p == "full" else f"`{p}`" for p in meta["kept"]["rows"])
+            + "."
+            if meta.get("kept")
+            else ""
         ),
         "",
         "| cache | found | accuracy | vs full cache | by depth (0% .. 100%) |",
@@ -280,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         policies=args.policies,
         attention=args.attention,
     )
-    keep = kept_rows(out, meta) if args.keep else None  # checked before the model loads
-    if keep is not None:
+    keep = None
+    if args.keep:  # checked before the model loads
+        keep, date = kept_rows(out, meta)
         had = {r["policy"] for r in keep}
         meta["policies"] = [p for p in POLICIES if p in args.policies or p in had]
         meta["command"] += "  (rows of other policies kept from an earlier run)"
+        kept = [r["policy"] for r in keep if r["policy"] not in args.policies]
+        meta["kept"] = {"date": date, "rows": kept}
     model, tok = load_model(args.model, args.attention)
     cases = prompts(tok, args.context, depths, needles)
 

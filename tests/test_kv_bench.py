@@ -102,6 +102,8 @@ def test_kv_needles_keep_runs_only_the_named_policies_and_keeps_the_other_rows(s
     assert again["rows"][0]["seconds"] == first["rows"][0]["seconds"]  # not run again
     assert again["rows"][2]["answers"] == first["rows"][1]["answers"]
     assert again["meta"]["policies"] == ["window", "sink"]
+    assert again["meta"]["kept"] == {"date": first["meta"]["date"], "rows": ["full", "sink"]}
+    assert "Rows kept from an earlier run" in bench("kv_needles").table(again)
     with pytest.raises(ValueError, match="budget differ"):
         run("kv_needles", tmp_path, *args[:3], "48", *args[4:], "--policies", "window", "--keep")
 
