@@ -3,7 +3,8 @@
 Dispatch only: each call is validated in full (``spec.validate``) before any work, then handed
 to the backend that ``backends.select`` picks. A plain call (no rule but ``causal`` and
 ``scale``, no dropout, no gradient: a decode step) takes ``plain_call``, which checks the same
-in fewer steps and remembers the backend's choice per call shape. While ``torch.compile`` traces,
+in fewer steps and remembers the backend's choice per call shape (``quantized_plain_call`` the
+same over a quantized cache). While ``torch.compile`` traces,
 ``attention`` becomes the ``selfattn::attention`` custom op (``_compile``), one opaque node.
 """
 
@@ -143,7 +144,10 @@ def attention(
         and type(dropout_p) is float
         and not dropout_p
     ):
-        got = plain_call(q, k, v, causal, scale, return_lse, backend)
+        if type(k) is QuantizedKV or type(v) is QuantizedKV:  # a quantized cache's decode step
+            got = quantized_plain_call(q, k, v, causal, scale, return_lse, backend)
+        else:
+            got = plain_call(q, k, v, causal, scale, return_lse, backend)
         if got is not None:
             return got
     rules = {
@@ -196,13 +200,86 @@ def quantized_call(
         spec.tangents = True
     chosen = select(spec, backend)
     seed = _rng.draw_seed() if spec.dropout_p > 0 else None
+    out, lse = quantized_run(spec, chosen, q, k, v, seed)
+    return (out, lse) if return_lse else out
+
+
+def quantized_run(
+    spec: AttentionSpec, chosen: Any, q: torch.Tensor, k: Any, v: Any, seed: Any
+) -> tuple[torch.Tensor, Any]:
+    """``(out, lse)`` of ``chosen`` over a validated quantized call: the codes as they are for a
+    backend that reads them (``run_quantized``), else dequantized (rotated codes kept rotated)."""
     if getattr(chosen, "reads_quantized", False):
-        out, lse = chosen.run_quantized(spec, q, k, v, seed)
-    else:
-        q, k, v, _, rotate_out = unwrap_call(q, k, v)
-        out, lse = chosen.run(spec, q, k, v, seed)
-        if rotate_out:
-            out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
+        return chosen.run_quantized(spec, q, k, v, seed)
+    q, k, v, _, rotate_out = unwrap_call(q, k, v)
+    out, lse = chosen.run(spec, q, k, v, seed)
+    if rotate_out:
+        out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
+    return out, lse
+
+
+def quantized_plain_call(
+    q: Any, k: Any, v: Any, causal: Any, scale: Any, return_lse: Any, backend: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`plain_call` for a call over a quantized cache: ``k`` and/or ``v`` a
+    :class:`QuantizedKV` (the other a tensor), or None to decline it.
+
+    The same checks, and the spec :func:`quantized_call` builds (validated with the same
+    stand-ins, labelled the same); on the CPU the choice is remembered (``backends.CHOICES``)
+    per backend name, q's shape and dtype, each operand's codes shape, bits, group size,
+    rotation and dtype (a tensor's shape and dtype), the rules and the thread count, with the
+    backend's prepared ``plain_quantized`` run (the stand-ins and the spec's part of the call
+    record made once; only each call's codes and scales are put in). It declines what
+    :func:`plain_call` declines.
+    """
+    tensor = torch.Tensor
+    kq, vq = type(k) is QuantizedKV, type(v) is QuantizedKV
+    if (
+        type(q) is not tensor
+        or not (kq or type(k) is tensor)
+        or not (vq or type(v) is tensor)
+        or (causal is not True and causal is not False)
+        or (return_lse is not True and return_lse is not False)
+        or type(backend) is not str
+    ):
+        return None
+    if scale is not None and not (type(scale) is float and abs(scale) < checks.F32_HIGH):
+        return None  # NaN, inf or beyond float32 (the full path says so), or not a float
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # (a QuantizedKV never requires one)
+    if (
+        torch.compiler.is_compiling()
+        or has_tangents(q, None if kq else k, None if vq else v)
+        or transformed()
+    ):
+        return None
+    key = None
+    kc = k.codes if kq else k
+    vc = v.codes if vq else v
+    if q.is_cpu and kc.is_cpu and vc.is_cpu:
+        # everything check_qkv (on the stand-ins), the label and select read
+        ks = (kc.shape, k.bits, k.group_size, k.rotate, k.dtype) if kq else (k.shape, k.dtype)
+        vs = (vc.shape, v.bits, v.group_size, v.rotate, v.dtype) if vq else (v.shape, v.dtype)
+        key = ("quantized", backend, q.shape, q.dtype, ks, vs)
+        key += (causal, scale, return_lse, torch.get_num_threads())
+        got = CHOICES.get(key)
+        if got is not None:
+            out, lse = got[2](q, k, v)
+            return (out, lse) if return_lse else out
+    if backend != "auto" and backend not in BACKENDS:
+        return None
+    spec = plain_spec(q, standin(k), standin(v), causal, scale, return_lse)
+    spec.quantized = unwrap_label(k, v)  # the spec was made here (as in quantized_call)
+    chosen = select(spec, backend)
+    prepare = getattr(chosen, "plain_quantized", None)
+    if key is None or prepare is None:  # a backend that dequantizes: as quantized_call runs it
+        out, lse = quantized_run(spec, chosen, q, k, v, None)
+        return (out, lse) if return_lse else out
+    run = prepare(spec, k, v)
+    if len(CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
+        forget_choices()
+    CHOICES[key] = (spec, chosen, run)
+    out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
 
 

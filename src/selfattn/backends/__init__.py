@@ -91,7 +91,10 @@ BACKENDS: dict[str, Backend] = {}
 # remembered by the front door's fast path (``api.plain_call``): (spec, backend, run) by a key of
 # the backend's name ("auto" or a name), the shapes, dtypes, rules and torch's thread count (auto's
 # measured rules depend on it); ``run(q, k, v)`` is the
-# backend's ``plain`` hook, or its ``run`` for the spec. ``attention_with_stats`` keeps its own
+# backend's ``plain`` hook, or its ``run`` for the spec. Calls over a quantized cache
+# (``api.quantized_plain_call``) are keyed ("quantized", backend name, q's shape and dtype, each
+# operand's kind, the rules, threads), their run the backend's ``plain_quantized`` hook.
+# ``attention_with_stats`` keeps its own
 # (spec, backend) pairs here under keys that start with "with_stats". A choice depends on the
 # registry only, so ``register`` forgets them all; whoever changes what a backend accepts in
 # another way calls ``forget_choices``.

@@ -24,7 +24,7 @@ from ...rules import normalized
 from ...sinks import sink_grad, sink_probability
 from ...spec import AttentionSpec
 from . import build, choice
-from .call import REFUSED, record
+from .call import REFUSED, record, records_over
 from .tangents import at_current_level, fused_pass
 
 __all__ = ["NativeBackend"]
@@ -213,6 +213,27 @@ class NativeBackend:
         call = record(spec, seed, k, v)
         out, lse = build.load().forward(q, standin(k), standin(v), call, True, False)
         return out, lse if lse.dtype == torch.float32 else lse.float()
+
+    def plain_quantized(self, spec: AttentionSpec, k: Any, v: Any) -> Callable:
+        """``run(q, k, v)`` for the front door's fast path over a quantized cache: this plain
+        spec's ``run_quantized`` (no gradient, tangent or transform, no dropout) for operands of
+        the kind of ``k`` / ``v`` (a ``QuantizedKV`` of the same shape, bits, group size,
+        rotation and dtype, or a tensor of the same shape), with the stand-ins and the spec's
+        part of the call record made once."""
+        forward, make = build.load().forward, records_over(spec, k, v)
+        sk = standin(k) if isinstance(k, QuantizedKV) else None  # None: the call's tensor
+        sv = standin(v) if isinstance(v, QuantizedKV) else None
+        wide = spec.dtype == torch.float64  # lse comes back float64: float32 (docs/api.md)
+        if sk is not None and sv is not None and not wide:  # the usual case: both quantized
+            return lambda q, k, v: forward(q, sk, sv, make(k, v), True, False)
+
+        def run(q: torch.Tensor, k: Any, v: Any) -> tuple:
+            out, lse = forward(
+                q, k if sk is None else sk, v if sv is None else sv, make(k, v), True, False
+            )
+            return out, lse.float() if wide else lse
+
+        return run
 
     def forward(self, spec, q, k, v, seed):
         """The forward kernels (decode or row tiles), no autograd; out in the accumulation dtype

@@ -33,6 +33,7 @@ __all__ = [
     "STORAGE_FIELDS",
     "NativeCall",
     "record",
+    "records_over",
     "refused_rules",
 ]
 
@@ -143,3 +144,24 @@ def record(
             *(PLAIN if v is None else storage(v)),
         ),
     )
+
+
+def records_over(spec: AttentionSpec, k: Any, v: Any) -> Any:
+    """``make(k, v)``: :func:`record` ``(spec, None, k, v)`` for operands of the kind of ``k`` /
+    ``v`` (each a ``QuantizedKV`` or a tensor, as now), with everything but the codes and scales
+    of each quantized operand made once: ``make`` puts in those of the call's operands (a
+    ``QuantizedKV`` of the same bits, group size and rotation where ``k`` / ``v`` is one).
+    The front door's fast path over quantized caches (``api.quantized_plain_call``)."""
+    base = record(spec, None, k, v)
+    head = tuple(base[: len(FIELDS) - len(STORAGE_FIELDS)])  # the spec's and the call's fields
+    ks, vs = storage(k)[2:], storage(v)[2:]  # bits, group, rotate (a tensor: PLAIN's)
+    kt, vt = isinstance(k, torch.Tensor), isinstance(v, torch.Tensor)
+    if not kt and not vt:
+        return lambda k, v: _new(
+            NativeCall, (*head, k.codes, k.scales, *ks, v.codes, v.scales, *vs)
+        )
+    if not kt:
+        return lambda k, v: _new(NativeCall, (*head, k.codes, k.scales, *ks, *PLAIN))
+    if not vt:
+        return lambda k, v: _new(NativeCall, (*head, *PLAIN, v.codes, v.scales, *vs))
+    return lambda k, v: base

@@ -1,0 +1,204 @@
+"""The front door's fast path over quantized caches (``api.quantized_plain_call``): a decode step
+whose ``k`` and/or ``v`` is a ``QuantizedKV`` gets the spec ``quantized_call`` builds, the backend
+``select`` picks and bit for bit its result, with the choice remembered per kind of operand; it
+declines (the full path runs, with its errors) everything else. Issue 18: the Python front door
+cost a quantized decode step 10-35 us on top of the kernel, where a float call paid ~3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import fields
+
+import pytest
+import torch
+
+import selfattn
+from helpers import make_qkv
+from selfattn import api, backends
+from selfattn.backends import CHOICES
+from selfattn.quant import quantize_kv, standin, unwrap_label
+from selfattn.spec import validate_call
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU_BACKENDS = [n for n in selfattn.available_backends() if n != "triton"]
+# (B, Hq, Hkv, Nq, Nk, D): decode steps (GQA and not), a short prefill, an empty cache
+SHAPES = [(1, 9, 3, 1, 40, 64), (2, 4, 4, 1, 33, 16), (1, 4, 2, 5, 9, 32), (1, 2, 1, 1, 0, 8)]
+PLAIN = [(c, s, r) for c in (False, True) for s in (None, 0.3) for r in (False, True)]
+# (key format, value format): (bits, rotate) or None for a float tensor
+FORMATS = [
+    ((8, False), (8, False)),
+    ((4, False), (4, False)),
+    ((4, True), (4, True)),
+    ((8, True), (4, False)),
+    ((8, False), None),
+    (None, (4, True)),
+]
+RULE_DEFAULTS = dict.fromkeys(
+    ("window", "mask", "bias", "alibi_slopes", "softcap", "segment_ids", "sinks")
+)
+
+
+def quantized(x, fmt):
+    return x if fmt is None else quantize_kv(x, bits=fmt[0], rotate=fmt[1])
+
+
+def make_call(shape, formats, dtype=torch.float32, seed=0):
+    q, k, v = make_qkv(*shape, dtype=dtype, seed=seed)
+    return q, quantized(k, formats[0]), quantized(v, formats[1])
+
+
+def rules_of(causal, scale):
+    return {**RULE_DEFAULTS, "causal": causal, "scale": scale, "dropout_p": 0.0}
+
+
+def full_path(q, k, v, causal, scale, return_lse, backend):
+    """What ``attention`` does for a quantized call without the fast path."""
+    return api.quantized_call(q, k, v, rules_of(causal, scale), return_lse, backend)
+
+
+def spy(monkeypatch) -> list:
+    """Record which calls reach the quantized fast path (and whether it answered)."""
+    real, seen = api.quantized_plain_call, []
+
+    def spied(*args):
+        got = real(*args)
+        seen.append(got is not None)
+        return got
+
+    monkeypatch.setattr(api, "quantized_plain_call", spied)
+    return seen
+
+
+def remembered():
+    return [x for key, x in CHOICES.items() if key[0] == "quantized"]
+
+
+@pytest.mark.parametrize("formats", FORMATS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_remembered_spec_is_the_spec_quantized_call_validates(shape, formats, dtype):
+    q, k, v = make_call(shape, formats, dtype)
+    for causal, scale, return_lse in PLAIN:
+        CHOICES.clear()
+        selfattn.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+        (spec, _, _), *more = remembered()
+        assert not more
+        rules = rules_of(causal, scale)
+        want = validate_call(q, standin(k), standin(v), rules, return_lse)
+        want.quantized = unwrap_label(k, v)
+        for f in fields(want):
+            x, y = getattr(spec, f.name), getattr(want, f.name)
+            assert x == y and type(x) is type(y), f"{f.name}: {x!r} != {y!r}"
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+@pytest.mark.parametrize("formats", FORMATS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fast_path_gives_the_full_paths_result_bit_for_bit(monkeypatch, shape, formats, backend):
+    seen = spy(monkeypatch)
+    q, k, v = make_call(shape, formats)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # any strides
+    for causal, scale, return_lse in PLAIN:
+        spec = validate_call(q, standin(k), standin(v), rules_of(causal, scale), return_lse)
+        if backend != "auto" and backends.refusals(spec, backend):
+            continue  # sdpa declines lse and top-left causality (refusals: checked below)
+        for _ in range(2):  # the second time from the remembered choice
+            got = selfattn.attention(
+                q, k, v, causal=causal, scale=scale, return_lse=return_lse, backend=backend
+            )
+            want = full_path(q, k, v, causal, scale, return_lse, backend)
+            for a, b in zip(got, want) if return_lse else [(got, want)]:
+                assert torch.equal(a, b) and a.dtype == b.dtype
+            assert seen.pop() is True
+
+
+@pytest.mark.parametrize("formats", FORMATS, ids=str)
+def test_a_remembered_choice_reads_each_calls_own_codes(formats):
+    """The call record is made once per kind of operand; the codes and scales (and a float
+    side) are those of the call: another cache of the same shape gives its own result."""
+    shape = (1, 9, 3, 1, 40, 64)
+    calls = [make_call(shape, formats, seed=s) for s in range(3)]
+    q = calls[0][0]
+    for _, k, v in calls:
+        got = selfattn.attention(q, k, v, causal=True, return_lse=True)
+        want = full_path(q, k, v, True, None, True, "auto")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(remembered()) == 1
+
+
+def test_float64_lse_is_float32_from_the_remembered_choice():
+    q, k, v = make_call((1, 4, 2, 1, 17, 16), ((4, True), (8, False)), torch.float64)
+    for _ in range(2):
+        out, lse = selfattn.attention(q, k, v, return_lse=True)
+        assert out.dtype == torch.float64 and lse.dtype == torch.float32
+
+
+def test_the_choice_is_remembered_per_bits_group_and_rotation():
+    q, k, v = make_qkv(1, 4, 2, 1, 24, 32)
+    kinds = [
+        quantize_kv(k, bits=8),
+        quantize_kv(k, bits=4),
+        quantize_kv(k, bits=4, rotate=True),
+        quantize_kv(k, bits=4, group_size=8),
+    ]
+    for kk in kinds:
+        got = selfattn.attention(q, kk, v, causal=True)
+        assert torch.equal(got, full_path(q, kk, v, True, None, False, "auto"))
+    assert len(remembered()) == len(kinds)
+
+
+def test_a_refused_call_is_never_remembered():
+    q, k, v = make_call((1, 4, 2, 1, 9, 16), ((8, False), (8, False)))
+    for _ in range(2):  # refused each time, with select's message
+        with pytest.raises(selfattn.UnsupportedInputs, match="does not return the lse"):
+            selfattn.attention(q, k, v, return_lse=True, backend="sdpa")
+    assert remembered() == []
+
+
+def test_a_call_with_another_rule_takes_the_full_path(monkeypatch):
+    seen = spy(monkeypatch)
+    q, k, v = make_call((1, 2, 1, 1, 5, 8), ((8, False), (4, True)))
+    got = selfattn.attention(q, k, v, window=(2, 0))
+    assert seen == []
+    rules = {**rules_of(False, None), "window": (2, 0)}
+    assert torch.equal(got, api.quantized_call(q, k, v, rules, False, "auto"))
+
+
+def declined_cases():
+    q, k, v = make_call((1, 2, 1, 1, 5, 8), ((8, False), (8, False)))
+    yield "a Parameter q", (torch.nn.Parameter(q, requires_grad=False), k, v), {}
+    yield "a gradient to record", (q.clone().requires_grad_(), k, v), {}
+    yield "a float v with a gradient", (q, k, torch.randn(1, 1, 5, 8, requires_grad=True)), {}
+    yield "causal=1", (q, k, v), {"causal": 1}
+    yield "return_lse=1", (q, k, v), {"return_lse": 1}
+    yield "an int scale", (q, k, v), {"scale": 1}
+    yield "a nan scale", (q, k, v), {"scale": float("nan")}
+    yield "an unknown backend", (q, k, v), {"backend": "nope"}
+    yield "a backend that is not a str", (q, k, v), {"backend": None}
+    yield "a list for v", (q, k, [1.0]), {}
+
+
+@pytest.mark.parametrize("case", list(declined_cases()), ids=lambda c: c[0])
+def test_the_fast_path_declines_what_it_does_not_check(monkeypatch, case):
+    """These reach the full path (which runs them, or raises its own error)."""
+    _, args, kwargs = case
+    seen = spy(monkeypatch)
+    with contextlib.suppress(TypeError, ValueError):
+        selfattn.attention(*args, **kwargs)
+    assert seen == [False]
+    assert remembered() == []
+
+
+def test_errors_are_the_full_paths():
+    q, k, v = make_call((1, 4, 2, 1, 9, 16), ((8, False), (8, False)))
+    with pytest.raises(TypeError, match="share one dtype"):
+        selfattn.attention(q.double(), k, v)
+    with pytest.raises(ValueError, match="head dims differ"):
+        selfattn.attention(q[..., :8], k, v)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        selfattn.attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        selfattn.attention(q[0], k, v, backend="nope")
+    assert remembered() == []
