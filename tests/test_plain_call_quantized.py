@@ -17,6 +17,7 @@ import selfattn
 from helpers import make_qkv
 from selfattn import api, backends
 from selfattn.backends import CHOICES
+from selfattn.kv_residual import ResidualKV, older_rules
 from selfattn.quant import quantize_kv, standin, unwrap_label
 from selfattn.spec import validate_call
 
@@ -202,3 +203,86 @@ def test_errors_are_the_full_paths():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         selfattn.attention(q[0], k, v, backend="nope")
     assert remembered() == []
+
+
+# -- a cache with a float residual window (ResidualKV): one call per part, merged ----------------
+
+
+def residual_parts(nq, m, w, dtype=torch.float32, seed=0):
+    q, k, v = make_qkv(1, 9, 3, nq, m + w, 64, dtype=dtype, seed=seed)
+    kk = ResidualKV(quantize_kv(k[:, :, :m], bits=4, rotate=True), k[:, :, m:])
+    vv = ResidualKV(quantize_kv(v[:, :, :m], bits=8), v[:, :, m:])
+    return q, kk, vv
+
+
+def test_a_residual_decode_step_takes_both_fast_paths(monkeypatch):
+    """The older part's call carried a window that restricts nothing (causal shifted by the
+    window's length), so it always took the full quantized path (~25 us more per step)."""
+    seen_q = spy(monkeypatch)
+    real, seen_p = api.plain_call, []
+    monkeypatch.setattr(api, "plain_call", lambda *a: seen_p.append(real(*a)) or seen_p[-1])
+    q, k, v = residual_parts(1, 40, 8)
+    want = selfattn.attention(
+        q, k.dequantize(), v.dequantize(), causal=True, return_lse=True, backend="math"
+    )
+    for return_lse in (False, True):
+        seen_q.clear(), seen_p.clear()
+        got = selfattn.attention(q, k, v, causal=True, return_lse=return_lse)
+        # the outer call (declined: a ResidualKV), then the window's and the older part's
+        assert seen_p == [None, seen_p[1]] and seen_p[1] is not None
+        assert seen_q == [True]
+        torch.testing.assert_close(got[0] if return_lse else got, want[0], atol=2e-5, rtol=2e-5)
+        if return_lse:
+            torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=2e-5)
+
+
+def visible(nq, nk, causal, window, lo, hi):
+    """(Nq, hi - lo) bool: which of keys [lo, hi) each row sees (bottom-right aligned at Nk)."""
+    rows = torch.arange(nk - nq, nk).unsqueeze(-1)  # (Nq, 1)
+    cols = torch.arange(lo, hi)
+    vis = torch.ones(nq, hi - lo, dtype=torch.bool)
+    if causal:
+        vis &= cols <= rows
+    left, right = (None, None) if window is None else window
+    if left is not None:
+        vis &= cols >= rows - left
+    if right is not None:
+        vis &= cols <= rows + right
+    return vis
+
+
+@pytest.mark.parametrize("nq, m, w", [(1, 20, 5), (3, 20, 5), (7, 10, 5), (6, 3, 2), (1, 1, 1)])
+def test_the_older_parts_rules_see_exactly_what_the_call_sees(nq, m, w):
+    """The older part's rules (``older_rules``) give each row the keys ``[0, m)`` it sees in
+    the whole call: with no window at all where it would restrict nothing."""
+    q = torch.zeros(1, 1, nq, 8)
+    nk = m + w
+    sides = [None, 0, 1, 2, 4, 9, 30]
+    for causal in (False, True):
+        for window in [None, *((a, b) for a in sides for b in sides)]:
+            rules = {"causal": causal, "window": window, "mask": None}
+            got = older_rules(rules, m, nq, nk, q)
+            assert got["causal"] is False
+            if got["mask"] is not None:
+                seen = got["mask"]
+            else:
+                seen = visible(nq, m, False, got["window"], 0, m)
+            want = visible(nq, nk, causal, window, 0, m)
+            assert torch.equal(seen, want), (causal, window, got["window"])
+            if want.all() and (causal or window != (None, None)):  # (None, None): as given
+                assert got["window"] is None and got["mask"] is None, (causal, window)
+
+
+def test_the_merge_keeps_forward_mode_tangents():
+    """The merge works in place only without a graph or a tangent to carry: the tangent is
+    that of the call over the concatenation (the parts' lse are float32: to float32 rounding)."""
+    from torch.autograd import forward_ad
+
+    q, k, v = residual_parts(2, 12, 4, dtype=torch.float64)
+    t = torch.randn_like(q)
+    tangents = []
+    with forward_ad.dual_level():
+        for kk, vv in ((k, v), (k.dequantize(), v.dequantize())):
+            out = selfattn.attention(forward_ad.make_dual(q, t), kk, vv, causal=True)
+            tangents.append(forward_ad.unpack_dual(out).tangent)
+    torch.testing.assert_close(*tangents, atol=1e-5, rtol=1e-5)

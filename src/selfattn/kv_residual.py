@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .forward_mode import has_tangents, transformed
 from .quant import QuantizedKV, standin
 
 __all__ = ["ResidualKV", "residual_call", "split_at"]
@@ -151,8 +152,17 @@ def stand_in(x: Any) -> Any:
     """A memory-less tensor of ``x``'s full shape, dtype and device for validation (a
     ResidualKV or QuantizedKV); anything else unchanged."""
     if isinstance(x, ResidualKV):
-        return torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)
+        key = (x.shape, x.dtype, x.device)
+        got = _STANDINS.get(key)
+        if got is None:  # a decode step asks twice (k, v), every layer the same shape
+            if len(_STANDINS) > 64:
+                _STANDINS.clear()
+            got = _STANDINS[key] = torch.empty((), dtype=x.dtype, device=x.device).expand(key[0])
+        return got
     return standin(x)
+
+
+_STANDINS: dict[tuple, torch.Tensor] = {}  # recent stand-ins, by shape, dtype and device
 
 
 def residual_call(
@@ -190,17 +200,27 @@ def residual_call(
     old_rules = older_rules(rules, m, nq, nk, q)
     out_b, lse_b = attention(q, k_new, v_new, **new_rules, return_lse=True, backend=backend)
     out_a, lse_a = attention(q, k_old, v_old, **old_rules, return_lse=True, backend=backend)
+    lse = torch.logaddexp(lse_a, lse_b) if return_lse else None  # (B, Hq, Nq) float32
     # the older part's share of each row, exp(lse_a - L) = sigmoid(lse_a - lse_b) (B, Hq, Nq):
-    # 0 or 1 where one side sees nothing; NaN where neither does (both outputs are 0 there)
-    share = torch.sigmoid(lse_a - lse_b).nan_to_num(0.0).unsqueeze(-1)
+    # 0 or 1 where one side sees nothing; NaN where neither does (both outputs are 0 there).
+    # Without a graph to record, in place on the calls' own results (a decode step is a few
+    # microseconds of work per part: each new tensor costs about as much)
+    share = lse_a - lse_b
+    graph = (
+        (torch.is_grad_enabled() and (out_a.requires_grad or out_b.requires_grad))
+        or has_tangents(out_a, out_b)
+        or transformed()
+    )
+    if not graph:
+        share = share.sigmoid_().nan_to_num_(0.0).unsqueeze(-1)
+    else:
+        share = torch.sigmoid(share).nan_to_num(0.0).unsqueeze(-1)
     if q.dtype == torch.float32:
-        out = torch.lerp(out_b, out_a, share)  # (B, Hq, Nq, Dv)
+        out = out_b.lerp_(out_a, share) if not graph else torch.lerp(out_b, out_a, share)
     else:
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.lerp(out_b.to(work), out_a.to(work), share.to(work)).to(q.dtype)
-    if not return_lse:
-        return out
-    return out, torch.logaddexp(lse_a, lse_b)  # (B, Hq, Nq) float32; -inf where both are
+    return (out, lse) if return_lse else out  # (B, Hq, Nq, Dv); lse -inf where both are
 
 
 def cut_keys(x: Any, lo: int, hi: int, nk: int) -> Any:
@@ -267,6 +287,11 @@ def older_rules(rules: dict[str, Any], m: int, nq: int, nk: int, q: torch.Tensor
     new_left = None if left is None else left - w
     new_right = None if right is None else right + w
     out["causal"] = False
+    # rows at m - Nq .. m - 1 of this call: where every row sees all m keys (a decode step: the
+    # older part lies wholly behind the query), no window at all (the front door's fast path)
+    if (new_left is None or new_left >= m - 1) and (new_right is None or new_right >= nq - 1):
+        out["window"] = None
+        return out
     if new_left is None or new_left >= 0:
         out["window"] = (new_left, new_right)
         return out
