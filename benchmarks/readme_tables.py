@@ -51,6 +51,7 @@ RESULTS = (
     "docs/bench.json",
     "benchmarks/results/kv_perplexity.json",
     "benchmarks/results/kv_streaming.json",
+    "benchmarks/results/kv_streaming_tokens.json",
     "benchmarks/results/kv_needles_smollm2.json",
     "benchmarks/results/kv_needles_gemma3.json",
     "benchmarks/results/kv_cache.json",
@@ -60,6 +61,7 @@ KV_TABLES = {
     "kv_cache": "kv_cache",
     "kv_perplexity": "kv_perplexity",
     "kv_streaming": "kv_streaming",
+    "kv_streaming_tokens": "kv_streaming",
     "kv_needles_smollm2": "kv_needles",
     "kv_needles_gemma3": "kv_needles",
 }
