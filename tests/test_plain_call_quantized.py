@@ -129,6 +129,23 @@ def test_a_remembered_choice_reads_each_calls_own_codes(formats):
     assert len(remembered()) == 1
 
 
+@pytest.mark.parametrize("formats", FORMATS, ids=str)
+def test_a_remembered_choice_keeps_no_cache_alive(formats):
+    """The remembered run holds the stand-ins and the spec's fields, never the codes, scales or
+    float side of the call that made it (up to 256 remembered shapes would pin 256 caches)."""
+    import gc
+    import weakref
+
+    q, k, v = make_call((1, 4, 2, 1, 24, 32), formats)
+    held = [weakref.ref(x.codes if hasattr(x, "codes") else x) for x in (k, v)]
+    held += [weakref.ref(x.scales) for x in (k, v) if hasattr(x, "scales")]
+    selfattn.attention(q, k, v, causal=True)
+    assert len(remembered()) == 1
+    del k, v
+    gc.collect()
+    assert all(r() is None for r in held)
+
+
 def test_float64_lse_is_float32_from_the_remembered_choice():
     q, k, v = make_call((1, 4, 2, 1, 17, 16), ((4, True), (8, False)), torch.float64)
     for _ in range(2):
