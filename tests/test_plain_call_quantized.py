@@ -303,3 +303,24 @@ def test_the_merge_keeps_forward_mode_tangents():
             out = selfattn.attention(forward_ad.make_dual(q, t), kk, vv, causal=True)
             tangents.append(forward_ad.unpack_dual(out).tangent)
     torch.testing.assert_close(*tangents, atol=1e-5, rtol=1e-5)
+
+
+def test_a_plain_residual_call_is_checked_as_validate_checks_it():
+    """A plain call over a ResidualKV is checked by ``check_qkv`` alone (``plain_rules``): that
+    holds only while its keywords are exactly attention's rules, and anything else still gets
+    ``validate_call``'s errors before any work."""
+    from selfattn.kv_residual import PLAIN_KEYS
+    from selfattn.spec import KEYWORDS
+
+    assert PLAIN_KEYS == KEYWORDS
+    q, k, v = residual_parts(1, 20, 4)
+    with pytest.raises(ValueError, match="scale must be a finite float"):
+        selfattn.attention(q, k, v, scale=float("nan"))
+    with pytest.raises(TypeError, match="causal"):
+        selfattn.attention(q, k, v, causal=1)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        selfattn.attention(q, k, v, return_lse=1)
+    with pytest.raises(ValueError, match="head dims differ"):
+        selfattn.attention(q[..., :32], k, v)
+    with pytest.raises(TypeError, match="share one dtype"):
+        selfattn.attention(q.double(), k, v)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .checks import F32_HIGH
 from .forward_mode import has_tangents, transformed
 from .quant import QuantizedKV, standin
 
@@ -179,7 +180,7 @@ def residual_call(
             :func:`selfattn.attention` raises for the full call.
     """
     from .api import attention  # the front door; imported here: it dispatches to this module
-    from .spec import validate_call
+    from .spec import check_qkv, validate_call
 
     splits = {x.split for x in (k, v) if isinstance(x, ResidualKV)}
     if len(splits) != 1:
@@ -187,7 +188,12 @@ def residual_call(
             f"k and v are ResidualKV split at different tokens ({sorted(splits)}); a cache's "
             "keys and values split at the same token"
         )
-    validate_call(q, stand_in(k), stand_in(v), rules, return_lse)
+    if plain_rules(rules) and (return_lse is True or return_lse is False):
+        # all validate_call can refuse in a call with no rule but causal and scale (checked here
+        # as the front door's fast path checks them); a decode step pays for no spec it drops
+        check_qkv(q, stand_in(k), stand_in(v), True)
+    else:
+        validate_call(q, stand_in(k), stand_in(v), rules, return_lse)
     m = splits.pop()
     nq, nk = q.shape[2], k.shape[2]
     w = nk - m
@@ -221,6 +227,25 @@ def residual_call(
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.lerp(out_b.to(work), out_a.to(work), share.to(work)).to(q.dtype)
     return (out, lse) if return_lse else out  # (B, Hq, Nq, Dv); lse -inf where both are
+
+
+PLAIN_NONE = ("window", "mask", "bias", "alibi_slopes", "softcap", "segment_ids", "sinks")
+PLAIN_KEYS = frozenset((*PLAIN_NONE, "causal", "scale", "dropout_p"))  # attention's rules
+
+
+def plain_rules(rules: dict[str, Any]) -> bool:
+    """Whether ``rules`` (all of attention's keywords) hold no rule but a bool ``causal`` and a
+    float32-finite float ``scale`` (or None), without dropout: nothing ``validate_call`` refuses."""
+    if rules.keys() != PLAIN_KEYS:  # (attention passes every keyword; others: validate_call)
+        return False
+    scale, causal, drop = rules["scale"], rules["causal"], rules["dropout_p"]
+    return (
+        (causal is True or causal is False)
+        and type(drop) is float
+        and not drop
+        and (scale is None or (type(scale) is float and abs(scale) < F32_HIGH))
+        and all(rules[name] is None for name in PLAIN_NONE)
+    )
 
 
 def cut_keys(x: Any, lo: int, hi: int, nk: int) -> Any:
