@@ -34,6 +34,7 @@ struct Jvp {
   const Plan<V>& pl;
   const Params& P;
   bool tq, tk, tv, tbias, talibi;
+  bool ds_any;  // some tangent reaches the scores (else dS = 0: c = 0 and T = sum p dv)
   int64_t Dq2;   // row stride of the query buffer: q at [0, D), dq at [D, 2D)
   int64_t kpt;   // elements of one tile's panel: [dK^T (D rows, with tk); K^T (D rows)] x PW
   int64_t koff;  // where K^T starts within it
@@ -52,6 +53,7 @@ struct Jvp {
     tv = P.tv.p != nullptr;
     tbias = P.tbias.p != nullptr;
     talibi = P.talibi.p != nullptr;
+    ds_any = tq || tk || tbias || talibi;
     Dq2 = cdiv(P.D + pl.Dp, W) * W;
     kpt = (tk ? 2 : 1) * P.D * PW;
     koff = tk ? P.D * PW : 0;
@@ -70,10 +72,10 @@ struct Jvp {
   }
 
   struct Scratch {
-    Buf<T> q, o, t, m, l, c, al, s, ds, th, row;
+    Buf<T> q, o, t, m, l, c, al, s, ds, th;
     explicit Scratch(const Jvp& j)
         : q(BM * j.Dq2), o(BM * j.pl.Dvp), t(BM * j.pl.Dvp), m(BM), l(BM), c(BM), al(MR),
-          s(MR * LDS), ds(MR * LDS), th(j.pl.softcap ? MR * LDS : 0), row(j.pl.Dvp + 1) {}
+          s(MR * LDS), ds(MR * LDS), th(j.pl.softcap ? MR * LDS : 0) {}
   };
 
   int64_t unit_elems() const {
@@ -250,7 +252,7 @@ struct Jvp {
       T* th = pl.softcap ? sc.th.p + (t - t_lo) * PW : nullptr;
       if (ct == PARTIAL || pl.softcap || pl.bias || pl.alibi)
         pl.epilogue(st, LDS, pn, t, ct, nullptr, th);
-      score_tangent(qp, panel, pn, t, th, dt);
+      if (ds_any) score_tangent(qp, panel, pn, t, th, dt);
     }
     const int64_t n = (t_hi - t_lo) * PW;
     T* m = sc.m.p + p * MR;
@@ -259,6 +261,7 @@ struct Jvp {
     for (int r = 0; r < MR; r++) {
       const T al = softmax_row<V>(S + r * LDS, n, m[r], l[r]);
       sc.al[r] = al;
+      if (!ds_any) continue;
       // X = p * dS in place of dS; c = al c + sum X (before dropout: d lse sees every key)
       T* s = S + r * LDS;
       T* x = DS + r * LDS;
@@ -278,16 +281,21 @@ struct Jvp {
         T* x = DS + r * LDS;
         for (int64_t k = 0; k < n; k += W) {
           V::dropout(V::load(s + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(s + k);
-          V::dropout(V::load(x + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(x + k);
+          if (ds_any)
+            V::dropout(V::load(x + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(x + k);
         }
       }
     }
     T* o = sc.o.p + p * MR * Dvp;
     T* ta = sc.t.p + p * MR * Dvp;
     const int64_t kvh = pn.h / P.G;
-    values(S, t_lo, t_hi, slot, pn.b, kvh, false, o, sc.al.p);   // O = al O + P V
-    values(DS, t_lo, t_hi, slot, pn.b, kvh, false, ta, sc.al.p);  // T = al T + X V
-    if (tv) values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, nullptr);  // T += P dV
+    values(S, t_lo, t_hi, slot, pn.b, kvh, false, o, sc.al.p);  // O = al O + P V
+    if (ds_any) {
+      values(DS, t_lo, t_hi, slot, pn.b, kvh, false, ta, sc.al.p);  // T = al T + X V
+      if (tv) values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, nullptr);  // T += P dV
+    } else if (tv) {
+      values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, sc.al.p);  // T = al T + P dV
+    }
   }
 
   // C = al C + A V (al null: C += A V) for the keys of tiles [t_lo, t_hi), A the panel's
