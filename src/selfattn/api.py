@@ -232,26 +232,8 @@ def quantized_plain_call(
     record made once; only each call's codes and scales are put in). It declines what
     :func:`plain_call` declines.
     """
-    tensor = torch.Tensor
     kq, vq = type(k) is QuantizedKV, type(v) is QuantizedKV
-    if (
-        type(q) is not tensor
-        or not (kq or type(k) is tensor)
-        or not (vq or type(v) is tensor)
-        or (causal is not True and causal is not False)
-        or (return_lse is not True and return_lse is not False)
-        or type(backend) is not str
-    ):
-        return None
-    if scale is not None and not (type(scale) is float and abs(scale) < checks.F32_HIGH):
-        return None  # NaN, inf or beyond float32 (the full path says so), or not a float
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None  # (a QuantizedKV never requires one)
-    if (
-        torch.compiler.is_compiling()
-        or has_tangents(q, None if kq else k, None if vq else v)
-        or transformed()
-    ):
+    if not plain_arguments(q, k, v, causal, scale, return_lse, backend, kq, vq):
         return None
     key = None
     kc = k.codes if kq else k
@@ -302,22 +284,8 @@ def plain_call(
     or tracing by ``torch.compile``. The errors it raises itself are those of ``check_qkv``
     (the full path's first check after the backend's name) and ``select``'s, for the same spec.
     """
-    tensor = torch.Tensor
-    if (
-        type(q) is not tensor
-        or type(k) is not tensor
-        or type(v) is not tensor
-        or (causal is not True and causal is not False)
-        or (return_lse is not True and return_lse is not False)
-        or type(backend) is not str
-    ):
+    if not plain_arguments(q, k, v, causal, scale, return_lse, backend):
         return None
-    if scale is not None and not (type(scale) is float and abs(scale) < checks.F32_HIGH):
-        return None  # NaN, inf or beyond float32 (the full path says so), or not a float
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
-    if torch.compiler.is_compiling() or has_tangents(q, k, v) or transformed():
-        return None  # the full path marks tangents; under torch.func a backend's run decides
     key = None
     if q.is_cpu and k.is_cpu and v.is_cpu:
         # everything check_qkv and select read: shapes and dtypes (the device is the CPU), and
@@ -516,3 +484,41 @@ def attention_weights(
     chosen = select(spec, "auto", need=WEIGHTS_HOOKS)
     with torch.no_grad():
         return chosen.weights(spec, q, k, lse, head_idx, row_idx)
+
+
+def plain_arguments(
+    q: Any,
+    k: Any,
+    v: Any,
+    causal: Any,
+    scale: Any,
+    return_lse: Any,
+    backend: Any,
+    kq: bool = False,
+    vq: bool = False,
+) -> bool:
+    """Whether a call's arguments are plain enough for :func:`plain_call` (``kq``/``vq``: k/v
+    is a :class:`QuantizedKV`, for :func:`quantized_plain_call`): exact tensors, bool flags,
+    a str backend, a finite float32 scale, no gradient or tangent to carry, no torch.func
+    transform, no tracing. Anything else is declined to the full path, which raises what it
+    raises."""
+    tensor = torch.Tensor
+    if (
+        type(q) is not tensor
+        or not (kq or type(k) is tensor)
+        or not (vq or type(v) is tensor)
+        or (causal is not True and causal is not False)
+        or (return_lse is not True and return_lse is not False)
+        or type(backend) is not str
+    ):
+        return False
+    if scale is not None and not (type(scale) is float and abs(scale) < checks.F32_HIGH):
+        return False  # NaN, inf or beyond float32 (the full path says so), or not a float
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False  # (a QuantizedKV never requires one)
+    # the full path marks tangents; under torch.func a backend's run decides
+    return not (
+        torch.compiler.is_compiling()
+        or has_tangents(q, None if kq else k, None if vq else v)
+        or transformed()
+    )

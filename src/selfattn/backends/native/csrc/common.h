@@ -167,6 +167,19 @@ static inline Bounds key_bounds(int64_t pmin, int64_t pmax, int64_t nk, bool cau
   return {lo, hi, flo, fhi};
 }
 
+// The work of query block qb (rows [qb * BM, qb * BM + BM), panels of MR rows): (row, key) pairs
+// its panels visit under causal / window rules, plus a fixed share per row; what the forward
+// passes balance their threads by.
+static inline double block_cost(const Params& P, int64_t qb, int64_t BM, int64_t MR) {
+  double c = 64.0 * double(BM);
+  for (int64_t r0 = qb * BM; r0 < (P.Nq < qb * BM + BM ? P.Nq : qb * BM + BM); r0 += MR) {
+    const int64_t nr = MR < P.Nq - r0 ? MR : P.Nq - r0;
+    const Bounds kb = key_bounds(P.start + r0, P.start + r0 + nr - 1, P.Nk, P.causal, P.left, P.right);
+    c += double(kb.hi - kb.lo) * double(MR);
+  }
+  return c;
+}
+
 // ---- dropout: the counter-based hash of selfattn/_rng.py, in 32-bit arithmetic ------------------
 
 static inline uint32_t mix32(uint32_t x) {

@@ -223,15 +223,7 @@ struct Forward {
 
   int64_t blocks() const { return cdiv(P.Nq, BM); }
 
-  double cost(int64_t qb) const {
-    double c = 64.0 * BM;
-    for (int64_t r0 = qb * BM; r0 < imin(P.Nq, qb * BM + BM); r0 += MR) {
-      int64_t nr = imin(MR, P.Nq - r0);
-      Bounds kb = key_bounds(P.start + r0, P.start + r0 + nr - 1, P.Nk, P.causal, P.left, P.right);
-      c += double(kb.hi - kb.lo) * MR;
-    }
-    return c;
-  }
+  double cost(int64_t qb) const { return block_cost(P, qb, BM, MR); }
 
   void item(int64_t slot, int64_t u, int64_t g, int64_t qb, Scratch& sc) const {
     const int64_t b = u / P.Hkv, kvh = u % P.Hkv, h = kvh * P.G + g;
