@@ -132,3 +132,23 @@ def tiled_split(min_scores: int = 1 << 10):
         yield
     finally:
         threads.MIN_PARALLEL_SCORES = old
+
+
+def jvp_memory_growth(backend: str, n: int = 4096) -> tuple[int, int]:
+    """(JVP's, forward's) peak memory growth in bytes of ``attention`` on ``backend`` at B1 H8
+    N=n D64 float32, each in a fresh process (``selfattn.bench.memory``), after a warm-up call
+    of both on 64 rows (so neither counts a first call's one-off allocations)."""
+    from selfattn.bench.memory import peak_memory_growth
+
+    setup = (
+        "import torch, selfattn\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        f"q, k, v, tq, tk, tv = [torch.randn(1, 8, {n}, 64, generator=g) for _ in range(6)]\n"
+        f"f = lambda q, k, v: selfattn.attention(q, k, v, backend={backend!r})\n"
+        "s = slice(0, 64)\n"
+        "torch.func.jvp(f, (q[:, :, s], k[:, :, s], v[:, :, s]), "
+        "(tq[:, :, s], tk[:, :, s], tv[:, :, s]))\n"
+    )
+    fwd = peak_memory_growth("with torch.no_grad():\n    f(q, k, v)\n", setup=setup)["growth"]
+    jvp = peak_memory_growth("torch.func.jvp(f, (q, k, v), (tq, tk, tv))\n", setup=setup)
+    return jvp["growth"], fwd

@@ -14,7 +14,7 @@ import torch
 from torch.autograd import forward_ad
 
 import selfattn
-from helpers import gen, make_qkv, packed_ids, tiled_split, torch_threads
+from helpers import gen, jvp_memory_growth, make_qkv, packed_ids, tiled_split, torch_threads
 from selfattn.backends.native import build
 
 BACKENDS = ["tiled", "native"]
@@ -330,20 +330,7 @@ def test_jvp_memory_was_ten_times_the_forwards():
     """The tangent pass held each part's row blocks in a list, concatenated them, then copied
     the part into the result, with out-of-place temporaries per tile: 11x the forward's own
     peak growth at N=4096 H8 D64 (162 MB against 14 MB). Now each row block lands in the
-    preallocated tangent and the tiles are updated in place: about 3x (the primal output, its
-    tangent, and a key matrix and a few tiles per thread)."""
-    _skip_native("native")
-    from selfattn.bench.memory import peak_memory_growth
-
-    setup = (
-        "import torch, selfattn\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "q, k, v, tq, tk, tv = [torch.randn(1, 8, 4096, 64, generator=g) for _ in range(6)]\n"
-        "f = lambda q, k, v: selfattn.attention(q, k, v, backend='native')\n"
-        "s = slice(0, 64)\n"
-        "torch.func.jvp(f, (q[:, :, s], k[:, :, s], v[:, :, s]), "
-        "(tq[:, :, s], tk[:, :, s], tv[:, :, s]))\n"
-    )
-    fwd = peak_memory_growth("with torch.no_grad():\n    f(q, k, v)\n", setup=setup)["growth"]
-    jvp = peak_memory_growth("torch.func.jvp(f, (q, k, v), (tq, tk, tv))\n", setup=setup)
-    assert jvp["growth"] < 4 * fwd, (jvp["growth"], fwd)
+    preallocated tangent and the tiles are updated in place: about 1.5x on ``tiled``, whose JVP
+    is that pass (native's fused kernel has its own check in test_native_jvp.py)."""
+    growth, fwd = jvp_memory_growth("tiled")
+    assert growth < 4 * fwd, (growth, fwd)

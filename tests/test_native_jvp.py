@@ -14,7 +14,7 @@ import torch
 from torch.autograd import forward_ad
 
 import selfattn
-from helpers import ERR_FLOOR, gen, make_qkv, max_err, packed_ids, torch_threads
+from helpers import ERR_FLOOR, gen, jvp_memory_growth, make_qkv, max_err, packed_ids, torch_threads
 from selfattn.backends import native
 from selfattn.backends.native import backend as native_backend
 
@@ -262,17 +262,5 @@ def test_jacfwd_takes_the_tangent_pass(fused):
 def test_fused_jvp_memory_is_under_twice_the_forwards():
     """The issue's target: the JVP's peak growth (out, its tangent, the K panels of a wave; V
     and dV read in place) under 2x the forward's own (out and a wave of packed K and V)."""
-    from selfattn.bench.memory import peak_memory_growth
-
-    setup = (
-        "import torch, selfattn\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "q, k, v, tq, tk, tv = [torch.randn(1, 8, 4096, 64, generator=g) for _ in range(6)]\n"
-        "f = lambda q, k, v: selfattn.attention(q, k, v, backend='native')\n"
-        "s = slice(0, 64)\n"
-        "torch.func.jvp(f, (q[:, :, s], k[:, :, s], v[:, :, s]), "
-        "(tq[:, :, s], tk[:, :, s], tv[:, :, s]))\n"
-    )
-    fwd = peak_memory_growth("with torch.no_grad():\n    f(q, k, v)\n", setup=setup)["growth"]
-    jvp = peak_memory_growth("torch.func.jvp(f, (q, k, v), (tq, tk, tv))\n", setup=setup)
-    assert jvp["growth"] < 2 * fwd, (jvp["growth"], fwd)
+    growth, fwd = jvp_memory_growth("native")
+    assert growth < 2 * fwd, (growth, fwd)
