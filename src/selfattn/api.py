@@ -258,9 +258,7 @@ def quantized_plain_call(
         out, lse = quantized_run(spec, chosen, q, k, v, None)
         return (out, lse) if return_lse else out
     run = prepare(spec, k, v)
-    if len(CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
-        forget_choices()
-    CHOICES[key] = (spec, chosen, run)
+    remember(key, (spec, chosen, run))
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
 
@@ -305,11 +303,17 @@ def plain_call(
         return (out, lse) if return_lse else out
     prepare = getattr(chosen, "plain", None)
     run = prepare(spec) if prepare is not None else runner(chosen, spec)
-    if len(CHOICES) >= CHOICES_KEPT:  # one new shape per decode step: start over
-        forget_choices()
-    CHOICES[key] = (spec, chosen, run)
+    remember(key, (spec, chosen, run))
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
+
+
+def remember(key: tuple, entry: tuple) -> None:
+    """Keep ``entry`` (spec, backend, run) under ``key`` in ``backends.CHOICES``, starting over
+    once it holds ``CHOICES_KEPT`` (a decode step may bring a new shape every call)."""
+    if len(CHOICES) >= CHOICES_KEPT:
+        forget_choices()
+    CHOICES[key] = entry
 
 
 def runner(backend: Any, spec: AttentionSpec) -> Any:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .api import CHOICES_KEPT, attention, check_backend, check_lse, selection
-from .backends import BACKENDS, CHOICES, forget_choices, select
+from .api import attention, check_backend, check_lse, remember, selection
+from .backends import BACKENDS, CHOICES, select
 from .forward_mode import has_tangents
 from .kv_residual import ResidualKV
 from .quant import QuantizedKV, standin, unwrap_call, unwrap_label
@@ -209,9 +209,7 @@ def _fused(
         if got is None:
             return None
         if key is not None:
-            if len(CHOICES) >= CHOICES_KEPT:  # as attention's fast path: start over
-                forget_choices()
-            CHOICES[key] = got
+            remember(key, got)
     spec, _, hook = got
     if hook is None:
         return None
