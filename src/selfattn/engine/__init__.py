@@ -27,7 +27,7 @@ allows, masks are cached additive tiles, and tiles live in one reusable workspac
 from .autograd import attention, tangent_pass, vmap_slices, with_inputs
 from .backward import Grads, backward
 from .forward import forward, probabilities
-from .hessian import double_backward
+from .hessian import HessianGrads, double_backward
 from .problem import BLOCK_N, ROWS_PER_TILE, Dropout, Problem, acc_dtype, all_finite, bad_keys
 from .second_order import differentiable_backward, tangents_out
 from .stats import statistics
@@ -39,6 +39,7 @@ __all__ = [
     "ROWS_PER_TILE",
     "Dropout",
     "Grads",
+    "HessianGrads",
     "Problem",
     "acc_dtype",
     "all_finite",

@@ -2,7 +2,8 @@
 
 ``tiled`` and ``native`` keep their own first-order kernels: under ``create_graph=True`` their
 autograd backward runs them through :class:`BackwardFunction`, whose own backward is the
-engine's tile-by-tile VJP (``hessian.double_backward``). Its inputs include the forward's
+engine's tile-by-tile VJP (``hessian.double_backward``), or a backend's own fused pass
+(``second``: native's ``csrc/hessian.h``) where it takes the call. Its inputs include the forward's
 ``out`` and ``lse`` as saved by the forward's node, so autograd adds their dependence on q, k,
 v (a second first-order backward) by itself. Dropout declines: its second derivative is not
 written out, and a gradient silently lacking a term is never returned.
@@ -17,7 +18,8 @@ import torch
 
 from ..first_order import first_order
 from ..forward_mode import plain_operands
-from .hessian import double_backward
+from . import hessian
+from .hessian import HessianGrads, double_backward
 from .problem import Problem
 
 __all__ = ["DROPOUT_ADVICE", "HIGHER_ADVICE", "differentiable_backward", "tangents_out"]
@@ -30,16 +32,20 @@ DROPOUT_ADVICE = (
 
 # first(q, k, v, out, lse, dout, dlse) -> (dq, dk, dv, dbias, dalibi), no autograd
 FirstOrder = Callable[..., Sequence[torch.Tensor | None]]
+# second(q, k, v, out, lse, dout, dlse, gq, gk, gv, need_dout): a backend's fused double
+# backward with the forward's own backward folded in (hessian.double_backward's results with
+# fold), plain tensors, no bias / slope gradients; None where it declines the call
+SecondOrder = Callable[..., HessianGrads | None]
 
 
 class BackwardFunction(torch.autograd.Function):
     """Forward: the first-order gradients ``first(...)``; backward: their VJP, tile by tile."""
 
     @staticmethod
-    def forward(ctx, first, name, prob, need, q, k, v, out, lse, dout, dlse, bias, alibi):  # type: ignore[override]
+    def forward(ctx, first, second, name, prob, need, q, k, v, out, lse, dout, dlse, bias, alibi):  # type: ignore[override]
         with torch.no_grad():
             grads = tuple(first(q, k, v, out, lse, dout, dlse))
-        ctx.prob, ctx.need, ctx.name = prob, need, name
+        ctx.prob, ctx.need, ctx.name, ctx.second = prob, need, name, second
         ctx.has_dlse = dlse is not None
         ctx.save_for_backward(q, k, v, out, lse, dout, dlse, bias, alibi)
         ctx.set_materialize_grads(False)
@@ -50,22 +56,30 @@ class BackwardFunction(torch.autograd.Function):
         q, k, v, out, lse, dout, dlse, bias, alibi = ctx.saved_tensors
         tensors = (q, k, v, out, lse, dout, dlse, gq, gk, gv, gbias, galibi)
         plain = plain_operands(*tensors)  # None under a torch.func transform: this thread
-        wants = ctx.needs_input_grad  # (first, name, prob, need, q, k, v, out, lse, dout, ...)
+        # (first, second, name, prob, need, q, k, v, out, lse, dout, ...)
+        wants = ctx.needs_input_grad[1:]
         # The forward's node would turn the out and lse gradients into a first-order backward
         # of its own (a whole second pass over the tiles): fold it into this one instead when
         # that backward is all the node does with them (no sink gradient), off torch.func.
         sink_grad = len(ctx.need) > 2 and ctx.need[2]
         fold = (wants[7] or wants[8]) and not sink_grad and plain is not None
-        with torch.no_grad():  # create_graph=True here: a third derivative, refused below
-            bars = double_backward(
-                ctx.prob,
-                *(tensors if plain is None else plain),
-                need_bias=ctx.need[0],
-                need_alibi=ctx.need[1],
-                threads=plain is not None,
-                need_dout=wants[9],
-                fold=fold,
-            )
+        bars = None
+        # the backend's fused pass: no bias / slope cotangent or gradient (the engine's)
+        fused = fold and ctx.second is not None and k.shape[2] <= hessian.FOLD_MAX_KEYS
+        if fused and gbias is None and galibi is None and not any(ctx.need[:2]):
+            with torch.no_grad():
+                bars = ctx.second(*plain[:10], need_dout=wants[9])
+        if bars is None:
+            with torch.no_grad():  # create_graph=True here: a third derivative, refused below
+                bars = double_backward(
+                    ctx.prob,
+                    *(tensors if plain is None else plain),
+                    need_bias=ctx.need[0],
+                    need_alibi=ctx.need[1],
+                    threads=plain is not None,
+                    need_dout=wants[9],
+                    fold=fold,
+                )
         qb, kb, vb, dob, dlseb, ob, lseb, bb, ab = bars
 
         def typed(bar: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -88,6 +102,7 @@ class BackwardFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
             *first_order(ctx.name, anchors, grads, HIGHER_ADVICE, order=3),
         )
 
@@ -98,12 +113,15 @@ def differentiable_backward(
     prob: Problem,
     need: tuple[bool, ...],
     tensors: tuple[Any, ...],
+    second: SecondOrder | None = None,
 ) -> tuple:
     """The first-order gradients ``(dq, dk, dv, dbias, dalibi)``, differentiable again when
     autograd records (``create_graph=True``).
 
     ``tensors`` = ``(q, k, v, out, lse, dout, dlse, bias, alibi)``: ``out`` and ``lse`` as the
     forward's node saved them (so they carry its graph), dlse and bias/alibi possibly None.
+    ``second``: the backend's fused double backward (:data:`SecondOrder`), tried before the
+    engine's tile-by-tile VJP where the folded pass applies.
     """
     q, k, v, out, lse, dout, dlse, bias, alibi = tensors
     if not torch.is_grad_enabled():
@@ -112,7 +130,7 @@ def differentiable_backward(
         with torch.no_grad():
             grads = tuple(first(q, k, v, out, lse, dout, dlse))
         return first_order(name, (q, k, v, bias, alibi), grads, DROPOUT_ADVICE)
-    return BackwardFunction.apply(first, name, prob, need, *tensors)
+    return BackwardFunction.apply(first, second, name, prob, need, *tensors)
 
 
 class _RefuseReverse(torch.autograd.Function):

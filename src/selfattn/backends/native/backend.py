@@ -25,6 +25,7 @@ from ...sinks import sink_grad, sink_probability
 from ...spec import AttentionSpec
 from . import build, choice
 from .call import REFUSED, record, records_over
+from .second import fused_second
 from .tangents import at_current_level, fused_pass
 
 __all__ = ["NativeBackend"]
@@ -37,7 +38,8 @@ class _NativeFunction(torch.autograd.Function):
 
     Returns ``out`` and ``lse`` as the kernels give them (the caller casts): being the node's
     own outputs, they carry its graph into a double backward, whose second-order terms are the
-    torch-op engine's tile-by-tile VJP (``engine.second_order``). Forward mode: ``fused`` holds
+    fused C++ pass (``second.py``) or, where that declines, the torch-op engine's tile-by-tile
+    VJP (``engine.second_order``). Forward mode: ``fused`` holds
     out, lse and their tangents from the one-pass C++ kernel (``tangents.fused_pass``), which
     the forward and ``jvp`` return; where it is None (the kernel declined, or vmap / grad
     transforms), ``jvp`` is the engine's tangent pass from this node's ``out`` and ``lse``
@@ -88,8 +90,9 @@ class _NativeFunction(torch.autograd.Function):
 
         prob = engine.Problem.of(spec, ctx.seed)
         tensors = (q, k, v, out, lse, dout, dlse, bias, alibi)
+        # a double backward runs the fused C++ pass (second.py) where it applies
         dq, dk, dv, dbias, dalibi = engine.differentiable_backward(
-            first, "native", prob, need, tensors
+            first, "native", prob, need, tensors, fused_second(spec, call)
         )
         if dbias is not None:
             dbias = dbias.to(bias.dtype)

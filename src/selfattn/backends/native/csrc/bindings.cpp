@@ -527,6 +527,77 @@ JvpResult jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   return std::make_tuple(out, lse, tout, tlse);
 }
 
+// The double backward of a gradient penalty in one pass (hessian.h): the VJP of the first-order
+// backward with cotangents gq, gk, gv of dq, dk, dv (None: zero), the forward's own backward of
+// the out and lse gradients folded in. Returns the gradients of q, k, v, of dout (need_dout) and
+// of dlse (when dlse is given; empty: none) in the accumulation dtype; None when the engine
+// declines (a non-finite row of k, v, gk or gv). No softcap, dropout or quantized operands.
+using HessResult = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT>>;
+HessResult hessian(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   const at::Tensor& dlse, const OptT& gq, const OptT& gk, const OptT& gv,
+                   const Call& call, bool need_dout) {
+  TORCH_CHECK_VALUE(!call.k_codes && !call.v_codes && call.softcap == 0.0 &&
+                        call.dropout_p == 0.0,
+                    "selfattn native: the fused double backward takes no quantized operands, "
+                    "softcap or dropout");
+  Params P;
+  std::vector<at::Tensor> keep;
+  fill(P, keep, q, k, v, call);
+  const std::vector<int64_t> qshape{P.B, P.Hq, P.Nq, P.Dv}, rows{P.B, P.Hq, P.Nq};
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef(qshape) && out.sizes() == at::IntArrayRef(qshape),
+              "selfattn native: dout / out must be (B, Hq, Nq, Dv)");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows), "selfattn native: lse must be (B, Hq, Nq)");
+  TORCH_CHECK(at::isFloatingType(dout.scalar_type()) && at::isFloatingType(out.scalar_type()) &&
+                  at::isFloatingType(lse.scalar_type()),
+              "selfattn native: dout, out and lse must be float");
+  auto acc = q.options().dtype(acc_type(q.scalar_type()));
+  auto cot = [&](const OptT& t, const at::Tensor& like, const char* name) -> View {
+    if (!t) {
+      keep.push_back(at::zeros(like.sizes(), acc));
+    } else {
+      TORCH_CHECK_VALUE(t->sizes() == like.sizes() && at::isFloatingType(t->scalar_type()) &&
+                            t->device().is_cpu(),
+                        "selfattn native: the cotangent of d", name, " must be a float CPU ",
+                        "tensor of shape ", like.sizes(), ", got ", t->scalar_type(), " ",
+                        t->sizes());
+      keep.push_back(*t);
+    }
+    return view_of(keep.back());
+  };
+  P.tq = cot(gq, q, "q");
+  P.tk = cot(gk, k, "k");
+  P.tv = cot(gv, v, "v");
+  P.dout = view_of(dout);
+  P.o = view_of(out);
+  P.lse_in = view_of(lse);
+  OptT dlse_bar, dout_bar;
+  if (dlse.numel() > 0) {
+    TORCH_CHECK(dlse.sizes() == at::IntArrayRef(rows), "selfattn native: dlse must be (B, Hq, Nq)");
+    P.dlse = view_of(dlse);
+    dlse_bar = at::empty(rows, acc);
+    P.tlse = dlse_bar->data_ptr();
+  }
+  if (need_dout) {
+    dout_bar = at::empty(qshape, acc);
+    P.tout = dout_bar->data_ptr();
+  }
+  at::Tensor dq = at::empty({P.B, P.Hq, P.Nq, P.D}, acc);
+  at::Tensor dk = at::empty({P.B, P.Hkv, P.Nk, P.D}, acc);
+  at::Tensor dv = at::empty({P.B, P.Hkv, P.Nk, P.Dv}, acc);
+  P.dq = dq.data_ptr();
+  P.dk = dk.data_ptr();
+  P.dv = dv.data_ptr();
+  if (P.B * P.Hq * P.Nq == 0 || P.Nk == 0) {
+    for (at::Tensor t : {dq, dk, dv}) t.zero_();
+    if (dout_bar) dout_bar->zero_();
+    if (dlse_bar) dlse_bar->zero_();
+  } else if (!engine_for(P.dt).hessian(P, kPool)) {
+    return std::nullopt;
+  }
+  return std::make_tuple(dq, dk, dv, dout_bar, dlse_bar);
+}
+
 // P = exp(s - lse) for every row of q (B, Hq, Nq, D) against k, under the call's rules (its
 // dropout fields are ignored: probabilities are before dropout); float32 (B, Hq, Nq, Nk), zero
 // where a key is hidden or the row's lse is -inf.
@@ -712,6 +783,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tq"), py::arg("tk"), py::arg("tv"),
       py::arg("tbias"), py::arg("talibi"), py::arg("call"), py::arg("out_acc") = false);
+  m.def(
+      "hessian",
+      [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse, const OptT& gq,
+         const OptT& gk, const OptT& gv, py::handle call, bool need_dout) {
+        const Call c = read_call(call);
+        py::gil_scoped_release nogil;
+        return hessian(dout, q, k, v, out, lse, dlse, gq, gk, gv, c, need_dout);
+      },
+      py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+      py::arg("dlse"), py::arg("gq"), py::arg("gk"), py::arg("gv"), py::arg("call"),
+      py::arg("need_dout") = true);
   m.def(
       "probabilities",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, py::handle call) {

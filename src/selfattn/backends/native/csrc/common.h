@@ -85,6 +85,9 @@ struct Params {
   View tq, tk, tv, tbias, talibi;
   void* tout = nullptr;
   void* tlse = nullptr;
+  // The double backward (hessian.h) reads tq, tk, tv as the cotangents of dq, dk, dv (all
+  // given), dout, o, lse_in and dlse as the backward does, and writes the gradients of q, k, v
+  // to dq, dk, dv, of dout to tout (null: not asked) and of dlse to tlse (null: no dlse).
 };
 
 // The thread pool, provided by the bindings (torch's intra-op pool).
@@ -102,6 +105,7 @@ struct Engine {
   void (*probabilities)(const Params&, const Pool&);
   void (*stats)(const Params&, const Pool&);
   bool (*jvp)(const Params&, const Pool&);  // false: declined (a non-finite k / v row)
+  bool (*hessian)(const Params&, const Pool&);  // false: declined (a non-finite k / v row)
 };
 
 // The compiled engines, each defined in its kernels_<isa>.cpp; which exist depends on the

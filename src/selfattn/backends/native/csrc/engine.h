@@ -5,6 +5,7 @@
 #include "backward.h"
 #include "decode.h"
 #include "forward.h"
+#include "hessian.h"
 #include "jvp.h"
 #include "probs.h"
 #include "stats.h"
@@ -54,6 +55,12 @@ static void stats(const Params& P, const Pool& pool) {
 template <class V>
 static bool jvp(const Params& P, const Pool& pool) {
   return jvp_prefill<V>(P, pool);
+}
+
+// The double backward of a gradient penalty in one fused pass (hessian.h); false if declined.
+template <class V>
+static bool hessian(const Params& P, const Pool& pool) {
+  return hessian_all<V>(P, pool);
 }
 
 template <class V>

@@ -9,5 +9,6 @@ extern const Engine engine_avx512 = {"avx512", &avx512::forward<avx512::V>,
                                      &avx512::backward<avx512::V>,
                                      &avx512::probabilities<avx512::V>,
                                      &avx512::stats<avx512::V>,
-                                     &avx512::jvp<avx512::V>};
+                                     &avx512::jvp<avx512::V>,
+                                     &avx512::hessian<avx512::V>};
 }  // namespace selfattn

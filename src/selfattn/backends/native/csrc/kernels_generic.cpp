@@ -13,10 +13,12 @@ extern const Engine engine_generic_f32 = {"generic", &generic::forward<generic::
                                           &generic::backward<generic::VF>,
                                           &generic::probabilities<generic::VF>,
                                           &generic::stats<generic::VF>,
-                                          &generic::jvp<generic::VF>};
+                                          &generic::jvp<generic::VF>,
+                                          &generic::hessian<generic::VF>};
 extern const Engine engine_generic_f64 = {"generic", &generic::forward<generic::VD>,
                                           &generic::backward<generic::VD>,
                                           &generic::probabilities<generic::VD>,
                                           &generic::stats<generic::VD>,
-                                          &generic::jvp<generic::VD>};
+                                          &generic::jvp<generic::VD>,
+                                          &generic::hessian<generic::VD>};
 }  // namespace selfattn

@@ -8,5 +8,6 @@ namespace selfattn {
 extern const Engine engine_neon = {"neon", &neon::forward<neon::V>, &neon::backward<neon::V>,
                                    &neon::probabilities<neon::V>,
                                    &neon::stats<neon::V>,
-                                   &neon::jvp<neon::V>};
+                                   &neon::jvp<neon::V>,
+                                   &neon::hessian<neon::V>};
 }  // namespace selfattn
