@@ -316,3 +316,33 @@ def test_tiny_llama_beam_search_with_a_float_window_equals_the_fake_quantized_sc
         want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=ref, **kw)
     assert torch.equal(got, want)
     assert all(x.keys.split > 0 for x in cache.layers)
+
+
+def test_a_decode_step_reuses_the_main_storages_views():
+    """Every update made two QuantizedKV views of the main storage (each checked in full), ~20
+    us per layer per step, though with a float window those tokens change only at a flush:
+    the views are reused until the tokens held there (or the storage) change, and read what
+    the storage holds then."""
+    layer = GrowingLayer(chunk=8, bits=8, residual=4)
+    ref = _FakeResidualLayer(4, 8, 8, rotate=False)
+    heads, flushes = [], 0
+    for seed, n in enumerate([10] + [1] * 80):
+        k, v = _kv(n, seed=seed)
+        got, want = layer.update(k, v), ref.update(k, v)
+        _same(got[0], want[0])
+        _same(got[1], want[1])
+        head = got[0].head
+        if heads and head.shape[2] == heads[-1].shape[2]:
+            assert head is heads[-1] and got[1].head is layer.values.head
+        elif heads:
+            flushes += 1  # a flush: new views of the longer main part
+            assert head is not heads[-1]
+        heads.append(head)
+    assert flushes >= 2 and layer.capacity > 8  # flushes, and the storage moved (grew)
+    layer.crop(-40)  # past the window into the main storage: new views of fewer tokens
+    ref.crop(-40)
+    _same(layer.keys, ref.keys)
+    _same(layer.values, ref.values)
+    assert layer.keys.head.shape[2] < heads[-1].shape[2]
+    layer.reset()
+    assert layer.main_views == (None,) * 6  # nothing of the old storage kept alive

@@ -245,8 +245,8 @@ def test_a_residual_decode_step_takes_both_fast_paths(monkeypatch):
     for return_lse in (False, True):
         seen_q.clear(), seen_p.clear()
         got = selfattn.attention(q, k, v, causal=True, return_lse=return_lse)
-        # the outer call (declined: a ResidualKV), then the window's and the older part's
-        assert seen_p == [None, seen_p[1]] and seen_p[1] is not None
+        # the window's call, then the older part's (the outer call: api.residual_plain_call)
+        assert len(seen_p) == 1 and seen_p[0] is not None
         assert seen_q == [True]
         torch.testing.assert_close(got[0] if return_lse else got, want[0], atol=2e-5, rtol=2e-5)
         if return_lse:
@@ -324,3 +324,61 @@ def test_a_plain_residual_call_is_checked_as_validate_checks_it():
         selfattn.attention(q[..., :32], k, v)
     with pytest.raises(TypeError, match="share one dtype"):
         selfattn.attention(q.double(), k, v)
+
+
+# -- the fast path over a ResidualKV (api.residual_plain_call) ------------------------------------
+
+RESIDUAL_SHAPES = [(1, 40, 8), (3, 40, 8), (3, 40, 2), (1, 0, 8), (5, 6, 3)]  # (Nq, m, w)
+
+
+def residual_of(q, k, v, m, formats):
+    """k and v (B, Hkv, m + w, D) as ResidualKV split at ``m``: the older part quantized by
+    ``formats`` (a float tensor where a format is None), the rest a float window."""
+    kk = ResidualKV(quantized(k[:, :, :m], formats[0]), k[:, :, m:])
+    vv = ResidualKV(quantized(v[:, :, :m], formats[1]), v[:, :, m:])
+    return q, kk, vv
+
+
+@pytest.mark.parametrize("formats", [*FORMATS, (None, None)], ids=str)
+@pytest.mark.parametrize("nq, m, w", RESIDUAL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_residual_decode_step_never_builds_the_parts_rules(monkeypatch, nq, m, w, formats, dtype):
+    """A decode step over a cache with a float window went through ``residual_call``: the whole
+    call checked over stand-ins, each part's rules built (``window_rules``, ``older_rules``)
+    and each part's call through ``attention``'s keywords, ~40 us per layer before any
+    kernel. The fast path calls the two parts' fast paths directly and gives the full path's
+    result, bit for bit (declining where the older part is not wholly behind every row)."""
+    from selfattn import kv_residual
+
+    calls = []
+    real = kv_residual.residual_call
+    monkeypatch.setattr(api, "residual_call", lambda *a: calls.append(1) or real(*a))
+    q, k, v = make_qkv(1, 9, 3, nq, m + w, 64, dtype=dtype, seed=3)
+    q, kk, vv = residual_of(q, k, v, m, formats)
+    for causal, scale, return_lse in PLAIN:
+        calls.clear()
+        got = selfattn.attention(q, kk, vv, causal=causal, scale=scale, return_lse=return_lse)
+        fast = not calls
+        rules = {**rules_of(causal, scale)}
+        want = real(q, kk, vv, rules, return_lse, "auto")
+        for a, b in zip(got, want) if return_lse else [(got, want)]:
+            assert torch.equal(a, b) and a.dtype == b.dtype
+        # declined only where some row sees part of the older tokens (causal, w < Nq - 1)
+        assert fast == (not causal or m == 0 or w >= nq - 1), (causal, fast)
+
+
+def test_residual_fast_path_declines_to_the_full_paths_errors():
+    """What the fast path cannot run (splits that differ, parts that do not fit q, an unknown
+    backend) gets the full path's checks and messages, over the whole call's shapes."""
+    q, k, v = residual_parts(1, 20, 4)
+    other = ResidualKV(
+        quantize_kv(v.head.dequantize()[:, :, :19], bits=8), v.dequantize()[:, :, 19:]
+    )
+    with pytest.raises(ValueError, match="split at different tokens"):
+        selfattn.attention(q, k, other, causal=True)
+    with pytest.raises(ValueError, match=r"k=\(1, 3, 24, 64\)"):
+        selfattn.attention(q[:, :4], k, v, causal=True)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        selfattn.attention(q, k, v, causal=True, backend="nope")
+    assert api.residual_plain_call(q, k, v.dequantize(), True, None, False, "auto") is None
+    assert api.residual_plain_call(q, k, other, True, None, False, "auto") is None

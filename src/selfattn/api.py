@@ -28,7 +28,7 @@ from .backends import (
     select,
 )
 from .forward_mode import has_tangents, transformed
-from .kv_residual import ResidualKV, residual_call
+from .kv_residual import ResidualKV, merge, residual_call
 from .quant import QuantizedKV, rotated_like, standin, unwrap, unwrap_call, unwrap_label
 from .spec import AttentionSpec, check_qkv, validate, validate_call
 
@@ -144,10 +144,7 @@ def attention(
         and type(dropout_p) is float
         and not dropout_p
     ):
-        if type(k) is QuantizedKV or type(v) is QuantizedKV:  # a quantized cache's decode step
-            got = quantized_plain_call(q, k, v, causal, scale, return_lse, backend)
-        else:
-            got = plain_call(q, k, v, causal, scale, return_lse, backend)
+        got = fast_call(q, k, v, causal, scale, return_lse, backend)
         if got is not None:
             return got
     rules = {
@@ -216,6 +213,69 @@ def quantized_run(
     if rotate_out:
         out = rotated_like(out)  # (B, Hq, Nq, Dv) back from the values' rotated basis
     return out, lse
+
+
+def fast_call(
+    q: Any, k: Any, v: Any, causal: Any, scale: Any, return_lse: Any, backend: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """The fast path of a call with no rule but ``causal`` and ``scale`` and no dropout, for
+    whatever kind ``k`` and ``v`` are: :func:`residual_plain_call` for a cache with a float
+    window (:class:`ResidualKV`), :func:`quantized_plain_call` for a :class:`QuantizedKV`,
+    :func:`plain_call` for tensors; None when it declines (the full path then runs). What
+    :func:`attention` tries first, and transformers' attention function for a decode step."""
+    if type(k) is ResidualKV or type(v) is ResidualKV:  # a quantized cache with a float window
+        return residual_plain_call(q, k, v, causal, scale, return_lse, backend)
+    if type(k) is QuantizedKV or type(v) is QuantizedKV:  # a quantized cache's decode step
+        return quantized_plain_call(q, k, v, causal, scale, return_lse, backend)
+    return plain_call(q, k, v, causal, scale, return_lse, backend)
+
+
+def residual_plain_call(
+    q: Any, k: Any, v: Any, causal: Any, scale: Any, return_lse: Any, backend: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`plain_call` over a cache with a float window: ``k`` and ``v`` both a
+    :class:`ResidualKV` split at the same token, or None to decline.
+
+    What ``residual_call`` does for such a call, without building the rules of each part: the
+    window's call is the plain call itself (:func:`plain_call`), the older part's a plain call
+    without causality (:func:`quantized_plain_call` for a quantized part), as ``older_rules``
+    makes it wherever the older part lies wholly behind every query row (causal with at least
+    ``Nq - 1`` window tokens: a decode step); the two merge as ``residual_call`` merges them
+    (``kv_residual.merge``), so the result is the same, bit for bit. It declines anything else
+    (an older part that some row sees only in part, splits that differ, any value a part's fast
+    path declines or refuses): the full path then validates the whole call and raises what it
+    raises.
+    """
+    if (
+        type(k) is not ResidualKV
+        or type(v) is not ResidualKV
+        or type(q) is not torch.Tensor
+        or (return_lse is not True and return_lse is not False)
+    ):
+        return None
+    kh, kw, vh, vw = k.head, k.window, v.head, v.window
+    m, w = kh.shape[2], kw.shape[2]
+    if vh.shape[2] != m or vw.shape[2] != w or q.dim() != 4:
+        return None
+    quantized = type(kh) is QuantizedKV or type(vh) is QuantizedKV
+    try:
+        if not m or not w:  # one part: the call as it is, on that part (as residual_call)
+            if not m:
+                return plain_call(q, kw, vw, causal, scale, return_lse, backend)
+            head = quantized_plain_call if quantized else plain_call
+            return head(q, kh, vh, causal, scale, return_lse, backend)
+        if causal is True and w < q.shape[2] - 1:
+            return None  # some query row sees only part of the older tokens: rules needed
+        got_b = plain_call(q, kw, vw, causal, scale, True, backend)
+        if got_b is None:
+            return None
+        head = quantized_plain_call if quantized else plain_call
+        got_a = head(q, kh, vh, False, scale, True, backend)
+    except (TypeError, ValueError, NotImplementedError):
+        return None  # the full path checks the whole call and says what is wrong with it
+    if got_a is None:
+        return None
+    return merge(got_a[0], got_a[1], got_b[0], got_b[1], return_lse)
 
 
 def quantized_plain_call(

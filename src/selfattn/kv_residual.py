@@ -25,7 +25,7 @@ from .checks import F32_HIGH
 from .forward_mode import has_tangents, transformed
 from .quant import QuantizedKV, standin
 
-__all__ = ["ResidualKV", "residual_call", "split_at"]
+__all__ = ["ResidualKV", "merge", "residual_call", "split_at"]
 
 
 class ResidualKV:
@@ -206,6 +206,21 @@ def residual_call(
     old_rules = older_rules(rules, m, nq, nk, q)
     out_b, lse_b = attention(q, k_new, v_new, **new_rules, return_lse=True, backend=backend)
     out_a, lse_a = attention(q, k_old, v_old, **old_rules, return_lse=True, backend=backend)
+    return merge(out_a, lse_a, out_b, lse_b, return_lse)
+
+
+def merge(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    return_lse: bool,
+) -> Any:
+    """The call over the older part's keys and the window's together, from each part's call:
+    ``out_a`` / ``out_b`` (B, Hq, Nq, Dv) in q's dtype, ``lse_a`` / ``lse_b`` (B, Hq, Nq)
+    float32. Returns ``out`` (or ``(out, lse)``): ``lerp(out_b, out_a, sigmoid(lse_a - lse_b))``
+    (see the module docstring), in place on ``out_b`` when there is no graph or tangent to carry
+    (:func:`residual_call` and the front door's fast path ``api.residual_plain_call``)."""
     lse = torch.logaddexp(lse_a, lse_b) if return_lse else None  # (B, Hq, Nq) float32
     # the older part's share of each row, exp(lse_a - L) = sigmoid(lse_a - lse_b) (B, Hq, Nq):
     # 0 or 1 where one side sees nothing; NaN where neither does (both outputs are 0 there).
@@ -221,11 +236,12 @@ def residual_call(
         share = share.sigmoid_().nan_to_num_(0.0).unsqueeze(-1)
     else:
         share = torch.sigmoid(share).nan_to_num(0.0).unsqueeze(-1)
-    if q.dtype == torch.float32:
+    dtype = out_b.dtype
+    if dtype == torch.float32:
         out = out_b.lerp_(out_a, share) if not graph else torch.lerp(out_b, out_a, share)
     else:
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.lerp(out_b.to(work), out_a.to(work), share.to(work)).to(q.dtype)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        out = torch.lerp(out_b.to(work), out_a.to(work), share.to(work)).to(dtype)
     return (out, lse) if return_lse else out  # (B, Hq, Nq, Dv); lse -inf where both are
 
 

@@ -107,6 +107,9 @@ class InPlaceLayer(CacheLayerMixin):
         self.vparts: kv_store.Parts | None = None
         self.start = 0
         self.end = 0
+        # the views of the main storage's tokens last made: (kparts, vparts, start, end, keys,
+        # values), reused while those four are the same (the views read the storage as it is)
+        self.main_views: tuple = (None,) * 6
 
     def __repr__(self) -> str:
         bits = "" if self.bits is None else f", bits={self.bits}"
@@ -176,14 +179,23 @@ class InPlaceLayer(CacheLayerMixin):
         """Views of the tokens held but the first ``skip``: (B, Hkv, held - skip, D) keys and
         values (a ResidualKV ``[main | window]`` with a float window)."""
         a = min(self.start + skip, self.end)
-        keys = self.kcodec.view(self.kparts, a, self.end)
-        values = self.vcodec.view(self.vparts, a, self.end)
+        kparts, vparts, end = self.kparts, self.vparts, self.end
+        made = self.main_views
+        # with a float window the main storage's tokens change once per FLUSH steps: its views
+        # (a QuantizedKV each, checked when made) are made then, not at every step
+        if made[0] is kparts and made[1] is vparts and made[2] == a and made[3] == end:
+            keys, values = made[4], made[5]
+        else:
+            keys = self.kcodec.view(kparts, a, end)
+            values = self.vcodec.view(vparts, a, end)
+            self.main_views = (kparts, vparts, a, end, keys, values)
         if not self.residual:
             return keys, values
-        w = self.wstart + max(0, skip - (self.end - self.start))
+        w = self.wstart + max(0, skip - (end - self.start))
+        n = self.wend - w
         return (
-            ResidualKV(keys, self.kwin[:, :, w : self.wend]),
-            ResidualKV(values, self.vwin[:, :, w : self.wend]),
+            ResidualKV(keys, self.kwin.narrow(2, w, n)),
+            ResidualKV(values, self.vwin.narrow(2, w, n)),
         )
 
     def _drop_oldest(self, count: int) -> None:
@@ -231,8 +243,8 @@ class InPlaceLayer(CacheLayerMixin):
                 new[:, :, :held] = kept.clone() if new is old else kept
                 setattr(self, name, new)
             self.wstart, self.wend = 0, held
-        self.kwin[:, :, self.wend : self.wend + n] = key_states
-        self.vwin[:, :, self.wend : self.wend + n] = value_states
+        self.kwin.narrow(2, self.wend, n).copy_(key_states)
+        self.vwin.narrow(2, self.wend, n).copy_(value_states)
         self.wend += n
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -311,6 +323,7 @@ class InPlaceLayer(CacheLayerMixin):
         self.kparts = self.vparts = None
         self.kwin = self.vwin = None
         self.keys = self.values = None
+        self.main_views = (None,) * 6
         self.start = self.end = self.wstart = self.wend = 0
         self.is_initialized = False
         if hasattr(self, "cumulative_length"):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..api import attention, attention_weights, plain_call
+from ..api import attention, attention_weights, fast_call
 from ..quant import QuantizedKV
 from ..stats import attention_with_stats
 from . import scoring
@@ -219,9 +219,7 @@ def attention_forward(
         nq, nk = query.shape[2], key.shape[2]
         if not causal or (not 1 < nq < nk and (sliding_window is None or nk <= sliding_window)):
             # without dropout, attention's own fast path, entered directly (None: it declined)
-            out = (
-                None if dropout else plain_call(query, key, value, causal, scaling, False, backend)
-            )
+            out = None if dropout else fast_call(query, key, value, causal, scaling, False, backend)
             if out is None:
                 out = attention(
                     query,
