@@ -22,6 +22,12 @@ the largest difference of the step's logits from DynamicCache's with the same at
 caches must agree to 1e-3; quantized ones show what rounding did). Writes the top level of
 benchmarks/results/kv_cache.json (other sections of the file, e.g. the kernel-level one, kept).
 
+The ``floor`` row of each context (``--floor N`` tokens, 16 by default; 0: none) is the same
+decode step through ``make_cache()`` after a prompt of only N tokens, timed in the same rounds:
+a step whose attention and cache cost next to nothing, so the model's own work (its matrix
+products, norms and Python) is all it measures. No cache can make a step faster than that, so
+its ``vs_quanto`` is the most any row of that context can reach against ``QuantizedCache``.
+
     python benchmarks/kv_cache.py                 # contexts 4096 and 8192 (many minutes on 1 core)
     python benchmarks/kv_cache.py --quick         # contexts 512 and 1024, a smoke run
     python benchmarks/kv_cache.py --contexts 2048 --rounds 9 --pairs sdpa:DynamicCache selfattn:make_cache
@@ -61,6 +67,8 @@ PAIRS = (
     ("sdpa", "QuantizedCache(quanto, 2)"),
 )
 PREFILL_CHUNK = 512
+#: the floor row's cache label (see the module docstring)
+FLOOR = "make_cache() after {} tokens (floor)"
 FLOAT_CACHES = ("DynamicCache", "make_cache")
 
 
@@ -115,12 +123,22 @@ def decode_step(model: Any, cache: Any, token: torch.Tensor) -> tuple[float, tor
 
 
 def measure(
-    model: Any, tok: Any, context: int, rounds: int, pairs: list[tuple[str, str]]
+    model: Any,
+    tok: Any,
+    context: int,
+    rounds: int,
+    pairs: list[tuple[str, str]],
+    floor: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """One row per (attention, cache) pair that runs; ``skipped`` says why the others did not
-    (not built yet, a package missing)."""
+    """One row per (attention, cache) pair that runs, and the ``floor`` row (``make_cache()``
+    after ``floor`` tokens, with selfattn; none for 0); ``skipped`` says why the others did not
+    run (not built yet, a package missing)."""
     ids = text_ids(tok, context + 1)
     dynamic = prefill(model, ids[:, :context])
+    short = None
+    if floor:  # (DynamicCache, make_cache, next token) after the first `floor` tokens
+        small = prefill(model, ids[:, :floor])
+        short = (small, filled_like(model, "make_cache", small), ids[:, floor : floor + 1])
     caches, skipped = {}, {}
     for label in dict.fromkeys(c for _, c in pairs):
         try:
@@ -135,7 +153,16 @@ def measure(
     token = ids[:, context:]
     times: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
     gaps: dict[tuple[str, str], float] = dict.fromkeys(pairs, 0.0)
+    floor_times: list[float] = []
+    floor_gap = 0.0
     for r in range(rounds + 1):  # round 0 warms up and is dropped
+        if short is not None:
+            model.set_attn_implementation("selfattn")
+            want = decode_step(model, short[0], short[2])[1]
+            seconds, logits = decode_step(model, short[1], short[2])
+            floor_gap = max(floor_gap, (logits - want).abs().max().item())
+            if r:
+                floor_times.append(seconds)
         ref: dict[str, torch.Tensor] = {}
         for attn in dict.fromkeys(a for a, _ in pairs):
             model.set_attn_implementation(attn)
@@ -167,6 +194,17 @@ def measure(
                 row[key] = round(ms[base] / t, 2)
         row["logit_gap"] = float(f"{gaps[(attn, label)]:.3g}")
         row["rounds"] = rounds
+        rows.append(row)
+    if floor_times:
+        t = 1000 * statistics.median(floor_times)
+        row = {"context": context, "attention": "selfattn", "cache": FLOOR.format(floor)}
+        row["ms"] = round(t, 2)
+        quanto = ms.get(("sdpa", "QuantizedCache(quanto, 4)"))
+        if quanto is not None:
+            row["vs_quanto"] = round(quanto / t, 2)  # the most any row of this context reaches
+        row["logit_gap"] = float(f"{floor_gap:.3g}")
+        row["rounds"] = rounds
+        row["floor"] = floor
         rows.append(row)
     return rows, skipped
 
@@ -216,17 +254,22 @@ def main(argv: list[str] | None = None) -> int:
         "--pairs", type=parse_pair, nargs="+", default=list(PAIRS), help="attention:cache ..."
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--floor", type=int, default=16, help="tokens of the floor row's prompt (0: no row)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.contexts, args.rounds = [512, 1024], 5
     if args.rounds < 1 or args.threads < 1 or any(c < 1 for c in args.contexts):
         parser.error("--rounds, --threads and --contexts must be positive")
+    if args.floor < 0:
+        parser.error(f"--floor must be >= 0 tokens, got {args.floor}")
     model, tok = load_model("smollm2", "selfattn")
     rows, skipped = [], {}
     with torch_threads(args.threads), torch.inference_mode():
         for context in args.contexts:
-            more, why = measure(model, tok, context, args.rounds, args.pairs)
+            more, why = measure(model, tok, context, args.rounds, args.pairs, args.floor)
             skipped.update(why)
             for row in more:
                 rows.append(row)

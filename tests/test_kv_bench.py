@@ -122,3 +122,9 @@ def test_kv_cache_decode_step_runs_end_to_end(smol, tmp_path):
     assert rows[("sdpa", "DynamicCache")]["vs_dynamic_sdpa"] == 1.0
     assert rows[("selfattn", "make_cache")]["logit_gap"] <= 1e-3
     assert "| 32 | `selfattn` | `make_cache` |" in bench("kv_cache").table(result)
+    # the floor: make_cache() after 16 tokens, the step with next to no attention or cache
+    (floor,) = [r for r in result["rows"] if r.get("floor")]
+    assert floor["floor"] == 16 and floor["logit_gap"] <= 1e-3 and floor["ms"] > 0
+    assert "| 32 | `selfattn` | `make_cache() after 16 tokens (floor)` |" in bench(
+        "kv_cache"
+    ).table(result)
