@@ -2,10 +2,13 @@
 //
 // Work item: one block of BM = NP * MR query rows of one query head. K and V of its (batch, kv
 // head) are packed once (pack.h) and shared by every block and every head of the GQA group. The
-// item walks the visible keys in chunks of KC = CT * PW; for each panel of MR rows it computes
-// the MR x KC score panel into a buffer that stays in L1 (QK^T micro-kernel, epilogue, row max,
-// exp2, row sum, all on that buffer), then O += P V with O's rescaling folded into the PV
-// micro-kernel's load of O. Tiles the rules leave empty are never touched.
+// item walks the visible keys in chunks of KC = CT * PW; for each group of NG = 2 panels of MR
+// rows it computes the panels' MR x KC score panels into buffers that stay in L1 (QK^T
+// micro-kernel against q stored d-major, each K tile read by both panels while in L1; then the
+// epilogue), the online-softmax update of all their rows (softmax_panel: row maxima, exp2, row
+// sums, the rows' horizontal reductions done together), then O += P V for both panels as one
+// product with O's rescaling folded into the PV micro-kernel's load of O. The micro-kernels
+// prefetch the K panel / V rows a few rows ahead. Tiles the rules leave empty are never touched.
 //
 // Quantized K or V (a QuantizedKV) are never packed whole: each item dequantizes the chunk of
 // CT tiles it is about to read into the same packed layouts, in its own scratch (pack_chunk), so
@@ -97,6 +100,85 @@ static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V:
   return alpha;
 }
 
+// softmax_row for the R rows of a score panel at once, with the same arithmetic row by row
+// except where the lanes are combined: the rows' maxima and sums are reduced across lanes
+// together (W row vectors transposed, then combined vertically) and the rescale factors
+// alpha = exp(m_old - m_new) come from one vector exp2. Row by row, each row waited on two
+// horizontal reductions and a scalar exp2 call (a libm call) before its next step.
+template <class V, int R>
+static inline void softmax_panel(typename V::T* S, int64_t lds, int64_t n, typename V::T* m,
+                                 typename V::T* l, typename V::T* al) {
+  using T = typename V::T;
+  constexpr int W = V::W, G = (R + W - 1) / W;  // groups of W rows per transpose
+  alignas(64) T red[G * W * W];                  // row r's partial vector at red + r * W
+  alignas(64) T cm[G * W], arg[G * W], base[G * W], alpha[G * W];
+  for (int r = 0; r < R; r++) {  // four running maxima, as softmax_row
+    const T* s = S + r * lds;
+    V mx = V::set1(T(-INFINITY)), mx1 = mx, mx2 = mx, mx3 = mx;
+    int64_t c4 = 0;
+    for (; c4 + 4 * W <= n; c4 += 4 * W) {
+      mx = max_nan_b(V::load(s + c4), mx);
+      mx1 = max_nan_b(V::load(s + c4 + W), mx1);
+      mx2 = max_nan_b(V::load(s + c4 + 2 * W), mx2);
+      mx3 = max_nan_b(V::load(s + c4 + 3 * W), mx3);
+    }
+    for (; c4 < n; c4 += W) mx = max_nan_b(V::load(s + c4), mx);
+    max_nan_b(max_nan_b(mx, mx1), max_nan_b(mx2, mx3)).store(red + r * W);
+  }
+  for (int r = R; r < G * W; r++) V::set1(T(-INFINITY)).store(red + r * W);
+  for (int g = 0; g < G; g++) {  // lane i of cm's group g: the maximum of row g * W + i
+    V t[W];
+    for (int i = 0; i < W; i++) t[i] = V::load(red + (g * W + i) * W);
+    V::transpose(t);
+    V x = t[0];
+    for (int i = 1; i < W; i++) x = max_nan_b(t[i], x);  // no NaN reaches these
+    x.store(cm + g * W);
+  }
+  for (int r = 0; r < G * W; r++) {
+    if (r >= R) {
+      arg[r] = T(0);
+      continue;
+    }
+    const T mo = m[r], mn = cm[r] > mo ? cm[r] : mo;
+    base[r] = mn == T(-INFINITY) ? T(0) : mn;
+    arg[r] = (mo - base[r]) * T(LOG2E);  // mo = -inf: -inf, and exp2 gives alpha = 0
+    m[r] = mn;
+  }
+  for (int g = 0; g < G; g++) V::exp2(V::load(arg + g * W)).store(alpha + g * W);
+  const V l2e = V::set1(T(LOG2E));
+  for (int r = 0; r < R; r++) {
+    T* s = S + r * lds;
+    const T shift = base[r] * T(LOG2E);
+    V sum = V::zero();
+    if (std::isfinite(shift)) {  // one FMA: s * log2 e - m * log2 e, rounded once
+      const V ns = V::set1(-shift);
+      for (int64_t c = 0; c < n; c += W) {
+        V p = V::exp2(fmadd(V::load(s + c), l2e, ns));
+        p.store(s + c);
+        sum = sum + p;
+      }
+    } else {  // |m| near FLT_MAX: subtract before scaling, so nothing overflows
+      const V vb = V::set1(base[r]);
+      for (int64_t c = 0; c < n; c += W) {
+        V p = V::exp2((V::load(s + c) - vb) * l2e);
+        p.store(s + c);
+        sum = sum + p;
+      }
+    }
+    sum.store(red + r * W);
+  }
+  for (int r = R; r < G * W; r++) V::zero().store(red + r * W);
+  for (int g = 0; g < G; g++) {  // the rows' sums, lane by lane (cm is free again)
+    V t[W];
+    for (int i = 0; i < W; i++) t[i] = V::load(red + (g * W + i) * W);
+    V::reduce_lanes(t).store(cm + g * W);
+  }
+  for (int r = 0; r < R; r++) {
+    l[r] = l[r] * alpha[r] + cm[r];
+    al[r] = alpha[r];
+  }
+}
+
 // Keys whose value row alone is not finite (pack flag 2) are zeroed in the packed V, so that
 // padding garbage never reaches a row that cannot see it (0 * NaN). For the rows that do see
 // such a key, find_bad_values records them before the softmax (bit r of seen[x]: row r's score
@@ -154,6 +236,8 @@ struct Forward {
   using T = typename V::T;
   static constexpr int W = V::W, MR = V::MR, PW = 2 * W, NP = 8, BM = NP * MR;
   static constexpr int CT = 256 / PW, KC = CT * PW, LDS = KC + W;
+  // panels per group (group_chunk): each K tile and each slice of V is read from L1 by both
+  static constexpr int NG = 2;
 
   const Plan<V>& pl;
   const Params& P;
@@ -161,15 +245,16 @@ struct Forward {
   bool chunked = false;  // quantized K or V: packed a chunk at a time by each item (pack_chunk)
 
   struct Scratch {
-    Buf<T> q, o, m, l, al, s, vrow, ktc, vrc, rowk;
+    Buf<T> q, qt, o, m, l, al, s, vrow, ktc, vrc, rowk;
     Buf<uint8_t> cls, badc;
     Buf<int64_t> vkeys;
     Buf<uint32_t> vseen;
     explicit Scratch(const Plan<V>& pl, bool chunked = false)
-        : q(BM * pl.Dp), o(BM * pl.Dvp), m(BM), l(BM), al(MR), s(MR * LDS), vrow(pl.Dvp),
+        : q(BM * pl.Dp), qt(BM * pl.Dp), o(BM * pl.Dvp), m(BM), l(BM), al(NG * MR),
+          s(NG * MR * LDS), vrow(pl.Dvp),
           ktc(chunked ? CT * pl.P.D * PW : 0), vrc(chunked ? CT * PW * pl.Dvp : 0),
-          rowk(chunked ? PW * pl.Dp : 0), cls(CT), badc(chunked ? CT * PW : 0), vkeys(KC),
-          vseen(KC) {}
+          rowk(chunked ? PW * pl.Dp : 0), cls(NG * CT), badc(chunked ? CT * PW : 0),
+          vkeys(NG * KC), vseen(NG * KC) {}
   };
 
   // Tiles [c0, c1) of unit (b, kvh) into the item's scratch, in the layouts of Packed: K as
@@ -245,6 +330,11 @@ struct Forward {
       sc.m[r] = T(-INFINITY);
       sc.l[r] = T(0);
     }
+    // each panel's q also d-major ([d][MR]): the QK^T kernel then broadcasts its MR entries at
+    // fixed offsets from one pointer, instead of from MR row pointers (12 of them spill GPRs)
+    for (int64_t p = 0; p < npan; p++)
+      for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < MR; r++) sc.qt[(p * Dp + d) * MR + r] = sc.q[(p * MR + r) * Dp + d];
     if (need_out) sc.o.zero(npan * MR * Dvp);
 
     Bounds bb = key_bounds(P.start + i0, P.start + i1 - 1, P.Nk, P.causal, P.left, P.right);
@@ -260,63 +350,104 @@ struct Forward {
           vr = P.need_out ? sc.vrc.p - c0 * PW * Dvp : nullptr;
           bad = any ? sc.badc.p - c0 * PW : nullptr;
         }
-        for (int64_t p = 0; p < npan; p++) {
-          const auto& pn = pans[p];
-          int64_t t_lo, t_hi;
-          pl.tile_range(pn, t_lo, t_hi);
-          t_lo = imax(t_lo, c0);
-          t_hi = imin(t_hi, c1);
-          for (int64_t t = t_lo; t < t_hi; t++) sc.cls[t - c0] = pl.tile_class(pn, t);
-          while (t_lo < t_hi && sc.cls[t_lo - c0] == EMPTY) t_lo++;
-          while (t_hi > t_lo && sc.cls[t_hi - 1 - c0] == EMPTY) t_hi--;
-          if (t_lo >= t_hi) continue;
-          panel_chunk(pn, p, t_lo, t_hi, c0, kt, vr, bad, sc);
+        for (int64_t p0 = 0; p0 < npan; p0 += NG) {
+          // the group's panels with a visible tile in this chunk, and the union of their tiles
+          int64_t lo = c1, hi = c0;
+          int live[NG], nl = 0;
+          for (int g = 0; g < NG && p0 + g < npan; g++) {
+            const auto& pn = pans[p0 + g];
+            uint8_t* cls = sc.cls.p + g * CT;
+            int64_t t_lo, t_hi;
+            pl.tile_range(pn, t_lo, t_hi);
+            t_lo = imax(t_lo, c0);
+            t_hi = imin(t_hi, c1);
+            for (int64_t t = c0; t < c1; t++)
+              cls[t - c0] = t >= t_lo && t < t_hi ? pl.tile_class(pn, t) : uint8_t(EMPTY);
+            while (t_lo < t_hi && cls[t_lo - c0] == EMPTY) t_lo++;
+            while (t_hi > t_lo && cls[t_hi - 1 - c0] == EMPTY) t_hi--;
+            if (t_lo >= t_hi) continue;
+            live[nl++] = g;
+            lo = imin(lo, t_lo);
+            hi = imax(hi, t_hi);
+          }
+          if (nl == NG) {
+            group_chunk(pans, p0, NG, lo, hi, c0, kt, vr, bad, sc);
+          } else {  // one panel alone (its tiles only): none of a neighbour's that it cannot see
+            for (int x = 0; x < nl; x++) {
+              const int g = live[x];
+              if (g != 0)  // its classes where group_chunk reads the first panel's
+                for (int64_t t = c0; t < c1; t++) sc.cls[t - c0] = sc.cls[g * CT + t - c0];
+              int64_t t_lo = c0, t_hi = c1;
+              while (sc.cls[t_lo - c0] == EMPTY) t_lo++;
+              while (sc.cls[t_hi - 1 - c0] == EMPTY) t_hi--;
+              group_chunk(pans, p0 + g, 1, t_lo, t_hi, c0, kt, vr, bad, sc);
+            }
+          }
         }
       }
     }
     finish(b, h, i0, rows, sc);
   }
 
-  void panel_chunk(const typename Plan<V>::Panel& pn, int64_t p, int64_t t_lo, int64_t t_hi,
-                   int64_t c0, const T* kt, const T* vr, const uint8_t* bad, Scratch& sc) const {
+  // Panels p0 .. p0 + ng - 1 (consecutive) against tiles [t_lo, t_hi) of the chunk from tile c0
+  // (their classes in sc.cls, CT per panel; a tile EMPTY for one panel gives it -inf scores).
+  // Each K tile is read once for the group's panels while it is in L1, and O += P V runs as one
+  // product of ng * MR rows (a column slice of V stays in L1 across its row blocks).
+  void group_chunk(const typename Plan<V>::Panel* pans, int64_t p0, int ng, int64_t t_lo,
+                   int64_t t_hi, int64_t c0, const T* kt, const T* vr, const uint8_t* bad,
+                   Scratch& sc) const {
     const int64_t D = P.D, Dp = pl.Dp, Dvp = pl.Dvp;
-    const T* qp = sc.q.p + p * MR * Dp;
-    T* S = sc.s.p;
     for (int64_t t = t_lo; t < t_hi; t++) {
-      T* st = S + (t - t_lo) * PW;
-      uint8_t cls = sc.cls[t - c0];
-      if (cls == EMPTY) {
-        for (int r = 0; r < MR; r++)
-          for (int c = 0; c < PW; c++) st[r * LDS + c] = T(-INFINITY);
-        continue;
+      const bool tbad = bad && has_bad(bad, t);
+      for (int g = 0; g < ng; g++) {
+        const auto& pn = pans[p0 + g];
+        T* st = sc.s.p + g * MR * LDS + (t - t_lo) * PW;
+        const uint8_t cls = sc.cls[g * CT + t - c0];
+        if (cls == EMPTY) {
+          for (int r = 0; r < MR; r++)
+            for (int c = 0; c < PW; c++) st[r * LDS + c] = T(-INFINITY);
+          continue;
+        }
+        const T* qp = sc.qt.p + (p0 + g) * MR * Dp;  // [d][MR]
+        mk<V, MR, 2, STORE, 16>(D, qp, 1, MR, kt + t * D * PW, PW, st, LDS, nullptr);
+        if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tbad)
+          pl.epilogue(st, LDS, pn, t, cls, tbad ? bad : nullptr, nullptr);
       }
-      mk<V, MR, 2, STORE>(D, qp, Dp, 1, kt + t * D * PW, PW, st, LDS, nullptr);
-      if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || (bad && has_bad(bad, t)))
-        pl.epilogue(st, LDS, pn, t, cls, bad && has_bad(bad, t) ? bad : nullptr, nullptr);
     }
     const int64_t n = (t_hi - t_lo) * PW;
-    T* m = sc.m.p + p * MR;
-    T* l = sc.l.p + p * MR;
-    int nbad = 0;  // keys of this chunk whose value row alone is not finite
-    if (bad && P.need_out)
-      nbad = find_bad_values<T>(bad, t_lo * PW, imin(P.Nk, t_hi * PW), S, LDS, int(pn.nreal),
-                                sc.vkeys.p, sc.vseen.p);
-    for (int r = 0; r < MR; r++) sc.al[r] = softmax_row<V>(S + r * LDS, n, m[r], l[r]);
+    int nbad[NG] = {};  // keys of this chunk whose value row alone is not finite, per panel
+    for (int g = 0; g < ng; g++) {
+      const auto& pn = pans[p0 + g];
+      T* S = sc.s.p + g * MR * LDS;
+      if (bad && P.need_out)
+        nbad[g] = find_bad_values<T>(bad, t_lo * PW, imin(P.Nk, t_hi * PW), S, LDS,
+                                     int(pn.nreal), sc.vkeys.p + g * KC, sc.vseen.p + g * KC);
+      softmax_panel<V, MR>(S, LDS, n, sc.m.p + (p0 + g) * MR, sc.l.p + (p0 + g) * MR,
+                           sc.al.p + g * MR);
+    }
     if (!P.need_out) return;
     if (pl.dropout) {
       const T inv = pl.keep_scale;
-      for (int r = 0; r < int(pn.nreal); r++) {
-        uint32_t hr = pl.drop_row(pn.b, pn.h, pn.row0 + r);
-        T* s = S + r * LDS;
-        for (int64_t c = 0; c < n; c += W)
-          V::dropout(V::load(s + c), hr, t_lo * PW + c, P.seed1, pl.thr, inv).store(s + c);
+      for (int g = 0; g < ng; g++) {
+        const auto& pn = pans[p0 + g];
+        for (int r = 0; r < int(pn.nreal); r++) {
+          uint32_t hr = pl.drop_row(pn.b, pn.h, pn.row0 + r);
+          T* s = sc.s.p + (g * MR + r) * LDS;
+          for (int64_t c = 0; c < n; c += W)
+            V::dropout(V::load(s + c), hr, t_lo * PW + c, P.seed1, pl.thr, inv).store(s + c);
+        }
       }
     }
-    gemm<V, SCALE>(MR, Dvp / W, n, S, LDS, 1, vr + t_lo * PW * Dvp, Dvp, sc.o.p + p * MR * Dvp,
-                   Dvp, sc.al.p);
-    if (nbad)
-      add_bad_values<V>(P, pn.b, pn.h / P.G, sc.vkeys.p, sc.vseen.p, nbad, S, LDS, t_lo * PW,
-                        int(pn.nreal), sc.o.p + p * MR * Dvp, Dvp, sc.vrow.p, Dvp);
+    T* O = sc.o.p + p0 * MR * Dvp;
+    gemm<V, SCALE, 8>(ng * MR, Dvp / W, n, sc.s.p, LDS, 1, vr + t_lo * PW * Dvp, Dvp, O, Dvp,
+                      sc.al.p);
+    for (int g = 0; g < ng; g++)
+      if (nbad[g]) {
+        const auto& pn = pans[p0 + g];
+        add_bad_values<V>(P, pn.b, pn.h / P.G, sc.vkeys.p + g * KC, sc.vseen.p + g * KC, nbad[g],
+                          sc.s.p + g * MR * LDS, LDS, t_lo * PW, int(pn.nreal),
+                          O + g * MR * Dvp, Dvp, sc.vrow.p, Dvp);
+      }
   }
 
   static bool has_bad(const uint8_t* bad, int64_t t) {

@@ -33,7 +33,7 @@ struct HasKLoop<V, std::void_t<decltype(V::lane_fma)>> {
   static constexpr bool value = V::lane_fma;
 };
 
-template <class V, int R, int NV, int MODE>
+template <class V, int R, int NV, int MODE, int PF = 0>
 static inline __attribute__((always_inline)) void mk(int64_t K, const typename V::T* A, int64_t sa,
                                                      int64_t sk, const typename V::T* B,
                                                      int64_t ldb, typename V::T* C, int64_t ldc,
@@ -56,6 +56,10 @@ static inline __attribute__((always_inline)) void mk(int64_t K, const typename V
       for (int64_t k = k0; k < k1; k++) {
         V b[NV];
         for (int c = 0; c < NV; c++) b[c] = V::load(B + k * ldb + c * V::W);
+        if constexpr (PF > 0) {  // row k + PF of B into L1 ahead of use (one prefetch a line)
+          constexpr int step = 64 / int(sizeof(T) * V::W) > 0 ? 64 / int(sizeof(T) * V::W) : 1;
+          for (int c = 0; c < NV; c += step) __builtin_prefetch(B + (k + PF) * ldb + c * V::W);
+        }
         const T* a = A + k * sk;
         for (int i = 0; i < R; i++) {
           V ai = V::set1(a[i * sa]);
@@ -97,15 +101,15 @@ static inline void mk_rows(int rows, int64_t K, const typename V::T* A, int64_t 
   }
 }
 
-template <class V, int NV, int MODE>
+template <class V, int NV, int MODE, int PF = 0>
 static inline void gemm_cols(int64_t M, int64_t K, const typename V::T* A, int64_t sa, int64_t sk,
                              const typename V::T* B, int64_t ldb, typename V::T* C, int64_t ldc,
                              const typename V::T* alpha) {
   constexpr int R = RowBlock<V, NV>::value;
   int64_t i = 0;
   for (; i + R <= M; i += R)
-    mk<V, R, NV, MODE>(K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc,
-                       alpha ? alpha + i : nullptr);
+    mk<V, R, NV, MODE, PF>(K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc,
+                           alpha ? alpha + i : nullptr);
   if (i < M)
     mk_rows<V, NV, MODE, R - 1>(int(M - i), K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc,
                                 alpha ? alpha + i : nullptr);
@@ -125,7 +129,7 @@ struct ColBlock<V, std::void_t<decltype(V::NB)>> {
 
 // C (M x nvec*W): column blocks of up to ColBlock vectors, rows in blocks of RowBlock (any M).
 // ldb / ldc / the columns of B and C are padded to whole vectors by the caller.
-template <class V, int MODE>
+template <class V, int MODE, int PF = 0>
 static inline void gemm(int64_t M, int64_t nvec, int64_t K, const typename V::T* A, int64_t sa,
                         int64_t sk, const typename V::T* B, int64_t ldb, typename V::T* C,
                         int64_t ldc, const typename V::T* alpha) {
@@ -133,7 +137,7 @@ static inline void gemm(int64_t M, int64_t nvec, int64_t K, const typename V::T*
   static_assert(NB >= 1 && NB <= 4, "column blocks of 1 to 4 vectors");
   int64_t c = 0;
   for (; c + NB <= nvec; c += NB)
-    gemm_cols<V, NB, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha);
+    gemm_cols<V, NB, MODE, PF>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha);
   switch (nvec - c) {
     case 3: gemm_cols<V, 3, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha); break;
     case 2: gemm_cols<V, 2, MODE>(M, K, A, sa, sk, B + c * W, ldb, C + c * W, ldc, alpha); break;
