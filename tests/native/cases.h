@@ -437,6 +437,12 @@ inline std::vector<Spec> all_specs() {
   add("jvp no tangent of q, k, v: bias and slopes", [](Spec& s) {
     s.B = 2; s.Hq = 2; s.Nq = 33; s.Nk = 97; s.bias = BIAS_FULL; s.alibi_b = 2; s.tangents = 0;
   });
+  // ---- the double backward over several row blocks and segments, scheduled as on 3 threads
+  // (hessian.h; every case without a softcap, dropout or quantized operands checks it) ----
+  add("hessian GQA causal dlse, row blocks", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 2; s.Nq = 150; s.Nk = 161; s.D = 64; s.Dv = 40; s.causal = true;
+    s.dlse = true; s.pool_mode = 1;
+  });
   // ---- edges ----
   add("Nq 0", [](Spec& s) { s.Hq = 2; s.Nq = 0; s.Nk = 97; });
   add("Nk 0", [](Spec& s) { s.Hq = 2; s.Nq = 17; s.Nk = 0; s.dlse = true; });

@@ -1,8 +1,8 @@
 // The native engine's own test driver: no torch, no Python. It links the engine objects of this
 // build's architecture (x86: generic + AVX2 + AVX-512 where the CPU has them; aarch64: generic +
 // NEON), builds Params by hand the way bindings.cpp does, and checks forward (prefill and
-// decode), backward, probabilities, statistics and forward mode (JVP) against the scalar double reference of reference.h, on odd
-// shapes and every rule. Run by `make check-native`, `make check-sanitize` (ASan + UBSan) and
+// decode), backward, probabilities, statistics, forward mode (JVP) and the double backward
+// against the scalar double reference of reference.h, on odd shapes and every rule. Run by `make check-native`, `make check-sanitize` (ASan + UBSan) and
 // `make check-arm` (cross-compiled, under qemu-aarch64).
 //
 //     driver [--list] [isa ...]     (isa: generic, avx2, avx512, neon; default: all this CPU has)
@@ -249,6 +249,44 @@ void check_jvp(const Engine& eng, const Spec& spec, const Problem& pb, const Res
   }
 }
 
+// ---- the double backward (hessian.h) from the engine's out and lse, with the forward-mode
+// tangents as the cotangents of dq, dk, dv (zero where a case has none), against
+// run_reference_hessian. Its errors are the first-order backward's, carried through the row
+// sums r and c once more: four times the gradients' budget ----
+void check_hessian(const Engine& eng, const Problem& pb, const Result& ref, const Params& Bp,
+                   const Budget& bud, DT acc, Checker& ck) {
+  if (pb.B * pb.Hq * pb.Nq == 0 || pb.Nk == 0) return;  // the bindings fill these themselves
+  Tensor zq(acc, pb.B, pb.Hq, pb.Nq, pb.D), zk(acc, pb.B, pb.Hkv, pb.Nk, pb.D),
+      zv(acc, pb.B, pb.Hkv, pb.Nk, pb.Dv);
+  Tensor hq(acc, pb.B, pb.Hq, pb.Nq, pb.D), hk(acc, pb.B, pb.Hkv, pb.Nk, pb.D),
+      hv(acc, pb.B, pb.Hkv, pb.Nk, pb.Dv), hdo(acc, pb.B, pb.Hq, pb.Nq, pb.Dv),
+      hdl(acc, 1, pb.B, pb.Hq, pb.Nq);
+  Params H = Bp;
+  H.dbias = nullptr;
+  H.dalibi = nullptr;
+  H.tq = pb.tq.empty() ? zq.view() : pb.tq.view();
+  H.tk = pb.tk.empty() ? zk.view() : pb.tk.view();
+  H.tv = pb.tv.empty() ? zv.view() : pb.tv.view();
+  H.dq = const_cast<void*>(hq.view().p);
+  H.dk = const_cast<void*>(hk.view().p);
+  H.dv = const_cast<void*>(hv.view().p);
+  H.tout = const_cast<void*>(hdo.view().p);
+  H.tlse = pb.dlse.empty() ? nullptr : const_cast<void*>(hdl.view().p);
+  const bool took = eng.hessian(H, kPool);
+  {
+    Checker::Check c(ck, "hessian takes a finite call");
+    c.entry(0, took ? 1 : 0, 1, 0);
+  }
+  if (!took) return;
+  const HessResult R = run_reference_hessian(pb, ref);
+  const double eps = 4 * bud.grad_eps;
+  ck.compare_grad("hessian q", R.q, R.q_mag, hq, eps);
+  ck.compare_grad("hessian k", R.k, R.k_mag, hk, eps);
+  ck.compare_grad("hessian v", R.v, R.v_mag, hv, eps);
+  ck.compare_grad("hessian dout", R.dout, R.dout_mag, hdo, eps);
+  if (H.tlse) ck.compare_grad("hessian dlse", R.dlse, R.dlse_mag, hdl, eps);
+}
+
 void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
   Problem pb = make_problem(spec);
   const bool f64 = spec.dt == DT::F64;
@@ -334,6 +372,9 @@ void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
   eng.backward(Bp, kPool);
   ck.compare_grads(pb, ref, bud, er.dq, er.dk, er.dv, Bp.dbias ? &er.dbias : nullptr,
                    Bp.dalibi ? &er.dalibi : nullptr);
+  // the fused double backward: no softcap, dropout or quantized operands (the caller's)
+  if (spec.softcap == 0 && spec.dropout_p == 0 && !spec.kbits && !spec.vbits)
+    check_hessian(eng, pb, ref, Bp, bud, acc, ck);
 }
 
 }  // namespace

@@ -362,4 +362,116 @@ inline JvpResult run_reference_jvp(const Problem& P, const Result& R, double u) 
   return J;
 }
 
+
+// ---- the double backward (a gradient penalty's second pass) from the forward's results ----
+// The VJP of the first-order backward with cotangents tq, tk, tv (of dq, dk, dv; empty: zero),
+// the forward's own backward of the out and lse gradients folded in (hessian.h). Per visible
+// key, D = dO.out - dlse:
+//     dS = p (dO.v - D),  R = scale (tq.k + q.tk),  PX = p ((dO.v - D) R + dO.tv),  PR = p R
+//     r = sum PR,  c = -sum PX + r dlse,  U = PX - r dS + c p,  PR' = PR - r p
+//     q-bar += scale (U k + dS tk),  k-bar += scale (U q + dS tq),  v-bar += PR' dO
+//     dO-bar = sum (PR v + p tv) - r out,  dlse-bar = r
+// with the magnitude of every entry (the same sums over absolute values).
+struct HessResult {
+  std::vector<double> q, q_mag, k, k_mag, v, v_mag, dout, dout_mag, dlse, dlse_mag;
+};
+
+inline HessResult run_reference_hessian(const Problem& P, const Result& R) {
+  HessResult H;
+  const int64_t rows = P.B * P.Hq * P.Nq, keys = P.B * P.Hkv * P.Nk;
+  H.q.assign(rows * P.D, 0);
+  H.q_mag.assign(rows * P.D, 0);
+  H.k.assign(keys * P.D, 0);
+  H.k_mag.assign(keys * P.D, 0);
+  H.v.assign(keys * P.Dv, 0);
+  H.v_mag.assign(keys * P.Dv, 0);
+  H.dout.assign(rows * P.Dv, 0);
+  H.dout_mag.assign(rows * P.Dv, 0);
+  H.dlse.assign(rows, 0);
+  H.dlse_mag.assign(rows, 0);
+  auto at = [](const Tensor& t, int64_t b, int64_t h, int64_t i, int64_t d) {
+    return t.empty() ? 0.0 : t.at(b, h, i, d);
+  };
+  std::vector<double> ds(P.Nk), dsm(P.Nk), px(P.Nk), pxm(P.Nk), pr(P.Nk), prm(P.Nk);
+  const double sc = std::fabs(P.scale);
+  for (int64_t b = 0; b < P.B; b++)
+    for (int64_t h = 0; h < P.Hq; h++) {
+      const int64_t kvh = h / P.G();
+      for (int64_t i = 0; i < P.Nq; i++) {
+        const int64_t r = (b * P.Hq + h) * P.Nq + i;
+        if (R.row_nan[r] || !std::isfinite(R.lse[r])) continue;
+        const double dl = P.dlse.empty() ? 0 : P.dlse[r];
+        double delta = -dl, delta_m = std::fabs(dl);
+        for (int64_t c = 0; c < P.Dv; c++) {
+          delta += P.dout.at(b, h, i, c) * R.out[r * P.Dv + c];
+          delta_m += std::fabs(P.dout.at(b, h, i, c)) * R.out_mag[r * P.Dv + c];
+        }
+        double rs = 0, rsm = 0, xs = 0, xsm = 0;
+        for (int64_t j = 0; j < P.Nk; j++) {
+          ds[j] = dsm[j] = px[j] = pxm[j] = pr[j] = prm[j] = 0;
+          if (!R.vis[r * P.Nk + j]) continue;
+          const double p = R.probs[r * P.Nk + j];
+          double dp = 0, dpm = 0, w = 0, wm = 0, rr = 0, rm = 0;
+          for (int64_t c = 0; c < P.Dv; c++) {
+            const double g = P.dout.at(b, h, i, c), vc = P.v.at(b, kvh, j, c);
+            const double tvc = at(P.tv, b, kvh, j, c);
+            dp += g * vc;
+            dpm += std::fabs(g * vc);
+            w += g * tvc;
+            wm += std::fabs(g * tvc);
+          }
+          for (int64_t d = 0; d < P.D; d++) {
+            const double x = at(P.tq, b, h, i, d) * P.k.at(b, kvh, j, d);
+            const double y = P.q.at(b, h, i, d) * at(P.tk, b, kvh, j, d);
+            rr += x + y;
+            rm += std::fabs(x) + std::fabs(y);
+          }
+          rr *= P.scale;
+          rm *= sc;
+          ds[j] = p * (dp - delta);
+          dsm[j] = p * (dpm + delta_m);
+          px[j] = p * ((dp - delta) * rr + w);
+          pxm[j] = p * ((dpm + delta_m) * rm + wm);
+          pr[j] = p * rr;
+          prm[j] = p * rm;
+          rs += pr[j];
+          rsm += prm[j];
+          xs += px[j];
+          xsm += pxm[j];
+        }
+        const double c0 = -xs + rs * dl, cm = xsm + rsm * std::fabs(dl);
+        H.dlse[r] = rs;
+        H.dlse_mag[r] = rsm;
+        for (int64_t j = 0; j < P.Nk; j++) {
+          if (!R.vis[r * P.Nk + j]) continue;
+          const double p = R.probs[r * P.Nk + j];
+          const double u = px[j] - rs * ds[j] + c0 * p, um = pxm[j] + rsm * dsm[j] + cm * p;
+          const double pf = pr[j] - rs * p, pfm = prm[j] + rsm * p;
+          const int64_t kj = (b * P.Hkv + kvh) * P.Nk + j;
+          for (int64_t d = 0; d < P.D; d++) {
+            const double kd = P.k.at(b, kvh, j, d), tkd = at(P.tk, b, kvh, j, d);
+            const double qd = P.q.at(b, h, i, d), tqd = at(P.tq, b, h, i, d);
+            H.q[r * P.D + d] += P.scale * (u * kd + ds[j] * tkd);
+            H.q_mag[r * P.D + d] += sc * (um * std::fabs(kd) + dsm[j] * std::fabs(tkd));
+            H.k[kj * P.D + d] += P.scale * (u * qd + ds[j] * tqd);
+            H.k_mag[kj * P.D + d] += sc * (um * std::fabs(qd) + dsm[j] * std::fabs(tqd));
+          }
+          for (int64_t c = 0; c < P.Dv; c++) {
+            const double g = P.dout.at(b, h, i, c), vc = P.v.at(b, kvh, j, c);
+            const double tvc = at(P.tv, b, kvh, j, c);
+            H.v[kj * P.Dv + c] += pf * g;
+            H.v_mag[kj * P.Dv + c] += pfm * std::fabs(g);
+            H.dout[r * P.Dv + c] += pr[j] * vc + p * tvc;
+            H.dout_mag[r * P.Dv + c] += prm[j] * std::fabs(vc) + p * std::fabs(tvc);
+          }
+        }
+        for (int64_t c = 0; c < P.Dv; c++) {
+          H.dout[r * P.Dv + c] -= rs * R.out[r * P.Dv + c];
+          H.dout_mag[r * P.Dv + c] += rsm * R.out_mag[r * P.Dv + c];
+        }
+      }
+    }
+  return H;
+}
+
 }  // namespace drv

@@ -14,8 +14,8 @@
 // r and c are row sums over every key, so a block of rows keeps its tiles (P, dS, PX, PR: a
 // band of BR rows x the block's keys) until its sums are known: the first sweep computes S, dP,
 // R and W tile by tile (four micro-kernel products, R one of width 2D against a [K^T; Kc^T]
-// panel), the element-wise terms and the row sums; the second makes U and PR' in place and runs
-// the products over the whole band. Work item: a segment of row blocks of one (batch, kv head)
+// panel), then the element-wise terms and the row sums of each chunk of 256 keys while it is in
+// cache; the second makes U and PR' in place and runs the products over the whole band. Work item: a segment of row blocks of one (batch, kv head)
 // for every head of its GQA group; it owns its rows' q-bar / dO-bar and adds its k-bar / v-bar
 // into a private partial per segment, summed in segment order at the end (no two threads write
 // the same memory; segments are cut from the shape alone, so results never depend on the
@@ -36,6 +36,7 @@ template <class V>
 struct Hessian {
   using T = typename V::T;
   static constexpr int W = V::W, MR = V::MR, PW = 2 * W;
+  static constexpr int CT = PW >= 256 ? 1 : 256 / PW;  // tiles of a chunk of sweep 1: 256 keys
 
   const Plan<V>& pl;
   const Params& P;
@@ -227,55 +228,61 @@ struct Hessian {
     const T* kpu = kp.p + slot * kp_n;
     const T* vpu = vt.p + slot * vt_n;
     const T* vcpu = vct.p + slot * vt_n;
-    // sweep 1: S, dP, R, W tile by tile (a tile's panels stay in cache for every row panel)
-    for (int64_t t = t_lo; t < t_hi; t++) {
-      for (int64_t p = 0; p < NP; p++) {
-        const int64_t r0 = p * MR;
-        const T* qq = sc.qq.p + r0 * D2;
-        const T* dO = sc.dos.p + r0 * Dvp;
-        const int64_t col = r0 * LD + (t - t_lo) * PW;
-        T *s = Pb + col, *dp = dSb + col, *rr = PRb + col, *w = Ub + col;
-        const uint8_t cls = p < npan ? pl.tile_class(pans[p], t) : uint8_t(EMPTY);
-        if (cls == EMPTY) {
-          for (int r = 0; r < MR; r++)
-            for (int c = 0; c < PW; c++) {
-              s[r * LD + c] = T(-INFINITY);
-              dp[r * LD + c] = rr[r * LD + c] = w[r * LD + c] = T(0);
-            }
-          continue;
-        }
-        const T* panel = kpu + t * 2 * D * PW;
-        mk<V, MR, 2, STORE>(D, qq + D, D2, 1, panel, PW, s, LD, nullptr);  // Q K^T
-        if (cls == PARTIAL || pl.bias || pl.alibi)
-          pl.epilogue(s, LD, pans[p], t, cls, nullptr, nullptr);
-        mk<V, MR, 2, STORE>(2 * D, qq, D2, 1, panel, PW, rr, LD, nullptr);  // Qc K^T + Q Kc^T
-        mk<V, MR, 2, STORE>(Dv, dO, Dvp, 1, vpu + t * Dv * PW, PW, dp, LD, nullptr);  // dO V^T
-        mk<V, MR, 2, STORE>(Dv, dO, Dvp, 1, vcpu + t * Dv * PW, PW, w, LD, nullptr);  // dO Vc^T
-      }
-    }
-    // element-wise: P, dS, PX, PR and the row sums r, -rowsum(PX)
+    // sweep 1, in chunks of CT tiles: S, dP, R, W tile by tile (every row panel of the block
+    // reads a tile's panels while they are in cache), then the element-wise terms of the
+    // chunk while its tiles are in cache: P, dS, PX, PR and the row sums r, sum PX
+    for (int64_t r = 0; r < BR; r++) sc.r[r] = sc.c[r] = T(0);
     const V log2e = V::set1(T(LOG2E));
-    for (int64_t r = 0; r < BR; r++) {
-      T *s = Pb + r * LD, *dp = dSb + r * LD, *rr = PRb + r * LD, *w = Ub + r * LD;
-      const V l = V::set1(sc.lse[r]), dd = V::set1(sc.dd[r]);
-      V rs = V::zero(), xs = V::zero();
-      for (int64_t c = 0; c < n; c += W) {
-        const V pv = V::exp2((V::load(s + c) - l) * log2e);
-        const V dm = V::load(dp + c) - dd;
-        const V rv = V::load(rr + c);
-        const V px = pv * fmadd(dm, rv, V::load(w + c));
-        const V pr = pv * rv;
-        pv.store(s + c);
-        (pv * dm).store(dp + c);
-        px.store(w + c);
-        pr.store(rr + c);
-        rs = rs + pr;
-        xs = xs + px;
+    for (int64_t c0 = t_lo; c0 < t_hi; c0 += CT) {
+      const int64_t c1 = imin(c0 + CT, t_hi);
+      for (int64_t t = c0; t < c1; t++) {
+        for (int64_t p = 0; p < NP; p++) {
+          const int64_t r0 = p * MR;
+          const T* qq = sc.qq.p + r0 * D2;
+          const T* dO = sc.dos.p + r0 * Dvp;
+          const int64_t col = r0 * LD + (t - t_lo) * PW;
+          T *s = Pb + col, *dp = dSb + col, *rr = PRb + col, *w = Ub + col;
+          const uint8_t cls = p < npan ? pl.tile_class(pans[p], t) : uint8_t(EMPTY);
+          if (cls == EMPTY) {
+            for (int r = 0; r < MR; r++)
+              for (int c = 0; c < PW; c++) {
+                s[r * LD + c] = T(-INFINITY);
+                dp[r * LD + c] = rr[r * LD + c] = w[r * LD + c] = T(0);
+              }
+            continue;
+          }
+          const T* panel = kpu + t * 2 * D * PW;
+          mk<V, MR, 2, STORE>(D, qq + D, D2, 1, panel, PW, s, LD, nullptr);  // Q K^T
+          if (cls == PARTIAL || pl.bias || pl.alibi)
+            pl.epilogue(s, LD, pans[p], t, cls, nullptr, nullptr);
+          mk<V, MR, 2, STORE>(2 * D, qq, D2, 1, panel, PW, rr, LD, nullptr);  // Qc K^T + Q Kc^T
+          mk<V, MR, 2, STORE>(Dv, dO, Dvp, 1, vpu + t * Dv * PW, PW, dp, LD, nullptr);  // dO V^T
+          mk<V, MR, 2, STORE>(Dv, dO, Dvp, 1, vcpu + t * Dv * PW, PW, w, LD, nullptr);  // dO Vc^T
+        }
       }
-      const T rsum = rs.hsum();
-      sc.r[r] = rsum;
-      sc.c[r] = rsum * sc.dl[r] - xs.hsum();
+      const int64_t k0 = (c0 - t_lo) * PW, k1 = (c1 - t_lo) * PW;
+      for (int64_t r = 0; r < BR; r++) {
+        T *s = Pb + r * LD, *dp = dSb + r * LD, *rr = PRb + r * LD, *w = Ub + r * LD;
+        const V l = V::set1(sc.lse[r]), dd = V::set1(sc.dd[r]);
+        V rs = V::zero(), xs = V::zero();
+        for (int64_t c = k0; c < k1; c += W) {
+          const V pv = V::exp2((V::load(s + c) - l) * log2e);
+          const V dm = V::load(dp + c) - dd;
+          const V rv = V::load(rr + c);
+          const V px = pv * fmadd(dm, rv, V::load(w + c));
+          const V pr = pv * rv;
+          pv.store(s + c);
+          (pv * dm).store(dp + c);
+          px.store(w + c);
+          pr.store(rr + c);
+          rs = rs + pr;
+          xs = xs + px;
+        }
+        sc.r[r] += rs.hsum();
+        sc.c[r] += xs.hsum();
+      }
     }
+    for (int64_t r = 0; r < BR; r++) sc.c[r] = sc.r[r] * sc.dl[r] - sc.c[r];
     if (need_dout) {  // PR V + P Vc (before PR takes the folded term)
       const T* vru = vr.p + slot * vr_n + j0 * Dvp;
       const T* vcru = vcr.p + slot * vr_n + j0 * Dvp;
