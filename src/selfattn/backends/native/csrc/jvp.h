@@ -25,11 +25,128 @@
 namespace selfattn {
 namespace SA_NS {
 
+// The score tile of FR rows: S = a K^T and dS = da K^T + a dK^T (DQ: the da term, DK: the a dK
+// term) in one pass over the tile's panel rows K (D x 2W, ld 2W) and dK; a row i's q at
+// A + i * sa, its dq D further. Each step loads K's and dK's row once for both products. S is
+// summed as the forward's micro-kernel sums it (same order, the same blocks of KBLK steps), so
+// the pass's out is the forward's; dS in the same blocks (2 KBLK terms each).
+template <class V, int R, bool DQ, bool DK>
+static inline __attribute__((always_inline)) void score_pair(int64_t D, const typename V::T* A,
+                                                             int64_t sa, const typename V::T* K,
+                                                             const typename V::T* dK,
+                                                             typename V::T* S, typename V::T* dS,
+                                                             int64_t ldc) {
+  using T = typename V::T;
+  constexpr int W = V::W, PW = 2 * W;
+  constexpr int64_t KBLK = 128;
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = D - k0 < KBLK ? D : k0 + KBLK;
+    V s[R][2], d[R][2];
+    for (int i = 0; i < R; i++)
+      for (int c = 0; c < 2; c++) s[i][c] = d[i][c] = V::zero();
+    for (int64_t k = k0; k < k1; k++) {
+      const V b0 = V::load(K + k * PW), b1 = V::load(K + k * PW + W);
+      V e0, e1;
+      if (DK) {
+        e0 = V::load(dK + k * PW);
+        e1 = V::load(dK + k * PW + W);
+      }
+      for (int i = 0; i < R; i++) {
+        const V a = V::set1(A[i * sa + k]);
+        s[i][0] = fmadd(a, b0, s[i][0]);
+        s[i][1] = fmadd(a, b1, s[i][1]);
+        if (DQ) {
+          const V da = V::set1(A[i * sa + D + k]);
+          d[i][0] = fmadd(da, b0, d[i][0]);
+          d[i][1] = fmadd(da, b1, d[i][1]);
+        }
+        if (DK) {
+          d[i][0] = fmadd(a, e0, d[i][0]);
+          d[i][1] = fmadd(a, e1, d[i][1]);
+        }
+      }
+    }
+    for (int i = 0; i < R; i++)
+      for (int c = 0; c < 2; c++) {
+        T* si = S + i * ldc + c * W;
+        T* di = dS + i * ldc + c * W;
+        if (k0 > 0) {  // later blocks add to what the first one wrote
+          s[i][c] = s[i][c] + V::load(si);
+          d[i][c] = d[i][c] + V::load(di);
+        }
+        s[i][c].store(si);
+        d[i][c].store(di);
+      }
+    k0 = k1;
+  } while (k0 < D);
+}
+
+// O and T of R rows x NV vectors over n keys (one block, n <= 128): O (+)= P V and T (+)= X V
+// (XV) + P dV (PDV) in one pass over the rows of V and dV, each loaded once for every product
+// that reads it. P, X: the rows' probabilities and p * dS (ld sa); MODE as the micro-kernel's
+// (SCALE: C = al C + sum; ADD: C += sum), O and T both.
+template <class V, int R, int NV, bool XV, bool PDV, int MODE>
+static inline __attribute__((always_inline)) void value_pair(
+    int64_t n, const typename V::T* P, const typename V::T* X, int64_t sa,
+    const typename V::T* Vr, int64_t ldv, const typename V::T* dVr, int64_t lddv,
+    typename V::T* O, typename V::T* Tt, int64_t ldc, const typename V::T* al) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  V o[R][NV], t[R][NV];
+  for (int i = 0; i < R; i++)
+    for (int c = 0; c < NV; c++) o[i][c] = t[i][c] = V::zero();
+  for (int64_t k = 0; k < n; k++) {
+    V v[NV], dv[NV];
+    for (int c = 0; c < NV; c++) {
+      v[c] = V::load(Vr + k * ldv + c * W);
+      if (PDV) dv[c] = V::load(dVr + k * lddv + c * W);
+    }
+    for (int i = 0; i < R; i++) {
+      const V p = V::set1(P[i * sa + k]);
+      for (int c = 0; c < NV; c++) o[i][c] = fmadd(p, v[c], o[i][c]);
+      if (PDV)
+        for (int c = 0; c < NV; c++) t[i][c] = fmadd(p, dv[c], t[i][c]);
+      if (XV) {
+        const V x = V::set1(X[i * sa + k]);
+        for (int c = 0; c < NV; c++) t[i][c] = fmadd(x, v[c], t[i][c]);
+      }
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    T* oi = O + i * ldc;
+    T* ti = Tt + i * ldc;
+    if (MODE == SCALE) {
+      const V a = V::set1(al[i]);
+      for (int c = 0; c < NV; c++) {
+        o[i][c] = fmadd(V::load(oi + c * W), a, o[i][c]);
+        t[i][c] = fmadd(V::load(ti + c * W), a, t[i][c]);
+      }
+    } else if (MODE == ADD) {
+      for (int c = 0; c < NV; c++) {
+        o[i][c] = o[i][c] + V::load(oi + c * W);
+        t[i][c] = t[i][c] + V::load(ti + c * W);
+      }
+    }
+    for (int c = 0; c < NV; c++) {
+      o[i][c].store(oi + c * W);
+      t[i][c].store(ti + c * W);
+    }
+  }
+}
+
 template <class V>
 struct Jvp {
   using T = typename V::T;
   static constexpr int W = V::W, MR = V::MR, PW = 2 * W, NP = 8, BM = NP * MR;
   static constexpr int CT = 256 / PW, KC = CT * PW, LDS = KC + W;
+  // rows of the fused tiles (score_pair, value_pair): their 4 vectors a row make the 2 MR
+  // accumulators of the scores' MR x 2 tile, plus 4 vectors of K and dK (V and dV) and 2
+  // broadcasts: 30 registers with MR = 12 (AVX-512, NEON: 32). AVX2's 16 (MR = 6) would spill,
+  // so there (and in the generic build) the products run one at a time on the micro-kernel.
+  static constexpr int FR = MR / 2;
+  static constexpr bool fused = MR >= 12;
+  static_assert(MR % 2 == 0, "the fused tiles take a panel's rows in two halves");
 
   const Plan<V>& pl;
   const Params& P;
@@ -93,27 +210,41 @@ struct Jvp {
   // Tiles [t0, t1) of unit u into slot `slot`; false if a row of k, v, dk or dv is not finite.
   bool pack(int64_t u, int64_t slot, int64_t t0, int64_t t1, T* krow) {
     const int64_t b = u / P.Hkv, h = u % P.Hkv, D = P.D, Dp = pl.Dp, Dvp = pl.Dvp;
+    // k and dk of the compute dtype, unit inner stride, whole vectors: the tile's panels by the
+    // forward's register transposes (pack.h)
+    const bool fast = Packed<V>::fast_view(P.k, D) && (!tk || Packed<V>::fast_view(P.tk, D));
     bool ok = true;
     for (int64_t t = t0; t < t1; t++) {
       T* panel = kp_buf.p + slot * kp_n + t * kpt;
+      if (fast) {
+        uint32_t bad = Packed<V>::panel_tile(rows_of(P.k, b, h), P.k.s[2], t * PW, P.Nk, D,
+                                             panel + koff);
+        if (tk)
+          bad |= Packed<V>::panel_tile(rows_of(P.tk, b, h), P.tk.s[2], t * PW, P.Nk, D, panel);
+        ok &= bad == 0;
+      }
       for (int c = 0; c < PW; c++) {
         const int64_t j = t * PW + c;
         const int64_t jr = j - tf * PW;  // row in the packed V / dV (tiles from tf on)
         T* vrow = t >= tf ? vr_buf.p + slot * vr_n + jr * Dvp : nullptr;
         T* dvrow = tv && t >= tf ? dvr_buf.p + slot * vr_n + jr * Dvp : nullptr;
         if (j >= P.Nk) {
-          for (int64_t d = 0; d < D; d++) panel[koff + d * PW + c] = T(0);
-          if (tk)
-            for (int64_t d = 0; d < D; d++) panel[d * PW + c] = T(0);
+          if (!fast) {
+            for (int64_t d = 0; d < D; d++) panel[koff + d * PW + c] = T(0);
+            if (tk)
+              for (int64_t d = 0; d < D; d++) panel[d * PW + c] = T(0);
+          }
           if (vrow) zero_bytes(vrow, sizeof(T) * Dvp);
           if (dvrow) zero_bytes(dvrow, sizeof(T) * Dvp);
           continue;
         }
-        ok &= load_row<V>(P.k, b, h, j, D, Dp, krow);
-        for (int64_t d = 0; d < D; d++) panel[koff + d * PW + c] = krow[d];
-        if (tk) {
-          ok &= load_row<V>(P.tk, b, h, j, D, Dp, krow);
-          for (int64_t d = 0; d < D; d++) panel[d * PW + c] = krow[d];
+        if (!fast) {
+          ok &= load_row<V>(P.k, b, h, j, D, Dp, krow);
+          for (int64_t d = 0; d < D; d++) panel[koff + d * PW + c] = krow[d];
+          if (tk) {
+            ok &= load_row<V>(P.tk, b, h, j, D, Dp, krow);
+            for (int64_t d = 0; d < D; d++) panel[d * PW + c] = krow[d];
+          }
         }
         if (vrow) {
           ok &= load_row<V>(P.v, b, h, j, P.Dv, Dvp, vrow);
@@ -174,19 +305,41 @@ struct Jvp {
     finish(b, h, i0, rows, sc);
   }
 
-  // The scores' tangent of tile t for the panel's rows (real rows get the rule terms).
-  void score_tangent(const T* qp, const T* panel, const typename Plan<V>::Panel& pn, int64_t t,
-                     const T* th, T* dt) const {
+  // S = q K^T of tile t for the panel's MR rows into st and, with a tangent that reaches the
+  // scores, the product part of dS (dq K^T + q dK^T, or 0 without tq and tk) into dt.
+  void scores(const T* qp, const T* panel, T* st, T* dt) const {
     const int64_t D = P.D;
-    if (tq && tk)  // [q | dq] . [dk; k] = q.dk + dq.k
-      mk<V, MR, 2, STORE>(2 * D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
-    else if (tq)
-      mk<V, MR, 2, STORE>(D, qp + D, Dq2, 1, panel + koff, PW, dt, LDS, nullptr);
-    else if (tk)
-      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
+    const T* K = panel + koff;
+    if (fused && tq && tk)
+      score_halves<true, true>(qp, K, panel, st, dt);
+    else if (fused && tq)
+      score_halves<true, false>(qp, K, panel, st, dt);
+    else if (fused && tk)
+      score_halves<false, true>(qp, K, panel, st, dt);
     else
-      for (int r = 0; r < MR; r++)
-        for (int c = 0; c < PW; c++) dt[r * LDS + c] = T(0);
+      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, K, PW, st, LDS, nullptr);
+    if (fused || !(tq || tk)) {
+      if (ds_any && !tq && !tk)
+        for (int r = 0; r < MR; r++)
+          for (int c = 0; c < PW; c++) dt[r * LDS + c] = T(0);
+    } else if (tq && tk) {  // [q | dq] . [dk; k] = q.dk + dq.k, one product of width 2D
+      mk<V, MR, 2, STORE>(2 * D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
+    } else if (tq) {
+      mk<V, MR, 2, STORE>(D, qp + D, Dq2, 1, K, PW, dt, LDS, nullptr);
+    } else {
+      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
+    }
+  }
+  template <bool DQ, bool DK>
+  void score_halves(const T* qp, const T* K, const T* dK, T* st, T* dt) const {
+    for (int h = 0; h < 2; h++)
+      score_pair<V, FR, DQ, DK>(P.D, qp + h * FR * Dq2, Dq2, K, dK, st + h * FR * LDS,
+                                dt + h * FR * LDS, LDS);
+  }
+
+  // The rule terms of the scores' tangent of tile t (real rows): through the softcap, the
+  // bias's and the slopes' tangents.
+  void score_tangent(const typename Plan<V>::Panel& pn, int64_t t, const T* th, T* dt) const {
     const int nreal = int(pn.nreal);
     if (th && (tq || tk)) {  // through the softcap: d (cap tanh x) = cap (1 - tanh^2) dx
       const V one = V::set1(T(1)), mul = V::set1(dmul);
@@ -222,7 +375,7 @@ struct Jvp {
 
   void panel_chunk(int64_t slot, const typename Plan<V>::Panel& pn, int64_t p, int64_t t_lo,
                    int64_t t_hi, const uint8_t* cls, int64_t c0, Scratch& sc) const {
-    const int64_t D = P.D, Dvp = pl.Dvp;
+    const int64_t Dvp = pl.Dvp;
     const T* qp = sc.q.p + p * MR * Dq2;
     const T* kp = kp_buf.p + slot * kp_n;
     T* S = sc.s.p;
@@ -239,12 +392,11 @@ struct Jvp {
           }
         continue;
       }
-      const T* panel = kp + t * kpt;
-      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, panel + koff, PW, st, LDS, nullptr);
+      scores(qp, kp + t * kpt, st, dt);
       T* th = pl.softcap ? sc.th.p + (t - t_lo) * PW : nullptr;
       if (ct == PARTIAL || pl.softcap || pl.bias || pl.alibi)
         pl.epilogue(st, LDS, pn, t, ct, nullptr, th);
-      if (ds_any) score_tangent(qp, panel, pn, t, th, dt);
+      if (ds_any) score_tangent(pn, t, th, dt);
     }
     const int64_t n = (t_hi - t_lo) * PW;
     T* m = sc.m.p + p * MR;
@@ -281,12 +433,77 @@ struct Jvp {
     T* o = sc.o.p + p * MR * Dvp;
     T* ta = sc.t.p + p * MR * Dvp;
     const int64_t kvh = pn.h / P.G;
+    if (fused && (ds_any || tv)) {  // O = al O + P V, T = al T + X V + P dV
+      accumulate(S, DS, t_lo, t_hi, slot, pn.b, kvh, o, ta, sc.al.p);
+      return;
+    }
     values(S, t_lo, t_hi, slot, pn.b, kvh, false, o, sc.al.p);  // O = al O + P V
     if (ds_any) {
       values(DS, t_lo, t_hi, slot, pn.b, kvh, false, ta, sc.al.p);  // T = al T + X V
       if (tv) values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, nullptr);  // T += P dV
     } else if (tv) {
       values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, sc.al.p);  // T = al T + P dV
+    }
+  }
+
+  // O = al O + P V and T = al T + X V (ds_any) + P dV (tv) for the keys of tiles [t_lo, t_hi):
+  // P and X the panel's (MR x keys) buffers; V and dV read in place up to tile tf (vdirect),
+  // from their packed copies after.
+  void accumulate(const T* S, const T* X, int64_t t_lo, int64_t t_hi, int64_t slot, int64_t b,
+                  int64_t kvh, T* o, T* ta, const T* al) const {
+    int64_t t0 = t_lo;
+    if (vdirect && t_lo < tf) {
+      const int64_t tm = imin(t_hi, tf), j0 = t_lo * PW;
+      const T* dv = tv ? rows_of(P.tv, b, kvh) + j0 * P.tv.s[2] : nullptr;
+      value_run(S, X, (tm - t_lo) * PW, rows_of(P.v, b, kvh) + j0 * P.v.s[2], P.v.s[2], dv,
+                tv ? P.tv.s[2] : 0, o, ta, al);
+      if (tm == t_hi) return;
+      t0 = tm;
+      al = nullptr;  // scaled already: the rest adds
+    }
+    const int64_t off = slot * vr_n + (t0 - tf) * PW * pl.Dvp, a0 = (t0 - t_lo) * PW;
+    value_run(S + a0, X + a0, (t_hi - t0) * PW, vr_buf.p + off, pl.Dvp,
+              tv ? dvr_buf.p + off : nullptr, pl.Dvp, o, ta, al);
+  }
+  void value_run(const T* S, const T* X, int64_t n, const T* Vr, int64_t ldv, const T* dVr,
+                 int64_t lddv, T* o, T* ta, const T* al) const {
+    if (ds_any && tv)
+      value_blocks<true, true>(S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
+    else if (ds_any)
+      value_blocks<true, false>(S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
+    else
+      value_blocks<false, true>(S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
+  }
+  // Keys in blocks of 128 (the micro-kernel's summation blocks), each block's rows of V and dV
+  // read by both halves of the panel while in L1; columns two vectors at a time.
+  template <bool XV, bool PDV>
+  void value_blocks(const T* S, const T* X, int64_t n, const T* Vr, int64_t ldv, const T* dVr,
+                    int64_t lddv, T* o, T* ta, const T* al) const {
+    const int64_t Dvp = pl.Dvp, nv = Dvp / W;
+    for (int64_t k0 = 0; k0 < n; k0 += 128) {
+      const int64_t kn = imin(128, n - k0);
+      const bool scale = k0 == 0 && al;
+      for (int64_t c = 0; c < nv; c += 2)
+        for (int h = 0; h < 2; h++) {
+          const int64_t a = h * FR * LDS + k0, r = h * FR * Dvp + c * W;
+          const T* v = Vr + k0 * ldv + c * W;
+          const T* dv = PDV ? dVr + k0 * lddv + c * W : nullptr;
+          const T* alh = scale ? al + h * FR : nullptr;
+          if (nv - c >= 2) {
+            if (scale)
+              value_pair<V, FR, 2, XV, PDV, SCALE>(kn, S + a, X + a, LDS, v, ldv, dv, lddv,
+                                                   o + r, ta + r, Dvp, alh);
+            else
+              value_pair<V, FR, 2, XV, PDV, ADD>(kn, S + a, X + a, LDS, v, ldv, dv, lddv,
+                                                 o + r, ta + r, Dvp, alh);
+          } else if (scale) {
+            value_pair<V, FR, 1, XV, PDV, SCALE>(kn, S + a, X + a, LDS, v, ldv, dv, lddv, o + r,
+                                                 ta + r, Dvp, alh);
+          } else {
+            value_pair<V, FR, 1, XV, PDV, ADD>(kn, S + a, X + a, LDS, v, ldv, dv, lddv, o + r,
+                                               ta + r, Dvp, alh);
+          }
+        }
     }
   }
 
@@ -354,10 +571,11 @@ static bool jvp_prefill(const Params& P, const Pool& pool) {
   J jv(pl, P);
   const int64_t units = P.B * P.Hkv;
   const int64_t unit_bytes = jv.unit_elems() * int64_t(sizeof(typename V::T)) + 1;
-  // half the forward's wave budget: a unit's work is three times the forward's, so a wave of
-  // fewer units loses little cache reuse, and the pass's memory beyond its two results stays
-  // under the forward's (docs/derivatives.md, Measured)
-  const int64_t budget = int64_t(4) << 20;
+  // the forward's wave budget: a unit's panels are about the forward's packed K and V (V and dV
+  // read in place), so the pass's memory beyond its two results stays the forward's, and a
+  // wave of several units gives the threads items enough to end together (one unit of N=4096
+  // is 43 blocks: 4 parts of 11, 11, 11, 10 keep one thread a block longer every wave)
+  const int64_t budget = int64_t(8) << 20;
   const int64_t wave = imax(1, imin(units, budget / unit_bytes));
   jv.alloc(wave);
   const int64_t nb = jv.blocks();
