@@ -13,7 +13,7 @@ namespace SA_NS {
 // term) in one pass over the tile's panel rows K (D x 2W, ld 2W) and dK; a row i's q at
 // A + i * sa, its dq D further. Each step loads K's and dK's row once for both products. S is
 // summed as the forward's micro-kernel sums it (same order, the same blocks of KBLK steps), so
-// the pass's out is the forward's; dS in the same blocks (2 KBLK terms each).
+// the pass's probabilities are the forward's; dS in the same blocks (2 KBLK terms each).
 template <class V, int R, bool DQ, bool DK>
 static inline __attribute__((always_inline)) void score_pair(int64_t D, const typename V::T* A,
                                                              int64_t sa, const typename V::T* K,
