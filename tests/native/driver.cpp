@@ -19,6 +19,7 @@
 #include "cases.h"
 #include "checks.h"
 #include "common.h"
+#include "quantize_check.h"
 #include "reference.h"
 #include "tensor.h"
 
@@ -411,6 +412,7 @@ int main(int argc, char** argv) {
   Checker ck;
   for (const Isa& isa : chosen)
     for (const Spec& s : specs) run_case(s, isa, ck);
+  check_quantize(ck);  // csrc/quantize.h: scalar, the same on every ISA
   std::printf("%lld passed, %lld failed\n", (long long)ck.passed, (long long)ck.failed);
   return ck.failed == 0 ? 0 : 1;
 }

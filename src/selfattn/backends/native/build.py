@@ -36,6 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ... import quant
 from . import cache
 
 __all__ = ["BuildError", "build_dir", "load", "main", "sources", "status", "unavailable"]
@@ -365,6 +366,9 @@ def load(rebuild: bool = False) -> ModuleType:
         if _module is None and _error is None:
             try:
                 _module = _load(rebuild)
+                # quantize_kv takes the engine's quantizer for a few tokens from now on (quant
+                # sits below the backends and never loads the engine itself)
+                quant.NATIVE_QUANTIZE = _module.quantize
             except BuildError as exc:
                 _error = str(exc)
             except Exception as exc:  # never let an unexpected failure escape as a crash

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "quantize.h"
 
 using namespace selfattn;
 using OptT = std::optional<at::Tensor>;
@@ -829,6 +830,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return bounds(read_call(call), nq, nk, block);
       },
       py::arg("call"), py::arg("nq"), py::arg("nk"), py::arg("block"));
+  m.def(
+      "quantize",
+      [](const at::Tensor& x, int64_t bits, int64_t group, bool rotate) -> py::object {
+        // keys or values (..., D), contiguous float32 / float64 on the CPU (quantize.h)
+        TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1,
+                    "selfattn native quantize: a contiguous CPU tensor (..., D)");
+        TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                    "selfattn native quantize: float32 or float64, got ", x.scalar_type());
+        const int64_t D = x.size(-1);
+        TORCH_CHECK((bits == 8 || bits == 4) && D > 0 && group > 0 && D % group == 0 &&
+                        ((bits == 8 && !rotate) || D % 2 == 0),
+                    "selfattn native quantize: bits 8 or 4, a group dividing D (even for 4 "
+                    "bits or rotate), got bits=", bits, " group=", group, " D=", D);
+        std::vector<int64_t> cshape(x.sizes().begin(), x.sizes().end());
+        std::vector<int64_t> sshape = cshape;
+        cshape.back() = bits == 8 ? D : D / 2;
+        sshape.back() = D / group;
+        at::Tensor codes = at::empty(cshape, x.options().dtype(bits == 8 ? at::kChar : at::kByte));
+        at::Tensor scales = at::empty(sshape, x.options().dtype(at::kFloat));
+        const int64_t rows = D ? x.numel() / D : 0;
+        bool ok;
+        {
+          py::gil_scoped_release nogil;
+          ok = x.scalar_type() == at::kFloat
+                   ? quantize_rows<float>(x.data_ptr<float>(), rows, D, int(bits), group, rotate,
+                                          codes.data_ptr(), scales.data_ptr<float>())
+                   : quantize_rows<double>(x.data_ptr<double>(), rows, D, int(bits), group,
+                                           rotate, codes.data_ptr(), scales.data_ptr<float>());
+        }
+        if (!ok) return py::none();  // a non-finite value: torch's rules (quantize_kv) decide
+        return py::make_tuple(codes, scales);
+      },
+      py::arg("x"), py::arg("bits"), py::arg("group"), py::arg("rotate"));
   m.def("isa", &isa, py::arg("dtype") = "float32");
   py::tuple fields(kCallFields);
   size_t i = 0;
