@@ -7,7 +7,9 @@ cases run interleaved round after round; figures are medians. Targets: int8 >= 2
 float32, 4-bit with rotation >= 4x, and the quantized bytes (codes + scales) read at >= 70% of the
 machine's copy bandwidth (``bandwidth_vs_copy``: bytes read / time over bytes copied / time of a
 one-thread tensor copy of as many bytes as the call reads, measured in the same run: the same
-level of the memory hierarchy; on a CPU with a large L3 a cache of 8k tokens lives there).
+level of the memory hierarchy; on a CPU with a large L3 a cache of 8k tokens lives there). Each
+round starts one case later than the round before, so no case always runs right after another
+(whose reads leave the caches in a state that favours or hurts the next call).
 
     python benchmarks/kv_decode.py               # Nk 8192 and 32768
     python benchmarks/kv_decode.py --quick       # Nk 1024 and 2048, a smoke run
@@ -85,7 +87,9 @@ def measure(nk: int, rounds: int) -> list[dict[str, Any]]:
             raise RuntimeError(f"{name} at Nk={nk}: native differs from math by {gap:.3g}")
     times: dict[str, list[float]] = {name: [] for name in inputs}
     for r in range(rounds + 1):  # round 0 warms up and is dropped
-        for name, (kk, vv) in inputs.items():
+        names = list(inputs)  # each round starts one case later: no case always follows another
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            kk, vv = inputs[name]
             t0 = time.perf_counter()
             selfattn.attention(q, kk, vv, backend="native")
             seconds = time.perf_counter() - t0

@@ -420,6 +420,27 @@ inline std::vector<Spec> all_specs() {
     s.Hq = 6; s.Hkv = 2; s.Nq = 2; s.Nk = 257; s.D = s.Dv = 64; s.kbits = s.vbits = 4;
     s.dt = s.out_dt = DT::F64; s.causal = true; s.backward = false;
   });
+  // more layouts read from the codes: groups under, equal to and over 64 channels, several
+  // 64-channel blocks, R 1..4, scales strided (padded rows), a 4-bit k with an int8 v; D 96
+  add("q8 codes decode D128 groups of 32, R 1, padded rows", [](Spec& s) {
+    s.Nq = 1; s.Nk = 333; s.D = s.Dv = 128; s.kbits = s.vbits = 8; s.group = 32; s.qpad = 7;
+    s.causal = true; s.backward = false;
+  });
+  add("q8 codes decode D256 groups of 128, R 4", [](Spec& s) {
+    s.Hq = 4; s.Nq = 1; s.Nk = 200; s.D = s.Dv = 256; s.kbits = s.vbits = 8; s.group = 128;
+    s.backward = false;
+  });
+  add("q4 codes decode D192 groups of 64, R 3, softcap", [](Spec& s) {
+    s.Hq = 3; s.Nq = 1; s.Nk = 150; s.D = s.Dv = 192; s.kbits = s.vbits = 4; s.group = 64;
+    s.softcap = 15; s.backward = false;
+  });
+  add("q4 rotated codes decode D128 groups of 32, R 2 (GQA 2 x Nq 1), amp 6", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 2; s.Nq = 1; s.Nk = 77; s.D = s.Dv = 128; s.kbits = 4; s.vbits = 8;
+    s.rotate = true; s.amp = 6; s.backward = false;
+  });
+  add("q8 codes decode D96", [](Spec& s) {
+    s.Hq = 3; s.Nq = 1; s.Nk = 100; s.D = s.Dv = 96; s.kbits = s.vbits = 8; s.backward = false;
+  });
   add("q8 codes decode dropout", [](Spec& s) {
     s.Hq = 3; s.Nq = 1; s.Nk = 400; s.D = s.Dv = 64; s.kbits = s.vbits = 8; s.dropout_p = 0.3;
     s.backward = false;
