@@ -368,6 +368,18 @@ void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const a
               ") do not hold the call's B=", P.B, ", Hq=", P.Hq, ", Nq=", P.Nq);
 }
 
+// the backward passes' saved forward results and output gradient against the call's shape
+void check_saved(const Params& P, const at::Tensor& dout, const at::Tensor& out,
+                 const at::Tensor& lse) {
+  const std::vector<int64_t> qshape{P.B, P.Hq, P.Nq, P.Dv}, rows{P.B, P.Hq, P.Nq};
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef(qshape) && out.sizes() == at::IntArrayRef(qshape),
+              "selfattn native: dout / out must be (B, Hq, Nq, Dv)");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows), "selfattn native: lse must be (B, Hq, Nq)");
+  TORCH_CHECK(at::isFloatingType(dout.scalar_type()) && at::isFloatingType(out.scalar_type()) &&
+                  at::isFloatingType(lse.scalar_type()),
+              "selfattn native: dout, out and lse must be float");
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& v, const Call& call, bool need_out,
                                             bool out_acc) {
@@ -410,13 +422,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, OptT, OptT> backward(
   fill(P, keep, q, k, v, call);
   const OptT& bias = call.bias;
   const OptT& alibi = call.alibi;
-  const std::vector<int64_t> qshape{P.B, P.Hq, P.Nq, P.Dv}, rows{P.B, P.Hq, P.Nq};
-  TORCH_CHECK(dout.sizes() == at::IntArrayRef(qshape) && out.sizes() == at::IntArrayRef(qshape),
-              "selfattn native: dout / out must be (B, Hq, Nq, Dv)");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows), "selfattn native: lse must be (B, Hq, Nq)");
-  TORCH_CHECK(at::isFloatingType(dout.scalar_type()) && at::isFloatingType(out.scalar_type()) &&
-                  at::isFloatingType(lse.scalar_type()),
-              "selfattn native: dout, out and lse must be float");
+  check_saved(P, dout, out, lse);
+  const std::vector<int64_t> rows{P.B, P.Hq, P.Nq};
   auto acc = q.options().dtype(acc_type(q.scalar_type()));
   P.dout = view_of(dout);
   P.o = view_of(out);
@@ -545,13 +552,8 @@ HessResult hessian(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   Params P;
   std::vector<at::Tensor> keep;
   fill(P, keep, q, k, v, call);
+  check_saved(P, dout, out, lse);
   const std::vector<int64_t> qshape{P.B, P.Hq, P.Nq, P.Dv}, rows{P.B, P.Hq, P.Nq};
-  TORCH_CHECK(dout.sizes() == at::IntArrayRef(qshape) && out.sizes() == at::IntArrayRef(qshape),
-              "selfattn native: dout / out must be (B, Hq, Nq, Dv)");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(rows), "selfattn native: lse must be (B, Hq, Nq)");
-  TORCH_CHECK(at::isFloatingType(dout.scalar_type()) && at::isFloatingType(out.scalar_type()) &&
-                  at::isFloatingType(lse.scalar_type()),
-              "selfattn native: dout, out and lse must be float");
   auto acc = q.options().dtype(acc_type(q.scalar_type()));
   auto cot = [&](const OptT& t, const at::Tensor& like, const char* name) -> View {
     if (!t) {

@@ -52,17 +52,13 @@ static inline void store_out(void* out, DT dt, int64_t off, const T* src, int64_
   }
 }
 
-// Online-softmax state update of one row of a score panel: natural-log scores s[0:n] (n a
-// multiple of W) become probabilities exp(s - m_new) = exp2((s - m_new) * log2 e); returns
-// alpha = exp(m_old - m_new) for rescaling. NaN scores are skipped by the maximum and reach l
-// and O through exp2.
+// lane-wise maxima of a row's n scores (n a multiple of W): four running maxima, as one chain
+// would wait on max's latency at every vector (a third of softmax_row's time at KC = 256); NaN
+// never enters them, so the order cannot matter
 template <class V>
-static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V::T& m,
-                                        typename V::T& l) {
+static inline V lane_max(const typename V::T* s, int64_t n) {
   using T = typename V::T;
   constexpr int W = V::W;
-  // four running maxima: one chain would wait on max's latency at every vector (a third of
-  // this function's time at KC = 256); NaN never enters them, so the order cannot matter
   V mx = V::set1(T(-INFINITY)), mx1 = mx, mx2 = mx, mx3 = mx;
   int64_t c4 = 0;
   for (; c4 + 4 * W <= n; c4 += 4 * W) {
@@ -72,8 +68,19 @@ static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V:
     mx3 = max_nan_b(V::load(s + c4 + 3 * W), mx3);
   }
   for (; c4 < n; c4 += W) mx = max_nan_b(V::load(s + c4), mx);
-  mx = max_nan_b(max_nan_b(mx, mx1), max_nan_b(mx2, mx3));
-  T cm = mx.hmax();
+  return max_nan_b(max_nan_b(mx, mx1), max_nan_b(mx2, mx3));
+}
+
+// Online-softmax state update of one row of a score panel: natural-log scores s[0:n] (n a
+// multiple of W) become probabilities exp(s - m_new) = exp2((s - m_new) * log2 e); returns
+// alpha = exp(m_old - m_new) for rescaling. NaN scores are skipped by the maximum and reach l
+// and O through exp2.
+template <class V>
+static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V::T& m,
+                                        typename V::T& l) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  T cm = lane_max<V>(s, n).hmax();
   T mo = m, mn = cm > mo ? cm : mo;
   T base = mn == T(-INFINITY) ? T(0) : mn;
   T alpha = mo == T(-INFINITY) ? T(0) : T(std::exp2((mo - base) * T(LOG2E)));
@@ -113,17 +120,7 @@ static inline void softmax_panel(typename V::T* S, int64_t lds, int64_t n, typen
   alignas(64) T red[G * W * W];                  // row r's partial vector at red + r * W
   alignas(64) T cm[G * W], arg[G * W], base[G * W], alpha[G * W];
   for (int r = 0; r < R; r++) {  // four running maxima, as softmax_row
-    const T* s = S + r * lds;
-    V mx = V::set1(T(-INFINITY)), mx1 = mx, mx2 = mx, mx3 = mx;
-    int64_t c4 = 0;
-    for (; c4 + 4 * W <= n; c4 += 4 * W) {
-      mx = max_nan_b(V::load(s + c4), mx);
-      mx1 = max_nan_b(V::load(s + c4 + W), mx1);
-      mx2 = max_nan_b(V::load(s + c4 + 2 * W), mx2);
-      mx3 = max_nan_b(V::load(s + c4 + 3 * W), mx3);
-    }
-    for (; c4 < n; c4 += W) mx = max_nan_b(V::load(s + c4), mx);
-    max_nan_b(max_nan_b(mx, mx1), max_nan_b(mx2, mx3)).store(red + r * W);
+    lane_max<V>(S + r * lds, n).store(red + r * W);
   }
   for (int r = R; r < G * W; r++) V::set1(T(-INFINITY)).store(red + r * W);
   for (int g = 0; g < G; g++) {  // lane i of cm's group g: the maximum of row g * W + i
