@@ -71,19 +71,12 @@ static inline V lane_max(const typename V::T* s, int64_t n) {
   return max_nan_b(max_nan_b(mx, mx1), max_nan_b(mx2, mx3));
 }
 
-// Online-softmax state update of one row of a score panel: natural-log scores s[0:n] (n a
-// multiple of W) become probabilities exp(s - m_new) = exp2((s - m_new) * log2 e); returns
-// alpha = exp(m_old - m_new) for rescaling. NaN scores are skipped by the maximum and reach l
-// and O through exp2.
+// s[0:n] (n a multiple of W) become exp(s - base) = exp2((s - base) * log2 e) in place; returns
+// their lane-wise sums
 template <class V>
-static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V::T& m,
-                                        typename V::T& l) {
+static inline V exp_row(typename V::T* s, int64_t n, typename V::T base) {
   using T = typename V::T;
   constexpr int W = V::W;
-  T cm = lane_max<V>(s, n).hmax();
-  T mo = m, mn = cm > mo ? cm : mo;
-  T base = mn == T(-INFINITY) ? T(0) : mn;
-  T alpha = mo == T(-INFINITY) ? T(0) : T(std::exp2((mo - base) * T(LOG2E)));
   const V l2e = V::set1(T(LOG2E));
   const T shift = base * T(LOG2E);
   V sum = V::zero();
@@ -102,7 +95,22 @@ static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V:
       sum = sum + p;
     }
   }
-  l = l * alpha + sum.hsum();
+  return sum;
+}
+
+// Online-softmax state update of one row of a score panel: natural-log scores s[0:n] (n a
+// multiple of W) become probabilities exp(s - m_new) (exp_row); returns
+// alpha = exp(m_old - m_new) for rescaling. NaN scores are skipped by the maximum and reach l
+// and O through exp2.
+template <class V>
+static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V::T& m,
+                                        typename V::T& l) {
+  using T = typename V::T;
+  T cm = lane_max<V>(s, n).hmax();
+  T mo = m, mn = cm > mo ? cm : mo;
+  T base = mn == T(-INFINITY) ? T(0) : mn;
+  T alpha = mo == T(-INFINITY) ? T(0) : T(std::exp2((mo - base) * T(LOG2E)));
+  l = l * alpha + exp_row<V>(s, n, base).hsum();
   m = mn;
   return alpha;
 }
@@ -119,9 +127,7 @@ static inline void softmax_panel(typename V::T* S, int64_t lds, int64_t n, typen
   constexpr int W = V::W, G = (R + W - 1) / W;  // groups of W rows per transpose
   alignas(64) T red[G * W * W];                  // row r's partial vector at red + r * W
   alignas(64) T cm[G * W], arg[G * W], base[G * W], alpha[G * W];
-  for (int r = 0; r < R; r++) {  // four running maxima, as softmax_row
-    lane_max<V>(S + r * lds, n).store(red + r * W);
-  }
+  for (int r = 0; r < R; r++) lane_max<V>(S + r * lds, n).store(red + r * W);
   for (int r = R; r < G * W; r++) V::set1(T(-INFINITY)).store(red + r * W);
   for (int g = 0; g < G; g++) {  // lane i of cm's group g: the maximum of row g * W + i
     V t[W];
@@ -142,28 +148,7 @@ static inline void softmax_panel(typename V::T* S, int64_t lds, int64_t n, typen
     m[r] = mn;
   }
   for (int g = 0; g < G; g++) V::exp2(V::load(arg + g * W)).store(alpha + g * W);
-  const V l2e = V::set1(T(LOG2E));
-  for (int r = 0; r < R; r++) {
-    T* s = S + r * lds;
-    const T shift = base[r] * T(LOG2E);
-    V sum = V::zero();
-    if (std::isfinite(shift)) {  // one FMA: s * log2 e - m * log2 e, rounded once
-      const V ns = V::set1(-shift);
-      for (int64_t c = 0; c < n; c += W) {
-        V p = V::exp2(fmadd(V::load(s + c), l2e, ns));
-        p.store(s + c);
-        sum = sum + p;
-      }
-    } else {  // |m| near FLT_MAX: subtract before scaling, so nothing overflows
-      const V vb = V::set1(base[r]);
-      for (int64_t c = 0; c < n; c += W) {
-        V p = V::exp2((V::load(s + c) - vb) * l2e);
-        p.store(s + c);
-        sum = sum + p;
-      }
-    }
-    sum.store(red + r * W);
-  }
+  for (int r = 0; r < R; r++) exp_row<V>(S + r * lds, n, base[r]).store(red + r * W);
   for (int r = R; r < G * W; r++) V::zero().store(red + r * W);
   for (int g = 0; g < G; g++) {  // the rows' sums, lane by lane (cm is free again)
     V t[W];
