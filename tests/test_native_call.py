@@ -23,6 +23,7 @@ from selfattn.backends.native.call import (
     FROM_SPEC,
     REFUSED,
     STORAGE_FIELDS,
+    WINDOW_FIELDS,
     NativeCall,
     record,
     refused_rules,
@@ -71,7 +72,7 @@ def test_a_rule_missing_from_the_record_is_refused_not_ignored(monkeypatch):
 
 def test_record_fields_match_the_extension():
     assert tuple(EXT.CALL_FIELDS) == FIELDS == NativeCall._fields
-    tail = (*CALL_FIELDS, *STORAGE_FIELDS)
+    tail = (*CALL_FIELDS, *STORAGE_FIELDS, *WINDOW_FIELDS)
     assert FIELDS[-len(tail) :] == tail
 
 
@@ -106,6 +107,7 @@ def test_record_carries_every_rule_by_name():
         "dropout_p": 0.0,
         "start": 3,
         **dict(zip(STORAGE_FIELDS, (None, None, 0, 0, False) * 2)),
+        **dict.fromkeys(WINDOW_FIELDS),
     }
 
 
@@ -219,3 +221,49 @@ def test_probabilities_ignore_the_records_dropout():
     plain = EXT.probabilities(q, k, lse, call._replace(dropout_p=0.0))
     assert torch.equal(EXT.probabilities(q, k, lse, call), plain)
     torch.testing.assert_close(plain.sum(-1), torch.ones(1, 2, 5))
+
+
+# -- a float window after the keys (k_window, v_window): the decode kernel's extra chunks ---------
+
+
+def window_record(spec, k_window, v_window, **fields):
+    return record(spec)._replace(k_window=k_window, v_window=v_window, **fields)
+
+
+@pytest.mark.parametrize("nq, w", [(1, 5), (3, 1), (4, 9)])
+def test_a_float_window_is_read_as_the_last_keys_of_the_call(nq, w):
+    """The window's keys sit after the others: the call equals one over the concatenation,
+    causal included where the window is shorter than the rows (rows see part of the keys
+    before it)."""
+    q, k, v = make_qkv(1, 4, 2, nq, 40, 16)
+    m = 40 - w
+    for causal in (False, True):
+        spec = validate(q, k[:, :, :m], v[:, :, :m], causal=causal)
+        call = window_record(spec, k[:, :, m:], v[:, :, m:], start=40 - nq)
+        out, lse = EXT.forward(q, k[:, :, :m], v[:, :, :m], call, True, False)
+        want, want_lse = selfattn.attention(q, k, v, causal=causal, return_lse=True)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_a_float_window_is_refused_where_the_decode_kernel_cannot_read_it():
+    """Only a decode-sized forward without per-key rules takes a window; anything else is a
+    ValueError naming it, before any work."""
+    q, k, v = make_qkv(1, 4, 2, 1, 40, 16)
+    kk, vv, kw, vw = k[:, :, :30], v[:, :, :30], k[:, :, 30:], v[:, :, 30:]
+    spec = validate(q, kk, vv)
+    with pytest.raises(ValueError, match="k_window and v_window go together"):
+        EXT.forward(q, kk, vv, window_record(spec, kw, None), True, False)
+    with pytest.raises(ValueError, match=r"must be CPU tensors \(B, Hkv, Nw, D\)"):
+        EXT.forward(q, kk, vv, window_record(spec, kw[..., :8], vw), True, False)
+    with pytest.raises(ValueError, match=r"must be CPU tensors \(B, Hkv, Nw, D\)"):
+        EXT.forward(q, kk, vv, window_record(spec, kw.double(), vw.double()), True, False)
+    mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    with pytest.raises(ValueError, match="read by the decode kernel only"):
+        EXT.forward(q, kk, vv, window_record(spec, kw, vw, mask=mask), True, False)
+    q5 = make_qkv(1, 4, 2, 5, 40, 16)[0]
+    with pytest.raises(ValueError, match="read by the decode kernel only"):
+        EXT.forward(q5, kk, vv, window_record(validate(q5, kk, vv), kw, vw), True, False)
+    lse = torch.zeros(1, 4, 1)
+    with pytest.raises(ValueError, match="only the forward reads a float window"):
+        EXT.probabilities(q, kk, lse, window_record(spec, kw, vw))

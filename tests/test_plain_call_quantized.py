@@ -234,10 +234,12 @@ def residual_parts(nq, m, w, dtype=torch.float32, seed=0):
 
 def test_a_residual_decode_step_takes_both_fast_paths(monkeypatch):
     """The older part's call carried a window that restricts nothing (causal shifted by the
-    window's length), so it always took the full quantized path (~25 us more per step)."""
+    window's length), so it always took the full quantized path (~25 us more per step). Where
+    the fused call declines (here: a backend other than native), both parts' fast paths run."""
     seen_q = spy(monkeypatch)
     real, seen_p = api.plain_call, []
     monkeypatch.setattr(api, "plain_call", lambda *a: seen_p.append(real(*a)) or seen_p[-1])
+    monkeypatch.setattr(api, "fused_call", lambda *a: None)
     q, k, v = residual_parts(1, 40, 8)
     want = selfattn.attention(
         q, k.dequantize(), v.dequantize(), causal=True, return_lse=True, backend="math"
@@ -251,6 +253,40 @@ def test_a_residual_decode_step_takes_both_fast_paths(monkeypatch):
         torch.testing.assert_close(got[0] if return_lse else got, want[0], atol=2e-5, rtol=2e-5)
         if return_lse:
             torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("nq, m, w", [(1, 40, 8), (3, 40, 1), (4, 300, 2), (2, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_residual_decode_step_is_one_kernel_call(monkeypatch, nq, m, w, dtype):
+    """A decode step over a quantized cache with a float window ran three calls (the window's,
+    the older part's, then a merge of four torch operations): ~130 us a layer in SmolLM2 at 4k
+    tokens, a sixth of its attention. Native's decode kernel now reads the window as more key
+    chunks of the same call (kv_residual.fused_call), rows at their positions over both parts
+    (so causal holds where the window is shorter than Nq - 1), and the full path gives the same
+    result, bit for bit."""
+    from selfattn import kv_residual
+
+    seen_q = spy(monkeypatch)
+    real, seen_p = api.plain_call, []
+    monkeypatch.setattr(api, "plain_call", lambda *a: seen_p.append(real(*a)) or seen_p[-1])
+    q, k, v = residual_parts(nq, m, w, dtype=dtype, seed=5)
+    for causal in (True, False):
+        want = selfattn.attention(
+            q, k.dequantize(), v.dequantize(), causal=causal, return_lse=True, backend="math"
+        )
+        for return_lse in (False, True):
+            seen_q.clear(), seen_p.clear()
+            got = selfattn.attention(q, k, v, causal=causal, return_lse=return_lse)
+            assert not seen_p and not seen_q  # neither part's own call ran
+            full = kv_residual.residual_call(q, k, v, rules_of(causal, None), return_lse, "auto")
+            out = got[0] if return_lse else got
+            for a, b in zip(got, full) if return_lse else [(got, full)]:
+                assert torch.equal(a, b) and a.dtype == b.dtype
+            tol = {torch.bfloat16: 2e-2, torch.float32: 2e-5, torch.float64: 1e-5}[dtype]
+            torch.testing.assert_close(out, want[0], atol=tol, rtol=tol)
+            if return_lse:
+                assert got[1].dtype == torch.float32
+                torch.testing.assert_close(got[1], want[1].float(), atol=tol, rtol=tol)
 
 
 def visible(nq, nk, causal, window, lo, hi):

@@ -28,7 +28,7 @@ from .backends import (
     select,
 )
 from .forward_mode import has_tangents, transformed
-from .kv_residual import ResidualKV, merge, residual_call
+from .kv_residual import ResidualKV, fused_call, merge, residual_call
 from .quant import QuantizedKV, rotated_like, standin, unwrap, unwrap_call, unwrap_label
 from .spec import AttentionSpec, check_qkv, validate, validate_call
 
@@ -236,8 +236,9 @@ def residual_plain_call(
     """:func:`plain_call` over a cache with a float window: ``k`` and ``v`` both a
     :class:`ResidualKV` split at the same token, or None to decline.
 
-    What ``residual_call`` does for such a call, without building the rules of each part: the
-    window's call is the plain call itself (:func:`plain_call`), the older part's a plain call
+    What ``residual_call`` does for such a call, without building the rules of each part: a
+    decode step over a quantized older part is one kernel call (``kv_residual.fused_call``);
+    otherwise the window's call is the plain call itself (:func:`plain_call`), the older part's a plain call
     without causality (:func:`quantized_plain_call` for a quantized part), as ``older_rules``
     makes it wherever the older part lies wholly behind every query row (causal with at least
     ``Nq - 1`` window tokens: a decode step); the two merge as ``residual_call`` merges them
@@ -264,6 +265,9 @@ def residual_plain_call(
                 return plain_call(q, kw, vw, causal, scale, return_lse, backend)
             head = quantized_plain_call if quantized else plain_call
             return head(q, kh, vh, causal, scale, return_lse, backend)
+        got = fused_call(q, k, v, causal, scale, return_lse, backend)  # both in one kernel call
+        if got is not None:
+            return got
         if causal is True and w < q.shape[2] - 1:
             return None  # some query row sees only part of the older tokens: rules needed
         got_b = plain_call(q, kw, vw, causal, scale, True, backend)

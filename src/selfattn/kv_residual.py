@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from .backends import BACKENDS, CHOICES, candidates, select
 from .checks import F32_HIGH
 from .forward_mode import has_tangents, transformed
-from .quant import QuantizedKV, standin
+from .quant import QuantizedKV, standin, unwrap_label
 
-__all__ = ["ResidualKV", "merge", "residual_call", "split_at"]
+__all__ = ["ResidualKV", "fused_call", "merge", "residual_call", "split_at"]
 
 
 class ResidualKV:
@@ -202,11 +203,82 @@ def residual_call(
     if m == 0 or w == 0:  # one part: the call as it is, on that part
         kk, vv = (k_new, v_new) if m == 0 else (k_old, v_old)
         return attention(q, kk, vv, **rules, return_lse=return_lse, backend=backend)
+    if type(k) is ResidualKV and type(v) is ResidualKV and plain_rules(rules):
+        # a decode step: both parts in one kernel call, as the front door's fast path runs it
+        got = fused_call(q, k, v, rules["causal"], rules["scale"], return_lse, backend)
+        if got is not None:
+            return got
     new_rules = window_rules(rules, m, nq, nk)
     old_rules = older_rules(rules, m, nq, nk, q)
     out_b, lse_b = attention(q, k_new, v_new, **new_rules, return_lse=True, backend=backend)
     out_a, lse_a = attention(q, k_old, v_old, **old_rules, return_lse=True, backend=backend)
     return merge(out_a, lse_a, out_b, lse_b, return_lse)
+
+
+def fused_call(
+    q: Any, k: ResidualKV, v: ResidualKV, causal: Any, scale: Any, return_lse: Any, backend: Any
+) -> Any:
+    """Both parts of ``k`` and ``v`` (ResidualKV split at the same token, neither part empty)
+    in one kernel call: a plain decode step (no rule but ``causal`` and ``scale``, at most 4
+    query rows, ``Nq * Hq / Hkv <= 16``, no gradient or tangent) with a quantized older part,
+    on ``native`` (its decode kernel reads the float window as more key chunks of the same call,
+    ``plain_residual``). Returns what :func:`selfattn.attention` returns, or None to decline
+    (the caller then runs one call per part and merges them).
+
+    The choice is remembered in ``backends.CHOICES`` per q's shape and dtype, each part's kind
+    (codes shape but the token count, bits, group size, rotation, dtype; a tensor's shape but
+    the token count and dtype), the rules and the thread count: nothing there depends on how
+    many tokens either part holds (the whole call is checked by ``check_qkv`` over stand-ins
+    when first seen; native's acceptance reads no length, and ``auto`` keeps a quantized call
+    on native where native comes first)."""
+    from .api import plain_arguments, plain_spec, remember  # the front door imports this module
+
+    kh, kw, vh, vw = k.head, k.window, v.head, v.window
+    kq, vq = type(kh) is QuantizedKV, type(vh) is QuantizedKV
+    if (
+        not (kq or vq)
+        or type(kw) is not torch.Tensor
+        or type(vw) is not torch.Tensor
+        or not plain_arguments(q, kh, vh, causal, scale, return_lse, backend, kq, vq)
+        or q.dim() != 4
+        or (torch.is_grad_enabled() and (kw.requires_grad or vw.requires_grad))
+        or has_tangents(kw, vw)
+    ):
+        return None
+    hq, nq, hkv = q.shape[1], q.shape[2], kw.shape[1]
+    kc = kh.codes if kq else kh
+    vc = vh.codes if vq else vh
+    if (
+        nq > 4
+        or not hkv
+        or nq * (hq // hkv) > 16
+        or not (q.is_cpu and kw.is_cpu and vw.is_cpu and kc.is_cpu and vc.is_cpu)
+    ):
+        return None
+    ks = (kc.shape[:2], kc.shape[3], kh.bits, kh.group_size, kh.rotate) if kq else kc.shape[:2]
+    vs = (vc.shape[:2], vc.shape[3], vh.bits, vh.group_size, vh.rotate) if vq else vc.shape[:2]
+    key = ("residual", backend, q.shape, q.dtype, ks, vs, kc.dtype, vc.dtype, kw.dtype, vw.dtype)
+    key += (kw.shape[:2], kw.shape[3], vw.shape[3], causal, scale, return_lse)
+    key += (torch.get_num_threads(),)
+    got = CHOICES.get(key)
+    if got is None:
+        if backend != "auto" and backend not in BACKENDS:
+            return None  # the full path names it
+        try:  # the whole call, checked over stand-ins of its full shapes (check_qkv's errors)
+            spec = plain_spec(q, stand_in(k), stand_in(v), causal, scale, return_lse)
+        except (TypeError, ValueError):
+            return None  # the full path says what is wrong
+        spec.quantized = unwrap_label(kh, vh)
+        chosen = select(spec, backend)
+        first = backend == "native" or candidates(q.device)[0] == "native"
+        prepare = getattr(chosen, "plain_residual", None)
+        run = prepare(spec, kh, vh) if first and chosen.name == "native" and prepare else None
+        got = (spec, chosen, run)
+        remember(key, got)
+    if got[2] is None:
+        return None
+    out, lse = got[2](q, kh, vh, kw, vw)
+    return (out, lse) if return_lse else out
 
 
 def merge(

@@ -41,6 +41,7 @@ struct Spec {
   bool rotate = false;       // ... with Walsh-Hadamard-rotated codes
   int64_t group = 0;         // channels per scale (0: the default)
   int64_t qpad = 0;          // code bytes and scales past each row (a strided cache view)
+  int64_t tail = 0;  // the last keys also read as a float window (Params::kw, vw; forward)
 };
 
 // Random codes and scales for t (B, H, N, X) at `bits`, with groups of the default size (the
@@ -444,6 +445,35 @@ inline std::vector<Spec> all_specs() {
   add("q8 codes decode dropout", [](Spec& s) {
     s.Hq = 3; s.Nq = 1; s.Nk = 400; s.D = s.Dv = 64; s.kbits = s.vbits = 8; s.dropout_p = 0.3;
     s.backward = false;
+  });
+  // ---- a float window after the keys (a cache's newest tokens): decode reads it as more
+  // chunks of the same call, rows at their positions over both parts ----
+  add("q8 decode float window G3", [](Spec& s) {
+    s.Hq = 9; s.Hkv = 3; s.Nq = 1; s.Nk = 1100; s.D = s.Dv = 64; s.causal = true;
+    s.kbits = s.vbits = 8; s.tail = 130; s.backward = false;
+  });
+  add("q4 rotated decode float window of 1, Nq 3 (some keys before it hidden)", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 2; s.Nq = 3; s.Nk = 300; s.D = 40; s.Dv = 80; s.causal = true;
+    s.kbits = s.vbits = 4; s.rotate = true; s.tail = 1; s.backward = false; s.pool_mode = 1;
+  });
+  add("float decode float window, sinks alibi softcap window sides", [](Spec& s) {
+    s.B = 2; s.Hq = 4; s.Hkv = 2; s.Nq = 2; s.Nk = 600; s.D = s.Dv = 64; s.causal = true;
+    s.left = 300; s.alibi_b = 2; s.softcap = 10; s.sinks = true; s.tail = 37;
+  });
+  add("q8 k, q4 v decode, the float window is every key", [](Spec& s) {
+    s.Hq = 3; s.Nq = 1; s.Nk = 40; s.D = s.Dv = 64; s.kbits = 8; s.vbits = 4; s.tail = 40;
+    s.backward = false;
+  });
+  add("q8 float64 decode float window", [](Spec& s) {
+    s.Hq = 2; s.Nq = 1; s.Nk = 300; s.dt = s.out_dt = DT::F64; s.kbits = s.vbits = 8;
+    s.tail = 20; s.backward = false;
+  });
+  add("decode float16 float window", [](Spec& s) {  // (codes stand for float32 values)
+    s.Hq = 3; s.Nq = 1; s.Nk = 200; s.D = s.Dv = 64; s.dt = DT::F16; s.out_dt = DT::F32;
+    s.tail = 50;
+  });
+  add("non-finite key, decode float window", [](Spec& s) {
+    s.Nq = 1; s.Nk = 600; s.nan_key = true; s.tail = 300;
   });
   // ---- forward mode with tangents on some operands only (every case checks all three) ----
   add("jvp tangent of q alone, causal", [](Spec& s) {

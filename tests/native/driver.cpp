@@ -88,6 +88,16 @@ View quant_view(const Quantized& qz, const Tensor& like) {
   return v;
 }
 
+// The last n keys (axis 2) of t as a float view (Params::kw / vw), as the bindings' view_of of
+// a narrowed tensor.
+View window_view(const Tensor& t, int64_t n) {
+  View v = t.view();
+  const int64_t first = t.shape[2] - n;
+  v.p = static_cast<const unsigned char*>(v.p) + first * t.stride[2] * dt_size(t.dt);
+  if (n == 1) v.s[2] = 0;
+  return v;
+}
+
 // Params for (P), as bindings.cpp's fill(): shapes, inputs, rules
 Params params_of(const Problem& pb) {
   Params P;
@@ -309,6 +319,11 @@ void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
   P.need_out = !spec.lse_only;
   P.out = spec.lse_only ? nullptr : const_cast<void*>(er.out.view().p);
   P.lse = const_cast<void*>(er.lse.view().p);
+  if (spec.tail) {  // the last keys as a float window: its values are pb.k / pb.v's own
+    P.kw = window_view(pb.k, spec.tail);
+    P.vw = window_view(pb.v, spec.tail);
+    P.Nw = spec.tail;
+  }
   eng.forward(P, kPool);
   ck.compare_forward(pb, ref, bud, er.out, er.lse, !spec.lse_only);
 

@@ -24,7 +24,7 @@ from ...rules import normalized
 from ...sinks import sink_grad, sink_probability
 from ...spec import AttentionSpec
 from . import build, choice
-from .call import REFUSED, record, records_over
+from .call import REFUSED, record, records_over, records_with_window
 from .second import fused_second
 from .tangents import at_current_level, fused_pass
 
@@ -234,6 +234,23 @@ class NativeBackend:
             out, lse = forward(
                 q, k if sk is None else sk, v if sv is None else sv, make(k, v), True, False
             )
+            return out, lse.float() if wide else lse
+
+        return run
+
+    def plain_residual(self, spec: AttentionSpec, k: Any, v: Any) -> Callable:
+        """``run(q, k, v, kw, vw)`` for a decode step over a cache with a float window
+        (``kv_residual.fused_call``): keys ``k`` and values ``v`` (each a ``QuantizedKV`` of
+        the kind given, or a tensor), then the float windows ``kw`` / ``vw``, read in one
+        decode call (the window's chunks combined with the others'). ``spec`` is the whole
+        call's (no gradient, tangent, transform or dropout; a decode-sized plain call); the
+        lengths of either part are the call's own."""
+        forward, make = build.load().forward, records_with_window(spec, k, v)
+        wide = spec.dtype == torch.float64  # lse comes back float64: float32 (docs/api.md)
+
+        def run(q: torch.Tensor, k: Any, v: Any, kw: torch.Tensor, vw: torch.Tensor) -> tuple:
+            start = k.shape[2] + kw.shape[2] - q.shape[2]
+            out, lse = forward(q, standin(k), standin(v), make(k, v, kw, vw, start), True, False)
             return out, lse.float() if wide else lse
 
         return run

@@ -31,9 +31,11 @@ __all__ = [
     "FROM_SPEC",
     "REFUSED",
     "STORAGE_FIELDS",
+    "WINDOW_FIELDS",
     "NativeCall",
     "record",
     "records_over",
+    "records_with_window",
     "refused_rules",
 ]
 
@@ -62,11 +64,16 @@ CALL_FIELDS = ("start", "seed0", "seed1", "drop_hq", "drop_nq", "drop_b0", "drop
 STORAGE = ("codes", "scales", "bits", "group", "rotate")
 STORAGE_FIELDS = tuple(f"{x}_{f}" for x in ("k", "v") for f in STORAGE)
 PLAIN = (None, None, 0, 0, False)  # the storage fields of a plain tensor
+# a float window after the keys (a cache's newest tokens: kv_residual.ResidualKV), read by the
+# decode kernel as more chunks of the same call: k and v are then the keys before it (None: none)
+WINDOW_FIELDS = ("k_window", "v_window")
+NO_WINDOW = (None, None)
 
 FIELDS: tuple[str, ...] = (
     *(name for rule in RULES for f in rule.fields for name in FROM_SPEC.get(f, ())),
     *CALL_FIELDS,
     *STORAGE_FIELDS,
+    *WINDOW_FIELDS,
 )
 
 
@@ -142,6 +149,7 @@ def record(
             0,
             *(PLAIN if k is None else storage(k)),
             *(PLAIN if v is None else storage(v)),
+            *NO_WINDOW,
         ),
     )
 
@@ -153,15 +161,31 @@ def records_over(spec: AttentionSpec, k: Any, v: Any) -> Any:
     ``QuantizedKV`` of the same bits, group size and rotation where ``k`` / ``v`` is one).
     The front door's fast path over quantized caches (``api.quantized_plain_call``)."""
     base = record(spec, None, k, v)
-    head = tuple(base[: len(FIELDS) - len(STORAGE_FIELDS)])  # the spec's and the call's fields
+    head = tuple(base[: len(FIELDS) - len(STORAGE_FIELDS) - len(WINDOW_FIELDS)])
     ks, vs = storage(k)[2:], storage(v)[2:]  # bits, group, rotate (a tensor: PLAIN's)
     kt, vt = isinstance(k, torch.Tensor), isinstance(v, torch.Tensor)
     if not kt and not vt:
         return lambda k, v: _new(
-            NativeCall, (*head, k.codes, k.scales, *ks, v.codes, v.scales, *vs)
+            NativeCall, (*head, k.codes, k.scales, *ks, v.codes, v.scales, *vs, *NO_WINDOW)
         )
     if not kt:
-        return lambda k, v: _new(NativeCall, (*head, k.codes, k.scales, *ks, *PLAIN))
+        return lambda k, v: _new(NativeCall, (*head, k.codes, k.scales, *ks, *PLAIN, *NO_WINDOW))
     if not vt:
-        return lambda k, v: _new(NativeCall, (*head, *PLAIN, v.codes, v.scales, *vs))
+        return lambda k, v: _new(NativeCall, (*head, *PLAIN, v.codes, v.scales, *vs, *NO_WINDOW))
     return lambda k, v: base
+
+
+def records_with_window(spec: AttentionSpec, k: Any, v: Any) -> Any:
+    """``make(k, v, kw, vw, start)``: the records of :func:`records_over` for keys and values
+    ``k`` / ``v`` (of the kind given) followed by float windows ``kw`` / ``vw``, the call's
+    ``start`` (``Nk - Nq`` over both parts) put in per call: everything else in ``spec`` holds
+    for any number of tokens in either part (a decode step over a cache with a float window,
+    ``kv_residual.fused_call``)."""
+    make = records_over(spec, k, v)
+    i, n = FIELDS.index("start"), len(FIELDS) - len(WINDOW_FIELDS)
+
+    def build(k: Any, v: Any, kw: torch.Tensor, vw: torch.Tensor, start: int) -> Any:
+        rec = make(k, v)
+        return _new(NativeCall, (*rec[:i], start, *rec[i + 1 : n], kw, vw))
+
+    return build

@@ -124,6 +124,9 @@ at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDoubl
 // k_* / v_*: quantized storage (a selfattn.QuantizedKV: codes, float32 scales, bits, group size,
 // rotation) read in place instead of the k / v tensor, which then only gives the shape and
 // dtype (the caller passes a zero-stride stand-in); codes None: k / v is read as it is.
+// k_window / v_window: a float window after the keys (a cache's newest tokens, read by the
+// decode kernel as more chunks of the same call; forward only): k and v are then its first
+// Nk - Nw keys, the call's Nk is theirs plus the window's.
 #define SELFATTN_CALL_FIELDS(X) \
   X(bool, causal)               \
   X(int64_t, left)              \
@@ -154,7 +157,9 @@ at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDoubl
   X(OptT, v_scales)             \
   X(int64_t, v_bits)            \
   X(int64_t, v_group)           \
-  X(bool, v_rotate)
+  X(bool, v_rotate)             \
+  X(OptT, k_window)             \
+  X(OptT, v_window)
 
 struct Call {
 #define SELFATTN_DECLARE(T, name) T name{};
@@ -275,8 +280,33 @@ View quant_view(const at::Tensor& like, const OptT& codes, const OptT& scales, i
 
 // Fill the shape, the inputs and the rules of Params from q, k, v and the call record; `keep`
 // holds the expanded views alive.
+// The float window of the call record (k_window, v_window) after the keys: Params' kw, vw and
+// Nw, with the call's Nk grown by it. Only a decode-sized call without per-key rules takes one.
+void fill_window(Params& P, const Call& c, at::ScalarType st) {
+  TORCH_CHECK_VALUE(c.k_window.has_value() && c.v_window.has_value(),
+                    "selfattn native: k_window and v_window go together");
+  const at::Tensor& kw = *c.k_window;
+  const at::Tensor& vw = *c.v_window;
+  TORCH_CHECK_VALUE(kw.dim() == 4 && vw.dim() == 4 && kw.scalar_type() == st &&
+                        vw.scalar_type() == st && kw.device().is_cpu() && vw.device().is_cpu() &&
+                        kw.size(0) == P.B && vw.size(0) == P.B && kw.size(1) == P.Hkv &&
+                        vw.size(1) == P.Hkv && vw.size(2) == kw.size(2) && kw.size(3) == P.D &&
+                        vw.size(3) == P.Dv,
+                    "selfattn native: k_window ", kw.sizes(), " and v_window ", vw.sizes(),
+                    " must be CPU tensors (B, Hkv, Nw, D) and (B, Hkv, Nw, Dv) of q's dtype");
+  TORCH_CHECK_VALUE(P.G * P.Nq <= 16 && P.Nq <= 4 && !c.mask && !c.bias && !c.q_ids &&
+                        c.dropout_p == 0,
+                    "selfattn native: a float window is read by the decode kernel only (G * Nq "
+                    "<= 16, Nq <= 4, no mask, bias, segment ids or dropout); got G=", P.G,
+                    ", Nq=", P.Nq);
+  P.kw = view_of(kw);
+  P.vw = view_of(vw);
+  P.Nw = kw.size(2);
+  P.Nk += P.Nw;
+}
+
 void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const at::Tensor& k,
-          const at::Tensor& v, const Call& c) {
+          const at::Tensor& v, const Call& c, bool window_ok = false) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "selfattn native: q, k, v must be 4-D");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "selfattn native: CPU tensors only");
@@ -304,6 +334,11 @@ void fill(Params& P, std::vector<at::Tensor>& keep, const at::Tensor& q, const a
   P.v = view_of(v);
   if (c.k_codes) P.k = quant_view(k, c.k_codes, c.k_scales, c.k_bits, c.k_group, c.k_rotate, "k");
   if (c.v_codes) P.v = quant_view(v, c.v_codes, c.v_scales, c.v_bits, c.v_group, c.v_rotate, "v");
+  if (c.k_window || c.v_window) {
+    TORCH_CHECK_VALUE(window_ok, "selfattn native: only the forward reads a float window "
+                      "(k_window, v_window)");
+    fill_window(P, c, st);
+  }
   TORCH_CHECK(std::isfinite(c.scale), "selfattn native: scale=", c.scale, " is not finite");
   TORCH_CHECK(std::isfinite(c.softcap) && c.softcap >= 0,
               "selfattn native: softcap must be finite and > 0 (0: none), got ", c.softcap);
@@ -385,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                             bool out_acc) {
   Params P;
   std::vector<at::Tensor> keep;
-  fill(P, keep, q, k, v, call);
+  fill(P, keep, q, k, v, call, true);
   // out_acc: the output in the accumulation dtype (float32 for 16-bit inputs), for a backward
   // whose D = rowsum(dO * O) must not see a rounded O, and for ring attention's merges
   auto out_opts = out_acc ? q.options().dtype(acc_type(q.scalar_type())) : q.options();

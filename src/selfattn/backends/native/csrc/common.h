@@ -40,6 +40,11 @@ struct Params {
   DT dt = DT::F32;      // of q, k, v
   DT out_dt = DT::F32;  // of out: q's dtype, or the accumulation dtype when asked
   View q, k, v;     // (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
+  // A float window after the keys (a cache's newest tokens, kv_residual.ResidualKV): kw
+  // (B, Hkv, Nw, D) and vw (B, Hkv, Nw, Dv) hold keys Nk - Nw .. Nk - 1, k and v the first
+  // Nk - Nw. Nw = 0: none. Only the decode kernel reads it (decode.h, with_window).
+  View kw, vw;
+  int64_t Nw = 0;
   double scale = 1.0, softcap = 0.0;
   bool causal = false;
   int64_t start = 0, left = -1, right = -1;

@@ -57,6 +57,8 @@ struct Decode {
   // with statistics: every row's scores per key (units, R, LK), -inf where hidden; else null
   T* sk = nullptr;
   int64_t LK = 0;
+  // a float window's decode (with_window): its chunks are combined after these
+  const Decode* tail = nullptr;
 
   static bool applies(const Params& p) { return p.G * p.Nq <= 16 && p.Nq <= MR; }
 
@@ -400,35 +402,52 @@ struct Decode {
     return false;
   }
 
-  // Combine the chunks of unit u in order and write out / lse.
+  // The largest of unit u's chunk maxima of row r.
+  T row_max(int64_t u, int64_t r) const {
+    T M = T(-INFINITY);
+    for (int64_t c = 0; c < nc; c++) {
+      T mc = pm[(u * nc + c) * R + r];
+      M = mc > M ? mc : M;
+    }
+    return M;
+  }
+
+  // Add unit u's chunks of row r into lsum and o, each weighted exp(m_c - base), in order.
+  void add_chunks(int64_t u, int64_t r, T base, T& lsum, T* o) const {
+    const int64_t Dvp = pl.Dvp;
+    for (int64_t c = 0; c < nc; c++) {
+      const T mc = pm[(u * nc + c) * R + r];
+      const T w = mc == T(-INFINITY) ? T(0) : T(std::exp2((mc - base) * T(LOG2E)));
+      lsum += plsum[(u * nc + c) * R + r] * w;
+      if (P.need_out) {
+        const T* a = pacc + ((u * nc + c) * R + r) * Dvp;
+        for (int64_t d = 0; d < Dvp; d++) o[d] += a[d] * w;
+      }
+    }
+  }
+
+  // Combine the chunks of unit u in order (then the float window's, tail) and write out / lse.
   void combine(int64_t u) const {
     const int64_t b = u / P.Hkv, kvh = u % P.Hkv, Dvp = pl.Dvp;
     T* lse = static_cast<T*>(P.lse);
     Buf<T> o(Dvp);
     for (int64_t r = 0; r < R; r++) {
       const int64_t g = r / P.Nq, i = r % P.Nq, h = kvh * P.G + g;
-      T M = T(-INFINITY);
-      for (int64_t c = 0; c < nc; c++) {
-        T mc = pm[(u * nc + c) * R + r];
-        M = mc > M ? mc : M;
+      T M = row_max(u, r);
+      if (tail) {
+        const T mt = tail->row_max(u, r);
+        M = mt > M ? mt : M;
       }
       const T base = M == T(-INFINITY) ? T(0) : M;
       T lsum = 0;
       for (int64_t d = 0; d < Dvp; d++) o[d] = T(0);
-      for (int64_t c = 0; c < nc; c++) {
-        const T mc = pm[(u * nc + c) * R + r];
-        const T w = mc == T(-INFINITY) ? T(0) : T(std::exp2((mc - base) * T(LOG2E)));
-        lsum += plsum[(u * nc + c) * R + r] * w;
-        if (P.need_out) {
-          const T* a = pacc + ((u * nc + c) * R + r) * Dvp;
-          for (int64_t d = 0; d < Dvp; d++) o[d] += a[d] * w;
-        }
-      }
+      add_chunks(u, r, base, lsum, o.p);
+      if (P.need_out && P.v.rotate) hadamard_row(o.p, P.Dv);  // sum p (H v) = H (sum p v)
+      if (tail) tail->add_chunks(u, r, base, lsum, o.p);  // float values: after the rotation
       const int64_t bh = b * P.Hq + h;
       const T keep = P.sinks ? add_sink(T(P.sinks[h]), M, lsum) : T(1);
       const bool empty = lsum == T(0);
       lse[bh * P.Nq + i] = empty ? T(-INFINITY) : T(M + std::log(lsum));
-      if (P.need_out && P.v.rotate) hadamard_row(o.p, P.Dv);  // sum p (H v) = H (sum p v)
       if (P.need_out)
         store_out<T>(P.out, P.out_dt, (bh * P.Nq + i) * P.Dv, o.p, P.Dv,
                      empty ? T(0) : keep / lsum);
@@ -469,10 +488,58 @@ struct Decode {
   }
 };
 
+// The keys before a float window (Params::kw, vw), at their own positions: the call itself
+// without one.
+static inline Params keys_before_window(const Params& P) {
+  Params M = P;
+  M.Nk = P.Nk - P.Nw;
+  M.kw = M.vw = View{};
+  M.Nw = 0;
+  return M;
+}
+
+// A float window after the keys (a cache's newest tokens): a decode of its own over its Nw keys
+// with the rows at the same positions (so causal and window sides hold as over the whole call),
+// run before `combine`, which then adds its chunks after those of `main` (Decode::tail). The sink
+// stays with `main`'s combine; statistics, masks, biases, ids and dropout never come with a
+// window (the bindings refuse them).
+template <class V, class F>
+static void with_window(const Params& P, const Pool& pool, Decode<V>& main, F&& combine) {
+  using T = typename V::T;
+  Params W = P;
+  W.k = P.kw;
+  W.v = P.vw;
+  W.kw = W.vw = View{};
+  W.Nw = 0;
+  W.Nk = P.Nw;
+  W.start = P.start - (P.Nk - P.Nw);
+  W.sinks = nullptr;
+  Plan<V> pl(W, pool);
+  pl.nan_keys = 1;
+  Decode<V> dw(pl, W);
+  const int64_t n = W.B * W.Hkv * dw.nc;
+  Buf<T> pm(n * dw.R), pls(n * dw.R), pacc(W.need_out ? n * dw.R * pl.Dvp : 0);
+  dw.pm = pm.p;
+  dw.plsum = pls.p;
+  dw.pacc = pacc.p;
+  Buf<double> cost(n);
+  for (int64_t x = 0; x < n; x++)
+    cost[x] = double(imin(dw.CK, W.Nk - (x % dw.nc) * dw.CK) * (W.D + W.Dv) * 4);
+  auto run = [&](int64_t x0, int64_t x1) {
+    typename Decode<V>::Scratch sc(dw);
+    for (int64_t x = x0; x < x1; x++) dw.item(x / dw.nc, x % dw.nc, sc);
+  };
+  run_balanced(pool, cost.p, n, run, 512.0 * 1024);
+  main.tail = &dw;
+  combine();
+  main.tail = nullptr;
+}
+
 template <class V>
-static void forward_decode(const Params& P, const Pool& pool) {
+static void forward_decode(const Params& PC, const Pool& pool) {
   using T = typename V::T;
   using DC = Decode<V>;
+  const Params P = keys_before_window(PC);  // with a float window: with_window reads it
   Plan<V> pl(P, pool);
   pl.nan_keys = 1;  // a bad value row poisons only its columns (add_bad_values)
   DC dc(pl, P);
@@ -498,10 +565,16 @@ static void forward_decode(const Params& P, const Pool& pool) {
   auto comb = [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; u++) dc.combine(u);
   };
-  if (n * dc.R * pl.Dvp < (int64_t(1) << 20))
-    comb(0, units);
+  auto combine = [&] {
+    if (n * dc.R * pl.Dvp < (int64_t(1) << 20))
+      comb(0, units);
+    else
+      parallel(pool, units, comb);
+  };
+  if (PC.Nw > 0)
+    with_window<V>(PC, pool, dc, combine);
   else
-    parallel(pool, units, comb);
+    combine();
   if (!with_stats) return;
   auto st = [&](int64_t u0, int64_t u1) {
     Buf<T> cs(P.col_sum ? dc.LK : 0), cm(P.col_max ? dc.LK : 0), lp(P.topk);
