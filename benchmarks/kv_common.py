@@ -14,7 +14,8 @@ files and README tables use one spelling:
 - ``make_cache(bits=(8, 4), rotate=True)``: int8 keys, 4-bit values (both rotated);
 - ``QuantizedCache(quanto, 4)`` / ``(quanto, 2)``: transformers' quantized cache on optimum-quanto
   (it dequantizes the whole cache in every layer at every step);
-- ``make_cache(budget=B, policy=P)``: eviction to ``B`` tokens (see :func:`budget_cache`).
+- ``make_cache(budget=B, policy=P)``: eviction to ``B`` tokens (see :func:`budget_cache`);
+  ``P:H`` (e.g. ``snapkv:layer``) adds ``heads=H``, the other ranking than the policy's own.
 
 The benchmark scripts import this file from their own folder (``benchmarks/`` is not a package).
 """
@@ -53,6 +54,17 @@ CACHE_LABELS = (
 )
 #: the eviction policies make_cache(budget=...) takes (docs/api.md), in table order
 POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
+#: what the eviction benchmarks run, in table order: every policy, and the scored ones with the
+#: ranking other than their own (``"policy:heads"``: make_cache's ``heads``)
+RUNS = ("window", "sink", "h2o", "h2o:layer", "tova", "tova:kv", "snapkv", "snapkv:layer")
+#: the runs of a benchmark by default: every policy, and one ranking per layer for h2o and snapkv
+DEFAULT_RUNS = ("window", "sink", "h2o", "h2o:layer", "tova", "snapkv", "snapkv:layer")
+
+
+def run_label(run: str) -> str:
+    """A run's name in README tables: ```snapkv```, or ```snapkv`, heads="layer"``."""
+    policy, _, heads = run.partition(":")
+    return f"`{policy}`" + (f', `heads="{heads}"`' if heads else "")
 
 
 def pydoc_text() -> str:
@@ -118,13 +130,15 @@ def new_cache(model: Any, label: str) -> Any:
 
 
 def budget_cache(model: Any, budget: int | None, policy: str | None) -> Any:
-    """``make_cache(model, budget=budget, policy=policy)``, or the full in-place cache when
+    """``make_cache(model, budget=budget, policy=policy)`` (``policy`` may be a run of
+    :data:`RUNS`: ``"snapkv:layer"`` adds ``heads="layer"``), or the full in-place cache when
     ``budget`` is None."""
     from selfattn.integrations.transformers import make_cache
 
     if budget is None:
         return make_cache(model)
-    return make_cache(model, budget=budget, policy=policy)
+    name, _, heads = (policy or "").partition(":")
+    return make_cache(model, budget=budget, policy=name, heads=heads or None)
 
 
 def score_chunks(

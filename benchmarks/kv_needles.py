@@ -38,11 +38,14 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 from kv_common import (
+    DEFAULT_RUNS,
     POLICIES,
+    RUNS,
     budget_cache,
     held_tokens,
     load_model,
     pydoc_text,
+    run_label,
     run_meta,
     write_results,
 )
@@ -138,7 +141,7 @@ def measure(
     """One row per policy (and the full cache, ``"full"`` in ``policies`` or not): accuracy over
     ``cases`` and each case's answer; ``save(rows, skipped)`` runs after each row (a long run
     keeps what it finished). ``keep``: rows of an earlier run of the same cases; the full cache
-    then does not run again, and the kept rows of policies not run stay (in :data:`POLICIES`
+    then does not run again, and the kept rows of policies not run stay (in :data:`RUNS`
     order)."""
     rows, skipped = [], {}
     run_full = keep is None
@@ -188,10 +191,10 @@ def measure(
 
 def merged(keep: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``rows`` and the rows of ``keep`` whose policy ``rows`` lacks: the full cache first, then
-    the policies in :data:`POLICIES` order."""
+    the policies in :data:`RUNS` order."""
     ran = {r["policy"] for r in rows}
     out = rows + [r for r in keep if r["policy"] not in ran]
-    order = ("full", *POLICIES)
+    order = ("full", *RUNS)
     return sorted(out, key=lambda r: order.index(r["policy"]))
 
 
@@ -224,7 +227,7 @@ def table(result: dict[str, Any]) -> str:
         f"{meta['budget']}, needles: {len(meta['needles'])} x depths: {len(depths)}, greedy answer"
         + (
             f"; policies run: {', '.join(meta['policies'])}."
-            if set(meta.get("policies", POLICIES)) != set(POLICIES)
+            if not set(POLICIES) <= set(meta.get("policies", POLICIES))
             else "."
         )
         + (
@@ -239,7 +242,9 @@ def table(result: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
-        name = "full cache" if r["policy"] == "full" else f"`{r['policy']}` @ {r['budget']}"
+        name = (
+            "full cache" if r["policy"] == "full" else f"{run_label(r['policy'])} @ {r['budget']}"
+        )
         per = [sum(a[3] for a in r["answers"] if a[0] == d) for d in depths]
         vs = f"{100 * r['vs_full']:.0f}%" if "vs_full" in r else ""
         lines.append(
@@ -257,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, help="tokens kept (default: issue 18's)")
     parser.add_argument("--depths", type=int, default=11, help="evenly spaced over 0-100%%")
     parser.add_argument("--needles", type=int, default=3, help=f"at most {len(NEEDLES)}")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_RUNS),
+        choices=RUNS,
+        help="policies; 'P:H' adds make_cache's heads=H (snapkv:layer)",
+    )
     parser.add_argument("--prefill-chunk", type=int, help="feed the prompt in parts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="selfattn", help="attn_implementation")
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:  # checked before the model loads
         keep, date = kept_rows(out, meta)
         had = {r["policy"] for r in keep}
-        meta["policies"] = [p for p in POLICIES if p in args.policies or p in had]
+        meta["policies"] = [p for p in RUNS if p in args.policies or p in had]
         meta["command"] += "  (rows of other policies kept from an earlier run)"
         kept = [r["policy"] for r in keep if r["policy"] not in args.policies]
         meta["kept"] = {"date": date, "rows": kept}

@@ -12,7 +12,9 @@ policy ranks by come from the chunk's queries: ``h2o`` adds every row's column s
 takes the chunk's last row, ``snapkv`` rescores with the chunk's last 32 rows. ``--chunk 1`` is the
 token-by-token run (StreamingLLM's evaluation: the cache at the budget at every step). ``ppl`` is over all tokens 1..N-1;
 ``ppl_evicted`` over the tokens predicted once the past no longer fits the budget (from position
-``budget`` on), the part where a policy matters; ``vs_full`` compares each with the full cache fed
+``budget`` on), the part where a policy matters;
+``snapkv:layer`` (and ``h2o:layer``, ``tova:kv``) runs the policy with make_cache's ``heads``
+the other way; ``vs_full`` compares each with the full cache fed
 the same way. ``max_held`` is the most tokens a layer held after a chunk (never above the
 budget). Writes benchmarks/results/kv_streaming.json.
 
@@ -36,11 +38,13 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 from kv_common import (
-    POLICIES,
+    DEFAULT_RUNS,
+    RUNS,
     budget_cache,
     held_tokens,
     load_model,
     perplexity,
+    run_label,
     run_meta,
     score_chunks,
     text_ids,
@@ -133,7 +137,7 @@ def table(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], result["rows"]
     full = next(r for r in rows if r["policy"] == "full")
     budgets = meta["budgets"]
-    policies = [p for p in POLICIES if any(r["policy"] == p for r in rows)]
+    policies = [p for p in RUNS if any(r["policy"] == p for r in rows)]
     by = {(r["policy"], r["budget"]): r for r in rows}
     how = "token by token" if meta["chunk"] == 1 else f"in chunks of {meta['chunk']} tokens"
     lines = [
@@ -155,7 +159,7 @@ def table(result: dict[str, Any]) -> str:
                 else f"{r['ppl']:.3f} ({r['vs_full_pct']:+.1f}%) / {r['ppl_evicted']:.3f} "
                 f"({r['evicted_vs_full_pct']:+.1f}%)"
             )
-        lines.append(f"| `{p}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {run_label(p)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -164,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_RUNS),
+        choices=RUNS,
+        help="policies; 'P:H' adds make_cache's heads=H (snapkv:layer)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="selfattn", help="attn_implementation")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -118,36 +118,61 @@ def _kept(layer):
     ]
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
-def test_scored_policies_keep_what_an_fp64_oracle_of_their_rule_keeps(policy):
-    """Budget 6 over a 10-token prefill (4 query heads on 2 key heads), then 3 decode steps."""
+@pytest.mark.parametrize(
+    "policy, heads, normalize",
+    [
+        ("h2o", None, True),
+        ("h2o", None, False),
+        ("h2o", "layer", True),
+        ("tova", None, True),
+        ("tova", "kv", True),
+        ("snapkv", None, True),
+        ("snapkv", "layer", True),
+    ],
+)
+def test_scored_policies_keep_what_an_fp64_oracle_of_their_rule_keeps(policy, heads, normalize):
+    """Budget 6 over a 10-token prefill (4 query heads on 2 key heads), then 3 decode steps; the
+    first token is a protected sink."""
     g = torch.Generator().manual_seed(3)
-    layer = BudgetLayer(6, policy, chunk=4)
+    layer = BudgetLayer(6, policy, chunk=4, sink_tokens=1, heads=heads, normalize=normalize)
     q = torch.randn(1, 4, 10, 8, generator=g)
     k, v = _kv(10, seed=1)
     _attend(layer, q, k, v)
     p = _oracle_probs(q, k).view(1, 2, 2, 10, 10)  # (B, Hkv, group, Nq, Nk)
+    shared = (heads or ("layer" if policy == "tova" else "kv")) == "layer"
     if policy == "h2o":
-        score = p.sum((2, 3))  # mass received, summed over the group's heads and all queries
+        mass = p.sum((2, 3))  # mass received, summed over the group's heads and all queries
+        if shared:
+            mass = mass.sum(1, keepdim=True).expand(1, 2, 10)
+        # normalised: divided by the queries that saw each key (token i: 10 - i of them)
+        score = mass / torch.arange(10, 0, -1).double() if normalize else mass
         recent = 3  # budget // 2
     elif policy == "tova":
         # the newest query's probabilities, summed over all the layer's query heads (TOVA's mean
-        # over heads): one ranking for every key head
-        score = p[:, :, :, -1].sum((1, 2))[:, None].expand(1, 2, 10)
+        # over heads): one ranking for every key head; or per key head over its group
+        score = p[:, :, :, -1].sum(2)
+        if shared:
+            score = score.sum(1, keepdim=True).expand(1, 2, 10)
         recent = 0
     else:
         mass = p[:, :, :, -10:].sum((2, 3))  # all 10 queries observe (<= 32)
-        score = torch.nn.functional.max_pool1d(mass.view(2, 1, 10), 7, 1, 3).view(1, 2, 10)
+        if shared:
+            mass = mass.sum(1, keepdim=True).expand(1, 2, 10)
+        score = torch.nn.functional.max_pool1d(mass.reshape(2, 1, 10), 7, 1, 3).view(1, 2, 10)
         recent = 3  # the observation window, at most budget // 2
+    kept = []
     for h in range(2):
         s = score[0, h].clone()
         s[10 - recent :] = float("inf")
+        s[0] = float("inf")  # the sink
         want = sorted(sorted(range(10), key=lambda i: (s[i].item(), i))[-6:])  # ties: newer kept
         assert _kept(layer)[h] == want
+        kept.append(want)
+    assert (kept[0] == kept[1]) or not shared  # one ranking: every key head keeps the same
     assert layer.end == 6 and layer.get_seq_length() == 10
     if policy == "h2o":  # the kept tokens' scores are the oracle's sums
         got = layer.scores[0, :, :6].double()
-        want = score[0].gather(-1, layer.positions[0, :, :6])
+        want = mass[0].gather(-1, layer.positions[0, :, :6])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for step in range(3):
         qq = torch.randn(1, 4, 1, 8, generator=g)
@@ -164,6 +189,65 @@ def test_window_and_sink_keep_the_newest_and_the_first_tokens():
             _attend(layer, torch.randn(1, 4, n, 8), k, v)
             assert layer.end <= 6
         assert _kept(layer) == [want, want]
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
+def test_scored_policies_never_evict_the_sink_tokens(policy):
+    """The first ``sink_tokens`` stay whatever their scores. The defect: fed one token at a time
+    (no prefill to score), snapkv kept only the newest tokens, like ``window``, and dropped the
+    first ones (SmolLM2's token-by-token perplexity +75%); here every query gives the first two
+    keys no attention at all, so a score alone would evict them."""
+    layer = BudgetLayer(6, policy, sink_tokens=2, chunk=4)
+    q = torch.zeros(1, 4, 1, 8)
+    q[..., 0] = 1.0
+    for step in range(20):
+        k, v = _kv(1, seed=step)
+        if step < 2:
+            k[..., 0] = -30.0  # softmax weight ~exp(-30 / sqrt(8)) of the others': none
+        _attend(layer, q, k, v)
+        assert layer.end == min(step + 1, 6)
+        assert all(h[:2] == [0, 1][: step + 1] for h in _kept(layer))
+
+
+@pytest.mark.parametrize("heads", ["kv", "layer"])
+def test_eviction_per_key_head_holds_each_heads_own_keys_within_the_budget(heads):
+    """Different scores per key head (2 rows, 3 key heads) over calls of 1 to 30 new tokens:
+    each (row, head) keeps its own tokens, never more than the budget, every slot holding the
+    very key and value written at the position it records; with heads="layer" every head of a
+    row keeps the same positions in the same slots."""
+    g = torch.Generator().manual_seed(7)
+    layer = BudgetLayer(16, "h2o", chunk=8, sink_tokens=1, heads=heads)
+    ks, vs = [], []
+    for n in (20, 5, 1, 1, 7, 3, 1, 9, 30, 2):
+        k, v = torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)
+        ks.append(k), vs.append(v)
+        keys, _ = layer.update(k, v)
+        layer.receive(torch.rand(2, 3, keys.shape[2], generator=g))  # scores per key head
+        pos = layer.positions[:, :, : layer.end]
+        assert layer.end == min(16, sum(x.shape[2] for x in ks))
+        at = pos[..., None].expand(-1, -1, -1, 4)
+        assert torch.equal(layer.keys[:, :, : layer.end], torch.cat(ks, 2).gather(2, at))
+        assert torch.equal(layer.values[:, :, : layer.end], torch.cat(vs, 2).gather(2, at))
+        assert all(len(set(row.tolist())) == layer.end for row in pos.reshape(6, -1))
+        assert bool((pos == 0).any(-1).all())  # the sink, in every row and head
+        if heads == "layer":
+            assert torch.equal(pos, pos[:, :1].expand_as(pos))
+    if heads == "kv":  # the random scores made the heads keep different tokens
+        assert not torch.equal(pos, pos[:, :1].expand_as(pos))
+
+
+def test_make_cache_refuses_an_unknown_heads_and_a_non_bool_normalize():
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match="heads must be None or one of kv, layer; got 'all'"):
+        sa_hf.make_cache(model, budget=8, heads="all")
+    with pytest.raises(TypeError, match="normalize must be a bool, got int"):
+        sa_hf.make_cache(model, budget=8, normalize=1)
+    with pytest.raises(ValueError, match="heads must be"):
+        BudgetLayer(8, "h2o", heads="each")
+    cache = sa_hf.make_cache(model, budget=8, policy="snapkv", heads="layer", normalize=False)
+    assert {(x.heads, x.normalize) for x in cache.layers} == {("layer", False)}
+    assert {x.heads for x in sa_hf.make_cache(model, budget=8, policy="tova").layers} == {"layer"}
+    assert {x.heads for x in sa_hf.make_cache(model, budget=8).layers} == {"kv"}  # h2o's own
 
 
 def test_budget_layer_returns_the_kept_tokens_and_the_new_ones_and_evicts_after_attention():
@@ -367,7 +451,7 @@ def test_tova_ranks_by_the_mean_over_all_heads_not_per_key_head():
     """TOVA (Oren et al. 2024; kvpress's TOVAPress) averages the newest query's probabilities over
     every head of the layer and drops the same tokens from every key head. Ranked per key head
     (the defect), head 0 kept its favourite and the newest key, [1, 3], instead of [1, 2]."""
-    layer = BudgetLayer(2, "tova", chunk=4)
+    layer = BudgetLayer(2, "tova", chunk=4, sink_tokens=0)
     d = 4
     k = torch.zeros(1, 2, 4, d)
     k[0, 0, 1, 0] = 4.0  # head 0 favours key 1

@@ -74,13 +74,15 @@ def test_kv_perplexity_runs_end_to_end(smol, tmp_path):
 
 def test_kv_streaming_runs_end_to_end(smol, tmp_path):
     result = run("kv_streaming", tmp_path, "--tokens", "64", "--chunk", "16", "--budgets", "32",
-                 "--policies", "window", "sink")  # fmt: skip
+                 "--policies", "window", "sink", "snapkv:layer")  # fmt: skip
     full, *budgeted = result["rows"]
     assert full["policy"] == "full" and full["max_held"] == 64
     for r in budgeted:
         assert r["max_held"] <= 32 and math.isfinite(r["ppl"])
-    assert [r["policy"] for r in budgeted] == ["window", "sink"] and not result["meta"]["skipped"]
-    assert "| policy | budget 32 |" in bench("kv_streaming").table(result)
+    runs = [r["policy"] for r in budgeted]
+    assert runs == ["window", "sink", "snapkv:layer"] and not result["meta"]["skipped"]
+    text = bench("kv_streaming").table(result)
+    assert "| policy | budget 32 |" in text and '| `snapkv`, `heads="layer"` | ' in text
 
 
 def test_kv_needles_runs_end_to_end(smol, tmp_path):

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..quant import kv_bits
-from .evict import POLICIES, SCORED, BudgetLayer
+from .evict import HEADS, POLICIES, SCORED, BudgetLayer
 from .kv_layers import CHUNK, GrowingLayer, InPlaceLayer, WindowLayer
 
 #: make_cache's float window with ``bits`` (transformers' QuantizedCache: residual_length=128)
@@ -65,8 +65,8 @@ class InPlaceCache(Cache):
         chunk: tokens the storage grows by at least (a sliding layer's free slots).
         bits, rotate: quantized storage (8 or 4 bits, or a pair ``(key_bits, value_bits)`` of
             8, 4 or None; optional Walsh-Hadamard rotation of the quantized sides).
-        budget, policy, sink_tokens: eviction of the full-attention layers (see
-            :mod:`selfattn.integrations.evict`).
+        budget, policy, sink_tokens, heads, normalize: eviction of the full-attention layers
+            (see :mod:`selfattn.integrations.evict`).
         residual: with ``bits``, the newest tokens each layer keeps in float (0: none). An
             evicting layer (``budget``) quantizes every token at once all the same: it evicts
             per key head, which one float window shared by every head cannot follow.
@@ -86,6 +86,8 @@ class InPlaceCache(Cache):
         budget: int | None = None,
         policy: str = "h2o",
         sink_tokens: int = 4,
+        heads: str | None = None,
+        normalize: bool = True,
         residual: int = 0,
     ) -> None:
         decoder = config.get_text_config(decoder=True)
@@ -96,7 +98,16 @@ class InPlaceCache(Cache):
         unsupported = []
         for i, (kind, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
             if kind == "full_attention" and budget is not None:
-                layers.append(BudgetLayer(budget, policy, sink_tokens=sink_tokens, **store))
+                layers.append(
+                    BudgetLayer(
+                        budget,
+                        policy,
+                        sink_tokens=sink_tokens,
+                        heads=heads,
+                        normalize=normalize,
+                        **store,
+                    )
+                )
             elif kind == "full_attention":
                 layers.append(GrowingLayer(**windowed))
             elif kind in ("sliding_attention", "chunked_attention"):
@@ -139,6 +150,8 @@ def make_cache(
     policy: str = "h2o",
     sink_tokens: int = 4,
     residual: int | None = None,
+    heads: str | None = None,
+    normalize: bool = True,
 ) -> InPlaceCache:
     """A transformers ``Cache`` for ``model`` whose layers write keys and values in place.
 
@@ -169,7 +182,8 @@ def make_cache(
       calls (plus the current call's new tokens while attending), evicting by ``policy``:
       ``"window"`` (the most recent), ``"sink"`` (the first ``sink_tokens`` and the most recent),
       ``"h2o"``, ``"tova"``, ``"snapkv"`` (scored by selfattn's kernels; these three need
-      ``attn_implementation="selfattn"``); see :mod:`selfattn.integrations.evict`. Sliding-window
+      ``attn_implementation="selfattn"``, always keep the first ``sink_tokens`` too, and rank
+      per key head or per layer: ``heads``); see :mod:`selfattn.integrations.evict`. Sliding-window
       layers keep their window. Kept keys keep their original positions, ``get_seq_length()``
       counts every token seen, and multi-turn use past the budget works. Not with a padded batch
       (refused), nor with assisted or prompt-lookup decoding (``crop`` is refused).
@@ -180,9 +194,15 @@ def make_cache(
         rotate: a Walsh-Hadamard rotation of the quantized sides; only with ``bits``.
         budget: None (keep every token) or a positive int.
         policy: the eviction policy for ``budget``, one of :data:`POLICIES`.
-        sink_tokens: the first tokens the ``"sink"`` policy always keeps (>= 0).
+        sink_tokens: the first tokens the ``"sink"`` policy and the scored ones always keep
+            (>= 0).
         residual: tokens kept in float before quantizing (an int >= 0, only with ``bits``);
             None: 128 with ``bits``, 0 without.
+        heads: who ranks a scored policy's tokens: ``"kv"`` (each key head its own) or
+            ``"layer"`` (one ranking for all the layer's heads); None: the policy's own
+            (``"layer"`` for ``tova``, ``"kv"`` for ``h2o`` and ``snapkv``).
+        normalize: ``h2o`` ranks by the attention mass per query that has seen the token
+            (True, the default) or by the total mass (False: the H2O paper's sum).
 
     Returns:
         An :class:`InPlaceCache` with one layer per model layer; ``.nbytes`` is its size.
@@ -212,6 +232,10 @@ def make_cache(
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    if heads is not None and heads not in HEADS:
+        raise ValueError(f"heads must be None or one of {', '.join(HEADS)}; got {heads!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     if residual is None:
         residual = 0 if bits is None else RESIDUAL
     if isinstance(residual, bool) or not isinstance(residual, int):
@@ -247,6 +271,8 @@ def make_cache(
         budget=budget,
         policy=policy,
         sink_tokens=sink_tokens,
+        heads=heads,
+        normalize=normalize,
         residual=residual,
     )
 

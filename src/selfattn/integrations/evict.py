@@ -13,17 +13,28 @@ Priorities (higher is kept; among equal priorities the older token goes first), 
 
 - ``window``: the position (the most recent are kept).
 - ``sink``: the position, the first ``sink_tokens`` positions always kept (StreamingLLM).
-- ``h2o``: the attention mass the key received, summed over every query since it arrived and
-  over the query heads of its group (Heavy-Hitter Oracle); the most recent ``budget // 2``
+- ``h2o``: the attention mass the key received from every query since it arrived, summed over
+  the query heads of its group (Heavy-Hitter Oracle), divided by the number of those queries
+  (``normalize=True``, the default: a plain sum favours old tokens, which more queries have
+  seen; ``normalize=False`` ranks by the sum, as the paper); the most recent ``budget // 2``
   tokens always kept.
 - ``tova``: the probability the newest query gives the key, averaged over all the layer's query
-  heads (TOVA's rule, as kvpress's ``TOVAPress``): one ranking, so every key head keeps the same
-  tokens.
+  heads (TOVA's rule, as kvpress's ``TOVAPress``).
 - ``snapkv``: at each prefill chunk (more than one new token), the mass from the chunk's last
   ``SNAP_WINDOW`` queries, max-pooled over ``SNAP_KERNEL`` neighbouring positions, the
-  observation window itself always kept (its last ``budget // 2`` tokens at most); tokens added one at a time afterwards (generation)
-  behave like ``window``: the newest ``max(1, budget // 8)`` of them are kept, older ones go
-  first, then the lowest-scored prompt tokens.
+  observation window itself always kept (its last ``budget // 2`` tokens at most); tokens added
+  one at a time afterwards (generation) behave like ``window``: the newest
+  ``max(1, budget // 8)`` of them are kept, older ones go first, then the lowest-scored prompt
+  tokens.
+
+The scored policies (``h2o``, ``tova``, ``snapkv``) also always keep the first ``sink_tokens``
+positions (StreamingLLM's attention sinks, as kvpress keeps them): a softmax needs somewhere to
+put the mass no key wants, and a stream fed one token at a time would otherwise lose them.
+
+``heads`` says who ranks: ``"kv"``, each key head its own tokens (by the scores of its group of
+query heads: H2O's and SnapKV's rule, the default for them); ``"layer"``, one ranking for the
+whole layer, the scores summed over all its heads, so every key head keeps the same tokens
+(TOVA's rule, its default). Eviction, storage and masks work per key head either way.
 
 Keys were rotated (RoPE) before caching, so a kept key keeps its original position. The layer
 reports every token seen as its sequence length (``get_seq_length``: generate's next position)
@@ -43,12 +54,23 @@ import torch
 from . import kv_store, scoring
 from .kv_layers import CHUNK, InPlaceLayer
 
-__all__ = ["POLICIES", "SCORED", "SLACK", "SNAP_KERNEL", "SNAP_WINDOW", "BudgetLayer"]
+__all__ = [
+    "HEADS",
+    "POLICIES",
+    "SCORED",
+    "SLACK",
+    "SNAP_KERNEL",
+    "SNAP_WINDOW",
+    "BudgetLayer",
+    "default_heads",
+]
 
 #: the eviction policies ``make_cache(budget=...)`` takes
 POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
 #: the policies that need attention scores (from selfattn's attention function)
 SCORED = ("h2o", "tova", "snapkv")
+#: who ranks the tokens of a scored policy: each key head (``"kv"``) or the whole layer
+HEADS = ("kv", "layer")
 #: SnapKV: the last prompt queries that score the keys, and the max-pooling width
 SNAP_WINDOW = 32
 SNAP_KERNEL = 7
@@ -57,13 +79,23 @@ SLACK = 64
 _BIG = 1e30  # priorities above every score: kept; below: evicted first
 
 
+def default_heads(policy: str) -> str:
+    """The ranking a policy's paper uses: one for the whole layer for ``tova``, one per key head
+    otherwise."""
+    return "layer" if policy == "tova" else "kv"
+
+
 class BudgetLayer(InPlaceLayer):
     """A full-attention layer that holds at most ``budget`` tokens between calls.
 
     Args:
         budget: tokens kept (>= 1).
         policy: one of :data:`POLICIES` (see the module docstring).
-        sink_tokens: the first tokens ``"sink"`` always keeps.
+        sink_tokens: the first tokens ``"sink"`` and the scored policies always keep.
+        heads: ``"kv"`` (each key head ranks its own tokens) or ``"layer"`` (one ranking for
+            every key head); None: the policy's own (:func:`default_heads`).
+        normalize: ``h2o``: rank by the mass per query that has seen the token (True) or by
+            the total mass (False, the paper's sum, which favours old tokens).
         chunk: tokens the storage grows by at least.
         bits, rotate: quantized storage, as :class:`InPlaceLayer`.
     """
@@ -77,6 +109,8 @@ class BudgetLayer(InPlaceLayer):
         policy: str = "h2o",
         *,
         sink_tokens: int = 4,
+        heads: str | None = None,
+        normalize: bool = True,
         chunk: int = CHUNK,
         bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
@@ -89,9 +123,15 @@ class BudgetLayer(InPlaceLayer):
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        if heads is not None and heads not in HEADS:
+            raise ValueError(f"heads must be None or one of {', '.join(HEADS)}; got {heads!r}")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         self.budget = budget
         self.policy = policy
         self.sink_tokens = sink_tokens
+        self.heads = default_heads(policy) if heads is None else heads
+        self.normalize = normalize
         self.recent = budget // 2 if policy == "h2o" else max(1, budget // 8)
         self.seen = 0  # tokens this layer has been given (the next position)
         self.snap_end = 0  # snapkv: tokens before this position were scored by a prefill
@@ -104,7 +144,7 @@ class BudgetLayer(InPlaceLayer):
     def __repr__(self) -> str:
         return (
             f"BudgetLayer(tokens={self.end}, seen={self.seen}, budget={self.budget}, "
-            f"policy={self.policy!r}, capacity={self.capacity})"
+            f"policy={self.policy!r}, heads={self.heads!r}, capacity={self.capacity})"
         )
 
     @property
@@ -217,12 +257,14 @@ class BudgetLayer(InPlaceLayer):
         if mass is not None:
             if mass.shape[-1] != held:
                 raise RuntimeError(f"scores for {mass.shape[-1]} keys, but the layer holds {held}")
+            if self.heads == "layer":
+                # summed over every key head's group, i.e. over all the layer's query heads (the
+                # order of a mean over heads); every head's slots hold the same positions then
+                mass = mass.sum(1, keepdim=True).expand_as(mass)
             if self.policy == "h2o":
                 self.scores[:, :, :held] += mass
             elif self.policy == "tova":
-                # summed over every key head's group, i.e. over all the layer's query heads: the
-                # order of TOVA's mean over heads, one ranking shared by every key head
-                self.scores[:, :, :held] = mass.sum(1, keepdim=True)
+                self.scores[:, :, :held] = mass
             else:  # snapkv, on a prefill
                 self.scores[:, :, :held] = self._pooled(mass)
                 self.snap_end, self.snap_kept = (
@@ -253,15 +295,17 @@ class BudgetLayer(InPlaceLayer):
             return torch.where(pos < self.sink_tokens, _BIG, p)
         sc = self.scores[:, :, : self.end].double()
         if self.policy == "h2o":
-            return torch.where(pos >= self.seen - self.recent, _BIG, sc)
-        if self.policy == "tova":
-            return sc
-        # snapkv: the observation window of the last prefill kept; generated tokens as window
-        obs = pos >= self.snap_end - self.snap_kept
-        fresh = pos >= self.snap_end
-        sc = torch.where(obs & ~fresh, _BIG, sc)
-        newest = pos >= max(self.snap_end, self.seen - self.recent)
-        return torch.where(fresh, torch.where(newest, _BIG, -_BIG + p), sc)
+            if self.normalize:  # every query from the token's own position on has seen it
+                sc = sc / (self.seen - pos).clamp(min=1).double()
+            sc = torch.where(pos >= self.seen - self.recent, _BIG, sc)
+        elif self.policy == "snapkv":
+            # the observation window of the last prefill kept; generated tokens as window
+            obs = pos >= self.snap_end - self.snap_kept
+            fresh = pos >= self.snap_end
+            sc = torch.where(obs & ~fresh, _BIG, sc)
+            newest = pos >= max(self.snap_end, self.seen - self.recent)
+            sc = torch.where(fresh, torch.where(newest, _BIG, -_BIG + p), sc)
+        return torch.where(pos < self.sink_tokens, 2 * _BIG, sc)  # the sinks, for every scorer
 
     def evict(self) -> None:
         """Drop the ``held - budget`` lowest-priority tokens of every (batch row, key head), if

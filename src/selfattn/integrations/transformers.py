@@ -394,6 +394,8 @@ def make_cache(
     policy: str = "h2o",
     sink_tokens: int = 4,
     residual: int | None = None,
+    heads: str | None = None,
+    normalize: bool = True,
 ) -> Any:
     """A transformers ``Cache`` for ``model`` that writes keys and values in place.
 
@@ -402,7 +404,8 @@ def make_cache(
     ``DynamicCache`` without copying the cache at each step; ``bits`` stores keys and values
     quantized (a pair ``(key_bits, value_bits)``, e.g. ``(8, 4)``, sets them apart) with the
     newest ``residual`` tokens (128 by default) kept in float, ``budget`` holds every
-    full-attention layer to that many tokens by ``policy``.
+    full-attention layer to that many tokens by ``policy`` (ranked per key head or per layer:
+    ``heads``; ``h2o``'s mass per query or in total: ``normalize``).
 
     Example::
 
@@ -420,4 +423,6 @@ def make_cache(
         policy=policy,
         sink_tokens=sink_tokens,
         residual=residual,
+        heads=heads,
+        normalize=normalize,
     )
