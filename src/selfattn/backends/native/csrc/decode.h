@@ -280,11 +280,12 @@ struct Decode {
       if (qk) {
         // codes stream from memory: ask for the keys two tiles ahead and this tile's values
         // (read after the chunk's softmax, from cache by then)
+        // (read from the codes in registers, qk_codes / pv_codes ask for their rows themselves)
         constexpr int AHEAD = SA_AHEAD;
-        if (t + AHEAD < tmax) prefetch_codes(P.k, b, kvh, (t + AHEAD) * PW, P.Nk);
-        if (t == tmin)
+        if (!code_k && t + AHEAD < tmax) prefetch_codes(P.k, b, kvh, (t + AHEAD) * PW, P.Nk);
+        if (!code_k && t == tmin)
           for (int a = 1; a < AHEAD && t + a < tmax; a++) prefetch_codes(P.k, b, kvh, (t + a) * PW, P.Nk);
-        if (qv && P.need_out) prefetch_codes(P.v, b, kvh, t * PW, P.Nk);
+        if (qv && !code_v && P.need_out) prefetch_codes(P.v, b, kvh, t * PW, P.Nk);
         if (!code_k) {
           dequant_tile<V>(P.k, b, kvh, t * PW, nvalid, P.D, Dp, sc.kt.p);
           kt = sc.kt.p - (t * PW - jb) * ldk;
