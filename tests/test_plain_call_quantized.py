@@ -364,7 +364,15 @@ def test_a_plain_residual_call_is_checked_as_validate_checks_it():
 
 # -- the fast path over a ResidualKV (api.residual_plain_call) ------------------------------------
 
-RESIDUAL_SHAPES = [(1, 40, 8), (3, 40, 8), (3, 40, 2), (1, 0, 8), (5, 6, 3)]  # (Nq, m, w)
+RESIDUAL_SHAPES = [
+    (1, 40, 8),
+    (3, 40, 8),
+    (3, 40, 2),
+    (1, 0, 8),
+    (5, 6, 3),
+    (4, 9, 1),
+    (1, 7, 0),
+]  # (Nq, m, w)
 
 
 def residual_of(q, k, v, m, formats):
@@ -382,8 +390,10 @@ def test_a_residual_decode_step_never_builds_the_parts_rules(monkeypatch, nq, m,
     """A decode step over a cache with a float window went through ``residual_call``: the whole
     call checked over stand-ins, each part's rules built (``window_rules``, ``older_rules``)
     and each part's call through ``attention``'s keywords, ~40 us per layer before any
-    kernel. The fast path calls the two parts' fast paths directly and gives the full path's
-    result, bit for bit (declining where the older part is not wholly behind every row)."""
+    kernel. The fast path calls the two parts' fast paths directly, or one native decode call
+    over both (a quantized older part, Nq <= 4: ``kv_residual.fused_call``), and gives the
+    full path's result, bit for bit (otherwise declining where the older part is not wholly
+    behind every row)."""
     from selfattn import kv_residual
 
     calls = []
@@ -399,8 +409,10 @@ def test_a_residual_decode_step_never_builds_the_parts_rules(monkeypatch, nq, m,
         want = real(q, kk, vv, rules, return_lse, "auto")
         for a, b in zip(got, want) if return_lse else [(got, want)]:
             assert torch.equal(a, b) and a.dtype == b.dtype
-        # declined only where some row sees part of the older tokens (causal, w < Nq - 1)
-        assert fast == (not causal or m == 0 or w >= nq - 1), (causal, fast)
+        # declined only where some row sees part of the older tokens (causal, w < Nq - 1) and
+        # the parts are not read in one decode call
+        fused = formats != (None, None) and nq <= 4
+        assert fast == (fused or not causal or m == 0 or w >= nq - 1), (causal, fast)
 
 
 def test_residual_fast_path_declines_to_the_full_paths_errors():

@@ -254,6 +254,12 @@ def residual_plain_call(
         or (return_lse is not True and return_lse is not False)
     ):
         return None
+    try:
+        got = fused_call(q, k, v, causal, scale, return_lse, backend)  # both in one kernel call
+    except (TypeError, ValueError, NotImplementedError):
+        return None  # the full path checks the whole call and says what is wrong with it
+    if got is not None:
+        return got
     kh, kw, vh, vw = k.head, k.window, v.head, v.window
     m, w = kh.shape[2], kw.shape[2]
     if vh.shape[2] != m or vw.shape[2] != w or q.dim() != 4:
@@ -265,9 +271,6 @@ def residual_plain_call(
                 return plain_call(q, kw, vw, causal, scale, return_lse, backend)
             head = quantized_plain_call if quantized else plain_call
             return head(q, kh, vh, causal, scale, return_lse, backend)
-        got = fused_call(q, k, v, causal, scale, return_lse, backend)  # both in one kernel call
-        if got is not None:
-            return got
         if causal is True and w < q.shape[2] - 1:
             return None  # some query row sees only part of the older tokens: rules needed
         got_b = plain_call(q, kw, vw, causal, scale, True, backend)

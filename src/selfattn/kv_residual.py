@@ -62,6 +62,15 @@ class ResidualKV:
         self.head = head
         self.window = window
 
+    @classmethod
+    def of_views(cls, head: QuantizedKV | torch.Tensor, window: torch.Tensor) -> ResidualKV:
+        """A ResidualKV of parts known to fit (a cache's own views of its storage, made once
+        each decode step per layer and side): the constructor's checks skipped."""
+        x = object.__new__(cls)
+        x.head = head
+        x.window = window
+        return x
+
     @property
     def shape(self) -> torch.Size:
         """(B, Hkv, Nh + Nw, D)."""
@@ -195,6 +204,11 @@ def residual_call(
         check_qkv(q, stand_in(k), stand_in(v), True)
     else:
         validate_call(q, stand_in(k), stand_in(v), rules, return_lse)
+    if type(k) is ResidualKV and type(v) is ResidualKV and plain_rules(rules):
+        # a decode step: both parts in one kernel call, as the front door's fast path runs it
+        got = fused_call(q, k, v, rules["causal"], rules["scale"], return_lse, backend)
+        if got is not None:
+            return got
     m = splits.pop()
     nq, nk = q.shape[2], k.shape[2]
     w = nk - m
@@ -203,11 +217,6 @@ def residual_call(
     if m == 0 or w == 0:  # one part: the call as it is, on that part
         kk, vv = (k_new, v_new) if m == 0 else (k_old, v_old)
         return attention(q, kk, vv, **rules, return_lse=return_lse, backend=backend)
-    if type(k) is ResidualKV and type(v) is ResidualKV and plain_rules(rules):
-        # a decode step: both parts in one kernel call, as the front door's fast path runs it
-        got = fused_call(q, k, v, rules["causal"], rules["scale"], return_lse, backend)
-        if got is not None:
-            return got
     new_rules = window_rules(rules, m, nq, nk)
     old_rules = older_rules(rules, m, nq, nk, q)
     out_b, lse_b = attention(q, k_new, v_new, **new_rules, return_lse=True, backend=backend)
@@ -218,8 +227,8 @@ def residual_call(
 def fused_call(
     q: Any, k: ResidualKV, v: ResidualKV, causal: Any, scale: Any, return_lse: Any, backend: Any
 ) -> Any:
-    """Both parts of ``k`` and ``v`` (ResidualKV split at the same token, neither part empty)
-    in one kernel call: a plain decode step (no rule but ``causal`` and ``scale``, at most 4
+    """Both parts of ``k`` and ``v`` (ResidualKV split at the same token, either part possibly
+    empty) in one kernel call: a plain decode step (no rule but ``causal`` and ``scale``, at most 4
     query rows, ``Nq * Hq / Hkv <= 16``, no gradient or tangent) with a quantized older part,
     on ``native`` (its decode kernel reads the float window as more key chunks of the same call,
     ``plain_residual``). Returns what :func:`selfattn.attention` returns, or None to decline
@@ -249,7 +258,9 @@ def fused_call(
     kc = kh.codes if kq else kh
     vc = vh.codes if vq else vh
     if (
-        nq > 4
+        vc.shape[2] != kc.shape[2]  # parts that split at different tokens: the full path says so
+        or vw.shape[2] != kw.shape[2]
+        or nq > 4
         or not hkv
         or nq * (hq // hkv) > 16
         or not (q.is_cpu and kw.is_cpu and vw.is_cpu and kc.is_cpu and vc.is_cpu)

@@ -193,9 +193,9 @@ class InPlaceLayer(CacheLayerMixin):
             return keys, values
         w = self.wstart + max(0, skip - (end - self.start))
         n = self.wend - w
-        return (
-            ResidualKV(keys, self.kwin.narrow(2, w, n)),
-            ResidualKV(values, self.vwin.narrow(2, w, n)),
+        return (  # views of this layer's own storage: they fit (checked when it was made)
+            ResidualKV.of_views(keys, self.kwin.narrow(2, w, n)),
+            ResidualKV.of_views(values, self.vwin.narrow(2, w, n)),
         )
 
     def _drop_oldest(self, count: int) -> None:
