@@ -14,14 +14,17 @@
 // r and c are row sums over every key, so a block of rows keeps its tiles (P, dS, PX, PR: a
 // band of BR rows x the block's keys) until its sums are known: the first sweep computes S, dP,
 // R and W tile by tile (four micro-kernel products, R one of width 2D against a [K^T; Kc^T]
-// panel), then the element-wise terms and the row sums of each chunk of 256 keys while it is in
-// cache; the second makes U and PR' in place and runs the products over the whole band. Work item: a segment of row blocks of one (batch, kv head)
-// for every head of its GQA group; it owns its rows' q-bar / dO-bar and adds its k-bar / v-bar
-// into a private partial per segment, summed in segment order at the end (no two threads write
-// the same memory; segments are cut from the shape alone, so results never depend on the
-// thread count). Rules: the index rules, masks, segment ids and a constant bias / slopes / sinks
-// (their gradients and the softcap are the torch-op pass's, declined by the caller); a
-// non-finite row of k, v, Kc or Vc declines the call (returns false).
+// panel, the rows' operands packed k-major as the forward packs q), then the element-wise terms
+// and the row sums of each chunk of 256 keys while it is in cache; the second, again a chunk of
+// 256 keys at a time, makes U and PR' in place and runs the chunk's share of every product (its
+// K, Kc rows and k-bar, v-bar rows stay in cache across the band's row tiles). Work item: a
+// segment of row blocks of one (batch, kv head) for every head of its GQA group; it owns its
+// rows' q-bar / dO-bar and adds its k-bar / v-bar into a private partial per segment, summed in
+// segment order at the end (no two threads write the same memory; segments are cut from the
+// shape alone, so results never depend on the thread count). Rules: the index rules, masks,
+// segment ids and a constant bias / slopes / sinks (their gradients and the softcap are the
+// torch-op pass's, declined by the caller); a non-finite row of k, v, Kc or Vc declines the
+// call (returns false).
 #pragma once
 #include <cmath>
 
@@ -42,7 +45,6 @@ struct Hessian {
   const Params& P;
   int64_t NP, BR;  // panels per row block, rows per block (NP * MR)
   int64_t LD;      // row stride of the band's tiles
-  int64_t D2;      // row stride of the [Qc | Q] rows (the R product's width 2D, padded)
   int64_t Nkp;     // keys padded to whole tiles
   bool need_dout;
   // per unit slot of a wave: [K^T; Kc^T] panels (2D x PW a tile), K and Kc rows, V and Vc
@@ -56,7 +58,6 @@ struct Hessian {
   Hessian(const Plan<V>& plan, const Params& p) : pl(plan), P(p) {
     Nkp = pl.ntiles * PW;
     LD = Nkp + W;
-    D2 = cdiv(2 * P.D, W) * W;
     need_dout = P.tout != nullptr;
     // a block's four band tiles within about 2 MB (a core's share of cache), 1 to 8 panels
     const int64_t per_panel = 4 * MR * LD * int64_t(sizeof(T));
@@ -141,29 +142,32 @@ struct Hessian {
   struct Scratch {
     // band: U (W, then PX, then U) | dS (dP, then dS) | P (S, then P) | PR (R, then PR), each
     // BR x LD; U and dS adjacent so that k-bar's two products are one of depth 2 BR
-    Buf<T> band, qs, qq, dos, os, lse, dd, dl, r, c, qacc, doacc;
+    // qk, dk: each register panel's [Qc | Q] and dO rows packed k-major ([2D][MR], [Dv][MR]),
+    // so that sweep 1's micro-kernels broadcast from one pointer at constant offsets (as the
+    // forward's packed q)
+    Buf<T> band, qs, qk, dk, dos, os, lse, dd, dl, r, c, qacc, doacc;
     explicit Scratch(const Hessian& hs)
-        : band(4 * hs.BR * hs.LD), qs(2 * hs.BR * hs.pl.Dp), qq(hs.BR * hs.D2),
+        : band(4 * hs.BR * hs.LD), qs(2 * hs.BR * hs.pl.Dp),
+          qk(hs.NP * 2 * hs.P.D * V::MR), dk(hs.NP * hs.P.Dv * V::MR),
           dos(hs.BR * hs.pl.Dvp), os(hs.BR * hs.pl.Dvp), lse(hs.BR),
           dd(hs.BR), dl(hs.BR), r(hs.BR), c(hs.BR), qacc(hs.BR * hs.pl.Dp),
           doacc(hs.need_dout ? hs.BR * hs.pl.Dvp : 0) {}
   };
 
-  // The rows of block i0 of head h: scaled q and Qc (as [Q; Qc] and as [Qc | Q] rows), dO, O,
-  // lse (+inf: the row sees nothing), D and dlse; rows past Nq are zero (lse +inf).
+  // The rows of block i0 of head h: scaled q and Qc (as [Q; Qc] rows and packed k-major as
+  // [Qc | Q] per register panel), dO (rows and packed), O, lse (+inf: the row sees nothing), D
+  // and dlse; rows past Nq are zero (lse +inf).
   void load_rows(int64_t b, int64_t h, int64_t i0, Scratch& sc) const {
     const int64_t D = P.D, Dp = pl.Dp, Dvp = pl.Dvp;
     for (int64_t r = 0; r < BR; r++) {
       const int64_t i = i0 + r;
       T* q = sc.qs.p + r * Dp;
       T* qc = sc.qs.p + (BR + r) * Dp;
-      T* qq = sc.qq.p + r * D2;
       T* dO = sc.dos.p + r * Dvp;
       T* o = sc.os.p + r * Dvp;
       if (i >= P.Nq) {
         zero_bytes(q, sizeof(T) * Dp);
         zero_bytes(qc, sizeof(T) * Dp);
-        zero_bytes(qq, sizeof(T) * D2);
         zero_bytes(dO, sizeof(T) * Dvp);
         zero_bytes(o, sizeof(T) * Dvp);
         sc.lse[r] = T(INFINITY);
@@ -172,11 +176,6 @@ struct Hessian {
       }
       load_q_row<V>(P.q, b, h, i, D, Dp, pl.qscale, q);
       load_q_row<V>(P.tq, b, h, i, D, Dp, pl.qscale, qc);
-      for (int64_t d = 0; d < D; d++) {
-        qq[d] = qc[d];
-        qq[D + d] = q[d];
-      }
-      for (int64_t d = 2 * D; d < D2; d++) qq[d] = T(0);
       load_row<V>(P.dout, b, h, i, P.Dv, Dvp, dO);
       load_row<V>(P.o, b, h, i, P.Dv, Dvp, o);
       T delta = 0;
@@ -189,6 +188,20 @@ struct Hessian {
       sc.lse[r] = l == T(-INFINITY) ? T(INFINITY) : l;
       sc.dd[r] = delta - dlse;
       sc.dl[r] = dlse;
+    }
+    for (int64_t p = 0; p < NP; p++) {
+      T* qk = sc.qk.p + p * 2 * D * MR;
+      T* dk = sc.dk.p + p * P.Dv * MR;
+      for (int i = 0; i < MR; i++) {
+        const T* q = sc.qs.p + (p * MR + i) * Dp;
+        const T* qc = sc.qs.p + (BR + p * MR + i) * Dp;
+        const T* dO = sc.dos.p + (p * MR + i) * Dvp;
+        for (int64_t d = 0; d < D; d++) {
+          qk[d * MR + i] = qc[d];
+          qk[(D + d) * MR + i] = q[d];
+        }
+        for (int64_t d = 0; d < P.Dv; d++) dk[d * MR + i] = dO[d];
+      }
     }
   }
 
@@ -238,8 +251,8 @@ struct Hessian {
       for (int64_t t = c0; t < c1; t++) {
         for (int64_t p = 0; p < NP; p++) {
           const int64_t r0 = p * MR;
-          const T* qq = sc.qq.p + r0 * D2;
-          const T* dO = sc.dos.p + r0 * Dvp;
+          const T* qk = sc.qk.p + p * 2 * D * MR;
+          const T* dk = sc.dk.p + p * Dv * MR;
           const int64_t col = r0 * LD + (t - t_lo) * PW;
           T *s = Pb + col, *dp = dSb + col, *rr = PRb + col, *w = Ub + col;
           const uint8_t cls = p < npan ? pl.tile_class(pans[p], t) : uint8_t(EMPTY);
@@ -252,12 +265,14 @@ struct Hessian {
             continue;
           }
           const T* panel = kpu + t * 2 * D * PW;
-          mk<V, MR, 2, STORE>(D, qq + D, D2, 1, panel, PW, s, LD, nullptr);  // Q K^T
+          // Q K^T, Qc K^T + Q Kc^T, dO V^T, dO Vc^T; each asks for its panel's row 16 steps
+          // ahead (the next tile's panel for the first row panel to read it), as the forward
+          mk<V, MR, 2, STORE, 16>(D, qk + D * MR, 1, MR, panel, PW, s, LD, nullptr);
           if (cls == PARTIAL || pl.bias || pl.alibi)
             pl.epilogue(s, LD, pans[p], t, cls, nullptr, nullptr);
-          mk<V, MR, 2, STORE>(2 * D, qq, D2, 1, panel, PW, rr, LD, nullptr);  // Qc K^T + Q Kc^T
-          mk<V, MR, 2, STORE>(Dv, dO, Dvp, 1, vpu + t * Dv * PW, PW, dp, LD, nullptr);  // dO V^T
-          mk<V, MR, 2, STORE>(Dv, dO, Dvp, 1, vcpu + t * Dv * PW, PW, w, LD, nullptr);  // dO Vc^T
+          mk<V, MR, 2, STORE, 16>(2 * D, qk, 1, MR, panel, PW, rr, LD, nullptr);
+          mk<V, MR, 2, STORE, 16>(Dv, dk, 1, MR, vpu + t * Dv * PW, PW, dp, LD, nullptr);
+          mk<V, MR, 2, STORE, 16>(Dv, dk, 1, MR, vcpu + t * Dv * PW, PW, w, LD, nullptr);
         }
       }
       const int64_t k0 = (c0 - t_lo) * PW, k1 = (c1 - t_lo) * PW;
@@ -283,32 +298,46 @@ struct Hessian {
       }
     }
     for (int64_t r = 0; r < BR; r++) sc.c[r] = sc.r[r] * sc.dl[r] - sc.c[r];
-    if (need_dout) {  // PR V + P Vc (before PR takes the folded term)
-      const T* vru = vr.p + slot * vr_n + j0 * Dvp;
-      const T* vcru = vcr.p + slot * vr_n + j0 * Dvp;
-      gemm<V, STORE>(BR, Dvp / W, n, PRb, LD, 1, vru, Dvp, sc.doacc.p, Dvp, nullptr);
-      gemm<V, ADD>(BR, Dvp / W, n, Pb, LD, 1, vcru, Dvp, sc.doacc.p, Dvp, nullptr);
-    }
-    // sweep 2: U = PX + a dS + c P, PR' = PR + a P (a = -r)
-    for (int64_t r = 0; r < BR; r++) {
-      T *u = Ub + r * LD, *ds = dSb + r * LD, *pp = Pb + r * LD, *pr = PRb + r * LD;
-      const V a = V::set1(-sc.r[r]), cc = V::set1(sc.c[r]);
-      for (int64_t c = 0; c < n; c += W) {
-        const V pv = V::load(pp + c);
-        fmadd(a, V::load(ds + c), fmadd(cc, pv, V::load(u + c))).store(u + c);
-        fmadd(a, pv, V::load(pr + c)).store(pr + c);
+    // sweep 2, a chunk of keys at a time (its K, Kc rows and k-bar, v-bar rows stay in cache
+    // for every row tile of the band): U = PX + a dS + c P, PR' = PR + a P (a = -r), then the
+    // chunk's share of every product
+    const T* kru = kr.p + slot * kr_n + j0 * Dp;
+    const T* kcru = kcr.p + slot * kr_n + j0 * Dp;
+    const T* vru = need_dout ? vr.p + slot * vr_n + j0 * Dvp : nullptr;
+    const T* vcru = need_dout ? vcr.p + slot * vr_n + j0 * Dvp : nullptr;
+    T* kb = kbar_part(seg, slot) + j0 * Dp;
+    T* vb = vbar_part(seg, slot) + j0 * Dvp;
+    constexpr int64_t KC = CT * PW;
+    for (int64_t k0 = 0; k0 < n; k0 += KC) {
+      const int64_t kn = imin(KC, n - k0);
+      if (need_dout) {  // dO-bar's PR V + P Vc (before PR takes the folded term)
+        if (k0 == 0)
+          gemm<V, STORE>(BR, Dvp / W, kn, PRb, LD, 1, vru, Dvp, sc.doacc.p, Dvp, nullptr);
+        else
+          gemm<V, ADD>(BR, Dvp / W, kn, PRb + k0, LD, 1, vru + k0 * Dvp, Dvp, sc.doacc.p, Dvp,
+                       nullptr);
+        gemm<V, ADD>(BR, Dvp / W, kn, Pb + k0, LD, 1, vcru + k0 * Dvp, Dvp, sc.doacc.p, Dvp,
+                     nullptr);
       }
+      for (int64_t r = 0; r < BR; r++) {
+        T *u = Ub + r * LD, *ds = dSb + r * LD, *pp = Pb + r * LD, *pr = PRb + r * LD;
+        const V a = V::set1(-sc.r[r]), cc = V::set1(sc.c[r]);
+        for (int64_t c = k0; c < k0 + kn; c += W) {
+          const V pv = V::load(pp + c);
+          fmadd(a, V::load(ds + c), fmadd(cc, pv, V::load(u + c))).store(u + c);
+          fmadd(a, pv, V::load(pr + c)).store(pr + c);
+        }
+      }
+      // q-bar = scale (U K + dS Kc) of the block's rows
+      if (k0 == 0)
+        gemm<V, STORE>(BR, Dp / W, kn, Ub, LD, 1, kru, Dp, sc.qacc.p, Dp, nullptr);
+      else
+        gemm<V, ADD>(BR, Dp / W, kn, Ub + k0, LD, 1, kru + k0 * Dp, Dp, sc.qacc.p, Dp, nullptr);
+      gemm<V, ADD>(BR, Dp / W, kn, dSb + k0, LD, 1, kcru + k0 * Dp, Dp, sc.qacc.p, Dp, nullptr);
+      // k-bar += [U; dS]^T [Q; Qc] (one product of depth 2 BR), v-bar += PR'^T dO
+      gemm<V, ADD>(kn, Dp / W, 2 * BR, Ub + k0, 1, LD, sc.qs.p, Dp, kb + k0 * Dp, Dp, nullptr);
+      gemm<V, ADD>(kn, Dvp / W, BR, PRb + k0, 1, LD, sc.dos.p, Dvp, vb + k0 * Dvp, Dvp, nullptr);
     }
-    // q-bar = scale (U K + dS Kc) of the block's rows
-    gemm<V, STORE>(BR, Dp / W, n, Ub, LD, 1, kr.p + slot * kr_n + j0 * Dp, Dp, sc.qacc.p, Dp,
-                   nullptr);
-    gemm<V, ADD>(BR, Dp / W, n, dSb, LD, 1, kcr.p + slot * kr_n + j0 * Dp, Dp, sc.qacc.p, Dp,
-                 nullptr);
-    // k-bar += [U; dS]^T [Q; Qc] (one product of depth 2 BR), v-bar += PR'^T dO
-    gemm<V, ADD>(n, Dp / W, 2 * BR, Ub, 1, LD, sc.qs.p, Dp, kbar_part(seg, slot) + j0 * Dp, Dp,
-                 nullptr);
-    gemm<V, ADD>(n, Dvp / W, BR, PRb, 1, LD, sc.dos.p, Dvp, vbar_part(seg, slot) + j0 * Dvp, Dvp,
-                 nullptr);
     const T scale = T(P.scale);
     for (int64_t r = 0; r < nreal; r++) {
       T* dst = qbar + (row_at + r) * D;
