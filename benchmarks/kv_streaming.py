@@ -144,7 +144,13 @@ def table(result: dict[str, Any]) -> str:
         f"SmolLM2-135M-Instruct, {meta['tokens']} tokens of pydoc text fed {how} (the cache "
         f"evicts after each), attention `{meta['attention']}`; full cache: perplexity "
         f"{full['ppl']:.3f}. Each cell: perplexity over all tokens (vs the full cache) / over the "
-        "tokens past the budget (vs the full cache on the same tokens).",
+        "tokens past the budget (vs the full cache on the same tokens)."
+        + (
+            f" Rows kept from an earlier run ({meta['kept']['date']}): "
+            f"{', '.join(meta['kept']['rows'])}."
+            if meta.get("kept")
+            else ""
+        ),
         "",
         "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
         "| --- |" + " ---: |" * len(budgets),
@@ -154,7 +160,7 @@ def table(result: dict[str, Any]) -> str:
         for b in budgets:
             r = by.get((p, b))
             cells.append(
-                ""
+                "not run"
                 if r is None
                 else f"{r['ppl']:.3f} ({r['vs_full_pct']:+.1f}%) / {r['ppl_evicted']:.3f} "
                 f"({r['evicted_vs_full_pct']:+.1f}%)"
