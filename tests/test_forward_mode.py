@@ -15,6 +15,7 @@ from torch.autograd import forward_ad
 
 import selfattn
 from helpers import gen, jvp_memory_growth, make_qkv, packed_ids, tiled_split, torch_threads
+from selfattn import engine
 from selfattn.backends.native import build
 
 BACKENDS = ["tiled", "native"]
@@ -255,6 +256,30 @@ def test_reverse_mode_through_a_tangent_declines_clearly(backend):
         tout = forward_ad.unpack_dual(out).tangent
     with pytest.raises(NotImplementedError, match=f"backend '{backend}'.*not differentiable"):
         tout.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tangents_out_added_a_zero_over_the_whole_tangent_when_nothing_could_record(backend):
+    """With grad mode on but nothing requiring grad, reverse mode cannot reach the tangent: it
+    is returned as the pass wrote it (no in-place add of the refusing zero, which cost a pass
+    over the output's tangent), and a tensor that requires grad still brings the refusal."""
+    _skip_native(backend)
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 4, dtype=torch.float64, seed=12)
+    t = torch.randn_like(q)
+    (got,) = engine.tangents_out(backend, (q, k, v, t), (t,))
+    assert got is t and t._version == 0 and t.grad_fn is None
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(q, t)
+        (got,) = engine.tangents_out(backend, (dual, k, v, t), (t,))
+    assert t._version == 0 and got.grad_fn is None
+    (got,) = engine.tangents_out(backend, (q, k.requires_grad_(), v, t), (t.clone(),))
+    assert got.grad_fn is not None
+    _, tout = torch.func.jvp(
+        lambda q: selfattn.attention(q, k.detach(), v, backend=backend), (q,), (t,)
+    )
+    assert tout.grad_fn is None and not tout.requires_grad
+    if backend == "native":  # the fused pass's own tensor, as its kernel wrote it
+        assert tout._version == 0
 
 
 def test_a_tangent_on_the_sinks_alone_reaches_the_output():

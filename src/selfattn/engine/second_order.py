@@ -160,16 +160,36 @@ class _RefuseReverse(torch.autograd.Function):
         return torch.zeros(())
 
 
+def _may_record(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether reverse mode may record through ops on ``tensors``: under a ``torch.func``
+    transform other than jvp, always (its wrappers track gradients themselves); else when one of
+    them, without torch.func.jvp's wrappers (which never show ``requires_grad``), requires grad."""
+    functorch = torch._C._functorch
+    stack = functorch.get_interpreter_stack() or []
+    if any(i.key() != functorch.TransformType.Jvp for i in stack):
+        return True
+    for t in tensors:
+        while functorch.is_functorch_wrapped_tensor(t):
+            t = functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
+
+
 def tangents_out(name: str, anchors: Sequence[Any], tangents: tuple) -> tuple:
     """The forward-mode tangents a node's ``jvp`` returns, refusing reverse mode through them.
 
     The tangent pass is computed under no_grad; when reverse mode is recording, a gradient
     through the tangent would silently lack every term, so the tangents then carry a node whose
-    backward raises. Consistency-model targets take the JVP's tangent under a stop-gradient
-    and never reach it; the primal output stays differentiable.
+    backward raises. Where it cannot record (no ``torch.func`` grad transform, and no operand
+    or tangent requires grad) they are returned as they are. Consistency-model targets take
+    the JVP's tangent under a stop-gradient and never reach it; the primal output stays
+    differentiable.
     """
     live = [a for a in anchors if isinstance(a, torch.Tensor)]
     if not torch.is_grad_enabled() or not live:
+        return tangents
+    if not _may_record(live):  # nothing to refuse, and no add over the whole tangent to pay
         return tangents
     text = (
         f"selfattn: backend {name!r} gives forward-mode tangents that are not differentiable "

@@ -115,6 +115,20 @@ static inline typename V::T softmax_row(typename V::T* s, int64_t n, typename V:
   return alpha;
 }
 
+// out[r] = the sum of the W lanes of red[r * W, r * W + W) for the R rows (red holds
+// ceil(R / W) * W rows, those from R on are zeroed here): W rows' vectors at a time transposed
+// and added (V::reduce_lanes), instead of one horizontal reduction a row
+template <class V, int R>
+static inline void row_sums(typename V::T* red, typename V::T* out) {
+  constexpr int W = V::W, G = (R + W - 1) / W;
+  for (int r = R; r < G * W; r++) V::zero().store(red + r * W);
+  for (int g = 0; g < G; g++) {
+    V t[W];
+    for (int i = 0; i < W; i++) t[i] = V::load(red + (g * W + i) * W);
+    V::reduce_lanes(t).store(out + g * W);
+  }
+}
+
 // softmax_row for the R rows of a score panel at once, with the same arithmetic row by row
 // except where the lanes are combined: the rows' maxima and sums are reduced across lanes
 // together (W row vectors transposed, then combined vertically) and the rescale factors
@@ -149,12 +163,7 @@ static inline void softmax_panel(typename V::T* S, int64_t lds, int64_t n, typen
   }
   for (int g = 0; g < G; g++) V::exp2(V::load(arg + g * W)).store(alpha + g * W);
   for (int r = 0; r < R; r++) exp_row<V>(S + r * lds, n, base[r]).store(red + r * W);
-  for (int r = R; r < G * W; r++) V::zero().store(red + r * W);
-  for (int g = 0; g < G; g++) {  // the rows' sums, lane by lane (cm is free again)
-    V t[W];
-    for (int i = 0; i < W; i++) t[i] = V::load(red + (g * W + i) * W);
-    V::reduce_lanes(t).store(cm + g * W);
-  }
+  row_sums<V, R>(red, cm);  // the rows' sums (cm is free again)
   for (int r = 0; r < R; r++) {
     l[r] = l[r] * alpha[r] + cm[r];
     al[r] = alpha[r];
@@ -211,6 +220,57 @@ static inline T add_sink(T sink, T& m, T& l) {
   }
   l += T(std::exp2((sink - m) * T(LOG2E)));
   return T(1);
+}
+
+// Rows [0, R) of a row-major block (row stride lds), columns [0, D), d-major:
+// dst[d * R + r] = src[r * lds + d]
+template <class T, int R>
+static inline void d_major(const T* src, int64_t lds, int64_t D, T* dst) {
+  for (int64_t d = 0; d < D; d++)
+    for (int r = 0; r < R; r++) dst[d * R + r] = src[r * lds + d];
+}
+
+// The panel groups of one chunk of tiles [c0, c1): for each run of NG consecutive panels (of
+// npan), the classes of each panel's tiles (cls + g * CT, tile c0 first; EMPTY outside its
+// range), then f(p0, ng, t_lo, t_hi): the NG panels together over the union of their visible
+// tiles where each has one; else each panel with a visible tile alone (ng = 1) over its own,
+// its classes copied to cls[0, CT) (none of a neighbour's tiles that it cannot see).
+template <class V, int NG, int CT, class F>
+static inline void chunk_groups(const Plan<V>& pl, const typename Plan<V>::Panel* pans,
+                                int64_t npan, int64_t c0, int64_t c1, uint8_t* cls, F&& f) {
+  for (int64_t p0 = 0; p0 < npan; p0 += NG) {
+    int64_t lo = c1, hi = c0;
+    int live[NG], nl = 0;
+    for (int g = 0; g < NG && p0 + g < npan; g++) {
+      const auto& pn = pans[p0 + g];
+      uint8_t* cg = cls + g * CT;
+      int64_t t_lo, t_hi;
+      pl.tile_range(pn, t_lo, t_hi);
+      t_lo = imax(t_lo, c0);
+      t_hi = imin(t_hi, c1);
+      for (int64_t t = c0; t < c1; t++)
+        cg[t - c0] = t >= t_lo && t < t_hi ? pl.tile_class(pn, t) : uint8_t(EMPTY);
+      while (t_lo < t_hi && cg[t_lo - c0] == EMPTY) t_lo++;
+      while (t_hi > t_lo && cg[t_hi - 1 - c0] == EMPTY) t_hi--;
+      if (t_lo >= t_hi) continue;
+      live[nl++] = g;
+      lo = imin(lo, t_lo);
+      hi = imax(hi, t_hi);
+    }
+    if (nl == NG) {
+      f(p0, NG, lo, hi);
+      continue;
+    }
+    for (int x = 0; x < nl; x++) {
+      const int g = live[x];
+      if (g != 0)
+        for (int64_t t = c0; t < c1; t++) cls[t - c0] = cls[g * CT + t - c0];
+      int64_t t_lo = c0, t_hi = c1;
+      while (cls[t_lo - c0] == EMPTY) t_lo++;
+      while (cls[t_hi - 1 - c0] == EMPTY) t_hi--;
+      f(p0 + g, 1, t_lo, t_hi);
+    }
+  }
 }
 
 template <class V>
@@ -315,8 +375,7 @@ struct Forward {
     // each panel's q also d-major ([d][MR]): the QK^T kernel then broadcasts its MR entries at
     // fixed offsets from one pointer, instead of from MR row pointers (12 of them spill GPRs)
     for (int64_t p = 0; p < npan; p++)
-      for (int64_t d = 0; d < D; d++)
-        for (int r = 0; r < MR; r++) sc.qt[(p * Dp + d) * MR + r] = sc.q[(p * MR + r) * Dp + d];
+      d_major<T, MR>(sc.q.p + p * MR * Dp, Dp, D, sc.qt.p + p * Dp * MR);
     if (need_out) sc.o.zero(npan * MR * Dvp);
 
     Bounds bb = key_bounds(P.start + i0, P.start + i1 - 1, P.Nk, P.causal, P.left, P.right);
@@ -332,40 +391,10 @@ struct Forward {
           vr = P.need_out ? sc.vrc.p - c0 * PW * Dvp : nullptr;
           bad = any ? sc.badc.p - c0 * PW : nullptr;
         }
-        for (int64_t p0 = 0; p0 < npan; p0 += NG) {
-          // the group's panels with a visible tile in this chunk, and the union of their tiles
-          int64_t lo = c1, hi = c0;
-          int live[NG], nl = 0;
-          for (int g = 0; g < NG && p0 + g < npan; g++) {
-            const auto& pn = pans[p0 + g];
-            uint8_t* cls = sc.cls.p + g * CT;
-            int64_t t_lo, t_hi;
-            pl.tile_range(pn, t_lo, t_hi);
-            t_lo = imax(t_lo, c0);
-            t_hi = imin(t_hi, c1);
-            for (int64_t t = c0; t < c1; t++)
-              cls[t - c0] = t >= t_lo && t < t_hi ? pl.tile_class(pn, t) : uint8_t(EMPTY);
-            while (t_lo < t_hi && cls[t_lo - c0] == EMPTY) t_lo++;
-            while (t_hi > t_lo && cls[t_hi - 1 - c0] == EMPTY) t_hi--;
-            if (t_lo >= t_hi) continue;
-            live[nl++] = g;
-            lo = imin(lo, t_lo);
-            hi = imax(hi, t_hi);
-          }
-          if (nl == NG) {
-            group_chunk(pans, p0, NG, lo, hi, c0, kt, vr, bad, sc);
-          } else {  // one panel alone (its tiles only): none of a neighbour's that it cannot see
-            for (int x = 0; x < nl; x++) {
-              const int g = live[x];
-              if (g != 0)  // its classes where group_chunk reads the first panel's
-                for (int64_t t = c0; t < c1; t++) sc.cls[t - c0] = sc.cls[g * CT + t - c0];
-              int64_t t_lo = c0, t_hi = c1;
-              while (sc.cls[t_lo - c0] == EMPTY) t_lo++;
-              while (sc.cls[t_hi - 1 - c0] == EMPTY) t_hi--;
-              group_chunk(pans, p0 + g, 1, t_lo, t_hi, c0, kt, vr, bad, sc);
-            }
-          }
-        }
+        chunk_groups<V, NG, CT>(pl, pans, npan, c0, c1, sc.cls.p,
+                                [&](int64_t p0, int ng, int64_t lo, int64_t hi) {
+                                  group_chunk(pans, p0, ng, lo, hi, c0, kt, vr, bad, sc);
+                                });
       }
     }
     finish(b, h, i0, rows, sc);

@@ -8,15 +8,17 @@
 //     O = sum p v,   T = sum p (dv + dS v),   c = sum p dS,   l = sum p
 //     out = O / l,   d lse = c / l,   d out = T / l - out * d lse
 //
-// The query rows are kept as [q | dq] and each key tile is packed as one panel [dK^T; K^T].
-// With 32 vector registers (MR = 12) S and dS come from one register tile per half panel over
-// that panel, O and T from one pass over the rows of V and dV (jvp_tiles.h); with AVX2's 16,
-// dS is one micro-kernel product of width 2D and T two P V-shaped products (X = p * dS against
-// V, p against dV), each on its own. Work items, tiles,
-// chunks and waves are the forward's; K and dK are packed per (batch, kv head) unit, V and dV
-// too unless they are read in place (same dtype as the compute, unit inner stride, Dv a
-// multiple of W: then only the last, partial tile of keys is copied, zero-padded), which keeps
-// the pass's memory beyond its results to the K panels (docs/derivatives.md, Measured).
+// The query rows are kept d-major per panel as [q^T; dq^T] and each key tile is packed as one
+// panel [dK^T; K^T]. With 32 vector registers (MR = 12) S and dS come from one register tile
+// per half panel over that panel, O and T from one pass over the rows of V and dV
+// (jvp_tiles.h); with AVX2's 16, dS is one micro-kernel product of width 2D and T two P V-shaped
+// products (X = p * dS against V, p against dV), each on its own. Work items, tiles, chunks,
+// groups of two panels (chunk_groups: each K tile and V block read from L1 by both), the
+// softmax update (softmax_panel) and waves are the forward's; K and dK are packed per (batch,
+// kv head) unit, V and dV too unless they are read in place (same dtype as the compute, unit
+// inner stride, Dv a multiple of W: then only the last, partial tile of keys is copied,
+// zero-padded), which keeps the pass's memory beyond its results to the K panels
+// (docs/derivatives.md, Measured).
 // A non-finite row of k, v, dk or dv declines the call (the caller then takes the torch-op
 // tangent pass, whose semantics for such rows are the forward's): the pass returns false.
 #pragma once
@@ -33,6 +35,12 @@ struct Jvp {
   using T = typename V::T;
   static constexpr int W = V::W, MR = V::MR, PW = 2 * W, NP = 8, BM = NP * MR;
   static constexpr int CT = 256 / PW, KC = CT * PW, LDS = KC + W;
+  // panels per group, as the forward's (chunk_groups): each K tile and each slice of V and dV
+  // is read from L1 by all of the group's panels
+  static constexpr int NG = Forward<V>::NG;
+  // keys per block of the value tiles: a block's rows of V and dV (a pair of column vectors
+  // each) and the group's P and X stay in L1 while every half panel reads them (128: 5% slower)
+  static constexpr int VKB = 64;
   // rows of the fused tiles (score_pair, value_pair): their 4 vectors a row make the 2 MR
   // accumulators of the scores' MR x 2 tile, plus 4 vectors of K and dK (V and dV) and 2
   // broadcasts: 30 registers with MR = 12 (AVX-512, NEON: 32). AVX2's 16 (MR = 6) would spill,
@@ -45,7 +53,7 @@ struct Jvp {
   const Params& P;
   bool tq, tk, tv, tbias, talibi;
   bool ds_any;  // some tangent reaches the scores (else dS = 0: c = 0 and T = sum p dv)
-  int64_t Dq2;   // row stride of the query buffer: q at [0, D), dq at [D, 2D)
+  int64_t Dq2;   // row stride of the query rows: q at [0, D), dq at [D, 2D)
   int64_t kpt;   // elements of one tile's panel: [dK^T (D rows, with tk); K^T (D rows)] x PW
   int64_t koff;  // where K^T starts within it
   T dmul;        // d score / d (scaled q.k) beyond 1 - tanh^2: the softcap unless divided
@@ -81,11 +89,15 @@ struct Jvp {
     return static_cast<const T*>(x.p) + b * x.s[0] + kvh * x.s[1];
   }
 
+  // q: the block's rows [q | dq] (row stride Dq2); qt: each panel's d-major, [q^T; dq^T]
+  // (2 D x MR), which the score tiles read
   struct Scratch {
-    Buf<T> q, o, t, m, l, c, al, s, ds, th;
+    Buf<T> q, qt, o, t, m, l, c, al, s, ds, th;
+    Buf<uint8_t> cls;
     explicit Scratch(const Jvp& j)
-        : q(BM * j.Dq2), o(BM * j.pl.Dvp), t(BM * j.pl.Dvp), m(BM), l(BM), c(BM), al(MR),
-          s(MR * LDS), ds(MR * LDS), th(j.pl.softcap ? MR * LDS : 0) {}
+        : q(BM * j.Dq2), qt(BM * 2 * j.P.D), o(BM * j.pl.Dvp), t(BM * j.pl.Dvp), m(BM), l(BM),
+          c(BM), al(NG * MR), s(NG * MR * LDS), ds(NG * MR * LDS),
+          th(j.pl.softcap ? NG * MR * LDS : 0), cls(NG * CT) {}
   };
 
   int64_t unit_elems() const {
@@ -171,6 +183,8 @@ struct Jvp {
       sc.l[r] = T(0);
       sc.c[r] = T(0);
     }
+    for (int64_t p = 0; p < npan; p++)
+      d_major<T, MR>(sc.q.p + p * MR * Dq2, Dq2, 2 * D, sc.qt.p + p * 2 * D * MR);
     sc.o.zero(npan * MR * pl.Dvp);
     sc.t.zero(npan * MR * pl.Dvp);
     Bounds bb = key_bounds(P.start + i0, P.start + i1 - 1, P.Nk, P.causal, P.left, P.right);
@@ -178,55 +192,47 @@ struct Jvp {
       typename Plan<V>::Panel pans[NP];
       for (int64_t p = 0; p < npan; p++) pans[p] = pl.panel(b, h, i0 + p * MR);
       const int64_t tb0 = bb.lo / PW, tb1 = cdiv(bb.hi, PW);
-      uint8_t cls[CT];
       for (int64_t c0 = tb0; c0 < tb1; c0 += CT) {
         const int64_t c1 = imin(c0 + CT, tb1);
-        for (int64_t p = 0; p < npan; p++) {
-          const auto& pn = pans[p];
-          int64_t t_lo, t_hi;
-          pl.tile_range(pn, t_lo, t_hi);
-          t_lo = imax(t_lo, c0);
-          t_hi = imin(t_hi, c1);
-          for (int64_t t = t_lo; t < t_hi; t++) cls[t - c0] = pl.tile_class(pn, t);
-          while (t_lo < t_hi && cls[t_lo - c0] == EMPTY) t_lo++;
-          while (t_hi > t_lo && cls[t_hi - 1 - c0] == EMPTY) t_hi--;
-          if (t_lo >= t_hi) continue;
-          panel_chunk(slot, pn, p, t_lo, t_hi, cls, c0, sc);
-        }
+        chunk_groups<V, NG, CT>(pl, pans, npan, c0, c1, sc.cls.p,
+                                [&](int64_t p0, int ng, int64_t lo, int64_t hi) {
+                                  group_chunk(slot, pans, p0, ng, lo, hi, c0, sc);
+                                });
       }
     }
     finish(b, h, i0, rows, sc);
   }
 
   // S = q K^T of tile t for the panel's MR rows into st and, with a tangent that reaches the
-  // scores, the product part of dS (dq K^T + q dK^T, or 0 without tq and tk) into dt.
-  void scores(const T* qp, const T* panel, T* st, T* dt) const {
+  // scores, the product part of dS (dq K^T + q dK^T, or 0 without tq and tk) into dt; qt: the
+  // panel's [q^T; dq^T] (2 D x MR).
+  void scores(const T* qt, const T* panel, T* st, T* dt) const {
     const int64_t D = P.D;
     const T* K = panel + koff;
     if (fused && tq && tk)
-      score_halves<true, true>(qp, K, panel, st, dt);
+      score_halves<true, true>(qt, K, panel, st, dt);
     else if (fused && tq)
-      score_halves<true, false>(qp, K, panel, st, dt);
+      score_halves<true, false>(qt, K, panel, st, dt);
     else if (fused && tk)
-      score_halves<false, true>(qp, K, panel, st, dt);
+      score_halves<false, true>(qt, K, panel, st, dt);
     else
-      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, K, PW, st, LDS, nullptr);
+      mk<V, MR, 2, STORE>(D, qt, 1, MR, K, PW, st, LDS, nullptr);
     if (fused || !(tq || tk)) {
       if (ds_any && !tq && !tk)
         for (int r = 0; r < MR; r++)
           for (int c = 0; c < PW; c++) dt[r * LDS + c] = T(0);
     } else if (tq && tk) {  // [q | dq] . [dk; k] = q.dk + dq.k, one product of width 2D
-      mk<V, MR, 2, STORE>(2 * D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
+      mk<V, MR, 2, STORE>(2 * D, qt, 1, MR, panel, PW, dt, LDS, nullptr);
     } else if (tq) {
-      mk<V, MR, 2, STORE>(D, qp + D, Dq2, 1, K, PW, dt, LDS, nullptr);
+      mk<V, MR, 2, STORE>(D, qt + D * MR, 1, MR, K, PW, dt, LDS, nullptr);
     } else {
-      mk<V, MR, 2, STORE>(D, qp, Dq2, 1, panel, PW, dt, LDS, nullptr);
+      mk<V, MR, 2, STORE>(D, qt, 1, MR, panel, PW, dt, LDS, nullptr);
     }
   }
   template <bool DQ, bool DK>
-  void score_halves(const T* qp, const T* K, const T* dK, T* st, T* dt) const {
+  void score_halves(const T* qt, const T* K, const T* dK, T* st, T* dt) const {
     for (int h = 0; h < 2; h++)
-      score_pair<V, FR, DQ, DK>(P.D, qp + h * FR * Dq2, Dq2, K, dK, st + h * FR * LDS,
+      score_pair<V, FR, DQ, DK>(P.D, qt + h * FR, 1, MR, P.D * MR, K, dK, st + h * FR * LDS,
                                 dt + h * FR * LDS, LDS);
   }
 
@@ -266,118 +272,135 @@ struct Jvp {
     }
   }
 
-  void panel_chunk(int64_t slot, const typename Plan<V>::Panel& pn, int64_t p, int64_t t_lo,
-                   int64_t t_hi, const uint8_t* cls, int64_t c0, Scratch& sc) const {
+  // Panels p0 .. p0 + ng - 1 (consecutive) against tiles [t_lo, t_hi) of the chunk from tile
+  // c0 (their classes in sc.cls, CT per panel; a tile EMPTY for one panel gives it -inf scores
+  // and dS = 0). Each K tile is read from L1 by every panel of the group, then the rows'
+  // softmax, X = p * dS and c, then O and T over the group's rows.
+  void group_chunk(int64_t slot, const typename Plan<V>::Panel* pans, int64_t p0, int ng,
+                   int64_t t_lo, int64_t t_hi, int64_t c0, Scratch& sc) const {
     const int64_t Dvp = pl.Dvp;
-    const T* qp = sc.q.p + p * MR * Dq2;
     const T* kp = kp_buf.p + slot * kp_n;
-    T* S = sc.s.p;
-    T* DS = sc.ds.p;
-    for (int64_t t = t_lo; t < t_hi; t++) {
-      T* st = S + (t - t_lo) * PW;
-      T* dt = DS + (t - t_lo) * PW;
-      const uint8_t ct = cls[t - c0];
-      if (ct == EMPTY) {
-        for (int r = 0; r < MR; r++)
-          for (int c = 0; c < PW; c++) {
-            st[r * LDS + c] = T(-INFINITY);
-            dt[r * LDS + c] = T(0);
-          }
-        continue;
+    for (int64_t t = t_lo; t < t_hi; t++)
+      for (int g = 0; g < ng; g++) {
+        const auto& pn = pans[p0 + g];
+        T* st = sc.s.p + g * MR * LDS + (t - t_lo) * PW;
+        T* dt = sc.ds.p + g * MR * LDS + (t - t_lo) * PW;
+        const uint8_t ct = sc.cls[g * CT + t - c0];
+        if (ct == EMPTY) {
+          for (int r = 0; r < MR; r++)
+            for (int c = 0; c < PW; c++) {
+              st[r * LDS + c] = T(-INFINITY);
+              dt[r * LDS + c] = T(0);
+            }
+          continue;
+        }
+        scores(sc.qt.p + (p0 + g) * 2 * P.D * MR, kp + t * kpt, st, dt);
+        T* th = pl.softcap ? sc.th.p + g * MR * LDS + (t - t_lo) * PW : nullptr;
+        if (ct == PARTIAL || pl.softcap || pl.bias || pl.alibi)
+          pl.epilogue(st, LDS, pn, t, ct, nullptr, th);
+        if (ds_any) score_tangent(pn, t, th, dt);
       }
-      scores(qp, kp + t * kpt, st, dt);
-      T* th = pl.softcap ? sc.th.p + (t - t_lo) * PW : nullptr;
-      if (ct == PARTIAL || pl.softcap || pl.bias || pl.alibi)
-        pl.epilogue(st, LDS, pn, t, ct, nullptr, th);
-      if (ds_any) score_tangent(pn, t, th, dt);
-    }
     const int64_t n = (t_hi - t_lo) * PW;
-    T* m = sc.m.p + p * MR;
-    T* l = sc.l.p + p * MR;
-    T* c = sc.c.p + p * MR;
-    for (int r = 0; r < MR; r++) {
-      const T al = softmax_row<V>(S + r * LDS, n, m[r], l[r]);
-      sc.al[r] = al;
+    for (int g = 0; g < ng; g++) {
+      T* S = sc.s.p + g * MR * LDS;
+      T* m = sc.m.p + (p0 + g) * MR;
+      T* l = sc.l.p + (p0 + g) * MR;
+      T* al = sc.al.p + g * MR;
+      softmax_panel<V, MR>(S, LDS, n, m, l, al);
       if (!ds_any) continue;
       // X = p * dS in place of dS; c = al c + sum X (before dropout: d lse sees every key)
-      T* s = S + r * LDS;
-      T* x = DS + r * LDS;
-      V sum = V::zero();
-      for (int64_t k = 0; k < n; k += W) {
-        V xv = V::load(s + k) * V::load(x + k);
-        xv.store(x + k);
-        sum = sum + xv;
+      constexpr int G = (MR + W - 1) / W;
+      alignas(64) T red[G * W * W], sum[G * W];
+      for (int r = 0; r < MR; r++) {
+        const T* s = S + r * LDS;
+        T* x = sc.ds.p + (g * MR + r) * LDS;
+        V acc = V::zero();
+        for (int64_t k = 0; k < n; k += W) {
+          V xv = V::load(s + k) * V::load(x + k);
+          xv.store(x + k);
+          acc = acc + xv;
+        }
+        acc.store(red + r * W);
       }
-      c[r] = c[r] * al + sum.hsum();
+      row_sums<V, MR>(red, sum);
+      T* c = sc.c.p + (p0 + g) * MR;
+      for (int r = 0; r < MR; r++) c[r] = c[r] * al[r] + sum[r];
     }
     if (pl.dropout) {
       const T inv = pl.keep_scale;
-      for (int r = 0; r < int(pn.nreal); r++) {
-        uint32_t hr = pl.drop_row(pn.b, pn.h, pn.row0 + r);
-        T* s = S + r * LDS;
-        T* x = DS + r * LDS;
-        for (int64_t k = 0; k < n; k += W) {
-          V::dropout(V::load(s + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(s + k);
-          if (ds_any)
-            V::dropout(V::load(x + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(x + k);
+      for (int g = 0; g < ng; g++) {
+        const auto& pn = pans[p0 + g];
+        for (int r = 0; r < int(pn.nreal); r++) {
+          uint32_t hr = pl.drop_row(pn.b, pn.h, pn.row0 + r);
+          T* s = sc.s.p + (g * MR + r) * LDS;
+          T* x = sc.ds.p + (g * MR + r) * LDS;
+          for (int64_t k = 0; k < n; k += W) {
+            V::dropout(V::load(s + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(s + k);
+            if (ds_any)
+              V::dropout(V::load(x + k), hr, t_lo * PW + k, P.seed1, pl.thr, inv).store(x + k);
+          }
         }
       }
     }
-    T* o = sc.o.p + p * MR * Dvp;
-    T* ta = sc.t.p + p * MR * Dvp;
-    const int64_t kvh = pn.h / P.G;
+    const T* S = sc.s.p;
+    const T* DS = sc.ds.p;
+    const T* al = sc.al.p;
+    T* o = sc.o.p + p0 * MR * Dvp;
+    T* ta = sc.t.p + p0 * MR * Dvp;
+    const int64_t b = pans[p0].b, kvh = pans[p0].h / P.G, M = ng * MR;
     if (fused && (ds_any || tv)) {  // O = al O + P V, T = al T + X V + P dV
-      accumulate(S, DS, t_lo, t_hi, slot, pn.b, kvh, o, ta, sc.al.p);
+      accumulate(M, S, DS, t_lo, t_hi, slot, b, kvh, o, ta, al);
       return;
     }
-    values(S, t_lo, t_hi, slot, pn.b, kvh, false, o, sc.al.p);  // O = al O + P V
+    values(M, S, t_lo, t_hi, slot, b, kvh, false, o, al);  // O = al O + P V
     if (ds_any) {
-      values(DS, t_lo, t_hi, slot, pn.b, kvh, false, ta, sc.al.p);  // T = al T + X V
-      if (tv) values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, nullptr);  // T += P dV
+      values(M, DS, t_lo, t_hi, slot, b, kvh, false, ta, al);  // T = al T + X V
+      if (tv) values(M, S, t_lo, t_hi, slot, b, kvh, true, ta, nullptr);  // T += P dV
     } else if (tv) {
-      values(S, t_lo, t_hi, slot, pn.b, kvh, true, ta, sc.al.p);  // T = al T + P dV
+      values(M, S, t_lo, t_hi, slot, b, kvh, true, ta, al);  // T = al T + P dV
     }
   }
 
-  // O = al O + P V and T = al T + X V (ds_any) + P dV (tv) for the keys of tiles [t_lo, t_hi):
-  // P and X the panel's (MR x keys) buffers; V and dV read in place up to tile tf (vdirect),
-  // from their packed copies after.
-  void accumulate(const T* S, const T* X, int64_t t_lo, int64_t t_hi, int64_t slot, int64_t b,
-                  int64_t kvh, T* o, T* ta, const T* al) const {
+  // O = al O + P V and T = al T + X V (ds_any) + P dV (tv) for the keys of tiles [t_lo, t_hi)
+  // and M rows (whole panels): P and X the rows' (M x keys) buffers; V and dV read in place up
+  // to tile tf (vdirect), from their packed copies after.
+  void accumulate(int64_t M, const T* S, const T* X, int64_t t_lo, int64_t t_hi, int64_t slot,
+                  int64_t b, int64_t kvh, T* o, T* ta, const T* al) const {
     int64_t t0 = t_lo;
     if (vdirect && t_lo < tf) {
       const int64_t tm = imin(t_hi, tf), j0 = t_lo * PW;
       const T* dv = tv ? rows_of(P.tv, b, kvh) + j0 * P.tv.s[2] : nullptr;
-      value_run(S, X, (tm - t_lo) * PW, rows_of(P.v, b, kvh) + j0 * P.v.s[2], P.v.s[2], dv,
+      value_run(M, S, X, (tm - t_lo) * PW, rows_of(P.v, b, kvh) + j0 * P.v.s[2], P.v.s[2], dv,
                 tv ? P.tv.s[2] : 0, o, ta, al);
       if (tm == t_hi) return;
       t0 = tm;
       al = nullptr;  // scaled already: the rest adds
     }
     const int64_t off = slot * vr_n + (t0 - tf) * PW * pl.Dvp, a0 = (t0 - t_lo) * PW;
-    value_run(S + a0, X + a0, (t_hi - t0) * PW, vr_buf.p + off, pl.Dvp,
+    value_run(M, S + a0, X + a0, (t_hi - t0) * PW, vr_buf.p + off, pl.Dvp,
               tv ? dvr_buf.p + off : nullptr, pl.Dvp, o, ta, al);
   }
-  void value_run(const T* S, const T* X, int64_t n, const T* Vr, int64_t ldv, const T* dVr,
-                 int64_t lddv, T* o, T* ta, const T* al) const {
+  void value_run(int64_t M, const T* S, const T* X, int64_t n, const T* Vr, int64_t ldv,
+                 const T* dVr, int64_t lddv, T* o, T* ta, const T* al) const {
     if (ds_any && tv)
-      value_blocks<true, true>(S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
+      value_blocks<true, true>(M, S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
     else if (ds_any)
-      value_blocks<true, false>(S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
+      value_blocks<true, false>(M, S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
     else
-      value_blocks<false, true>(S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
+      value_blocks<false, true>(M, S, X, n, Vr, ldv, dVr, lddv, o, ta, al);
   }
-  // Keys in blocks of 128 (the micro-kernel's summation blocks), each block's rows of V and dV
-  // read by both halves of the panel while in L1; columns two vectors at a time.
+  // Keys in blocks of VKB, each block's rows of V and dV read by every half panel of the M rows
+  // while in L1; columns two vectors at a time.
   template <bool XV, bool PDV>
-  void value_blocks(const T* S, const T* X, int64_t n, const T* Vr, int64_t ldv, const T* dVr,
-                    int64_t lddv, T* o, T* ta, const T* al) const {
+  void value_blocks(int64_t M, const T* S, const T* X, int64_t n, const T* Vr, int64_t ldv,
+                    const T* dVr, int64_t lddv, T* o, T* ta, const T* al) const {
     const int64_t Dvp = pl.Dvp, nv = Dvp / W;
-    for (int64_t k0 = 0; k0 < n; k0 += 128) {
-      const int64_t kn = imin(128, n - k0);
+    const int halves = int(M / FR);
+    for (int64_t k0 = 0; k0 < n; k0 += VKB) {
+      const int64_t kn = imin(VKB, n - k0);
       const bool scale = k0 == 0 && al;
       for (int64_t c = 0; c < nv; c += 2)
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < halves; h++) {
           const int64_t a = h * FR * LDS + k0, r = h * FR * Dvp + c * W;
           const T* v = Vr + k0 * ldv + c * W;
           const T* dv = PDV ? dVr + k0 * lddv + c * W : nullptr;
@@ -400,11 +423,11 @@ struct Jvp {
     }
   }
 
-  // C = al C + A V (al null: C += A V) for the keys of tiles [t_lo, t_hi), A the panel's
-  // (MR x keys) buffer; V or (dv) dV, packed or read in place (then the partial last tile
+  // C = al C + A V (al null: C += A V) for the keys of tiles [t_lo, t_hi) and M rows, A the
+  // rows' (M x keys) buffer; V or (dv) dV, packed or read in place (then the partial last tile
   // from its packed copy, in a second product).
-  void values(const T* A, int64_t t_lo, int64_t t_hi, int64_t slot, int64_t b, int64_t kvh,
-              bool dv, T* C, const T* al) const {
+  void values(int64_t M, const T* A, int64_t t_lo, int64_t t_hi, int64_t slot, int64_t b,
+              int64_t kvh, bool dv, T* C, const T* al) const {
     const int64_t Dvp = pl.Dvp, nv = Dvp / W;
     const T* packed = (dv ? dvr_buf.p : vr_buf.p) + slot * vr_n;
     int64_t t0 = t_lo;
@@ -413,9 +436,9 @@ struct Jvp {
       const int64_t tm = imin(t_hi, tf), n = (tm - t_lo) * PW;
       const T* B = rows_of(x, b, kvh) + t_lo * PW * x.s[2];
       if (al)
-        gemm<V, SCALE>(MR, nv, n, A, LDS, 1, B, x.s[2], C, Dvp, al);
+        gemm<V, SCALE>(M, nv, n, A, LDS, 1, B, x.s[2], C, Dvp, al);
       else
-        gemm<V, ADD>(MR, nv, n, A, LDS, 1, B, x.s[2], C, Dvp, nullptr);
+        gemm<V, ADD>(M, nv, n, A, LDS, 1, B, x.s[2], C, Dvp, nullptr);
       if (tm == t_hi) return;
       t0 = tm;
       al = nullptr;  // scaled already: the rest adds
@@ -424,9 +447,9 @@ struct Jvp {
     const T* B = packed + (t0 - tf) * PW * Dvp;
     const T* A0 = A + (t0 - t_lo) * PW;
     if (al)
-      gemm<V, SCALE>(MR, nv, n, A0, LDS, 1, B, Dvp, C, Dvp, al);
+      gemm<V, SCALE>(M, nv, n, A0, LDS, 1, B, Dvp, C, Dvp, al);
     else
-      gemm<V, ADD>(MR, nv, n, A0, LDS, 1, B, Dvp, C, Dvp, nullptr);
+      gemm<V, ADD>(M, nv, n, A0, LDS, 1, B, Dvp, C, Dvp, nullptr);
   }
 
   // Normalise and write out, lse and the tangents for the block's rows.

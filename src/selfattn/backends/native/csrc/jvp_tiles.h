@@ -9,17 +9,18 @@
 namespace selfattn {
 namespace SA_NS {
 
-// The score tile of FR rows: S = a K^T and dS = da K^T + a dK^T (DQ: the da term, DK: the a dK
-// term) in one pass over the tile's panel rows K (D x 2W, ld 2W) and dK; a row i's q at
-// A + i * sa, its dq D further. Each step loads K's and dK's row once for both products. S is
-// summed as the forward's micro-kernel sums it (same order, the same blocks of KBLK steps), so
-// the pass's probabilities are the forward's; dS in the same blocks (2 KBLK terms each).
+// The score tile of R rows: S = a K^T and dS = da K^T + a dK^T (DQ: the da term, DK: the a dK
+// term) in one pass over the tile's panel rows K (D x 2W, ld 2W) and dK; element k of row i's
+// q at A[i * sa + k * sk], of its dq at A[dqo + i * sa + k * sk] (the pass keeps them d-major:
+// sa = 1, so every broadcast is at a fixed offset from one of two pointers). Each step loads
+// K's and dK's row once for both products. S is summed as the forward's micro-kernel sums it
+// (same order, the same blocks of KBLK steps), so the pass's probabilities are the forward's;
+// dS in the same blocks (2 KBLK terms each).
 template <class V, int R, bool DQ, bool DK>
-static inline __attribute__((always_inline)) void score_pair(int64_t D, const typename V::T* A,
-                                                             int64_t sa, const typename V::T* K,
-                                                             const typename V::T* dK,
-                                                             typename V::T* S, typename V::T* dS,
-                                                             int64_t ldc) {
+static inline __attribute__((always_inline)) void score_pair(
+    int64_t D, const typename V::T* A, int64_t sa, int64_t sk, int64_t dqo,
+    const typename V::T* K, const typename V::T* dK, typename V::T* S, typename V::T* dS,
+    int64_t ldc) {
   using T = typename V::T;
   constexpr int W = V::W, PW = 2 * W;
   constexpr int64_t KBLK = 128;
@@ -36,12 +37,13 @@ static inline __attribute__((always_inline)) void score_pair(int64_t D, const ty
         e0 = V::load(dK + k * PW);
         e1 = V::load(dK + k * PW + W);
       }
+      const typename V::T* ak = A + k * sk;
       for (int i = 0; i < R; i++) {
-        const V a = V::set1(A[i * sa + k]);
+        const V a = V::set1(ak[i * sa]);
         s[i][0] = fmadd(a, b0, s[i][0]);
         s[i][1] = fmadd(a, b1, s[i][1]);
         if (DQ) {
-          const V da = V::set1(A[i * sa + D + k]);
+          const V da = V::set1(ak[dqo + i * sa]);
           d[i][0] = fmadd(da, b0, d[i][0]);
           d[i][1] = fmadd(da, b1, d[i][1]);
         }
@@ -66,7 +68,7 @@ static inline __attribute__((always_inline)) void score_pair(int64_t D, const ty
   } while (k0 < D);
 }
 
-// O and T of R rows x NV vectors over n keys (one block, n <= 128): O (+)= P V and T (+)= X V
+// O and T of R rows x NV vectors over n keys (one block): O (+)= P V and T (+)= X V
 // (XV) + P dV (PDV) in one pass over the rows of V and dV, each loaded once for every product
 // that reads it. P, X: the rows' probabilities and p * dS (ld sa); MODE as the micro-kernel's
 // (SCALE: C = al C + sum; ADD: C += sum), O and T both.
