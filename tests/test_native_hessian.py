@@ -110,6 +110,16 @@ def test_fused_double_backward_with_dout_and_dlse_gradients_matches_math(rule, m
     _close(got, want, 1e-10)
 
 
+def test_fused_double_backward_dout_gradient_over_several_key_chunks(monkeypatch):
+    """Sweep 2 runs a chunk of 256 keys at a time: with 300 keys dO-bar's products (asked for
+    when dO varies), q-bar's and the key-side ones each add a second, partial chunk."""
+    q, k, v = make_qkv(1, 4, 2, 70, 300, 40, 24, dtype=torch.float64, seed=6, requires_grad=True)
+    want = _penalty("math", q, k, v, with_lse=True)
+    _torch_pass_fails(monkeypatch)
+    got = _penalty("native", q, k, v, with_lse=True)
+    _close(got, want, 1e-10)
+
+
 def test_fused_double_backward_float32_within_the_tolerance_rule(monkeypatch):
     """float32 against math in float64: the FlashAttention rule (twice the error of math's own
     float32 result, plus a small floor)."""
