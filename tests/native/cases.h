@@ -494,6 +494,9 @@ inline std::vector<Spec> all_specs() {
     s.Hq = 4; s.Hkv = 2; s.Nq = 150; s.Nk = 161; s.D = 64; s.Dv = 40; s.causal = true;
     s.dlse = true; s.pool_mode = 1;
   });
+  add("hessian over several 256-key chunks", [](Spec& s) {
+    s.Hq = 2; s.Hkv = 1; s.Nq = 40; s.Nk = 300; s.D = s.Dv = 32; s.dlse = true;
+  });
   // ---- edges ----
   add("Nq 0", [](Spec& s) { s.Hq = 2; s.Nq = 0; s.Nk = 97; });
   add("Nk 0", [](Spec& s) { s.Hq = 2; s.Nq = 17; s.Nk = 0; s.dlse = true; });
