@@ -55,15 +55,22 @@ CACHE_LABELS = (
 #: the eviction policies make_cache(budget=...) takes (docs/api.md), in table order
 POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
 #: what the eviction benchmarks run, in table order: every policy, and the scored ones with the
-#: ranking other than their own (``"policy:heads"``: make_cache's ``heads``)
-RUNS = ("window", "sink", "h2o", "h2o:layer", "tova", "tova:kv", "snapkv", "snapkv:layer")
-#: the runs of a benchmark by default: every policy, and one ranking per layer for h2o and snapkv
-DEFAULT_RUNS = ("window", "sink", "h2o", "h2o:layer", "tova", "snapkv", "snapkv:layer")
+#: ranking other than their own (``"policy:heads"``: make_cache's ``heads``; ``"h2o:norm"``:
+#: ``normalize=True``, the mass per query that saw the token)
+RUNS = (
+    "window", "sink", "h2o", "h2o:norm", "h2o:layer", "tova", "tova:kv", "snapkv", "snapkv:layer"
+)  # fmt: skip
+#: the runs of a benchmark by default: every policy, h2o normalised, and one ranking per layer
+#: for h2o and snapkv
+DEFAULT_RUNS = ("window", "sink", "h2o", "h2o:norm", "h2o:layer", "tova", "snapkv", "snapkv:layer")
 
 
 def run_label(run: str) -> str:
-    """A run's name in README tables: ```snapkv```, or ```snapkv`, heads="layer"``."""
+    """A run's name in README tables: ```snapkv```, ```snapkv`, heads="layer"``, or
+    ```h2o`, normalize=True``."""
     policy, _, heads = run.partition(":")
+    if heads == "norm":
+        return f"`{policy}`, `normalize=True`"
     return f"`{policy}`" + (f', `heads="{heads}"`' if heads else "")
 
 
@@ -131,13 +138,15 @@ def new_cache(model: Any, label: str) -> Any:
 
 def budget_cache(model: Any, budget: int | None, policy: str | None) -> Any:
     """``make_cache(model, budget=budget, policy=policy)`` (``policy`` may be a run of
-    :data:`RUNS`: ``"snapkv:layer"`` adds ``heads="layer"``), or the full in-place cache when
+    :data:`RUNS`: ``"snapkv:layer"`` adds ``heads="layer"``, ``"h2o:norm"`` ``normalize=True``), or the full in-place cache when
     ``budget`` is None."""
     from selfattn.integrations.transformers import make_cache
 
     if budget is None:
         return make_cache(model)
     name, _, heads = (policy or "").partition(":")
+    if heads == "norm":
+        return make_cache(model, budget=budget, policy=name, normalize=True)
     return make_cache(model, budget=budget, policy=name, heads=heads or None)
 
 

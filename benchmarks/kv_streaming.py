@@ -26,6 +26,7 @@ budget). Writes benchmarks/results/kv_streaming.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -169,6 +170,36 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merged(keep: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` and the (policy, budget) rows of ``keep`` that ``rows`` lacks, in table order
+    (the full cache first, then budgets, then :data:`RUNS`)."""
+    ran = {(r["policy"], r["budget"]) for r in rows}
+    out = rows + [r for r in keep if (r["policy"], r["budget"]) not in ran]
+    order = ("full", *RUNS)
+    return sorted(out, key=lambda r: (r["budget"] or 0, order.index(r["policy"])))
+
+
+def kept_rows(
+    path: Path, meta: dict[str, Any], runs: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of the results file ``path`` that ``--keep`` keeps (those of no policy in
+    ``runs``; the file checked to be of the same cases) and what the new file records of them:
+    the old run's date and the rows kept.
+
+    Raises:
+        ValueError: no such file, or one whose cases differ (named).
+    """
+    if not path.exists():
+        raise ValueError(f"--keep: {path} does not exist")
+    old = json.loads(path.read_text())
+    differ = [k for k in ("tokens", "chunk", "budgets", "attention") if old["meta"][k] != meta[k]]
+    if differ:
+        raise ValueError(f"--keep: {path} holds other cases ({', '.join(differ)} differ)")
+    rows = [r for r in old["rows"] if r["policy"] not in ("full", *runs)]
+    names = [f"{run_label(r['policy'])} @ {r['budget']}" for r in rows]
+    return rows, {"date": old["meta"]["date"], "rows": names, "before": old["meta"].get("kept")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -184,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="selfattn", help="attn_implementation")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="run the full cache and the policies named; keep --out's other rows (same cases)",
+    )
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.chunk < 1 or args.threads < 1 or min(args.budgets) < 1:
         parser.error("--tokens must be >= 2; --chunk, --threads and --budgets >= 1")
@@ -201,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         attention=args.attention,
     )
 
+    keep: list[dict[str, Any]] = []
+    if args.keep:
+        keep, meta["kept"] = kept_rows(args.out, meta, args.policies)
+
     def save(rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
-        write_results(args.out, rows, {**meta, "skipped": skipped})
+        write_results(args.out, merged(keep, rows), {**meta, "skipped": skipped})
 
     with torch_threads(args.threads), torch.inference_mode():
         rows, skipped = measure(model, ids, args.chunk, args.budgets, args.policies, save)

@@ -87,7 +87,7 @@ class InPlaceCache(Cache):
         policy: str = "h2o",
         sink_tokens: int = 4,
         heads: str | None = None,
-        normalize: bool = True,
+        normalize: bool = False,
         residual: int = 0,
     ) -> None:
         decoder = config.get_text_config(decoder=True)
@@ -151,7 +151,7 @@ def make_cache(
     sink_tokens: int = 4,
     residual: int | None = None,
     heads: str | None = None,
-    normalize: bool = True,
+    normalize: bool = False,
 ) -> InPlaceCache:
     """A transformers ``Cache`` for ``model`` whose layers write keys and values in place.
 
@@ -201,8 +201,8 @@ def make_cache(
         heads: who ranks a scored policy's tokens: ``"kv"`` (each key head its own) or
             ``"layer"`` (one ranking for all the layer's heads); None: the policy's own
             (``"layer"`` for ``tova``, ``"kv"`` for ``h2o`` and ``snapkv``).
-        normalize: ``h2o`` ranks by the attention mass per query that has seen the token
-            (True, the default) or by the total mass (False: the H2O paper's sum).
+        normalize: ``h2o`` ranks by the total attention mass (False, the default: the H2O
+            paper's sum) or by the mass per query that has seen the token (True).
 
     Returns:
         An :class:`InPlaceCache` with one layer per model layer; ``.nbytes`` is its size.

@@ -14,10 +14,10 @@ Priorities (higher is kept; among equal priorities the older token goes first), 
 - ``window``: the position (the most recent are kept).
 - ``sink``: the position, the first ``sink_tokens`` positions always kept (StreamingLLM).
 - ``h2o``: the attention mass the key received from every query since it arrived, summed over
-  the query heads of its group (Heavy-Hitter Oracle), divided by the number of those queries
-  (``normalize=True``, the default: a plain sum favours old tokens, which more queries have
-  seen; ``normalize=False`` ranks by the sum, as the paper); the most recent ``budget // 2``
-  tokens always kept.
+  the query heads of its group (Heavy-Hitter Oracle: the plain sum, ``normalize=False``, the
+  default); ``normalize=True`` divides it by the number of those queries (a plain sum favours
+  old tokens, which more queries have seen); the most recent ``budget // 2`` tokens always
+  kept.
 - ``tova``: the probability the newest query gives the key, averaged over all the layer's query
   heads (TOVA's rule, as kvpress's ``TOVAPress``).
 - ``snapkv``: at each prefill chunk (more than one new token), the mass from the chunk's last
@@ -94,8 +94,8 @@ class BudgetLayer(InPlaceLayer):
         sink_tokens: the first tokens ``"sink"`` and the scored policies always keep.
         heads: ``"kv"`` (each key head ranks its own tokens) or ``"layer"`` (one ranking for
             every key head); None: the policy's own (:func:`default_heads`).
-        normalize: ``h2o``: rank by the mass per query that has seen the token (True) or by
-            the total mass (False, the paper's sum, which favours old tokens).
+        normalize: ``h2o``: rank by the total mass (False, the default: the paper's sum, which
+            favours old tokens) or by the mass per query that has seen the token (True).
         chunk: tokens the storage grows by at least.
         bits, rotate: quantized storage, as :class:`InPlaceLayer`.
     """
@@ -110,7 +110,7 @@ class BudgetLayer(InPlaceLayer):
         *,
         sink_tokens: int = 4,
         heads: str | None = None,
-        normalize: bool = True,
+        normalize: bool = False,
         chunk: int = CHUNK,
         bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,

@@ -395,7 +395,7 @@ def make_cache(
     sink_tokens: int = 4,
     residual: int | None = None,
     heads: str | None = None,
-    normalize: bool = True,
+    normalize: bool = False,
 ) -> Any:
     """A transformers ``Cache`` for ``model`` that writes keys and values in place.
 
