@@ -9,10 +9,6 @@
 //     S = Qs K^T (+ epilogue),  P = exp2((S - lse) * log2 e),  dP = dO V^T,
 //     dS = P * (dP * keep - D),  dV += (P * keep)^T dO,  dK += dS^T Qs,  dQ += dS K
 // (keep = dropout mask / (1 - p); softcap: dS *= 1 - tanh^2 before dK and dQ).
-// S and dP are computed tile by tile (key tiles outer, so a K and a V tile stay in L1 for every
-// panel of the block), P and dS formed from each tile while it is in L1; the three accumulating
-// products then reduce over the tiles the rules leave visible only (on the causal diagonal a
-// tenth of a full block's products would add zeros).
 // A learnable bias with broadcast dims gathers dS from several heads or batch elements into one
 // entry: items then span every unit (or key segment) that writes the same entries, in order.
 #pragma once
@@ -136,60 +132,51 @@ struct Backward {
     T* S = sc.s.p;
     T* dP = sc.dp.p;
     T* th = pl.softcap ? sc.th.p : nullptr;
-    const T inv = pl.keep_scale;
-    // tiles outer, panels inner: a tile of K and of V stays in L1 for all the block's panels
-    for (int t = 0; t < KT; t++) {
-      for (int p = 0; p < NPB; p++) {
-        // the panel's dQ partial rows (the C of the last product, left in L3 by the key blocks
-        // before) into L2 while the four products before it run
-        if (t == 0 && p < npan)
-          for (int64_t r = qi0 + p * MR; r < qi0 + p * MR + MR; r++)
-            for (int64_t d = 0; d < Dp; d += 64 / int64_t(sizeof(T)))
-              __builtin_prefetch(dqh + r * Dp + d, 0, 2);
+    for (int p = 0; p < NPB; p++) {
+      for (int t = 0; t < KT; t++) {
         uint8_t cls = sc.cls[p * KT + t];
         T* st = S + p * MR * LDB + t * PW;
         T* dpt = dP + p * MR * LDB + t * PW;
-        const int64_t r0 = qi0 + p * MR, tt = t0 + t;
-        if (cls == EMPTY) {  // P = 0 and dS = 0 * (0 - D), what the formula below gives there
-          for (int r = 0; r < MR; r++) {
-            const V z = V::zero(), ds = r0 + r < P.Nq ? z * (z - V::set1(dh[r0 + r])) : z;
-            for (int c = 0; c < PW; c += W) {
-              z.store(st + r * LDB + c);
-              ds.store(dpt + r * LDB + c);
+        if (cls == EMPTY) {
+          for (int r = 0; r < MR; r++)
+            for (int c = 0; c < PW; c++) {
+              st[r * LDB + c] = T(-INFINITY);
+              dpt[r * LDB + c] = T(0);
             }
-          }
           continue;
         }
+        const int64_t r0 = qi0 + p * MR, tt = t0 + t;
         mk<V, MR, 2, STORE>(D, qh + r0 * Dp, Dp, 1, kt + tt * D * PW, PW, st, LDB, nullptr);
         bool tb = bad && tile_has_bad(bad, tt);
         if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tb)
           pl.epilogue(st, LDB, pans[p], tt, cls, tb ? bad : nullptr,
                       th ? th + p * MR * LDB + t * PW : nullptr);
         mk<V, MR, 2, STORE>(Dv, doh + r0 * Dvp, Dvp, 1, vt + tt * Dv * PW, PW, dpt, LDB, nullptr);
-        // P and dS of the tile while it is in L1: S keeps P * keep (for dV), dP becomes dS
-        for (int r = 0; r < MR; r++) {
-          const int64_t row = r0 + r;
-          T* s = st + r * LDB;
-          T* dp = dpt + r * LDB;
-          if (row >= P.Nq) {
-            for (int c = 0; c < PW; c += W) V::zero().store(s + c), V::zero().store(dp + c);
-            continue;
-          }
-          V l2 = V::set1(lh[row]), dd_r = V::set1(dh[row]);
-          uint32_t hr = pl.dropout ? pl.drop_row(b, h, row) : 0;
-          for (int c = 0; c < PW; c += W) {
-            V pv = V::exp2((V::load(s + c) - l2) * V::set1(T(LOG2E)));
-            V dpv = V::load(dp + c);
-            if (pl.dropout) {
-              V keep = V::dropout(V::set1(T(1)), hr, j0 + t * PW + c, P.seed1, pl.thr, inv);
-              dpv = dpv * keep;
-              (pv * keep).store(s + c);
-            } else {
-              pv.store(s + c);
-            }
-            (pv * (dpv - dd_r)).store(dp + c);
-          }
+      }
+    }
+    // P, dS per row; S keeps P * keep (for dV), dP becomes dS (for dK, dQ)
+    const T inv = pl.keep_scale;
+    for (int r = 0; r < NPB * MR; r++) {
+      const int64_t row = qi0 + r;
+      T* s = S + r * LDB;
+      T* dp = dP + r * LDB;
+      if (r >= npan * MR || row >= P.Nq) {
+        for (int c = 0; c < KB; c++) s[c] = dp[c] = T(0);
+        continue;
+      }
+      V l2 = V::set1(lh[row]), dd_r = V::set1(dh[row]);
+      uint32_t hr = pl.dropout ? pl.drop_row(b, h, row) : 0;
+      for (int c = 0; c < KB; c += W) {
+        V pv = V::exp2((V::load(s + c) - l2) * V::set1(T(LOG2E)));
+        V dpv = V::load(dp + c);
+        if (pl.dropout) {
+          V keep = V::dropout(V::set1(T(1)), hr, j0 + c, P.seed1, pl.thr, inv);
+          dpv = dpv * keep;
+          (pv * keep).store(s + c);
+        } else {
+          pv.store(s + c);
         }
+        (pv * (dpv - dd_r)).store(dp + c);
       }
     }
     if (pl.bias && P.dbias) accumulate_dbias(b, h, qi0, npan, j0, dP);
@@ -217,46 +204,11 @@ struct Backward {
           }
         }
     }
-    // dV += (P keep)^T dO ; dK += dS^T Qs ; dQ += dS K, each over its visible tiles only: an
-    // EMPTY tile holds P = dS = 0, and on the causal diagonal (and a window's edges) a tenth of
-    // the block's products would add nothing but zeros
-    int ta[NPB], tb[NPB];  // panel p's visible tiles [ta, tb)
-    int pa[KT], pb[KT];    // tile t's visible panels [pa, pb)
-    for (int t = 0; t < KT; t++) pa[t] = NPB, pb[t] = 0;
-    for (int p = 0; p < NPB; p++) {
-      ta[p] = KT, tb[p] = 0;
-      for (int t = 0; t < KT; t++)
-        if (sc.cls[p * KT + t] != EMPTY) {
-          ta[p] = imin(ta[p], t), tb[p] = t + 1;
-          pa[t] = imin(pa[t], p), pb[t] = p + 1;
-        }
-    }
-    // dV, then dK (each product's operands stay in cache through it): key rows in register
-    // blocks of R, each reducing over the q rows of the panels that see a tile the block touches
-    constexpr int R = RowBlock<V, ColBlock<V>::value>::value;
-    for (int x = 0; x < 2; x++) {
-      const T* A = x == 0 ? S : dP;
-      const T* B = x == 0 ? doh : qh;
-      const int64_t ld = x == 0 ? Dvp : Dp;
-      T* C = x == 0 ? sc.dv.p : sc.dk.p;
-      for (int i = 0; i < KB; i += R) {
-        const int m = imin(R, KB - i), t0b = i / PW, t1b = (i + m - 1) / PW;
-        const int k0 = imin(pa[t0b], pa[t1b]) * MR, k1 = imax(pb[t0b], pb[t1b]) * MR;
-        if (k1 > k0)
-          gemm<V, ADD>(m, ld / W, k1 - k0, A + k0 * LDB + i, 1, LDB, B + (qi0 + k0) * ld, ld,
-                       C + i * ld, ld, nullptr);
-      }
-    }
-    // dQ: runs of panels with the same visible tiles, each over the keys of those tiles
-    for (int p = 0; p < NPB;) {
-      int q = p + 1;
-      while (q < NPB && ta[q] == ta[p] && tb[q] == tb[p]) q++;
-      if (tb[p] > ta[p])
-        gemm<V, ADD>((q - p) * MR, Dp / W, (tb[p] - ta[p]) * PW, dP + p * MR * LDB + ta[p] * PW,
-                     LDB, 1, kr + (j0 + ta[p] * PW) * Dp, Dp, dqh + (qi0 + p * MR) * Dp, Dp,
-                     nullptr);
-      p = q;
-    }
+    const int64_t rows = NPB * MR;
+    // dV += (P keep)^T dO ; dK += dS^T Qs ; dQ += dS K
+    gemm<V, ADD>(KB, Dvp / W, rows, S, 1, LDB, doh + qi0 * Dvp, Dvp, sc.dv.p, Dvp, nullptr);
+    gemm<V, ADD>(KB, Dp / W, rows, dP, 1, LDB, qh + qi0 * Dp, Dp, sc.dk.p, Dp, nullptr);
+    gemm<V, ADD>(rows, Dp / W, KB, dP, LDB, 1, kr + j0 * Dp, Dp, dqh + qi0 * Dp, Dp, nullptr);
   }
 
   static bool tile_has_bad(const uint8_t* bad, int64_t t) {
@@ -308,10 +260,8 @@ static void pack_rows(const Plan<V>& pl, Backward<V>& bw, int64_t u, int64_t slo
     load_q_row<V>(P.q, b, h, i, P.D, Dp, pl.qscale, qd);
     load_row<V>(P.dout, b, h, i, P.Dv, Dvp, dd);
     load_row<V>(P.o, b, h, i, P.Dv, Dvp, orow.p);
-    // D = dO . O in W lanes (the padding of both rows is zero)
-    V acc = V::zero();
-    for (int64_t d = 0; d < Dvp; d += V::W) acc = fmadd(V::load(dd + d), V::load(orow.p + d), acc);
-    T delta = acc.hsum();
+    T delta = 0;
+    for (int64_t d = 0; d < P.Dv; d++) delta += dd[d] * orow[d];
     const View& ls = P.lse_in;
     T l = T(load_scalar(ls.p, ls.dt, b * ls.s[0] + h * ls.s[1] + i * ls.s[2]));
     const View& dl = P.dlse;
@@ -437,17 +387,14 @@ static void backward_all(const Params& P, const Pool& pool) {
       for (int64_t x = x0; x < x1; x++) {
         const int64_t g = x % P.G, slot = x / P.G, u = u0 + slot;
         const int64_t b = u / P.Hkv, h = (u % P.Hkv) * P.G + g;
-        Buf<T> acc(Dp);
         for (int64_t i = 0; i < P.Nq; i++) {
           T* dst = dq + ((b * P.Hq + h) * P.Nq + i) * P.D;
-          // the segments' partials in order, W columns at a time (the same sums as one by one)
-          for (int64_t d = 0; d < Dp; d += V::W) {
-            V a = V::zero();
+          for (int64_t d = 0; d < P.D; d++) {
+            T acc = 0;
             for (int64_t s = 0; s < nseg; s++)
-              a = a + V::load(dqp.p + (((s * nu + slot) * P.G + g) * nq_pad + i) * Dp + d);
-            (a * V::set1(sc)).store(acc.p + d);
+              acc += dqp[(((s * nu + slot) * P.G + g) * nq_pad + i) * Dp + d];
+            dst[d] = acc * sc;
           }
-          for (int64_t d = 0; d < P.D; d++) dst[d] = acc[d];
         }
       }
     };
