@@ -12,8 +12,9 @@ Rows, each for ``native``, ``tiled`` and ``math`` on the same machine in the sam
   would hold (N, N) scores per head (B*H*N^2*4 bytes = 2 GiB at N=8192 H8 per tensor), so it
   runs only with ``--math-memory``.
 
-B=1, H=8, D=64, float32, no mask (``--causal`` for causal rows). Times are medians of
-``--repeats`` after one warm-up call; the CPU, ISA and threads go into the JSON.
+B=1, H=8, D=64, float32, no mask (``--causal`` for causal rows). The two sides of a ratio are
+timed alternately, ``--repeats`` rounds (9) after one warm-up call each; times are medians and
+``ratio`` the median of the per-round ratios. The CPU, ISA and threads go into the JSON.
 
     python benchmarks/diff_cost.py                      # the issue's sizes
     python benchmarks/diff_cost.py --small              # seconds: N 256/256/512, a smoke run
@@ -43,14 +44,22 @@ def _qkv(n: int, h: int, d: int, seed: int, grad: bool = False):
     return [torch.randn(1, h, n, d, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up: builds, caches, first-touch pages
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def _paired(base, fn, repeats: int) -> tuple[float, float, float]:
+    """Medians of ``base`` and ``fn`` timed alternately (their order swapped every round, after
+    one warm-up call each: builds, caches, first-touch pages) and the median of the per-round
+    ratios fn / base, so a slow spell of a shared machine hits both sides of a ratio."""
+    base(), fn()
+    tb, tf, ratios = [], [], []
+    for r in range(repeats):
+        pair = {}
+        for name, call in (("b", base), ("f", fn)) if r % 2 == 0 else (("f", fn), ("b", base)):
+            t0 = time.perf_counter()
+            call()
+            pair[name] = time.perf_counter() - t0
+        tb.append(pair["b"])
+        tf.append(pair["f"])
+        ratios.append(pair["f"] / pair["b"])
+    return statistics.median(tb), statistics.median(tf), statistics.median(ratios)
 
 
 def time_jvp(backend: str, n: int, h: int, d: int, causal: bool, repeats: int) -> dict:
@@ -67,8 +76,8 @@ def time_jvp(backend: str, n: int, h: int, d: int, causal: bool, repeats: int) -
     def jvp():
         torch.func.jvp(f, (q, k, v), (tq, tk, tv))
 
-    t_f, t_j = _median(fwd, repeats), _median(jvp, repeats)
-    return {"forward_s": t_f, "jvp_s": t_j, "ratio": t_j / t_f}
+    t_f, t_j, ratio = _paired(fwd, jvp, repeats)
+    return {"forward_s": t_f, "jvp_s": t_j, "ratio": ratio}
 
 
 def time_double(backend: str, n: int, h: int, d: int, causal: bool, repeats: int) -> dict:
@@ -85,8 +94,8 @@ def time_double(backend: str, n: int, h: int, d: int, causal: bool, repeats: int
         penalty = sum((g * g).sum() for g in gs)
         torch.autograd.grad(penalty, (q, k, v))
 
-    t_b, t_d = _median(first, repeats), _median(double, repeats)
-    return {"forward_backward_s": t_b, "double_s": t_d, "ratio": t_d / t_b}
+    t_b, t_d, ratio = _paired(first, double, repeats)
+    return {"forward_backward_s": t_b, "double_s": t_d, "ratio": ratio}
 
 
 def peak_growth(backend: str, n: int, h: int, d: int, causal: bool, what: str) -> int:
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--backends", nargs="+", default=["native", "tiled", "math"])
     ap.add_argument("--math-memory", action="store_true", help="also measure math's memory")
     ap.add_argument("--small", action="store_true", help="N 256/256/512: a smoke run")
