@@ -22,6 +22,7 @@ The benchmark scripts import this file from their own folder (``benchmarks/`` is
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -63,6 +64,18 @@ RUNS = (
 #: the runs of a benchmark by default: every policy, h2o normalised, and one ranking per layer
 #: for h2o and snapkv
 DEFAULT_RUNS = ("window", "sink", "h2o", "h2o:norm", "h2o:layer", "tova", "snapkv", "snapkv:layer")
+
+
+def add_runs_argument(parser: argparse.ArgumentParser) -> None:
+    """The eviction benchmarks' ``--policies``: runs of :data:`RUNS`, :data:`DEFAULT_RUNS` when
+    not given."""
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_RUNS),
+        choices=RUNS,
+        help="policies; 'P:H' adds make_cache's heads=H (snapkv:layer), 'h2o:norm' normalize=True",
+    )
 
 
 def run_label(run: str) -> str:

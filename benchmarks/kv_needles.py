@@ -38,9 +38,9 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 from kv_common import (
-    DEFAULT_RUNS,
     POLICIES,
     RUNS,
+    add_runs_argument,
     budget_cache,
     held_tokens,
     load_model,
@@ -262,13 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, help="tokens kept (default: issue 18's)")
     parser.add_argument("--depths", type=int, default=11, help="evenly spaced over 0-100%%")
     parser.add_argument("--needles", type=int, default=3, help=f"at most {len(NEEDLES)}")
-    parser.add_argument(
-        "--policies",
-        nargs="+",
-        default=list(DEFAULT_RUNS),
-        choices=RUNS,
-        help="policies; 'P:H' adds make_cache's heads=H (snapkv:layer)",
-    )
+    add_runs_argument(parser)
     parser.add_argument("--prefill-chunk", type=int, help="feed the prompt in parts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="selfattn", help="attn_implementation")

@@ -14,7 +14,8 @@ token-by-token run (StreamingLLM's evaluation: the cache at the budget at every 
 ``ppl_evicted`` over the tokens predicted once the past no longer fits the budget (from position
 ``budget`` on), the part where a policy matters;
 ``snapkv:layer`` (and ``h2o:layer``, ``tova:kv``) runs the policy with make_cache's ``heads``
-the other way; ``vs_full`` compares each with the full cache fed
+the other way, ``h2o:norm`` with ``normalize=True``; ``--keep`` runs the full cache and the
+policies named and keeps the results file's other rows; ``vs_full`` compares each with the full cache fed
 the same way. ``max_held`` is the most tokens a layer held after a chunk (never above the
 budget). Writes benchmarks/results/kv_streaming.json.
 
@@ -39,8 +40,8 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 from kv_common import (
-    DEFAULT_RUNS,
     RUNS,
+    add_runs_argument,
     budget_cache,
     held_tokens,
     load_model,
@@ -205,13 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument(
-        "--policies",
-        nargs="+",
-        default=list(DEFAULT_RUNS),
-        choices=RUNS,
-        help="policies; 'P:H' adds make_cache's heads=H (snapkv:layer)",
-    )
+    add_runs_argument(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="selfattn", help="attn_implementation")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -85,6 +85,21 @@ def test_kv_streaming_runs_end_to_end(smol, tmp_path):
     assert "| policy | budget 32 |" in text and '| `snapkv`, `heads="layer"` | ' in text
 
 
+def test_kv_streaming_keep_reruns_the_named_policies_and_keeps_the_other_rows(smol, tmp_path):
+    args = ("--tokens", "48", "--chunk", "16", "--budgets", "24")
+    first = run("kv_streaming", tmp_path, *args, "--policies", "window", "h2o")
+    again = run("kv_streaming", tmp_path, *args, "--policies", "h2o:norm", "h2o", "--keep")
+    assert [r["policy"] for r in again["rows"]] == ["full", "window", "h2o", "h2o:norm"]
+    old, new = first["rows"][2], again["rows"][2]
+    assert new["ppl"] == old["ppl"]  # h2o ran again (not kept, below), with the same result
+    assert again["rows"][1] == first["rows"][1]  # window kept as it was
+    assert again["meta"]["kept"]["rows"] == ["`window` @ 24"]
+    text = bench("kv_streaming").table(again)
+    assert "| `h2o`, `normalize=True` | " in text and "Rows kept from an earlier run" in text
+    with pytest.raises(ValueError, match="chunk differ"):
+        run("kv_streaming", tmp_path, *args[:3], "8", *args[4:], "--policies", "h2o", "--keep")
+
+
 def test_kv_needles_runs_end_to_end(smol, tmp_path):
     result = run("kv_needles", tmp_path, "--context", "160", "--budget", "64", "--depths", "2",
                  "--needles", "1", "--policies", "sink")  # fmt: skip
