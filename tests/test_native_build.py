@@ -178,6 +178,44 @@ def test_the_built_engine_is_reported_and_its_use_stamped():
     assert nb["built"]["torch"] and nb["built"]["compiler"]
 
 
+def test_sources_changed_during_a_build_do_not_enter_it_under_the_old_hash(tmp_path, monkeypatch):
+    """A checkout rebased while the engine builds: the build hashed the sources, then compiled
+    whatever was on disk, so a folder named for the old sources held objects of new ones (seen
+    in a session). Now the compiles read the snapshot that was hashed, copied into the build
+    folder. The fake compiler edits the checkout's csrc/ at its first call and logs what it was
+    asked to compile."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(build.CSRC, csrc)
+    victim = csrc / "kernels_generic.cpp"
+    original = victim.read_bytes()
+    fake = tmp_path / "fake-g++"
+    log = tmp_path / "compiled"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "fake g++ 1.0"; exit 0; fi\n'
+        f'echo "// a rebase" >> "{victim}"\n'
+        'src=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = "-c" ] && src="$a"; prev="$a"; done\n'
+        f'echo "$src" >> "{log}"\n'
+        'echo "error: stop here" >&2; exit 1\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(build, "CSRC", csrc)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("SELFATTN_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("SELFATTN_NATIVE_REBUILD", raising=False)
+    snap = {p.relative_to(csrc).as_posix(): p.read_bytes() for p in build.sources()}
+    folder = build.build_dir("fake g++ 1.0", snap)
+    with pytest.raises(build.BuildError, match="stop here"):
+        build._load(rebuild=False)
+    assert victim.read_bytes() != original  # the checkout did change under the build
+    compiled = [Path(line) for line in log.read_text().splitlines()]
+    assert compiled and all(p.parent == folder / "src" for p in compiled)
+    assert (folder / "src" / "kernels_generic.cpp").read_bytes() == original
+    for rel, data in snap.items():  # the folder's name is the hash of what it compiled
+        assert (folder / "src" / rel).read_bytes() == data
+
+
 def test_clean_stale_removes_only_our_old_unlocked_folders(tmp_path):
     import fcntl
 

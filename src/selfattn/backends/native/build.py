@@ -8,7 +8,9 @@ one at run time from the CPU's features (``SELFATTN_NATIVE_ISA=avx2|avx512|neon|
 overrides). The build lives in ``${SELFATTN_CACHE:-~/.cache/selfattn}/native-<hash>``, the hash
 covering every file in ``csrc/``, the flags, torch's version, the Python ABI and the compiler's
 identity, so an unchanged build is imported directly (no ninja run) and a changed one is never
-reused. What a build folder records (finished, failed, last use, lock) is ``cache``'s business.
+reused. The sources are read once: the bytes hashed are the bytes compiled, from a copy in the
+build folder (``src/``), so a checkout that changes during a build (a ``git rebase``) cannot put
+old objects under a new hash. What a build folder records (finished, failed, last use, lock) is ``cache``'s business.
 
 :func:`load` returns the module, building it if needed: the first build says so in one line on
 stderr. A failed compile is recorded in the folder and every later process reports the record
@@ -160,6 +162,23 @@ def sources() -> list[Path]:
     return sorted(p for p in CSRC.rglob("*") if p.is_file() and p.suffix in SOURCES)
 
 
+def _snapshot() -> dict[str, bytes]:
+    """Every source file's bytes by its path relative to ``csrc/``, read once: the build hashes
+    and compiles this, never the files again."""
+    return {p.relative_to(CSRC).as_posix(): p.read_bytes() for p in sources()}
+
+
+def _write_snapshot(snap: dict[str, bytes], out: Path) -> Path:
+    """The snapshot's files under ``out/src`` (rewritten whole), where the compiles read them."""
+    src = out / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    for rel, data in snap.items():
+        path = src / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return src
+
+
 def openmp_flags(compiler_id: str) -> list[str]:
     """``-fopenmp`` for the bindings where it is needed and the compiler has it, else nothing.
 
@@ -183,24 +202,24 @@ def openmp_flags(compiler_id: str) -> list[str]:
     return ["-fopenmp"] if "#define AT_PARALLEL_OPENMP 1" in text else []
 
 
-def _key(compiler_id: str) -> str:
+def _key(compiler_id: str, snap: dict[str, bytes]) -> str:
     import torch
 
     h = hashlib.sha256()
-    for path in sources():
-        h.update(path.relative_to(CSRC).as_posix().encode())
-        h.update(path.read_bytes())
+    for rel, data in sorted(snap.items()):
+        h.update(rel.encode())
+        h.update(data)
     flags = [CXXFLAGS, BINDINGS_FLAGS, OBJECTS, openmp_flags(compiler_id), _extra_flags()]
     for part in (repr(flags), torch.__version__, compiler_id, sys.version, platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
 
-def build_dir(compiler_id: str | None = None) -> Path:
-    """Where this build of the extension lives (or will)."""
+def build_dir(compiler_id: str | None = None, snap: dict[str, bytes] | None = None) -> Path:
+    """Where this build of the extension lives (or will); ``snap``: the sources as read."""
     if compiler_id is None:
         compiler_id = _compiler()[1]
-    return cache.root() / f"native-{_key(compiler_id)}"
+    return cache.root() / f"native-{_key(compiler_id, _snapshot() if snap is None else snap)}"
 
 
 def _import(so: Path) -> ModuleType:
@@ -212,8 +231,9 @@ def _import(so: Path) -> ModuleType:
     return mod
 
 
-def _compile_objects(cxx: str, out: Path) -> list[Path]:
-    """Compile the ISA objects in parallel (each written under a temporary name, then renamed)."""
+def _compile_objects(cxx: str, out: Path, src_dir: Path) -> list[Path]:
+    """Compile the ISA objects from ``src_dir`` in parallel (each written under a temporary name,
+    then renamed)."""
     procs = []
     objs = []
     for src, flags in OBJECTS:
@@ -222,7 +242,16 @@ def _compile_objects(cxx: str, out: Path) -> list[Path]:
         if obj.exists():
             continue
         tmp = out / f"{obj.name}.{os.getpid()}.tmp"
-        cmd = [cxx, *CXXFLAGS, *flags, *_extra_flags(), "-I", str(CSRC), "-c", str(CSRC / src)]
+        cmd = [
+            cxx,
+            *CXXFLAGS,
+            *flags,
+            *_extra_flags(),
+            "-I",
+            str(src_dir),
+            "-c",
+            str(src_dir / src),
+        ]
         cmd += ["-o", str(tmp)]
         procs.append((obj, tmp, cmd, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
     failure = None
@@ -267,16 +296,17 @@ def _ninja() -> Iterator[None]:
         os.environ["PATH"] = old
 
 
-def _build(cxx: str, out: Path, omp: list[str]) -> ModuleType:
+def _build(cxx: str, out: Path, omp: list[str], snap: dict[str, bytes]) -> ModuleType:
     from torch.utils import cpp_extension
 
-    objs = _compile_objects(cxx, out)
+    src_dir = _write_snapshot(snap, out)
+    objs = _compile_objects(cxx, out, src_dir)
     try:
         return cpp_extension.load(
             name=NAME,
-            sources=[str(CSRC / BINDINGS)],
+            sources=[str(src_dir / BINDINGS)],
             extra_cflags=[*BINDINGS_FLAGS, *omp, *_extra_flags()],
-            extra_include_paths=[str(CSRC)],
+            extra_include_paths=[str(src_dir)],
             extra_ldflags=[*map(str, objs), *omp, *_extra_flags()],
             build_directory=str(out),
             verbose=False,
@@ -316,7 +346,8 @@ def _load(rebuild: bool) -> ModuleType:
     import torch
 
     cxx, compiler_id = _compiler()
-    out = build_dir(compiler_id)
+    snap = _snapshot()
+    out = build_dir(compiler_id, snap)
     so = out / f"{NAME}.so"
     if cache.finished(out) is not None and (mod := _found(so, remove_broken=False)) is not None:
         cache.touch(out)
@@ -339,7 +370,7 @@ def _load(rebuild: bool) -> ModuleType:
         try:
             with _ninja():
                 cache.say(BUILDING.format(out))
-                mod = _build(cxx, out, openmp_flags(compiler_id))
+                mod = _build(cxx, out, openmp_flags(compiler_id), snap)
         except CompileError as exc:  # recorded, and said the way later processes will say it
             cache.record_failure(out, str(exc), exc.log, compiler_id, torch.__version__)
             raise BuildError(_recorded(out) or str(exc)) from exc
