@@ -15,7 +15,9 @@ files and README tables use one spelling:
 - ``QuantizedCache(quanto, 4)`` / ``(quanto, 2)``: transformers' quantized cache on optimum-quanto
   (it dequantizes the whole cache in every layer at every step);
 - ``make_cache(budget=B, policy=P)``: eviction to ``B`` tokens (see :func:`budget_cache`);
-  ``P:H`` (e.g. ``snapkv:layer``) adds ``heads=H``, the other ranking than the policy's own.
+  ``P:H`` (e.g. ``snapkv:layer``) adds ``heads=H``, the other ranking than the policy's own;
+  ``P:norm`` ``normalize=True``; ``P:name=value`` any other option of make_cache's (``decay``,
+  ``recent``, ``window_size``, ``kernel_size``), e.g. ``snapkv:layer:decay=0.5``.
 
 The benchmark scripts import this file from their own folder (``benchmarks/`` is not a package).
 """
@@ -78,13 +80,30 @@ def add_runs_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def run_options(run: str) -> tuple[str, dict[str, Any]]:
+    """A run's policy and make_cache options: ``"snapkv:layer:decay=0.5"`` is ``("snapkv",
+    {"heads": "layer", "decay": 0.5})``; ``norm`` is ``normalize=True``; a value is a Python
+    literal."""
+    import ast
+
+    policy, *parts = run.split(":")
+    options: dict[str, Any] = {}
+    for part in parts:
+        name, eq, value = part.partition("=")
+        if eq:
+            options[name] = ast.literal_eval(value)
+        elif part == "norm":
+            options["normalize"] = True
+        else:
+            options["heads"] = part
+    return policy, options
+
+
 def run_label(run: str) -> str:
-    """A run's name in README tables: ```snapkv```, ```snapkv`, heads="layer"``, or
-    ```h2o`, normalize=True``."""
-    policy, _, heads = run.partition(":")
-    if heads == "norm":
-        return f"`{policy}`, `normalize=True`"
-    return f"`{policy}`" + (f', `heads="{heads}"`' if heads else "")
+    """A run's name in README tables: ```snapkv```, ```snapkv`, heads="layer"``,
+    ```h2o`, normalize=True`` or ```snapkv`, heads="layer", decay=0.5``."""
+    policy, options = run_options(run)
+    return f"`{policy}`" + "".join(f", `{k}={v!r}`".replace("'", '"') for k, v in options.items())
 
 
 def pydoc_text() -> str:
@@ -151,16 +170,14 @@ def new_cache(model: Any, label: str) -> Any:
 
 def budget_cache(model: Any, budget: int | None, policy: str | None) -> Any:
     """``make_cache(model, budget=budget, policy=policy)`` (``policy`` may be a run of
-    :data:`RUNS`: ``"snapkv:layer"`` adds ``heads="layer"``, ``"h2o:norm"`` ``normalize=True``), or the full in-place cache when
+    :data:`RUNS`, read by :func:`run_options`), or the full in-place cache when
     ``budget`` is None."""
     from selfattn.integrations.transformers import make_cache
 
     if budget is None:
         return make_cache(model)
-    name, _, heads = (policy or "").partition(":")
-    if heads == "norm":
-        return make_cache(model, budget=budget, policy=name, normalize=True)
-    return make_cache(model, budget=budget, policy=name, heads=heads or None)
+    name, options = run_options(policy or "")
+    return make_cache(model, budget=budget, policy=name, **options)
 
 
 def score_chunks(

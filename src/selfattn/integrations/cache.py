@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..quant import kv_bits
-from .evict import HEADS, POLICIES, SCORED, BudgetLayer
+from .evict import HEADS, POLICIES, SCORED, BudgetLayer, check_options
 from .kv_layers import CHUNK, GrowingLayer, InPlaceLayer, WindowLayer
 
 #: make_cache's float window with ``bits`` (transformers' QuantizedCache: residual_length=128)
@@ -65,7 +65,8 @@ class InPlaceCache(Cache):
         chunk: tokens the storage grows by at least (a sliding layer's free slots).
         bits, rotate: quantized storage (8 or 4 bits, or a pair ``(key_bits, value_bits)`` of
             8, 4 or None; optional Walsh-Hadamard rotation of the quantized sides).
-        budget, policy, sink_tokens, heads, normalize: eviction of the full-attention layers
+        budget, policy, sink_tokens, heads, normalize, decay, recent, window_size,
+            kernel_size: eviction of the full-attention layers
             (see :mod:`selfattn.integrations.evict`).
         residual: with ``bits``, the newest tokens each layer keeps in float (0: none). An
             evicting layer (``budget``) quantizes every token at once all the same: it evicts
@@ -89,6 +90,10 @@ class InPlaceCache(Cache):
         heads: str | None = None,
         normalize: bool = False,
         residual: int = 0,
+        decay: float | None = None,
+        recent: int | None = None,
+        window_size: int | None = None,
+        kernel_size: int | None = None,
     ) -> None:
         decoder = config.get_text_config(decoder=True)
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(decoder)
@@ -105,6 +110,10 @@ class InPlaceCache(Cache):
                         sink_tokens=sink_tokens,
                         heads=heads,
                         normalize=normalize,
+                        decay=decay,
+                        recent=recent,
+                        window_size=window_size,
+                        kernel_size=kernel_size,
                         **store,
                     )
                 )
@@ -152,6 +161,10 @@ def make_cache(
     residual: int | None = None,
     heads: str | None = None,
     normalize: bool = False,
+    decay: float | None = None,
+    recent: int | None = None,
+    window_size: int | None = None,
+    kernel_size: int | None = None,
 ) -> InPlaceCache:
     """A transformers ``Cache`` for ``model`` whose layers write keys and values in place.
 
@@ -203,6 +216,13 @@ def make_cache(
             (``"layer"`` for ``tova``, ``"kv"`` for ``h2o`` and ``snapkv``).
         normalize: ``h2o`` ranks by the total attention mass (False, the default: the H2O
             paper's sum) or by the mass per query that has seen the token (True).
+        decay: a scored policy's forgetting factor in [0, 1]: each call's scores are added to
+            ``decay`` times the earlier ones (A2SF, arXiv:2407.20485); None: the policy's own
+            (1 for ``h2o``, the plain sum; 0 for ``tova`` and ``snapkv``, replaced).
+        recent: the newest tokens a scored policy always keeps (0 to ``budget``); None: the
+            policy's own (``budget // 2`` for ``h2o``).
+        window_size, kernel_size: ``snapkv``'s observation window (queries, default 32) and
+            max-pooling width (odd, default 7), as SnapKV (arXiv:2404.14469) names them.
 
     Returns:
         An :class:`InPlaceCache` with one layer per model layer; ``.nbytes`` is its size.
@@ -236,6 +256,12 @@ def make_cache(
         raise ValueError(f"heads must be None or one of {', '.join(HEADS)}; got {heads!r}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if budget is not None:
+        check_options(budget, policy, decay, recent, window_size, kernel_size)
+    elif any(x is not None for x in (decay, recent, window_size, kernel_size)):
+        raise ValueError(
+            "decay, recent, window_size and kernel_size are eviction options: they need budget"
+        )
     if residual is None:
         residual = 0 if bits is None else RESIDUAL
     if isinstance(residual, bool) or not isinstance(residual, int):
@@ -274,6 +300,10 @@ def make_cache(
         heads=heads,
         normalize=normalize,
         residual=residual,
+        decay=decay,
+        recent=recent,
+        window_size=window_size,
+        kernel_size=kernel_size,
     )
 
 

@@ -27,6 +27,22 @@ Priorities (higher is kept; among equal priorities the older token goes first), 
   ``max(1, budget // 8)`` of them are kept, older ones go first, then the lowest-scored prompt
   tokens.
 
+Options of the scored policies (None: the policy's own rule, as above):
+
+- ``decay`` (0 to 1): each call's scores are added to ``decay`` times the previous ones, a
+  forgetting factor (A2SF, Jo and Shin 2024, arXiv:2407.20485, applies it to H2O's sum). The
+  policies' own: 1 for ``h2o`` (the plain sum), 0 for ``tova`` and ``snapkv`` (each new score
+  replaces the old). With ``decay > 0``, ``tova`` asks for the newest row's scores at every call
+  (not only over the budget) and ``snapkv`` keeps, fed in chunks, what earlier observation
+  windows saw too.
+- ``recent`` (tokens, 0 to the budget): the newest ``recent`` positions are always kept, whatever
+  their scores, as H2O's local window and StreamingLLM's window do (for ``h2o`` it replaces the
+  ``budget // 2``; for ``snapkv`` the ``budget // 8`` of generated tokens, and it holds for prompt
+  tokens too; ``tova`` keeps none of its own).
+- ``window_size``, ``kernel_size``: SnapKV's observation window (the last prompt queries that
+  score) and max-pooling width (odd), ``SNAP_WINDOW`` and ``SNAP_KERNEL`` by default (SnapKV, Li
+  et al. 2024, arXiv:2404.14469, varies both).
+
 The scored policies (``h2o``, ``tova``, ``snapkv``) also always keep the first ``sink_tokens``
 positions (StreamingLLM's attention sinks, as kvpress keeps them): a softmax needs somewhere to
 put the mass no key wants, and a stream fed one token at a time would otherwise lose them.
@@ -62,6 +78,7 @@ __all__ = [
     "SNAP_KERNEL",
     "SNAP_WINDOW",
     "BudgetLayer",
+    "check_options",
     "default_heads",
 ]
 
@@ -96,6 +113,11 @@ class BudgetLayer(InPlaceLayer):
             every key head); None: the policy's own (:func:`default_heads`).
         normalize: ``h2o``: rank by the total mass (False, the default: the paper's sum, which
             favours old tokens) or by the mass per query that has seen the token (True).
+        decay: a scored policy's forgetting factor in [0, 1] (None: 1 for ``h2o``, 0 otherwise).
+        recent: the newest tokens a scored policy always keeps, 0 to ``budget`` (None: the
+            policy's own).
+        window_size, kernel_size: ``snapkv``'s observation window (>= 1) and pooling width (odd,
+            >= 1); None: :data:`SNAP_WINDOW`, :data:`SNAP_KERNEL`.
         chunk: tokens the storage grows by at least.
         bits, rotate: quantized storage, as :class:`InPlaceLayer`.
     """
@@ -111,6 +133,10 @@ class BudgetLayer(InPlaceLayer):
         sink_tokens: int = 4,
         heads: str | None = None,
         normalize: bool = False,
+        decay: float | None = None,
+        recent: int | None = None,
+        window_size: int | None = None,
+        kernel_size: int | None = None,
         chunk: int = CHUNK,
         bits: int | tuple[int | None, int | None] | None = None,
         rotate: bool = False,
@@ -127,12 +153,19 @@ class BudgetLayer(InPlaceLayer):
             raise ValueError(f"heads must be None or one of {', '.join(HEADS)}; got {heads!r}")
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        check_options(budget, policy, decay, recent, window_size, kernel_size)
         self.budget = budget
         self.policy = policy
         self.sink_tokens = sink_tokens
         self.heads = default_heads(policy) if heads is None else heads
         self.normalize = normalize
         self.recent = budget // 2 if policy == "h2o" else max(1, budget // 8)
+        self.keep_recent = recent  # None: the policy's own protection only
+        if recent is not None:
+            self.recent = recent
+        self.decay = float(decay if decay is not None else (1 if policy == "h2o" else 0))
+        self.snap_window = SNAP_WINDOW if window_size is None else window_size
+        self.snap_kernel = SNAP_KERNEL if kernel_size is None else kernel_size
         self.seen = 0  # tokens this layer has been given (the next position)
         self.snap_end = 0  # snapkv: tokens before this position were scored by a prefill
         self.snap_kept = 0  # snapkv: the last tokens of that prefill always kept
@@ -243,10 +276,10 @@ class BudgetLayer(InPlaceLayer):
         rows: Any = False
         if self.policy == "h2o":
             rows = None
-        elif self.policy == "tova" and self.end > self.budget:
+        elif self.policy == "tova" and (self.end > self.budget or self.decay > 0):
             rows = [n - 1]
         elif self.policy == "snapkv" and n > 1:
-            rows = slice(n - min(SNAP_WINDOW, n), n)
+            rows = slice(n - min(self.snap_window, n), n)
         return scoring.ScoreRequest(rows, self.receive)
 
     def receive(self, mass: torch.Tensor | None) -> None:
@@ -261,16 +294,17 @@ class BudgetLayer(InPlaceLayer):
                 # summed over every key head's group, i.e. over all the layer's query heads (the
                 # order of a mean over heads); every head's slots hold the same positions then
                 mass = mass.sum(1, keepdim=True).expand_as(mass)
-            if self.policy == "h2o":
-                self.scores[:, :, :held] += mass
-            elif self.policy == "tova":
-                self.scores[:, :, :held] = mass
-            else:  # snapkv, on a prefill
-                self.scores[:, :, :held] = self._pooled(mass)
+            if self.policy == "snapkv":  # on a prefill
+                mass = self._pooled(mass)
                 self.snap_end, self.snap_kept = (
                     self.seen,
-                    min(self.pending_n, SNAP_WINDOW, self.budget // 2),
+                    min(self.pending_n, self.snap_window, self.budget // 2),
                 )
+            old = self.scores[:, :, :held]
+            if self.decay == 0:  # tova's and snapkv's own rule: the new scores replace the old
+                old.copy_(mass)
+            else:  # h2o's sum (decay 1), or A2SF's forgetting factor
+                old.mul_(self.decay).add_(mass)
         self.waiting = False
         self.evict()
 
@@ -279,9 +313,9 @@ class BudgetLayer(InPlaceLayer):
         order = self.positions[:, :, : self.end].argsort(dim=-1)
         by_pos = mass.gather(-1, order)
         b, h, m = by_pos.shape
-        pad = SNAP_KERNEL // 2
+        pad = self.snap_kernel // 2
         pooled = torch.nn.functional.max_pool1d(
-            by_pos.reshape(b * h, 1, m), SNAP_KERNEL, stride=1, padding=pad
+            by_pos.reshape(b * h, 1, m), self.snap_kernel, stride=1, padding=pad
         ).reshape(b, h, m)
         return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
@@ -305,6 +339,8 @@ class BudgetLayer(InPlaceLayer):
             sc = torch.where(obs & ~fresh, _BIG, sc)
             newest = pos >= max(self.snap_end, self.seen - self.recent)
             sc = torch.where(fresh, torch.where(newest, _BIG, -_BIG + p), sc)
+        if self.keep_recent is not None:  # the option: the newest positions, prompt or not
+            sc = torch.where(pos >= self.seen - self.keep_recent, _BIG, sc)
         return torch.where(pos < self.sink_tokens, 2 * _BIG, sc)  # the sinks, for every scorer
 
     def evict(self) -> None:
@@ -393,6 +429,47 @@ class BudgetLayer(InPlaceLayer):
         self.positions = self.scores = None
         self.seen = self.snap_end = self.snap_kept = 0
         self.waiting = False
+
+
+def check_options(
+    budget: int,
+    policy: str,
+    decay: float | None,
+    recent: int | None,
+    window_size: int | None,
+    kernel_size: int | None,
+) -> None:
+    """Refuse the scored policies' options of a wrong type or value, or given to a policy they
+    do not apply to (named).
+
+    Raises:
+        TypeError / ValueError: as above.
+    """
+    given = {
+        "decay": decay,
+        "recent": recent,
+        "window_size": window_size,
+        "kernel_size": kernel_size,
+    }
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "decay":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"decay must be a float in [0, 1] or None, got {value!r}")
+            if not 0 <= value <= 1:
+                raise ValueError(f"decay must be in [0, 1], got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {value!r}")
+        if policy not in SCORED or (name.endswith("_size") and policy != "snapkv"):
+            applies = "snapkv" if name.endswith("_size") else ", ".join(SCORED)
+            raise ValueError(f"{name}={value!r} applies to policy {applies}, not {policy!r}")
+    if recent is not None and not 0 <= recent <= budget:
+        raise ValueError(f"recent must be in [0, budget={budget}] (tokens), got {recent}")
+    if window_size is not None and window_size < 1:
+        raise ValueError(f"window_size must be >= 1 (queries), got {window_size}")
+    if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
+        raise ValueError(f"kernel_size must be odd and >= 1 (positions), got {kernel_size}")
 
 
 def _refuse_padding(kwargs: dict[str, Any]) -> None:

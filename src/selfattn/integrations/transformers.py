@@ -396,6 +396,10 @@ def make_cache(
     residual: int | None = None,
     heads: str | None = None,
     normalize: bool = False,
+    decay: float | None = None,
+    recent: int | None = None,
+    window_size: int | None = None,
+    kernel_size: int | None = None,
 ) -> Any:
     """A transformers ``Cache`` for ``model`` that writes keys and values in place.
 
@@ -405,7 +409,9 @@ def make_cache(
     quantized (a pair ``(key_bits, value_bits)``, e.g. ``(8, 4)``, sets them apart) with the
     newest ``residual`` tokens (128 by default) kept in float, ``budget`` holds every
     full-attention layer to that many tokens by ``policy`` (ranked per key head or per layer:
-    ``heads``; ``h2o``'s mass per query or in total: ``normalize``).
+    ``heads``; ``h2o``'s mass per query or in total: ``normalize``; a forgetting factor:
+    ``decay``; the newest tokens always kept: ``recent``; SnapKV's ``window_size`` and
+    ``kernel_size``).
 
     Example::
 
@@ -425,4 +431,8 @@ def make_cache(
         residual=residual,
         heads=heads,
         normalize=normalize,
+        decay=decay,
+        recent=recent,
+        window_size=window_size,
+        kernel_size=kernel_size,
     )
