@@ -421,6 +421,29 @@ inline std::vector<Spec> all_specs() {
     s.Hq = 6; s.Hkv = 2; s.Nq = 2; s.Nk = 257; s.D = s.Dv = 64; s.kbits = s.vbits = 4;
     s.dt = s.out_dt = DT::F64; s.causal = true; s.backward = false;
   });
+  // 4-bit keys of 64 channels read two rows to a vector (quant.h, qk_q4_pairs_tile): groups of
+  // 8, 16, 32 (the default) and 64 channels, R 1..4, pairs cut by the end of the keys (odd and
+  // short last tiles), rows padded (the two halves loaded apart), scales padded (another path)
+  add("q4 pairs decode groups of 8, R 4, Nk 45", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 1; s.Nq = 1; s.Nk = 45; s.D = s.Dv = 64; s.kbits = s.vbits = 4;
+    s.group = 8; s.backward = false;
+  });
+  add("q4 pairs decode groups of 16, R 2, Nk 50, causal", [](Spec& s) {
+    s.Hq = 2; s.Hkv = 1; s.Nq = 1; s.Nk = 50; s.D = s.Dv = 64; s.kbits = 4; s.vbits = 8;
+    s.group = 16; s.causal = true; s.backward = false;
+  });
+  add("q4 pairs decode one group per row, R 1, padded rows", [](Spec& s) {
+    s.Nq = 1; s.Nk = 333; s.D = s.Dv = 64; s.kbits = s.vbits = 4; s.group = 64; s.qpad = 3;
+    s.backward = false;
+  });
+  add("q4 pairs decode groups of 32 padded (not paired), R 3", [](Spec& s) {
+    s.Hq = 3; s.Nq = 1; s.Nk = 77; s.D = s.Dv = 64; s.kbits = s.vbits = 4; s.qpad = 1;
+    s.backward = false;
+  });
+  add("q4 pairs decode G4 x Nq 1 rotated, amp 6, Nk 1031", [](Spec& s) {
+    s.Hq = 8; s.Hkv = 2; s.Nq = 1; s.Nk = 1031; s.D = s.Dv = 64; s.kbits = s.vbits = 4;
+    s.rotate = true; s.amp = 6; s.backward = false;
+  });
   // more layouts read from the codes: groups under, equal to and over 64 channels, several
   // 64-channel blocks, R 1..4, scales strided (padded rows), a 4-bit k with an int8 v; D 96
   add("q8 codes decode D128 groups of 32, R 1, padded rows", [](Spec& s) {

@@ -52,6 +52,8 @@ struct Decode {
   int64_t R, CK, KS, LDD, nc;  // KS: keys a chunk may hold (CK, or Nk rounded up if fewer)
   bool direct_k, direct_v, tile_k, tile_v;  // tile_*: quantized, dequantized a tile at a time
   bool code_k, code_v;  // quantized and read from the codes in registers (quant.h), no tile
+  bool pairs_k = false;  // 4-bit keys read two rows to a vector (quant.h, q4_pairs)
+  int64_t ldqo = 0;      // the rows qk_codes reads (Scratch::qo) apart: Dp, or 128 (pairs_k)
   // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
   T *pm, *plsum, *pacc;
   // with statistics: every row's scores per key (units, R, LK), -inf where hidden; else null
@@ -79,6 +81,8 @@ struct Decode {
     tile_v = quantized(p.v.dt);
     code_k = tile_k && R <= 4 && direct_codes<V>(p.k, p.D);
     code_v = tile_v && direct_codes<V>(p.v, p.Dv);
+    pairs_k = code_k && q4_pairs<V>(p.k, p.D);
+    ldqo = pairs_k ? 128 : plan.Dp;
   }
 
   struct Scratch {
@@ -89,7 +93,7 @@ struct Decode {
     Scratch(const Decode& d)
         : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.KS * d.pl.Dp), vc(d.KS * d.pl.Dvp),
           kp(d.P.D * PW), vrow(d.pl.Dvp), kt(d.tile_k ? PW * d.pl.Dp : 0),
-          vt(d.tile_v ? PW * d.pl.Dvp : 0), qo(d.code_k ? d.R * d.pl.Dp : 0), bad(d.KS),
+          vt(d.tile_v ? PW * d.pl.Dvp : 0), qo(d.code_k ? d.R * d.ldqo : 0), bad(d.KS),
           cls(d.P.G * (d.CK / PW)), vkeys(d.KS), vseen(d.KS) {}
   };
 
@@ -175,10 +179,13 @@ struct Decode {
         load_q_row<V>(P.q, b, kvh * P.G + g, i, P.D, Dp, pl.qscale, dst);
         if (P.k.rotate) hadamard_row(dst, P.D);  // rotated keys: q . (H k) = (H q) . k
         // the rows the code dot products read: Q4 codes come as even, odd channels per block
-        if (code_k && P.k.dt == DT::Q4)
-          q4_order<T, W>(dst, sc.qo.p + (g * Nq + i) * Dp, P.D);
+        T* qo = sc.qo.p + (g * Nq + i) * ldqo;
+        if (pairs_k)
+          q4_pairs_order(dst, qo);
+        else if (code_k && P.k.dt == DT::Q4)
+          q4_order<T, W>(dst, qo, P.D);
         else if (code_k)
-          std::memcpy(sc.qo.p + (g * Nq + i) * Dp, dst, sizeof(T) * Dp);
+          std::memcpy(qo, dst, sizeof(T) * Dp);
       }
     typename Plan<V>::Panel pans[16];
     int64_t tmin = t1, tmax = t0;
@@ -296,7 +303,7 @@ struct Decode {
         Packed<V>::panel_tile(kt - jb * ldk, ldk, t * PW, P.Nk, P.D, sc.kp.p);
         gemm<V, STORE>(R, 2, P.D, sc.q.p, Dp, 1, sc.kp.p, PW, S + col, LDD, nullptr);
       } else if (qk && code_k) {  // every row at once, each key's codes converted once
-        qk_codes<V>(R, sc.qo.p, Dp, P.k, b, kvh, t * PW, nvalid, P.D, S + col, LDD);
+        qk_codes<V>(R, sc.qo.p, ldqo, P.k, b, kvh, t * PW, nvalid, P.D, S + col, LDD);
       } else if (qk) {  // the same: a dequantized tile is read once per pair of rows, not head
         dots(sc.q.p, R, Dp, nd, kt + (t * PW - jb) * ldk, ldk, nvalid, S + col, LDD);
       }

@@ -263,7 +263,106 @@ static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uin
   }
 }
 
-// The scores of R <= 4 rows against one tile of keys (qk_codes_tile for the view's format).
+// Whether V converts 4-bit codes 8 nibbles of a dword at a time, two 32-byte rows to a vector
+// (V::u4_octets, V::reduce_octets: AVX-512).
+template <class V, class = void>
+struct Octets : std::false_type {};
+template <class V>
+struct Octets<V, std::void_t<decltype(V::reduce_octets(nullptr))>> : std::true_type {};
+
+// Whether qk_codes reads the keys of t two rows to a vector (qk_q4_pairs_tile): 4-bit codes,
+// rows of X = 64 channels (32 bytes: a vector's half) in unit stride, one scale per row or
+// groups of 8, 16 or 32 channels with a row's scales contiguous (the default layout).
+template <class V>
+static inline bool q4_pairs(const View& t, int64_t X) {
+  if constexpr (Octets<V>::value && V::W == 16) {
+    if (t.dt != DT::Q4 || t.s[3] != 1 || X != 64) return false;
+    return t.group == 64 || (t.group % 8 == 0 && t.ss[3] == 1 && t.ss[2] == 64 / t.group);
+  }
+  return false;
+}
+
+// A q row of 64 channels in the order qk_q4_pairs_tile reads it: 8 vectors, vector k holding
+// channels 8i + k (i < 8) in both of its halves (once per key of a pair). 128 values.
+template <class T>
+static inline void q4_pairs_order(const T* src, T* dst) {
+  for (int k = 0; k < 8; k++)
+    for (int i = 0; i < 8; i++) dst[16 * k + i] = dst[16 * k + 8 + i] = src[8 * i + k];
+}
+
+// S[r][0:2W] = q_r . k_j for RB rows (q4_pairs_order, ldq apart) and the keys j < nvalid of a
+// tile of 2W = 32 keys whose 4-bit rows of 64 channels sit cs bytes apart (V::u4_octets: two
+// keys per vector, a conversion of 2 uops per 16 codes for all RB rows, half a tree level less
+// than one key per vector). Lane i of a key's partial sums holds channels 8i .. 8i + 7, all in
+// one scale group: with NG groups (a row's NG scales contiguous, ss = NG) each pair's partial
+// sums are multiplied by their lanes' scales; with one (NG = 1) the reduced scores are. Keys
+// past nvalid read their pair's valid row again (finite) and get scale 0.
+template <class V, int RB, int NG>
+static void qk_q4_pairs_tile(const float* q, int64_t ldq, const uint8_t* codes, int64_t cs,
+                             const float* sc, int64_t ss, int nvalid, float* S, int64_t lds) {
+  constexpr int W = V::W;
+  // lane i of a pair's partial sums: scale i * NG / 8 of key 2j, lane 8 + i: of key 2j + 1
+  alignas(64) int32_t lane[W];
+  for (int i = 0; i < 8; i++) {
+    lane[i] = i * NG / 8;
+    lane[8 + i] = NG + i * NG / 8;
+  }
+  for (int h0 = 0; h0 < 2 * W; h0 += W) {
+    if (h0 >= nvalid) {
+      for (int r = 0; r < RB; r++) V::zero().store(S + r * lds + h0);
+      continue;
+    }
+    V t[RB][W / 2];
+    float s[W];
+    for (int jp = 0; jp < W / 2; jp++) {
+      const int key = h0 + 2 * jp;
+      for (int64_t a = key + QK_AHEAD; a < key + QK_AHEAD + 2; a++)
+        prefetch_row(codes + a * cs, 32, sc + a * ss, (a * ss) % 16 < ss);
+      if (NG == 1) {
+        s[2 * jp] = key < nvalid ? sc[key * ss] : 0.0f;
+        s[2 * jp + 1] = key + 1 < nvalid ? sc[(key + 1) * ss] : 0.0f;
+      }
+      if (key >= nvalid) {
+        for (int r = 0; r < RB; r++) t[r][jp] = V::zero();
+        continue;
+      }
+      const uint8_t* a = codes + key * cs;
+      V x[8];
+      V::u4_octets(a, key + 1 < nvalid ? a + cs : a, x);
+      V sv = V::zero();
+      if (NG > 1)  // the pair's 2 NG scales (contiguous), B's 0 past nvalid, to their lanes
+        sv = V::scales_to_lanes(sc + key * ss, key + 1 < nvalid ? 2 * NG : NG, lane);
+      for (int r = 0; r < RB; r++) {
+        const float* qr = q + r * ldq;
+        V e = V::load(qr) * x[0], o = V::load(qr + 16) * x[1];  // two chains of 4 FMAs
+        for (int k = 2; k < 8; k += 2) {
+          e = fmadd(V::load(qr + 16 * k), x[k], e);
+          o = fmadd(V::load(qr + 16 * k + 16), x[k + 1], o);
+        }
+        t[r][jp] = NG > 1 ? (e + o) * sv : e + o;
+      }
+    }
+    for (int r = 0; r < RB; r++) {
+      const V res = V::reduce_octets(t[r]);
+      (NG == 1 ? res * V::load(s) : res).store(S + r * lds + h0);
+    }
+  }
+}
+
+template <class V, int NG>
+static inline void qk_q4_pairs(int64_t R, const float* q, int64_t ldq, const uint8_t* c,
+                               int64_t cs, const float* sc, int64_t ss, int nvalid, float* S,
+                               int64_t lds) {
+  switch (R) {
+    case 1: return qk_q4_pairs_tile<V, 1, NG>(q, ldq, c, cs, sc, ss, nvalid, S, lds);
+    case 2: return qk_q4_pairs_tile<V, 2, NG>(q, ldq, c, cs, sc, ss, nvalid, S, lds);
+    case 3: return qk_q4_pairs_tile<V, 3, NG>(q, ldq, c, cs, sc, ss, nvalid, S, lds);
+    default: return qk_q4_pairs_tile<V, 4, NG>(q, ldq, c, cs, sc, ss, nvalid, S, lds);
+  }
+}
+
+// The scores of R <= 4 rows against one tile of keys (qk_codes_tile for the view's format; q4_pairs:
+// qk_q4_pairs_tile, q in q4_pairs_order).
 template <class V>
 static inline void qk_codes(int64_t R, const typename V::T* q, int64_t ldq, const View& t,
                             int64_t b, int64_t h, int64_t j0, int nvalid, int64_t X,
@@ -272,6 +371,13 @@ static inline void qk_codes(int64_t R, const typename V::T* q, int64_t ldq, cons
   const float* sc = t.scales + b * t.ss[0] + h * t.ss[1] + j0 * t.ss[2];
   const int64_t cs = t.s[2], ss = t.ss[2], sg = t.ss[3], g = t.group;
   const int nv = int(X / V::W);
+  if constexpr (Octets<V>::value)
+    if (q4_pairs<V>(t, X)) switch (64 / g) {  // q in q4_pairs_order
+        case 1: return qk_q4_pairs<V, 1>(R, q, ldq, c, cs, sc, ss, nvalid, S, lds);
+        case 2: return qk_q4_pairs<V, 2>(R, q, ldq, c, cs, sc, ss, nvalid, S, lds);
+        case 4: return qk_q4_pairs<V, 4>(R, q, ldq, c, cs, sc, ss, nvalid, S, lds);
+        default: return qk_q4_pairs<V, 8>(R, q, ldq, c, cs, sc, ss, nvalid, S, lds);
+      }
   const int mode = int(R) * 4 + (t.dt == DT::Q4 ? 2 : 0) + (g == X ? 0 : 1);
 #define SA_QK(RB, Q4, SC)                                                                  \
   case RB * 4 + (Q4 ? 2 : 0) + (SC ? 1 : 0):                                               \

@@ -49,6 +49,44 @@ struct V {
     even.v = _mm512_permutexvar_ps(x, tbl);
     odd.v = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), tbl);
   }
+  // 128 4-bit codes (code + 8) from two rows of 32 bytes, a (lanes 0-7) and b (lanes 8-15), as
+  // floats: x[k] lane i is nibble k of the row's dword i % 8, i.e. channel 8 (i % 8) + k. One
+  // shift and one vpermps (which reads only an index's low 4 bits) per 16 codes, half on each
+  // vector port (u4_pair's widening and two permutes per 32 codes load port 5 alone).
+  static void u4_octets(const uint8_t* a, const uint8_t* b, V* x) {
+    const __m512 tbl = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i w =
+        b == a + 32
+            ? _mm512_loadu_si512(a)
+            : _mm512_inserti64x4(
+                  _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+    x[0].v = _mm512_permutexvar_ps(w, tbl);
+    for (int k = 1; k < 8; k++) x[k].v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * k), tbl);
+  }
+  // n <= W scales from p (the rest 0) sent to lanes: lane i gets scale idx[i]
+  static V scales_to_lanes(const float* p, int n, const int32_t* idx) {
+    const __m512 v = _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+    return {_mm512_permutexvar_ps(_mm512_load_si512(idx), v)};
+  }
+  // The W sums of 8 vectors of u4_octets partial sums, t[j] holding keys 2j (lanes 0-7) and
+  // 2j + 1 (lanes 8-15): three levels of transpose-and-add, then one permute to key order.
+  static V reduce_octets(const V* t) {
+    __m512 u[4], w[2];
+    for (int i = 0; i < 4; i++)
+      u[i] = _mm512_add_ps(_mm512_unpacklo_ps(t[2 * i].v, t[2 * i + 1].v),
+                           _mm512_unpackhi_ps(t[2 * i].v, t[2 * i + 1].v));
+    for (int i = 0; i < 2; i++) {
+      __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
+      w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    // lanes now hold keys 0 2 4 6 | 1 3 5 7 | 8 10 12 14 | 9 11 13 15
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return {_mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), r)};
+  }
   static V set1(float x) { return {_mm512_set1_ps(x)}; }
   static V zero() { return {_mm512_setzero_ps()}; }
   friend V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
