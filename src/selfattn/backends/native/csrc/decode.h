@@ -117,33 +117,47 @@ struct Decode {
     return a + b;
   }
 
-  // S[r][0:PW] = q_r . k_j for r < nr, keys j < nvalid of the tile (0 past them). Rows go in
-  // pairs: the partial-sum vectors of W/2 keys x 2 rows reduce in one tree to a vector holding
-  // both rows' scores.
+  // dot(q, k) with q's ND vectors held in registers (qv), two accumulators
   template <int ND>
-  static void dots_nd(const T* q, int64_t nr, int64_t ldq, int64_t nd, const T* k, int64_t ldk,
-                      int nvalid, T* S, int64_t lds) {
-    constexpr int H = W / 2;
-    int64_t r = 0;
-    for (; r + 2 <= nr; r += 2) {
-      const T* q0 = q + r * ldq;
-      for (int g = 0; g < PW / H; g++) {
-        V p[W];
-        for (int jj = 0; jj < H; jj++) {
-          const int key = g * H + jj;
-          if (key < nvalid) {
-            p[jj] = dot<ND>(q0, k + key * ldk, nd);
-            p[H + jj] = dot<ND>(q0 + ldq, k + key * ldk, nd);
-          } else {
-            p[jj] = p[H + jj] = V::zero();
-          }
-        }
-        V res = V::reduce_lanes(p);
-        res.store_lo(S + r * lds + g * H);
-        res.store_hi(S + (r + 1) * lds + g * H);
-      }
+  static inline __attribute__((always_inline)) V dotq(const V* qv, const T* k) {
+    V a = qv[0] * V::load(k);
+    if constexpr (ND == 1) return a;
+    V b = qv[1] * V::load(k + W);
+    for (int v = 2; v + 1 < ND; v += 2) {
+      a = fmadd(qv[v], V::load(k + v * W), a);
+      b = fmadd(qv[v + 1], V::load(k + (v + 1) * W), b);
     }
-    for (; r < nr; r++) {
+    if constexpr (ND % 2 == 1) a = fmadd(qv[ND - 1], V::load(k + (ND - 1) * W), a);
+    return a + b;
+  }
+
+  // S[r][0:PW] = q_r . k_j for r < nr, keys j < nvalid of the tile (0 past them). A row at a
+  // time with its q vectors in registers (ND > 0: D known at compile time), so a key vector is
+  // one load and one FMA; the tile (PW keys) stays in L1 for the next rows. Each W keys'
+  // partial-sum vectors reduce in one transpose-and-add tree (inlined: flatten) into W scores.
+  template <int ND>
+  __attribute__((flatten)) static void dots_nd(const T* q, int64_t nr, int64_t ldq, int64_t nd,
+                                               const T* k, int64_t ldk, int nvalid, T* S,
+                                               int64_t lds) {
+    if constexpr (ND > 0) {
+      for (int64_t r = 0; r < nr; r++) {
+        V qv[ND];
+        for (int v = 0; v < ND; v++) qv[v] = V::load(q + r * ldq + v * W);
+        for (int half = 0; half < PW / W; half++) {
+          V p[W];
+          const T* kh = k + half * W * ldk;
+          if (nvalid >= (half + 1) * W) {
+            for (int jj = 0; jj < W; jj++) p[jj] = dotq<ND>(qv, kh + jj * ldk);
+          } else {
+            for (int jj = 0; jj < W; jj++)
+              p[jj] = half * W + jj < nvalid ? dotq<ND>(qv, kh + jj * ldk) : V::zero();
+          }
+          V::reduce_lanes(p).store(S + r * lds + half * W);
+        }
+      }
+      return;
+    }
+    for (int64_t r = 0; r < nr; r++) {
       const T* qr = q + r * ldq;
       for (int half = 0; half < 2; half++) {
         V p[W];
@@ -304,7 +318,8 @@ struct Decode {
         gemm<V, STORE>(R, 2, P.D, sc.q.p, Dp, 1, sc.kp.p, PW, S + col, LDD, nullptr);
       } else if (qk && code_k) {  // every row at once, each key's codes converted once
         qk_codes<V>(R, sc.qo.p, ldqo, P.k, b, kvh, t * PW, nvalid, P.D, S + col, LDD);
-      } else if (qk) {  // the same: a dequantized tile is read once per pair of rows, not head
+      } else {  // float or a dequantized tile: every row at once, the tile in L1 after the first
+        if (!qk) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
         dots(sc.q.p, R, Dp, nd, kt + (t * PW - jb) * ldk, ldk, nvalid, S + col, LDD);
       }
       for (int64_t g = 0; g < P.G; g++) {
@@ -314,10 +329,6 @@ struct Decode {
           for (int64_t i = 0; i < Nq; i++)
             for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
           continue;
-        }
-        if (!panels && !qk) {
-          if (g == 0) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
-          dots(sc.q.p + g * Nq * Dp, Nq, Dp, nd, kt + (t * PW - jb) * ldk, ldk, nvalid, st, LDD);
         }
         if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tb)
           pl.epilogue(st, LDD, pans[g], t, cls, tb ? bad : nullptr, nullptr);
@@ -356,7 +367,7 @@ struct Decode {
             gemm<V, ADD>(R, Dvp / W, kk, st, LDD, 1, sc.vt.p, Dvp, acc, Dvp, nullptr);
         }
       } else {
-        gemm<V, STORE>(R, Dvp / W, nkeys, S, LDD, 1, vbase, ldv, acc, Dvp, nullptr);
+        pv_float(S, nkeys, vbase, ldv, acc);
       }
       if (nbad)
         add_bad_values<V>(P, b, kvh, sc.vkeys.p, sc.vseen.p, nbad, S, LDD, jb, int(R), acc, Dvp,
@@ -385,6 +396,19 @@ struct Decode {
       l[r] = T(0);
     }
     return false;
+  }
+
+  // acc (R x Dvp) = S[:, 0:nkeys] V for float values. With 16 registers (AVX2) gemm's 6 x 2
+  // tiles would make 4 passes over the keys with 6 accumulators each (the FMA latency, not the
+  // throughput, bounds that); up to 3 rows take 3 x 4 tiles: 2 passes, 12 accumulators.
+  void pv_float(const T* S, int64_t nkeys, const T* v, int64_t ldv, T* acc) const {
+    const int64_t nv = pl.Dvp / W;
+    if (W == 8 && R <= 3 && nv % 4 == 0) {
+      for (int64_t c = 0; c < nv; c += 4)
+        gemm_cols<V, 4, STORE>(R, nkeys, S, LDD, 1, v + c * W, ldv, acc + c * W, pl.Dvp, nullptr);
+      return;
+    }
+    gemm<V, STORE>(R, nv, nkeys, S, LDD, 1, v, ldv, acc, pl.Dvp, nullptr);
   }
 
   // Ask for the next tile's key rows and this tile's value rows while the scores are computed:
