@@ -400,15 +400,27 @@ struct Decode {
 
   // acc (R x Dvp) = S[:, 0:nkeys] V for float values. With 16 registers (AVX2) gemm's 6 x 2
   // tiles would make 4 passes over the keys with 6 accumulators each (the FMA latency, not the
-  // throughput, bounds that); up to 3 rows take 3 x 4 tiles: 2 passes, 12 accumulators.
+  // throughput, bounds that): up to 3 rows take 3 x 4 tiles (2 passes, 12 accumulators), 128
+  // keys at a time, so a block's value rows (32 KB at D = 64) stay in L1 for the second pass,
+  // each row asked for 8 keys ahead (the register sums of gemm's blocked summation restart every
+  // 128 keys anyway: the same result). AVX-512 (one pass at D = 64) was not faster that way.
   void pv_float(const T* S, int64_t nkeys, const T* v, int64_t ldv, T* acc) const {
-    const int64_t nv = pl.Dvp / W;
-    if (W == 8 && R <= 3 && nv % 4 == 0) {
-      for (int64_t c = 0; c < nv; c += 4)
-        gemm_cols<V, 4, STORE>(R, nkeys, S, LDD, 1, v + c * W, ldv, acc + c * W, pl.Dvp, nullptr);
+    const int64_t nv = pl.Dvp / W, ld = pl.Dvp;
+    if (W != 8 || R > 3 || nv % 4 != 0) {
+      gemm<V, STORE>(R, nv, nkeys, S, LDD, 1, v, ldv, acc, ld, nullptr);
       return;
     }
-    gemm<V, STORE>(R, nv, nkeys, S, LDD, 1, v, ldv, acc, pl.Dvp, nullptr);
+    constexpr int64_t KB = 128;
+    constexpr int PF = 8;
+    for (int64_t k0 = 0; k0 < nkeys; k0 += KB) {
+      const int64_t kn = imin(KB, nkeys - k0);
+      const T *s = S + k0, *vk = v + k0 * ldv;
+      for (int64_t c = 0; c < nv; c += 4)
+        if (k0 == 0)
+          gemm_cols<V, 4, STORE, PF>(R, kn, s, LDD, 1, vk + c * W, ldv, acc + c * W, ld, nullptr);
+        else
+          gemm_cols<V, 4, ADD, PF>(R, kn, s, LDD, 1, vk + c * W, ldv, acc + c * W, ld, nullptr);
+    }
   }
 
   // Ask for the next tile's key rows and this tile's value rows while the scores are computed:
