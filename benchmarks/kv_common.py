@@ -59,9 +59,12 @@ CACHE_LABELS = (
 POLICIES = ("window", "sink", "h2o", "tova", "snapkv")
 #: what the eviction benchmarks run, in table order: every policy, and the scored ones with the
 #: ranking other than their own (``"policy:heads"``: make_cache's ``heads``; ``"h2o:norm"``:
-#: ``normalize=True``, the mass per query that saw the token)
+#: ``normalize=True``, the mass per query that saw the token) or other options
+#: (``"policy:name=value"``, :func:`run_options`)
 RUNS = (
-    "window", "sink", "h2o", "h2o:norm", "h2o:layer", "tova", "tova:kv", "snapkv", "snapkv:layer"
+    "window", "sink", "h2o", "h2o:norm", "h2o:layer", "tova", "tova:kv", "tova:decay=0.5",
+    "snapkv", "snapkv:layer", "snapkv:layer:decay=0.5", "snapkv:layer:decay=0.9",
+    "snapkv:layer:recent=256", "snapkv:layer:window_size=64", "snapkv:layer:kernel_size=15",
 )  # fmt: skip
 #: the runs of a benchmark by default: every policy, h2o normalised, and one ranking per layer
 #: for h2o and snapkv

@@ -14,12 +14,15 @@ token-by-token run (StreamingLLM's evaluation: the cache at the budget at every 
 ``ppl_evicted`` over the tokens predicted once the past no longer fits the budget (from position
 ``budget`` on), the part where a policy matters;
 ``snapkv:layer`` (and ``h2o:layer``, ``tova:kv``) runs the policy with make_cache's ``heads``
-the other way, ``h2o:norm`` with ``normalize=True``; ``--keep`` runs the full cache and the
+the other way, ``h2o:norm`` with ``normalize=True``, ``snapkv:layer:decay=0.5`` (and the other
+``name=value`` runs of kv_common's ``RUNS``) with that option too; ``--keep`` runs the full cache and the
 policies named and keeps the results file's other rows; ``vs_full`` compares each with the full cache fed
 the same way. ``max_held`` is the most tokens a layer held after a chunk (never above the
 budget). Writes benchmarks/results/kv_streaming.json.
 
     python benchmarks/kv_streaming.py                                  # budgets 512 1024, chunk 64
+    python benchmarks/kv_streaming.py --threads 1 --keep --policies snapkv:layer:decay=0.5 \\
+        snapkv:layer:recent=256 tova:decay=0.5                       # add rows
     python benchmarks/kv_streaming.py --chunk 1 --budgets 1024 --policies sink h2o \\
         --out benchmarks/results/kv_streaming_tokens.json             # token by token
 """
