@@ -444,6 +444,19 @@ inline std::vector<Spec> all_specs() {
     s.Hq = 8; s.Hkv = 2; s.Nq = 1; s.Nk = 1031; s.D = s.Dv = 64; s.kbits = s.vbits = 4;
     s.rotate = true; s.amp = 6; s.backward = false;
   });
+  // int8 keys of 64 channels read one 64-byte load per key (quant.h, q8_quads): R 1, 2 and 4
+  // (3: the G3 cases above), rows padded (loads off the line), a short last tile
+  add("q8 quads decode R 4, padded rows, Nk 77", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 1; s.Nq = 1; s.Nk = 77; s.D = s.Dv = 64; s.kbits = s.vbits = 8;
+    s.qpad = 5; s.backward = false;
+  });
+  add("q8 quads decode R 1, Nk 33, amp 6", [](Spec& s) {
+    s.Nq = 1; s.Nk = 33; s.D = s.Dv = 64; s.kbits = 8; s.amp = 6; s.backward = false;
+  });
+  add("q8 quads decode R 2 (Nq 2), causal, Nk 1100, q4 v", [](Spec& s) {
+    s.Nq = 2; s.Nk = 1100; s.D = s.Dv = 64; s.kbits = 8; s.vbits = 4; s.causal = true;
+    s.backward = false;
+  });
   // more layouts read from the codes: groups under, equal to and over 64 channels, several
   // 64-channel blocks, R 1..4, scales strided (padded rows), a 4-bit k with an int8 v; D 96
   add("q8 codes decode D128 groups of 32, R 1, padded rows", [](Spec& s) {

@@ -53,6 +53,7 @@ struct Decode {
   bool direct_k, direct_v, tile_k, tile_v;  // tile_*: quantized, dequantized a tile at a time
   bool code_k, code_v;  // quantized and read from the codes in registers (quant.h), no tile
   bool pairs_k = false;  // 4-bit keys read two rows to a vector (quant.h, q4_pairs)
+  bool quads_k = false;  // int8 keys read 64 codes per load (quant.h, q8_quads)
   int64_t ldqo = 0;      // the rows qk_codes reads (Scratch::qo) apart: Dp, or 128 (pairs_k)
   // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
   T *pm, *plsum, *pacc;
@@ -82,6 +83,7 @@ struct Decode {
     code_k = tile_k && R <= 4 && direct_codes<V>(p.k, p.D);
     code_v = tile_v && direct_codes<V>(p.v, p.Dv);
     pairs_k = code_k && q4_pairs<V>(p.k, p.D);
+    quads_k = code_k && q8_quads<V>(p.k, p.D);
     ldqo = pairs_k ? 128 : plan.Dp;
   }
 
@@ -196,6 +198,8 @@ struct Decode {
         T* qo = sc.qo.p + (g * Nq + i) * ldqo;
         if (pairs_k)
           q4_pairs_order(dst, qo);
+        else if (quads_k)
+          q8_quads_order(dst, qo, P.D);
         else if (code_k && P.k.dt == DT::Q4)
           q4_order<T, W>(dst, qo, P.D);
         else if (code_k)

@@ -178,26 +178,30 @@ struct PairReduce<V, std::void_t<decltype(V::reduce_pair(V(), V()))>> : std::tru
 
 // The dot products of RB rows with one key's codes (NV vectors; 0: nv at run time) as RB
 // partial-sum vectors.
-template <class V, int RB, int NV, bool Q4, bool SCALE>
+template <class V, int RB, int NV, bool Q4, bool SCALE, bool QUADS = false>
 static inline void qk_key(const typename V::T* q, int64_t ldq, int nv, const uint8_t* row,
                           const float* sr, int64_t sg, int64_t g, V* a) {
-  constexpr int W = V::W, STEP = Q4 ? 2 : 1;
+  constexpr int W = V::W, STEP = Q4 || QUADS ? (QUADS ? 4 : 2) : 1;
   const int n = NV ? NV : nv;
   for (int r = 0; r < RB; r++) a[r] = V::zero();
   for (int c = 0; c < n; c += STEP) {
     V x[STEP];
-    code_vectors<V, Q4, SCALE>(row, sr, sg, g, c, STEP, x);
+    if constexpr (QUADS)  // 64 int8 codes, one load, channels 4i + u (q in q8_quads_order)
+      V::i8_quads(reinterpret_cast<const int8_t*>(row) + c * W, x);
+    else
+      code_vectors<V, Q4, SCALE>(row, sr, sg, g, c, STEP, x);
     for (int u = 0; u < STEP; u++)
       for (int r = 0; r < RB; r++) a[r] = fmadd(V::load(q + r * ldq + (c + u) * W), x[u], a[r]);
   }
 }
 
-// S[r][0:2W] = q_r . k_j for the RB rows of q (ldq apart; Q4: in q4_order) and the keys j <
-// nvalid of a tile of 2W keys read from their codes (0 past nvalid): each key's nv vectors are
+// S[r][0:2W] = q_r . k_j for the RB rows of q (ldq apart; Q4: in q4_order, QUADS: in
+// q8_quads_order) and the keys j < nvalid of a tile of 2W keys read from their codes (0 past
+// nvalid): each key's nv vectors are
 // converted once for all RB rows, and W keys' partial-sum vectors reduce by one tree per row
 // (with PairReduce, its first level as each pair of keys is done: fewer live vectors).
 // Without SCALE the key has one scale group and its scale multiplies the W reduced scores.
-template <class V, int RB, int NV, bool Q4, bool SCALE>
+template <class V, int RB, int NV, bool Q4, bool SCALE, bool QUADS = false>
 static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uint8_t* codes,
                           int64_t cs, const float* sc, int64_t ss, int64_t sg, int64_t g,
                           int nvalid, typename V::T* S, int64_t lds) {
@@ -218,12 +222,12 @@ static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uin
         for (int64_t a = key + QK_AHEAD; a < key + QK_AHEAD + 2; a++)
           prefetch_row(codes + a * cs, rb, sc + a * ss, (a * ss) % 16 < ss);
         if (key < nvalid) {
-          qk_key<V, RB, NV, Q4, SCALE>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
+          qk_key<V, RB, NV, Q4, SCALE, QUADS>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
         } else {
           for (int r = 0; r < RB; r++) a[r] = V::zero();
         }
         if (key + 1 < nvalid) {
-          qk_key<V, RB, NV, Q4, SCALE>(q, ldq, nv, codes + (key + 1) * cs, sc + (key + 1) * ss,
+          qk_key<V, RB, NV, Q4, SCALE, QUADS>(q, ldq, nv, codes + (key + 1) * cs, sc + (key + 1) * ss,
                                        sg, g, b);
         } else {
           for (int r = 0; r < RB; r++) b[r] = V::zero();
@@ -249,7 +253,7 @@ static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uin
       prefetch_row(codes + (key + QK_AHEAD) * cs, rb, sc + (key + QK_AHEAD) * ss,
                    ((key + QK_AHEAD) * ss) % 16 < ss);
       if (key < nvalid)
-        qk_key<V, RB, NV, Q4, SCALE>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
+        qk_key<V, RB, NV, Q4, SCALE, QUADS>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
       else
         for (int r = 0; r < RB; r++) a[r] = V::zero();
       s[jj] = key < nvalid ? T(sc[key * ss]) : T(0);
@@ -261,6 +265,32 @@ static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uin
       res.store(S + r * lds + h0);
     }
   }
+}
+
+// Whether V converts int8 codes 64 at a time from one load (V::i8_quads: AVX-512).
+template <class V, class = void>
+struct Quads : std::false_type {};
+template <class V>
+struct Quads<V, std::void_t<decltype(V::i8_quads(nullptr, nullptr))>> : std::true_type {};
+
+// Whether qk_codes reads the int8 keys of t with one load per key (qk_codes_tile, QUADS): rows
+// of X = 64 channels in unit stride, one scale each. On AVX-512 the whole-line load and shifts
+// scored keys about 1.1x faster than four 16-byte widening loads, with the codes streamed from
+// memory, from L3 and in L1 alike; with 128 channels (two loads) they were slower in L1.
+template <class V>
+static inline bool q8_quads(const View& t, int64_t X) {
+  if constexpr (Quads<V>::value && V::W == 16)
+    return t.dt == DT::Q8 && t.s[3] == 1 && X == 64 && t.group == X;
+  return false;
+}
+
+// A q row in the order the QUADS key dot products read it: per block of 64 channels, vector k
+// holds channels 4i + k (i < 16).
+template <class T>
+static inline void q8_quads_order(const T* src, T* dst, int64_t X) {
+  for (int64_t b = 0; b < X; b += 64)
+    for (int k = 0; k < 4; k++)
+      for (int i = 0; i < 16; i++) dst[b + 16 * k + i] = src[b + 4 * i + k];
 }
 
 // Whether V converts 4-bit codes 8 nibbles of a dword at a time, two 32-byte rows to a vector
@@ -361,6 +391,38 @@ static inline void qk_q4_pairs(int64_t R, const float* q, int64_t ldq, const uin
   }
 }
 
+// S[r][0:2W] = q_r . k_j for RB rows (q8_quads_order, ldq apart) and a whole tile of 2W int8
+// keys of 64 channels (cs bytes apart, one scale each, ss apart): qk_codes_tile's QUADS work
+// without its per-key bounds checks (a partial tile goes there), which made the key loop
+// about 1.1x faster again in a harness with the codes in L3.
+template <class V, int RB>
+static void qk_q8_quads_tile(const float* q, int64_t ldq, const uint8_t* codes, int64_t cs,
+                             const float* sc, int64_t ss, float* S, int64_t lds) {
+  constexpr int W = V::W;
+  for (int h0 = 0; h0 < 2 * W; h0 += W) {
+    V t[RB][W / 2];
+    alignas(64) float s[W];
+    for (int jj = 0; jj < W; jj += 2) {
+      V a[2][RB];
+      for (int u = 0; u < 2; u++) {
+        const int64_t key = h0 + jj + u, f = key + QK_AHEAD;
+        prefetch_row(codes + f * cs, 64, sc + f * ss, (f * ss) % 16 < ss);
+        V c[4];
+        V::i8_quads(reinterpret_cast<const int8_t*>(codes + key * cs), c);
+        for (int r = 0; r < RB; r++) {
+          const float* qr = q + r * ldq;
+          V acc = V::load(qr) * c[0];
+          for (int k = 1; k < 4; k++) acc = fmadd(V::load(qr + W * k), c[k], acc);
+          a[u][r] = acc;
+        }
+        s[jj + u] = sc[key * ss];
+      }
+      for (int r = 0; r < RB; r++) t[r][jj / 2] = V::reduce_pair(a[0][r], a[1][r]);
+    }
+    for (int r = 0; r < RB; r++) (V::reduce_pairs(t[r]) * V::load(s)).store(S + r * lds + h0);
+  }
+}
+
 // The scores of R <= 4 rows against one tile of keys (qk_codes_tile for the view's format; q4_pairs:
 // qk_q4_pairs_tile, q in q4_pairs_order).
 template <class V>
@@ -378,6 +440,24 @@ static inline void qk_codes(int64_t R, const typename V::T* q, int64_t ldq, cons
         case 4: return qk_q4_pairs<V, 4>(R, q, ldq, c, cs, sc, ss, nvalid, S, lds);
         default: return qk_q4_pairs<V, 8>(R, q, ldq, c, cs, sc, ss, nvalid, S, lds);
       }
+  if constexpr (Quads<V>::value)
+    if (q8_quads<V>(t, X)) {  // q in q8_quads_order
+      if (nvalid == 2 * V::W) switch (R) {
+          case 1: return qk_q8_quads_tile<V, 1>(q, ldq, c, cs, sc, ss, S, lds);
+          case 2: return qk_q8_quads_tile<V, 2>(q, ldq, c, cs, sc, ss, S, lds);
+          case 3: return qk_q8_quads_tile<V, 3>(q, ldq, c, cs, sc, ss, S, lds);
+          default: return qk_q8_quads_tile<V, 4>(q, ldq, c, cs, sc, ss, S, lds);
+        }
+#define SA_QQ(RB)                                                                           \
+  case RB:                                                                                  \
+    if (nv == 4)                                                                            \
+      return qk_codes_tile<V, RB, 4, false, false, true>(q, ldq, nv, c, cs, sc, ss, sg, g,  \
+                                                         nvalid, S, lds);                   \
+    return qk_codes_tile<V, RB, 0, false, false, true>(q, ldq, nv, c, cs, sc, ss, sg, g, nvalid, \
+                                                       S, lds);
+      switch (R) { SA_QQ(1) SA_QQ(2) SA_QQ(3) SA_QQ(4) default: return; }
+#undef SA_QQ
+    }
   const int mode = int(R) * 4 + (t.dt == DT::Q4 ? 2 : 0) + (g == X ? 0 : 1);
 #define SA_QK(RB, Q4, SC)                                                                  \
   case RB * 4 + (Q4 ? 2 : 0) + (SC ? 1 : 0):                                               \

@@ -49,6 +49,16 @@ struct V {
     even.v = _mm512_permutexvar_ps(x, tbl);
     odd.v = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), tbl);
   }
+  // 64 int8 codes from one 64-byte load as floats: x[k] lane i is byte k of dword i (channel
+  // 4i + k), sign-extended by two shifts (one for k = 3), all on port 0, where widening loads
+  // (load_i8) take port 5 with the score reductions, and one load per cache line.
+  static void i8_quads(const int8_t* p, V* x) {
+    const __m512i w = _mm512_loadu_si512(p);
+    x[0].v = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24), 24));
+    x[1].v = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16), 24));
+    x[2].v = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 8), 24));
+    x[3].v = _mm512_cvtepi32_ps(_mm512_srai_epi32(w, 24));
+  }
   // 128 4-bit codes (code + 8) from two rows of 32 bytes, a (lanes 0-7) and b (lanes 8-15), as
   // floats: x[k] lane i is nibble k of the row's dword i % 8, i.e. channel 8 (i % 8) + k. One
   // shift and one vpermps (which reads only an index's low 4 bits) per 16 codes, half on each
