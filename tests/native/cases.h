@@ -327,6 +327,15 @@ inline std::vector<Spec> all_specs() {
   add("decode 1 row 600 keys G3", [](Spec& s) {
     s.Hq = 6; s.Hkv = 2; s.Nq = 1; s.Nk = 600; s.D = s.Dv = 64; s.causal = true;
   });
+  // the float path's P V in blocks of 128 keys with 3 x 4 register tiles (AVX2, up to 3 rows):
+  // 2 rows, 3 column blocks, a chunk ending mid-block; 1 row of D 32 with a non-finite key
+  add("decode 2 rows G2 Dv 96 Nk 1031", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 2; s.Nq = 1; s.Nk = 1031; s.D = 64; s.Dv = 96; s.causal = true;
+    s.pool_mode = 1;
+  });
+  add("decode 1 row D32 Nk 300 nan key", [](Spec& s) {
+    s.Hq = 2; s.Hkv = 2; s.Nq = 1; s.Nk = 300; s.D = s.Dv = 32; s.nan_key = true;
+  });
   add("decode 2 rows G4 (panels)", [](Spec& s) {
     s.Hq = 4; s.Hkv = 1; s.Nq = 2; s.Nk = 600; s.D = 64; s.Dv = 40; s.pool_mode = 1;
   });
