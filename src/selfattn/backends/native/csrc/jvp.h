@@ -12,13 +12,14 @@
 // panel [dK^T; K^T]. With 32 vector registers (MR = 12) S and dS come from one register tile
 // per half panel over that panel, O and T from one pass over the rows of V and dV
 // (jvp_tiles.h); with AVX2's 16, dS is one micro-kernel product of width 2D and T two P V-shaped
-// products (X = p * dS against V, p against dV), each on its own. Work items, tiles, chunks,
-// groups of two panels (chunk_groups: each K tile and V block read from L1 by both), the
-// softmax update (softmax_panel) and waves are the forward's; K and dK are packed per (batch,
-// kv head) unit, V and dV too unless they are read in place (same dtype as the compute, unit
-// inner stride, Dv a multiple of W: then only the last, partial tile of keys is copied,
-// zero-padded), which keeps the pass's memory beyond its results to the K panels
-// (docs/derivatives.md, Measured).
+// products (X = p * dS against V, p against dV), each on its own, a column slice of V at a time
+// over chunks of 128 keys and groups of four panels. Work items, tiles, chunks and groups of
+// panels (chunk_groups: each K tile and V block read from L1 by all of a group's panels; with
+// 32 registers the forward's 256 keys and two panels), the softmax update (softmax_panel) and
+// waves are the forward's; K and dK are packed per (batch, kv head) unit, V and dV too unless
+// they are read in place (same dtype as the compute, unit inner stride, Dv a multiple of W:
+// then only the last, partial tile of keys is copied, zero-padded), which keeps the pass's
+// memory beyond its results to the K panels (docs/derivatives.md, Measured).
 // A non-finite row of k, v, dk or dv declines the call (the caller then takes the torch-op
 // tangent pass, whose semantics for such rows are the forward's): the pass returns false.
 #pragma once
@@ -34,19 +35,23 @@ template <class V>
 struct Jvp {
   using T = typename V::T;
   static constexpr int W = V::W, MR = V::MR, PW = 2 * W, NP = 8, BM = NP * MR;
-  static constexpr int CT = 256 / PW, KC = CT * PW, LDS = KC + W;
-  // panels per group, as the forward's (chunk_groups): each K tile and each slice of V and dV
-  // is read from L1 by all of the group's panels
-  static constexpr int NG = Forward<V>::NG;
-  // keys per block of the value tiles: a block's rows of V and dV (a pair of column vectors
-  // each) and the group's P and X stay in L1 while every half panel reads them (128: 5% slower)
-  static constexpr int VKB = 64;
   // rows of the fused tiles (score_pair, value_pair): their 4 vectors a row make the 2 MR
   // accumulators of the scores' MR x 2 tile, plus 4 vectors of K and dK (V and dV) and 2
   // broadcasts: 30 registers with MR = 12 (AVX-512, NEON: 32). AVX2's 16 (MR = 6) would spill,
   // so there (and in the generic build) the products run one at a time on the micro-kernel.
   static constexpr int FR = MR / 2;
   static constexpr bool fused = MR >= 12;
+  // Keys per chunk and panels per group (chunk_groups: each K tile and each slice of V and dV
+  // is read from L1 by all of the group's panels). Fused: the forward's (256 keys, 2 panels).
+  // Unfused (MR = 6): 128 keys and 4 panels, so a group still has 24 rows for each K tile and
+  // V slice from L2, while a column slice of V and dV (2 vectors x 128 keys, 16 KiB) and the
+  // group's P and X (24 KiB) stay in L1 across the three value products (group_chunk):
+  // AVX2 JVP 6-9% faster than 256 keys x 2 panels (docs/derivatives.md, Measured).
+  static constexpr int CT = (fused ? 256 : 128) / PW, KC = CT * PW, LDS = KC + W;
+  static constexpr int NG = fused ? Forward<V>::NG : 4;
+  // keys per block of the value tiles: a block's rows of V and dV (a pair of column vectors
+  // each) and the group's P and X stay in L1 while every half panel reads them (128: 5% slower)
+  static constexpr int VKB = 64;
   static_assert(MR % 2 == 0, "the fused tiles take a panel's rows in two halves");
 
   const Plan<V>& pl;
@@ -352,12 +357,18 @@ struct Jvp {
       accumulate(M, S, DS, t_lo, t_hi, slot, b, kvh, o, ta, al);
       return;
     }
-    values(M, S, t_lo, t_hi, slot, b, kvh, false, o, al);  // O = al O + P V
-    if (ds_any) {
-      values(M, DS, t_lo, t_hi, slot, b, kvh, false, ta, al);  // T = al T + X V
-      if (tv) values(M, S, t_lo, t_hi, slot, b, kvh, true, ta, nullptr);  // T += P dV
-    } else if (tv) {
-      values(M, S, t_lo, t_hi, slot, b, kvh, true, ta, al);  // T = al T + P dV
+    // one column slice (2 vectors) of O and T at a time: the slice of V and dV is read from
+    // L2 once for the three products
+    const int64_t nv = Dvp / W;
+    for (int64_t c = 0; c < nv; c += 2) {
+      const int64_t cn = imin(2, nv - c);
+      values(M, S, t_lo, t_hi, slot, b, kvh, false, o, al, c, cn);  // O = al O + P V
+      if (ds_any) {
+        values(M, DS, t_lo, t_hi, slot, b, kvh, false, ta, al, c, cn);  // T = al T + X V
+        if (tv) values(M, S, t_lo, t_hi, slot, b, kvh, true, ta, nullptr, c, cn);  // T += P dV
+      } else if (tv) {
+        values(M, S, t_lo, t_hi, slot, b, kvh, true, ta, al, c, cn);  // T = al T + P dV
+      }
     }
   }
 
@@ -423,18 +434,19 @@ struct Jvp {
     }
   }
 
-  // C = al C + A V (al null: C += A V) for the keys of tiles [t_lo, t_hi) and M rows, A the
-  // rows' (M x keys) buffer; V or (dv) dV, packed or read in place (then the partial last tile
-  // from its packed copy, in a second product).
+  // C = al C + A V (al null: C += A V) for the keys of tiles [t_lo, t_hi), M rows and the nv
+  // column vectors from vector cv, A the rows' (M x keys) buffer; V or (dv) dV, packed or read
+  // in place (then the partial last tile from its packed copy, in a second product).
   void values(int64_t M, const T* A, int64_t t_lo, int64_t t_hi, int64_t slot, int64_t b,
-              int64_t kvh, bool dv, T* C, const T* al) const {
-    const int64_t Dvp = pl.Dvp, nv = Dvp / W;
-    const T* packed = (dv ? dvr_buf.p : vr_buf.p) + slot * vr_n;
+              int64_t kvh, bool dv, T* C, const T* al, int64_t cv, int64_t nv) const {
+    const int64_t Dvp = pl.Dvp;
+    const T* packed = (dv ? dvr_buf.p : vr_buf.p) + slot * vr_n + cv * W;
+    C += cv * W;
     int64_t t0 = t_lo;
     if (vdirect && t_lo < tf) {
       const View& x = dv ? P.tv : P.v;
       const int64_t tm = imin(t_hi, tf), n = (tm - t_lo) * PW;
-      const T* B = rows_of(x, b, kvh) + t_lo * PW * x.s[2];
+      const T* B = rows_of(x, b, kvh) + t_lo * PW * x.s[2] + cv * W;
       if (al)
         gemm<V, SCALE>(M, nv, n, A, LDS, 1, B, x.s[2], C, Dvp, al);
       else
