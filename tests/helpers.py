@@ -152,3 +152,52 @@ def jvp_memory_growth(backend: str, n: int = 4096) -> tuple[int, int]:
     fwd = peak_memory_growth("with torch.no_grad():\n    f(q, k, v)\n", setup=setup)["growth"]
     jvp = peak_memory_growth("torch.func.jvp(f, (q, k, v), (tq, tk, tv))\n", setup=setup)
     return jvp["growth"], fwd
+
+
+def tiny_llama(
+    layers: int = 2, kv_heads: int = 2, positions: int = 256, attn: str | None = "selfattn"
+):
+    """A seeded random Llama from transformers' own config class (vocabulary 101, hidden 32, 4
+    query heads), in eval mode; ``attn`` its attention implementation (None: transformers')."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    extra = {} if attn is None else {"attn_implementation": attn}
+    cfg = LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=positions,
+        **extra,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def replay_two_turns_against_masked_reference(model, cache, budget: int, check=None) -> None:
+    """Feed ``model`` a 20-token prompt, 6 greedy decode steps, a 5-token second turn and 4 more
+    steps through ``cache`` (an eviction cache of ``budget`` tokens), and before each call mask
+    a ``DynamicCache`` reference to exactly the tokens layer 0 kept (and the new ones, causally),
+    at their original positions: the logits must agree and the layer hold ``min(budget, seen)``
+    tokens. ``check(layer, seen, n)`` runs after each call."""
+    from transformers.cache_utils import DynamicCache
+
+    ref = DynamicCache()
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(1)
+    feeds = [torch.randint(1, 101, (1, 20), generator=g)] + [None] * 6
+    feeds += [torch.randint(1, 101, (1, 5), generator=g)] + [None] * 4
+    logits = None
+    with torch.no_grad():
+        for ids in feeds:
+            if ids is None:
+                ids = logits[:, -1:].argmax(-1)
+            seen, n = cache.get_seq_length(), ids.shape[1]
+            kept = layer.positions[0, 0, : layer.end].tolist() if layer.is_initialized else []
+            mask = torch.zeros(1, 1, n, seen + n, dtype=torch.bool)
+            mask[..., kept] = True
+            mask[0, 0, :, seen:] = torch.ones(n, n).tril().bool()
+            pos = torch.arange(seen, seen + n)[None]
+            want = model(input_ids=ids, attention_mask=mask, cache=ref, position_ids=pos).logits
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
+            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+            assert layer.end == min(budget, seen + n) and cache.get_seq_length() == seen + n
+            if check is not None:
+                check(layer, seen, n)

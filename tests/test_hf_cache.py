@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 import selfattn.integrations.transformers as sa_hf
+from helpers import tiny_llama
 from selfattn.integrations.cache import GrowingLayer, InPlaceCache, WindowLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,17 +180,6 @@ def test_window_layer_moves_its_tokens_once_per_chunk():
 # -- make_cache's arguments ----------------------------------------------------------------------
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -204,7 +194,7 @@ def _tiny_llama():
 )
 def test_make_cache_refuses_what_it_cannot_honour(kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        sa_hf.make_cache(_tiny_llama(), **kwargs)
+        sa_hf.make_cache(tiny_llama(positions=128, attn=None), **kwargs)
 
 
 def test_make_cache_needs_a_decoder_model():
@@ -232,7 +222,7 @@ def test_make_cache_layers_follow_the_config():
 def test_make_cache_through_past_key_values_as_the_api_spells_it():
     """``generate(past_key_values=cache)`` (transformers 5.25 renamed it ``cache=`` and still
     takes the old name) and the forward call both fill and use the cache."""
-    model = _tiny_llama()
+    model = tiny_llama(positions=128, attn=None)
     ids = torch.randint(1, 101, (1, 7), generator=torch.Generator().manual_seed(0))
     ref = model.generate(ids, cache=DynamicCache(config=model.config), max_new_tokens=5)
     cache = sa_hf.make_cache(model)

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import selfattn
 import selfattn.integrations.transformers as sa_hf
+from helpers import tiny_llama
 from selfattn.integrations.cache import BudgetLayer, GrowingLayer, WindowLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,18 +38,6 @@ def _registered():
 def _kv(n, b=1, h=2, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        attn_implementation="selfattn",
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _same(got, x, bits, rotate):
@@ -91,7 +80,7 @@ def test_make_cache_pair_nbytes_count_each_side():
     """float32 D=8 is 32 bytes a token per side; int8 keys 8 + a 4-byte scale, 4-bit values
     4 + a 4-byte scale (one group of 8): a (8, 4) cache is 20/64 of the float one."""
     ids = torch.randint(1, 101, (1, 9), generator=torch.Generator().manual_seed(0))
-    model = _tiny_llama()
+    model = tiny_llama(positions=128)
     sizes = {}
     for bits in (None, (8, 4), (None, None)):
         cache = sa_hf.make_cache(model, bits=bits, residual=0)  # every token quantized at once
@@ -111,11 +100,11 @@ def test_make_cache_pair_nbytes_count_each_side():
 @pytest.mark.parametrize("bits", [(8,), (8, 4, 4), (8, 2), (3, 4), (True, 4), (4, 8.0), "84", 2])
 def test_make_cache_bad_bits_pair_names_it(bits):
     with pytest.raises(ValueError, match=re.escape(f"bits={bits!r}")):
-        sa_hf.make_cache(_tiny_llama(), bits=bits)
+        sa_hf.make_cache(tiny_llama(positions=128), bits=bits)
 
 
 def test_make_cache_pair_needs_selfattn_attention_and_rotate_needs_a_quantized_side():
-    model = _tiny_llama()
+    model = tiny_llama(positions=128)
     with pytest.raises(ValueError, match=r"rotate=True .* needs bits"):
         sa_hf.make_cache(model, bits=(None, None), rotate=True)
     model.set_attn_implementation("sdpa")

@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 import selfattn
 import selfattn.integrations.transformers as sa_hf
+from helpers import replay_two_turns_against_masked_reference, tiny_llama
 from selfattn.integrations.cache import BudgetLayer, GrowingLayer, InPlaceCache, WindowLayer
 from selfattn.integrations.evict import POLICIES
 
@@ -71,7 +72,7 @@ def test_quantized_window_layer_keeps_the_window_of_dynamic_sliding_window_layer
 
 def test_quantized_storage_is_a_quarter_of_float_and_needs_selfattn_attention():
     ids = torch.randint(1, 101, (1, 9), generator=torch.Generator().manual_seed(0))
-    model = _tiny_llama()
+    model = tiny_llama()
     sizes = {}
     for bits in (None, 8, 4):
         cache = sa_hf.make_cache(model, bits=bits, residual=0)  # every token quantized at once
@@ -237,7 +238,7 @@ def test_eviction_per_key_head_holds_each_heads_own_keys_within_the_budget(heads
 
 
 def test_make_cache_refuses_an_unknown_heads_and_a_non_bool_normalize():
-    model = _tiny_llama()
+    model = tiny_llama()
     with pytest.raises(ValueError, match="heads must be None or one of kv, layer; got 'all'"):
         sa_hf.make_cache(model, budget=8, heads="all")
     with pytest.raises(TypeError, match="normalize must be a bool, got int"):
@@ -281,49 +282,22 @@ def test_budget_layer_refuses_padding_crop_and_missing_scores():
 # -- a one-layer model against DynamicCache given the kept tokens as a mask ---------------------
 
 
-def _tiny_llama(layers=2, kv_heads=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        attn_implementation="selfattn",
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("policy", POLICIES)
 def test_one_layer_model_equals_dynamic_cache_masked_to_the_kept_tokens(policy):
     """Budget 8: a 20-token prompt, 6 decode steps, a 5-token second turn, 4 more steps. Before
     each call the reference sees exactly the tokens the layer kept (and the new ones, causally)."""
-    model = _tiny_llama(layers=1, kv_heads=1)
-    cache, ref = sa_hf.make_cache(model, budget=8, policy=policy, sink_tokens=2), DynamicCache()
-    layer = cache.layers[0]
-    g = torch.Generator().manual_seed(1)
-    feeds = [torch.randint(1, 101, (1, 20), generator=g)] + [None] * 6
-    feeds += [torch.randint(1, 101, (1, 5), generator=g)] + [None] * 4
-    logits = None
-    with torch.no_grad():
-        for ids in feeds:
-            if ids is None:
-                ids = logits[:, -1:].argmax(-1)
-            seen, n = cache.get_seq_length(), ids.shape[1]
-            kept = layer.positions[0, 0, : layer.end].tolist() if layer.is_initialized else []
-            mask = torch.zeros(1, 1, n, seen + n, dtype=torch.bool)
-            mask[..., kept] = True
-            mask[0, 0, :, seen:] = torch.ones(n, n).tril().bool()
-            pos = torch.arange(seen, seen + n)[None]
-            want = model(input_ids=ids, attention_mask=mask, cache=ref, position_ids=pos).logits
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
-            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
-            assert layer.end == min(8, seen + n) and cache.get_seq_length() == seen + n
-            assert layer.capacity <= layer.usual_capacity
+    model = tiny_llama(layers=1, kv_heads=1)
+    cache = sa_hf.make_cache(model, budget=8, policy=policy, sink_tokens=2)
+
+    def check(layer, seen, n):
+        assert layer.capacity <= layer.usual_capacity
+
+    replay_two_turns_against_masked_reference(model, cache, 8, check)
 
 
 def test_window_and_sink_give_the_same_tokens_with_sdpa_and_eager():
     """No scores needed: any attention implementation, evicting at the next call."""
-    model = _tiny_llama()
+    model = tiny_llama()
     ids = torch.randint(1, 101, (1, 30), generator=torch.Generator().manual_seed(2))
     for policy in ("window", "sink"):
         outs = []
@@ -337,7 +311,7 @@ def test_window_and_sink_give_the_same_tokens_with_sdpa_and_eager():
 
 
 def test_scored_policy_after_switching_to_sdpa_fails_loudly():
-    model = _tiny_llama()
+    model = tiny_llama()
     cache = sa_hf.make_cache(model, budget=6, policy="tova")
     model.set_attn_implementation("sdpa")
     ids = torch.randint(1, 101, (1, 9), generator=torch.Generator().manual_seed(0))

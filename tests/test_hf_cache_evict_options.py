@@ -17,9 +17,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from transformers.cache_utils import DynamicCache
 
 import selfattn.integrations.transformers as sa_hf
+from helpers import replay_two_turns_against_masked_reference, tiny_llama
 from selfattn.integrations.cache import BudgetLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,18 +167,6 @@ def test_make_cache_refuses_options_of_a_wrong_value_or_policy():
     assert (layer.decay, layer.recent, layer.snap_window, layer.snap_kernel) == (0.5, 2, 4, 3)
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
-        attn_implementation="selfattn",
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -191,27 +179,12 @@ def test_options_keep_positions_and_the_budget_over_two_turns(kwargs):
     """Budget 8: a 20-token prompt, 6 decode steps, a 5-token second turn, 4 more steps; before
     each call the reference ``DynamicCache`` is masked to exactly the tokens the layer kept, so
     kept keys sit at their original positions."""
-    model = _tiny_llama()
-    cache, ref = sa_hf.make_cache(model, budget=8, sink_tokens=1, **kwargs), DynamicCache()
-    layer = cache.layers[0]
-    g = torch.Generator().manual_seed(1)
-    feeds = [torch.randint(1, 101, (1, 20), generator=g)] + [None] * 6
-    feeds += [torch.randint(1, 101, (1, 5), generator=g)] + [None] * 4
-    logits = None
-    with torch.no_grad():
-        for ids in feeds:
-            if ids is None:
-                ids = logits[:, -1:].argmax(-1)
-            seen, n = cache.get_seq_length(), ids.shape[1]
-            kept = layer.positions[0, 0, : layer.end].tolist() if layer.is_initialized else []
-            mask = torch.zeros(1, 1, n, seen + n, dtype=torch.bool)
-            mask[..., kept] = True
-            mask[0, 0, :, seen:] = torch.ones(n, n).tril().bool()
-            pos = torch.arange(seen, seen + n)[None]
-            want = model(input_ids=ids, attention_mask=mask, cache=ref, position_ids=pos).logits
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
-            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
-            assert layer.end == min(8, seen + n) and cache.get_seq_length() == seen + n
-            newest = set(range(seen + n - kwargs["recent"], seen + n))
-            assert newest <= set(layer.positions[0, 0, : layer.end].tolist())
-            assert 0 in layer.positions[0, 0, : layer.end].tolist()  # the sink
+    model = tiny_llama(layers=1, kv_heads=1)
+    cache = sa_hf.make_cache(model, budget=8, sink_tokens=1, **kwargs)
+
+    def check(layer, seen, n):
+        held = layer.positions[0, 0, : layer.end].tolist()
+        assert set(range(seen + n - kwargs["recent"], seen + n)) <= set(held)
+        assert 0 in held  # the sink
+
+    replay_two_turns_against_masked_reference(model, cache, 8, check)

@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 import selfattn
 import selfattn.integrations.transformers as sa_hf
+from helpers import tiny_llama
 from selfattn.integrations.cache import RESIDUAL, GrowingLayer, InPlaceCache, WindowLayer
 from selfattn.integrations.kv_layers import FLUSH
 from selfattn.kv_residual import ResidualKV
@@ -135,18 +136,6 @@ def test_window_layer_with_a_float_window_equals_the_fake_quantized_sliding_laye
 # -- make_cache(residual=...) ------------------------------------------------------------------
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        attn_implementation="selfattn",
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _generate(model, ids, cache, n=8):
     with torch.no_grad():
         out = model.generate(
@@ -157,7 +146,7 @@ def _generate(model, ids, cache, n=8):
 
 
 def test_make_cache_default_residual_is_transformers_residual_length_with_bits_only():
-    model = _tiny_llama()
+    model = tiny_llama()
     assert RESIDUAL == 128
     assert all(x.residual == 128 for x in sa_hf.make_cache(model, bits=8).layers)
     assert all(x.residual == 0 for x in sa_hf.make_cache(model).layers)
@@ -177,7 +166,7 @@ def test_make_cache_default_residual_is_transformers_residual_length_with_bits_o
 )
 def test_make_cache_bad_residual_is_refused(kwargs, exc, match):
     with pytest.raises(exc, match=re.escape(match)):
-        sa_hf.make_cache(_tiny_llama(), **kwargs)
+        sa_hf.make_cache(tiny_llama(), **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"chunk": 3}])
@@ -192,7 +181,7 @@ def test_make_cache_residual_zero_stores_what_it_always_did():
     """residual=0: QuantizedKV views, no window, and the logits of the cache built as before the
     window existed (InPlaceCache's own default), bit for bit, through a prefill and steps."""
     ids = torch.randint(1, 101, (1, 9), generator=torch.Generator().manual_seed(0))
-    model = _tiny_llama()
+    model = tiny_llama()
     cache = sa_hf.make_cache(model, bits=4, rotate=True, residual=0)
     seq, got = _generate(model, ids, cache, 6)
     seq_ref, want = _generate(model, ids, InPlaceCache(model.config, bits=4, rotate=True), 6)
@@ -203,7 +192,7 @@ def test_make_cache_residual_zero_stores_what_it_always_did():
 
 def test_make_cache_nbytes_count_the_float_window():
     ids = torch.randint(1, 101, (1, 60), generator=torch.Generator().manual_seed(0))
-    model = _tiny_llama()
+    model = tiny_llama()
     cache = sa_hf.make_cache(model, bits=8, residual=16)
     with torch.no_grad():
         model(input_ids=ids[:, :9], cache=cache, use_cache=True)
@@ -225,7 +214,7 @@ def test_make_cache_nbytes_count_the_float_window():
 
 def test_tiny_llama_generate_with_a_float_window_equals_the_fake_quantized_schedule():
     ids = torch.randint(1, 101, (1, 50), generator=torch.Generator().manual_seed(1))
-    model = _tiny_llama()
+    model = tiny_llama()
     seq, got = _generate(model, ids, sa_hf.make_cache(model, bits=4, rotate=True, residual=3), 40)
     ref = Cache(layers=[_FakeResidualLayer(3, 4, 4) for _ in range(2)])
     ref_seq, want = _generate(model, ids, ref, 40)
@@ -296,7 +285,7 @@ def test_make_cache_with_a_budget_keeps_no_window_in_its_evicting_layers():
     from selfattn.integrations.evict import BudgetLayer
 
     ids = torch.randint(1, 101, (1, 40), generator=torch.Generator().manual_seed(2))
-    model = _tiny_llama()
+    model = tiny_llama()
     cache = sa_hf.make_cache(model, bits=8, budget=16, policy="h2o", residual=8)
     assert all(type(x) is BudgetLayer and x.residual == 0 for x in cache.layers)
     seq, _ = _generate(model, ids, cache, 5)
@@ -307,7 +296,7 @@ def test_make_cache_with_a_budget_keeps_no_window_in_its_evicting_layers():
 def test_tiny_llama_beam_search_with_a_float_window_equals_the_fake_quantized_schedule():
     """Beam search reorders (and first repeats) the batch rows: the window follows them."""
     ids = torch.randint(1, 101, (2, 30), generator=torch.Generator().manual_seed(3))
-    model = _tiny_llama()
+    model = tiny_llama()
     kw = {"max_new_tokens": 30, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         cache = sa_hf.make_cache(model, bits=4, rotate=True, residual=3)
