@@ -26,6 +26,7 @@ from selfattn.backends.native.call import (
     WINDOW_FIELDS,
     NativeCall,
     record,
+    records_with_window,
     refused_rules,
 )
 from selfattn.spec import RULES, validate
@@ -228,6 +229,23 @@ def test_probabilities_ignore_the_records_dropout():
 
 def window_record(spec, k_window, v_window, **fields):
     return record(spec)._replace(k_window=k_window, v_window=v_window, **fields)
+
+
+@pytest.mark.parametrize("kq, vq", [(True, True), (True, False), (False, True), (False, False)])
+def test_records_with_window_build_the_record_with_its_start_and_window(kq, vq):
+    """The decode step's record over a cache with a float window, built in one go per call, is
+    the call's own record with the operands' storage, ``start`` and the window put in."""
+    q, k, v = make_qkv(1, 4, 2, 1, 40, 16)
+    qk, qv = selfattn.quantize_kv(k[:, :, :30], bits=8), selfattn.quantize_kv(v[:, :, :30], bits=4)
+    kk, vv = qk if kq else k[:, :, :30], qv if vq else v[:, :, :30]
+    spec = validate(q, k[:, :, :30], v[:, :, :30], causal=True)
+    make = records_with_window(spec, kk, vv)
+    kw, vw = k[:, :, 30:], v[:, :, 30:]
+    got = make(kk, vv, kw, vw, 39)
+    want = record(spec, None, kk, vv)._replace(start=39, k_window=kw, v_window=vw)
+    assert type(got) is NativeCall and len(got) == len(FIELDS)
+    for name, a, b in zip(FIELDS, got, want):
+        assert a is b or a == b, name
 
 
 @pytest.mark.parametrize("nq, w", [(1, 5), (3, 1), (4, 9)])

@@ -17,6 +17,7 @@ import torch
 from helpers import gen
 from selfattn import quant, quantize_kv
 from selfattn.backends.native import build
+from selfattn.integrations import kv_store
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -105,3 +106,44 @@ def test_16_bit_inputs_keep_the_torch_path(monkeypatch):
     monkeypatch.setattr(quant, "native_quantize", lambda *a: calls.append(1))
     quantize_kv(torch.randn(1, 2, 1, 8, dtype=torch.bfloat16), bits=8)
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    "bits, rotate, dtype",
+    [
+        (8, False, torch.float32),
+        (4, True, torch.float32),
+        (4, False, torch.float64),
+        (8, True, torch.float64),
+    ],
+)
+def test_a_cache_codec_appending_step_by_step_stores_quantize_kv_of_everything(
+    monkeypatch, bits, rotate, dtype
+):
+    """A cache layer's codec quantizes a decode step's token with the native call directly (no
+    QuantizedKV built and checked at every step): what it stores, a token at a time, a few, and
+    a chunk past NATIVE_TOKENS, is quantize_kv of all the tokens at once, bit for bit."""
+    build.load()
+    steps = (1, 1, 5, 1, quant.NATIVE_TOKENS + 3)
+    x = inputs((2, 3, sum(steps), 64), dtype, seed=3)
+    codec = kv_store.QuantCodec(bits, rotate, dtype)
+    parts = kv_store.empty_like(codec.encode(x[:, :, :0]), sum(steps) + 5)
+    calls = []
+    real = quant.native_quantize
+    monkeypatch.setattr(
+        quant, "native_quantize", lambda x, *a: calls.append(x.shape[2]) or real(x, *a)
+    )
+    at = 0
+    for n in steps:
+        kv_store.write(parts, codec.encode(x[:, :, at : at + n]), at)
+        at += n
+    got = codec.view(parts, 0, at)
+    assert calls[:4] == [1, 1, 5, 1]  # the decode steps took the one native call
+    want = torch_path(monkeypatch, x, bits=bits, rotate=rotate)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert (got.bits, got.group_size, got.rotate, got.dtype) == (
+        bits,
+        want.group_size,
+        rotate,
+        dtype,
+    )

@@ -200,6 +200,28 @@ class QuantizedKV:
         self.rotate = bool(rotate)
         self.dtype = dtype
 
+    @classmethod
+    def of_views(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int,
+        rotate: bool,
+        dtype: torch.dtype,
+    ) -> QuantizedKV:
+        """A QuantizedKV of codes and scales known to fit (a cache layer's views of its own
+        storage, made at every decode step): the constructor's checks skipped."""
+        x = object.__new__(cls)
+        x.codes = codes
+        x.scales = scales
+        x.bits = bits
+        x.group_size = group_size
+        x.rotate = rotate
+        x.dtype = dtype
+        return x
+
     @property
     def shape(self) -> torch.Size:
         """(B, Hkv, N, D) of the dequantized tensor."""

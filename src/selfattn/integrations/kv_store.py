@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import quant
 from ..quant import QuantizedKV, quantize_kv
 
 __all__ = [
@@ -46,7 +47,7 @@ class FloatCodec:
 
     def view(self, parts: Parts, start: int, end: int) -> torch.Tensor:
         """Tokens ``[start, end)``: a view (B, Hkv, end - start, D) of the storage."""
-        return parts[0][:, :, start:end]
+        return parts[0].narrow(2, start, end - start)
 
     def dim(self, parts: Parts) -> int:
         """The head dim D the parts hold."""
@@ -66,19 +67,36 @@ class QuantCodec:
         self.bits = bits
         self.rotate = rotate
         self.float_dtype = dtype
+        self.group = 0  # channels per scale: known once the first tokens are encoded
 
     def encode(self, x: torch.Tensor) -> Parts:
-        """New tokens (B, Hkv, n, D) as ``(codes, scales)`` (B, Hkv, n, D or D/2), (B, Hkv, n, G)."""
+        """New tokens (B, Hkv, n, D) as ``(codes, scales)`` (B, Hkv, n, D or D/2), (B, Hkv, n, G).
+
+        The first call goes through :func:`selfattn.quantize_kv` (which checks bits, rotation
+        and D against each other); later ones, whose tokens the layer has checked against its
+        storage, ask the native engine directly where ``quantize_kv`` would (the same codes,
+        without building and checking a :class:`QuantizedKV` at every decode step)."""
+        if (
+            self.group
+            and (x.shape[2] <= quant.NATIVE_TOKENS or self.rotate)
+            and x.is_cpu
+            and (x.dtype is torch.float32 or x.dtype is torch.float64)
+        ):
+            got = quant.native_quantize(x, self.bits, self.group, self.rotate)
+            if got is not None:
+                return got
         q = quantize_kv(x, bits=self.bits, rotate=self.rotate)
+        self.group = q.group_size
         return (q.codes, q.scales)
 
     def view(self, parts: Parts, start: int, end: int) -> QuantizedKV:
         """Tokens ``[start, end)`` as a :class:`QuantizedKV` over views of the codes and scales."""
         codes, scales = parts
         g = self.dim(parts) // scales.shape[3]  # keys and values may differ in D, hence in G
-        return QuantizedKV(
-            codes[:, :, start:end],
-            scales[:, :, start:end],
+        n = end - start
+        return QuantizedKV.of_views(  # views of storage that encode() filled: they fit
+            codes.narrow(2, start, n),
+            scales.narrow(2, start, n),
             bits=self.bits,
             group_size=g,
             rotate=self.rotate,
@@ -108,7 +126,7 @@ def empty_like(parts: Parts, capacity: int, batch: int | None = None) -> Parts:
 def write(parts: Parts, new: Sequence[torch.Tensor], at: int) -> None:
     """Copy ``new`` (each (B, Hkv, n, C)) into tokens ``[at, at + n)`` of ``parts``."""
     for p, x in zip(parts, new):
-        p[:, :, at : at + x.shape[2]] = x
+        p.narrow(2, at, x.shape[2]).copy_(x)
 
 
 def gather(parts: Parts, index: torch.Tensor) -> Parts:

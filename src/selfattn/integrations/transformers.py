@@ -216,8 +216,12 @@ def attention_forward(
         # a decode step or a first prefill without padding: causality alone decides what is
         # visible, and no key is cut (the rules call_rules would give, without building them)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        nq, nk = query.shape[2], key.shape[2]
-        if not causal or (not 1 < nq < nk and (sliding_window is None or nk <= sliding_window)):
+        nq = query.shape[2]
+        plain = True  # not causal, or a decode step without a window: no key count needed
+        if causal and (nq > 1 or sliding_window is not None):  # (a ResidualKV builds its shape)
+            nk = key.shape[2]
+            plain = not 1 < nq < nk and (sliding_window is None or nk <= sliding_window)
+        if plain:
             # without dropout, attention's own fast path, entered directly (None: it declined)
             out = None if dropout else fast_call(query, key, value, causal, scaling, False, backend)
             if out is None:

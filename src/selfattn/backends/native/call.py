@@ -180,12 +180,17 @@ def records_with_window(spec: AttentionSpec, k: Any, v: Any) -> Any:
     ``k`` / ``v`` (of the kind given) followed by float windows ``kw`` / ``vw``, the call's
     ``start`` (``Nk - Nq`` over both parts) put in per call: everything else in ``spec`` holds
     for any number of tokens in either part (a decode step over a cache with a float window,
-    ``kv_residual.fused_call``)."""
-    make = records_over(spec, k, v)
-    i, n = FIELDS.index("start"), len(FIELDS) - len(WINDOW_FIELDS)
+    ``kv_residual.fused_call``). Each record is built in one go from the parts made here (a
+    decode step makes one per layer)."""
+    base = record(spec, None, k, v)
+    i, n = FIELDS.index("start"), len(FIELDS) - len(STORAGE_FIELDS) - len(WINDOW_FIELDS)
+    before, after = tuple(base[:i]), tuple(base[i + 1 : n])  # the fields around ``start``
+    ks, vs = storage(k)[2:], storage(v)[2:]  # bits, group, rotate (a tensor: PLAIN's)
+    kt, vt = isinstance(k, torch.Tensor), isinstance(v, torch.Tensor)
 
     def build(k: Any, v: Any, kw: torch.Tensor, vw: torch.Tensor, start: int) -> Any:
-        rec = make(k, v)
-        return _new(NativeCall, (*rec[:i], start, *rec[i + 1 : n], kw, vw))
+        kstore = PLAIN if kt else (k.codes, k.scales, *ks)
+        vstore = PLAIN if vt else (v.codes, v.scales, *vs)
+        return _new(NativeCall, (*before, start, *after, *kstore, *vstore, kw, vw))
 
     return build
