@@ -414,6 +414,13 @@ inline std::vector<Spec> all_specs() {
         s.Hq = 3; s.Nq = 1; s.Nk = nk; s.D = s.Dv = 64; s.causal = true; s.kbits = s.vbits = bits;
         s.rotate = bits == 4; s.backward = false;
       });
+  // int8 keys of 64 channels with one scale per row: scored on AMX tiles where the CPU has them
+  // (amx.h; q rows as int8 digits scaled by a power of two: tiny and large rows too)
+  for (double amp : {1e-3, 8.0})
+    add("q8 codes decode R 4 Nk 200 amplitude " + std::to_string(amp), [=](Spec& s) {
+      s.Hq = 4; s.Nq = 1; s.Nk = 200; s.D = s.Dv = 64; s.kbits = s.vbits = 8; s.amp = amp;
+      s.backward = false;
+    });
   add("q8 codes decode groups of 16, R 4, padded rows", [](Spec& s) {
     s.Hq = 4; s.Hkv = 2; s.Nq = 2; s.Nk = 301; s.D = s.Dv = 64; s.kbits = s.vbits = 8;
     s.group = 16; s.qpad = 3; s.bias = BIAS_FULL; s.backward = false;

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "amx.h"
 #include "forward.h"
 #include "microkernel.h"
 #include "pack.h"
@@ -54,6 +55,7 @@ struct Decode {
   bool code_k, code_v;  // quantized and read from the codes in registers (quant.h), no tile
   bool pairs_k = false;  // 4-bit keys read two rows to a vector (quant.h, q4_pairs)
   bool quads_k = false;  // int8 keys read 64 codes per load (quant.h, q8_quads)
+  bool amx_k = false;    // ... and scored on AMX tiles where this CPU has them (amx.h)
   int64_t ldqo = 0;      // the rows qk_codes reads (Scratch::qo) apart: Dp, or 128 (pairs_k)
   // partials per (unit, chunk): m[R], l[R], acc[R][Dvp]
   T *pm, *plsum, *pacc;
@@ -84,18 +86,23 @@ struct Decode {
     code_v = tile_v && direct_codes<V>(p.v, p.Dv);
     pairs_k = code_k && q4_pairs<V>(p.k, p.D);
     quads_k = code_k && q8_quads<V>(p.k, p.D);
+    amx_k = quads_k && std::is_same<T, float>::value && amx_usable();
     ldqo = pairs_k ? 128 : plan.Dp;
   }
 
   struct Scratch {
     Buf<T> q, s, kc, vc, kp, vrow, kt, vt, qo;
+    Buf<int8_t> amxb;  // amx_k: the chunk's q rows as AMX digits (amx.h), when amx_ok
+    Buf<float> amxw;
+    bool amx_ok = false;
     Buf<uint8_t> bad, cls;
     Buf<int64_t> vkeys;
     Buf<uint32_t> vseen;
     Scratch(const Decode& d)
         : q(d.R * d.pl.Dp), s(d.R * d.LDD), kc(d.KS * d.pl.Dp), vc(d.KS * d.pl.Dvp),
           kp(d.P.D * PW), vrow(d.pl.Dvp), kt(d.tile_k ? PW * d.pl.Dp : 0),
-          vt(d.tile_v ? PW * d.pl.Dvp : 0), qo(d.code_k ? d.R * d.ldqo : 0), bad(d.KS),
+          vt(d.tile_v ? PW * d.pl.Dvp : 0), qo(d.code_k ? d.R * d.ldqo : 0),
+          amxb(d.amx_k ? 16 * 64 : 0), amxw(d.amx_k ? 16 : 0), bad(d.KS),
           cls(d.P.G * (d.CK / PW)), vkeys(d.KS), vseen(d.KS) {}
   };
 
@@ -205,6 +212,8 @@ struct Decode {
         else if (code_k)
           std::memcpy(qo, dst, sizeof(T) * Dp);
       }
+    if constexpr (std::is_same<T, float>::value)
+      if (amx_k) sc.amx_ok = amx_digits(sc.q.p, Dp, R, AmxRows{sc.amxb.p, sc.amxw.p});
     typename Plan<V>::Panel pans[16];
     int64_t tmin = t1, tmax = t0;
     for (int64_t g = 0; g < P.G; g++) {
@@ -295,6 +304,20 @@ struct Decode {
       }
     }
     T* S = sc.s.p;
+    // AMX (amx.h): the scores of the whole tiles before the loop, in one pipelined run
+    const bool amx = qk && amx_k && sc.amx_ok;
+    const int64_t amx_end_t = amx ? tmin + (je - jb) / PW : tmin;  // tiles before it: whole
+    if constexpr (std::is_same<T, float>::value)
+      if (amx && amx_end_t > tmin) {
+        const View& k = P.k;
+        const AmxRows rows{sc.amxb.p, sc.amxw.p};
+        amx_begin(rows);
+        qk_q8_amx(R, rows,
+                  static_cast<const uint8_t*>(k.p) + b * k.s[0] + kvh * k.s[1] + jb * k.s[2],
+                  k.s[2], k.scales + b * k.ss[0] + kvh * k.ss[1] + jb * k.ss[2], k.ss[2],
+                  (amx_end_t - tmin) * PW, S, LDD, QK_AHEAD);
+        amx_end();
+      }
     for (int64_t t = tmin; t < tmax; t++) {
       const int nvalid = int(imin(PW, P.Nk - t * PW));
       const int64_t col = (t - tmin) * PW;
@@ -320,6 +343,7 @@ struct Decode {
         if (!qk) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
         Packed<V>::panel_tile(kt - jb * ldk, ldk, t * PW, P.Nk, P.D, sc.kp.p);
         gemm<V, STORE>(R, 2, P.D, sc.q.p, Dp, 1, sc.kp.p, PW, S + col, LDD, nullptr);
+      } else if (t < amx_end_t) {  // scored above
       } else if (qk && code_k) {  // every row at once, each key's codes converted once
         qk_codes<V>(R, sc.qo.p, ldqo, P.k, b, kvh, t * PW, nvalid, P.D, S + col, LDD);
       } else {  // float or a dequantized tile: every row at once, the tile in L1 after the first
