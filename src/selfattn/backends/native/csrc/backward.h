@@ -241,12 +241,11 @@ struct Backward {
 // Pack q (scaled), dO, lse and D for the G heads of unit u into slot `slot`.
 template <class V>
 static void pack_rows(const Plan<V>& pl, Backward<V>& bw, int64_t u, int64_t slot, int64_t g,
-                      int64_t r0, int64_t r1) {
+                      int64_t r0, int64_t r1, typename V::T* orow) {  // orow: Dvp scratch
   using T = typename V::T;
   const Params& P = pl.P;
   const int64_t b = u / P.Hkv, h = (u % P.Hkv) * P.G + g, hs = slot * P.G + g;
   const int64_t Dp = pl.Dp, Dvp = pl.Dvp;
-  Buf<T> orow(Dvp);
   for (int64_t i = r0; i < r1; i++) {
     T* qd = bw.qs + (hs * bw.nq_pad + i) * Dp;
     T* dd = bw.dos + (hs * bw.nq_pad + i) * Dvp;
@@ -259,7 +258,7 @@ static void pack_rows(const Plan<V>& pl, Backward<V>& bw, int64_t u, int64_t slo
     }
     load_q_row<V>(P.q, b, h, i, P.D, Dp, pl.qscale, qd);
     load_row<V>(P.dout, b, h, i, P.Dv, Dvp, dd);
-    load_row<V>(P.o, b, h, i, P.Dv, Dvp, orow.p);
+    load_row<V>(P.o, b, h, i, P.Dv, Dvp, orow);
     T delta = 0;
     for (int64_t d = 0; d < P.Dv; d++) delta += dd[d] * orow[d];
     const View& ls = P.lse_in;
@@ -304,7 +303,9 @@ static void backward_all(const Params& P, const Pool& pool) {
       int64_t(sizeof(T)) * (ntp * BW::PW * (P.D + Dp + P.Dv) +
                             P.G * nq_pad * (Dp + Dvp + 2 + nseg * Dp));
   const int64_t budget = int64_t(16) << 20;  // as in forward: packed data used while cached
-  int64_t wave = (fold_b || fold_h) ? units : imax(1, imin(units, budget / imax(1, unit_bytes)));
+  // waves of equal size (as in forward: no short last wave whose join one thread waits at)
+  const int64_t nwaves = cdiv(units, imax(1, budget / imax(1, unit_bytes)));
+  const int64_t wave = (fold_b || fold_h) ? units : cdiv(units, nwaves);
 
   Packed<V> pk;
   pk.alloc(pl, wave, true, true, true, false, ntp);
@@ -321,23 +322,17 @@ static void backward_all(const Params& P, const Pool& pool) {
     for (int64_t x = 0; x < n; x++) db[x] = T(0);
   }
 
+  // items still to finish per unit of a wave: the last one sums the unit's dQ partials
+  Buf<uint32_t> left(wave);
   for (int64_t u0 = 0; u0 < units; u0 += wave) {
     const int64_t u1 = imin(units, u0 + wave), nu = u1 - u0;
-    pk.pack_units(pl, pool, u0, u1);
+    // Each unit is packed (K, V and its q / dO rows) by the first item that needs it, in that
+    // item's thread (Packed::ensure): no join between packing and compute.
+    pk.reset_lazy(nu);
     BW bw{pl, P, pk, qs.p, dos.p, lse2.p, dd.p, nq_pad, dqp.p, nseg, seg_bounds.p,
           T(P.scale / double(pl.qscale))};
     bw.units_in_wave = nu;
-    {  // q / dO rows, in parallel over (unit, head, row chunk)
-      const int64_t RC = 256, chunks = cdiv(nq_pad, RC), n = nu * P.G * chunks;
-      auto body = [&](int64_t x0, int64_t x1) {
-        for (int64_t x = x0; x < x1; x++) {
-          int64_t c = x % chunks, g = (x / chunks) % P.G, slot = x / (chunks * P.G);
-          pack_rows<V>(pl, bw, u0 + slot, slot, g, c * RC, imin(nq_pad, c * RC + RC));
-        }
-      };
-      parallel(pool, n, body, nu * P.G * nq_pad * (P.D + P.Dv) < (int64_t(1) << 17));
-    }
-    dqp.zero(nseg * nu * P.G * nq_pad * Dp);
+    for (int64_t s = 0; s < nu; s++) left[s] = uint32_t(nseg);  // every unit is in nseg items
     // items: (b-range, kvh-range, segment); every unit of a folded dim inside one item
     const int64_t nb_i = fold_b ? 1 : P.B, nh_i = fold_h ? 1 : P.Hkv;
     // units of this wave only (waves happen only without folding)
@@ -351,8 +346,27 @@ static void backward_all(const Params& P, const Pool& pool) {
       for (int64_t kb = seg_bounds[s]; kb < seg_bounds[s + 1]; kb++) c += kcost[kb];
       cost[x] = c;
     }
+    // dq = scale * sum over segments (in order) of a unit's partials, by whichever thread
+    // finished the unit's last item: the same sums wherever it runs
+    const T dq_scale = T(P.scale);
+    auto reduce_unit = [&](int64_t slot) {
+      const int64_t u = u0 + slot, b = u / P.Hkv;
+      for (int64_t g = 0; g < P.G; g++) {
+        const int64_t h = (u % P.Hkv) * P.G + g;
+        for (int64_t i = 0; i < P.Nq; i++) {
+          T* dst = dq + ((b * P.Hq + h) * P.Nq + i) * P.D;
+          for (int64_t d = 0; d < P.D; d++) {
+            T acc = 0;
+            for (int64_t s = 0; s < nseg; s++)
+              acc += dqp[(((s * nu + slot) * P.G + g) * nq_pad + i) * Dp + d];
+            dst[d] = acc * dq_scale;
+          }
+        }
+      }
+    };
     auto run = [&](int64_t x0, int64_t x1) {
       typename BW::Scratch sc(pl);
+      Buf<T> krow(Dp), vrow(Dvp), orow(Dvp);
       for (int64_t x = x0; x < x1; x++) {
         const int64_t s = x % nseg, w = x / nseg;
         T* ap = dalibi ? apart.p + x * P.B * P.Hq : nullptr;
@@ -374,31 +388,25 @@ static void backward_all(const Params& P, const Pool& pool) {
         for (int64_t bi = bl0; bi < bl1; bi++)
           for (int64_t hi = hl0; hi < hl1; hi++) {
             const int64_t u = bi * P.Hkv + hi, slot = u - u0;
+            pk.ensure(pl, u, slot, krow.p, vrow.p, [&] {
+              for (int64_t g = 0; g < P.G; g++)
+                pack_rows<V>(pl, bw, u, slot, g, 0, nq_pad, orow.p);
+            });
+            // this item's own dQ partials, zeroed here: in parallel and warm in this cache
+            for (int64_t g = 0; g < P.G; g++)
+              zero_bytes(bw.dq_part(s, slot, g), sizeof(T) * nq_pad * Dp);
             for (int64_t kb = seg_bounds[s]; kb < seg_bounds[s + 1]; kb++)
               bw.key_block(slot, u, s, kb, ap, sc);
+          }
+        for (int64_t bi = bl0; bi < bl1; bi++)
+          for (int64_t hi = hl0; hi < hl1; hi++) {
+            const int64_t slot = bi * P.Hkv + hi - u0;
+            if (__atomic_sub_fetch(&left[slot], 1u, __ATOMIC_ACQ_REL) == 0) reduce_unit(slot);
           }
       }
     };
     // cost counts q rows per key block: calls under ~1e7 flops stay in this thread
     run_balanced(pool, cost.p, n_items, run, 1e7 / double(5 * BW::KB * (P.D + P.Dv) * P.G));
-    // dq = scale * sum over segments (in order)
-    const T sc = T(P.scale);
-    auto red = [&](int64_t x0, int64_t x1) {
-      for (int64_t x = x0; x < x1; x++) {
-        const int64_t g = x % P.G, slot = x / P.G, u = u0 + slot;
-        const int64_t b = u / P.Hkv, h = (u % P.Hkv) * P.G + g;
-        for (int64_t i = 0; i < P.Nq; i++) {
-          T* dst = dq + ((b * P.Hq + h) * P.Nq + i) * P.D;
-          for (int64_t d = 0; d < P.D; d++) {
-            T acc = 0;
-            for (int64_t s = 0; s < nseg; s++)
-              acc += dqp[(((s * nu + slot) * P.G + g) * nq_pad + i) * Dp + d];
-            dst[d] = acc * sc;
-          }
-        }
-      }
-    };
-    parallel(pool, nu * P.G, red, nseg * nu * P.G * P.Nq * P.D < (int64_t(1) << 17));
     if (dalibi)
       for (int64_t x = 0; x < n_items; x++)
         for (int64_t bb = 0; bb < P.B; bb++)

@@ -290,7 +290,7 @@ struct Forward {
   bool chunked = false;  // quantized K or V: packed a chunk at a time by each item (pack_chunk)
 
   struct Scratch {
-    Buf<T> q, qt, o, m, l, al, s, vrow, ktc, vrc, rowk;
+    Buf<T> q, qt, o, m, l, al, s, vrow, ktc, vrc, rowk, kvrow;
     Buf<uint8_t> cls, badc;
     Buf<int64_t> vkeys;
     Buf<uint32_t> vseen;
@@ -298,7 +298,7 @@ struct Forward {
         : q(BM * pl.Dp), qt(BM * pl.Dp), o(BM * pl.Dvp), m(BM), l(BM), al(NG * MR),
           s(NG * MR * LDS), vrow(pl.Dvp),
           ktc(chunked ? CT * pl.P.D * PW : 0), vrc(chunked ? CT * PW * pl.Dvp : 0),
-          rowk(chunked ? PW * pl.Dp : 0), cls(NG * CT), badc(chunked ? CT * PW : 0),
+          rowk(chunked ? PW * pl.Dp : 0), kvrow(chunked ? 0 : pl.Dp + pl.Dvp), cls(NG * CT), badc(chunked ? CT * PW : 0),
           vkeys(NG * KC), vseen(NG * KC) {}
   };
 
@@ -487,7 +487,8 @@ struct Forward {
   }
 };
 
-// The whole prefill forward: waves of (batch, kv head) units, each packed then computed.
+// The whole prefill forward: waves of (batch, kv head) units; each unit is packed by the first
+// of its items to run (Packed::ensure), then computed.
 template <class V>
 static void forward_prefill(const Params& P, const Pool& pool) {
   using T = typename V::T;
@@ -496,12 +497,16 @@ static void forward_prefill(const Params& P, const Pool& pool) {
   pl.nan_keys = 1;  // a bad value row poisons only its columns (add_bad_values)
   const int64_t units = P.B * P.Hkv;
   const int64_t unit_bytes =
-      pl.ntiles * F::PW * (P.D + (P.need_out ? pl.Dvp : 0)) * int64_t(sizeof(T)) + 1;
-  // Each wave packs its units and computes them right away: a wave whose packed K/V fit in a
-  // quarter of the L3 is read back from cache, not from memory (N=16384 windows: +20%).
+      imax(1, pl.ntiles * F::PW * (P.D + (P.need_out ? pl.Dvp : 0)) * int64_t(sizeof(T)));
+  // Waves bound the packed memory to the budget (a unit over it is a wave of its own) and are
+  // of equal size: waves of 7 + 1 units (8 MiB and one byte per 8 units) cost N=2048 causal a
+  // second join and a tail where one thread waits. A wave's packed K/V are read back from cache
+  // (N=16384 windows: +20%), and packing on first use (no join between packing and compute)
+  // leaves each unit in the cache of the core that packed it.
   const int64_t budget = int64_t(8) << 20;
   const bool chunked = quantized(P.k.dt) || quantized(P.v.dt);
-  const int64_t wave = chunked ? units : imax(1, imin(units, budget / unit_bytes));
+  const int64_t nwaves = cdiv(units, imax(1, budget / unit_bytes));
+  const int64_t wave = chunked ? units : cdiv(units, nwaves);
   Packed<V> pk;
   if (!chunked) pk.alloc(pl, wave, true, false, false, P.need_out);
   F fw{pl, P, pk, chunked};
@@ -510,7 +515,7 @@ static void forward_prefill(const Params& P, const Pool& pool) {
   for (int64_t qb = 0; qb < nb; qb++) qcost[qb] = fw.cost(qb);
   for (int64_t u0 = 0; u0 < units; u0 += wave) {
     const int64_t u1 = imin(units, u0 + wave);
-    if (!chunked) pk.pack_units(pl, pool, u0, u1);
+    if (!chunked) pk.reset_lazy(u1 - u0);
     // items in (unit, block, head-of-group) order: neighbours share K/V in cache
     const int64_t n = (u1 - u0) * nb * P.G;
     Buf<double> cost(n);
@@ -519,6 +524,7 @@ static void forward_prefill(const Params& P, const Pool& pool) {
       typename F::Scratch sc(pl, chunked);
       for (int64_t x = x0; x < x1; x++) {
         int64_t g = x % P.G, qb = (x / P.G) % nb, slot = x / (P.G * nb);
+        if (!chunked) pk.ensure(pl, u0 + slot, slot, sc.kvrow.p, sc.kvrow.p + pl.Dp);
         fw.item(slot, u0 + slot, g, qb, sc);
       }
     };

@@ -274,6 +274,36 @@ struct Packed {
     }
   }
   const uint8_t* bad_of(int64_t slot) const { return any_bad[slot] ? bad + slot * bad_n : nullptr; }
+
+  // Packing on first use, in place of pack_units: the first item of a unit to run packs it whole
+  // in its own thread (ensure), right before the unit's items read it, so no barrier separates
+  // packing from compute and the unit is in that core's cache when it is read. Per slot:
+  // 0 = not packed, 1 = being packed, 2 = ready; another thread's item of the same unit waits
+  // for the packer (one unit's packing at most). reset_lazy before each wave.
+  Buf<uint32_t> state_buf;
+  void reset_lazy(int64_t slots) {
+    state_buf.alloc(slots);
+    state_buf.zero(slots);
+  }
+  // krow / vrow: the caller's Dp / Dvp scratch rows (pack's slow path); also(): more of the
+  // unit's data to prepare with it (the backward's q and dO rows), run by the packer. Neither
+  // may throw (nothing allocates here): a waiter would wait for ever.
+  template <class F>
+  void ensure(const Plan<V>& pl, int64_t u, int64_t slot, T* krow, T* vrow, F&& also) {
+    uint32_t* st = state_buf.p + slot;
+    if (__atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) return;
+    uint32_t expect = 0;
+    if (__atomic_compare_exchange_n(st, &expect, 1u, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+      any_bad[slot] = pack(pl, u, slot, 0, ntp, krow, vrow) ? 1 : 0;
+      also();
+      __atomic_store_n(st, 2u, __ATOMIC_RELEASE);
+      return;
+    }
+    while (__atomic_load_n(st, __ATOMIC_ACQUIRE) != 2) spin_pause();
+  }
+  void ensure(const Plan<V>& pl, int64_t u, int64_t slot, T* krow, T* vrow) {
+    ensure(pl, u, slot, krow, vrow, [] {});
+  }
 };
 
 }  // namespace SA_NS

@@ -193,6 +193,15 @@ static inline void parallel(const Pool& pool, int64_t n, F& f, bool serial = fal
   pool.run(n, &f, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); });
 }
 
+// One step of a short spin-wait (Packed::ensure): the CPU's pause hint where it has one.
+static inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 // Cut items [0, n) (in order) into `parts` contiguous ranges of about equal cost: bounds[p] ..
 // bounds[p + 1]. Which thread runs which item never changes a result (every item is computed
 // the same way wherever it runs), so this only balances time.
