@@ -336,6 +336,17 @@ inline std::vector<Spec> all_specs() {
   add("decode 1 row D32 Nk 300 nan key", [](Spec& s) {
     s.Hq = 2; s.Hkv = 2; s.Nq = 1; s.Nk = 300; s.D = s.Dv = 32; s.nan_key = true;
   });
+  // the float path's blocks of 128 keys with the softmax online over them (AVX2, up to 3 rows,
+  // no dropout): every rule on 3 rows (forward), scores spread enough that later blocks raise
+  // the maximum; 1 row of D 128 over 5 chunks with a non-finite key (the retry)
+  add("decode blocks 3 rows every rule but dropout", [](Spec& s) {
+    s.Hq = 3; s.Hkv = 1; s.Nq = 1; s.Nk = 700; s.D = s.Dv = 64; s.causal = true; s.left = 450;
+    s.mask = MASK_FULL; s.bias = BIAS_FULL; s.alibi_b = 1; s.softcap = 20; s.amp = 1.5;
+    s.backward = false;
+  });
+  add("decode blocks 1 row D128 nan key", [](Spec& s) {
+    s.Hq = 1; s.Hkv = 1; s.Nq = 1; s.Nk = 1100; s.D = s.Dv = 128; s.nan_key = true;
+  });
   add("decode 2 rows G4 (panels)", [](Spec& s) {
     s.Hq = 4; s.Hkv = 1; s.Nq = 2; s.Nk = 600; s.D = 64; s.Dv = 40; s.pool_mode = 1;
   });

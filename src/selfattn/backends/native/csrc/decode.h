@@ -303,6 +303,10 @@ struct Decode {
         vbase = sc.vc.p;
       }
     }
+    if (fusable(careful)) {
+      fused(pans, b, kvh, tmin, tmax, t0, kbase, ldk, nd, vbase, ldv, m, l, acc, sc);
+      return finite(m, l, acc);
+    }
     T* S = sc.s.p;
     // AMX (amx.h): the scores of the whole tiles before the loop, in one pipelined run
     const bool amx = qk && amx_k && sc.amx_ok;
@@ -401,10 +405,15 @@ struct Decode {
         add_bad_values<V>(P, b, kvh, sc.vkeys.p, sc.vseen.p, nbad, S, LDD, jb, int(R), acc, Dvp,
                           sc.vrow.p, Dvp);
     }
-    if (careful) return true;
-    // x * 0 is 0 for finite x and NaN otherwise, so the sum is 0 exactly when all are finite
-    // (in any order): vectors, since a scalar chain of R * Dvp dependent adds took about a
-    // third of a short decode call (acc has R * Dvp elements, Dvp a multiple of W)
+    return careful || finite(m, l, acc);
+  }
+
+  // Whether a chunk's partial (m, l, acc) is finite; if not, m and l are reset for the careful
+  // retry. x * 0 is 0 for finite x and NaN otherwise, so the sum is 0 exactly when all are finite
+  // (in any order): vectors, since a scalar chain of R * Dvp dependent adds took about a third of
+  // a short decode call (acc has R * Dvp elements, Dvp a multiple of W)
+  bool finite(T* m, T* l, const T* acc) const {
+    const int64_t Dvp = pl.Dvp;
     T chk = 0;
     for (int64_t r = 0; r < R; r++) chk += l[r] * T(0);
     if (P.need_out) {
@@ -424,6 +433,91 @@ struct Decode {
       l[r] = T(0);
     }
     return false;
+  }
+
+  // The float decode's common case on AVX2 (up to 3 rows, float keys and values read in place,
+  // no statistics, dropout or retry): scores, softmax and P V a block of BT tiles at a time
+  // instead of a whole chunk per phase, so a block's key rows and value rows are read close
+  // together: a chunk's phases each streamed one tensor from memory (its keys, then its values)
+  // and left the memory idle between them. The softmax runs online over the blocks (the chunk's
+  // running m and l; acc rescaled by alpha when a block raises the maximum).
+  bool fusable(bool careful) const {
+    return W == 8 && R <= 3 && !careful && direct_k && direct_v && !tile_k && !tile_v &&
+           P.need_out && !sk && !pl.dropout && pl.Dvp % (4 * W) == 0 && !panel_scores();
+  }
+
+  void fused(const typename Plan<V>::Panel* pans, int64_t b, int64_t kvh, int64_t tmin,
+             int64_t tmax, int64_t t0, const T* kbase, int64_t ldk, int64_t nd, const T* vbase,
+             int64_t ldv, T* m, T* l, T* acc, Scratch& sc) const {
+    (void)b;
+    (void)kvh;
+    const int64_t Nq = P.Nq, jb = tmin * PW, je = imin(P.Nk, tmax * PW), nv = pl.Dvp / W;
+    constexpr int64_t BT = 8;  // tiles per block: 128 keys, 32 KB of keys and of values at D 64
+    T* S = sc.s.p;
+    T alpha[3] = {1, 1, 1};
+    for (int64_t tb = tmin; tb < tmax; tb += BT) {
+      const int64_t te = imin(tmax, tb + BT), col0 = (tb - tmin) * PW;
+      for (int64_t t = tb; t < te; t++) {
+        const int nvalid = int(imin(PW, P.Nk - t * PW));
+        const int64_t col = (t - tmin) * PW;
+        prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
+        dots(sc.q.p, R, pl.Dp, nd, kbase + (t * PW - jb) * ldk, ldk, nvalid, S + col, LDD);
+        for (int64_t g = 0; g < P.G; g++) {
+          const uint8_t cls = sc.cls[g * (CK / PW) + t - t0];
+          T* st = S + g * Nq * LDD + col;
+          if (cls == EMPTY) {
+            for (int64_t i = 0; i < Nq; i++)
+              for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
+          } else if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi) {
+            pl.epilogue(st, LDD, pans[g], t, cls, nullptr, nullptr);
+          }
+        }
+      }
+      for (int64_t r = 0; r < R; r++)
+        alpha[r] = softmax_row<V>(S + r * LDD + col0, (te - tb) * PW, m[r], l[r]);
+      const int64_t k0 = tb * PW, kn = imin(je, te * PW) - k0;
+      const T* vk = vbase + (k0 - jb) * ldv;
+      const T* al = tb == tmin ? nullptr : alpha;
+      for (int64_t c = 0; c < nv; c += 4) {
+        const T* s = S + col0;
+        T* o = acc + c * W;
+        if (R == 3)
+          pv_block<3>(kn, s, vk + c * W, ldv, o, pl.Dvp, al, c == 0);
+        else if (R == 2)
+          pv_block<2>(kn, s, vk + c * W, ldv, o, pl.Dvp, al, c == 0);
+        else
+          pv_block<1>(kn, s, vk + c * W, ldv, o, pl.Dvp, al, c == 0);
+      }
+    }
+  }
+
+  // C (NR rows x 4 vectors, rows ldc apart) = sum over keys [0, kn) of S[i][k] V[k] (S rows LDD
+  // apart), plus alpha_i C when alpha is given: summed in registers in key order, then added (one
+  // rounding, as gemm's SCALE). The first column pass asks for each value row's lines 8 keys
+  // ahead, all four of them at D = 64, so the second pass finds the row in L1.
+  template <int NR>
+  void pv_block(int64_t kn, const T* s, const T* v, int64_t ldv, T* C, int64_t ldc,
+                const T* alpha, bool first_pass) const {
+    constexpr int PF = 8;
+    const int64_t lines = first_pass ? cdiv((pl.Dvp) * int64_t(sizeof(T)), 64) : 0;
+    V acc[NR][4];
+    for (int i = 0; i < NR; i++)
+      for (int c = 0; c < 4; c++) acc[i][c] = V::zero();
+    for (int64_t k = 0; k < kn; k++) {
+      V a[NR];
+      for (int i = 0; i < NR; i++) a[i] = V::set1(s[i * LDD + k]);
+      const T* pf = v + (k + PF) * ldv;
+      for (int64_t x = 0; x < lines; x++) __builtin_prefetch(pf + x * (64 / sizeof(T)));
+      for (int c = 0; c < 4; c++) {
+        const V bv = V::load(v + k * ldv + c * W);
+        for (int i = 0; i < NR; i++) acc[i][c] = fmadd(a[i], bv, acc[i][c]);
+      }
+    }
+    for (int i = 0; i < NR; i++)
+      for (int c = 0; c < 4; c++) {
+        T* ci = C + i * ldc + c * W;
+        (alpha ? fmadd(V::load(ci), V::set1(alpha[i]), acc[i][c]) : acc[i][c]).store(ci);
+      }
   }
 
   // acc (R x Dvp) = S[:, 0:nkeys] V for float values. With 16 registers (AVX2) gemm's 6 x 2
