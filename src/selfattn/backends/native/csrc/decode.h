@@ -7,7 +7,10 @@
 // chunk order. K and V are read in place when they are float32 with unit inner stride (no
 // packing pass: decode is bound by memory bandwidth), else a chunk is converted into a scratch
 // buffer. Scores are row-major dot products: per row, W keys' partial-sum vectors are reduced
-// by one transpose-and-add tree into a vector of W scores.
+// by one transpose-and-add tree into a vector of W scores. On AVX2 the common float case (up to
+// 3 rows, keys and values read in place, no statistics or dropout) runs a chunk in blocks of 128
+// keys, scores, softmax (online over the blocks) and P V each (Decode::fused), so the key and
+// value rows of a block stream together instead of a chunk's keys and then its values.
 //
 // Non-finite keys: when every row sees every key of a chunk, NaN/inf propagate by themselves.
 // A hidden one could leak (0 * inf): a chunk whose result is not finite is therefore recomputed
@@ -304,7 +307,7 @@ struct Decode {
       }
     }
     if (fusable(careful)) {
-      fused(pans, b, kvh, tmin, tmax, t0, kbase, ldk, nd, vbase, ldv, m, l, acc, sc);
+      fused(pans, tmin, tmax, t0, kbase, ldk, nd, vbase, ldv, m, l, acc, sc);
       return finite(m, l, acc);
     }
     T* S = sc.s.p;
@@ -446,11 +449,9 @@ struct Decode {
            P.need_out && !sk && !pl.dropout && pl.Dvp % (4 * W) == 0 && !panel_scores();
   }
 
-  void fused(const typename Plan<V>::Panel* pans, int64_t b, int64_t kvh, int64_t tmin,
-             int64_t tmax, int64_t t0, const T* kbase, int64_t ldk, int64_t nd, const T* vbase,
-             int64_t ldv, T* m, T* l, T* acc, Scratch& sc) const {
-    (void)b;
-    (void)kvh;
+  void fused(const typename Plan<V>::Panel* pans, int64_t tmin, int64_t tmax, int64_t t0,
+             const T* kbase, int64_t ldk, int64_t nd, const T* vbase, int64_t ldv, T* m, T* l,
+             T* acc, Scratch& sc) const {
     const int64_t Nq = P.Nq, jb = tmin * PW, je = imin(P.Nk, tmax * PW), nv = pl.Dvp / W;
     constexpr int64_t BT = 8;  // tiles per block: 128 keys, 32 KB of keys and of values at D 64
     T* S = sc.s.p;
