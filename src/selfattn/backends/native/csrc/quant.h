@@ -165,6 +165,9 @@ static inline void code_vectors(const uint8_t* row, const float* sc, int64_t sg,
 // the next chunk's (keys and values are contiguous per kv head); past the tensor, a prefetch
 // does not fault. Distances measured on AVX-512 (Nk 8k / 32k, D 64): keys 64 rows, values 32.
 constexpr int64_t QK_AHEAD = 64, PV_AHEAD = 32;
+// whether offset x (floats, >= 0) of a scales row starts a new 16-float line for a stride ss:
+// x % 16 < ss, in unsigned arithmetic (a signed % costs the per-row loop five more uops)
+static inline bool line_start(int64_t x, int64_t ss) { return (uint64_t(x) & 15u) < uint64_t(ss); }
 static inline void prefetch_row(const uint8_t* row, int64_t bytes, const float* sc, bool scales) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 0, 1);
   if (scales) __builtin_prefetch(sc, 0, 1);
@@ -220,7 +223,7 @@ static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uin
         V a[RB], b[RB];
         const int key = h0 + jj;
         for (int64_t a = key + QK_AHEAD; a < key + QK_AHEAD + 2; a++)
-          prefetch_row(codes + a * cs, rb, sc + a * ss, (a * ss) % 16 < ss);
+          prefetch_row(codes + a * cs, rb, sc + a * ss, line_start(a * ss, ss));
         if (key < nvalid) {
           qk_key<V, RB, NV, Q4, SCALE, QUADS>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
         } else {
@@ -251,7 +254,7 @@ static void qk_codes_tile(const typename V::T* q, int64_t ldq, int nv, const uin
       const int key = h0 + jj;
       V a[RB];
       prefetch_row(codes + (key + QK_AHEAD) * cs, rb, sc + (key + QK_AHEAD) * ss,
-                   ((key + QK_AHEAD) * ss) % 16 < ss);
+                   line_start((key + QK_AHEAD) * ss, ss));
       if (key < nvalid)
         qk_key<V, RB, NV, Q4, SCALE, QUADS>(q, ldq, nv, codes + key * cs, sc + key * ss, sg, g, a);
       else
@@ -347,7 +350,7 @@ static void qk_q4_pairs_tile(const float* q, int64_t ldq, const uint8_t* codes, 
     for (int jp = 0; jp < W / 2; jp++) {
       const int key = h0 + 2 * jp;
       for (int64_t a = key + QK_AHEAD; a < key + QK_AHEAD + 2; a++)
-        prefetch_row(codes + a * cs, 32, sc + a * ss, (a * ss) % 16 < ss);
+        prefetch_row(codes + a * cs, 32, sc + a * ss, line_start(a * ss, ss));
       if (NG == 1) {
         s[2 * jp] = key < nvalid ? sc[key * ss] : 0.0f;
         s[2 * jp + 1] = key + 1 < nvalid ? sc[(key + 1) * ss] : 0.0f;
@@ -406,7 +409,7 @@ static void qk_q8_quads_tile(const float* q, int64_t ldq, const uint8_t* codes, 
       V a[2][RB];
       for (int u = 0; u < 2; u++) {
         const int64_t key = h0 + jj + u, f = key + QK_AHEAD;
-        prefetch_row(codes + f * cs, 64, sc + f * ss, (f * ss) % 16 < ss);
+        prefetch_row(codes + f * cs, 64, sc + f * ss, line_start(f * ss, ss));
         V c[4];
         V::i8_quads(reinterpret_cast<const int8_t*>(codes + key * cs), c);
         for (int r = 0; r < RB; r++) {
@@ -490,7 +493,7 @@ static void pv_codes_tile(const typename V::T* A, int64_t lda, int64_t n, const 
   for (int64_t k = 0; k < n; k++) {
     V x[NB];
     prefetch_row(codes + (k + PV_AHEAD) * cs + off, rb, sc + (k + PV_AHEAD) * ss,
-                 ((k + PV_AHEAD) * ss) % 16 < ss);
+                 line_start((k + PV_AHEAD) * ss, ss));
     code_vectors<V, Q4, SCALE>(codes + k * cs, sc + k * ss, sg, g, c0, NB, x);
     for (int i = 0; i < RB; i++) {
       const V a = V::set1(A[i * lda + k]);
