@@ -434,3 +434,28 @@ def test_nonfinite_check_does_not_warn_on_inputs_that_require_grad(backend):
         out = selfattn.attention(q, k, v, causal=True, window=(4, 0), backend=backend)
         out.sum().backward()
     assert q.grad is not None and bool(torch.isfinite(q.grad).all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("nq,nk,hkv", [(1, 1, 2), (1, 640, 1), (97, 97, 2), (5, 257, 1)])
+def test_native_huge_scores_not_nan_within_twice_plain(isa, nq, nk, hkv, monkeypatch):
+    """Scores near 1e11 (one query head scaled by 1e10): the softmax's one-FMA exponent
+    ``s * log2 e - m * log2 e`` carried the rounding of ``m * log2 e`` (thousands at that size)
+    into every exponent, exp2 of the row maximum overflowed and native's rows came out NaN
+    (forward and decode, every ISA) or wrong (one key: 3.7 off). Rows that large subtract the
+    maximum before scaling now; float32 ``math`` was right all along."""
+    from selfattn.testing import plain_attention
+
+    _use_isa(isa, monkeypatch)
+    for seed, scale in [(0, 1e10), (1, 1e6), (2, 1e30)]:
+        q, k, v = make_qkv(1, 4, hkv, nq, nk, 64, seed=seed)
+        q[0, 1] *= scale
+        kq, vq = selfattn.quantize_kv(k, bits=8), selfattn.quantize_kv(v, bits=8)
+        for keys, values, kd, vd in [(k, v, k, v), (kq, vq, kq.dequantize(), vq.dequantize())]:
+            expect, _ = ref_attention(q, kd, vd)
+            plain = np.abs(to_np(plain_attention(q, kd, vd)) - expect).max()
+            got = to_np(selfattn.attention(q, keys, values, backend="native"))
+            what = f"seed {seed} scale {scale:g} {type(keys).__name__}"
+            assert np.isfinite(got).all(), f"{what}: not finite"
+            err = np.abs(got - expect).max()
+            assert err <= 2 * plain + 1e-6, f"{what}: {err:.2e} vs plain {plain:.2e}"

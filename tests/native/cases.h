@@ -31,6 +31,7 @@ struct Spec {
   bool ids = false, dlse = false, strided = false, lse_only = false, nan_key = false;
   bool sinks = false;  // per head: random, one far above the scores (8), one -inf
   bool backward = true, dbias = true, dalibi = true;
+  bool probs = true;  // check probabilities and statistics from the engine's lse
   int tangents = 7;  // forward mode: tangents of q (1), k (2), v (4); the bias and slopes' too
   DT dt = DT::F32, out_dt = DT::F32;
   DT bias_dt = DT::F32;
@@ -301,6 +302,17 @@ inline std::vector<Spec> all_specs() {
     s.B = 2; s.Hq = 2; s.Hkv = 2; s.Nq = s.Nk = 113; s.alibi_b = 2; s.causal = true;
   });
   add("softcap 5", [](Spec& s) { s.Nq = 97; s.Nk = 113; s.softcap = 5; s.amp = 3; });
+  // scores near 1e11: the softmax's one-FMA exponent carried the rounding of m * log2 e
+  // (thousands) into every exponent and the rows came out NaN (exp_row subtracts first now)
+  // (no probabilities: exp(s - lse) from a float32 lse near 1e11, whose ulp is 8192, is not
+  // defined to better than a factor e^4096 in any implementation)
+  add("huge scores", [](Spec& s) {
+    s.Nq = 97; s.Nk = 97; s.D = 64; s.Dv = 64; s.amp = 3e5; s.probs = false;
+  });
+  add("huge scores decode", [](Spec& s) {
+    s.Hq = 4; s.Hkv = 1; s.Nq = 1; s.Nk = 640; s.D = s.Dv = 64; s.amp = 3e5; s.backward = false;
+    s.probs = false;
+  });
   add("softcap 50 D80", [](Spec& s) { s.Nq = 113; s.Nk = 97; s.D = 80; s.Dv = 80; s.softcap = 50; });
   add("segment ids", [](Spec& s) {
     s.B = 2; s.Hq = 2; s.Hkv = 1; s.Nq = s.Nk = 130; s.ids = true;

@@ -328,7 +328,7 @@ void run_case(const Spec& spec, const Isa& isa, Checker& ck) {
   ck.compare_forward(pb, ref, bud, er.out, er.lse, !spec.lse_only);
 
   // ---- probabilities from the engine's lse (attention_weights) ----
-  {
+  if (spec.probs) {
     er.probs = Tensor(DT::F32, pb.B, pb.Hq, pb.Nq, pb.Nk);
     Params Q = params_of(pb);
     Q.v = Q.k;  // as the bindings: k narrowed to no columns, never read

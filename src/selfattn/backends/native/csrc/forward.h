@@ -80,14 +80,17 @@ static inline V exp_row(typename V::T* s, int64_t n, typename V::T base) {
   const V l2e = V::set1(T(LOG2E));
   const T shift = base * T(LOG2E);
   V sum = V::zero();
-  if (std::isfinite(shift)) {  // one FMA: s * log2 e - m * log2 e, rounded once
+  // The one-FMA form puts the rounding of m * log2 e (half an ulp of shift) into every
+  // exponent: harmless below 2^12 (<= 2^-12), but scores near 1e11 made it thousands, exp2 of
+  // the row maximum overflowed and the row came out NaN. Larger rows subtract first.
+  if (std::fabs(shift) < T(4096)) {  // one FMA: s * log2 e - m * log2 e, rounded once
     const V ns = V::set1(-shift);
     for (int64_t c = 0; c < n; c += W) {
       V p = V::exp2(fmadd(V::load(s + c), l2e, ns));
       p.store(s + c);
       sum = sum + p;
     }
-  } else {  // |m| near FLT_MAX: subtract before scaling, so nothing overflows
+  } else {  // large or non-finite m: subtract before scaling (exact for the scores near m)
     const V vb = V::set1(base);
     for (int64_t c = 0; c < n; c += W) {
       V p = V::exp2((V::load(s + c) - vb) * l2e);
