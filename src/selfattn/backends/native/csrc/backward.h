@@ -307,6 +307,7 @@ static void backward_all(const Params& P, const Pool& pool) {
   const int64_t nwaves = cdiv(units, imax(1, budget / imax(1, unit_bytes)));
   const int64_t wave = (fold_b || fold_h) ? units : cdiv(units, nwaves);
 
+  const int64_t nthreads = pool.threads ? pool.threads() : 1;
   Packed<V> pk;
   pk.alloc(pl, wave, true, true, true, false, ntp);
   Buf<T> qs(wave * P.G * nq_pad * Dp), dos(wave * P.G * nq_pad * Dvp), lse2(wave * P.G * nq_pad),
@@ -327,11 +328,26 @@ static void backward_all(const Params& P, const Pool& pool) {
   for (int64_t u0 = 0; u0 < units; u0 += wave) {
     const int64_t u1 = imin(units, u0 + wave), nu = u1 - u0;
     // Each unit is packed (K, V and its q / dO rows) by the first item that needs it, in that
-    // item's thread (Packed::ensure): no join between packing and compute.
-    pk.reset_lazy(nu);
+    // item's thread (Packed::ensure): no join between packing and compute; a wave of fewer
+    // units than threads is packed by all of them first.
     BW bw{pl, P, pk, qs.p, dos.p, lse2.p, dd.p, nq_pad, dqp.p, nseg, seg_bounds.p,
           T(P.scale / double(pl.qscale))};
     bw.units_in_wave = nu;
+    if (nu < nthreads) {  // as in forward: fewer units than threads, every thread packs a share
+      pk.pack_units(pl, pool, u0, u1);
+      const int64_t RC = 256, chunks = cdiv(nq_pad, RC), n = nu * P.G * chunks;
+      auto body = [&](int64_t x0, int64_t x1) {  // q / dO rows over (unit, head, row chunk)
+        Buf<T> orow(Dvp);
+        for (int64_t x = x0; x < x1; x++) {
+          int64_t c = x % chunks, g = (x / chunks) % P.G, slot = x / (chunks * P.G);
+          pack_rows<V>(pl, bw, u0 + slot, slot, g, c * RC, imin(nq_pad, c * RC + RC), orow.p);
+        }
+      };
+      parallel(pool, n, body, nu * P.G * nq_pad * (P.D + P.Dv) < (int64_t(1) << 17));
+      pk.mark_ready(nu);
+    } else {
+      pk.reset_lazy(nu);
+    }
     for (int64_t s = 0; s < nu; s++) left[s] = uint32_t(nseg);  // every unit is in nseg items
     // items: (b-range, kvh-range, segment); every unit of a folded dim inside one item
     const int64_t nb_i = fold_b ? 1 : P.B, nh_i = fold_h ? 1 : P.Hkv;

@@ -510,6 +510,7 @@ static void forward_prefill(const Params& P, const Pool& pool) {
   const bool chunked = quantized(P.k.dt) || quantized(P.v.dt);
   const int64_t nwaves = cdiv(units, imax(1, budget / unit_bytes));
   const int64_t wave = chunked ? units : cdiv(units, nwaves);
+  const int64_t nthreads = pool.threads ? pool.threads() : 1;
   Packed<V> pk;
   if (!chunked) pk.alloc(pl, wave, true, false, false, P.need_out);
   F fw{pl, P, pk, chunked};
@@ -518,7 +519,15 @@ static void forward_prefill(const Params& P, const Pool& pool) {
   for (int64_t qb = 0; qb < nb; qb++) qcost[qb] = fw.cost(qb);
   for (int64_t u0 = 0; u0 < units; u0 += wave) {
     const int64_t u1 = imin(units, u0 + wave);
-    if (!chunked) pk.reset_lazy(u1 - u0);
+    if (!chunked && u1 - u0 < nthreads) {
+      // fewer units than threads (long sequences: waves of one 8 MB unit): every thread packs
+      // a share first, where on first use the others would wait on one packer (N=16384
+      // windows: 10% slower)
+      pk.pack_units(pl, pool, u0, u1);
+      pk.mark_ready(u1 - u0);
+    } else if (!chunked) {
+      pk.reset_lazy(u1 - u0);
+    }
     // items in (unit, block, head-of-group) order: neighbours share K/V in cache
     const int64_t n = (u1 - u0) * nb * P.G;
     Buf<double> cost(n);

@@ -285,6 +285,11 @@ struct Packed {
     state_buf.alloc(slots);
     state_buf.zero(slots);
   }
+  // After pack_units: every slot ready, ensure returns at once.
+  void mark_ready(int64_t slots) {
+    reset_lazy(slots);
+    for (int64_t s = 0; s < slots; s++) state_buf.p[s] = 2u;
+  }
   // krow / vrow: the caller's Dp / Dvp scratch rows (pack's slow path); also(): more of the
   // unit's data to prepare with it (the backward's q and dO rows), run by the packer. Neither
   // may throw (nothing allocates here): a waiter would wait for ever.
