@@ -9,12 +9,14 @@
 //
 // Exactness: a q row x (already times the softmax scale, rotated if the keys are) is written as
 // x = 2^(e - 30) * Q with 2^e > max|x| and Q an integer rounded from x * 2^(30 - e) (exact for
-// every element of magnitude >= 2^(e - 24): a float32 has 24 significant bits; smaller ones
-// lose at most 2^(e - 31), below float32 rounding of the row's largest element), Q split into
-// four signed base-256 digits (columns 4r .. 4r + 3 of the B tile). The integer dot products
-// of the digits with the codes are exact; score = s_key * sum_p 2^(e - 30 + 8p) * dot_p is
-// formed in float32 (each dot_p converts exactly, the powers of two scale exactly), so the
-// score differs from q . (codes * s) in float32 by float32 rounding, as the FMA path does.
+// every element of magnitude >= 2^(e - 7), whose last significant bit is then >= 2^(e - 30);
+// smaller ones lose at most 2^(e - 31), below float32 rounding of the row's largest element),
+// Q split into four signed base-256 digits (columns 4r .. 4r + 3 of the B tile). The integer
+// dot products of the digits with the codes are exact; score = s_key * sum_p 2^(e - 30 + 8p) *
+// dot_p is formed in float32 (each dot_p converts exactly, the powers of two scale exactly), so
+// the score differs from q . (codes * s) by float32 rounding plus at most 2^-30 max|x| s sum|codes|:
+// float32 rounding at the scale of the row's largest element (a score far smaller than that,
+// e.g. the large elements of x meeting zero codes, may carry a larger relative error).
 // Rows that are not finite or whose magnitude is outside [2^-60, 2^60] take the vector path.
 #pragma once
 #include <cmath>
@@ -101,10 +103,18 @@ static inline bool amx_usable() {
   return ok;
 }
 
+// The tile configuration this thread had before amx_begin, given back by amx_end: other AMX
+// code in the same thread (torch's brgemm kernels) may keep its configuration loaded between
+// its calls, and a tilerelease under it would leave its next tile instruction without one.
+struct AmxSaved {
+  alignas(64) uint8_t cfg[64];
+};
+
 // Tiles: tmm2 the q digits (loaded once by amx_begin); blocks of 16 keys rotate over the pairs
 // (tmm0, tmm1), (tmm3, tmm4), (tmm5, tmm6) (results, codes), so a block's load and product need
 // not wait for the one before to be stored. All 16 rows x 64 bytes.
-static inline void amx_begin(const AmxRows& q) {
+static inline void amx_begin(const AmxRows& q, AmxSaved& saved) {
+  __asm__ volatile("sttilecfg %0" : "=m"(saved.cfg));  // all zero when none is loaded
   alignas(64) uint8_t cfg[64] = {};
   cfg[0] = 1;  // palette 1
   for (int t = 0; t < 7; t++) {
@@ -114,7 +124,12 @@ static inline void amx_begin(const AmxRows& q) {
   __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
   __asm__ volatile("tileloadd (%0,%1,1), %%tmm2" ::"r"(q.b), "r"(int64_t(64)) : "memory");
 }
-static inline void amx_end() { __asm__ volatile("tilerelease" ::); }
+static inline void amx_end(const AmxSaved& saved) {
+  if (saved.cfg[0] != 0)  // palette 0: nothing was loaded
+    __asm__ volatile("ldtilecfg %0" ::"m"(saved.cfg));
+  else
+    __asm__ volatile("tilerelease" ::);
+}
 
 // c[0:16][0:16] (int32) = the 16 keys at `codes` (cs bytes apart) times the digit columns:
 // block j of a run uses tile pair j % 3.
@@ -205,8 +220,9 @@ static inline void qk_q8_amx(int64_t R, const AmxRows& q, const uint8_t* codes, 
 #else
 static inline bool amx_usable() { return false; }
 static inline bool amx_digits(const float*, int64_t, int64_t, AmxRows) { return false; }
-static inline void amx_begin(const AmxRows&) {}
-static inline void amx_end() {}
+struct AmxSaved {};
+static inline void amx_begin(const AmxRows&, AmxSaved&) {}
+static inline void amx_end(const AmxSaved&) {}
 static inline void qk_q8_amx(int64_t, const AmxRows&, const uint8_t*, int64_t, const float*,
                              int64_t, int64_t, float*, int64_t, int64_t) {}
 #endif

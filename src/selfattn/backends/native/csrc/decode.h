@@ -318,12 +318,13 @@ struct Decode {
       if (amx && amx_end_t > tmin) {
         const View& k = P.k;
         const AmxRows rows{sc.amxb.p, sc.amxw.p};
-        amx_begin(rows);
+        AmxSaved saved;
+        amx_begin(rows, saved);
         qk_q8_amx(R, rows,
                   static_cast<const uint8_t*>(k.p) + b * k.s[0] + kvh * k.s[1] + jb * k.s[2],
                   k.s[2], k.scales + b * k.ss[0] + kvh * k.ss[1] + jb * k.ss[2], k.ss[2],
                   (amx_end_t - tmin) * PW, S, LDD, QK_AHEAD);
-        amx_end();
+        amx_end(saved);
       }
     for (int64_t t = tmin; t < tmax; t++) {
       const int nvalid = int(imin(PW, P.Nk - t * PW));
