@@ -109,6 +109,24 @@ struct Decode {
           cls(d.P.G * (d.CK / PW)), vkeys(d.KS), vseen(d.KS) {}
   };
 
+  // The rules on tile t's scores for every head of the group (st: the tile's first column of
+  // S): a tile they hide becomes -inf, one they cut or shape (or with a non-finite key: bad,
+  // else null) goes through the epilogue, a full plain one is left as it is.
+  void tile_rules(const typename Plan<V>::Panel* pans, T* st0, int64_t t, int64_t t0,
+                  const uint8_t* bad, Scratch& sc) const {
+    const int64_t Nq = P.Nq;
+    for (int64_t g = 0; g < P.G; g++) {
+      const uint8_t cls = sc.cls[g * (CK / PW) + t - t0];
+      T* st = st0 + g * Nq * LDD;
+      if (cls == EMPTY) {
+        for (int64_t i = 0; i < Nq; i++)
+          for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
+      } else if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || bad) {
+        pl.epilogue(st, LDD, pans[g], t, cls, bad, nullptr);
+      }
+    }
+  }
+
   // Beyond a few rows the dot products would load every key row once per row: transposing the
   // tile (as packing does) and running the QK micro-kernel loads it once for all R rows.
   bool panel_scores() const { return R > 4; }
@@ -358,17 +376,7 @@ struct Decode {
         if (!qk) prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
         dots(sc.q.p, R, Dp, nd, kt + (t * PW - jb) * ldk, ldk, nvalid, S + col, LDD);
       }
-      for (int64_t g = 0; g < P.G; g++) {
-        const uint8_t cls = sc.cls[g * (CK / PW) + t - t0];
-        T* st = S + g * Nq * LDD + col;
-        if (cls == EMPTY) {
-          for (int64_t i = 0; i < Nq; i++)
-            for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
-          continue;
-        }
-        if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi || tb)
-          pl.epilogue(st, LDD, pans[g], t, cls, tb ? bad : nullptr, nullptr);
-      }
+      tile_rules(pans, S + col, t, t0, tb ? bad : nullptr, sc);
     }
     const int64_t n = (tmax - tmin) * PW;
     if (sk)  // keep the scores before softmax_row turns them into exp(s - m)
@@ -464,16 +472,7 @@ struct Decode {
         const int64_t col = (t - tmin) * PW;
         prefetch_tile(t, tmax, jb, kbase, ldk, P.D, vbase, ldv, P.Dv);
         dots(sc.q.p, R, pl.Dp, nd, kbase + (t * PW - jb) * ldk, ldk, nvalid, S + col, LDD);
-        for (int64_t g = 0; g < P.G; g++) {
-          const uint8_t cls = sc.cls[g * (CK / PW) + t - t0];
-          T* st = S + g * Nq * LDD + col;
-          if (cls == EMPTY) {
-            for (int64_t i = 0; i < Nq; i++)
-              for (int c = 0; c < PW; c++) st[i * LDD + c] = T(-INFINITY);
-          } else if (cls == PARTIAL || pl.softcap || pl.bias || pl.alibi) {
-            pl.epilogue(st, LDD, pans[g], t, cls, nullptr, nullptr);
-          }
-        }
+        tile_rules(pans, S + col, t, t0, nullptr, sc);
       }
       for (int64_t r = 0; r < R; r++)
         alpha[r] = softmax_row<V>(S + r * LDD + col0, (te - tb) * PW, m[r], l[r]);
