@@ -340,14 +340,9 @@ def quantize_kv(
             f"of two dividing D), got D={d}"
         )
     b, h, n, _ = x.shape
-    if (
-        (n <= NATIVE_TOKENS or rotate)
-        and x.is_cpu
-        and (x.dtype is torch.float32 or x.dtype is torch.float64)
-    ):
-        got = native_quantize(x, bits, g, rotate)
-        if got is not None:  # the same codes and scales as below, in one call
-            return QuantizedKV(*got, bits=bits, group_size=g, rotate=rotate, dtype=x.dtype)
+    got = native_codes(x, bits, g, rotate)
+    if got is not None:  # the same codes and scales as below, in one call
+        return QuantizedKV(*got, bits=bits, group_size=g, rotate=rotate, dtype=x.dtype)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         y = x.detach().to(work)
@@ -370,6 +365,21 @@ def quantize_kv(
         if bits == 4:
             codes = pack4(codes)
     return QuantizedKV(codes, scale, bits=bits, group_size=g, rotate=rotate, dtype=x.dtype)
+
+
+def native_codes(
+    x: torch.Tensor, bits: int, group: int, rotate: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`native_quantize` where it is the faster way to :func:`quantize_kv`'s codes (float32 /
+    float64 on the CPU, a rotation or at most :data:`NATIVE_TOKENS` tokens: torch's vectorised
+    ops do as well on longer unrotated runs), else None."""
+    if (
+        (x.shape[2] <= NATIVE_TOKENS or rotate)
+        and x.is_cpu
+        and (x.dtype is torch.float32 or x.dtype is torch.float64)
+    ):
+        return native_quantize(x, bits, group, rotate)
+    return None
 
 
 def native_quantize(

@@ -76,13 +76,8 @@ class QuantCodec:
         and D against each other); later ones, whose tokens the layer has checked against its
         storage, ask the native engine directly where ``quantize_kv`` would (the same codes,
         without building and checking a :class:`QuantizedKV` at every decode step)."""
-        if (
-            self.group
-            and (x.shape[2] <= quant.NATIVE_TOKENS or self.rotate)
-            and x.is_cpu
-            and (x.dtype is torch.float32 or x.dtype is torch.float64)
-        ):
-            got = quant.native_quantize(x, self.bits, self.group, self.rotate)
+        if self.group:
+            got = quant.native_codes(x, self.bits, self.group, self.rotate)
             if got is not None:
                 return got
         q = quantize_kv(x, bits=self.bits, rotate=self.rotate)
